@@ -1,0 +1,25 @@
+"""Errors a user can cause and fix. The CLI prints their message in one line and exits 2."""
+
+
+class UserError(Exception):
+    """Base of every error whose message tells the user what to fix."""
+
+
+class ConfigError(UserError):
+    """The run configuration is invalid: the message names the file and the field."""
+
+
+class ModelMismatchError(UserError):
+    """Experts and base do not share one architecture: the message names the tensors."""
+
+
+class ModelLoadError(UserError):
+    """A model path or hub id could not be loaded."""
+
+
+class RunDirError(UserError):
+    """A run directory is missing, incomplete, or already holds another run."""
+
+
+class PluginError(UserError):
+    """A user fitness plugin failed to import or returned the wrong shape."""

@@ -1,0 +1,36 @@
+"""White-box merge operators: pure torch kernels over resident expert tensors.
+
+The registry is an explicit dict; a config names a method by its key.
+"""
+
+from evomerge.merge.linear import LINEAR
+from evomerge.merge.lora import LORA_COMPOSE
+from evomerge.merge.method import MergeMethod, OptionSpec, ParamSpec, TensorContext
+from evomerge.merge.resident import ResidentTensor
+from evomerge.merge.slerp import SLERP, SPLIT_SLERP, split_point_slerp_
+from evomerge.merge.task_arithmetic import DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (LINEAR, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES, SLERP, SPLIT_SLERP, LORA_COMPOSE)
+}
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(MERGE_METHODS))
+        raise KeyError(f"unknown merge method '{name}' (known: {known})") from None
+
+
+__all__ = [
+    "MERGE_METHODS",
+    "MergeMethod",
+    "OptionSpec",
+    "ParamSpec",
+    "ResidentTensor",
+    "TensorContext",
+    "get_merge_method",
+    "split_point_slerp_",
+]

@@ -1,0 +1,154 @@
+"""Apply a recipe to a resident model: the thin layer between merge kernels and a worker's model.
+
+The materializer owns, per parameter tensor, the experts' weights in resident form (see
+``resident.py``) and writes each candidate straight into the working model's parameters — no
+temporary model, no disk. Expert state dicts are consumed one at a time, so building it needs
+the memory of the result plus one expert, never all experts twice.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from evomerge.errors import ModelMismatchError
+from evomerge.merge import MergeMethod, ResidentTensor, TensorContext, get_merge_method
+from evomerge.space import Recipe
+
+DEFAULT_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 24}
+"""Elements per kernel step: cache-sized on CPUs; large on GPUs where launches dominate."""
+
+
+def _check_same_layout(
+    label: str, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], ref_label: str
+) -> None:
+    missing = [n for n in reference if n not in state]
+    extra = [n for n in state if n not in reference]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"lacks {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+        if extra:
+            parts.append(f"has extra {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
+        raise ModelMismatchError(f"{label} does not match {ref_label}: it {' and '.join(parts)}")
+    for name, ref in reference.items():
+        shape = tuple(state[name].shape)
+        if shape != tuple(ref.shape):
+            hint = " (the vocabularies differ)" if "embed" in name or "lm_head" in name or "wte" in name else ""
+            raise ModelMismatchError(
+                f"{label} has {name} of shape {shape} but {ref_label} has {tuple(ref.shape)}{hint}"
+            )
+
+
+class Materializer:
+    """Resident experts for one model layout, writing merges into ``targets`` in place."""
+
+    def __init__(
+        self,
+        targets: Mapping[str, torch.Tensor],
+        tensors: Mapping[str, ResidentTensor],
+        chunk: int | None = None,
+    ) -> None:
+        self.targets = dict(targets)
+        self.tensors = dict(tensors)
+        names = list(self.targets)
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name in names:
+            self.offsets[name] = total
+            total += self.targets[name].numel()
+        self.total = total
+        first = next(iter(self.targets.values()))
+        self.device = first.device
+        self.chunk = chunk or DEFAULT_CHUNK.get(self.device.type, 1 << 20)
+        self._flat_gram: torch.Tensor | None = None
+
+    @classmethod
+    def from_state_dicts(
+        cls,
+        targets: Mapping[str, torch.Tensor],
+        experts: Iterable[tuple[str, Mapping[str, torch.Tensor]]],
+        n_models: int,
+        base: Mapping[str, torch.Tensor] | None = None,
+        chunk: int | None = None,
+    ) -> "Materializer":
+        """Build from ``(label, state_dict)`` pairs consumed one at a time.
+
+        With a ``base``, rows hold task vectors ``expert − base``; without, the raw weights.
+        ``targets`` are the working model's parameters; their device and dtype are used for the
+        resident copies.
+        """
+        if base is not None:
+            _check_same_layout("the base model", base, targets, "the working model")
+        stacks = {
+            name: torch.empty((n_models, *t.shape), dtype=t.dtype, device=t.device)
+            for name, t in targets.items()
+        }
+        references = (
+            {name: base[name].to(device=t.device, dtype=t.dtype).clone() for name, t in targets.items()}
+            if base is not None
+            else None
+        )
+        count = 0
+        for row, (label, state) in enumerate(experts):
+            if row >= n_models:
+                raise ValueError(f"more than the announced {n_models} experts")
+            _check_same_layout(label, state, targets, "the base model" if base is not None else "the first expert")
+            for name, dest in stacks.items():
+                dest[row].copy_(state[name])
+                if references is not None:
+                    dest[row].sub_(references[name])
+            count += 1
+        if count != n_models:
+            raise ValueError(f"expected {n_models} experts, got {count}")
+        tensors = {
+            name: ResidentTensor(name=name, stack=stack, reference=None if references is None else references[name])
+            for name, stack in stacks.items()
+        }
+        return cls(targets, tensors, chunk=chunk)
+
+    @property
+    def n_models(self) -> int:
+        return next(iter(self.tensors.values())).n_models
+
+    @property
+    def has_base(self) -> bool:
+        return next(iter(self.tensors.values())).reference is not None
+
+    def check_method(self, method: MergeMethod) -> None:
+        if method.needs_base and not self.has_base:
+            raise ValueError(f"merge method '{method.name}' needs a base model")
+        if self.n_models < method.min_models or (method.max_models and self.n_models > method.max_models):
+            bound = (
+                f"exactly {method.min_models}"
+                if method.min_models == method.max_models
+                else f"at least {method.min_models}"
+            )
+            raise ValueError(f"merge method '{method.name}' takes {bound} experts, got {self.n_models}")
+
+    def flat_gram(self) -> torch.Tensor:
+        """Gram matrix of the experts over the whole flattened parameter set (computed once)."""
+        if self._flat_gram is None:
+            self._flat_gram = sum(t.gram() for t in self.tensors.values())  # type: ignore[assignment]
+        return self._flat_gram  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe) -> None:
+        """Write the merge described by ``recipe`` into every target tensor."""
+        method = get_merge_method(recipe.method)
+        self.check_method(method)
+        per_model = {p.name: p.per_model for p in method.params}
+        flat_gram = self.flat_gram() if method.needs_flat_gram else None
+        for index, (name, out) in enumerate(self.targets.items()):
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed((recipe.seed + 0x9E3779B97F4A7C15 * (index + 1)) % (1 << 63))
+            ctx = TensorContext(
+                name=name,
+                offset=self.offsets[name],
+                total=self.total,
+                generator=generator,
+                chunk=self.chunk,
+                flat_gram=flat_gram,
+            )
+            method.kernel(out, self.tensors[name], recipe.params_for(name, per_model), recipe.options, ctx)

@@ -1,0 +1,114 @@
+"""Declarations of merge methods: parameters as data, kernels as pure torch functions.
+
+A merge method *declares* its parameters (name, per model or per tensor group, default, bounds), and
+everything else — config validation, the size of a search space's genome, docs — is derived from
+that declaration. The kernel is a plain function over tensors; it never sees files, Ray or configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+
+from evomerge.merge.resident import ResidentTensor
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One numeric parameter of a merge method.
+
+    ``per_model`` parameters take one value per expert (a weight, a density); the others take one
+    value per tensor group (SLERP's ``t``, task arithmetic's ``lambda``). ``low``/``high`` are the
+    default search bounds; a config may narrow or widen them. A ``default`` of ``None`` means
+    "1 / number of experts" (Evo-Merging's uniform start).
+    """
+
+    name: str
+    per_model: bool
+    default: float | None
+    low: float
+    high: float
+    doc: str = ""
+
+    def default_for(self, n_models: int) -> float:
+        return 1.0 / n_models if self.default is None else self.default
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """A fixed (never searched) switch of a method, e.g. ``normalize``."""
+
+    name: str
+    default: bool
+    doc: str = ""
+
+
+@dataclass
+class TensorContext:
+    """What a kernel may know about the tensor it writes besides the numbers.
+
+    ``offset``/``total`` place the tensor in the flattened parameter set (the M2N2 split point is a
+    position in that flat vector); ``generator`` is seeded per candidate and tensor so DARE's drop
+    masks are reproducible; ``chunk`` is the number of elements processed per cache-sized step.
+    """
+
+    name: str
+    offset: int
+    total: int
+    generator: torch.Generator
+    chunk: int
+    flat_gram: torch.Tensor | None = None
+
+
+class Kernel(Protocol):
+    def __call__(
+        self,
+        out: torch.Tensor,
+        tensor: ResidentTensor,
+        params: Mapping[str, Sequence[float] | float],
+        options: Mapping[str, bool],
+        ctx: TensorContext,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    ``needs_base``: the method combines task vectors (expert − base), so the run must name a base.
+    ``min_models``/``max_models`` bound the number of experts. ``needs_flat_gram``: the kernel needs
+    inner products over the whole flattened parameter set (M2N2's split-point SLERP).
+    """
+
+    name: str
+    kernel: Callable[..., None]
+    params: tuple[ParamSpec, ...]
+    options: tuple[OptionSpec, ...] = ()
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    needs_flat_gram: bool = False
+    global_only: bool = False
+    doc: str = ""
+    mergekit_name: str | None = None
+
+    def param(self, name: str) -> ParamSpec:
+        for spec in self.params:
+            if spec.name == name:
+                return spec
+        known = ", ".join(p.name for p in self.params) or "none"
+        raise KeyError(f"merge method '{self.name}' has no parameter '{name}' (it has: {known})")
+
+    def default_options(self) -> dict[str, bool]:
+        return {o.name: o.default for o in self.options}
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    @property
+    def option_names(self) -> list[str]:
+        return [o.name for o in self.options]
+

@@ -1,0 +1,155 @@
+"""Spherical interpolation: SLERP of two experts, and M2N2's split-point SLERP.
+
+SLERP follows mergekit's ``slerp`` (Shoemake's formula per tensor; ``t = 0`` gives the first
+expert; nearly parallel tensors fall back to linear interpolation). The split-point variant is the
+crossover of M2N2 (Abrantes et al., "Competition and Attraction Improve Model Fusion", 2025, eq. 2)
+as the authors' code implements it: one angle Ω between the two whole flattened parameter sets,
+the mixing ratio ``w_m`` before the split position and ``1 − w_m`` after it, and linear
+interpolation when ``sin Ω ≤ 1e-6``.
+
+Both are linear combinations of two parameter sets with coefficients that depend only on inner
+products, so kernels take those from precomputed Gram matrices and write the result in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
+from evomerge.merge.resident import ResidentTensor, chunk_bounds, combine_
+
+DOT_THRESHOLD = 0.9995
+"""mergekit's bound on |cos Ω| above which SLERP degenerates to linear interpolation."""
+NORM_EPS = 1e-8
+SPLIT_SIN_EPS = 1e-6
+
+
+def slerp_coefficients(t: float, cos_omega: float) -> tuple[float, float]:
+    """Coefficients ``(s0, s1)`` with ``slerp(t; a, b) = s0·a + s1·b`` (mergekit convention)."""
+    if abs(cos_omega) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    omega = math.acos(max(-1.0, min(1.0, cos_omega)))
+    sin_omega = math.sin(omega)
+    return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
+
+
+def split_slerp_coefficients(t: float, cos_omega: float) -> tuple[float, float]:
+    """Coefficients of M2N2's SLERP (authors' convention: linear fallback when sin Ω ≤ 1e-6)."""
+    omega = math.acos(max(-1.0, min(1.0, cos_omega)))
+    sin_omega = math.sin(omega)
+    if sin_omega <= SPLIT_SIN_EPS:
+        return 1.0 - t, t
+    return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
+
+
+def cosine_from_gram(gram: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos of the angle between ``a·rows`` and ``b·rows`` given the rows' Gram matrix."""
+    ab = float(a @ gram @ b)
+    aa = float(a @ gram @ a)
+    bb = float(b @ gram @ b)
+    if aa <= NORM_EPS**2 or bb <= NORM_EPS**2:
+        return 0.0
+    return ab / math.sqrt(aa * bb)
+
+
+def slerp_kernel(
+    out: torch.Tensor,
+    tensor: ResidentTensor,
+    params: Mapping[str, Sequence[float] | float],
+    options: Mapping[str, bool],
+    ctx: TensorContext,
+) -> None:
+    t = float(params["t"])  # type: ignore[arg-type]
+    basis = tensor.model_basis()
+    cos_omega = cosine_from_gram(tensor.gram(), basis[0], basis[1])
+    s0, s1 = slerp_coefficients(t, cos_omega)
+    combine_(out, tensor, [s0, s1], ctx.chunk)
+
+
+def split_slerp_kernel(
+    out: torch.Tensor,
+    tensor: ResidentTensor,
+    params: Mapping[str, Sequence[float] | float],
+    options: Mapping[str, bool],
+    ctx: TensorContext,
+) -> None:
+    """Per-tensor part of the split-point SLERP of experts 0 and 1 over the whole model.
+
+    ``split`` is a fraction of the flattened parameter count; ``ctx.flat_gram`` is the Gram
+    matrix summed over every tensor, so all tensors share one Ω.
+    """
+    if ctx.flat_gram is None:
+        raise ValueError("split-point SLERP needs the Gram matrix of the whole parameter set")
+    mix = float(params["mix"])  # type: ignore[arg-type]
+    split = int(round(float(params["split"]) * ctx.total))  # type: ignore[arg-type]
+    basis = tensor.model_basis()
+    cos_omega = cosine_from_gram(ctx.flat_gram, basis[0], basis[1])
+    before = split_slerp_coefficients(mix, cos_omega)
+    after = split_slerp_coefficients(1.0 - mix, cos_omega)
+    local = min(max(split - ctx.offset, 0), tensor.numel)
+    if local > 0:
+        combine_(out, tensor, list(before), ctx.chunk, segment=(0, local))
+    if local < tensor.numel:
+        combine_(out, tensor, list(after), ctx.chunk, segment=(local, tensor.numel))
+
+
+def split_point_slerp_(
+    out: Sequence[torch.Tensor],
+    parent_a: Sequence[torch.Tensor],
+    parent_b: Sequence[torch.Tensor],
+    split: int,
+    mix: float,
+    chunk: int = 1 << 20,
+) -> None:
+    """M2N2 crossover of two parameter sets given as matching lists of tensors, in place.
+
+    The tensors are read as one flat vector in list order; ``split`` is an index into it. Used in
+    weight space, where the parents are arbitrary archive members rather than resident experts.
+    """
+    dot = aa = bb = 0.0
+    for a, b in zip(parent_a, parent_b, strict=True):
+        a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
+        dot += float(a64 @ b64)
+        aa += float(a64 @ a64)
+        bb += float(b64 @ b64)
+    cos_omega = dot / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
+    before = split_slerp_coefficients(mix, cos_omega)
+    after = split_slerp_coefficients(1.0 - mix, cos_omega)
+    offset = 0
+    for o, a, b in zip(out, parent_a, parent_b, strict=True):
+        fo, fa, fb = o.view(-1), a.reshape(-1), b.reshape(-1)
+        local = min(max(split - offset, 0), fo.numel())
+        for (lo, hi), (ca, cb) in (((0, local), before), ((local, fo.numel()), after)):
+            for s, e in chunk_bounds(hi - lo, chunk):
+                s, e = s + lo, e + lo
+                torch.mul(fa[s:e], ca, out=fo[s:e])
+                fo[s:e].add_(fb[s:e], alpha=cb)
+        offset += fo.numel()
+
+
+SLERP = MergeMethod(
+    name="slerp",
+    kernel=slerp_kernel,
+    params=(ParamSpec("t", per_model=False, default=0.5, low=0.0, high=1.0, doc="0 gives expert 0, 1 expert 1"),),
+    min_models=2,
+    max_models=2,
+    doc="Spherical interpolation between two experts, per tensor.",
+    mergekit_name="slerp",
+)
+
+SPLIT_SLERP = MergeMethod(
+    name="split_slerp",
+    kernel=split_slerp_kernel,
+    params=(
+        ParamSpec("split", per_model=False, default=0.5, low=0.0, high=1.0, doc="split position as a fraction of the flat parameter vector"),
+        ParamSpec("mix", per_model=False, default=0.5, low=0.0, high=1.0, doc="SLERP t before the split (1 − mix after it)"),
+    ),
+    min_models=2,
+    max_models=2,
+    needs_flat_gram=True,
+    global_only=True,
+    doc="M2N2's crossover: split-point SLERP over the flattened parameter set.",
+)
