@@ -1,0 +1,367 @@
+"""Merge throughput: each merge method's materialization against a memory-traffic floor.
+
+Usage::
+
+    python benchmarks/merge_throughput.py --json [--params N] [--repeats R] [--device D]
+                                          [--threads T] [--verbose]
+
+What is timed is what a worker does per candidate: ``Space.build(method, …)`` (granularity
+``per_layer_group``, one group per layer; ``global`` for methods that only allow it), a genome drawn
+uniformly from ``[0.1, 0.9]^d``, ``space.decode(genome)``, and ``Materializer.apply(recipe)``
+writing the merge in place into preallocated target tensors. Every method is called once to warm
+up — the first call also builds the per-tensor caches (TIES' magnitude samples, SLERP's Gram
+matrices), reported as ``setup_seconds`` (first call minus the median) — and then ``--repeats``
+times with fresh genomes; ``seconds`` is the median.
+
+Models (random fp32, built here, nothing downloaded):
+
+* Full models: a tiny-Llama layout (embedding, ``L = 12`` layers of q/k/v/o/gate/up/down plus two
+  RMSNorm vectors, final norm, untied ``lm_head``; hidden ``d ≈ sqrt(params / 179)``, vocab ``16 d``,
+  intermediate ``≈ 2.75 d``) with about ``--params`` parameters; a base and three experts
+  ``base + τ_i``. Methods are timed on the **base form** (base + stacked task vectors), which is how
+  a worker holds the experts when the run names a base: it is the only form the task-vector
+  methods accept and the form linear and SLERP run on in the same run. Linear, SLERP and split
+  SLERP are also timed on the raw form (stacked expert weights, no base; how a worker holds them
+  when the run has no base) under the extra key ``without_base``.
+* ``slerp`` and ``split_slerp`` take exactly two experts: they run on experts 0 and 1 of the three
+  (a materializer over views of the first two rows of the same resident stacks).
+* ``lora_compose`` merges LoRA adapters: three synthetic adapters in PEFT naming
+  (``base_model.model.model.layers.{i}.{self_attn.q_proj,…,mlp.down_proj}.lora_{A,B}.weight``,
+  ``lora_A`` ``[r, d_in]``, ``lora_B`` ``[d_out, r]``, Llama-7B module shapes, rank 64) with about
+  ``--params`` lora_A/lora_B parameters each, raw form (adapters have no base).
+
+Floor: the copy bandwidth ``B`` of this machine is measured in the same run (``dst.copy_(src)`` on
+a 256 MiB fp32 buffer — 1 GiB on CUDA — warmed up, best of 7, ``B = 2 · bytes / time``: a copy
+reads and writes every byte). With ``N`` the elements of one model (or adapter) and 4 bytes per
+fp32 element, a method must at least read each resident input row it combines once and write the
+output once::
+
+    floor_bytes   = 4 · N · (rows + reference + 1)
+    floor_seconds = floor_bytes / B
+
+where ``rows`` is the number of expert rows the method combines (3; 2 for SLERP and split SLERP),
+``reference`` is 1 in the base form (the base tensor is read: output = base + combination of task
+vectors) and 0 in the raw form, and the final 1 is the output write. Sparsification (TIES' trim,
+DARE's drop, LoRA-A's magnitude trim) and sign election are compute, not traffic, so they add
+nothing to the floor; the targets allow for them (linear and task arithmetic 1.5×, SLERP 3×, TIES
+and DARE 6×; ``lora_compose`` is held to the TIES target, since it trims by magnitude too).
+
+Memory: around each timed call, the peak resident set is reset (``5`` into
+``/proc/self/clear_refs``) and ``VmHWM − VmRSS`` before the call gives the call's transient peak
+(on CUDA: ``max_memory_allocated − memory_allocated``). ``peak_bytes`` = resident inputs (stacks
+and base the method reads) + output + the largest transient over the repeats;
+``memory_budget_bytes`` = resident inputs + 2 × output, i.e. at most one output-sized transient;
+``memory_ok`` compares the two. The warm-up call's transient (caches being built) is reported as
+``setup_peak_transient_bytes`` and is not part of ``memory_ok``.
+
+Output: one JSON object on stdout keyed by registry names (``evomerge.merge.MERGE_METHODS``), each
+``{"seconds", "floor_seconds", "ratio", …}``; ``--verbose`` adds one line of device information on
+stderr. Run it on a quiet machine (see ``research/deps.md``, oversubscribed cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evomerge.merge import MERGE_METHODS, ResidentTensor  # noqa: E402
+from evomerge.merge.materializer import Materializer  # noqa: E402
+from evomerge.space import Space  # noqa: E402
+
+N_EXPERTS = 3
+LLAMA_LAYERS = 12
+TARGET_RATIO = {
+    "linear": 1.5,
+    "task_arithmetic": 1.5,
+    "slerp": 3.0,
+    "split_slerp": 3.0,
+    "ties": 6.0,
+    "dare_linear": 6.0,
+    "dare_ties": 6.0,
+    "lora_compose": 6.0,
+}
+ADAPTER_METHODS = {"lora_compose"}
+"""Methods that merge LoRA adapters rather than full models."""
+BYTES_PER_ELEMENT = 4
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def llama_layout(params: int) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a tiny Llama with about ``params`` parameters."""
+    d = max(16, int(round(math.sqrt(params / 179) / 16)) * 16)
+    vocab, inter = 16 * d, max(16, int(round(2.75 * d / 16)) * 16)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, d)}
+    for i in range(LLAMA_LAYERS):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = (d,)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}.self_attn.{proj}.weight"] = (d, d)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (d,)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (inter, d)
+        shapes[f"{p}.mlp.up_proj.weight"] = (inter, d)
+        shapes[f"{p}.mlp.down_proj.weight"] = (d, inter)
+    shapes["model.norm.weight"] = (d,)
+    shapes["lm_head.weight"] = (vocab, d)
+    return shapes
+
+
+def lora_layout(params: int) -> dict[str, tuple[int, ...]]:
+    """PEFT adapter shapes (Llama-7B modules, rank ≤ 64) with about ``params`` parameters."""
+    d, inter = 4096, 11008
+    modules = {
+        "self_attn.q_proj": (d, d),
+        "self_attn.k_proj": (d, d),
+        "self_attn.v_proj": (d, d),
+        "self_attn.o_proj": (d, d),
+        "mlp.gate_proj": (d, inter),
+        "mlp.up_proj": (d, inter),
+        "mlp.down_proj": (inter, d),
+    }
+    per_rank = sum(i + o for i, o in modules.values())
+    rank = max(1, min(64, int(round(params / per_rank))))
+    layers = max(1, int(round(params / (per_rank * rank))))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(layers):
+        for module, (d_in, d_out) in modules.items():
+            p = f"base_model.model.model.layers.{i}.{module}"
+            shapes[f"{p}.lora_A.weight"] = (rank, d_in)
+            shapes[f"{p}.lora_B.weight"] = (d_out, rank)
+    return shapes
+
+
+def random_state(
+    shapes: Mapping[str, tuple[int, ...]], seed: int, std: float, device: torch.device,
+    around: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Random fp32 tensors ``around + std · N(0, 1)`` (norm vectors near 1 when not ``around``)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=gen, device=device).mul_(std)
+        if around is not None:
+            t.add_(around[name])
+        elif len(shape) == 1:
+            t.add_(1.0)
+        state[name] = t
+    return state
+
+
+def experts_around(
+    shapes: Mapping[str, tuple[int, ...]], base: Mapping[str, torch.Tensor] | None, device: torch.device
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Expert state dicts made one at a time (so only one is alive while a materializer reads it)."""
+    for i in range(N_EXPERTS):
+        if base is None:  # LoRA adapters: independent factors
+            yield f"adapter {i}", random_state(shapes, 1000 + i, 0.02, device)
+        else:
+            yield f"expert {i}", random_state(shapes, 1000 + i, 0.002, device, around=base)
+
+
+def first_two(mat: Materializer) -> Materializer:
+    """A materializer over experts 0 and 1 of ``mat`` (views of its stacks, no copy)."""
+    tensors = {
+        name: ResidentTensor(name=name, stack=t.stack[:2], reference=t.reference)
+        for name, t in mat.tensors.items()
+    }
+    return Materializer(mat.targets, tensors, chunk=mat.chunk)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of ``dst.copy_(src)``, counting the read and the write."""
+    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.rand(nbytes // BYTES_PER_ELEMENT, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for i in range(8):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i:  # the first copy faults the pages in
+            best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def measure(fn: Callable[[], None], device: torch.device) -> tuple[float, int | None]:
+    """Seconds of one call and its transient peak memory in bytes (None where unmeasurable)."""
+    transient: int | None = None
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+        transient = torch.cuda.max_memory_allocated(device) - before
+        return seconds, transient
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status_kb("VmRSS")
+    except OSError:
+        before = None
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    if before is not None:
+        transient = max(0, _proc_status_kb("VmHWM") - before)
+    return seconds, transient
+
+
+def resident_input_bytes(mat: Materializer, rows: int) -> int:
+    return sum(
+        BYTES_PER_ELEMENT * t.numel * (rows + (t.reference is not None)) for t in mat.tensors.values()
+    )
+
+
+def bench_method(
+    name: str, mat: Materializer, repeats: int, bandwidth: float, device: torch.device, seed: int
+) -> dict:
+    method = MERGE_METHODS[name]
+    granularity = "global" if method.global_only else "per_layer_group"
+    space = Space.build(method, list(mat.targets), mat.n_models, granularity=granularity)
+    rng = np.random.default_rng(seed)
+
+    def candidate() -> Callable[[], None]:
+        genome = rng.uniform(0.1, 0.9, space.dim)
+        return lambda: mat.apply(space.decode(genome))
+
+    first, setup_transient = measure(candidate(), device)
+    times, transients = [], []
+    for _ in range(repeats):
+        seconds, transient = measure(candidate(), device)
+        times.append(seconds)
+        transients.append(transient)
+    seconds = statistics.median(times)
+    n = sum(t.numel() for t in mat.targets.values())
+    rows = mat.n_models
+    has_base = mat.has_base
+    floor_bytes = BYTES_PER_ELEMENT * n * (rows + int(has_base) + 1)
+    floor_seconds = floor_bytes / bandwidth
+    inputs = resident_input_bytes(mat, rows)
+    output = BYTES_PER_ELEMENT * n
+    peak_transient = None if None in transients else max(transients)  # type: ignore[type-var]
+    entry = {
+        "seconds": seconds,
+        "floor_seconds": floor_seconds,
+        "ratio": seconds / floor_seconds,
+        "target_ratio": TARGET_RATIO.get(name),
+        "meets_target": None if name not in TARGET_RATIO else seconds / floor_seconds <= TARGET_RATIO[name],
+        "best_seconds": min(times),
+        "setup_seconds": max(0.0, first - seconds),
+        "form": "base + task vectors" if has_base else ("LoRA adapters" if name in ADAPTER_METHODS else "raw experts"),
+        "experts": rows,
+        "granularity": granularity,
+        "parameters": n,
+        "floor_bytes": floor_bytes,
+        "bandwidth_bytes_per_second": bandwidth,
+    }
+    if peak_transient is not None:
+        peak = inputs + output + peak_transient
+        budget = inputs + 2 * output
+        entry.update(
+            peak_transient_bytes=peak_transient,
+            peak_bytes=peak,
+            memory_budget_bytes=budget,
+            memory_ok=peak <= budget,
+            setup_peak_transient_bytes=setup_transient,
+        )
+    return entry
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object (the default)")
+    parser.add_argument("--params", type=int, default=50_000_000, help="parameters per expert (default 50M)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per method after one warm-up")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch intra-op threads")
+    parser.add_argument("--verbose", action="store_true", help="one line of device information on stderr")
+    args = parser.parse_args(argv)
+    if args.params < 1000 or args.repeats < 1 or args.threads < 1:
+        parser.error("--params must be ≥ 1000, --repeats and --threads ≥ 1")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    bandwidth = copy_bandwidth(device)
+    if args.verbose:
+        what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        print(
+            f"device {device} {what}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+            f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {args.params:,} parameters per expert",
+            file=sys.stderr,
+        )
+
+    shapes = llama_layout(args.params)
+    base = random_state(shapes, 7, 0.02, device)
+    targets = {n: torch.zeros(s, device=device) for n, s in shapes.items()}
+    with_base = Materializer.from_state_dicts(targets, experts_around(shapes, base, device), N_EXPERTS, base=base)
+    del base
+    # The raw form is rebuilt from the base form (identical up to rounding; no second generation).
+    raw_state = {n: t.stack + t.reference for n, t in with_base.tensors.items()}
+    raw = Materializer.from_state_dicts(
+        targets, ((f"expert {i}", {n: s[i] for n, s in raw_state.items()}) for i in range(N_EXPERTS)), N_EXPERTS
+    )
+    del raw_state
+    lora_shapes = lora_layout(args.params)
+    lora_targets = {n: torch.zeros(s, device=device) for n, s in lora_shapes.items()}
+    adapters = Materializer.from_state_dicts(lora_targets, experts_around(lora_shapes, None, device), N_EXPERTS)
+
+    results: dict[str, dict] = {}
+    for index, (name, method) in enumerate(MERGE_METHODS.items()):
+        if name in ADAPTER_METHODS:
+            entry = bench_method(name, adapters, args.repeats, bandwidth, device, index)
+            entry["note"] = f"{N_EXPERTS} synthetic LoRA adapters (lora_A/lora_B tensors)"
+        elif method.max_models == 2:
+            entry = bench_method(name, first_two(with_base), args.repeats, bandwidth, device, index)
+            entry["without_base"] = bench_method(name, first_two(raw), args.repeats, bandwidth, device, index)
+            entry["note"] = f"takes exactly 2 experts: timed on experts 0 and 1 of the {N_EXPERTS}"
+        else:
+            if method.min_models > N_EXPERTS or (method.max_models or N_EXPERTS) < N_EXPERTS:
+                continue
+            entry = bench_method(name, with_base, args.repeats, bandwidth, device, index)
+            if not method.needs_base:
+                entry["without_base"] = bench_method(name, raw, args.repeats, bandwidth, device, index)
+        results[name] = entry
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""``evomerge run|status|export|validate|demo`` — the command line.
+
+User errors (bad config, missing paths, a run directory in use) print one line naming what to
+fix and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USER_ERROR = 2
+
+
+def _progress_display():
+    """A rich progress bar: evaluations, best fitness, elapsed and time left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]search"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(),
+        TextColumn("left {task.fields[left]}"),
+        transient=False,
+    )
+    task = progress.add_task("search", total=None, best="-", left="-")
+
+    def update(p) -> None:
+        left = "-" if p.time_left is None else f"{int(p.time_left // 60)}:{int(p.time_left % 60):02d}"
+        best = "-" if p.best is None else f"{p.best:.4f}"
+        progress.update(task, completed=p.evaluations, total=p.total, best=best, left=left)
+
+    return progress, update
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from evomerge.config import load_config
+    from evomerge.runs import start_run
+
+    config = load_config(args.config)
+    progress, update = _progress_display()
+    with progress:
+        summary = start_run(
+            config,
+            args.config,
+            Path(args.run_dir) if args.run_dir else None,
+            on_progress=update,
+            on_ready=lambda path: progress.console.print(f"run directory: {path}"),
+        )
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    best = summary["best"]
+    line = f"stopped: {summary['stop_reason']}; {summary['evaluations']} evaluations in {summary['elapsed_seconds']:.1f}s"
+    if best:
+        line += f"; best {best['fitness']:.4f} ({best['candidate_id']})"
+    print(line)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from evomerge.runs import run_status
+
+    status = run_status(Path(args.run_dir))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    best = status["best"]
+    print(f"{status['name']} [{status['state']}] {status['run_dir']}")
+    ev = status["evaluations"]
+    print(f"evaluations: {ev['total']} ({ev['failed']} failed); elapsed {status['elapsed_seconds']:.1f}s")
+    print("best: " + ("-" if best is None else f"{best['fitness']:.4f} {best['candidate_id']}"))
+    for pop in status["populations"]:
+        fit = "-" if pop["best_fitness"] is None else f"{pop['best_fitness']:.4f}"
+        budget = pop["budget"] if pop["budget"] is not None else "∞"
+        print(f"  {pop['name']:<16} {pop['strategy']:<10} {pop['evaluations']}/{budget} best {fit}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.runs import export_best
+
+    document = export_best(Path(args.run_dir), Path(args.out))
+    print(f"exported {document['candidate_id']} (fitness {document['fitness']:.4f}) to {args.out}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from evomerge.config import check_files, load_config
+    from evomerge.fitness import resolve_fitness
+
+    config = load_config(args.config)
+    check_files(config, args.config)
+    resolve_fitness(config.fitness.name)
+    print(f"{args.config}: ok ({len(config.models.experts)} experts, {config.merge.method}, "
+          f"{len(config.populations)} population(s))")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.config import load_config
+    from evomerge.demo import comparison_table, demo_model_paths, prepare_digit_experts
+    from evomerge.runs import start_run
+    from evomerge.store import RunStore
+
+    config = load_config(args.config)
+    console = Console()
+    base, experts = demo_model_paths(config)
+    console.print("training two digit specialists (0-4 and 5-9) from one initialisation…")
+    prepare_digit_experts(base, experts, seed=config.seed)
+    run_dir = config.run_path()
+    if (run_dir / "run.db").exists():
+        shutil.rmtree(run_dir)  # the demo owns its run directory; a fresh search each time
+    progress, update = _progress_display()
+    with progress:
+        summary = start_run(config, args.config, on_progress=update, on_ready=lambda p: progress.console.print(f"run directory: {p}"))
+    _print_summary(summary)
+    store = RunStore(run_dir, readonly=True)
+    try:
+        best = store.best()
+    finally:
+        store.close()
+    if best is None:
+        console.print("[red]no candidate succeeded[/red]")
+        return 1
+    table = Table(title="test accuracy over all ten digits")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    for label, acc in comparison_table(config, best.genome):
+        table.add_row(label, f"{acc:.4f}")
+    console.print(table)
+    console.print(f"run directory: {run_dir}\nnext: evomerge status {run_dir}   |   evomerge export {run_dir} --out merged-model")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Search for the best way to merge fine-tuned models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a search from a config file")
+    p.add_argument("config")
+    p.add_argument("--run-dir", help="where the run is stored (overrides run_dir in the config)")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("status", help="show a run's progress (safe while it runs)")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output for scripts and cron jobs")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("export", help="save a run's best merge as a Hugging Face model directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output directory (created; must be empty)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("validate", help="check a config without running it")
+    p.add_argument("config")
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("demo", help="train two digit experts and search their merge (CPU, minutes)")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from evomerge.errors import UserError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

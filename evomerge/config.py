@@ -1,0 +1,282 @@
+"""The run configuration: one YAML file, validated by pydantic models.
+
+Every error names the file and the field (``config.yaml: merge.method: …``). Relative paths in
+the file are relative to the file's directory, so a config and its models can move together.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.merge import MERGE_METHODS, get_merge_method
+from evomerge.space import GRANULARITIES, Space
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"30m"``, ``"8h"`` or ``"1h30m"``."""
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value)
+        if not value.strip() or not match or not any(match.groups()):
+            raise ValueError(f"'{value}' is not a duration (use seconds, or e.g. '90s', '30m', '8h', '1h30m')")
+        h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        seconds = h * 3600 + m * 60 + s
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExpertRef(_Strict):
+    """An expert model: a local directory or a hub id, with an optional display name."""
+
+    path: str
+    name: str | None = None
+
+
+class ModelsConfig(_Strict):
+    base: str | None = None
+    experts: list[ExpertRef] = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _paths_as_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    def expert_labels(self) -> list[str]:
+        return [e.name or Path(e.path).name or e.path for e in self.experts]
+
+
+class MergeConfig(_Strict):
+    method: str = "linear"
+    granularity: Literal["global", "per_model", "per_layer_group", "per_tensor"] = "per_model"
+    layer_groups: int | None = Field(default=None, ge=1)
+    search: list[str] | None = None
+    fixed: dict[str, float] = Field(default_factory=dict)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    init: dict[str, float] = Field(default_factory=dict)
+    options: dict[str, bool] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method '{value}' (known: {', '.join(sorted(MERGE_METHODS))})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MergeConfig":
+        method = get_merge_method(self.method)
+        for field_name in ("fixed", "bounds", "init"):
+            for key in getattr(self, field_name):
+                if key not in method.param_names:
+                    raise ValueError(
+                        f"{field_name}: '{key}' is not a parameter of {self.method}"
+                        f" (it has: {', '.join(method.param_names)})"
+                    )
+        for key in self.options:
+            if key not in method.option_names:
+                raise ValueError(
+                    f"options: '{key}' is not an option of {self.method}"
+                    f" (it has: {', '.join(method.option_names) or 'none'})"
+                )
+        for key in self.search or []:
+            if key not in method.param_names:
+                raise ValueError(f"search: '{key}' is not a parameter of {self.method} (it has: {', '.join(method.param_names)})")
+        if self.layer_groups is not None and self.granularity != "per_layer_group":
+            raise ValueError("layer_groups only applies to granularity 'per_layer_group'")
+        if method.global_only and self.granularity != "global":
+            raise ValueError(f"merge method '{self.method}' only supports granularity 'global'")
+        return self
+
+    def build_space(self, tensor_names: list[str], n_models: int) -> Space:
+        """The search space over a model with these parameter names (same on every process)."""
+        return Space.build(
+            get_merge_method(self.method),
+            tensor_names,
+            n_models,
+            granularity=self.granularity,
+            layer_groups=self.layer_groups,
+            search=self.search,
+            fixed=self.fixed,
+            bounds=self.bounds,
+            init=self.init,
+            options=self.options,
+        )
+
+
+class PopulationConfig(_Strict):
+    name: str
+    strategy: str = "cmaes"
+    share: float = Field(default=1.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    source: str
+    split: str = "train"
+    classes: list[int] | None = None
+    limit: int | None = Field(default=None, ge=1)
+
+
+class FitnessConfig(_Strict):
+    name: str = "classification_accuracy"
+    data: DataConfig
+    test_data: DataConfig | None = None
+
+
+class BudgetConfig(_Strict):
+    evaluations: int | None = Field(default=None, ge=1)
+    max_time: float | None = None
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return None if value is None else parse_duration(value)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> "BudgetConfig":
+        if self.evaluations is None and self.max_time is None:
+            raise ValueError("set at least one of 'evaluations' or 'max_time'")
+        return self
+
+
+class RunConfig(_Strict):
+    name: str = "evomerge-run"
+    seed: int = 0
+    run_dir: str = "runs/evomerge-run"
+    executor: Literal["inline"] = "inline"
+    checkpoint_every: int = Field(default=10, ge=1)
+    models: ModelsConfig
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    populations: list[PopulationConfig] = Field(min_length=1)
+    fitness: FitnessConfig
+    budget: BudgetConfig
+
+    # Set by load_config, not read from YAML: where relative paths start.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        method = get_merge_method(self.merge.method)
+        n = len(self.models.experts)
+        if method.needs_base and self.models.base is None:
+            raise ValueError(f"merge.method: '{method.name}' combines task vectors and needs models.base")
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            wanted = (
+                f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
+            )
+            raise ValueError(f"models.experts: merge method '{method.name}' takes {wanted} experts, got {n}")
+        names = [p.name for p in self.populations]
+        duplicates = {x for x in names if names.count(x) > 1}
+        if duplicates:
+            raise ValueError(f"populations: duplicate name '{sorted(duplicates)[0]}'")
+        from evomerge.strategies import STRATEGIES
+
+        for i, pop in enumerate(self.populations):
+            if pop.strategy not in STRATEGIES:
+                raise ValueError(
+                    f"populations.{i}.strategy: unknown strategy '{pop.strategy}' (known: {', '.join(sorted(STRATEGIES))})"
+                )
+        return self
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def model_ref(self, path: str) -> str:
+        """A local path resolved against the config's directory, or a hub id unchanged."""
+        if _looks_local(path) or self.resolve_path(path).exists() or not _HUB_ID.match(path):
+            return str(self.resolve_path(path))
+        return path
+
+    def run_path(self) -> Path:
+        return self.resolve_path(self.run_dir)
+
+    def population_budgets(self) -> dict[str, int | None]:
+        """Evaluations per population, split by ``share`` (None: limited by time only)."""
+        if self.budget.evaluations is None:
+            return {p.name: None for p in self.populations}
+        total_share = sum(p.share for p in self.populations)
+        budgets = {p.name: int(self.budget.evaluations * p.share / total_share) for p in self.populations}
+        leftover = self.budget.evaluations - sum(budgets.values())
+        for p in self.populations[:leftover]:
+            budgets[p.name] += 1
+        return budgets
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or "\\" in path
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc if not (isinstance(x, str) and x.startswith("function-")))
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        loc = _field_path(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and level)"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = len(err.errors()) - 3
+    return f"{source}: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def config_from_dict(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+    config.base_dir = (base_dir or Path.cwd()).resolve()
+    return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run YAML; raises ``ConfigError`` with file and field on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return config_from_dict(data, str(path), path.parent)
+
+
+def check_files(config: RunConfig, source: str) -> None:
+    """Local model paths and data files must exist (hub ids are checked when loaded)."""
+    refs = [("models.base", config.models.base)] if config.models.base else []
+    refs += [(f"models.experts.{i}.path", e.path) for i, e in enumerate(config.models.experts)]
+    for field_name, ref in refs:
+        resolved = config.model_ref(ref)
+        if Path(resolved).is_absolute() and not Path(resolved).exists():
+            raise ConfigError(f"{source}: {field_name}: model directory not found: {resolved}")
+    for field_name, data in (("fitness.data", config.fitness.data), ("fitness.test_data", config.fitness.test_data)):
+        if data is not None and not data.source.startswith("sklearn:"):
+            resolved = config.resolve_path(data.source)
+            if not resolved.exists():
+                raise ConfigError(f"{source}: {field_name}.source: file not found: {resolved}")

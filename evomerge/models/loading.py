@@ -1,0 +1,96 @@
+"""Loading experts and bases by local path or hub id, the way users' models are stored.
+
+Everything goes through transformers' ``from_pretrained`` (safetensors), so a directory written by
+``save_pretrained`` — ours or anyone's — loads the same way. Failures become one-line
+``ModelLoadError``s naming the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import ModelLoadError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars or info logs from transformers inside a search."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def register_builtin_architectures() -> None:
+    from evomerge.models import digits_mlp
+
+    digits_mlp.register()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _auto_class(config):
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+
+
+def load_config(ref: str):
+    from transformers import AutoConfig
+
+    register_builtin_architectures()
+    quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the model config of '{ref}': {_first_line(exc)}") from None
+
+
+def load_model(ref: str, device: torch.device, dtype: torch.dtype):
+    """The model at ``ref`` in eval mode on ``device``, without gradients."""
+    config = load_config(ref)
+    try:
+        model = _auto_class(config).from_pretrained(ref, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load the model '{ref}': {_first_line(exc)}") from None
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(ref: str):
+    """The tokenizer saved beside a model, or ``None`` for models without one (classifiers)."""
+    if os.path.isdir(ref) and not any((Path(ref) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(ref):
+            raise ModelLoadError(f"cannot load the tokenizer in '{ref}': {_first_line(exc)}") from None
+        return None
+
+
+def parameter_names(ref: str) -> list[str]:
+    """Parameter names in model order, from the config alone (no weights are read)."""
+    config = load_config(ref)
+    with torch.device("meta"):
+        model = _auto_class(config).from_config(config)
+    return [name for name, _ in model.named_parameters()]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

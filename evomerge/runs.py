@@ -1,0 +1,184 @@
+"""Starting, inspecting and exporting runs: the composition the CLI calls.
+
+``start_run`` wires config → space → strategies → executor → controller → store; ``run_status``
+reads a run directory (also while the run is writing it); ``export_best`` materializes the best
+candidate once more and saves it as a standard Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from evomerge.config import RunConfig, check_files, config_from_dict
+from evomerge.controller import Controller, Population, Progress
+from evomerge.errors import RunDirError
+from evomerge.executors import InlineExecutor
+from evomerge.models.loading import parameter_names
+from evomerge.store import RunStore
+from evomerge.strategies import make_strategy
+
+RECIPE_NAME = "recipe.yaml"
+
+
+def resolved_config_dict(config: RunConfig) -> dict[str, Any]:
+    """The config with every local path made absolute: the snapshot a run directory keeps."""
+    data = config.model_dump(mode="json")
+    models = data["models"]
+    if models["base"]:
+        models["base"] = config.model_ref(models["base"])
+    for expert in models["experts"]:
+        expert["path"] = config.model_ref(expert["path"])
+    for key in ("data", "test_data"):
+        spec = data["fitness"].get(key)
+        if spec and not spec["source"].startswith("sklearn:"):
+            spec["source"] = str(config.resolve_path(spec["source"]))
+    data["run_dir"] = str(config.run_path())
+    return data
+
+
+def load_run_config(store: RunStore) -> RunConfig:
+    data = yaml.safe_load(store.config_yaml())
+    return config_from_dict(data, str(store.run_dir / "config.yaml"), store.run_dir)
+
+
+def working_model_ref(config: RunConfig) -> str:
+    return config.model_ref(config.models.base or config.models.experts[0].path)
+
+
+def start_run(
+    config: RunConfig,
+    source: str,
+    run_dir: Path | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_ready: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Run a search to the end of its budget; returns the summary also stored in the run."""
+    if run_dir is not None:
+        config.run_dir = str(Path(run_dir).resolve())
+    check_files(config, source)
+    path = config.run_path()
+    if (path / "run.db").exists():
+        raise RunDirError(f"{path} already holds a run; choose another --run-dir or remove it")
+    space = config.merge.build_space(parameter_names(working_model_ref(config)), len(config.models.experts))
+    strategies = [
+        make_strategy(p.strategy, p.name, space.dim, space.x0(), config.seed + 1000 * i, p.options)
+        for i, p in enumerate(config.populations)
+    ]
+    executor = InlineExecutor(config)
+    store = RunStore(path, create=True)
+    try:
+        store.init_run(config.name, yaml.safe_dump(resolved_config_dict(config), sort_keys=False), config.budget.model_dump())
+        budgets = config.population_budgets()
+        for p in config.populations:
+            store.add_population(
+                p.name,
+                p.strategy,
+                budgets[p.name],
+                {"method": space.method.name, "granularity": space.granularity, "dim": space.dim, "groups": space.group_names},
+            )
+        populations = [
+            Population(p.name, strategy, budgets[p.name], p.share) for p, strategy in zip(config.populations, strategies)
+        ]
+        controller = Controller(
+            store,
+            executor,
+            populations,
+            max_time=config.budget.max_time,
+            checkpoint_every=config.checkpoint_every,
+            on_progress=on_progress,
+        )
+        if on_ready is not None:
+            on_ready(path)
+        summary = controller.run()
+    except BaseException as exc:
+        if (path / "run.db").exists():
+            store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        executor.shutdown()
+        store.close()
+    return summary
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    """A JSON-ready snapshot of a run, safe to take while the run writes."""
+    store = RunStore(run_dir, readonly=True)
+    try:
+        info = store.run_info()
+        counts = store.counts()
+        populations = []
+        for pop in store.populations():
+            best = store.best(pop["name"])
+            c = counts.get(pop["name"], {})
+            populations.append(
+                {
+                    "name": pop["name"],
+                    "strategy": pop["strategy"],
+                    "budget": pop["budget"],
+                    "evaluations": sum(c.values()),
+                    "failed": c.get("failed", 0),
+                    "best_fitness": None if best is None else best.fitness,
+                }
+            )
+        best = store.best()
+        total_ok = sum(c.get("ok", 0) for c in counts.values())
+        total = sum(sum(c.values()) for c in counts.values())
+        return {
+            "run_dir": str(Path(run_dir).resolve()),
+            "name": info["name"],
+            "state": info["state"],
+            "created": info["created"],
+            "updated": info["updated"],
+            "elapsed_seconds": round(info["updated"] - info["created"], 3),
+            "evaluations": {"total": total, "ok": total_ok, "failed": total - total_ok},
+            "budget": info["budget"],
+            "best": None
+            if best is None
+            else {"candidate_id": best.candidate_id, "population": best.population, "fitness": best.fitness},
+            "populations": populations,
+            "stop_reason": (info["summary"] or {}).get("stop_reason"),
+        }
+    finally:
+        store.close()
+
+
+def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
+    """Save the best candidate as a Hugging Face model directory plus ``recipe.yaml``."""
+    from evomerge.workers.local import LocalWorker
+
+    store = RunStore(run_dir, readonly=True)
+    try:
+        best = store.best()
+        config = load_run_config(store)
+    finally:
+        store.close()
+    if best is None:
+        raise RunDirError(f"{run_dir}: no successful evaluation to export yet")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"{out} exists and is not empty; choose another --out")
+    worker = LocalWorker(config, worker_id="export")
+    recipe = worker.materialize(best.genome)
+    tmp = out.with_name(out.name + f".tmp-{int(time.time())}")
+    worker.models.model.save_pretrained(tmp, safe_serialization=True)
+    if worker.models.tokenizer is not None:
+        worker.models.tokenizer.save_pretrained(tmp)
+    document = {
+        "candidate_id": best.candidate_id,
+        "population": best.population,
+        "fitness": best.fitness,
+        "base_model": config.models.base,
+        "experts": [{"name": n, "path": e.path} for n, e in zip(config.models.expert_labels(), config.models.experts)],
+        "granularity": config.merge.granularity,
+        "recipe": recipe.to_dict(),
+    }
+    (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
+    if out.exists():
+        out.rmdir()
+    shutil.move(str(tmp), str(out))
+    return document

@@ -1,0 +1,290 @@
+"""The run store: one SQLite database (WAL) in the run directory.
+
+Everything needed to report on or resume a run lives here: the resolved config, every candidate and
+evaluation (per-example scores as compressed float32 blobs), strategy checkpoints, and events.
+WAL mode lets ``evomerge status`` read while the run writes. Only this module speaks SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from evomerge.candidates import Candidate, Evaluation
+from evomerge.errors import RunDirError
+
+DB_NAME = "run.db"
+CONFIG_NAME = "config.yaml"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    schema_version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    budget_json TEXT NOT NULL,
+    summary_json TEXT
+);
+CREATE TABLE IF NOT EXISTS populations (
+    name TEXT PRIMARY KEY,
+    strategy TEXT NOT NULL,
+    budget INTEGER,
+    space_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS candidates (
+    id TEXT PRIMARY KEY,
+    population TEXT NOT NULL REFERENCES populations(name),
+    genome BLOB NOT NULL,
+    genome_hash TEXT NOT NULL,
+    parent_ids TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS candidates_hash ON candidates(genome_hash);
+CREATE TABLE IF NOT EXISTS evaluations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate_id TEXT NOT NULL UNIQUE REFERENCES candidates(id),
+    status TEXT NOT NULL,
+    fitness REAL,
+    per_example BLOB,
+    n_examples INTEGER,
+    metrics_json TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    started REAL NOT NULL,
+    duration REAL NOT NULL,
+    error TEXT,
+    recorded REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    population TEXT PRIMARY KEY REFERENCES populations(name),
+    state BLOB NOT NULL,
+    evaluations_seq INTEGER NOT NULL,
+    saved REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+
+def genome_hash(genome: np.ndarray) -> str:
+    """Identical genomes share a hash, so a run can recognise a repeated candidate."""
+    return hashlib.sha256(np.ascontiguousarray(genome, dtype=np.float64).tobytes()).hexdigest()
+
+
+def _pack_scores(scores: np.ndarray | None) -> bytes | None:
+    return None if scores is None else zlib.compress(np.asarray(scores, dtype=np.float32).tobytes())
+
+
+def _unpack_scores(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(zlib.decompress(blob), dtype=np.float32)
+
+
+@dataclass
+class EvaluationRow:
+    """An evaluation joined with its candidate, as reports and exports read it."""
+
+    seq: int
+    candidate_id: str
+    population: str
+    genome: np.ndarray
+    status: str
+    fitness: float | None
+    per_example: np.ndarray | None
+    worker: str
+    started: float
+    duration: float
+    error: str | None
+    metrics: dict[str, Any]
+
+
+class RunStore:
+    """Access to one run directory's database. Cheap to open; safe to open read-only elsewhere."""
+
+    def __init__(self, run_dir: Path, *, create: bool = False, readonly: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.db_path = self.run_dir / DB_NAME
+        if not create and not self.db_path.exists():
+            raise RunDirError(f"{self.run_dir}: not an evomerge run directory (no {DB_NAME})")
+        if create:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        uri = f"file:{self.db_path}?mode=ro" if readonly else f"file:{self.db_path}"
+        self._db = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        if not readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- writing ---------------------------------------------------------------------------
+    def _tx(self, sql: str, args: tuple = ()) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(sql, args)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def init_run(self, name: str, config_yaml: str, budget: dict[str, Any]) -> None:
+        if self._db.execute("SELECT 1 FROM runs").fetchone():
+            raise RunDirError(f"{self.run_dir} already holds a run; choose another --run-dir")
+        now = time.time()
+        (self.run_dir / CONFIG_NAME).write_text(config_yaml)
+        self._tx(
+            "INSERT INTO runs (id, name, schema_version, state, created, updated, budget_json) VALUES (1, ?, ?, 'running', ?, ?, ?)",
+            (name, SCHEMA_VERSION, now, now, json.dumps(budget)),
+        )
+
+    def add_population(self, name: str, strategy: str, budget: int | None, space: dict[str, Any]) -> None:
+        self._tx(
+            "INSERT INTO populations (name, strategy, budget, space_json) VALUES (?, ?, ?, ?)",
+            (name, strategy, budget, json.dumps(space)),
+        )
+
+    def add_candidate(self, cand: Candidate) -> None:
+        self._tx(
+            "INSERT OR IGNORE INTO candidates (id, population, genome, genome_hash, parent_ids, created) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                cand.id,
+                cand.population,
+                np.ascontiguousarray(cand.genome, dtype=np.float64).tobytes(),
+                genome_hash(cand.genome),
+                json.dumps(list(cand.parent_ids)),
+                cand.created,
+            ),
+        )
+
+    def add_evaluation(self, ev: Evaluation) -> int:
+        """Record an evaluation; returns its sequence number (the count of evaluations so far)."""
+        fitness = ev.fitness if np.isfinite(ev.fitness) else None
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self._db.execute(
+                "INSERT INTO evaluations (candidate_id, status, fitness, per_example, n_examples, metrics_json, worker, started, duration, error, recorded)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    ev.candidate_id,
+                    ev.status,
+                    fitness,
+                    _pack_scores(ev.per_example),
+                    None if ev.per_example is None else len(ev.per_example),
+                    json.dumps(ev.metrics),
+                    ev.worker,
+                    ev.started,
+                    ev.duration,
+                    ev.error,
+                    time.time(),
+                ),
+            )
+            self._db.execute("UPDATE runs SET updated = ?", (time.time(),))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return int(cur.lastrowid)
+
+    def save_checkpoint(self, population: str, state: bytes, evaluations_seq: int) -> None:
+        self._tx(
+            "INSERT INTO checkpoints (population, state, evaluations_seq, saved) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(population) DO UPDATE SET state = excluded.state, evaluations_seq = excluded.evaluations_seq, saved = excluded.saved",
+            (population, state, evaluations_seq, time.time()),
+        )
+
+    def set_state(self, state: str, summary: dict[str, Any] | None = None) -> None:
+        self._tx(
+            "UPDATE runs SET state = ?, updated = ?, summary_json = COALESCE(?, summary_json)",
+            (state, time.time(), None if summary is None else json.dumps(summary)),
+        )
+
+    def log_event(self, kind: str, message: str) -> None:
+        self._tx("INSERT INTO events (time, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message))
+
+    # --- reading ---------------------------------------------------------------------------
+    def run_info(self) -> dict[str, Any]:
+        row = self._db.execute("SELECT * FROM runs").fetchone()
+        if row is None:
+            raise RunDirError(f"{self.run_dir}: the run was never started")
+        info = dict(row)
+        info["budget"] = json.loads(info.pop("budget_json"))
+        summary = info.pop("summary_json")
+        info["summary"] = json.loads(summary) if summary else None
+        return info
+
+    def config_yaml(self) -> str:
+        path = self.run_dir / CONFIG_NAME
+        if not path.exists():
+            raise RunDirError(f"{self.run_dir}: missing {CONFIG_NAME}")
+        return path.read_text()
+
+    def populations(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM populations ORDER BY rowid").fetchall()
+        return [{**dict(r), "space": json.loads(r["space_json"])} for r in rows]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Evaluations per population and status."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self._db.execute(
+            "SELECT c.population, e.status, COUNT(*) n FROM evaluations e JOIN candidates c ON c.id = e.candidate_id GROUP BY 1, 2"
+        ):
+            out.setdefault(r["population"], {})[r["status"]] = r["n"]
+        return out
+
+    def evaluations(self, population: str | None = None, with_scores: bool = False) -> Iterator[EvaluationRow]:
+        sql = (
+            "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
+            + (" WHERE c.population = ?" if population else "")
+            + " ORDER BY e.seq"
+        )
+        for r in self._db.execute(sql, (population,) if population else ()):
+            yield self._row(r, with_scores)
+
+    def best(self, population: str | None = None) -> EvaluationRow | None:
+        sql = (
+            "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
+            " WHERE e.status = 'ok' AND e.fitness IS NOT NULL"
+            + (" AND c.population = ?" if population else "")
+            + " ORDER BY e.fitness DESC, e.seq ASC LIMIT 1"
+        )
+        r = self._db.execute(sql, (population,) if population else ()).fetchone()
+        return None if r is None else self._row(r, True)
+
+    def checkpoint(self, population: str) -> tuple[bytes, int] | None:
+        r = self._db.execute("SELECT state, evaluations_seq FROM checkpoints WHERE population = ?", (population,)).fetchone()
+        return None if r is None else (r["state"], r["evaluations_seq"])
+
+    def events(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM events ORDER BY seq")]
+
+    @staticmethod
+    def _row(r: sqlite3.Row, with_scores: bool) -> EvaluationRow:
+        return EvaluationRow(
+            seq=r["seq"],
+            candidate_id=r["candidate_id"],
+            population=r["population"],
+            genome=np.frombuffer(r["genome"], dtype=np.float64).copy(),
+            status=r["status"],
+            fitness=r["fitness"],
+            per_example=_unpack_scores(r["per_example"]) if with_scores else None,
+            worker=r["worker"],
+            started=r["started"],
+            duration=r["duration"],
+            error=r["error"],
+            metrics=json.loads(r["metrics_json"]),
+        )

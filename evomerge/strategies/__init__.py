@@ -1,0 +1,31 @@
+"""Ask/tell optimizers, one per population; a config names one by registry key."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from pydantic import ValidationError
+
+from evomerge.strategies.base import Strategy, StrategyOptions
+from evomerge.strategies.cmaes import CMAES
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "cmaes": CMAES,
+}
+
+
+def make_strategy(name: str, population: str, dim: int, x0: np.ndarray, seed: int, options: Mapping[str, Any]) -> Strategy:
+    """Instantiate a registered strategy; bad options raise ValueError naming the option."""
+    cls = STRATEGIES[name]
+    try:
+        parsed = cls.Options.model_validate(dict(options))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ValueError(f"options.{where}: {msg}") from None
+    return cls(population, dim, x0, seed, parsed)
+
+
+__all__ = ["STRATEGIES", "Strategy", "StrategyOptions", "make_strategy"]

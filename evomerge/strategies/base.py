@@ -1,0 +1,119 @@
+"""The ask/tell contract every population's optimizer follows.
+
+As in evosax and pycma: a strategy proposes candidates (``ask``), hears back their evaluations in
+any order (``tell``), and can be checkpointed and restored exactly (``state_dict`` /
+``load_state_dict``). The base class does the shared bookkeeping — candidate ids, the best so
+far, failed or NaN results counting as the worst — so a subclass writes only ``_ask``/``_tell``
+and its own state.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from evomerge.candidates import Candidate, Evaluation
+
+
+class StrategyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Strategy(ABC):
+    """One population. Subclasses set ``Options`` and implement ``_ask``/``_tell``/state hooks."""
+
+    Options: type[StrategyOptions] = StrategyOptions
+
+    def __init__(self, population: str, dim: int, x0: np.ndarray, seed: int, options: StrategyOptions) -> None:
+        self.population = population
+        self.dim = dim
+        self.x0 = np.asarray(x0, dtype=np.float64)
+        self.seed = seed
+        self.options = options
+        self._next_number = 0
+        self._outstanding: dict[str, Candidate] = {}
+        self._tags: dict[str, Any] = {}
+        self._best: tuple[str, np.ndarray, float] | None = None
+        self.n_told = 0
+
+    # --- the public contract -------------------------------------------------------------
+    def ask(self, n: int = 1) -> list[Candidate]:
+        """Up to ``n`` new candidates; fewer (even none) while e.g. a generation is incomplete."""
+        out = []
+        for genome, parents, tag in self._ask(n):
+            cand = Candidate(
+                id=f"{self.population}:{self._next_number}",
+                population=self.population,
+                genome=np.asarray(genome, dtype=np.float64),
+                parent_ids=tuple(parents),
+            )
+            self._next_number += 1
+            self._outstanding[cand.id] = cand
+            self._tags[cand.id] = tag
+            out.append(cand)
+        return out
+
+    def tell(self, evaluations: list[Evaluation]) -> None:
+        """Accept results in any order; unknown ids are an error (they belong elsewhere)."""
+        for ev in evaluations:
+            cand = self._outstanding.pop(ev.candidate_id, None)
+            if cand is None:
+                raise KeyError(f"{self.population}: no outstanding candidate '{ev.candidate_id}'")
+            tag = self._tags.pop(ev.candidate_id)
+            fitness = ev.fitness if ev.usable else -math.inf
+            if math.isfinite(fitness) and (self._best is None or fitness > self._best[2]):
+                self._best = (cand.id, cand.genome.copy(), fitness)
+            self.n_told += 1
+            self._tell(cand, tag, fitness, ev)
+
+    def best(self) -> tuple[str, np.ndarray, float] | None:
+        """``(candidate_id, genome, fitness)`` of the best usable evaluation so far."""
+        return self._best
+
+    def stop(self) -> dict[str, Any]:
+        """Reasons this population has nothing more to propose (empty while it goes on)."""
+        return {}
+
+    def outstanding(self) -> list[Candidate]:
+        """Candidates asked but not told: after a restore, the ones a resumed run scores again."""
+        return list(self._outstanding.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "next_number": self._next_number,
+            "outstanding": [(c.id, c.genome, c.parent_ids, self._tags[c.id]) for c in self._outstanding.values()],
+            "best": self._best,
+            "n_told": self.n_told,
+            "strategy": self._state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._next_number = state["next_number"]
+        self._outstanding = {
+            cid: Candidate(id=cid, population=self.population, genome=np.asarray(g), parent_ids=tuple(p))
+            for cid, g, p, _ in state["outstanding"]
+        }
+        self._tags = {cid: tag for cid, _, _, tag in state["outstanding"]}
+        self._best = state["best"]
+        self.n_told = state["n_told"]
+        self._load_state(state["strategy"])
+
+    # --- subclass hooks --------------------------------------------------------------------
+    @abstractmethod
+    def _ask(self, n: int) -> list[tuple[np.ndarray, tuple[str, ...], Any]]:
+        """Up to ``n`` (genome, parent ids, tag); the tag comes back with the candidate's result."""
+
+    @abstractmethod
+    def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
+        """``fitness`` is -inf for failed or NaN evaluations."""
+
+    @abstractmethod
+    def _state(self) -> Any:
+        """Everything that evolves, picklable."""
+
+    @abstractmethod
+    def _load_state(self, state: Any) -> None: ...

@@ -1,0 +1,132 @@
+"""The white-box worker: holds the base and the experts on its device, merges in place, scores.
+
+It loads every model once. The base (or the first expert when the run has none) becomes the one
+working model; experts are read one at a time into the resident stacks, so memory is the working
+model plus the resident inputs. A candidate is applied to the working model's parameters in
+place, scored by the fitness function, and never written to disk.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evomerge.candidates import Evaluation
+from evomerge.config import RunConfig
+from evomerge.errors import PluginError, UserError
+from evomerge.fitness import per_example_scores, resolve_fitness
+from evomerge.fitness.data import load_examples
+from evomerge.merge.materializer import Materializer
+from evomerge.models.loading import load_model, load_tokenizer, resolve_device
+from evomerge.space import Recipe, Space
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModels:
+    """The working model (merges are written into its parameters) and its tokenizer."""
+
+    model: torch.nn.Module
+    tokenizer: object | None
+    materializer: Materializer
+    tensor_names: list[str]
+
+
+def load_resident_models(config: RunConfig, device: torch.device) -> LoadedModels:
+    dtype = DTYPES[config.models.dtype]
+    experts = config.models.experts
+    labels = config.models.expert_labels()
+    base_ref = config.model_ref(config.models.base) if config.models.base else None
+    working_ref = base_ref or config.model_ref(experts[0].path)
+    model = load_model(working_ref, device, dtype)
+    tokenizer = load_tokenizer(working_ref)
+    targets = {name: p.data for name, p in model.named_parameters()}
+    base_state = {name: t for name, t in targets.items()} if base_ref else None
+
+    def expert_states():
+        for label, ref in zip(labels, experts):
+            expert = load_model(config.model_ref(ref.path), device, dtype)
+            yield f"expert '{label}'", {n: p.data for n, p in expert.named_parameters()}
+            del expert
+            gc.collect()
+
+    materializer = Materializer.from_state_dicts(targets, expert_states(), len(experts), base=base_state)
+    return LoadedModels(model, tokenizer, materializer, list(targets))
+
+
+class LocalWorker:
+    """Scores candidates of one run in this process (the inline executor, or inside a Ray actor)."""
+
+    def __init__(self, config: RunConfig, worker_id: str | None = None) -> None:
+        self.config = config
+        self.worker_id = worker_id or f"local-{os.getpid()}"
+        self.device = resolve_device(config.models.device)
+        self.models = load_resident_models(config, self.device)
+        self.space: Space = config.merge.build_space(self.models.tensor_names, len(config.models.experts))
+        self.fitness_name = config.fitness.name
+        self.fitness_fn = resolve_fitness(config.fitness.name)
+        self.examples = self._examples(config.fitness.data)
+
+    def _examples(self, data):
+        return load_examples(data.source, data.split, data.classes, data.limit, self.config.base_dir)
+
+    def materialize(self, genome: np.ndarray) -> Recipe:
+        recipe = self.space.decode(genome)
+        self.models.materializer.apply(recipe)
+        return recipe
+
+    def score(self, examples) -> np.ndarray:
+        raw = self.fitness_fn(self.models.model, self.models.tokenizer, examples)
+        n = len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
+        return per_example_scores(raw, n, self.fitness_name)
+
+    def evaluate(self, candidate_id: str, genome: np.ndarray) -> Evaluation:
+        """Merge and score one candidate; failures become a failed evaluation, never an exception.
+
+        User-fixable plugin errors (wrong return shape) are re-raised: every candidate would fail
+        the same way, so the run should stop with the message.
+        """
+        started = time.time()
+        t0 = time.perf_counter()
+        try:
+            self.materialize(genome)
+            t1 = time.perf_counter()
+            scores = self.score(self.examples)
+        except PluginError:
+            raise
+        except Exception as exc:  # a candidate's failure must not end the run
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            tb = traceback.format_exc(limit=3)
+            ev = Evaluation.failure(candidate_id, reason, self.worker_id, started, time.perf_counter() - t0)
+            ev.metrics["traceback"] = tb
+            return ev
+        duration = time.perf_counter() - t0
+        fitness = float(np.mean(scores)) if len(scores) else math.nan
+        if not math.isfinite(fitness):
+            return Evaluation.failure(candidate_id, "fitness is NaN or infinite", self.worker_id, started, duration)
+        return Evaluation(
+            candidate_id=candidate_id,
+            status="ok",
+            fitness=fitness,
+            per_example=scores,
+            metrics={"merge_seconds": t1 - t0, "score_seconds": duration - (t1 - t0)},
+            worker=self.worker_id,
+            started=started,
+            duration=duration,
+        )
+
+    def test_accuracy(self, genome: np.ndarray | None = None) -> float:
+        """Mean score on ``fitness.test_data`` for a genome (None: the model as it is now)."""
+        if self.config.fitness.test_data is None:
+            raise UserError("fitness.test_data is not set in the config")
+        if genome is not None:
+            self.materialize(genome)
+        return float(np.mean(self.score(self._examples(self.config.fitness.test_data))))
