@@ -168,6 +168,8 @@ class Space:
             if not low < high:
                 raise ValueError(f"bounds of '{spec.name}' must satisfy low < high, got [{low}, {high}]")
             start = init.get(spec.name, spec.default_for(n_models))
+            if spec.name not in init:  # configured bounds may exclude the declared default: clip it
+                start = min(max(start, low), high)
             if not low <= start <= high:
                 raise ValueError(f"initial value {start} of '{spec.name}' lies outside its bounds [{low}, {high}]")
             n_values = n_models if spec.per_model and granularity != "global" else 1
