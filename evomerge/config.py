@@ -195,6 +195,12 @@ class RunConfig(_Strict):
                 raise ValueError(
                     f"populations.{i}.strategy: unknown strategy '{pop.strategy}' (known: {', '.join(sorted(STRATEGIES))})"
                 )
+            try:
+                STRATEGIES[pop.strategy].Options.model_validate(pop.options)
+            except ValidationError as err:
+                first = err.errors()[0]
+                msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+                raise ValueError(f"populations.{i}.options.{_field_path(first['loc'])}: {msg}") from None
         return self
 
     def resolve_path(self, path: str) -> Path:

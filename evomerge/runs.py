@@ -16,7 +16,7 @@ import yaml
 
 from evomerge.config import RunConfig, check_files, config_from_dict
 from evomerge.controller import Controller, Population, Progress
-from evomerge.errors import RunDirError
+from evomerge.errors import ConfigError, RunDirError
 from evomerge.executors import InlineExecutor
 from evomerge.models.loading import parameter_names
 from evomerge.store import RunStore
@@ -64,7 +64,10 @@ def start_run(
     path = config.run_path()
     if (path / "run.db").exists():
         raise RunDirError(f"{path} already holds a run; choose another --run-dir or remove it")
-    space = config.merge.build_space(parameter_names(working_model_ref(config)), len(config.models.experts))
+    try:
+        space = config.merge.build_space(parameter_names(working_model_ref(config)), len(config.models.experts))
+    except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
+        raise ConfigError(f"{source}: merge: {exc}") from None
     strategies = [
         make_strategy(p.strategy, p.name, space.dim, space.x0(), config.seed + 1000 * i, p.options)
         for i, p in enumerate(config.populations)

@@ -96,6 +96,7 @@ class ResidentTensor:
         flat = self.flat_stack()[row]
         n = flat.numel()
         position = n - keep  # 0-based ascending position of the answer
+        wide = torch.promote_types(flat.dtype, torch.float32)  # float64 stays exact
         sample = self._magnitude_sample(row)
         if sample.numel() == n:
             return float(sample[position])
@@ -116,20 +117,21 @@ class ResidentTensor:
         candidates = torch.cat(inside)
         rank = position - below
         if not 0 <= rank < candidates.numel():  # the sample misled us: fall back to the exact path
-            return float(torch.kthvalue(flat.abs().float(), position + 1).values)
-        return float(torch.kthvalue(candidates.float(), rank + 1).values)
+            return float(torch.kthvalue(flat.abs().to(wide), position + 1).values)
+        return float(torch.kthvalue(candidates.to(wide), rank + 1).values)
 
     def _magnitude_sample(self, row: int) -> torch.Tensor:
         sample = self._samples.get(row)
         if sample is None:
             flat = self.flat_stack()[row]
             n = flat.numel()
+            wide = torch.promote_types(flat.dtype, torch.float32)
             if n <= MAGNITUDE_SAMPLE:
-                sample = flat.abs().float().sort().values
+                sample = flat.abs().to(wide).sort().values
             else:
                 gen = torch.Generator(device="cpu").manual_seed(0x5EED + row)
                 idx = torch.randint(0, n, (MAGNITUDE_SAMPLE,), generator=gen).to(flat.device)
-                sample = flat[idx].abs().float().sort().values
+                sample = flat[idx].abs().to(wide).sort().values
             self._samples[row] = sample
         return sample
 

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny locally trained experts and config files in temporary directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def digit_models(tmp_path_factory) -> dict[str, Path]:
+    """Base + two digit specialists (0-4, 5-9) saved with save_pretrained, trained once."""
+    from evomerge.demo import prepare_digit_experts
+
+    root = tmp_path_factory.mktemp("digit-models")
+    paths = {"base": root / "base", "low": root / "digits-0-4", "high": root / "digits-5-9"}
+    prepare_digit_experts(paths["base"], [paths["low"], paths["high"]], seed=0)
+    return paths
+
+
+@pytest.fixture
+def digits_config(tmp_path, digit_models):
+    """Write a small, valid digits config into tmp_path; keyword overrides replace sections."""
+
+    def write(**overrides) -> Path:
+        data = {
+            "name": "test-run",
+            "seed": 0,
+            "run_dir": str(tmp_path / "run"),
+            "models": {
+                "base": str(digit_models["base"]),
+                "experts": [str(digit_models["low"]), str(digit_models["high"])],
+                "device": "cpu",
+            },
+            "merge": {
+                "method": "task_arithmetic",
+                "granularity": "per_layer_group",
+                "search": ["weight"],
+                "fixed": {"lambda": 1.0},
+                "init": {"weight": 0.5},
+            },
+            "populations": [{"name": "cma", "strategy": "cmaes"}],
+            "fitness": {
+                "name": "classification_accuracy",
+                "data": {"source": "sklearn:digits", "split": "train"},
+                "test_data": {"source": "sklearn:digits", "split": "test"},
+            },
+            "budget": {"evaluations": 24},
+            "checkpoint_every": 5,
+        }
+        for key, value in overrides.items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write

@@ -1,0 +1,116 @@
+"""Config validation: every user mistake is one message naming the file and the field."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.config import load_config, parse_duration
+from evomerge.errors import ConfigError
+
+
+def test_valid_config_loads_and_resolves_relative_paths(tmp_path, digits_config):
+    path = digits_config(run_dir="runs/x")
+    config = load_config(path)
+    assert config.run_path() == (tmp_path / "runs" / "x").resolve()
+    assert config.merge.method == "task_arithmetic"
+    assert config.population_budgets() == {"cma": 24}
+
+
+@pytest.mark.parametrize(
+    "override, field, words",
+    [
+        ({"modles": {}}, "modles", "unknown key"),
+        ({"merge": {"method": "tiess"}}, "merge.method", "unknown merge method"),
+        ({"merge": {"method": "ties", "granularity": "per_layer"}}, "merge.granularity", "per_layer_group"),
+        ({"budget": {}}, "budget", "evaluations"),
+        ({"budget": {"evaluations": "many"}}, "budget.evaluations", "integer"),
+        ({"budget": {"max_time": "soon"}}, "budget.max_time", "duration"),
+        ({"merge": {"method": "linear", "layer_groups": 2}}, "merge", "layer_groups"),
+        ({"merge": {"method": "ties", "fixed": {"dencity": 0.5}}}, "merge", "dencity"),
+        ({"merge": {"method": "split_slerp", "granularity": "per_model"}}, "merge", "global"),
+        ({"populations": [{"name": "a", "strategy": "nope"}]}, "populations.0.strategy", "unknown strategy"),
+        ({"populations": [{"name": "a"}, {"name": "a"}]}, "populations", "duplicate"),
+    ],
+)
+def test_invalid_configs_name_file_and_field(digits_config, override, field, words):
+    path = digits_config(**override)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert field in message
+    assert words in message
+
+
+def test_method_needing_base_without_base(digits_config, digit_models):
+    path = digits_config(models={"experts": [str(digit_models["low"]), str(digit_models["high"])]})
+    with pytest.raises(ConfigError, match="needs models.base"):
+        load_config(path)
+
+
+def test_slerp_needs_exactly_two_experts(digits_config, digit_models):
+    experts = [str(digit_models["low"])] * 3
+    path = digits_config(models={"base": str(digit_models["base"]), "experts": experts}, merge={"method": "slerp"})
+    with pytest.raises(ConfigError, match="exactly 2 experts"):
+        load_config(path)
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  base: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line \d+"):
+        load_config(path)
+
+
+def test_validate_command_exit_codes(digits_config, digit_models, capsys):
+    assert main(["validate", str(digits_config())]) == 0
+    assert "ok" in capsys.readouterr().out
+    missing = digits_config(models={"base": "./does-not-exist", "experts": [str(digit_models["low"])]})
+    assert main(["validate", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "models.base" in err and "does-not-exist" in err and "Traceback" not in err
+
+
+def test_validate_rejects_broken_fitness_plugin(digits_config, capsys):
+    path = digits_config(fitness={"name": "no_such_module_xyz:fn", "data": {"source": "sklearn:digits"}})
+    assert main(["validate", str(path)]) == 2
+    assert "no_such_module_xyz" in capsys.readouterr().err
+
+
+def test_missing_config_file_exit_2(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, seconds", [(90, 90.0), ("90s", 90.0), ("30m", 1800.0), ("8h", 28800.0), ("1h30m", 5400.0)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_budget_split_by_share(digits_config):
+    path = digits_config(
+        populations=[{"name": "a", "share": 1.0}, {"name": "b", "share": 2.0}],
+        budget={"evaluations": 10},
+    )
+    budgets = load_config(path).population_budgets()
+    assert sum(budgets.values()) == 10
+    assert budgets["b"] > budgets["a"]
+
+
+def test_strategy_options_are_validated(digits_config, tmp_path, capsys):
+    path = digits_config(populations=[{"name": "a", "strategy": "cmaes", "options": {"sigma": 0.1}}])
+    assert main(["run", str(path)]) == 2
+    assert "sigma" in capsys.readouterr().err
+
+
+def test_yaml_round_trip_of_snapshot(digits_config):
+    from evomerge.config import config_from_dict
+    from evomerge.runs import resolved_config_dict
+
+    config = load_config(digits_config())
+    snapshot = yaml.safe_load(yaml.safe_dump(resolved_config_dict(config)))
+    again = config_from_dict(snapshot)
+    assert again.models.base == config.model_ref(config.models.base)
+    assert again.run_path() == config.run_path()

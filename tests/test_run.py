@@ -1,0 +1,223 @@
+"""End to end: run, status, export on the digits experts, and the failure paths a user meets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.cli import main
+from evomerge.store import RunStore
+
+TRAIN_EXAMPLES = 1437
+
+
+def run_ok(args):
+    assert main(args) == 0
+
+
+def test_run_records_every_candidate_with_per_example_scores(tmp_path, digits_config):
+    run_dir = tmp_path / "elsewhere"
+    run_ok(["run", str(digits_config()), "--run-dir", str(run_dir)])  # --run-dir wins over the config
+    assert not (tmp_path / "run").exists()
+    store = RunStore(run_dir, readonly=True)
+    rows = list(store.evaluations(with_scores=True))
+    assert len(rows) == 24
+    assert all(r.status == "ok" for r in rows)
+    for r in rows:
+        assert r.per_example.shape == (TRAIN_EXAMPLES,)
+        assert r.fitness == pytest.approx(float(np.mean(r.per_example)), abs=1e-6)
+    assert store.checkpoint("cma") is not None
+    info = store.run_info()
+    assert info["state"] == "finished"
+    assert info["summary"]["best"]["fitness"] == max(r.fitness for r in rows)
+    assert (run_dir / "config.yaml").exists()
+    store.close()
+
+
+def test_status_json_for_scripts(tmp_path, digits_config, capsys):
+    run_dir = tmp_path / "r"
+    run_ok(["run", str(digits_config()), "--run-dir", str(run_dir)])
+    capsys.readouterr()
+    run_ok(["status", str(run_dir), "--json"])
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "finished"
+    assert status["evaluations"] == {"total": 24, "ok": 24, "failed": 0}
+    assert status["populations"][0]["name"] == "cma"
+    assert status["best"]["fitness"] == status["populations"][0]["best_fitness"]
+    run_ok(["status", str(run_dir)])
+    assert "cma" in capsys.readouterr().out
+
+
+def test_status_reads_while_a_writer_holds_the_database(tmp_path, digits_config, capsys):
+    run_dir = tmp_path / "r"
+    run_ok(["run", str(digits_config()), "--run-dir", str(run_dir)])
+    capsys.readouterr()
+    writer = sqlite3.connect(run_dir / "run.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a run in the middle of a write
+    writer.execute("INSERT INTO events (time, kind, message) VALUES (0, 'x', 'y')")
+    try:
+        run_ok(["status", str(run_dir), "--json"])
+        assert json.loads(capsys.readouterr().out)["evaluations"]["total"] == 24
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_existing_run_dir_is_refused(tmp_path, digits_config, capsys):
+    run_dir = tmp_path / "r"
+    run_ok(["run", str(digits_config()), "--run-dir", str(run_dir)])
+    capsys.readouterr()
+    assert main(["run", str(digits_config()), "--run-dir", str(run_dir)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_status_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    assert "not an evomerge run directory" in capsys.readouterr().err
+
+
+def test_export_reproduces_the_best_candidate(tmp_path, digits_config):
+    from transformers import AutoModel
+
+    from evomerge.fitness.classification import classification_accuracy
+    from evomerge.fitness.data import load_examples
+    from evomerge.models.loading import register_builtin_architectures
+
+    run_dir, out = tmp_path / "r", tmp_path / "merged"
+    run_ok(["run", str(digits_config()), "--run-dir", str(run_dir)])
+    run_ok(["export", str(run_dir), "--out", str(out)])
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    recipe = __import__("yaml").safe_load((out / "recipe.yaml").read_text())
+    assert recipe["recipe"]["method"] == "task_arithmetic"
+    assert len(recipe["recipe"]["groups"]) == 2  # two layers, one group each
+    register_builtin_architectures()
+    model = AutoModel.from_pretrained(out)
+    accuracy = float(classification_accuracy(model, None, load_examples("sklearn:digits", "train")).mean())
+    store = RunStore(run_dir, readonly=True)
+    assert accuracy == pytest.approx(store.best().fitness, abs=1e-6)  # float32 vs float64 mean
+    store.close()
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2  # never overwrite
+
+
+def test_same_seed_same_search(tmp_path, digits_config):
+    genomes = []
+    for name in ("a", "b"):
+        run_ok(["run", str(digits_config()), "--run-dir", str(tmp_path / name)])
+        store = RunStore(tmp_path / name, readonly=True)
+        genomes.append(np.stack([r.genome for r in store.evaluations()]))
+        store.close()
+    np.testing.assert_array_equal(genomes[0], genomes[1])
+
+
+def test_max_time_stops_the_run(tmp_path, digits_config, capsys):
+    path = digits_config(budget={"evaluations": 10_000_000, "max_time": 1})
+    run_ok(["run", str(path), "--run-dir", str(tmp_path / "r")])
+    assert "max_time reached" in capsys.readouterr().out
+
+
+def write_plugin(tmp_path, monkeypatch, body: str) -> str:
+    """A user plugin module with a name unique to the test (modules are cached by name)."""
+    name = f"user_fitness_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_failing_candidates_are_recorded_and_the_run_goes_on(tmp_path, digits_config, monkeypatch):
+    mod = write_plugin(
+        tmp_path,
+        monkeypatch,
+        """
+        import torch
+        from evomerge.fitness.classification import classification_accuracy
+        CALLS = {"n": 0}
+        def flaky(model, tokenizer, examples):
+            CALLS["n"] += 1
+            if CALLS["n"] % 4 == 0:
+                raise RuntimeError("CUDA error: pretend device hiccup")
+            scores = classification_accuracy(model, tokenizer, examples)
+            if CALLS["n"] % 4 == 1:
+                scores[0] = float("nan")
+            return scores
+        """,
+    )
+    path = digits_config(fitness={"name": f"{mod}:flaky", "data": {"source": "sklearn:digits"}})
+    run_ok(["run", str(path), "--run-dir", str(tmp_path / "r")])
+    store = RunStore(tmp_path / "r", readonly=True)
+    rows = list(store.evaluations())
+    assert len(rows) == 24
+    failed = [r for r in rows if r.status == "failed"]
+    assert len(failed) == 12
+    assert any("pretend device hiccup" in r.error for r in failed)
+    assert any("NaN" in r.error for r in failed)
+    assert store.best().status == "ok"
+    store.close()
+
+
+def test_plugin_with_wrong_shape_stops_with_a_message(tmp_path, digits_config, monkeypatch, capsys):
+    mod = write_plugin(
+        tmp_path,
+        monkeypatch,
+        """
+        import torch
+        def scalar(model, tokenizer, examples):
+            return torch.tensor(0.5)
+        """,
+    )
+    path = digits_config(fitness={"name": f"{mod}:scalar", "data": {"source": "sklearn:digits"}})
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "one per example" in err and "Traceback" not in err
+    assert RunStore(tmp_path / "r", readonly=True).run_info()["state"] == "failed"
+
+
+def test_sigint_stops_cleanly_with_a_checkpoint(tmp_path, digits_config, monkeypatch, capsys):
+    mod = write_plugin(
+        tmp_path,
+        monkeypatch,
+        """
+        import os, signal
+        from evomerge.fitness.classification import classification_accuracy
+        CALLS = {"n": 0}
+        def interrupted(model, tokenizer, examples):
+            CALLS["n"] += 1
+            if CALLS["n"] == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+            return classification_accuracy(model, tokenizer, examples)
+        """,
+    )
+    path = digits_config(fitness={"name": f"{mod}:interrupted", "data": {"source": "sklearn:digits"}})
+    run_ok(["run", str(path), "--run-dir", str(tmp_path / "r")])
+    assert "signal SIGINT" in capsys.readouterr().out
+    store = RunStore(tmp_path / "r", readonly=True)
+    assert store.run_info()["state"] == "interrupted"
+    assert len(list(store.evaluations())) == 7  # the evaluation in flight finished and was recorded
+    assert store.checkpoint("cma")[1] == 7
+    store.close()
+
+
+def test_experts_with_different_shapes_are_refused(tmp_path, digits_config, digit_models, capsys):
+    from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
+
+    register()
+    odd = tmp_path / "odd"
+    DigitsMLP(DigitsMLPConfig(hidden_sizes=[32])).save_pretrained(odd)
+    path = digits_config(
+        models={"base": str(digit_models["base"]), "experts": [str(digit_models["low"]), str(odd)], "device": "cpu"}
+    )
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "layers.0.weight" in err and "(32, 64)" in err
+
+
+def test_missing_model_directory_is_refused(tmp_path, digits_config, digit_models, capsys):
+    path = digits_config(models={"base": str(digit_models["base"]), "experts": [str(tmp_path / "gone")]})
+    assert main(["run", str(path)]) == 2
+    assert "models.experts.0.path" in capsys.readouterr().err
