@@ -123,7 +123,7 @@ class MergeConfig(_Strict):
 
 
 class PopulationConfig(_Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="letters, digits, _ . - (ids are name:number)")
     strategy: str = "cmaes"
     share: float = Field(default=1.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
