@@ -105,3 +105,14 @@ def test_gram_is_inner_products_of_base_and_task_vectors():
     experts = (base + taus).reshape(2, -1).double()
     basis = tensor.model_basis()
     torch.testing.assert_close(basis @ tensor.gram() @ basis.T, experts @ experts.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1000, 100_000])
+def test_magnitude_threshold_is_exact_in_every_dtype(dtype, n):
+    # float64 must not be rounded through float32; half types have many ties
+    x = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    resident = ResidentTensor("w", x.unsqueeze(0))
+    descending = x.abs().double().sort(descending=True).values
+    for k in (1, 17, n // 4, n // 2, n - 1, n):
+        assert resident.magnitude_threshold(0, k) == float(descending[k - 1]), f"k={k}"
