@@ -153,7 +153,7 @@ class Space:
         bounds = dict(bounds or {})
         init = dict(init or {})
         for name in [*fixed, *bounds, *init]:
-            method.param(name)  # raises KeyError naming the known parameters
+            method.param(name)  # raises ValueError naming the known parameters
         searched = [p.name for p in method.params if p.name not in fixed] if search is None else list(search)
         for name in searched:
             method.param(name)
@@ -209,7 +209,7 @@ class Space:
         genome = np.asarray(genome, dtype=np.float64)
         if genome.shape != (self.dim,):
             raise ValueError(f"genome has shape {genome.shape}, the space expects ({self.dim},)")
-        unit = np.clip(genome, 0.0, 1.0)
+        unit = np.clip(genome, 0.0, 1.0)  # genomes outside the cube decode (and seed) as their clipped point
         values: dict[str, list[list[float]]] = {}
         offset = 0
         for b in self.blocks:
@@ -229,7 +229,7 @@ class Space:
             group_names=list(self.group_names),
             values=ordered,
             options=dict(self.options),
-            seed=genome_seed(genome) if seed is None else seed,
+            seed=genome_seed(unit) if seed is None else seed,
             tensor_groups=self.tensor_groups,
         )
 
@@ -240,8 +240,12 @@ class Space:
         """
         parts = []
         for b in self.blocks:
-            raw = np.asarray(values.get(b.param, b.init), dtype=np.float64)
-            per_group = np.broadcast_to(raw if raw.ndim else raw.reshape(1), (b.n_values,))
+            raw = np.asarray(values.get(b.param, b.init), dtype=np.float64).reshape(-1)
+            if raw.size not in (1, b.n_values):
+                raise ValueError(
+                    f"'{b.param}' takes one value or {b.n_values} (one per expert) in this space, got {raw.size}"
+                )
+            per_group = np.broadcast_to(raw, (b.n_values,))
             unit = (np.tile(per_group, b.n_groups) - b.low) / (b.high - b.low)
             parts.append(unit)
         return np.concatenate(parts) if parts else np.zeros(0)

@@ -21,7 +21,7 @@ def get_merge_method(name: str) -> MergeMethod:
         return MERGE_METHODS[name]
     except KeyError:
         known = ", ".join(sorted(MERGE_METHODS))
-        raise KeyError(f"unknown merge method '{name}' (known: {known})") from None
+        raise ValueError(f"unknown merge method '{name}' (known: {known})") from None
 
 
 __all__ = [

@@ -99,7 +99,7 @@ class MergeMethod:
             if spec.name == name:
                 return spec
         known = ", ".join(p.name for p in self.params) or "none"
-        raise KeyError(f"merge method '{self.name}' has no parameter '{name}' (it has: {known})")
+        raise ValueError(f"merge method '{self.name}' has no parameter '{name}' (it has: {known})")
 
     def default_options(self) -> dict[str, bool]:
         return {o.name: o.default for o in self.options}

@@ -123,10 +123,14 @@ def split_point_slerp_(
         fo, fa, fb = o.view(-1), a.reshape(-1), b.reshape(-1)
         local = min(max(split - offset, 0), fo.numel())
         for (lo, hi), (ca, cb) in (((0, local), before), ((local, fo.numel()), after)):
+            # Read the parent that ``out`` may alias last, so an in-place crossover stays correct.
+            (first, c_first), (second, c_second) = (
+                ((fb, cb), (fa, ca)) if fo.data_ptr() == fb.data_ptr() else ((fa, ca), (fb, cb))
+            )
             for s, e in chunk_bounds(hi - lo, chunk):
                 s, e = s + lo, e + lo
-                torch.mul(fa[s:e], ca, out=fo[s:e])
-                fo[s:e].add_(fb[s:e], alpha=cb)
+                torch.mul(first[s:e], c_first, out=fo[s:e])
+                fo[s:e].add_(second[s:e], alpha=c_second)
         offset += fo.numel()
 
 

@@ -199,3 +199,14 @@ def test_split_slerp_kernel_requires_the_flat_gram(make_ctx):
     tensor = ResidentTensor("w", torch.stack([randn(4, seed=1), randn(4, seed=2)]))
     with pytest.raises(ValueError, match="Gram"):
         MERGE_METHODS["split_slerp"].kernel(torch.empty(4), tensor, {"split": 0.5, "mix": 0.5}, {}, make_ctx(tensor))
+
+
+@pytest.mark.parametrize("alias", ["a", "b"])
+def test_split_point_slerp_may_write_over_either_parent(alias):
+    a, b = _parents(40)
+    want = split_slerp_reference(a, b, split=9, mix=0.35)
+    a_copy, b_copy = [x.clone() for x in a], [x.clone() for x in b]
+    out = a_copy if alias == "a" else b_copy
+    split_point_slerp_(out, a_copy, b_copy, split=9, mix=0.35, chunk=4)
+    for got, w in zip(out, want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)

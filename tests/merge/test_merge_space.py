@@ -185,7 +185,7 @@ def test_genome_seed_is_stable_and_distinguishes_genomes():
 
 def test_unknown_parameter_names_are_rejected():
     for kwargs in ({"fixed": {"wieght": 1.0}}, {"bounds": {"wieght": (0, 1)}}, {"init": {"wieght": 0.5}}, {"search": ["wieght"]}):
-        with pytest.raises(KeyError, match="wieght.*weight"):
+        with pytest.raises(ValueError, match="wieght.*weight"):
             Space.build(LINEAR, NAMES, 2, **kwargs)
 
 
@@ -230,3 +230,17 @@ def test_options_are_resolved_from_defaults_and_config():
     assert Space.build(TIES, NAMES, 2).options == {"normalize": True}
     assert Space.build(TIES, NAMES, 2, options={"normalize": False}).decode(np.full(5, 0.5)).options == {"normalize": False}
     assert Space.build(MERGE_METHODS["dare_ties"], NAMES, 2).options == {"normalize": False, "rescale": True}
+
+
+def test_genomes_that_clip_to_the_same_point_merge_identically():
+    space = Space.build(LINEAR, NAMES, 3, granularity="per_model")
+    inside = space.decode(np.array([0.0, 0.5, 1.0]))
+    outside = space.decode(np.array([-2.0, 0.5, 3.0]))
+    assert inside.seed == outside.seed
+    assert inside.values == outside.values
+
+
+def test_encode_names_the_parameter_when_given_the_wrong_number_of_values():
+    space = Space.build(TIES, NAMES, 3, granularity="global")
+    with pytest.raises(ValueError, match="'weight' takes one value or 1"):
+        space.encode({"weight": [0.1, 0.2, 0.3]})
