@@ -3,15 +3,15 @@
 Usage::
 
     python benchmarks/merge_throughput.py --json [--params N] [--repeats R] [--device D]
-                                          [--threads T] [--verbose]
+                                          [--threads T] [--methods a,b] [--verbose]
 
 What is timed is what a worker does per candidate: ``Space.build(method, …)`` (granularity
 ``per_layer_group``, one group per layer; ``global`` for methods that only allow it), a genome drawn
 uniformly from ``[0.1, 0.9]^d``, ``space.decode(genome)``, and ``Materializer.apply(recipe)``
 writing the merge in place into preallocated target tensors. Every method is called once to warm
-up — the first call also builds the per-tensor caches (TIES' magnitude samples, SLERP's Gram
-matrices), reported as ``setup_seconds`` (first call minus the median) — and then ``--repeats``
-times with fresh genomes; ``seconds`` is the median.
+up — the first call also builds the per-tensor caches (TIES' and LoRA-A's magnitude histograms,
+SLERP's Gram matrices), reported as ``setup_seconds`` (first call minus the median) — and then
+``--repeats`` times with fresh genomes; ``seconds`` is the median. ``--methods`` restricts the run.
 
 Models (random fp32, built here, nothing downloaded):
 
@@ -31,10 +31,12 @@ Models (random fp32, built here, nothing downloaded):
   ``--params`` lora_A/lora_B parameters each, raw form (adapters have no base).
 
 Floor: the copy bandwidth ``B`` of this machine is measured in the same run (``dst.copy_(src)`` on
-a 256 MiB fp32 buffer — 1 GiB on CUDA — warmed up, best of 7, ``B = 2 · bytes / time``: a copy
-reads and writes every byte). With ``N`` the elements of one model (or adapter) and 4 bytes per
-fp32 element, a method must at least read each resident input row it combines once and write the
-output once::
+a 256 MiB fp32 buffer — 1 GiB on CUDA — pages faulted in first, ``B = 2 · bytes / time``: a copy
+reads and writes every byte). Shared machines drift by 2× within minutes, so each method samples
+it right around its own calls (two copies before each timed call and after the last) and uses the
+best copy of that window. With ``N`` the elements of one model (or adapter) and 4 bytes per fp32
+element, a method must at least read each resident input row it combines once and write the output
+once::
 
     floor_bytes   = 4 · N · (rows + reference + 1)
     floor_seconds = floor_bytes / B
@@ -43,16 +45,19 @@ where ``rows`` is the number of expert rows the method combines (3; 2 for SLERP 
 ``reference`` is 1 in the base form (the base tensor is read: output = base + combination of task
 vectors) and 0 in the raw form, and the final 1 is the output write. Sparsification (TIES' trim,
 DARE's drop, LoRA-A's magnitude trim) and sign election are compute, not traffic, so they add
-nothing to the floor; the targets allow for them (linear and task arithmetic 1.5×, SLERP 3×, TIES
-and DARE 6×; ``lora_compose`` is held to the TIES target, since it trims by magnitude too).
+nothing to the floor (TIES and LoRA-A's exact top-k thresholds do cost a second read of the rows);
+the targets allow for them (linear and task arithmetic 1.5×, SLERP 3×, TIES and DARE 6×;
+``lora_compose`` is held to the TIES target, since it trims by magnitude too). ``ratio`` is the
+median call over the floor; ``best_ratio`` the fastest call over it.
 
-Memory: around each timed call, the peak resident set is reset (``5`` into
-``/proc/self/clear_refs``) and ``VmHWM − VmRSS`` before the call gives the call's transient peak
-(on CUDA: ``max_memory_allocated − memory_allocated``). ``peak_bytes`` = resident inputs (stacks
-and base the method reads) + output + the largest transient over the repeats;
-``memory_budget_bytes`` = resident inputs + 2 × output, i.e. at most one output-sized transient;
-``memory_ok`` compares the two. The warm-up call's transient (caches being built) is reported as
-``setup_peak_transient_bytes`` and is not part of ``memory_ok``.
+Memory: glibc's free heap is handed back (``malloc_trim``) and the resident set read before a
+method's first call; around every call the peak is reset (``5`` into ``/proc/self/clear_refs``)
+and ``VmHWM`` read after it (on CUDA: ``max_memory_allocated`` against ``memory_allocated``).
+``peak_extra_bytes`` is the largest rise over the timed calls: transients plus whatever the method
+built and keeps (work buffers, threshold histograms, Gram matrices), since a worker keeps them too.
+``peak_bytes`` = resident inputs (stacks and base the method reads) + output + that rise;
+``memory_budget_bytes`` = resident inputs + 2 × output, i.e. at most one more output-sized buffer;
+``memory_ok`` compares the two. The first call's rise is ``setup_peak_extra_bytes``.
 
 Output: one JSON object on stdout keyed by registry names (``evomerge.merge.MERGE_METHODS``), each
 ``{"seconds", "floor_seconds", "ratio", …}``; ``--verbose`` adds one line of device information on
@@ -62,6 +67,7 @@ stderr. Run it on a quiet machine (see ``research/deps.md``, oversubscribed core
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -69,7 +75,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -188,23 +194,35 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second of ``dst.copy_(src)``, counting the read and the write."""
-    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    src = torch.rand(nbytes // BYTES_PER_ELEMENT, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for i in range(8):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        if i:  # the first copy faults the pages in
+class CopyFloor:
+    """Copy bandwidth of this machine: ``dst.copy_(src)``, counting the read and the write.
+
+    Shared machines drift (other tenants, frequency), so every method samples it again right
+    around its own calls and uses the best copy of its window.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+        self.src = torch.rand(self.nbytes // BYTES_PER_ELEMENT, device=device)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)  # fault the pages in
+
+    def copy_seconds(self, times: int = 2) -> float:
+        best = math.inf
+        for _ in range(times):
+            sync(self.device)
+            start = time.perf_counter()
+            self.dst.copy_(self.src)
+            sync(self.device)
             best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best
+        return best
+
+    def bandwidth(self, seconds: float) -> float:
+        return 2 * self.nbytes / seconds
 
 
-def _proc_status_kb(field: str) -> int:
+def _proc_status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -212,31 +230,52 @@ def _proc_status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(fn: Callable[[], None], device: torch.device) -> tuple[float, int | None]:
-    """Seconds of one call and its transient peak memory in bytes (None where unmeasurable)."""
-    transient: int | None = None
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        seconds = time.perf_counter() - start
-        transient = torch.cuda.max_memory_allocated(device) - before
-        return seconds, transient
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that memory an earlier
+    method freed but the allocator kept does not blur the next method's baseline."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _proc_status_kb("VmRSS")
-    except OSError:
-        before = None
-    start = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - start
-    if before is not None:
-        transient = max(0, _proc_status_kb("VmHWM") - before)
-    return seconds, transient
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of a call above a baseline taken before the method's first call.
+
+    CPU: the resident set (``5`` into ``/proc/self/clear_refs`` resets ``VmHWM`` to the current
+    ``VmRSS``); CUDA: ``max_memory_allocated``. Caches and work buffers that a method builds on
+    its first call and keeps are counted, since they stay resident in a worker.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        _release_free_heap()
+        self.baseline = self._current()
+
+    def _current(self) -> int | None:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            return _proc_status_bytes("VmRSS")
+        except (OSError, KeyError):
+            return None
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.baseline = None
+
+    def extra(self) -> int | None:
+        if self.baseline is None:
+            return None
+        if self.device.type == "cuda":
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self.baseline)
+        return max(0, _proc_status_bytes("VmHWM") - self.baseline)
 
 
 def resident_input_bytes(mat: Materializer, rows: int) -> int:
@@ -246,39 +285,47 @@ def resident_input_bytes(mat: Materializer, rows: int) -> int:
 
 
 def bench_method(
-    name: str, mat: Materializer, repeats: int, bandwidth: float, device: torch.device, seed: int
+    name: str, mat: Materializer, repeats: int, floor: CopyFloor, device: torch.device, seed: int
 ) -> dict:
     method = MERGE_METHODS[name]
     granularity = "global" if method.global_only else "per_layer_group"
     space = Space.build(method, list(mat.targets), mat.n_models, granularity=granularity)
     rng = np.random.default_rng(seed)
 
-    def candidate() -> Callable[[], None]:
-        genome = rng.uniform(0.1, 0.9, space.dim)
-        return lambda: mat.apply(space.decode(genome))
+    def call() -> tuple[float, int | None]:
+        recipe_genome = rng.uniform(0.1, 0.9, space.dim)
+        memory.reset()
+        sync(device)
+        start = time.perf_counter()
+        mat.apply(space.decode(recipe_genome))
+        sync(device)
+        return time.perf_counter() - start, memory.extra()
 
-    first, setup_transient = measure(candidate(), device)
-    times, transients = [], []
+    memory = PeakMemory(device)
+    first, setup_extra = call()
+    times, extras, copies = [], [], []
     for _ in range(repeats):
-        seconds, transient = measure(candidate(), device)
+        copies.append(floor.copy_seconds())
+        seconds, extra = call()
         times.append(seconds)
-        transients.append(transient)
+        extras.append(extra)
+    copies.append(floor.copy_seconds())
+    bandwidth = floor.bandwidth(min(copies))
     seconds = statistics.median(times)
     n = sum(t.numel() for t in mat.targets.values())
     rows = mat.n_models
     has_base = mat.has_base
     floor_bytes = BYTES_PER_ELEMENT * n * (rows + int(has_base) + 1)
     floor_seconds = floor_bytes / bandwidth
-    inputs = resident_input_bytes(mat, rows)
-    output = BYTES_PER_ELEMENT * n
-    peak_transient = None if None in transients else max(transients)  # type: ignore[type-var]
+    target = TARGET_RATIO.get(name)
     entry = {
         "seconds": seconds,
         "floor_seconds": floor_seconds,
         "ratio": seconds / floor_seconds,
-        "target_ratio": TARGET_RATIO.get(name),
-        "meets_target": None if name not in TARGET_RATIO else seconds / floor_seconds <= TARGET_RATIO[name],
+        "target_ratio": target,
+        "meets_target": None if target is None else seconds / floor_seconds <= target,
         "best_seconds": min(times),
+        "best_ratio": min(times) / floor_seconds,
         "setup_seconds": max(0.0, first - seconds),
         "form": "base + task vectors" if has_base else ("LoRA adapters" if name in ADAPTER_METHODS else "raw experts"),
         "experts": rows,
@@ -287,15 +334,18 @@ def bench_method(
         "floor_bytes": floor_bytes,
         "bandwidth_bytes_per_second": bandwidth,
     }
-    if peak_transient is not None:
-        peak = inputs + output + peak_transient
+    if None not in extras and setup_extra is not None:
+        inputs = resident_input_bytes(mat, rows)
+        output = BYTES_PER_ELEMENT * n
+        extra = max(extras)  # type: ignore[type-var]
+        peak = inputs + output + extra
         budget = inputs + 2 * output
         entry.update(
-            peak_transient_bytes=peak_transient,
+            peak_extra_bytes=extra,
             peak_bytes=peak,
             memory_budget_bytes=budget,
             memory_ok=peak <= budget,
-            setup_peak_transient_bytes=setup_transient,
+            setup_peak_extra_bytes=setup_extra,
         )
     return entry
 
@@ -311,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch intra-op threads")
     parser.add_argument("--verbose", action="store_true", help="one line of device information on stderr")
+    parser.add_argument("--methods", help="comma-separated registry names to time (default: all)")
     args = parser.parse_args(argv)
     if args.params < 1000 or args.repeats < 1 or args.threads < 1:
         parser.error("--params must be ≥ 1000, --repeats and --threads ≥ 1")
@@ -319,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
-    bandwidth = copy_bandwidth(device)
+    floor = CopyFloor(device)
     if args.verbose:
         what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        bandwidth = floor.bandwidth(floor.copy_seconds(7))
         print(
             f"device {device} {what}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
             f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {args.params:,} parameters per expert",
@@ -344,20 +396,26 @@ def main(argv: list[str] | None = None) -> int:
     adapters = Materializer.from_state_dicts(lora_targets, experts_around(lora_shapes, None, device), N_EXPERTS)
 
     results: dict[str, dict] = {}
+    wanted = set(args.methods.split(",")) if args.methods else set(MERGE_METHODS)
+    unknown = wanted - set(MERGE_METHODS)
+    if unknown:
+        parser.error(f"unknown merge methods: {', '.join(sorted(unknown))}")
     for index, (name, method) in enumerate(MERGE_METHODS.items()):
+        if name not in wanted:
+            continue
         if name in ADAPTER_METHODS:
-            entry = bench_method(name, adapters, args.repeats, bandwidth, device, index)
+            entry = bench_method(name, adapters, args.repeats, floor, device, index)
             entry["note"] = f"{N_EXPERTS} synthetic LoRA adapters (lora_A/lora_B tensors)"
         elif method.max_models == 2:
-            entry = bench_method(name, first_two(with_base), args.repeats, bandwidth, device, index)
-            entry["without_base"] = bench_method(name, first_two(raw), args.repeats, bandwidth, device, index)
+            entry = bench_method(name, first_two(with_base), args.repeats, floor, device, index)
+            entry["without_base"] = bench_method(name, first_two(raw), args.repeats, floor, device, index)
             entry["note"] = f"takes exactly 2 experts: timed on experts 0 and 1 of the {N_EXPERTS}"
         else:
             if method.min_models > N_EXPERTS or (method.max_models or N_EXPERTS) < N_EXPERTS:
                 continue
-            entry = bench_method(name, with_base, args.repeats, bandwidth, device, index)
+            entry = bench_method(name, with_base, args.repeats, floor, device, index)
             if not method.needs_base:
-                entry["without_base"] = bench_method(name, raw, args.repeats, bandwidth, device, index)
+                entry["without_base"] = bench_method(name, raw, args.repeats, floor, device, index)
         results[name] = entry
     print(json.dumps(results, indent=2))
     return 0

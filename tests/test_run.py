@@ -116,10 +116,17 @@ def test_same_seed_same_search(tmp_path, digits_config):
     np.testing.assert_array_equal(genomes[0], genomes[1])
 
 
-def test_max_time_stops_the_run(tmp_path, digits_config, capsys):
-    path = digits_config(budget={"evaluations": 10_000_000, "max_time": 1})
+def test_max_time_stops_the_run(tmp_path, digits_config, capsys, monkeypatch):
+    import evomerge.controller as controller
+
+    ticks = iter(range(10_000))  # a clock that advances one second per reading: no real waiting
+    monkeypatch.setattr(controller.time, "time", lambda: float(next(ticks)))
+    path = digits_config(budget={"evaluations": 10_000_000, "max_time": 5})
     run_ok(["run", str(path), "--run-dir", str(tmp_path / "r")])
     assert "max_time reached" in capsys.readouterr().out
+    store = RunStore(tmp_path / "r", readonly=True)
+    assert 0 < len(list(store.evaluations())) < 5
+    store.close()
 
 
 def write_plugin(tmp_path, monkeypatch, body: str) -> str:

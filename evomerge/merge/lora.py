@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 
 from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
-from evomerge.merge.resident import ResidentTensor, chunk_bounds
+from evomerge.merge.resident import ResidentTensor, chunk_bounds, shrink_bound
 
 
 def lora_factor(name: str) -> str:
@@ -48,25 +48,34 @@ def lora_compose_kernel(
     alphas = [float(a) for a in params["alpha"]]  # type: ignore[union-attr]
     factor = lora_factor(tensor.name)
     m, n = tensor.n_models, tensor.numel
-    thresholds: list[float | None] = [None] * m
+    keeps: list[int | None] = [None] * m
     if factor == "A":
         for row, alpha in enumerate(alphas):
             keep = math.ceil(min(max(alpha, 0.0), 1.0) * n)
-            if keep < n:
-                thresholds[row] = float("inf") if keep == 0 else tensor.magnitude_threshold(row, keep)
+            if keep < n and betas[row] != 0.0:
+                keeps[row] = keep
+    found = tensor.magnitude_thresholds(
+        [k if k else None for k in keeps], chunk=ctx.chunk, scratch=ctx.scratch
+    )
+    thresholds = [None if k is None else (math.inf if k == 0 else t) for k, t in zip(keeps, found)]
     flat_out = out.view(-1)
     rows = tensor.flat_stack()
+    bounds = [None if t is None else shrink_bound(t, rows.dtype) for t in thresholds]
+    active = [(row, beta, bound) for row, (beta, bound) in enumerate(zip(betas, bounds)) if beta != 0.0]
+    trimmed = ctx.scratch.get("lora_trimmed", (min(ctx.chunk, n),), rows.dtype, rows.device)
     for s, e in chunk_bounds(n, ctx.chunk):
         out_c = flat_out[s:e]
-        out_c.zero_()
-        for row, (beta, thr) in enumerate(zip(betas, thresholds)):
-            if beta == 0.0:
-                continue
+        if not active:
+            out_c.zero_()
+            continue
+        for j, (row, beta, bound) in enumerate(active):
             x = rows[row, s:e]
-            if thr is None:
-                out_c.add_(x, alpha=beta)
+            if bound is not None:  # S_α: hardshrink keeps exactly |x| ≥ threshold
+                x = torch.hardshrink(x, bound, out=out_c if j == 0 else trimmed[: e - s])
+            if j == 0:
+                torch.mul(x, beta, out=out_c)
             else:
-                out_c.add_(x * (x.abs() >= thr), alpha=beta)
+                out_c.add_(x, alpha=beta)
 
 
 LORA_COMPOSE = MergeMethod(

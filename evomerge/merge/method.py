@@ -7,12 +7,12 @@ that declaration. The kernel is a plain function over tensors; it never sees fil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from evomerge.merge.resident import ResidentTensor
+from evomerge.merge.resident import ResidentTensor, Scratch
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class TensorContext:
 
     ``offset``/``total`` place the tensor in the flattened parameter set (the M2N2 split point is a
     position in that flat vector); ``generator`` is seeded per candidate and tensor so DARE's drop
-    masks are reproducible; ``chunk`` is the number of elements processed per cache-sized step.
+    masks are reproducible; ``chunk`` is the number of elements processed per cache-sized step;
+    ``scratch`` holds reusable work buffers (a materializer shares one across tensors and candidates).
     """
 
     name: str
@@ -60,6 +61,7 @@ class TensorContext:
     generator: torch.Generator
     chunk: int
     flat_gram: torch.Tensor | None = None
+    scratch: Scratch = field(default_factory=Scratch, repr=False)
 
 
 class Kernel(Protocol):

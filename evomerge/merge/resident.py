@@ -4,18 +4,68 @@ A worker holds, per parameter tensor, either the base weights plus a stack of ta
 (expert − base; the form task arithmetic, TIES and DARE need) or, when the run has no base, the
 raw expert weights. Both forms support "a linear combination of the experts", so linear, SLERP and
 the M2N2 crossover run on either. Per-tensor summaries that do not depend on a candidate — inner
-products between the experts, magnitude samples for top-k thresholds — are computed once and kept.
+products between the experts, magnitude histograms for top-k thresholds — are computed once and kept.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 MAGNITUDE_SAMPLE = 32768
-"""Sorted-sample size for exact top-k thresholds (see :meth:`ResidentTensor.magnitude_threshold`)."""
+"""Rows up to this size keep all their magnitudes sorted; larger rows keep a magnitude histogram
+(see :meth:`ResidentTensor.magnitude_threshold`)."""
+MAGNITUDE_INTERVALS = 4096
+"""Intervals of about equal population into which a large row's magnitude range is cut."""
+SCAN_BLOCK = 64
+"""Elements per block when a threshold scan gathers the entries of one magnitude interval."""
+GRAM_CHUNK = 1 << 20
+"""Columns per float64 step of :meth:`ResidentTensor.gram` (bounds its transient memory)."""
+# Magnitude histograms bin the bit patterns of |x| (monotone in |x|): the top bits kept per dtype.
+_MAGNITUDE_BITS = {torch.float32: (torch.int32, 31, 20), torch.float64: (torch.int64, 63, 22)}
+_HALF_BITS = (torch.int16, 15, 15)
+
+
+class Scratch:
+    """Reusable kernel buffers, so that chunked passes allocate nothing per chunk.
+
+    A buffer is named by its purpose and grows to the largest size asked for; views of it are
+    returned. A materializer keeps one for all its tensors and candidates, so a candidate's merge
+    allocates (and page-faults) nothing after the first. Buffers with different names never alias.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        slot = (name, dtype, torch.device(device))
+        buffer = self._buffers.get(slot)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[slot] = buffer
+        return buffer[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+@dataclass
+class _MagnitudeIndex:
+    """What a row keeps to find exact top-k thresholds: all magnitudes sorted (small rows), or
+    interval edges with the exact count of magnitudes below each (large rows)."""
+
+    sorted_values: np.ndarray | None = None
+    edges: np.ndarray | None = None  # ascending, edges[0] = 0
+    below: np.ndarray | None = None  # below[t] = #{|x| < edges[t]}, plus a final entry n
 
 
 def chunk_bounds(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -41,7 +91,7 @@ class ResidentTensor:
     stack: torch.Tensor
     reference: torch.Tensor | None = None
     _gram: torch.Tensor | None = field(default=None, repr=False)
-    _samples: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _magnitudes: dict[int, _MagnitudeIndex] = field(default_factory=dict, repr=False)
 
     @property
     def n_models(self) -> int:
@@ -61,18 +111,27 @@ class ResidentTensor:
     def flat_reference(self) -> torch.Tensor | None:
         return None if self.reference is None else self.reference.view(-1)
 
-    def gram(self) -> torch.Tensor:
+    def gram(self, scratch: Scratch | None = None) -> torch.Tensor:
         """Inner products of the rows ``[reference?, expert_1, …]`` in float64, computed once.
 
         With a reference, row 0 is the base and row ``1 + i`` the task vector of expert ``i``, so
-        ``<x_i, x_j>`` follows from this matrix without touching the weights again.
+        ``<x_i, x_j>`` follows from this matrix without touching the weights again. The rows are
+        widened to float64 ``GRAM_CHUNK`` columns at a time, in a ``scratch`` buffer if given.
         """
         if self._gram is None:
             rows = self.flat_stack()
-            if self.reference is not None:
-                rows = torch.cat([self.reference.view(1, -1), rows], dim=0)
-            rows64 = rows.to(torch.float64)
-            self._gram = (rows64 @ rows64.T).cpu()
+            ref = self.flat_reference()
+            k = self.n_models + (ref is not None)
+            gram = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+            width = min(GRAM_CHUNK, self.numel)
+            block = (scratch or Scratch()).get("gram_block", (k, width), torch.float64, rows.device)
+            for s, e in chunk_bounds(self.numel, GRAM_CHUNK):  # float64 one chunk at a time
+                b = block[:, : e - s]
+                if ref is not None:
+                    b[0].copy_(ref[s:e])
+                b[k - self.n_models :].copy_(rows[:, s:e])
+                gram.addmm_(b, b.T)
+            self._gram = gram.cpu()
         return self._gram
 
     def model_basis(self) -> torch.Tensor:
@@ -86,54 +145,180 @@ class ResidentTensor:
         return basis
 
     def magnitude_threshold(self, row: int, keep: int) -> float:
-        """The ``keep``-th largest ``|stack[row]|`` exactly (``keep`` ≥ 1).
+        """The ``keep``-th largest ``|stack[row]|`` exactly (``keep`` ≥ 1); see :meth:`magnitude_thresholds`."""
+        keeps: list[int | None] = [None] * self.n_models
+        keeps[row] = keep
+        value = self.magnitude_thresholds(keeps)[row]
+        assert value is not None
+        return value
 
-        A sorted random sample of the magnitudes (kept per row) brackets the answer; one pass over
-        the row counts the elements below the bracket and collects those inside it, and a
-        ``kthvalue`` on that small set gives the exact order statistic. This avoids a full sort or
-        a full-size ``kthvalue`` per candidate, which would dominate TIES' cost on CPUs.
+    def magnitude_thresholds(
+        self, keeps: Sequence[int | None], chunk: int = 1 << 20, scratch: Scratch | None = None
+    ) -> list[float | None]:
+        """Per row, the ``keeps[row]``-th largest ``|stack[row]|`` exactly (``None`` where ``keeps[row]`` is).
+
+        Small rows keep their magnitudes sorted. A large row keeps, from a histogram of the bit
+        patterns of its magnitudes built once, about ``MAGNITUDE_INTERVALS`` interval edges with the
+        exact count of magnitudes below each: they name the interval that holds the answer and its
+        rank there. One pass over the rows then gathers just that interval's entries — it finds the
+        ``SCAN_BLOCK``-element blocks that hold one with a clamp, a compare and a per-block max, all
+        plain float ops — and a ``kthvalue`` on those few gives the exact order statistic. A full
+        sort, a full-size ``kthvalue`` or boolean masks over whole rows would dominate TIES' cost.
         """
-        flat = self.flat_stack()[row]
-        n = flat.numel()
-        position = n - keep  # 0-based ascending position of the answer
-        wide = torch.promote_types(flat.dtype, torch.float32)  # float64 stays exact
-        sample = self._magnitude_sample(row)
-        if sample.numel() == n:
-            return float(sample[position])
-        s = sample.numel()
-        # The sample quantile's rank error has std ≈ sqrt(q(1-q)/s); take a generous bracket.
-        q = position / max(n - 1, 1)
-        margin = 6.0 * (max(q * (1 - q), 1.0 / s) / s) ** 0.5 + 2.0 / s
-        lo_idx = max(0, int((q - margin) * (s - 1)))
-        hi_idx = min(s - 1, int((q + margin) * (s - 1)) + 1)
-        lo = float(sample[lo_idx]) if lo_idx > 0 else float("-inf")
-        hi = float(sample[hi_idx]) if hi_idx < s - 1 else float("inf")
-        below = 0
-        inside: list[torch.Tensor] = []
-        for start, end in chunk_bounds(n, 1 << 20):
-            mag = flat[start:end].abs()
-            below += int((mag < lo).sum())
-            inside.append(mag[(mag >= lo) & (mag <= hi)])
-        candidates = torch.cat(inside)
-        rank = position - below
-        if not 0 <= rank < candidates.numel():  # the sample misled us: fall back to the exact path
-            return float(torch.kthvalue(flat.abs().to(wide), position + 1).values)
-        return float(torch.kthvalue(candidates.to(wide), rank + 1).values)
-
-    def _magnitude_sample(self, row: int) -> torch.Tensor:
-        sample = self._samples.get(row)
-        if sample is None:
-            flat = self.flat_stack()[row]
-            n = flat.numel()
-            wide = torch.promote_types(flat.dtype, torch.float32)
-            if n <= MAGNITUDE_SAMPLE:
-                sample = flat.abs().to(wide).sort().values
+        rows = self.flat_stack()
+        n = self.numel
+        wide = torch.promote_types(rows.dtype, torch.float32)  # float64 stays exact
+        result: list[float | None] = [None] * self.n_models
+        scans: list[tuple[int, float, float, int, int]] = []  # row, [lo, hi), rank inside, count inside
+        for row, keep in enumerate(keeps):
+            if keep is None:
+                continue
+            if not 1 <= keep <= n:
+                raise ValueError(f"{self.name}: keep must be between 1 and {n}, got {keep}")
+            position = n - keep  # 0-based ascending position of the answer
+            index = self._magnitude_index(row, scratch)
+            if index.sorted_values is not None:
+                result[row] = float(index.sorted_values[position])
+            elif index.edges is None or index.below is None:  # a dtype without a histogram
+                result[row] = float(torch.kthvalue(rows[row].abs().to(wide), position + 1).values)
             else:
-                gen = torch.Generator(device="cpu").manual_seed(0x5EED + row)
-                idx = torch.randint(0, n, (MAGNITUDE_SAMPLE,), generator=gen).to(flat.device)
-                sample = flat[idx].abs().to(wide).sort().values
-            self._samples[row] = sample
-        return sample
+                t = int(np.searchsorted(index.below, position, side="right")) - 1
+                lo = float(index.edges[t])
+                hi = float(index.edges[t + 1]) if t + 1 < len(index.edges) else math.inf
+                below, above = int(index.below[t]), int(index.below[t + 1])
+                scans.append((row, lo, hi, position - below, above - below))
+        if not scans:
+            return result
+        scratch = scratch or Scratch()
+        found = self._scan_intervals(scans, chunk, scratch)
+        for row, _, _, rank, count in scans:
+            candidates = found[row]
+            if candidates.numel() != count:  # NaNs: take the exact way
+                keep = keeps[row]
+                assert keep is not None
+                result[row] = float(torch.kthvalue(rows[row].abs().to(wide), n - keep + 1).values)
+            else:
+                result[row] = float(torch.kthvalue(candidates.to(wide), rank + 1).values)
+        return result
+
+    def _scan_intervals(
+        self, scans: Sequence[tuple[int, float, float, int, int]], chunk: int, scratch: Scratch
+    ) -> dict[int, torch.Tensor]:
+        """Per scanned row, its magnitudes in ``[lo, hi)``, in one pass over all those rows."""
+        rows = self.flat_stack()
+        n = self.numel
+        if len(scans) == self.n_models and [r for r, *_ in scans] == list(range(self.n_models)):
+            groups = [(slice(None), list(scans))]  # every row: one [m, chunk] op per step
+        else:
+            groups = [(slice(r, r + 1), [scan]) for scan in scans for r in [scan[0]]]
+        found: dict[int, list[torch.Tensor]] = {row: [] for row, *_ in scans}
+        for take, members in groups:
+            g = len(members)
+            step = work_step(chunk, g)
+            width = min(step, n)
+            magnitude = scratch.get("scan_magnitude", (g, width), rows.dtype, rows.device)
+            inside = scratch.get("scan_inside", (g, width), rows.dtype, rows.device)
+            flags = scratch.get("scan_flags", (g, width // SCAN_BLOCK), rows.dtype, rows.device)
+            gathered: list[tuple[torch.Tensor, torch.Tensor]] = []  # (member index, values) pairs
+            for s, e in chunk_bounds(n, step):
+                c = e - s
+                blocks = c // SCAN_BLOCK
+                head = blocks * SCAN_BLOCK
+                mag, ins = magnitude[:, :c], inside[:, :c]
+                torch.abs(rows[take, s:e], out=mag)
+                for j, (_, lo, hi, _, _) in enumerate(members):  # scalar bounds: the fast clamp
+                    torch.clamp(mag[j], lo, hi if hi < math.inf else None, out=ins[j])
+                torch.eq(ins, mag, out=ins)  # 1 where lo ≤ |x| ≤ hi
+                if blocks:
+                    block_flags = flags[:, :blocks]
+                    torch.amax(ins[:, :head].view(g, blocks, SCAN_BLOCK), dim=2, out=block_flags)
+                    hits = block_flags.nonzero()
+                    if hits.numel():
+                        values = mag[:, :head].view(g, blocks, SCAN_BLOCK)[hits[:, 0], hits[:, 1]]
+                        gathered.append((hits[:, 0], values))
+                if head < c:
+                    tail = mag[:, head:c].clone()
+                    gathered.append((torch.arange(g, device=rows.device).repeat_interleave(c - head), tail.view(-1)))
+            for j, (row, row_lo, row_hi, _, _) in enumerate(members):
+                for member, values in gathered:
+                    mine = values[member == j].reshape(-1)
+                    keep = mine >= row_lo
+                    if row_hi < math.inf:
+                        keep &= mine < row_hi
+                    found[row].append(mine[keep])
+        return {row: torch.cat(parts) if parts else rows.new_empty(0) for row, parts in found.items()}
+
+    def _magnitude_index(self, row: int, scratch: Scratch | None = None) -> _MagnitudeIndex:
+        index = self._magnitudes.get(row)
+        if index is None:
+            flat = self.flat_stack()[row]
+            if flat.numel() <= MAGNITUDE_SAMPLE:
+                wide = torch.promote_types(flat.dtype, torch.float32)
+                index = _MagnitudeIndex(sorted_values=flat.abs().to(wide).sort().values.cpu().numpy())
+            else:
+                index = _histogram_index(flat, scratch or Scratch())
+            self._magnitudes[row] = index
+        return index
+
+
+def _histogram_index(flat: torch.Tensor, scratch: Scratch) -> _MagnitudeIndex:
+    """Interval edges of about equal population over ``|flat|``, with exact counts below each.
+
+    The bit pattern of a non-negative float grows with its value, so the top bits of ``|x|``'s
+    pattern bin it exactly (bins of relative width 2⁻¹² for float32; every value for half types);
+    edges are chosen among the bins' lower bounds, which are values of the row's own dtype. The
+    counts accumulate in reusable buffers: a build allocates nothing per chunk.
+    """
+    if flat.dtype in _MAGNITUDE_BITS:
+        int_dtype, magnitude_bits, kept = _MAGNITUDE_BITS[flat.dtype]
+    elif flat.dtype in (torch.float16, torch.bfloat16):
+        int_dtype, magnitude_bits, kept = _HALF_BITS
+    else:
+        return _MagnitudeIndex()
+    n = flat.numel()
+    shift = magnitude_bits - kept
+    bins = 1 << kept
+    step = min(n, 1 << 20)
+    counts = scratch.get("histogram_counts", (bins,), torch.int64, flat.device)
+    counts.zero_()
+    bits = scratch.get("histogram_bits", (step,), torch.int64, flat.device)
+    ones = scratch.get("histogram_ones", (step,), torch.int64, flat.device)
+    ones.fill_(1)
+    for s, e in chunk_bounds(n, step):
+        b = bits[: e - s]
+        torch.bitwise_and(flat[s:e].view(int_dtype), (1 << magnitude_bits) - 1, out=b)  # |x|'s pattern
+        if shift:
+            b.bitwise_right_shift_(shift)
+        counts.scatter_add_(0, b, ones[: e - s])
+    upto = torch.cumsum(counts, 0, out=scratch.get("histogram_upto", (bins,), torch.int64, flat.device))
+    # upto[b] = #{|x| in bins ≤ b} = #{|x| < lower bound of bin b + 1}; an edge at bin e has
+    # #{|x| < edge} = upto[e − 1]: the edges whose counts first reach each target population
+    targets = (torch.arange(1, MAGNITUDE_INTERVALS, device=flat.device) * n) // MAGNITUDE_INTERVALS
+    edge_bins = torch.unique(torch.cat([torch.zeros(1, dtype=torch.int64, device=flat.device),
+                                        torch.searchsorted(upto, targets) + 1]))
+    edge_bins = edge_bins[edge_bins < bins]
+    below_edges = torch.where(edge_bins > 0, upto[(edge_bins - 1).clamp_min(0)], 0)
+    edges = (edge_bins << shift).to(int_dtype).view(flat.dtype).to(torch.float64).cpu().numpy()
+    below = np.concatenate([below_edges.cpu().numpy(), [n]])
+    return _MagnitudeIndex(edges=edges, below=below)
+
+
+def work_step(chunk: int, rows: int) -> int:
+    """Columns per step of a multi-pass kernel that keeps about ``rows + 1`` chunk-long work rows.
+
+    ``chunk`` sizes one streaming row and its output for the cache; a pass with several work rows
+    steps over proportionally fewer columns (a power of two when that is large) so its working set
+    stays the same size instead of spilling to memory between its ops.
+    """
+    step = max(1, chunk // (rows + 1))
+    return 1 << (step.bit_length() - 1) if step >= 64 else step
+
+
+def shrink_bound(threshold: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value below ``threshold``: ``torch.hardshrink`` at this bound keeps
+    exactly the entries with ``|x| ≥ threshold`` (it zeroes ``|x| ≤ bound``), in one float op."""
+    value = torch.tensor(threshold, dtype=dtype)
+    return float(torch.nextafter(value, torch.tensor(-math.inf, dtype=dtype)))
 
 
 def combine_(
@@ -142,21 +327,31 @@ def combine_(
     model_coefs: Sequence[float],
     chunk: int,
     segment: tuple[int, int] | None = None,
+    ref_coef: float | None = None,
 ) -> None:
     """``out = Σ_i c_i · x_i`` over the experts, written in place, one streaming pass.
 
-    With a reference the experts are ``base + τ_i``, so the base gets the coefficient ``Σ c_i``.
-    ``segment`` restricts the write to a ``[start, end)`` range of the flattened tensor.
+    With a reference the experts are ``base + τ_i``, so the base gets the coefficient ``Σ c_i``
+    (or ``ref_coef``: task arithmetic's ``base + Σ c_i τ_i`` passes 1). ``segment`` restricts the
+    write to a ``[start, end)`` range of the flattened tensor. Each chunk is one op per expert:
+    the first reads the base and writes ``out``, the others accumulate while it is in cache.
     """
     flat_out = out.view(-1)
     rows = tensor.flat_stack()
     ref = tensor.flat_reference()
     start, end = segment if segment is not None else (0, flat_out.numel())
     active = [(i, float(c)) for i, c in enumerate(model_coefs) if c != 0.0]
-    ref_coef = float(sum(model_coefs))
+    ref_coef = float(sum(model_coefs)) if ref_coef is None else float(ref_coef)
     for s, e in chunk_bounds(end - start, chunk):
         s, e = s + start, e + start
         out_c = flat_out[s:e]
+        if ref is not None and ref_coef == 1.0 and active:
+            # base + c_0·τ_0 in one op (the same rounding as 1·base, then += c_0·τ_0)
+            i, c = active[0]
+            torch.add(ref[s:e], rows[i, s:e], alpha=c, out=out_c)
+            for i, c in active[1:]:
+                out_c.add_(rows[i, s:e], alpha=c)
+            continue
         if ref is not None:
             torch.mul(ref[s:e], ref_coef, out=out_c)
         elif active:

@@ -64,7 +64,7 @@ def slerp_kernel(
 ) -> None:
     t = float(params["t"])  # type: ignore[arg-type]
     basis = tensor.model_basis()
-    cos_omega = cosine_from_gram(tensor.gram(), basis[0], basis[1])
+    cos_omega = cosine_from_gram(tensor.gram(ctx.scratch), basis[0], basis[1])
     s0, s1 = slerp_coefficients(t, cos_omega)
     combine_(out, tensor, [s0, s1], ctx.chunk)
 
