@@ -8,7 +8,7 @@ that declaration. The kernel is a plain function over tensors; it never sees fil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 
@@ -85,7 +85,7 @@ class MergeMethod:
     """
 
     name: str
-    kernel: Callable[..., None]
+    kernel: Kernel
     params: tuple[ParamSpec, ...]
     options: tuple[OptionSpec, ...] = ()
     needs_base: bool = False
