@@ -213,6 +213,10 @@ class RunConfig(_Strict):
             return str(self.resolve_path(path))
         return path
 
+    def working_model_ref(self) -> str:
+        """The model whose parameters merges are written into: the base, else the first expert."""
+        return self.model_ref(self.models.base or self.models.experts[0].path)
+
     def run_path(self) -> Path:
         return self.resolve_path(self.run_dir)
 

@@ -46,10 +46,6 @@ def load_run_config(store: RunStore) -> RunConfig:
     return config_from_dict(data, str(store.run_dir / "config.yaml"), store.run_dir)
 
 
-def working_model_ref(config: RunConfig) -> str:
-    return config.model_ref(config.models.base or config.models.experts[0].path)
-
-
 def start_run(
     config: RunConfig,
     source: str,
@@ -65,7 +61,7 @@ def start_run(
     if (path / "run.db").exists():
         raise RunDirError(f"{path} already holds a run; choose another --run-dir or remove it")
     try:
-        space = config.merge.build_space(parameter_names(working_model_ref(config)), len(config.models.experts))
+        space = config.merge.build_space(parameter_names(config.working_model_ref()), len(config.models.experts))
     except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
         raise ConfigError(f"{source}: merge: {exc}") from None
     strategies = [

@@ -44,12 +44,11 @@ def load_resident_models(config: RunConfig, device: torch.device) -> LoadedModel
     dtype = DTYPES[config.models.dtype]
     experts = config.models.experts
     labels = config.models.expert_labels()
-    base_ref = config.model_ref(config.models.base) if config.models.base else None
-    working_ref = base_ref or config.model_ref(experts[0].path)
+    working_ref = config.working_model_ref()
     model = load_model(working_ref, device, dtype)
     tokenizer = load_tokenizer(working_ref)
     targets = {name: p.data for name, p in model.named_parameters()}
-    base_state = {name: t for name, t in targets.items()} if base_ref else None
+    base_state = targets if config.models.base else None  # the materializer clones the base first
 
     def expert_states():
         for label, ref in zip(labels, experts):

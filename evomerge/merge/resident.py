@@ -50,13 +50,6 @@ class Scratch:
             self._buffers[slot] = buffer
         return buffer[:numel].view(shape)
 
-    def clear(self) -> None:
-        self._buffers.clear()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
 
 @dataclass
 class _MagnitudeIndex:
