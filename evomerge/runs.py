@@ -65,7 +65,7 @@ def start_run(
     except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
         raise ConfigError(f"{source}: merge: {exc}") from None
     strategies = [
-        make_strategy(p.strategy, p.name, space.dim, space.x0(), config.seed + 1000 * i, p.options)
+        make_strategy(p.strategy, p.name, space.search_spec(), config.seed + 1000 * i, p.options)
         for i, p in enumerate(config.populations)
     ]
     executor = InlineExecutor(config)

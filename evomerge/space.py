@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from evomerge.merge import MergeMethod
+from evomerge.strategies.base import GeneRange, SearchSpec
 
 GRANULARITIES = ("global", "per_model", "per_layer_group", "per_tensor")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -204,6 +205,14 @@ class Space:
         return np.concatenate(
             [np.full(b.size, (b.init - b.low) / (b.high - b.low)) for b in self.blocks]
         ) if self.blocks else np.zeros(0)
+
+    def search_spec(self) -> SearchSpec:
+        """The strategies' view of this space: dimension, start and where each parameter's genes lie."""
+        genes, offset = [], 0
+        for b in self.blocks:
+            genes.append(GeneRange(b.param, offset, offset + b.size, b.low, b.high))
+            offset += b.size
+        return SearchSpec(self.dim, self.x0(), tuple(genes))
 
     def decode(self, genome: np.ndarray, seed: int | None = None) -> Recipe:
         genome = np.asarray(genome, dtype=np.float64)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from evomerge.candidates import Evaluation
-from evomerge.strategies import STRATEGIES, make_strategy
+from evomerge.strategies import STRATEGIES, SearchSpec, make_strategy
 
 DIM = 5
 
@@ -19,7 +19,7 @@ def sphere_fitness(genome: np.ndarray) -> float:
 
 
 def make(name: str, seed: int = 7):
-    return make_strategy(name, "pop", DIM, np.full(DIM, 0.5), seed, {})
+    return make_strategy(name, "pop", SearchSpec.unit_cube(DIM), seed, {})
 
 
 def drain(strategy, n_evals: int, rng: np.random.Generator, shuffle: bool = True) -> list[tuple[str, np.ndarray]]:

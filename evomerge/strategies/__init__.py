@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
 from pydantic import ValidationError
 
-from evomerge.strategies.base import Strategy, StrategyOptions
+from evomerge.strategies.base import GeneRange, SearchSpec, Strategy, StrategyOptions
 from evomerge.strategies.cmaes import CMAES
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -15,7 +14,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def make_strategy(name: str, population: str, dim: int, x0: np.ndarray, seed: int, options: Mapping[str, Any]) -> Strategy:
+def make_strategy(name: str, population: str, spec: SearchSpec, seed: int, options: Mapping[str, Any]) -> Strategy:
     """Instantiate a registered strategy; bad options raise ValueError naming the option."""
     cls = STRATEGIES[name]
     try:
@@ -25,7 +24,7 @@ def make_strategy(name: str, population: str, dim: int, x0: np.ndarray, seed: in
         where = ".".join(str(x) for x in first["loc"])
         msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
         raise ValueError(f"options.{where}: {msg}") from None
-    return cls(population, dim, x0, seed, parsed)
+    return cls(population, spec, seed, parsed)
 
 
-__all__ = ["STRATEGIES", "Strategy", "StrategyOptions", "make_strategy"]
+__all__ = ["STRATEGIES", "GeneRange", "SearchSpec", "Strategy", "StrategyOptions", "make_strategy"]

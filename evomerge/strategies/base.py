@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -23,15 +24,74 @@ class StrategyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True)
+class GeneRange:
+    """Parameter ``name`` occupies ``genome[start:stop]``; unit-cube 0 and 1 mean ``low`` and ``high``.
+
+    Strategies that treat genes differently (Evo-Merging searches α, then β; its penalty is on
+    real values) find them here instead of guessing positions.
+    """
+
+    name: str
+    start: int
+    stop: int
+    low: float
+    high: float
+
+    def real(self, genome: np.ndarray) -> np.ndarray:
+        return self.low + np.clip(genome[self.start : self.stop], 0.0, 1.0) * (self.high - self.low)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What a strategy knows of its search space.
+
+    ``bounded`` genomes live in the unit cube (recipe space, decoded by :class:`evomerge.space.Space`);
+    unbounded ones are raw parameter vectors (M2N2's weight space). ``seeds`` are genomes an
+    archive-based strategy evaluates before it breeds (M2N2's seed models); ``x0`` is the
+    starting point of model-based ones (CMA-ES's mean).
+    """
+
+    dim: int
+    x0: np.ndarray
+    genes: tuple[GeneRange, ...] = ()
+    bounded: bool = True
+    seeds: tuple[np.ndarray, ...] = field(default=())
+
+    @classmethod
+    def unit_cube(cls, dim: int, x0: np.ndarray | None = None, seeds: Sequence[np.ndarray] = ()) -> "SearchSpec":
+        """A plain ``[0, 1]^dim`` space with one gene range (tests, benchmarks, custom spaces)."""
+        start = np.full(dim, 0.5) if x0 is None else np.asarray(x0, dtype=np.float64)
+        return cls(dim, start, (GeneRange("x", 0, dim, 0.0, 1.0),), True, tuple(np.asarray(s, dtype=np.float64) for s in seeds))
+
+    @classmethod
+    def weights(cls, seeds: Sequence[np.ndarray]) -> "SearchSpec":
+        """Raw parameter vectors, e.g. flattened models: the seeds are the models to evolve from."""
+        flat = tuple(np.asarray(s).reshape(-1) for s in seeds)
+        if not flat:
+            raise ValueError("a weight space needs at least one seed model")
+        dim = flat[0].size
+        if any(s.size != dim for s in flat):
+            raise ValueError("all seed models must have the same number of parameters")
+        return cls(dim, flat[0], (GeneRange("weights", 0, dim, -math.inf, math.inf),), False, flat)
+
+    def gene(self, name: str) -> GeneRange:
+        for g in self.genes:
+            if g.name == name:
+                return g
+        raise ValueError(f"the search space has no gene '{name}' (it has: {', '.join(g.name for g in self.genes) or 'none'})")
+
+
 class Strategy(ABC):
     """One population. Subclasses set ``Options`` and implement ``_ask``/``_tell``/state hooks."""
 
     Options: type[StrategyOptions] = StrategyOptions
 
-    def __init__(self, population: str, dim: int, x0: np.ndarray, seed: int, options: StrategyOptions) -> None:
+    def __init__(self, population: str, spec: SearchSpec, seed: int, options: StrategyOptions) -> None:
         self.population = population
-        self.dim = dim
-        self.x0 = np.asarray(x0, dtype=np.float64)
+        self.spec = spec
+        self.dim = spec.dim
+        self.x0 = np.asarray(spec.x0, dtype=np.float64)
         self.seed = seed
         self.options = options
         self._next_number = 0

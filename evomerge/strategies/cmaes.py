@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.candidates import Candidate, Evaluation
-from evomerge.strategies.base import Strategy, StrategyOptions
+from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
 
 
 def _import_cma():
@@ -38,8 +38,9 @@ class CMAESOptions(StrategyOptions):
 class CMAES(Strategy):
     Options = CMAESOptions
 
-    def __init__(self, population: str, dim: int, x0: np.ndarray, seed: int, options: CMAESOptions) -> None:
-        super().__init__(population, dim, x0, seed, options)
+    def __init__(self, population: str, spec: SearchSpec, seed: int, options: CMAESOptions) -> None:
+        super().__init__(population, spec, seed, options)
+        dim = spec.dim
         if dim < 1:
             raise ValueError("CMA-ES needs at least one searched gene")
         cma = _import_cma()
