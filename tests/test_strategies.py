@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from evomerge.candidates import Evaluation
-from evomerge.strategies import STRATEGIES, SearchSpec, make_strategy
+from evomerge.strategies import STRATEGIES, GeneRange, SearchSpec, make_strategy
 
-DIM = 5
+DIM = 6
+# one space every strategy accepts: evo_merging needs lora_compose's alpha and beta genes
+SPEC = SearchSpec(DIM, np.full(DIM, 0.5), (GeneRange("alpha", 0, 3, 0.0, 1.0), GeneRange("beta", 3, 6, -1.5, 1.5)))
 
 
 def sphere_fitness(genome: np.ndarray) -> float:
@@ -19,7 +21,7 @@ def sphere_fitness(genome: np.ndarray) -> float:
 
 
 def make(name: str, seed: int = 7):
-    return make_strategy(name, "pop", SearchSpec.unit_cube(DIM), seed, {})
+    return make_strategy(name, "pop", SPEC, seed, {})
 
 
 def drain(strategy, n_evals: int, rng: np.random.Generator, shuffle: bool = True) -> list[tuple[str, np.ndarray]]:
@@ -117,17 +119,33 @@ def test_telling_an_unknown_candidate_is_an_error(name):
 
 def test_cmaes_defaults_follow_the_recipe_paper():
     strategy = make("cmaes")
-    assert strategy._es.popsize == 4 + int(3 * math.log(DIM))
-    assert strategy._es.sigma0 == pytest.approx(1 / 6)
+    assert strategy._run.es.popsize == 4 + int(3 * math.log(DIM))
+    assert strategy._run.es.sigma0 == pytest.approx(1 / 6)
 
 
 def test_cmaes_waits_for_its_generation():
     strategy = make("cmaes")
     generation = strategy.ask(100)
-    assert len(generation) == strategy._es.popsize
+    assert len(generation) == strategy._run.es.popsize
     assert strategy.ask(1) == []  # the generation is not complete yet
     for cand in generation[:-1]:
         strategy.tell([Evaluation(cand.id, "ok", sphere_fitness(cand.genome))])
     assert strategy.ask(1) == []
     strategy.tell([Evaluation(generation[-1].id, "ok", sphere_fitness(generation[-1].genome))])
     assert len(strategy.ask(1)) == 1
+
+
+def test_cmaes_turns_separable_above_100_dimensions_unless_told():
+    def diagonal(dim: int, **options) -> bool:
+        es = make_strategy("cmaes", "pop", SearchSpec.unit_cube(dim), 0, options)._run.es
+        return es.opts["CMA_diagonal"] is True
+
+    assert not diagonal(100) and diagonal(101)
+    assert diagonal(5, separable=True) and not diagonal(101, separable=False)
+
+
+def test_cmaes_leaves_weight_space_unbounded():
+    seed = np.array([-3.0, 2.0, 5.0])
+    strategy = make_strategy("cmaes", "pop", SearchSpec.weights([seed]), 0, {"sigma0": 0.1})
+    genomes = np.array([c.genome for c in strategy.ask(100)])
+    assert np.all(np.abs(genomes - seed) < 1.0)  # sampled around the seed, not clipped into [0, 1]

@@ -8,9 +8,11 @@ from pydantic import ValidationError
 
 from evomerge.strategies.base import GeneRange, SearchSpec, Strategy, StrategyOptions
 from evomerge.strategies.cmaes import CMAES
+from evomerge.strategies.evo_merging import EvoMerging
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "cmaes": CMAES,
+    "evo_merging": EvoMerging,
 }
 
 

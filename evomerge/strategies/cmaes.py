@@ -2,10 +2,13 @@
 
 Hansen's CMA-ES as used for merge recipes by Akiba et al. ("Evolutionary Optimization of Model
 Merging Recipes", 2024) and mergekit-evolve: bounds [0, 1] from the space, σ0 = 1/6 of the range,
-population 4 + ⌊3 ln d⌋. pycma is generational, so ``ask`` hands out one generation and returns
-nothing more until every member has been told; results may arrive in any order. pycma draws from
-numpy's global RNG by default; each strategy gets its own ``RandomState`` so populations in one
-process never disturb each other.
+population 4 + ⌊3 ln d⌋. Weight-space genomes (``SearchSpec.weights``) are unbounded. Above 100
+dimensions the covariance is diagonal by default (separable CMA, Ros and Hansen 2008): a full
+d × d matrix costs O(d²) memory and O(d³) eigendecompositions, and needs on the order of d²
+evaluations to learn anyway. pycma is generational, so ``ask`` hands out one generation and
+returns nothing more until every member has been told; results may arrive in any order. pycma
+draws from numpy's global RNG by default; each strategy gets its own ``RandomState`` so
+populations in one process never disturb each other.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from __future__ import annotations
 import math
 import pickle
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from evomerge.candidates import Candidate, Evaluation
 from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
+
+SEPARABLE_ABOVE = 100  # dimensions above which separable="auto" turns diagonal covariance on
 
 
 def _import_cma():
@@ -29,10 +34,104 @@ def _import_cma():
     return cma
 
 
+def pycma_es(x0: np.ndarray, sigma0: float, seed: int, **options: Any) -> Any:
+    """A quiet ``cma.CMAEvolutionStrategy`` drawing from its own ``RandomState(seed)``.
+
+    pycma reseeds numpy's global RNG when it starts; the global state is put back, so building a
+    strategy never changes anyone else's draws.
+    """
+    cma = _import_cma()
+    opts: dict[str, Any] = {
+        "randn": np.random.RandomState(seed).randn,
+        "verbose": -9,
+        "verb_log": 0,
+        "verb_disp": 0,
+        "seed": seed + 1,
+        **options,
+    }
+    global_state = np.random.get_state()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cma.CMAEvolutionStrategy(np.asarray(x0, dtype=np.float64).tolist(), sigma0, opts)
+    finally:
+        np.random.set_state(global_state)
+
+
+class Generations:
+    """A pycma ES handed out one generation at a time, its members' losses told back in any order.
+
+    A member with a non-finite loss (failed or NaN evaluation) counts as the generation's worst
+    finite loss + 1: pycma cannot rank infinities, and this keeps failures last without
+    distorting the spread of the rest.
+    """
+
+    def __init__(self, es: Any) -> None:
+        self.es = es
+        self.members: list[np.ndarray] = []
+        self.issued = 0
+        self.losses: dict[int, float] = {}
+
+    def ask(self, n: int) -> list[tuple[int, np.ndarray]]:
+        """Up to ``n`` untold members ``(index, x)`` of the current generation; a new one only
+        once the last was told in full and pycma has not stopped."""
+        if not self.members:
+            if self.es.stop():
+                return []
+            self.members = [np.asarray(x, dtype=np.float64) for x in self.es.ask()]
+            self.issued = 0
+            self.losses = {}
+        take = min(n, len(self.members) - self.issued)
+        out = [(self.issued + i, self.members[self.issued + i]) for i in range(take)]
+        self.issued += take
+        return out
+
+    def tell(self, index: int, loss: float) -> bool:
+        """Record member ``index``'s loss; True when that completed the generation (pycma was told)."""
+        self.losses[index] = loss
+        if len(self.losses) < len(self.members):
+            return False
+        finite = [v for v in self.losses.values() if math.isfinite(v)]
+        worst = (max(finite) + 1.0) if finite else 0.0
+        losses = [self.losses[i] if math.isfinite(self.losses[i]) else worst for i in range(len(self.members))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.es.tell([x.tolist() for x in self.members], losses)
+        self.members = []
+        self.issued = 0
+        self.losses = {}
+        return True
+
+    def stop(self) -> dict[str, Any]:
+        """pycma's termination reasons, only between generations (a started one is finished first)."""
+        if self.members:
+            return {}
+        return {str(k): v for k, v in self.es.stop().items()}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "es": pickle.dumps(self.es),
+            "generation": list(self.members),
+            "issued": self.issued,
+            "losses": dict(self.losses),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Generations":
+        run = cls(pickle.loads(state["es"]))
+        run.members = list(state["generation"])
+        run.issued = state["issued"]
+        run.losses = dict(state["losses"])
+        return run
+
+
 class CMAESOptions(StrategyOptions):
     sigma0: float = Field(default=1.0 / 6.0, gt=0, description="initial step size in unit-cube coordinates")
     popsize: int | None = Field(default=None, ge=2, description="default 4 + floor(3 ln d)")
-    separable: bool = Field(default=False, description="diagonal covariance, for high dimensions")
+    separable: bool | Literal["auto"] = Field(
+        default="auto",
+        description=f"diagonal covariance (separable CMA); auto: on above {SEPARABLE_ABOVE} dimensions",
+    )
 
 
 class CMAES(Strategy):
@@ -43,70 +142,29 @@ class CMAES(Strategy):
         dim = spec.dim
         if dim < 1:
             raise ValueError("CMA-ES needs at least one searched gene")
-        cma = _import_cma()
-        popsize = options.popsize or 4 + int(3 * math.log(dim))
-        opts: dict[str, Any] = {
-            "bounds": [0.0, 1.0],
-            "popsize": popsize,
-            "randn": np.random.RandomState(seed).randn,
-            "verbose": -9,
-            "verb_log": 0,
-            "verb_disp": 0,
-            "seed": seed + 1,  # pycma reseeds the global RNG with this; restored below
-        }
-        if options.separable:
-            opts["CMA_diagonal"] = True
-        global_state = np.random.get_state()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._es = cma.CMAEvolutionStrategy(np.clip(self.x0, 0.0, 1.0).tolist(), options.sigma0, opts)
-        finally:
-            np.random.set_state(global_state)
-        self._generation: list[np.ndarray] = []
-        self._issued = 0
-        self._losses: dict[int, float] = {}
+        separable = dim > SEPARABLE_ABOVE if options.separable == "auto" else options.separable
+        x0 = np.clip(self.x0, 0.0, 1.0) if spec.bounded else self.x0
+        es = pycma_es(
+            x0,
+            options.sigma0,
+            seed,
+            bounds=[0.0, 1.0] if spec.bounded else [None, None],
+            popsize=options.popsize or 4 + int(3 * math.log(dim)),
+            CMA_diagonal=separable,
+        )
+        self._run = Generations(es)
 
     def _ask(self, n: int) -> list[tuple[np.ndarray, tuple[str, ...], Any]]:
-        if not self._generation:
-            if self._es.stop():
-                return []
-            self._generation = [np.asarray(x, dtype=np.float64) for x in self._es.ask()]
-            self._issued = 0
-            self._losses = {}
-        take = min(n, len(self._generation) - self._issued)
-        out = [(self._generation[self._issued + i], (), self._issued + i) for i in range(take)]
-        self._issued += take
-        return out
+        return [(x, (), index) for index, x in self._run.ask(n)]
 
     def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
-        self._losses[tag] = -fitness  # pycma minimises; the tag is the generation member
-        if len(self._losses) == len(self._generation):
-            finite = [v for v in self._losses.values() if math.isfinite(v)]
-            worst = (max(finite) + 1.0) if finite else 0.0
-            losses = [self._losses[i] if math.isfinite(self._losses[i]) else worst for i in range(len(self._generation))]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._es.tell([x.tolist() for x in self._generation], losses)
-            self._generation = []
-            self._issued = 0
-            self._losses = {}
+        self._run.tell(tag, -fitness)  # pycma minimises; the tag is the generation member
 
     def stop(self) -> dict[str, Any]:
-        if self._generation:
-            return {}
-        return {str(k): v for k, v in self._es.stop().items()}
+        return self._run.stop()
 
     def _state(self) -> Any:
-        return {
-            "es": pickle.dumps(self._es),
-            "generation": self._generation,
-            "issued": self._issued,
-            "losses": dict(self._losses),
-        }
+        return self._run.state()
 
     def _load_state(self, state: Any) -> None:
-        self._es = pickle.loads(state["es"])
-        self._generation = list(state["generation"])
-        self._issued = state["issued"]
-        self._losses = dict(state["losses"])
+        self._run = Generations.from_state(state)
