@@ -200,7 +200,8 @@ class RunConfig(_Strict):
             except ValidationError as err:
                 first = err.errors()[0]
                 msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
-                raise ValueError(f"populations.{i}.options.{_field_path(first['loc'])}: {msg}") from None
+                where = _field_path(first["loc"])
+                raise ValueError(f"populations.{i}.options{'.' + where if where else ''}: {msg}") from None
         return self
 
     def resolve_path(self, path: str) -> Path:

@@ -7,7 +7,7 @@ from evomerge.merge.linear import LINEAR
 from evomerge.merge.lora import LORA_COMPOSE
 from evomerge.merge.method import MergeMethod, OptionSpec, ParamSpec, TensorContext
 from evomerge.merge.resident import ResidentTensor
-from evomerge.merge.slerp import SLERP, SPLIT_SLERP, split_point_slerp_
+from evomerge.merge.slerp import SLERP, SPLIT_SLERP
 from evomerge.merge.task_arithmetic import DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
 
 MERGE_METHODS: dict[str, MergeMethod] = {
@@ -32,5 +32,4 @@ __all__ = [
     "ResidentTensor",
     "TensorContext",
     "get_merge_method",
-    "split_point_slerp_",
 ]

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 
 from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
-from evomerge.merge.resident import ResidentTensor, chunk_bounds, combine_
+from evomerge.merge.resident import ResidentTensor, combine_
 
 DOT_THRESHOLD = 0.9995
 """mergekit's bound on |cos Ω| above which SLERP degenerates to linear interpolation."""
@@ -94,44 +94,6 @@ def split_slerp_kernel(
         combine_(out, tensor, list(before), ctx.chunk, segment=(0, local))
     if local < tensor.numel:
         combine_(out, tensor, list(after), ctx.chunk, segment=(local, tensor.numel))
-
-
-def split_point_slerp_(
-    out: Sequence[torch.Tensor],
-    parent_a: Sequence[torch.Tensor],
-    parent_b: Sequence[torch.Tensor],
-    split: int,
-    mix: float,
-    chunk: int = 1 << 20,
-) -> None:
-    """M2N2 crossover of two parameter sets given as matching lists of tensors, in place.
-
-    The tensors are read as one flat vector in list order; ``split`` is an index into it. Used in
-    weight space, where the parents are arbitrary archive members rather than resident experts.
-    """
-    dot = aa = bb = 0.0
-    for a, b in zip(parent_a, parent_b, strict=True):
-        a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
-        dot += float(a64 @ b64)
-        aa += float(a64 @ a64)
-        bb += float(b64 @ b64)
-    cos_omega = dot / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
-    before = split_slerp_coefficients(mix, cos_omega)
-    after = split_slerp_coefficients(1.0 - mix, cos_omega)
-    offset = 0
-    for o, a, b in zip(out, parent_a, parent_b, strict=True):
-        fo, fa, fb = o.view(-1), a.reshape(-1), b.reshape(-1)
-        local = min(max(split - offset, 0), fo.numel())
-        for (lo, hi), (ca, cb) in (((0, local), before), ((local, fo.numel()), after)):
-            # Read the parent that ``out`` may alias last, so an in-place crossover stays correct.
-            (first, c_first), (second, c_second) = (
-                ((fb, cb), (fa, ca)) if fo.data_ptr() == fb.data_ptr() else ((fa, ca), (fb, cb))
-            )
-            for s, e in chunk_bounds(hi - lo, chunk):
-                s, e = s + lo, e + lo
-                torch.mul(first[s:e], c_first, out=fo[s:e])
-                fo[s:e].add_(second[s:e], alpha=c_second)
-        offset += fo.numel()
 
 
 SLERP = MergeMethod(

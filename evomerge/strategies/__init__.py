@@ -9,10 +9,13 @@ from pydantic import ValidationError
 from evomerge.strategies.base import GeneRange, SearchSpec, Strategy, StrategyOptions
 from evomerge.strategies.cmaes import CMAES
 from evomerge.strategies.evo_merging import EvoMerging
+from evomerge.strategies.m2n2 import GA, M2N2
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "cmaes": CMAES,
     "evo_merging": EvoMerging,
+    "ga": GA,
+    "m2n2": M2N2,
 }
 
 
@@ -23,9 +26,9 @@ def make_strategy(name: str, population: str, spec: SearchSpec, seed: int, optio
         parsed = cls.Options.model_validate(dict(options))
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
+        where = "".join(f".{x}" for x in first["loc"])
         msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
-        raise ValueError(f"options.{where}: {msg}") from None
+        raise ValueError(f"options{where}: {msg}") from None
     return cls(population, spec, seed, parsed)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.candidates import Candidate, Evaluation
+from evomerge.strategies.seed_recipes import SeedGram, SeedRecipe
 
 
 class StrategyOptions(BaseModel):
@@ -57,6 +58,7 @@ class SearchSpec:
     genes: tuple[GeneRange, ...] = ()
     bounded: bool = True
     seeds: tuple[np.ndarray, ...] = field(default=())
+    seed_gram: SeedGram | None = None
 
     @classmethod
     def unit_cube(cls, dim: int, x0: np.ndarray | None = None, seeds: Sequence[np.ndarray] = ()) -> "SearchSpec":
@@ -74,6 +76,16 @@ class SearchSpec:
         if any(s.size != dim for s in flat):
             raise ValueError("all seed models must have the same number of parameters")
         return cls(dim, flat[0], (GeneRange("weights", 0, dim, -math.inf, math.inf),), False, flat)
+
+    @classmethod
+    def seed_recipes(cls, gram: SeedGram) -> "SearchSpec":
+        """Members as piecewise combinations of the seeds (M2N2 on models too large to archive).
+
+        Genomes are encoded :class:`~evomerge.strategies.seed_recipes.SeedRecipe` vectors of
+        varying length; ``dim`` is the number of model parameters they describe.
+        """
+        x0 = SeedRecipe.seed(0, gram.n_seeds, gram.n_blocks).encode()
+        return cls(int(gram.block_edges[-1]), x0, (), False, (), gram)
 
     def gene(self, name: str) -> GeneRange:
         for g in self.genes:
