@@ -10,12 +10,18 @@ from evomerge.strategies.base import GeneRange, SearchSpec, Strategy, StrategyOp
 from evomerge.strategies.cmaes import CMAES
 from evomerge.strategies.evo_merging import EvoMerging
 from evomerge.strategies.m2n2 import GA, M2N2
+from evomerge.strategies.optuna_samplers import NSGA2, TPE, OptunaCMAES
+from evomerge.strategies.random_search import RandomSearch
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "cmaes": CMAES,
     "evo_merging": EvoMerging,
     "ga": GA,
     "m2n2": M2N2,
+    "nsga2": NSGA2,
+    "optuna_cmaes": OptunaCMAES,
+    "random": RandomSearch,
+    "tpe": TPE,
 }
 
 

@@ -1,0 +1,181 @@
+"""Optuna's samplers over a space's unit cube, through Optuna's ask-and-tell interface.
+
+- ``tpe``: Tree-structured Parzen Estimator (Bergstra et al., "Algorithms for Hyper-Parameter Optimization", NeurIPS 2011).
+- ``optuna_cmaes``: Hansen's CMA-ES (Hansen and Ostermeier, 2001) as implemented by the ``cmaes`` package (Nomura and Shibata, 2024).
+- ``nsga2``: NSGA-II (Deb et al., "A Fast and Elitist Multiobjective Genetic Algorithm", IEEE TEC 2002).
+
+Each gene is a ``FloatDistribution(0, 1)`` named ``x<i>``; the study lives in memory and is
+pickled whole for a checkpoint. Its sampler (with its seeded ``RandomState``), the trials and
+the samplers' bookkeeping in the trials' system attributes (CMA-ES's optimizer, NSGA-II's
+generations) all go with it, so a restored strategy proposes exactly what an uninterrupted one
+would. Optuna trials may be told in any order. The space's ``x0`` is enqueued as the first trial
+so each search starts from the configured init.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import pickle
+import warnings
+from abc import abstractmethod
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+from pydantic import Field, field_validator
+
+from evomerge.candidates import Candidate, Evaluation
+from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
+
+
+class OptunaStrategy(Strategy):
+    """One in-memory Optuna study; subclasses choose the sampler and the values told."""
+
+    directions: tuple[str, ...] = ("maximize",)
+
+    def __init__(self, population: str, spec: SearchSpec, seed: int, options: StrategyOptions) -> None:
+        super().__init__(population, spec, seed, options)
+        if not spec.bounded:
+            raise ValueError(f"{type(self).__name__} searches the unit cube; this space is unbounded")
+        # Optuna logs one INFO line per finished trial; the run's store records them already.
+        # The verbosity is process-wide: warnings stay visible.
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self._names = [f"x{i}" for i in range(self.dim)]
+        self._distributions = {name: FloatDistribution(0.0, 1.0) for name in self._names}
+        with warnings.catch_warnings():
+            # options that older Optuna releases still flag as experimental (multivariate TPE, ...)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = self._sampler(seed)
+        self._study = optuna.create_study(
+            sampler=sampler, study_name=population, directions=list(self.directions)
+        )
+        self._study.enqueue_trial(dict(zip(self._names, np.clip(self.x0, 0.0, 1.0).tolist())))
+
+    @abstractmethod
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler: ...
+
+    def _values(self, fitness: float, evaluation: Evaluation) -> list[float] | None:
+        """The objective values to tell, or None when the trial failed."""
+        return [fitness] if math.isfinite(fitness) else None
+
+    def _ask(self, n: int) -> list[tuple[np.ndarray, tuple[str, ...], Any]]:
+        out = []
+        for _ in range(n):
+            trial = self._study.ask(self._distributions)
+            out.append((np.array([trial.params[name] for name in self._names]), (), trial.number))
+        return out
+
+    def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
+        values = self._values(fitness, evaluation)
+        if values is None:
+            # FAIL rather than an invented worst value: all three samplers build their models
+            # from COMPLETE trials only (TPE's good/bad split, CMA-ES's generations, NSGA-II's
+            # populations), so a crashed merge neither needs a made-up score nor skews the
+            # ranking, spread or crowding distances of the real ones. CMA-ES simply samples
+            # more members until its generation has enough completed ones.
+            self._study.tell(tag, state=TrialState.FAIL)
+        else:
+            self._study.tell(tag, values)
+
+    @property
+    def study(self) -> optuna.Study:
+        """The live study, for inspection (its trials carry every value the sampler received)."""
+        return self._study
+
+    def _state(self) -> Any:
+        return pickle.dumps(self._study)  # a snapshot, not the live study
+
+    def _load_state(self, state: Any) -> None:
+        self._study = pickle.loads(state)
+
+
+class TPEOptions(StrategyOptions):
+    n_startup_trials: int = Field(default=10, ge=0, description="random trials (after x0) before TPE models the results")
+    multivariate: bool = Field(default=True, description="model the genes jointly rather than one by one")
+    constant_liar: bool = Field(
+        default=True, description="treat running trials as bad so parallel asks spread out instead of piling up"
+    )
+
+
+class TPE(OptunaStrategy):
+    Options = TPEOptions
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        o: TPEOptions = self.options  # type: ignore[assignment]
+        return optuna.samplers.TPESampler(
+            n_startup_trials=o.n_startup_trials, multivariate=o.multivariate, constant_liar=o.constant_liar, seed=seed
+        )
+
+
+class OptunaCMAESOptions(StrategyOptions):
+    sigma0: float = Field(default=1.0 / 6.0, gt=0, description="initial step size in unit-cube coordinates")
+    popsize: int | None = Field(default=None, ge=2, description="default 4 + floor(3 ln d)")
+    n_startup_trials: int = Field(
+        default=1, ge=0, description="trials before CMA-ES starts; the default 1 is the enqueued x0"
+    )
+
+
+class OptunaCMAES(OptunaStrategy):
+    Options = OptunaCMAESOptions
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        o: OptunaCMAESOptions = self.options  # type: ignore[assignment]
+        with warnings.catch_warnings():
+            # Optuna 4.9 deprecated x0 and sigma0 (removal planned for 6.0, hence the pin below 6
+            # in pyproject.toml); without x0 the mean would start at the centre, not the init.
+            warnings.simplefilter("ignore", FutureWarning)
+            return optuna.samplers.CmaEsSampler(
+                x0=dict(zip(self._names, np.clip(self.x0, 0.0, 1.0).tolist())),
+                sigma0=o.sigma0,
+                popsize=o.popsize,
+                n_startup_trials=o.n_startup_trials,
+                warn_independent_sampling=False,  # trials asked before any completes are sampled independently
+                seed=seed,
+            )
+
+
+class NSGA2Options(StrategyOptions):
+    objectives: list[str] = Field(
+        default=["fitness"],
+        min_length=1,
+        description='maximised objectives: "fitness" or keys of the evaluation\'s metrics; one objective gives a plain GA',
+    )
+    population_size: int = Field(default=50, ge=2, description="trials per generation")
+    crossover_prob: float = Field(default=0.9, ge=0, le=1, description="probability a child is bred by crossover")
+    mutation_prob: float | None = Field(default=None, ge=0, le=1, description="per-gene mutation probability; default 1/d")
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct(cls, objectives: list[str]) -> list[str]:
+        if len(set(objectives)) != len(objectives):
+            raise ValueError("objectives must be distinct")
+        return objectives
+
+
+class NSGA2(OptunaStrategy):
+    Options = NSGA2Options
+
+    def __init__(self, population: str, spec: SearchSpec, seed: int, options: NSGA2Options) -> None:
+        self.directions = ("maximize",) * len(options.objectives)
+        super().__init__(population, spec, seed, options)
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        o: NSGA2Options = self.options  # type: ignore[assignment]
+        return optuna.samplers.NSGAIISampler(
+            population_size=o.population_size, crossover_prob=o.crossover_prob, mutation_prob=o.mutation_prob, seed=seed
+        )
+
+    def _values(self, fitness: float, evaluation: Evaluation) -> list[float] | None:
+        """A missing or non-finite objective fails the trial, as a NaN fitness does."""
+        if not math.isfinite(fitness):
+            return None
+        values = []
+        for name in self.options.objectives:  # type: ignore[attr-defined]
+            value = fitness if name == "fitness" else evaluation.metrics.get(name)
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                return None
+            values.append(float(value))
+        return values
