@@ -128,16 +128,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_summary(summary)
     store = RunStore(run_dir, readonly=True)
     try:
-        best = store.best()
+        bests = {p.name: best.genome for p in config.populations if (best := store.best(p.name)) is not None}
     finally:
         store.close()
-    if best is None:
+    if not bests:
         console.print("[red]no candidate succeeded[/red]")
         return 1
     table = Table(title="test accuracy over all ten digits")
     table.add_column("model")
     table.add_column("accuracy", justify="right")
-    for label, acc in comparison_table(config, best.genome):
+    for label, acc in comparison_table(config, bests):
         table.add_row(label, f"{acc:.4f}")
     console.print(table)
     console.print(f"run directory: {run_dir}\nnext: evomerge status {run_dir}   |   evomerge export {run_dir} --out merged-model")

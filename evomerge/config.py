@@ -128,6 +128,13 @@ class PopulationConfig(_Strict):
     share: float = Field(default=1.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
 
+    def seed_recipe_grid(self) -> str | None:
+        """The split grid when this population keeps M2N2 seed recipes instead of genomes."""
+        from evomerge.strategies import STRATEGIES
+
+        options = STRATEGIES[self.strategy].Options.model_validate(self.options)
+        return getattr(options, "split_grid") if getattr(options, "archive", "genomes") == "seed_recipes" else None
+
 
 class DataConfig(_Strict):
     source: str

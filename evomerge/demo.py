@@ -65,8 +65,8 @@ def demo_model_paths(config: RunConfig) -> tuple[Path, list[Path]]:
     return config.resolve_path(config.models.base), [config.resolve_path(e.path) for e in config.models.experts]
 
 
-def comparison_table(config: RunConfig, best_genome: np.ndarray) -> list[tuple[str, float]]:
-    """Test accuracy of each expert, the uniform average and the searched merge."""
+def comparison_table(config: RunConfig, bests: dict[str, np.ndarray]) -> list[tuple[str, float]]:
+    """Test accuracy of each expert, the uniform average and each population's best merge."""
     from evomerge.workers.local import LocalWorker
 
     worker = LocalWorker(config, worker_id="demo")
@@ -79,5 +79,6 @@ def comparison_table(config: RunConfig, best_genome: np.ndarray) -> list[tuple[s
         rows.append((f"expert {label}", worker.test_accuracy()))
     worker.models.materializer.apply(linear.decode(linear.encode({"weight": 1.0})))
     rows.append(("uniform average", worker.test_accuracy()))
-    rows.append(("searched merge", worker.test_accuracy(best_genome)))
+    for population, genome in bests.items():
+        rows.append((f"searched merge ({population})", worker.test_accuracy(genome, population)))
     return rows

@@ -9,6 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 
+import numpy as np
+
 from evomerge.candidates import Candidate, Evaluation
 from evomerge.config import RunConfig
 
@@ -27,6 +29,10 @@ class Executor(ABC):
     @property
     @abstractmethod
     def in_flight(self) -> int: ...
+
+    @abstractmethod
+    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
+        """The experts' per-block Gram matrices (M2N2 seed recipes), from any one worker."""
 
     def shutdown(self) -> None:
         """Release workers (no-op for the inline executor)."""
@@ -50,7 +56,10 @@ class InlineExecutor(Executor):
         if not self._queue:
             return []
         cand = self._queue.popleft()
-        return [self.worker.evaluate(cand.id, cand.genome)]
+        return [self.worker.evaluate(cand.id, cand.genome, cand.population)]
+
+    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.worker.block_grams(grid)
 
     @property
     def in_flight(self) -> int:

@@ -14,13 +14,15 @@ from typing import Any, Callable
 
 import yaml
 
-from evomerge.config import RunConfig, check_files, config_from_dict
+from evomerge.config import PopulationConfig, RunConfig, check_files, config_from_dict
 from evomerge.controller import Controller, Population, Progress
 from evomerge.errors import ConfigError, RunDirError
-from evomerge.executors import InlineExecutor
+from evomerge.executors import Executor, InlineExecutor
 from evomerge.models.loading import parameter_names
+from evomerge.space import Space
 from evomerge.store import RunStore
-from evomerge.strategies import make_strategy
+from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.strategies.seed_recipes import SeedGram
 
 RECIPE_NAME = "recipe.yaml"
 
@@ -46,6 +48,18 @@ def load_run_config(store: RunStore) -> RunConfig:
     return config_from_dict(data, str(store.run_dir / "config.yaml"), store.run_dir)
 
 
+def _search_spec(population: PopulationConfig, space: Space, executor: Executor) -> SearchSpec:
+    """The population's view of the search: the merge space, or M2N2's seed recipes."""
+    grid = population.seed_recipe_grid()
+    if grid is None:
+        return space.search_spec()
+    try:
+        edges, grams = executor.block_grams(grid)
+    except ValueError as exc:  # e.g. an element grid on a model too large for it
+        raise ConfigError(f"populations '{population.name}': {exc}") from None
+    return SearchSpec.seed_recipes(SeedGram.from_block_grams(edges, grams))
+
+
 def start_run(
     config: RunConfig,
     source: str,
@@ -64,11 +78,15 @@ def start_run(
         space = config.merge.build_space(parameter_names(config.working_model_ref()), len(config.models.experts))
     except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
         raise ConfigError(f"{source}: merge: {exc}") from None
-    strategies = [
-        make_strategy(p.strategy, p.name, space.search_spec(), config.seed + 1000 * i, p.options)
-        for i, p in enumerate(config.populations)
-    ]
     executor = InlineExecutor(config)
+    try:
+        strategies = [
+            make_strategy(p.strategy, p.name, _search_spec(p, space, executor), config.seed + 1000 * i, p.options)
+            for i, p in enumerate(config.populations)
+        ]
+    except BaseException:
+        executor.shutdown()
+        raise
     store = RunStore(path, create=True)
     try:
         store.init_run(config.name, yaml.safe_dump(resolved_config_dict(config), sort_keys=False), config.budget.model_dump())
@@ -162,7 +180,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} exists and is not empty; choose another --out")
     worker = LocalWorker(config, worker_id="export")
-    recipe = worker.materialize(best.genome)
+    recipe = worker.materialize(best.genome, best.population)
     tmp = out.with_name(out.name + f".tmp-{int(time.time())}")
     worker.models.model.save_pretrained(tmp, safe_serialization=True)
     if worker.models.tokenizer is not None:
@@ -174,7 +192,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "base_model": config.models.base,
         "experts": [{"name": n, "path": e.path} for n, e in zip(config.models.expert_labels(), config.models.experts)],
         "granularity": config.merge.granularity,
-        "recipe": recipe.to_dict(),
+        "recipe": recipe,
     }
     (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
     if out.exists():

@@ -228,3 +228,36 @@ def test_missing_model_directory_is_refused(tmp_path, digits_config, digit_model
     path = digits_config(models={"base": str(digit_models["base"]), "experts": [str(tmp_path / "gone")]})
     assert main(["run", str(path)]) == 2
     assert "models.experts.0.path" in capsys.readouterr().err
+
+
+def test_m2n2_seed_recipes_run_beside_cmaes_and_export(tmp_path, digits_config):
+    from transformers import AutoModel
+
+    from evomerge.fitness.classification import classification_accuracy
+    from evomerge.fitness.data import load_examples
+    from evomerge.models.loading import register_builtin_architectures
+
+    populations = [
+        {"name": "m2n2", "strategy": "m2n2", "share": 2, "options": {"archive": "seed_recipes", "split_grid": "rows"}},
+        {"name": "cma", "strategy": "cmaes"},
+    ]
+    run_dir, out = tmp_path / "r", tmp_path / "merged"
+    run_ok(["run", str(digits_config(populations=populations, budget={"evaluations": 30})), "--run-dir", str(run_dir)])
+    store = RunStore(run_dir, readonly=True)
+    m2n2 = list(store.evaluations("m2n2"))
+    store.close()
+    assert len(m2n2) == 20 and all(e.status == "ok" for e in m2n2)
+    seeds = [e.fitness for e in m2n2[:2]]  # the two experts themselves come first
+    assert max(e.fitness for e in m2n2) > max(seeds)  # children that beat both experts
+    best_m2n2 = max(m2n2, key=lambda e: e.fitness)
+    run_ok(["export", str(run_dir), "--out", str(out)])
+    document = __import__("yaml").safe_load((out / "recipe.yaml").read_text())
+    if document["population"] == "m2n2":
+        pieces = document["recipe"]["pieces"]
+        assert pieces[0]["start"] == 0 and all(a["end"] == b["start"] for a, b in zip(pieces, pieces[1:]))
+        register_builtin_architectures()
+        model = AutoModel.from_pretrained(out)
+        accuracy = float(classification_accuracy(model, None, load_examples("sklearn:digits", "train")).mean())
+        assert accuracy == pytest.approx(best_m2n2.fitness, abs=1e-6)
+    else:
+        assert document["fitness"] >= best_m2n2.fitness

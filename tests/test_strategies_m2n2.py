@@ -263,7 +263,7 @@ def test_recipe_form_gives_the_weight_space_children_on_the_digits_mlp(digits_be
     seeds = digits_bench.specialists(data)
     weights = make_strategy("m2n2", "w", SearchSpec.weights(seeds), 11, {"archive_size": 6})
     gram = SeedGram.from_flat(np.stack(seeds))
-    recipes = make_strategy("m2n2", "r", SearchSpec.seed_recipes(gram), 11, {"archive_size": 6})
+    recipes = make_strategy("m2n2", "r", SearchSpec.seed_recipes(gram), 11, {"archive_size": 6, "archive": "seed_recipes"})
     stacked = np.stack(seeds)
     for _ in range(60):
         (cw,), (cr,) = weights.ask(1), recipes.ask(1)
@@ -275,10 +275,14 @@ def test_recipe_form_gives_the_weight_space_children_on_the_digits_mlp(digits_be
     assert max(len(SeedRecipe.decode(m).coeffs) for m in recipes._members if m is not None) > 1  # split points kept
 
 
-def test_seed_recipes_refuse_mutation():
-    gram = SeedGram.from_flat(np.eye(2, 4))
+def test_seed_recipes_refuse_mutation_and_need_their_space():
+    spec = SearchSpec.seed_recipes(SeedGram.from_flat(np.eye(2, 4)))
     with pytest.raises(ValueError, match="mutation"):
-        make_strategy("m2n2", "r", SearchSpec.seed_recipes(gram), 0, {"mutation": 0.01})
+        make_strategy("m2n2", "r", spec, 0, {"mutation": 0.01, "archive": "seed_recipes"})
+    with pytest.raises(ValueError, match="seed_recipes"):
+        make_strategy("m2n2", "r", spec, 0, {})
+    with pytest.raises(ValueError, match="seed_recipes"):
+        make_strategy("m2n2", "r", weight_spec(), 0, {"archive": "seed_recipes"})
 
 
 # --- the digits experiment, CI-sized ---------------------------------------------------------
@@ -294,3 +298,15 @@ def test_short_digits_run_rises_above_the_seeds(digits_bench, pretrained):
     assert result["passes"] == 1500
     assert result["test_acc"] > seed_test + 0.15
     assert result["train_acc"] >= result["test_acc"] - 0.1
+
+
+def test_archive_stats_coverage_and_entropy():
+    m = make_strategy("m2n2", "p", weight_spec(), 0, {"archive_size": 2})
+    assert m.archive_stats()["members"] == 0
+    a, b = m.ask(2)
+    tell(m, a, [1, 1, 0, 0])
+    tell(m, b, [1, 0, 0, 0])
+    stats = m.archive_stats()
+    assert stats["members"] == 2
+    assert stats["coverage"] == pytest.approx(0.5)  # examples 0 and 1 are solved by someone
+    assert stats["entropy"] == pytest.approx(math.log(2) / 4)  # only example 0 is split, evenly

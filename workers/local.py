@@ -26,6 +26,7 @@ from evomerge.fitness.data import load_examples
 from evomerge.merge.materializer import Materializer
 from evomerge.models.loading import load_model, load_tokenizer, resolve_device
 from evomerge.space import Recipe, Space
+from evomerge.strategies.seed_recipes import SeedRecipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,21 +74,49 @@ class LocalWorker:
         self.fitness_name = config.fitness.name
         self.fitness_fn = resolve_fitness(config.fitness.name)
         self.examples = self._examples(config.fitness.data)
+        self._seed_recipe_grids = {
+            p.name: grid for p in config.populations if (grid := p.seed_recipe_grid()) is not None
+        }
+        self._block_edges: dict[str, np.ndarray] = {}
 
     def _examples(self, data):
         return load_examples(data.source, data.split, data.classes, data.limit, self.config.base_dir)
 
-    def materialize(self, genome: np.ndarray) -> Recipe:
-        recipe = self.space.decode(genome)
-        self.models.materializer.apply(recipe)
-        return recipe
+    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
+        """The experts' per-block Gram matrices on a split grid, for M2N2's seed-recipe archive."""
+        return self.models.materializer.block_grams(grid)
+
+    def materialize(self, genome: np.ndarray, population: str | None = None) -> dict:
+        """Write a candidate into the working model; returns the recipe as a plain document.
+
+        Genomes of a seed-recipe population are piecewise combinations of the experts; all
+        others decode through the run's merge space.
+        """
+        grid = self._seed_recipe_grids.get(population or "")
+        if grid is None:
+            recipe: Recipe = self.space.decode(genome)
+            self.models.materializer.apply(recipe)
+            return recipe.to_dict()
+        if grid not in self._block_edges:
+            self._block_edges[grid] = self.models.materializer.block_edges(grid)
+        seed_recipe = SeedRecipe.decode(genome)
+        edges = self._block_edges[grid][seed_recipe.edges]
+        self.models.materializer.apply_pieces(edges, seed_recipe.coeffs)
+        labels = self.config.models.expert_labels()
+        return {
+            "method": "seed_recipe",
+            "pieces": [
+                {"start": int(lo), "end": int(hi), "weights": dict(zip(labels, map(float, row)))}
+                for lo, hi, row in zip(edges[:-1], edges[1:], seed_recipe.coeffs)
+            ],
+        }
 
     def score(self, examples) -> np.ndarray:
         raw = self.fitness_fn(self.models.model, self.models.tokenizer, examples)
         n = len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
         return per_example_scores(raw, n, self.fitness_name)
 
-    def evaluate(self, candidate_id: str, genome: np.ndarray) -> Evaluation:
+    def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None = None) -> Evaluation:
         """Merge and score one candidate; failures become a failed evaluation, never an exception.
 
         User-fixable plugin errors (wrong return shape) are re-raised: every candidate would fail
@@ -96,7 +125,7 @@ class LocalWorker:
         started = time.time()
         t0 = time.perf_counter()
         try:
-            self.materialize(genome)
+            self.materialize(genome, population)
             t1 = time.perf_counter()
             scores = self.score(self.examples)
         except PluginError:
@@ -122,10 +151,10 @@ class LocalWorker:
             duration=duration,
         )
 
-    def test_accuracy(self, genome: np.ndarray | None = None) -> float:
+    def test_accuracy(self, genome: np.ndarray | None = None, population: str | None = None) -> float:
         """Mean score on ``fitness.test_data`` for a genome (None: the model as it is now)."""
         if self.config.fitness.test_data is None:
             raise UserError("fitness.test_data is not set in the config")
         if genome is not None:
-            self.materialize(genome)
+            self.materialize(genome, population)
         return float(np.mean(self.score(self._examples(self.config.fitness.test_data))))

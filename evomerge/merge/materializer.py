@@ -10,12 +10,19 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 
 from evomerge.errors import ModelMismatchError
 from evomerge.merge import MergeMethod, ResidentTensor, TensorContext, get_merge_method
-from evomerge.merge.resident import Scratch
+from evomerge.merge.resident import Scratch, combine_
 from evomerge.space import Recipe
+
+SPLIT_GRIDS = ("rows", "elements")
+"""Where M2N2's seed-recipe split points may fall: between tensor rows (first dimension), or
+anywhere (exact, for small models: one Gram matrix per parameter)."""
+ELEMENT_GRID_LIMIT = 50_000_000
+GRAM_ROW_CHUNK = 1 << 20
 
 DEFAULT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
 """Elements per kernel step: L3-sized on CPUs (measured on 2 EPYC cores: 2^20 beats 2^17–2^19 for
@@ -163,3 +170,68 @@ class Materializer:
                 scratch=self._scratch,
             )
             method.kernel(out, self.tensors[name], recipe.params_for(name, per_model), recipe.options, ctx)
+
+    def block_edges(self, grid: str) -> np.ndarray:
+        """Element offsets of the blocks of a split grid over the flattened parameters."""
+        if grid not in SPLIT_GRIDS:
+            raise ValueError(f"split grid must be one of {', '.join(SPLIT_GRIDS)}, got '{grid}'")
+        if grid == "elements":
+            if self.total > ELEMENT_GRID_LIMIT:
+                raise ValueError(
+                    f"a split grid of single elements keeps one Gram matrix per parameter; this model has"
+                    f" {self.total:,} parameters — use the 'rows' grid"
+                )
+            return np.arange(self.total + 1, dtype=np.int64)
+        edges = [np.zeros(1, dtype=np.int64)]
+        for name, target in self.targets.items():
+            rows = target.shape[0] if target.dim() > 1 else 1
+            edges.append(self.offsets[name] + np.arange(1, rows + 1, dtype=np.int64) * (target.numel() // rows))
+        return np.concatenate(edges)
+
+    @torch.no_grad()
+    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(edges, grams)``: the experts' Gram matrix on every block of ``grid`` (float64).
+
+        The experts' full weights count (base plus task vector when there is a base), since M2N2's
+        seed recipes combine the models themselves. Computed once per run, on the worker's device.
+        """
+        edges = self.block_edges(grid)
+        grams = []
+        for name, tensor in self.tensors.items():
+            if grid == "elements":
+                width = 1
+            else:  # as block_edges: a matrix's rows, or a vector or scalar whole
+                width = tensor.numel // tensor.shape[0] if len(tensor.shape) > 1 else tensor.numel
+            n_rows = tensor.numel // width
+            flat = tensor.flat_stack().view(tensor.n_models, n_rows, width)
+            ref = tensor.flat_reference()
+            ref_rows = None if ref is None else ref.view(n_rows, width)
+            step = max(1, GRAM_ROW_CHUNK // width)
+            for lo in range(0, n_rows, step):
+                block = flat[:, lo : lo + step].to(torch.float64, copy=True)  # never alias the resident rows
+                if ref_rows is not None:
+                    block += ref_rows[lo : lo + step]
+                grams.append(torch.einsum("srw,trw->rst", block, block).cpu().numpy())
+        return edges, np.concatenate(grams)
+
+    @torch.no_grad()
+    def apply_pieces(self, edges: np.ndarray, coefficients: np.ndarray) -> None:
+        """Write ``Σ_s c[k, s] · expert_s`` on each piece ``[edges[k], edges[k+1])`` of the flat parameters.
+
+        M2N2's seed recipes materialize this way: a linear merge whose weights change at the
+        recipe's split points, one streaming pass per piece and tensor.
+        """
+        edges = np.asarray(edges, dtype=np.int64)
+        coefficients = np.asarray(coefficients, dtype=np.float64)
+        if edges[0] != 0 or edges[-1] != self.total or coefficients.shape != (len(edges) - 1, self.n_models):
+            raise ValueError(
+                f"pieces must cover the {self.total} parameters with {self.n_models} coefficients each"
+            )
+        for name, out in self.targets.items():
+            start, end = self.offsets[name], self.offsets[name] + out.numel()
+            first = int(np.searchsorted(edges, start, side="right")) - 1
+            last = int(np.searchsorted(edges, end, side="left"))
+            for k in range(first, last):
+                lo, hi = max(int(edges[k]), start) - start, min(int(edges[k + 1]), end) - start
+                if lo < hi:
+                    combine_(out, self.tensors[name], coefficients[k].tolist(), self.chunk, segment=(lo, hi))

@@ -27,9 +27,10 @@ large to hold in memory.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import Field, model_validator
 
 from evomerge.candidates import Candidate, Evaluation
@@ -41,24 +42,26 @@ from evomerge.strategies.seed_recipes import SeedRecipe
 def claimed(scores: np.ndarray, alpha: float) -> np.ndarray:
     """``z_j^α`` per example, with examples nobody solves counting as 1 (the code's ε)."""
     z = scores.sum(axis=0)
-    return np.where(z > 0, z, 1.0) ** alpha
+    z[z <= 0] = 1.0
+    return z if alpha == 1.0 else z**alpha
 
 
-def capacities(scores: np.ndarray) -> np.ndarray:
+def capacities(scores: np.ndarray, binary: bool | None = None) -> np.ndarray:
     """1 per example for binary scores; the best score on each example for continuous ones."""
-    if np.all((scores == 0) | (scores == 1)):
-        return np.ones(scores.shape[1])
-    return scores.max(axis=0)
+    if binary is None:
+        binary = bool(np.all((scores == 0) | (scores == 1)))
+    return np.ones(scores.shape[1]) if binary else scores.max(axis=0)
 
 
-def shared_scores(scores: np.ndarray, alpha: float) -> np.ndarray:
+def shared_scores(scores: np.ndarray, alpha: float, binary: bool | None = None) -> np.ndarray:
     """``F = c · s / z^α``: each example's resource split among the members that solve it."""
-    return scores * (capacities(scores) / claimed(scores, alpha))
+    return scores * (capacities(scores, binary) / claimed(scores, alpha))
 
 
 def attraction(shared: np.ndarray, a: int) -> np.ndarray:
     """How much each member solves what member ``a`` does not, weighted by scarcity."""
-    return np.maximum(shared - shared[a], 0.0).sum(axis=1)
+    gain = np.subtract(shared, shared[a])
+    return np.maximum(gain, 0.0, out=gain).sum(axis=1)
 
 
 def split_point_slerp(a: np.ndarray, b: np.ndarray, split: int, mix: float) -> np.ndarray:
@@ -67,8 +70,9 @@ def split_point_slerp(a: np.ndarray, b: np.ndarray, split: int, mix: float) -> n
     One angle Ω between the whole vectors; SLERP with ``t = mix`` before index ``split`` and
     ``t = 1 − mix`` from it on; linear interpolation when ``sin Ω ≤ 1e-6``.
     """
-    aa, bb = float(a @ a), float(b @ b)
-    cos_omega = float(a @ b) / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
+    # einsum, not BLAS: a threaded BLAS dot of a few 10k elements stalls when the cores are busy
+    aa, bb = float(np.einsum("i,i->", a, a)), float(np.einsum("i,i->", b, b))
+    cos_omega = float(np.einsum("i,i->", a, b)) / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
     child = np.empty(a.shape, dtype=np.result_type(a, b))
     for (lo, hi), t in (((0, split), mix), ((split, a.size), 1.0 - mix)):
         ca, cb = split_slerp_coefficients(t, cos_omega)
@@ -84,7 +88,9 @@ def roulette(rng: np.random.Generator, weights: np.ndarray, allowed: np.ndarray)
     if not np.isfinite(total) or total <= 0:
         w = allowed.astype(np.float64)
         total = w.sum()
-    return int(rng.choice(len(w), p=w / total))
+    # inverse CDF: the same draw as Generator.choice(p=…), without its per-call validation cost
+    index = int(np.searchsorted(np.cumsum(w), rng.random() * total, side="right"))
+    return min(index, int(np.flatnonzero(w)[-1]))
 
 
 class M2N2Options(StrategyOptions):
@@ -98,6 +104,13 @@ class M2N2Options(StrategyOptions):
         default=None,
         ge=0,
         description="uniform random genomes added to the seeds (recipe space); default fills the archive",
+    )
+    archive: Literal["genomes", "seed_recipes"] = Field(
+        default="genomes",
+        description="seed_recipes: members are piecewise combinations of the experts (no mutation; for large models)",
+    )
+    split_grid: Literal["rows", "elements"] = Field(
+        default="rows", description="seed_recipes: split points between tensor rows, or anywhere (small models)"
     )
 
     @model_validator(mode="after")
@@ -113,9 +126,18 @@ class M2N2(Strategy):
     def __init__(self, population: str, spec: SearchSpec, seed: int, options: M2N2Options) -> None:
         super().__init__(population, spec, seed, options)
         self._gram = spec.seed_gram
+        if (self._gram is not None) != (options.archive == "seed_recipes"):
+            raise ValueError(
+                "archive 'seed_recipes' needs a space of seed recipes (SearchSpec.seed_recipes) and only it"
+            )
         if self._gram is not None and options.mutation > 0:
             raise ValueError("mutation needs weights in the archive; seed recipes only combine the seeds")
         self._rng = np.random.default_rng(seed)
+        # Mutation noise from torch: numpy's normal sampler is ~3× slower, and a weight-space
+        # child needs one draw per parameter.
+        self._noise = torch.Generator().manual_seed(seed)
+        self._binary = True  # every score told so far is 0 or 1: capacities are 1
+        self._negative = False  # some score was negative: examples are shifted by their worst
         self._pending = self._initial_genomes()
         self._members: list[np.ndarray | None] = [None] * options.archive_size
         self._member_ids: list[str] = [""] * options.archive_size
@@ -164,7 +186,9 @@ class M2N2(Strategy):
         return {"coverage": float(np.mean(s.max(axis=0) > 0)), "entropy": float(entropy.mean()), "members": int(len(s))}
 
     def _fitness(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        shared = shared_scores(_shift(scores), self._alpha)
+        if self._negative:
+            scores = _shift(scores)
+        shared = shared_scores(scores, self._alpha, binary=self._binary)
         return shared, shared.sum(axis=1)
 
     def _insert(self, genome: np.ndarray, member_id: str, row: np.ndarray) -> None:
@@ -193,8 +217,9 @@ class M2N2(Strategy):
 
     def _parents(self) -> tuple[int, int]:
         assert self._scores is not None
-        slots = np.flatnonzero(self.filled)
-        shared, fitness = self._fitness(self._scores[slots])
+        filled = self.filled
+        slots = np.flatnonzero(filled)
+        shared, fitness = self._fitness(self._scores if filled.all() else self._scores[slots])
         everyone = np.ones(len(slots), dtype=bool)
         a = roulette(self._rng, fitness, everyone)
         if not self._use_attraction:
@@ -220,7 +245,8 @@ class M2N2(Strategy):
             split = int(self._rng.integers(0, a.size)) if opts.split_point else a.size
             child = split_point_slerp(a, b, split, float(self._rng.random()))
         if opts.mutation > 0:
-            child += opts.mutation * self._rng.standard_normal(child.size)
+            noise = torch.empty(child.size, dtype=torch.float32).normal_(0.0, opts.mutation, generator=self._noise)
+            child += noise.numpy()
         if self.spec.bounded:
             np.clip(child, 0.0, 1.0, out=child)
         return child
@@ -243,6 +269,8 @@ class M2N2(Strategy):
             return  # a failed child never enters the archive
         row = evaluation.per_example if evaluation.per_example is not None else np.array([fitness])
         row = np.nan_to_num(np.asarray(row, dtype=np.float64).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
+        self._binary = self._binary and bool(np.all((row == 0) | (row == 1)))
+        self._negative = self._negative or bool(row.min(initial=0.0) < 0)
         self._insert(candidate.genome, candidate.id, row)
 
     def stop(self) -> dict[str, Any]:
@@ -253,6 +281,9 @@ class M2N2(Strategy):
     def _state(self) -> Any:
         return {
             "rng": self._rng.bit_generator.state,
+            "noise": self._noise.get_state(),
+            "binary": self._binary,
+            "negative": self._negative,
             "pending": list(self._pending),
             "members": list(self._members),
             "member_ids": list(self._member_ids),
@@ -261,6 +292,9 @@ class M2N2(Strategy):
 
     def _load_state(self, state: Any) -> None:
         self._rng.bit_generator.state = state["rng"]
+        self._noise.set_state(state["noise"])
+        self._binary = state["binary"]
+        self._negative = state["negative"]
         self._pending = list(state["pending"])
         self._members = list(state["members"])
         self._member_ids = list(state["member_ids"])
@@ -280,6 +314,8 @@ class GAOptions(StrategyOptions):
     crossover: bool = Field(default=True, description="off: the child is a parent plus mutation")
     mutation: float = Field(default=0.0, ge=0.0, description="std of Gaussian noise added to each child gene")
     random_seeds: int | None = Field(default=None, ge=0, description="as for m2n2")
+    archive: Literal["genomes", "seed_recipes"] = Field(default="genomes", description="as for m2n2")
+    split_grid: Literal["rows", "elements"] = Field(default="rows", description="as for m2n2")
 
     @model_validator(mode="after")
     def _child_must_differ(self) -> "GAOptions":

@@ -190,3 +190,48 @@ def test_dare_masks_differ_between_tensors(make_setup):
     targets = setup.targets()
     setup.materializer(targets).apply(space.decode(np.full(space.dim, 0.5), seed=17))
     assert not torch.equal(targets[a], targets[b])
+
+
+# --- M2N2 seed recipes: per-block Gram matrices and piecewise combinations ------------------
+
+SEED_SHAPES = {"w": (3, 4), "b": (4,), "t": (2, 3, 2), "s": ()}
+
+
+def _seed_setup(with_base: bool, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(5)
+    experts = [{n: torch.randn(s, generator=gen, dtype=dtype) for n, s in SEED_SHAPES.items()} for _ in range(3)]
+    base = {n: torch.randn(s, generator=gen, dtype=dtype) for n, s in SEED_SHAPES.items()} if with_base else None
+    targets = {n: torch.empty(s, dtype=dtype) for n, s in SEED_SHAPES.items()}
+    mat = Materializer.from_state_dicts(targets, ((f"e{i}", e) for i, e in enumerate(experts)), 3, base=base)
+    flat = np.stack([np.concatenate([e[n].reshape(-1).numpy() for n in SEED_SHAPES]) for e in experts])
+    return mat, targets, flat
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("grid", ["rows", "elements"])
+def test_block_grams_and_pieces_match_the_flat_experts(with_base, grid):
+    from evomerge.strategies.seed_recipes import SeedGram, SeedRecipe
+
+    mat, targets, flat = _seed_setup(with_base)
+    edges, grams = mat.block_grams(grid)
+    if grid == "rows":  # rows of the matrix, the vector and the scalar whole, rows of the 3-D tensor
+        assert edges.tolist() == [0, 4, 8, 12, 16, 22, 28, 29]
+    gram = SeedGram.from_block_grams(edges, grams)
+    np.testing.assert_allclose(gram.prefix, SeedGram.from_flat(flat, edges).prefix, rtol=1e-12)
+    recipe = SeedRecipe(np.array([0, 1, 3, gram.n_blocks]), np.array([[1.0, 0, 0], [0.2, -0.5, 1.1], [0, 0.5, 0.5]]))
+    mat.apply_pieces(gram.block_edges[recipe.edges], recipe.coeffs)  # after the Gram: resident rows untouched
+    got = np.concatenate([targets[n].reshape(-1).numpy() for n in SEED_SHAPES])
+    np.testing.assert_allclose(got, gram.materialize(recipe, flat), rtol=1e-12, atol=1e-12)
+
+
+def test_pieces_must_cover_the_model(monkeypatch):
+    import evomerge.merge.materializer as materializer
+
+    mat, _, _ = _seed_setup(False)
+    with pytest.raises(ValueError, match="cover"):
+        mat.apply_pieces(np.array([0, 10]), np.ones((1, 3)))
+    with pytest.raises(ValueError, match="split grid"):
+        mat.block_edges("columns")
+    monkeypatch.setattr(materializer, "ELEMENT_GRID_LIMIT", 10)
+    with pytest.raises(ValueError, match="rows"):
+        mat.block_edges("elements")
