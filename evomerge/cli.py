@@ -1,4 +1,4 @@
-"""``evomerge run|status|export|validate|demo`` — the command line.
+"""``evomerge run|resume|status|export|validate|demo`` — the command line.
 
 User errors (bad config, missing paths, a run directory in use) print one line naming what to
 fix and exit with status 2; anything else is a bug and keeps its traceback.
@@ -54,6 +54,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             on_progress=update,
             on_ready=lambda path: progress.console.print(f"run directory: {path}"),
         )
+    _print_summary(summary)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from evomerge.runs import resume_run
+
+    progress, update = _progress_display()
+    with progress:
+        progress.console.print(f"resuming {args.run_dir}")
+        summary = resume_run(Path(args.run_dir), on_progress=update)
     _print_summary(summary)
     return 0
 
@@ -151,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--run-dir", help="where the run is stored (overrides run_dir in the config)")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("resume", help="continue a run stopped in any way (signal, crash, kill) from its directory")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_resume)
     p = sub.add_parser("status", help="show a run's progress (safe while it runs)")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="machine-readable output for scripts and cron jobs")

@@ -9,6 +9,7 @@ SIGTERM stop the asking; work in flight finishes, a checkpoint is written, and t
 
 from __future__ import annotations
 
+import math
 import pickle
 import signal
 import threading
@@ -17,9 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from evomerge.candidates import Evaluation
+from evomerge.errors import RunDirError
 from evomerge.executors import Executor
-from evomerge.store import RunStore
+from evomerge.store import EvaluationRow, RunStore, genome_hash
 from evomerge.strategies import Strategy
 
 
@@ -68,6 +72,7 @@ class Controller:
         self._last_seq = 0
         self._best: float | None = None
         self._evaluations = 0
+        self._active_before = 0.0  # searching time of earlier sessions of a resumed run
 
     def request_stop(self, reason: str) -> None:
         self._stop_requested = reason
@@ -91,25 +96,62 @@ class Controller:
                 skip.add(pop.name)
                 continue
             for cand in cands:
-                self.store.add_candidate(cand)
+                self.store.add_candidate(cand, asked_after=self._last_seq)
                 self.executor.submit(cand)
                 pop.submitted += 1
 
     def _record(self, ev: Evaluation) -> None:
-        pop = self.populations[ev.candidate_id.split(":", 1)[0]]
+        if ev.per_example is not None:  # strategies see exactly what the store keeps (float32)
+            ev.per_example = np.asarray(ev.per_example, dtype=np.float32).astype(np.float64)
         self._last_seq = self.store.add_evaluation(ev)
+        self._tell(ev)
+        if ev.status == "failed":
+            self.store.log_event("candidate_failed", f"{ev.candidate_id}: {ev.error}")
+
+    def _tell(self, ev: Evaluation) -> None:
+        pop = self.populations[ev.candidate_id.rsplit(":", 1)[0]]
         pop.strategy.tell([ev])
         pop.finished += 1
         self._evaluations += 1
         if ev.usable and (self._best is None or ev.fitness > self._best):
             self._best = ev.fitness
-        if ev.status == "failed":
-            self.store.log_event("candidate_failed", f"{ev.candidate_id}: {ev.error}")
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, active_seconds: float) -> None:
+        states = {p.name: pickle.dumps(p.strategy.state_dict()) for p in self.populations.values()}
+        self.store.save_checkpoints(states, self._last_seq, active_seconds)
+
+    def restore(self) -> None:
+        """Bring the populations back to where the run stopped, however it stopped.
+
+        Strategies load their last checkpoint, then everything recorded after it is replayed in
+        the order it happened: each recorded ask is asked again (and must give the same candidate:
+        strategies are deterministic given their seed and what they were told) and each recorded
+        evaluation is told again. Nothing recorded is scored twice; candidates asked but never
+        scored are outstanding again and :meth:`run` submits them first.
+        """
+        states, seq = self.store.checkpoints()
+        for name, blob in states.items():
+            self.populations[name].strategy.load_state_dict(pickle.loads(blob))
+        self._last_seq = seq
+        self._active_before = self.store.run_info()["active_seconds"]
+        for kind, item in self.store.replay_log(seq):
+            if kind == "ask":
+                population, candidate_id, recorded_hash = item
+                asked = self.populations[population].strategy.ask(1)
+                if not asked or asked[0].id != candidate_id or genome_hash(asked[0].genome) != recorded_hash:
+                    got = asked[0].id if asked else "nothing"
+                    raise RunDirError(
+                        f"{self.store.run_dir}: cannot resume: population '{population}' asked {got} where the"
+                        f" run recorded {candidate_id}; its strategy is not deterministic"
+                    )
+            else:
+                self._tell(_evaluation_from_row(item))
+                self._last_seq = item.seq
+        for name, (asked_count, _) in self.store.evaluation_counts().items():
+            self.populations[name].submitted = asked_count
         for pop in self.populations.values():
-            state = pickle.dumps(pop.strategy.state_dict())
-            self.store.save_checkpoint(pop.name, state, self._last_seq)
+            pop.finished = pop.submitted - len(pop.strategy.outstanding())
+        self._evaluations = sum(p.finished for p in self.populations.values())
 
     def _total_budget(self) -> int | None:
         budgets = [p.budget for p in self.populations.values()]
@@ -128,10 +170,13 @@ class Controller:
         self.on_progress(Progress(self._evaluations, total, self._best, elapsed, min(left) if left else None))
 
     def run(self) -> dict[str, Any]:
-        started = time.time()
+        started = time.time() - self._active_before
         since_checkpoint = 0
         stop_reason = "budget exhausted"
         self.store.log_event("run_started", f"populations: {', '.join(self.populations)}")
+        for pop in self.populations.values():  # after a restore: what was in flight when the run stopped
+            for cand in sorted(pop.strategy.outstanding(), key=lambda c: int(c.id.rsplit(":", 1)[1])):
+                self.executor.submit(cand)
         with _graceful_signals(self.request_stop):
             while True:
                 if self._stop_requested:
@@ -150,9 +195,9 @@ class Controller:
                     since_checkpoint += 1
                     self._progress(started)
                 if since_checkpoint >= self.checkpoint_every:
-                    self.checkpoint()
+                    self.checkpoint(time.time() - started)
                     since_checkpoint = 0
-        self.checkpoint()
+        self.checkpoint(time.time() - started)
         summary = self.summary(stop_reason, time.time() - started)
         state = "interrupted" if stop_reason.startswith("signal") else "finished"
         self.store.set_state(state, summary)
@@ -193,3 +238,11 @@ def _graceful_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _evaluation_from_row(row: EvaluationRow) -> Evaluation:
+    fitness = row.fitness if row.fitness is not None else -math.inf
+    per_example = None if row.per_example is None else row.per_example.astype(np.float64)
+    return Evaluation(
+        row.candidate_id, row.status, fitness, per_example, row.metrics, row.worker, row.started, row.duration, row.error
+    )

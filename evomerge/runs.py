@@ -60,6 +60,46 @@ def _search_spec(population: PopulationConfig, space: Space, executor: Executor)
     return SearchSpec.seed_recipes(SeedGram.from_block_grams(edges, grams))
 
 
+def _strategies(config: RunConfig, source: str, executor: Executor) -> tuple[Space, list]:
+    """The run's space and one fresh strategy per population (a resume builds the same ones)."""
+    try:
+        space = config.merge.build_space(parameter_names(config.working_model_ref()), len(config.models.experts))
+    except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
+        raise ConfigError(f"{source}: merge: {exc}") from None
+    strategies = [
+        make_strategy(p.strategy, p.name, _search_spec(p, space, executor), config.seed + 1000 * i, p.options)
+        for i, p in enumerate(config.populations)
+    ]
+    return space, strategies
+
+
+def _drive(
+    store: RunStore,
+    config: RunConfig,
+    executor: Executor,
+    strategies: list,
+    on_progress: Callable[[Progress], None] | None,
+    resume: bool,
+) -> dict[str, Any]:
+    budgets = config.population_budgets()
+    populations = [
+        Population(p.name, strategy, budgets[p.name], p.share) for p, strategy in zip(config.populations, strategies)
+    ]
+    controller = Controller(
+        store,
+        executor,
+        populations,
+        max_time=config.budget.max_time,
+        checkpoint_every=config.checkpoint_every,
+        on_progress=on_progress,
+    )
+    if resume:
+        controller.restore()
+        store.log_event("run_resumed", f"{sum(p.finished for p in populations)} evaluations recorded")
+    store.set_state("running")
+    return controller.run()
+
+
 def start_run(
     config: RunConfig,
     source: str,
@@ -74,20 +114,13 @@ def start_run(
     path = config.run_path()
     if (path / "run.db").exists():
         raise RunDirError(f"{path} already holds a run; choose another --run-dir or remove it")
-    try:
-        space = config.merge.build_space(parameter_names(config.working_model_ref()), len(config.models.experts))
-    except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
-        raise ConfigError(f"{source}: merge: {exc}") from None
     executor = InlineExecutor(config)
     try:
-        strategies = [
-            make_strategy(p.strategy, p.name, _search_spec(p, space, executor), config.seed + 1000 * i, p.options)
-            for i, p in enumerate(config.populations)
-        ]
+        space, strategies = _strategies(config, source, executor)
+        store = RunStore(path, create=True)
     except BaseException:
         executor.shutdown()
         raise
-    store = RunStore(path, create=True)
     try:
         store.init_run(config.name, yaml.safe_dump(resolved_config_dict(config), sort_keys=False), config.budget.model_dump())
         budgets = config.population_budgets()
@@ -98,28 +131,46 @@ def start_run(
                 budgets[p.name],
                 {"method": space.method.name, "granularity": space.granularity, "dim": space.dim, "groups": space.group_names},
             )
-        populations = [
-            Population(p.name, strategy, budgets[p.name], p.share) for p, strategy in zip(config.populations, strategies)
-        ]
-        controller = Controller(
-            store,
-            executor,
-            populations,
-            max_time=config.budget.max_time,
-            checkpoint_every=config.checkpoint_every,
-            on_progress=on_progress,
-        )
         if on_ready is not None:
             on_ready(path)
-        summary = controller.run()
+        return _drive(store, config, executor, strategies, on_progress, resume=False)
     except BaseException as exc:
-        if (path / "run.db").exists():
-            store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
+        store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
         raise
     finally:
         executor.shutdown()
         store.close()
-    return summary
+
+
+def resume_run(run_dir: Path, on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+    """Continue a run stopped in any way (signal, deadline, crash, SIGKILL) from its run directory.
+
+    The config is the run's own snapshot, so the strategies are rebuilt with the same seeds; they
+    load their checkpoint and replay what was recorded after it (see ``Controller.restore``).
+    """
+    store = RunStore(run_dir)
+    try:
+        info = store.run_info()
+        if info["state"] == "finished":
+            summary = info["summary"] or {}
+            raise RunDirError(
+                f"{run_dir}: the run already finished ({summary.get('stop_reason', 'budget exhausted')}); nothing to resume"
+            )
+        config = load_run_config(store)
+    except BaseException:
+        store.close()
+        raise
+    source = str(Path(run_dir) / "config.yaml")
+    executor = InlineExecutor(config)
+    try:
+        _, strategies = _strategies(config, source, executor)
+        return _drive(store, config, executor, strategies, on_progress, resume=True)
+    except BaseException as exc:
+        store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        executor.shutdown()
+        store.close()
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from evomerge.errors import RunDirError
 
 DB_NAME = "run.db"
 CONFIG_NAME = "config.yaml"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS runs (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     budget_json TEXT NOT NULL,
-    summary_json TEXT
+    summary_json TEXT,
+    active_seconds REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS populations (
     name TEXT PRIMARY KEY,
@@ -48,7 +49,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     genome BLOB NOT NULL,
     genome_hash TEXT NOT NULL,
     parent_ids TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    asked_after INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS candidates_hash ON candidates(genome_hash);
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -158,9 +160,12 @@ class RunStore:
             (name, strategy, budget, json.dumps(space)),
         )
 
-    def add_candidate(self, cand: Candidate) -> None:
+    def add_candidate(self, cand: Candidate, asked_after: int) -> None:
+        """Record a candidate before it is scored; ``asked_after`` is the evaluation count when it
+        was asked, which places the ask between the tells when a resumed run replays the log."""
         self._tx(
-            "INSERT OR IGNORE INTO candidates (id, population, genome, genome_hash, parent_ids, created) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO candidates (id, population, genome, genome_hash, parent_ids, created, asked_after)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 cand.id,
                 cand.population,
@@ -168,6 +173,7 @@ class RunStore:
                 genome_hash(cand.genome),
                 json.dumps(list(cand.parent_ids)),
                 cand.created,
+                asked_after,
             ),
         )
 
@@ -200,12 +206,25 @@ class RunStore:
             raise
         return int(cur.lastrowid)
 
-    def save_checkpoint(self, population: str, state: bytes, evaluations_seq: int) -> None:
-        self._tx(
-            "INSERT INTO checkpoints (population, state, evaluations_seq, saved) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(population) DO UPDATE SET state = excluded.state, evaluations_seq = excluded.evaluations_seq, saved = excluded.saved",
-            (population, state, evaluations_seq, time.time()),
-        )
+    def save_checkpoints(self, states: dict[str, bytes], evaluations_seq: int, active_seconds: float) -> None:
+        """Every population's state as of evaluation ``evaluations_seq``, in one transaction, so a
+        resumed run never mixes states from different moments; ``active_seconds`` is the run's
+        searching time so far (what ``max_time`` limits across resumes)."""
+        now = time.time()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("UPDATE runs SET active_seconds = ?, updated = ?", (active_seconds, now))
+            for population, state in states.items():
+                self._db.execute(
+                    "INSERT INTO checkpoints (population, state, evaluations_seq, saved) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT(population) DO UPDATE SET state = excluded.state,"
+                    " evaluations_seq = excluded.evaluations_seq, saved = excluded.saved",
+                    (population, state, evaluations_seq, now),
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def set_state(self, state: str, summary: dict[str, Any] | None = None) -> None:
         self._tx(
@@ -265,9 +284,49 @@ class RunStore:
         r = self._db.execute(sql, (population,) if population else ()).fetchone()
         return None if r is None else self._row(r, True)
 
-    def checkpoint(self, population: str) -> tuple[bytes, int] | None:
-        r = self._db.execute("SELECT state, evaluations_seq FROM checkpoints WHERE population = ?", (population,)).fetchone()
-        return None if r is None else (r["state"], r["evaluations_seq"])
+    def checkpoints(self) -> tuple[dict[str, bytes], int]:
+        """The populations' latest states and the evaluation count they were taken at (0: none)."""
+        rows = self._db.execute("SELECT population, state, evaluations_seq FROM checkpoints").fetchall()
+        if not rows:
+            return {}, 0
+        seqs = {r["evaluations_seq"] for r in rows}
+        if len(seqs) != 1:
+            raise RunDirError(f"{self.run_dir}: checkpoints from different moments; the run store is damaged")
+        return {r["population"]: r["state"] for r in rows}, seqs.pop()
+
+    def replay_log(self, after_seq: int) -> Iterator[tuple[str, Any]]:
+        """What happened after evaluation ``after_seq``, in order: ``("ask", (population, id, genome_hash))``
+        and ``("tell", EvaluationRow)``. A candidate asked when ``k`` evaluations were recorded
+        comes before evaluation ``k + 1``; candidates asked at the same count keep their order."""
+        asks = self._db.execute(
+            "SELECT population, id, genome_hash, asked_after FROM candidates WHERE asked_after >= ? ORDER BY rowid",
+            (after_seq,),
+        ).fetchall()
+        tells = self._db.execute(
+            "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
+            " WHERE e.seq > ? ORDER BY e.seq",
+            (after_seq,),
+        )
+        pending = iter(asks)
+        ask = next(pending, None)
+        for r in tells:
+            while ask is not None and ask["asked_after"] < r["seq"]:
+                yield "ask", (ask["population"], ask["id"], ask["genome_hash"])
+                ask = next(pending, None)
+            yield "tell", self._row(r, True)
+        while ask is not None:
+            yield "ask", (ask["population"], ask["id"], ask["genome_hash"])
+            ask = next(pending, None)
+
+    def evaluation_counts(self) -> dict[str, tuple[int, int]]:
+        """Per population: (candidates asked, evaluations recorded)."""
+        asked = dict(self._db.execute("SELECT population, COUNT(*) FROM candidates GROUP BY population").fetchall())
+        done = dict(
+            self._db.execute(
+                "SELECT c.population, COUNT(*) FROM evaluations e JOIN candidates c ON c.id = e.candidate_id GROUP BY 1"
+            ).fetchall()
+        )
+        return {p: (asked.get(p, 0), done.get(p, 0)) for p in set(asked) | set(done)}
 
     def events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db.execute("SELECT * FROM events ORDER BY seq")]

@@ -33,7 +33,7 @@ def test_run_records_every_candidate_with_per_example_scores(tmp_path, digits_co
     for r in rows:
         assert r.per_example.shape == (TRAIN_EXAMPLES,)
         assert r.fitness == pytest.approx(float(np.mean(r.per_example)), abs=1e-6)
-    assert store.checkpoint("cma") is not None
+    assert "cma" in store.checkpoints()[0]
     info = store.run_info()
     assert info["state"] == "finished"
     assert info["summary"]["best"]["fitness"] == max(r.fitness for r in rows)
@@ -206,7 +206,7 @@ def test_sigint_stops_cleanly_with_a_checkpoint(tmp_path, digits_config, monkeyp
     store = RunStore(tmp_path / "r", readonly=True)
     assert store.run_info()["state"] == "interrupted"
     assert len(list(store.evaluations())) == 7  # the evaluation in flight finished and was recorded
-    assert store.checkpoint("cma")[1] == 7
+    assert store.checkpoints()[1] == 7
     store.close()
 
 
