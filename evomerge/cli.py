@@ -45,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evomerge.runs import start_run
 
     config = load_config(args.config)
+    _override_limits(config, args)
     progress, update = _progress_display()
     with progress:
         summary = start_run(
@@ -58,13 +59,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override_limits(config, args: argparse.Namespace) -> None:
+    """``--max-time`` / ``--deadline`` replace the config's (cron jobs set them per night)."""
+    if args.max_time is not None:
+        config.budget.max_time = args.max_time
+    if args.deadline is not None:
+        config.budget.deadline = args.deadline
+
+
+def _duration_arg(value: str) -> float:
+    from evomerge.config import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _deadline_arg(value: str) -> str:
+    from evomerge.config import resolve_deadline
+
+    try:
+        resolve_deadline(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-time", type=_duration_arg, help="total searching time, e.g. 8h or 1h30m (overrides budget.max_time)")
+    parser.add_argument("--deadline", type=_deadline_arg, help="stop asking at this time, e.g. 07:00 or 2026-11-26T07:00")
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.runs import resume_run
 
     progress, update = _progress_display()
     with progress:
         progress.console.print(f"resuming {args.run_dir}")
-        summary = resume_run(Path(args.run_dir), on_progress=update)
+        summary = resume_run(Path(args.run_dir), on_progress=update, max_time=args.max_time, deadline=args.deadline)
     _print_summary(summary)
     return 0
 
@@ -161,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a search from a config file")
     p.add_argument("config")
     p.add_argument("--run-dir", help="where the run is stored (overrides run_dir in the config)")
+    _add_limits(p)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("resume", help="continue a run stopped in any way (signal, crash, kill) from its directory")
     p.add_argument("run_dir")
+    _add_limits(p)
     p.set_defaults(fn=cmd_resume)
     p = sub.add_parser("status", help="show a run's progress (safe while it runs)")
     p.add_argument("run_dir")

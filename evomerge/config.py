@@ -7,6 +7,7 @@ the file are relative to the file's directory, so a config and its models can mo
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,9 @@ from evomerge.space import GRANULARITIES, Space
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+_CLOCK = re.compile(r"^(\d{1,2}):(\d{2})$")
 
 
 def parse_duration(value: str | float | int) -> float:
@@ -136,6 +140,38 @@ class PopulationConfig(_Strict):
         return getattr(options, "split_grid") if getattr(options, "archive", "genomes") == "seed_recipes" else None
 
 
+class WorkersConfig(_Strict):
+    """The Ray worker pool: one actor per worker, each holding the models once.
+
+    ``count`` defaults to what the cluster holds (its CPUs / ``cpus_per_worker``, or its GPUs /
+    ``gpus_per_worker`` for GPU workers), so a plain run uses the whole machine.
+    """
+
+    count: int | None = Field(default=None, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    # None starts Ray on this machine (or joins RAY_ADDRESS); "auto" or "ray://host:port" joins a cluster.
+    address: str | None = None
+    # A candidate still running after this long fails, and its worker is replaced.
+    timeout: float | None = None
+    # Re-runs of a candidate whose worker died under it, before it is recorded as failed.
+    max_retries: int = Field(default=2, ge=0)
+    # Worker deaths in a row, with no evaluation finishing in between, that stop the run.
+    max_worker_failures: int = Field(default=10, ge=1)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return None if value is None else parse_duration(value)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("leave address out to start Ray on this machine, or use 'auto' or 'ray://host:port'")
+        return value
+
+
 class DataConfig(_Strict):
     source: str
     split: str = "train"
@@ -149,33 +185,64 @@ class FitnessConfig(_Strict):
     test_data: DataConfig | None = None
 
 
+def resolve_deadline(value: str, now: datetime | None = None) -> datetime:
+    """The moment a deadline names: ``"07:00"`` is its next occurrence (local time), or an ISO
+    date-time such as ``"2026-11-26T07:00"``."""
+    now = now or datetime.now()
+    clock = _CLOCK.match(value.strip())
+    if clock:
+        hour, minute = int(clock.group(1)), int(clock.group(2))
+        if hour > 23 or minute > 59:
+            raise ValueError(f"'{value}' is not a time of day")
+        moment = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        return moment if moment > now else moment + timedelta(days=1)
+    try:
+        return datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"'{value}' is not a deadline (use a time of day like '07:00' or a date-time like '2026-11-26T07:00')") from None
+
+
 class BudgetConfig(_Strict):
     evaluations: int | None = Field(default=None, ge=1)
     max_time: float | None = None
+    deadline: str | None = Field(default=None, description="'07:00' (next occurrence) or an ISO date-time")
+    target_fitness: float | None = Field(default=None, description="stop once the best fitness reaches this")
+    patience: int | None = Field(default=None, ge=1, description="stop after this many evaluations without improvement")
 
     @field_validator("max_time", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return None if value is None else parse_duration(value)
 
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: str | None) -> str | None:
+        if value is not None:
+            resolve_deadline(value)
+        return value
+
     @model_validator(mode="after")
     def _some_limit(self) -> "BudgetConfig":
-        if self.evaluations is None and self.max_time is None:
-            raise ValueError("set at least one of 'evaluations' or 'max_time'")
+        if self.evaluations is None and self.max_time is None and self.deadline is None:
+            raise ValueError("set at least one of 'evaluations', 'max_time' or 'deadline'")
         return self
+
+    def deadline_timestamp(self) -> float | None:
+        return None if self.deadline is None else resolve_deadline(self.deadline).timestamp()
 
 
 class RunConfig(_Strict):
     name: str = "evomerge-run"
     seed: int = 0
     run_dir: str = "runs/evomerge-run"
-    executor: Literal["inline"] = "inline"
+    executor: Literal["ray", "inline"] = "inline"
     checkpoint_every: int = Field(default=10, ge=1)
     models: ModelsConfig
     merge: MergeConfig = Field(default_factory=MergeConfig)
     populations: list[PopulationConfig] = Field(min_length=1)
     fitness: FitnessConfig
     budget: BudgetConfig
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
 
     # Set by load_config, not read from YAML: where relative paths start.
     base_dir: Path = Field(default=Path("."), exclude=True)

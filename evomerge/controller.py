@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from evomerge.candidates import Evaluation
+from evomerge.candidates import Candidate, Evaluation
 from evomerge.errors import RunDirError
 from evomerge.executors import Executor
 from evomerge.store import EvaluationRow, RunStore, genome_hash
@@ -33,6 +33,8 @@ class Population:
     strategy: Strategy
     budget: int | None
     share: float
+    cache_scope: str = "space"
+    """Populations whose genomes mean the same merge share cached evaluations."""
     submitted: int = 0
     finished: int = 0
     stop_reason: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +63,9 @@ class Controller:
         max_time: float | None = None,
         checkpoint_every: int = 10,
         on_progress: Callable[[Progress], None] | None = None,
+        deadline: float | None = None,
+        target_fitness: float | None = None,
+        patience: int | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -68,6 +73,10 @@ class Controller:
         self.max_time = max_time
         self.checkpoint_every = checkpoint_every
         self.on_progress = on_progress
+        self.deadline = deadline
+        self.target_fitness = target_fitness
+        self.patience = patience
+        self._best_at = 0  # evaluations counted when the best last improved
         self._stop_requested: str | None = None
         self._last_seq = 0
         self._best: float | None = None
@@ -97,8 +106,24 @@ class Controller:
                 continue
             for cand in cands:
                 self.store.add_candidate(cand, asked_after=self._last_seq)
-                self.executor.submit(cand)
                 pop.submitted += 1
+                cached = self._cached(pop, cand)
+                if cached is None:
+                    self.executor.submit(cand)
+                else:
+                    self._record(cached)
+
+    def _cached(self, pop: Population, cand: Candidate) -> Evaluation | None:
+        """A copy of an earlier result for the same genome: identical genomes are scored once."""
+        scope = [p.name for p in self.populations.values() if p.cache_scope == pop.cache_scope]
+        row = self.store.scored_genome(genome_hash(cand.genome), scope)
+        if row is None:
+            return None
+        ev = _evaluation_from_row(row)
+        ev.candidate_id = cand.id
+        ev.metrics = {**row.metrics, "cached_from": row.candidate_id}
+        ev.worker, ev.started, ev.duration = "cache", time.time(), 0.0
+        return ev
 
     def _record(self, ev: Evaluation) -> None:
         if ev.per_example is not None:  # strategies see exactly what the store keeps (float32)
@@ -115,6 +140,7 @@ class Controller:
         self._evaluations += 1
         if ev.usable and (self._best is None or ev.fitness > self._best):
             self._best = ev.fitness
+            self._best_at = self._evaluations
 
     def checkpoint(self, active_seconds: float) -> None:
         states = {p.name: pickle.dumps(p.strategy.state_dict()) for p in self.populations.values()}
@@ -152,6 +178,9 @@ class Controller:
         for pop in self.populations.values():
             pop.finished = pop.submitted - len(pop.strategy.outstanding())
         self._evaluations = sum(p.finished for p in self.populations.values())
+        best = self.store.best()
+        self._best = None if best is None else best.fitness
+        self._best_at = 0 if best is None else best.seq
 
     def _total_budget(self) -> int | None:
         budgets = [p.budget for p in self.populations.values()]
@@ -179,11 +208,10 @@ class Controller:
                 self.executor.submit(cand)
         with _graceful_signals(self.request_stop):
             while True:
+                if not self._stop_requested:
+                    self._stop_requested = self._limit_reached(started)
                 if self._stop_requested:
                     stop_reason = self._stop_requested
-                elif self.max_time is not None and time.time() - started >= self.max_time:
-                    stop_reason = "max_time reached"
-                    self._stop_requested = stop_reason
                 if not self._stop_requested:
                     self._fill()
                 if self.executor.in_flight == 0:
@@ -199,10 +227,24 @@ class Controller:
                     since_checkpoint = 0
         self.checkpoint(time.time() - started)
         summary = self.summary(stop_reason, time.time() - started)
-        state = "interrupted" if stop_reason.startswith("signal") else "finished"
+        resumable = stop_reason.startswith("signal") or stop_reason == "deadline reached"
+        state = "interrupted" if resumable else "finished"
         self.store.set_state(state, summary)
         self.store.log_event("run_" + state, stop_reason)
         return summary
+
+    def _limit_reached(self, started: float) -> str | None:
+        """Why the run should stop asking now (besides budgets and signals), or None."""
+        now = time.time()
+        if self.max_time is not None and now - started >= self.max_time:
+            return "max_time reached"
+        if self.deadline is not None and now >= self.deadline:
+            return "deadline reached"
+        if self.target_fitness is not None and self._best is not None and self._best >= self.target_fitness:
+            return f"target fitness {self.target_fitness} reached"
+        if self.patience is not None and self._evaluations - self._best_at >= self.patience:
+            return f"no improvement for {self.patience} evaluations"
+        return None
 
     def summary(self, stop_reason: str, elapsed: float) -> dict[str, Any]:
         best = self.store.best()

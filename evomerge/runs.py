@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
-from evomerge.config import PopulationConfig, RunConfig, check_files, config_from_dict
+from evomerge.config import PopulationConfig, RunConfig, check_files, config_from_dict, resolve_deadline
 from evomerge.controller import Controller, Population, Progress
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.executors import Executor, InlineExecutor
@@ -83,7 +83,9 @@ def _drive(
 ) -> dict[str, Any]:
     budgets = config.population_budgets()
     populations = [
-        Population(p.name, strategy, budgets[p.name], p.share) for p, strategy in zip(config.populations, strategies)
+        Population(p.name, strategy, budgets[p.name], p.share, cache_scope=f"seed_recipes:{grid}" if grid else "space")
+        for p, strategy in zip(config.populations, strategies)
+        for grid in [p.seed_recipe_grid()]
     ]
     controller = Controller(
         store,
@@ -92,6 +94,9 @@ def _drive(
         max_time=config.budget.max_time,
         checkpoint_every=config.checkpoint_every,
         on_progress=on_progress,
+        deadline=config.budget.deadline_timestamp(),
+        target_fitness=config.budget.target_fitness,
+        patience=config.budget.patience,
     )
     if resume:
         controller.restore()
@@ -110,6 +115,8 @@ def start_run(
     """Run a search to the end of its budget; returns the summary also stored in the run."""
     if run_dir is not None:
         config.run_dir = str(Path(run_dir).resolve())
+    if config.budget.deadline is not None:  # "07:00" means tonight's 07:00, also after a resume
+        config.budget.deadline = resolve_deadline(config.budget.deadline).isoformat(timespec="seconds")
     check_files(config, source)
     path = config.run_path()
     if (path / "run.db").exists():
@@ -142,11 +149,17 @@ def start_run(
         store.close()
 
 
-def resume_run(run_dir: Path, on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+def resume_run(
+    run_dir: Path,
+    on_progress: Callable[[Progress], None] | None = None,
+    max_time: float | None = None,
+    deadline: str | None = None,
+) -> dict[str, Any]:
     """Continue a run stopped in any way (signal, deadline, crash, SIGKILL) from its run directory.
 
     The config is the run's own snapshot, so the strategies are rebuilt with the same seeds; they
     load their checkpoint and replay what was recorded after it (see ``Controller.restore``).
+    ``max_time`` (total searching time) and ``deadline`` replace the run's own for this session.
     """
     store = RunStore(run_dir)
     try:
@@ -157,6 +170,10 @@ def resume_run(run_dir: Path, on_progress: Callable[[Progress], None] | None = N
                 f"{run_dir}: the run already finished ({summary.get('stop_reason', 'budget exhausted')}); nothing to resume"
             )
         config = load_run_config(store)
+        if max_time is not None:
+            config.budget.max_time = max_time
+        if deadline is not None:
+            config.budget.deadline = resolve_deadline(deadline).isoformat(timespec="seconds")
     except BaseException:
         store.close()
         raise

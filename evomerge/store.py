@@ -284,6 +284,16 @@ class RunStore:
         r = self._db.execute(sql, (population,) if population else ()).fetchone()
         return None if r is None else self._row(r, True)
 
+    def scored_genome(self, digest: str, populations: list[str]) -> EvaluationRow | None:
+        """The first successful evaluation of a genome with this hash in these populations."""
+        marks = ", ".join("?" * len(populations))
+        r = self._db.execute(
+            "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
+            f" WHERE c.genome_hash = ? AND e.status = 'ok' AND c.population IN ({marks}) ORDER BY e.seq LIMIT 1",
+            (digest, *populations),
+        ).fetchone()
+        return None if r is None else self._row(r, True)
+
     def checkpoints(self) -> tuple[dict[str, bytes], int]:
         """The populations' latest states and the evaluation count they were taken at (0: none)."""
         rows = self._db.execute("SELECT population, state, evaluations_seq FROM checkpoints").fetchall()

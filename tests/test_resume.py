@@ -170,3 +170,81 @@ def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_conf
             assert [c.id for c in a] == [c.id for c in b]
             for x, y in zip(a, b):
                 assert x.genome.tobytes() == y.genome.tobytes()
+
+
+def test_deadline_stops_resumably_and_resume_takes_a_new_deadline(tmp_path, digits_config, capsys):
+    config = digits_config(budget={"evaluations": 10})
+    run_dir = tmp_path / "r"
+    assert main(["run", str(config), "--run-dir", str(run_dir), "--deadline", "2000-01-01T07:00"]) == 0
+    assert "deadline reached" in capsys.readouterr().out
+    store = RunStore(run_dir, readonly=True)
+    assert store.run_info()["state"] == "interrupted" and list(store.evaluations()) == []
+    store.close()
+    assert main(["resume", str(run_dir)]) == 0  # the snapshot keeps the (past) deadline
+    assert "deadline reached" in capsys.readouterr().out
+    assert main(["resume", str(run_dir), "--deadline", "2999-01-01T07:00", "--max-time", "1h"]) == 0
+    assert "budget exhausted" in capsys.readouterr().out
+    assert len(history(run_dir)) == 10
+
+
+def test_target_fitness_and_patience_stop_the_run(tmp_path, digits_config, capsys):
+    assert main(["run", str(digits_config(budget={"evaluations": 200, "target_fitness": 0.5})), "--run-dir", str(tmp_path / "a")]) == 0
+    assert "target fitness 0.5 reached" in capsys.readouterr().out
+    rows = history(tmp_path / "a")
+    assert len(rows) < 200 and rows[-1][2] >= 0.5 and all(f < 0.5 for _, _, f in rows[:-1])
+
+    assert main(["run", str(digits_config(budget={"evaluations": 500, "patience": 6})), "--run-dir", str(tmp_path / "b")]) == 0
+    assert "no improvement for 6 evaluations" in capsys.readouterr().out
+    fitness = [f for _, _, f in history(tmp_path / "b")]
+    best_at = max(range(len(fitness)), key=lambda i: (fitness[i], -i))
+    assert len(fitness) - 1 - best_at == 6 and len(fitness) < 500
+
+
+def test_deadline_values():
+    from datetime import datetime
+
+    from evomerge.config import resolve_deadline
+
+    assert resolve_deadline("07:00", datetime(2026, 11, 25, 6, 0)) == datetime(2026, 11, 25, 7, 0)
+    assert resolve_deadline("07:00", datetime(2026, 11, 25, 8, 0)) == datetime(2026, 11, 26, 7, 0)
+    assert resolve_deadline("2026-12-01T03:30") == datetime(2026, 12, 1, 3, 30)
+    for bad in ("25:00", "tomorrow"):
+        with pytest.raises(ValueError):
+            resolve_deadline(bad)
+
+
+def test_bad_limit_flags_exit_2(tmp_path, digits_config):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(digits_config()), "--max-time", "soon"])
+    assert exit_info.value.code == 2
+
+
+def test_identical_genomes_are_scored_once(tmp_path, digits_config, monkeypatch):
+    import evomerge.workers.local as local
+
+    scored = []
+    original = local.LocalWorker.evaluate
+
+    def counting(self, candidate_id, genome, population=None):
+        scored.append(candidate_id)
+        return original(self, candidate_id, genome, population)
+
+    monkeypatch.setattr(local.LocalWorker, "evaluate", counting)
+    # random search and TPE both start at x0, and random repeats it as its seed: one score for all
+    populations = [
+        {"name": "rand", "strategy": "random"},
+        {"name": "tpe", "strategy": "tpe"},
+    ]
+    run_dir = tmp_path / "r"
+    config = digits_config(populations=populations, budget={"evaluations": 8})
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
+    store = RunStore(run_dir, readonly=True)
+    rows = list(store.evaluations(with_scores=True))
+    store.close()
+    cached = [r for r in rows if "cached_from" in r.metrics]
+    assert cached, "x0 was asked by both populations"
+    for row in cached:
+        source = next(r for r in rows if r.candidate_id == row.metrics["cached_from"])
+        assert row.genome.tobytes() == source.genome.tobytes() and row.fitness == source.fitness
+        assert row.worker == "cache" and row.candidate_id not in scored
+    assert len(scored) + len(cached) == len(rows) == 8
