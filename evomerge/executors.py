@@ -1,18 +1,59 @@
 """Executors run candidates on workers: ``submit`` a candidate, ``wait`` for finished evaluations.
 
 The inline executor scores in the controller's own process — the mode for tests, debugging and
-small CPU runs. The Ray actor pool (default for cluster runs) implements the same interface.
+small CPU runs. ``RayExecutor`` runs a pool of Ray actors (``evomerge.workers.ray_actor``), each
+holding the models once, behind the same interface; ``make_executor`` picks by ``config.executor``.
+
+Fault model of the Ray pool (the ``workers:`` section of the config):
+
+* A candidate's own failure (its merge raises, its fitness is NaN, the fitness plugin raises) is a
+  failed ``Evaluation`` made inside the worker; the actor lives on.
+* A ``PluginError`` (a fitness plugin returning the wrong shape) would fail every candidate alike,
+  so it reaches the caller as itself and the run stops with its message.
+* A candidate still running after ``workers.timeout`` is recorded as failed ("timed out after Ns").
+  A running Python call cannot be interrupted, so its actor is killed and a new one started.
+* An actor that dies (crash, OOM kill, lost node) is replaced and its candidate run again, at most
+  ``workers.max_retries`` times, then recorded as failed with the last error. After
+  ``workers.max_worker_failures`` deaths in a row with no evaluation finishing in between, the run
+  stops with ``WorkerError``: something kills every worker, and replacing them would loop for ever.
+* Ray waits for ever, without an error, for resources to place an actor, so every wait here has a
+  deadline: an actor not placed within ``schedule_timeout`` stops the run ("only N of M workers
+  could start …"), as does one still loading its models after ``load_timeout``. An error while
+  loading (a missing model, a broken plugin) reaches the caller as the original ``UserError``.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
 from abc import ABC, abstractmethod
 from collections import deque
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from evomerge.candidates import Candidate, Evaluation
-from evomerge.config import RunConfig
+from evomerge.config import RunConfig, WorkersConfig
+from evomerge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_TIMEOUT = 300.0
+"""Seconds an actor may wait to be placed: room for an autoscaler to add a node, yet finite."""
+
+LOAD_TIMEOUT = 1800.0
+"""Seconds an actor may take to load its models (or compute block Grams) before the run stops."""
+
+POLL_SECONDS = 60.0
+"""Longest single ``ray.wait``. Ray may never raise for an actor it lost track of, so even a wait
+with no deadline wakes up now and then and logs what it is still waiting for."""
+
+
+class WorkerError(UserError):
+    """The worker pool cannot go on: workers cannot start or keep dying. The message says why."""
 
 
 class Executor(ABC):
@@ -64,3 +105,311 @@ class InlineExecutor(Executor):
     @property
     def in_flight(self) -> int:
         return len(self._queue)
+
+
+def make_executor(config: RunConfig) -> Executor:
+    """The executor ``config.executor`` names: ``"ray"`` for the actor pool, ``"inline"`` for in-process."""
+    if config.executor == "ray":
+        return RayExecutor(config)
+    return InlineExecutor(config)
+
+
+def pool_size(settings: WorkersConfig, resources: dict[str, float]) -> int:
+    """Workers to start: ``count``, else as many as the cluster's CPUs (GPUs for GPU workers) hold."""
+    if settings.count is not None:
+        return settings.count
+    gpu = settings.gpus_per_worker > 0
+    kind, per_worker = ("GPU", settings.gpus_per_worker) if gpu else ("CPU", settings.cpus_per_worker)
+    count = math.floor(resources.get(kind, 0.0) / per_worker + 1e-9)
+    if count < 1:
+        raise WorkerError(
+            f"workers: each worker needs {per_worker:g} {kind} but the Ray cluster has {resources.get(kind, 0.0):g}"
+            + ("; set workers.gpus_per_worker to 0 to run on CPU" if gpu else "")
+        )
+    return count
+
+
+def check_fits(settings: WorkersConfig, count: int, resources: dict[str, float]) -> None:
+    """Refuse a pool a fixed-size cluster cannot hold, instead of waiting for resources that never come."""
+    for kind, per_worker in (("CPU", settings.cpus_per_worker), ("GPU", settings.gpus_per_worker)):
+        have = resources.get(kind, 0.0)
+        if count * per_worker > have + 1e-9:
+            raise WorkerError(
+                f"workers: {count} workers of {per_worker:g} {kind} each need {count * per_worker:g} {kind},"
+                f" but this machine has {have:g}; lower workers.count or workers.{kind.lower()}s_per_worker"
+            )
+
+
+def _summary(err: BaseException) -> str:
+    """One line for a Ray error, whose message runs to many lines of ids and hints: the first line,
+    and for a dead worker how it exited ("… connection error code 2. End of file." for a crash)."""
+    message = str(err)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if "Worker exit detail: " in message:
+        text += " (" + message.split("Worker exit detail: ", 1)[1].split(" Some common causes", 1)[0].strip() + ")"
+    return f"{type(err).__name__}: {text[:300]}".rstrip(": ")
+
+
+@dataclass
+class _Job:
+    candidate: Candidate
+    deaths: int = 0
+    """How many workers died while running this candidate."""
+
+
+@dataclass
+class _Slot:
+    """One place in the pool. Its actor goes scheduling → loading → idle ⇄ busy, and is replaced
+    (a new ``_Slot`` in the same place) when it dies or times out."""
+
+    actor: Any
+    stage: str
+    ref: Any
+    """The call being waited on (``ping``, ``load`` or ``evaluate``); None when idle."""
+    load_ref: Any
+    deadline: float | None
+    """``time.monotonic()`` by which ``ref`` must finish; None for an evaluation without timeout."""
+    worker_id: str = ""
+    job: _Job | None = None
+    started: float = 0.0
+
+    def failure(self, reason: str) -> Evaluation:
+        """The running candidate, recorded as failed on this slot's worker."""
+        duration = time.time() - self.started
+        return Evaluation.failure(self.job.candidate.id, reason, self.worker_id, self.started, duration)
+
+
+class RayExecutor(Executor):
+    """A pool of Ray actors, each loading the models once and scoring one candidate at a time.
+
+    Uses the Ray session this process already has (tests, a program that called ``ray.init``),
+    else calls ``ray.init(workers.address)`` — which also joins the cluster of ``RAY_ADDRESS``, as
+    under ``ray job submit`` — and then owns the session: ``shutdown`` ends it. The constructor
+    returns once every actor has loaded its models, so setup errors surface there.
+    """
+
+    def __init__(
+        self, config: RunConfig, schedule_timeout: float = SCHEDULE_TIMEOUT, load_timeout: float = LOAD_TIMEOUT
+    ) -> None:
+        import ray
+
+        self.config = config
+        self.settings = config.workers
+        self.schedule_timeout = schedule_timeout
+        self.load_timeout = load_timeout
+        self._deaths = (
+            ray.exceptions.RayActorError,
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.ActorUnschedulableError,
+        )
+        self._slots: list[_Slot] = []
+        self._queue: deque[_Job] = deque()
+        self._finished: list[Evaluation] = []  # settled outside ``wait`` (by block_grams), returned by it
+        self._actors_made = 0
+        self._deaths_in_a_row = 0
+        self._owns_ray = not ray.is_initialized()
+        started = time.perf_counter()
+        if self._owns_ray:
+            try:
+                ray.init(address=self.settings.address, include_dashboard=False, logging_level=logging.WARNING)
+            except ConnectionError as exc:  # "auto" with no cluster running, an unreachable ray:// address
+                where = self.settings.address or os.environ.get("RAY_ADDRESS")
+                raise WorkerError(f"cannot join the Ray cluster at {where!r} (workers.address): {exc}") from None
+        try:
+            resources = ray.cluster_resources()
+            self.capacity = pool_size(self.settings, resources)
+            if self._owns_ray and self.settings.address is None and "RAY_ADDRESS" not in os.environ:
+                check_fits(self.settings, self.capacity, resources)  # a Ray we started on this machine never grows
+            self._slots = [self._new_slot() for _ in range(self.capacity)]
+            while any(slot.stage in ("scheduling", "loading") for slot in self._slots):
+                self._step()  # no candidates yet, so nothing finishes
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("%d Ray workers ready in %.1fs", self.capacity, time.perf_counter() - started)
+
+    def _new_slot(self) -> _Slot:
+        from evomerge.workers.ray_actor import EvaluationActor
+
+        actor = EvaluationActor.options(
+            num_cpus=self.settings.cpus_per_worker,
+            num_gpus=self.settings.gpus_per_worker,
+            scheduling_strategy="SPREAD",
+        ).remote(self.config, self._actors_made)
+        self._actors_made += 1
+        return _Slot(
+            actor=actor,
+            stage="scheduling",
+            ref=actor.ping.remote(),
+            load_ref=actor.load.remote(),
+            deadline=time.monotonic() + self.schedule_timeout,
+        )
+
+    def _replace(self, slot: _Slot) -> None:
+        import ray
+
+        ray.kill(slot.actor, no_restart=True)
+        self._slots[self._slots.index(slot)] = self._new_slot()
+
+    def submit(self, candidate: Candidate) -> None:
+        self._queue.append(_Job(candidate))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand queued candidates to idle actors (the timeout clock starts here: the actor is ready)."""
+        for slot in self._slots:
+            if not self._queue:
+                return
+            if slot.stage != "idle":
+                continue
+            job = self._queue.popleft()
+            cand = job.candidate
+            slot.stage, slot.job, slot.started = "busy", job, time.time()
+            slot.ref = slot.actor.evaluate.remote(cand.id, cand.genome, cand.population)
+            timeout = self.settings.timeout
+            slot.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def wait(self) -> list[Evaluation]:
+        finished, self._finished = self._finished, []
+        while not finished and self.in_flight:
+            finished = self._step()
+            self._dispatch()
+        return finished
+
+    def _step(self) -> list[Evaluation]:
+        """One round: wait until a call finishes or a deadline passes, then settle what happened."""
+        import ray
+
+        waiting = {slot.ref: slot for slot in self._slots if slot.ref is not None}
+        deadlines = [slot.deadline for slot in self._slots if slot.deadline is not None]
+        timeout = min([POLL_SECONDS] + [max(0.0, d - time.monotonic()) for d in deadlines])
+        done, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
+        if done:  # take every call that has finished by now, not just the first
+            done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+        elif not deadlines:
+            log.debug("still waiting for %d Ray calls", len(waiting))
+        finished: list[Evaluation] = []
+        for ref in done:
+            finished += self._settle(waiting[ref])
+        return finished + self._expire()
+
+    def _settle(self, slot: _Slot) -> list[Evaluation]:
+        """Advance a slot whose call has finished; a finished evaluation is returned."""
+        import ray
+
+        try:
+            value = ray.get(slot.ref)
+        except self._deaths as err:
+            return self._worker_died(slot, err)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, UserError):
+                raise err.cause from None
+            if slot.stage != "busy":
+                raise WorkerError(f"worker {slot.worker_id} could not load the models: {_summary(err.cause)}") from None
+            value = slot.failure(_summary(err.cause))
+        if slot.stage == "scheduling":
+            slot.worker_id, slot.stage = value, "loading"
+            slot.ref, slot.deadline = slot.load_ref, time.monotonic() + self.load_timeout
+            return []
+        slot.ref, slot.deadline = None, None
+        if slot.stage == "loading":
+            slot.stage = "idle"
+            return []
+        slot.stage, slot.job = "idle", None
+        self._deaths_in_a_row = 0
+        if value.per_example is not None:  # Ray hands back a read-only view into its object store
+            value.per_example = np.array(value.per_example)
+        return [value]
+
+    def _worker_died(self, slot: _Slot, err: BaseException) -> list[Evaluation]:
+        """Replace a dead actor and retry its candidate, or give up on it, or on the whole pool."""
+        reason = _summary(err)
+        job = slot.job
+        self._deaths_in_a_row += 1
+        running = f" running {job.candidate.id}" if job else ""
+        log.warning("worker %s died%s: %s", slot.worker_id or "(starting)", running, reason)
+        if self._deaths_in_a_row >= self.settings.max_worker_failures:
+            raise WorkerError(
+                f"workers keep dying: {self._deaths_in_a_row} deaths in a row with no evaluation finishing"
+                f" (workers.max_worker_failures); last: {reason}. Check the workers' memory and the Ray logs"
+            )
+        self._replace(slot)
+        if job is None:
+            return []
+        job.deaths += 1
+        if job.deaths > self.settings.max_retries:
+            retries = self.settings.max_retries
+            reason = f"its worker died {job.deaths} times (workers.max_retries is {retries}); last: {reason}"
+            return [slot.failure(reason)]
+        self._queue.appendleft(job)
+        return []
+
+    def _expire(self) -> list[Evaluation]:
+        """Fail candidates past ``workers.timeout``; stop the pool when an actor cannot start in time."""
+        now = time.monotonic()
+        finished: list[Evaluation] = []
+        for slot in list(self._slots):
+            if slot.deadline is None or now < slot.deadline:
+                continue
+            if slot.stage == "scheduling":
+                raise WorkerError(self._unplaced_message())
+            if slot.stage == "loading":
+                raise WorkerError(f"worker {slot.worker_id} did not load the models within {self.load_timeout:g}s")
+            reason = f"timed out after {self.settings.timeout:g}s"
+            log.warning("candidate %s %s on worker %s; replacing it", slot.job.candidate.id, reason, slot.worker_id)
+            self._replace(slot)
+            finished.append(slot.failure(reason))
+        return finished
+
+    def _unplaced_message(self) -> str:
+        import ray
+
+        placed = sum(slot.stage != "scheduling" for slot in self._slots)
+        resources = ray.cluster_resources()
+        each = f"{self.settings.cpus_per_worker:g} CPU"
+        if self.settings.gpus_per_worker:
+            each += f" and {self.settings.gpus_per_worker:g} GPU"
+        return (
+            f"only {placed} of {len(self._slots)} workers could start within {self.schedule_timeout:g}s: the cluster"
+            f" lacks CPUs/GPUs for {len(self._slots)} workers of {each} each (it has {resources.get('CPU', 0):g} CPUs"
+            f" and {resources.get('GPU', 0):g} GPUs); lower workers.count or the per-worker resources, or add nodes"
+        )
+
+    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
+        """Computed by an idle actor if there is one, else queued behind a running evaluation."""
+        import ray
+
+        while True:
+            loaded = [slot for slot in self._slots if slot.stage in ("idle", "busy")]
+            if not loaded:  # every actor is being replaced
+                self._finished += self._step()
+                continue
+            slot = min(loaded, key=lambda s: s.stage != "idle")
+            try:
+                return ray.get(slot.actor.block_grams.remote(grid), timeout=self.load_timeout)
+            except self._deaths as err:
+                self._finished += self._worker_died(slot, err)
+            except ray.exceptions.GetTimeoutError:
+                raise WorkerError(
+                    f"worker {slot.worker_id} did not compute the block Gram matrices within {self.load_timeout:g}s"
+                ) from None
+            except ray.exceptions.RayTaskError as err:
+                raise err.cause from None
+
+    @property
+    def in_flight(self) -> int:
+        busy = sum(slot.stage == "busy" for slot in self._slots)
+        return len(self._queue) + busy + len(self._finished)
+
+    def shutdown(self) -> None:
+        """Kill the actors, and end the Ray session if this executor started it."""
+        import ray
+
+        if ray.is_initialized():
+            for slot in self._slots:
+                ray.kill(slot.actor, no_restart=True)
+        self._slots = []
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False

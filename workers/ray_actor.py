@@ -1,0 +1,44 @@
+"""The Ray actor behind ``RayExecutor``: one process that holds the models once and scores candidates.
+
+Construction is deliberately cheap and ``load`` does the heavy work, so the executor can tell an
+actor the cluster cannot place (``ping`` never answers) from one that is slowly reading models
+(``ping`` answered, ``load`` still running), and so an error while loading comes back as the
+original exception (a ``UserError`` such as a missing model or a broken fitness plugin) instead
+of Ray's opaque "actor died in its creation task".
+
+The executor creates these with ``max_restarts=0``: a dead actor stays dead and the executor
+replaces it itself, so it alone decides how often a candidate is retried.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from evomerge.candidates import Evaluation
+from evomerge.config import RunConfig
+from evomerge.workers.local import LocalWorker
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class EvaluationActor:
+    """A ``LocalWorker`` in its own Ray worker process; ``index`` numbers actors within a run."""
+
+    def __init__(self, config: RunConfig, index: int) -> None:
+        self.config = config
+        self.worker_id = f"ray-{ray.util.get_node_ip_address()}-{index}"
+        self.worker: LocalWorker | None = None
+
+    def ping(self) -> str:
+        """Answers once the actor is placed and running; returns its worker id."""
+        return self.worker_id
+
+    def load(self) -> None:
+        """Load the base, the experts and the fitness data (the executor calls this once, first)."""
+        self.worker = LocalWorker(self.config, self.worker_id)
+
+    def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None) -> Evaluation:
+        return self.worker.evaluate(candidate_id, genome, population)
+
+    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.worker.block_grams(grid)
