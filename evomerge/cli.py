@@ -60,7 +60,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _override_limits(config, args: argparse.Namespace) -> None:
-    """``--max-time`` / ``--deadline`` replace the config's (cron jobs set them per night)."""
+    """Command-line limits and placement replace the config's (cron jobs set them per night)."""
+    if args.address is not None:
+        config.workers.address = args.address
+    if args.executor is not None:
+        config.executor = args.executor
     if args.max_time is not None:
         config.budget.max_time = args.max_time
     if args.deadline is not None:
@@ -87,6 +91,10 @@ def _deadline_arg(value: str) -> str:
 
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", help="join a Ray cluster: 'auto' or ray://host:10001 (default: start Ray on this machine)"
+    )
+    parser.add_argument("--executor", choices=("ray", "inline"), help="override the config's executor")
     parser.add_argument("--max-time", type=_duration_arg, help="total searching time, e.g. 8h or 1h30m (overrides budget.max_time)")
     parser.add_argument("--deadline", type=_deadline_arg, help="stop asking at this time, e.g. 07:00 or 2026-11-26T07:00")
 
@@ -97,7 +105,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     progress, update = _progress_display()
     with progress:
         progress.console.print(f"resuming {args.run_dir}")
-        summary = resume_run(Path(args.run_dir), on_progress=update, max_time=args.max_time, deadline=args.deadline)
+        summary = resume_run(Path(args.run_dir), on_progress=update, adjust=lambda config: _override_limits(config, args))
     _print_summary(summary)
     return 0
 

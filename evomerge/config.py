@@ -235,7 +235,7 @@ class RunConfig(_Strict):
     name: str = "evomerge-run"
     seed: int = 0
     run_dir: str = "runs/evomerge-run"
-    executor: Literal["ray", "inline"] = "inline"
+    executor: Literal["ray", "inline"] = "ray"  # inline: one process, no Ray (debugging, tests)
     checkpoint_every: int = Field(default=10, ge=1)
     models: ModelsConfig
     merge: MergeConfig = Field(default_factory=MergeConfig)

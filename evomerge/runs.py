@@ -17,7 +17,7 @@ import yaml
 from evomerge.config import PopulationConfig, RunConfig, check_files, config_from_dict, resolve_deadline
 from evomerge.controller import Controller, Population, Progress
 from evomerge.errors import ConfigError, RunDirError
-from evomerge.executors import Executor, InlineExecutor
+from evomerge.executors import Executor, make_executor
 from evomerge.models.loading import parameter_names
 from evomerge.space import Space
 from evomerge.store import RunStore
@@ -121,7 +121,7 @@ def start_run(
     path = config.run_path()
     if (path / "run.db").exists():
         raise RunDirError(f"{path} already holds a run; choose another --run-dir or remove it")
-    executor = InlineExecutor(config)
+    executor = make_executor(config)
     try:
         space, strategies = _strategies(config, source, executor)
         store = RunStore(path, create=True)
@@ -152,14 +152,13 @@ def start_run(
 def resume_run(
     run_dir: Path,
     on_progress: Callable[[Progress], None] | None = None,
-    max_time: float | None = None,
-    deadline: str | None = None,
+    adjust: Callable[[RunConfig], None] | None = None,
 ) -> dict[str, Any]:
     """Continue a run stopped in any way (signal, deadline, crash, SIGKILL) from its run directory.
 
     The config is the run's own snapshot, so the strategies are rebuilt with the same seeds; they
     load their checkpoint and replay what was recorded after it (see ``Controller.restore``).
-    ``max_time`` (total searching time) and ``deadline`` replace the run's own for this session.
+    ``adjust`` may change this session's limits and placement (a new deadline, another cluster).
     """
     store = RunStore(run_dir)
     try:
@@ -170,15 +169,19 @@ def resume_run(
                 f"{run_dir}: the run already finished ({summary.get('stop_reason', 'budget exhausted')}); nothing to resume"
             )
         config = load_run_config(store)
-        if max_time is not None:
-            config.budget.max_time = max_time
-        if deadline is not None:
-            config.budget.deadline = resolve_deadline(deadline).isoformat(timespec="seconds")
+        if adjust is not None:
+            adjust(config)
+        if config.budget.deadline is not None:
+            config.budget.deadline = resolve_deadline(config.budget.deadline).isoformat(timespec="seconds")
     except BaseException:
         store.close()
         raise
     source = str(Path(run_dir) / "config.yaml")
-    executor = InlineExecutor(config)
+    try:
+        executor = make_executor(config)
+    except BaseException:
+        store.close()
+        raise
     try:
         _, strategies = _strategies(config, source, executor)
         return _drive(store, config, executor, strategies, on_progress, resume=True)

@@ -10,6 +10,8 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see research/ray.md: a token would break `ray start` later
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +34,7 @@ def digits_config(tmp_path, digit_models):
             "name": "test-run",
             "seed": 0,
             "run_dir": str(tmp_path / "run"),
+            "executor": "inline",  # controller logic; Ray runs have their own tests
             "models": {
                 "base": str(digit_models["base"]),
                 "experts": [str(digit_models["low"]), str(digit_models["high"])],

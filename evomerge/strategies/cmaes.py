@@ -47,6 +47,9 @@ def pycma_es(x0: np.ndarray, sigma0: float, seed: int, **options: Any) -> Any:
         "verb_log": 0,
         "verb_disp": 0,
         "seed": seed + 1,
+        # Merge fitness is often discrete (accuracy over N examples): a generation of equal scores
+        # is common on a plateau and no reason to stop; pycma's default gives up after one.
+        "tolflatfitness": 20,
         **options,
     }
     global_state = np.random.get_state()
