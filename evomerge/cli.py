@@ -18,7 +18,7 @@ EXIT_USER_ERROR = 2
 
 
 def _progress_display():
-    """A rich progress bar: evaluations, best fitness, elapsed and time left."""
+    """A rich progress bar: evaluations, best per population, busy workers, elapsed and time left."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(
@@ -26,16 +26,20 @@ def _progress_display():
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("best {task.fields[best]}"),
+        TextColumn("workers {task.fields[busy]}"),
         TimeElapsedColumn(),
         TextColumn("left {task.fields[left]}"),
         transient=False,
     )
-    task = progress.add_task("search", total=None, best="-", left="-")
+    task = progress.add_task("search", total=None, best="-", busy="-", left="-")
 
     def update(p) -> None:
         left = "-" if p.time_left is None else f"{int(p.time_left // 60)}:{int(p.time_left % 60):02d}"
-        best = "-" if p.best is None else f"{p.best:.4f}"
-        progress.update(task, completed=p.evaluations, total=p.total, best=best, left=left)
+        if len(p.population_best) > 1:
+            best = " ".join(f"{name} {'-' if v is None else f'{v:.4f}'}" for name, v in p.population_best.items())
+        else:
+            best = "-" if p.best is None else f"{p.best:.4f}"
+        progress.update(task, completed=p.evaluations, total=p.total, best=best, busy=f"{p.busy}/{p.workers}", left=left)
 
     return progress, update
 

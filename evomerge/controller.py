@@ -9,6 +9,7 @@ SIGTERM stop the asking; work in flight finishes, a checkpoint is written, and t
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import signal
@@ -26,6 +27,8 @@ from evomerge.executors import Executor
 from evomerge.store import EvaluationRow, RunStore, genome_hash
 from evomerge.strategies import Strategy
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Population:
@@ -38,6 +41,7 @@ class Population:
     submitted: int = 0
     finished: int = 0
     stop_reason: dict[str, Any] = field(default_factory=dict)
+    best: float | None = None
 
     def can_ask(self) -> bool:
         return not self.stop_reason and (self.budget is None or self.submitted < self.budget)
@@ -52,6 +56,9 @@ class Progress:
     best: float | None
     elapsed: float
     time_left: float | None
+    population_best: dict[str, float | None] = field(default_factory=dict)
+    busy: int = 0
+    workers: int = 0
 
 
 class Controller:
@@ -83,6 +90,11 @@ class Controller:
         self._evaluations = 0
         self._active_before = 0.0  # searching time of earlier sessions of a resumed run
 
+    def _event(self, kind: str, message: str) -> None:
+        """An event for the store (status, reports) and the run's structured log."""
+        self.store.log_event(kind, message)
+        log.info(message, extra={"event": kind})
+
     def request_stop(self, reason: str) -> None:
         self._stop_requested = reason
 
@@ -101,7 +113,7 @@ class Controller:
                 reasons = pop.strategy.stop()
                 if reasons and not pop.strategy.outstanding():
                     pop.stop_reason = reasons
-                    self.store.log_event("population_stopped", f"{pop.name}: {reasons}")
+                    self._event("population_stopped", f"{pop.name}: {reasons}")
                 skip.add(pop.name)
                 continue
             for cand in cands:
@@ -131,12 +143,14 @@ class Controller:
         self._last_seq = self.store.add_evaluation(ev)
         self._tell(ev)
         if ev.status == "failed":
-            self.store.log_event("candidate_failed", f"{ev.candidate_id}: {ev.error}")
+            self._event("candidate_failed", f"{ev.candidate_id}: {ev.error}")
 
     def _tell(self, ev: Evaluation) -> None:
         pop = self.populations[ev.candidate_id.rsplit(":", 1)[0]]
         pop.strategy.tell([ev])
         pop.finished += 1
+        if ev.usable and (pop.best is None or ev.fitness > pop.best):
+            pop.best = ev.fitness
         self._evaluations += 1
         if ev.usable and (self._best is None or ev.fitness > self._best):
             self._best = ev.fitness
@@ -181,6 +195,9 @@ class Controller:
         best = self.store.best()
         self._best = None if best is None else best.fitness
         self._best_at = 0 if best is None else best.seq
+        for pop in self.populations.values():
+            row = self.store.best(pop.name)
+            pop.best = None if row is None else row.fitness
 
     def _total_budget(self) -> int | None:
         budgets = [p.budget for p in self.populations.values()]
@@ -196,13 +213,24 @@ class Controller:
             left.append(max(0.0, self.max_time - elapsed))
         if total and self._evaluations:
             left.append(elapsed / self._evaluations * max(0, total - self._evaluations))
-        self.on_progress(Progress(self._evaluations, total, self._best, elapsed, min(left) if left else None))
+        self.on_progress(
+            Progress(
+                self._evaluations,
+                total,
+                self._best,
+                elapsed,
+                min(left) if left else None,
+                {p.name: p.best for p in self.populations.values()},
+                self.executor.in_flight,
+                self.executor.capacity,
+            )
+        )
 
     def run(self) -> dict[str, Any]:
         started = time.time() - self._active_before
         since_checkpoint = 0
         stop_reason = "budget exhausted"
-        self.store.log_event("run_started", f"populations: {', '.join(self.populations)}")
+        self._event("run_started", f"populations: {', '.join(self.populations)}")
         for pop in self.populations.values():  # after a restore: what was in flight when the run stopped
             for cand in sorted(pop.strategy.outstanding(), key=lambda c: int(c.id.rsplit(":", 1)[1])):
                 self.executor.submit(cand)
@@ -230,7 +258,7 @@ class Controller:
         resumable = stop_reason.startswith("signal") or stop_reason == "deadline reached"
         state = "interrupted" if resumable else "finished"
         self.store.set_state(state, summary)
-        self.store.log_event("run_" + state, stop_reason)
+        self._event("run_" + state, stop_reason)
         return summary
 
     def _limit_reached(self, started: float) -> str | None:

@@ -7,10 +7,14 @@ candidate once more and saves it as a standard Hugging Face model directory.
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import time
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -60,6 +64,38 @@ def _search_spec(population: PopulationConfig, space: Space, executor: Executor)
     return SearchSpec.seed_recipes(SeedGram.from_block_grams(edges, grams))
 
 
+LOG_NAME = "run.log"
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": getattr(record, "event", None),
+            "message": record.getMessage(),
+        }
+        return json.dumps(entry)
+
+
+@contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """Everything evomerge logs during a session, as JSON lines appended to ``run.log``."""
+    handler = logging.FileHandler(Path(run_dir) / LOG_NAME)
+    handler.setFormatter(_JsonLines())
+    logger = logging.getLogger("evomerge")
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+        handler.close()
+
+
 def _strategies(config: RunConfig, source: str, executor: Executor) -> tuple[Space, list]:
     """The run's space and one fresh strategy per population (a resume builds the same ones)."""
     try:
@@ -98,11 +134,12 @@ def _drive(
         target_fitness=config.budget.target_fitness,
         patience=config.budget.patience,
     )
-    if resume:
-        controller.restore()
-        store.log_event("run_resumed", f"{sum(p.finished for p in populations)} evaluations recorded")
-    store.set_state("running")
-    return controller.run()
+    with run_log(store.run_dir):
+        if resume:
+            controller.restore()
+            controller._event("run_resumed", f"{sum(p.finished for p in populations)} evaluations recorded")
+        store.set_state("running")
+        return controller.run()
 
 
 def start_run(

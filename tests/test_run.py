@@ -261,3 +261,21 @@ def test_m2n2_seed_recipes_run_beside_cmaes_and_export(tmp_path, digits_config):
         assert accuracy == pytest.approx(best_m2n2.fitness, abs=1e-6)
     else:
         assert document["fitness"] >= best_m2n2.fitness
+
+
+def test_structured_log_and_progress_per_population(tmp_path, digits_config):
+    from evomerge.config import load_config
+    from evomerge.runs import start_run
+
+    populations = [{"name": "cma", "strategy": "cmaes"}, {"name": "rand", "strategy": "random"}]
+    seen = []
+    config = load_config(digits_config(populations=populations, budget={"evaluations": 10}))
+    start_run(config, "config.yaml", tmp_path / "r", on_progress=seen.append)
+    last = seen[-1]
+    assert last.evaluations == 10 and set(last.population_best) == {"cma", "rand"}
+    assert last.best == max(v for v in last.population_best.values() if v is not None)
+    assert last.workers == 1 and 0 <= last.busy <= 1
+    lines = [json.loads(line) for line in (tmp_path / "r" / "run.log").read_text().splitlines()]
+    events = [entry["event"] for entry in lines]
+    assert events[0] == "run_started" and events[-1] == "run_finished"
+    assert all({"time", "level", "logger", "message"} <= set(entry) for entry in lines)
