@@ -45,6 +45,8 @@ SCHEDULE_TIMEOUT = 300.0
 """Seconds an actor may wait to be placed: room for an autoscaler to add a node, yet finite."""
 
 LOAD_TIMEOUT = 1800.0
+REPLACE_TIMEOUT = 120.0
+"""Seconds a dead worker's replacement may wait for resources before the pool goes on without it."""
 """Seconds an actor may take to load its models (or compute block Grams) before the run stops."""
 
 POLL_SECONDS = 60.0
@@ -190,7 +192,11 @@ class RayExecutor(Executor):
     """
 
     def __init__(
-        self, config: RunConfig, schedule_timeout: float = SCHEDULE_TIMEOUT, load_timeout: float = LOAD_TIMEOUT
+        self,
+        config: RunConfig,
+        schedule_timeout: float = SCHEDULE_TIMEOUT,
+        load_timeout: float = LOAD_TIMEOUT,
+        replace_timeout: float = REPLACE_TIMEOUT,
     ) -> None:
         import ray
 
@@ -198,6 +204,7 @@ class RayExecutor(Executor):
         self.settings = config.workers
         self.schedule_timeout = schedule_timeout
         self.load_timeout = load_timeout
+        self.replace_timeout = replace_timeout
         self._deaths = (
             ray.exceptions.RayActorError,
             ray.exceptions.WorkerCrashedError,
@@ -209,6 +216,7 @@ class RayExecutor(Executor):
         self._actors_made = 0
         self._deaths_in_a_row = 0
         self._owns_ray = not ray.is_initialized()
+        self._ready = False  # set once the first pool is up: after that, a lost worker shrinks it
         started = time.perf_counter()
         if self._owns_ray:
             try:
@@ -227,9 +235,10 @@ class RayExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
+        self._ready = True
         log.info("%d Ray workers ready in %.1fs", self.capacity, time.perf_counter() - started)
 
-    def _new_slot(self) -> _Slot:
+    def _new_slot(self, placement_timeout: float | None = None) -> _Slot:
         from evomerge.workers.ray_actor import EvaluationActor
 
         actor = EvaluationActor.options(
@@ -243,14 +252,14 @@ class RayExecutor(Executor):
             stage="scheduling",
             ref=actor.ping.remote(),
             load_ref=actor.load.remote(),
-            deadline=time.monotonic() + self.schedule_timeout,
+            deadline=time.monotonic() + (self.schedule_timeout if placement_timeout is None else placement_timeout),
         )
 
     def _replace(self, slot: _Slot) -> None:
         import ray
 
         ray.kill(slot.actor, no_restart=True)
-        self._slots[self._slots.index(slot)] = self._new_slot()
+        self._slots[self._slots.index(slot)] = self._new_slot(self.replace_timeout)
 
     def submit(self, candidate: Candidate) -> None:
         self._queue.append(_Job(candidate))
@@ -352,6 +361,9 @@ class RayExecutor(Executor):
         for slot in list(self._slots):
             if slot.deadline is None or now < slot.deadline:
                 continue
+            if slot.stage in ("scheduling", "loading") and self._ready and self._others_loaded(slot):
+                self._drop(slot)  # a replacement with nowhere to run (e.g. its node is gone)
+                continue
             if slot.stage == "scheduling":
                 raise WorkerError(self._unplaced_message())
             if slot.stage == "loading":
@@ -361,6 +373,22 @@ class RayExecutor(Executor):
             self._replace(slot)
             finished.append(slot.failure(reason))
         return finished
+
+    def _others_loaded(self, slot: _Slot) -> bool:
+        return any(other.stage in ("idle", "busy") for other in self._slots if other is not slot)
+
+    def _drop(self, slot: _Slot) -> None:
+        """Shrink the pool by a replacement that could not start, so the run goes on with the rest."""
+        import ray
+
+        ray.kill(slot.actor, no_restart=True)
+        self._slots.remove(slot)
+        self.capacity = len(self._slots)
+        log.warning(
+            "a replacement worker could not start within %gs (the cluster lost capacity); going on with %d workers",
+            self.replace_timeout if slot.stage == "scheduling" else self.load_timeout,
+            self.capacity,
+        )
 
     def _unplaced_message(self) -> str:
         import ray

@@ -84,14 +84,19 @@ def run_log(run_dir: Path) -> Iterator[None]:
     """Everything evomerge logs during a session, as JSON lines appended to ``run.log``."""
     handler = logging.FileHandler(Path(run_dir) / LOG_NAME)
     handler.setFormatter(_JsonLines())
+    console = logging.StreamHandler()  # warnings (lost workers, timeouts) still reach the terminal
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("warning: %(message)s"))
     logger = logging.getLogger("evomerge")
     previous = logger.level
     logger.addHandler(handler)
+    logger.addHandler(console)
     logger.setLevel(logging.INFO)
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        logger.removeHandler(console)
         logger.setLevel(previous)
         handler.close()
 
