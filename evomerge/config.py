@@ -231,12 +231,21 @@ class BudgetConfig(_Strict):
         return None if self.deadline is None else resolve_deadline(self.deadline).timestamp()
 
 
+class MigrationConfig(_Strict):
+    """Every ``every`` evaluations, each population takes in the ``size`` best members of the others
+    (among populations whose genomes mean the same merge)."""
+
+    every: int = Field(ge=1)
+    size: int = Field(default=1, ge=1)
+
+
 class RunConfig(_Strict):
     name: str = "evomerge-run"
     seed: int = 0
     run_dir: str = "runs/evomerge-run"
     executor: Literal["ray", "inline"] = "ray"  # inline: one process, no Ray (debugging, tests)
     checkpoint_every: int = Field(default=10, ge=1)
+    migration: MigrationConfig | None = None
     models: ModelsConfig
     merge: MergeConfig = Field(default_factory=MergeConfig)
     populations: list[PopulationConfig] = Field(min_length=1)

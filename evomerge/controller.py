@@ -73,6 +73,7 @@ class Controller:
         deadline: float | None = None,
         target_fitness: float | None = None,
         patience: int | None = None,
+        migration: tuple[int, int] | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -83,6 +84,7 @@ class Controller:
         self.deadline = deadline
         self.target_fitness = target_fitness
         self.patience = patience
+        self.migration = migration  # (every, size)
         self._best_at = 0  # evaluations counted when the best last improved
         self._stop_requested: str | None = None
         self._last_seq = 0
@@ -142,6 +144,7 @@ class Controller:
             ev.per_example = np.asarray(ev.per_example, dtype=np.float32).astype(np.float64)
         self._last_seq = self.store.add_evaluation(ev)
         self._tell(ev)
+        self._migrate()
         if ev.status == "failed":
             self._event("candidate_failed", f"{ev.candidate_id}: {ev.error}")
 
@@ -155,6 +158,23 @@ class Controller:
         if ev.usable and (self._best is None or ev.fitness > self._best):
             self._best = ev.fitness
             self._best_at = self._evaluations
+
+    def _migrate(self) -> None:
+        """At every ``every``-th evaluation, each population takes in the others' best members.
+
+        Only what was recorded up to this evaluation is used, so a resumed run's replay migrates
+        exactly as the run did.
+        """
+        if self.migration is None or self._last_seq % self.migration[0]:
+            return
+        _, size = self.migration
+        for pop in self.populations.values():
+            for other in self.populations.values():
+                if other is pop or other.cache_scope != pop.cache_scope:
+                    continue
+                for row in self.store.top(other.name, size, self._last_seq):
+                    pop.strategy.immigrate(row.genome, _evaluation_from_row(row))
+        log.debug("migration after %d evaluations", self._last_seq)
 
     def checkpoint(self, active_seconds: float) -> None:
         states = {p.name: pickle.dumps(p.strategy.state_dict()) for p in self.populations.values()}
@@ -185,8 +205,9 @@ class Controller:
                         f" run recorded {candidate_id}; its strategy is not deterministic"
                     )
             else:
-                self._tell(_evaluation_from_row(item))
                 self._last_seq = item.seq
+                self._tell(_evaluation_from_row(item))
+                self._migrate()
         for name, (asked_count, _) in self.store.evaluation_counts().items():
             self.populations[name].submitted = asked_count
         for pop in self.populations.values():

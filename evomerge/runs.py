@@ -138,6 +138,7 @@ def _drive(
         deadline=config.budget.deadline_timestamp(),
         target_fitness=config.budget.target_fitness,
         patience=config.budget.patience,
+        migration=None if config.migration is None else (config.migration.every, config.migration.size),
     )
     with run_log(store.run_dir):
         if resume:

@@ -284,6 +284,16 @@ class RunStore:
         r = self._db.execute(sql, (population,) if population else ()).fetchone()
         return None if r is None else self._row(r, True)
 
+    def top(self, population: str, n: int, max_seq: int) -> list[EvaluationRow]:
+        """A population's ``n`` best successful evaluations among the first ``max_seq`` recorded."""
+        rows = self._db.execute(
+            "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
+            " WHERE c.population = ? AND e.status = 'ok' AND e.fitness IS NOT NULL AND e.seq <= ?"
+            " ORDER BY e.fitness DESC, e.seq ASC LIMIT ?",
+            (population, max_seq, n),
+        ).fetchall()
+        return [self._row(r, True) for r in rows]
+
     def scored_genome(self, digest: str, populations: list[str]) -> EvaluationRow | None:
         """The first successful evaluation of a genome with this hash in these populations."""
         marks = ", ".join("?" * len(populations))

@@ -74,6 +74,7 @@ def test_ties_search_on_tiny_llamas_and_export(tmp_path, llama_models, monkeypat
     monkeypatch.syspath_prepend(str(tmp_path))
     config = {
         "run_dir": str(tmp_path / "run"),
+        "executor": "inline",  # the plugin lives on this process's sys.path only
         "models": {"base": str(root / "base"), "experts": [str(p) for p in experts], "device": "cpu"},
         "merge": {"method": "ties", "granularity": "per_layer_group", "layer_groups": 2},
         "populations": [{"name": "cma", "strategy": "cmaes"}],

@@ -130,8 +130,8 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_config):
-    """With no checkpoint at all, replaying every recorded ask and tell rebuilds the final state.
-    (Replay after a checkpoint is covered by the SIGKILL test above.)"""
+    """With no checkpoint at all, replaying every recorded ask, tell and migration rebuilds the
+    final state. (Replay after a checkpoint is covered by the SIGKILL test above.)"""
     import pickle
     import sqlite3
 
@@ -140,11 +140,15 @@ def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_conf
     from evomerge.executors import InlineExecutor
     from evomerge.runs import _strategies
 
-    config_path = digits_config(populations=POPULATIONS, budget={"evaluations": 12}, checkpoint_every=5)
+    config_path = digits_config(
+        populations=POPULATIONS, budget={"evaluations": 16}, checkpoint_every=5, migration={"every": 3}
+    )
     assert main(["run", str(config_path), "--run-dir", str(tmp_path / "r")]) == 0
     store = RunStore(tmp_path / "r", readonly=True)
     final, _ = store.checkpoints()  # taken at the end of the run
     store.close()
+    members = pickle.loads(final["m2n2"])["strategy"]["member_ids"]
+    assert any(m.startswith("cma:") for m in members), "CMA-ES's best migrated into M2N2's archive"
     db = sqlite3.connect(tmp_path / "r" / "run.db")
     with db:
         db.execute("DELETE FROM checkpoints")
@@ -156,7 +160,7 @@ def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_conf
     store = RunStore(tmp_path / "r")
     budgets = config.population_budgets()
     pops = [Population(p.name, s, budgets[p.name], p.share) for p, s in zip(config.populations, strategies)]
-    Controller(store, executor, pops).restore()
+    Controller(store, executor, pops, migration=(3, 1)).restore()
     store.close()
     _, loaded = _strategies(config, str(config_path), executor)
     for pop, reference in zip(pops, loaded):

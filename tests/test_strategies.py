@@ -149,3 +149,21 @@ def test_cmaes_leaves_weight_space_unbounded():
     strategy = make_strategy("cmaes", "pop", SearchSpec.weights([seed]), 0, {"sigma0": 0.1})
     genomes = np.array([c.genome for c in strategy.ask(100)])
     assert np.all(np.abs(genomes - seed) < 1.0)  # sampled around the seed, not clipped into [0, 1]
+
+
+def test_cmaes_puts_an_immigrant_into_its_next_generation():
+    strategy = make("cmaes")
+    generation = strategy.ask(100)
+    immigrant = np.full(DIM, 0.3)
+    strategy.immigrate(immigrant, Evaluation("other:1", "ok", 0.0))
+    for cand in generation:
+        strategy.tell([Evaluation(cand.id, "ok", sphere_fitness(cand.genome))])
+    nxt = strategy.ask(100)
+    assert any(np.allclose(c.genome, immigrant) for c in nxt)
+
+
+def test_optuna_immigrant_is_a_finished_trial():
+    strategy = make("tpe")
+    strategy.immigrate(np.full(DIM, 0.3), Evaluation("other:1", "ok", 0.75))
+    trials = strategy.study.get_trials(deepcopy=False)
+    assert trials[-1].value == 0.75 and trials[-1].params["x0"] == pytest.approx(0.3)

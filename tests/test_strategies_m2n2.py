@@ -310,3 +310,18 @@ def test_archive_stats_coverage_and_entropy():
     assert stats["members"] == 2
     assert stats["coverage"] == pytest.approx(0.5)  # examples 0 and 1 are solved by someone
     assert stats["entropy"] == pytest.approx(math.log(2) / 4)  # only example 0 is split, evenly
+
+
+def test_immigrants_compete_for_the_archive_once():
+    m = make_strategy("m2n2", "p", weight_spec(), 0, {"archive_size": 2})
+    a, b = m.ask(2)
+    tell(m, a, [1, 0, 0])
+    tell(m, b, [0, 1, 0])
+    stranger = Evaluation("other:7", "ok", 1.0, per_example=np.array([1.0, 1.0, 1.0]))
+    m.immigrate(np.full(8, 3.0), stranger)
+    assert "other:7" in m._member_ids  # solves everything: it displaces a seed
+    m.immigrate(np.full(8, 3.0), stranger)
+    assert m._member_ids.count("other:7") == 1
+    weak = Evaluation("other:8", "ok", 0.0, per_example=np.zeros(3))
+    m.immigrate(np.zeros(8), weak)
+    assert "other:8" not in m._member_ids

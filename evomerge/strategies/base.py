@@ -150,6 +150,15 @@ class Strategy(ABC):
         """Reasons this population has nothing more to propose (empty while it goes on)."""
         return {}
 
+    def immigrate(self, genome: np.ndarray, evaluation: Evaluation) -> None:
+        """Take in a good member of another population (migration between populations).
+
+        The genome lives in this population's space and was scored as ``evaluation``. Strategies
+        with an archive or a model of the search use it (M2N2 and GA insert it into the archive,
+        CMA-ES injects it into its next generation, Optuna adds it as a finished trial); the others
+        (random search, Evo-Merging's staged CMA-ES) keep to their own course and ignore it.
+        """
+
     def outstanding(self) -> list[Candidate]:
         """Candidates asked but not told: after a restore, the ones a resumed run scores again."""
         return list(self._outstanding.values())

@@ -74,6 +74,7 @@ class Generations:
         self.members: list[np.ndarray] = []
         self.issued = 0
         self.losses: dict[int, float] = {}
+        self.immigrants: list[np.ndarray] = []  # injected once the current generation is told
 
     def ask(self, n: int) -> list[tuple[int, np.ndarray]]:
         """Up to ``n`` untold members ``(index, x)`` of the current generation; a new one only
@@ -103,7 +104,21 @@ class Generations:
         self.members = []
         self.issued = 0
         self.losses = {}
+        self._inject_waiting()
         return True
+
+    def inject(self, x: np.ndarray) -> None:
+        """Make ``x`` a member of the next generation (pycma takes injections only between generations)."""
+        self.immigrants.append(np.asarray(x, dtype=np.float64))
+        if not self.members:
+            self._inject_waiting()
+
+    def _inject_waiting(self) -> None:
+        if self.immigrants:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.es.inject([x.tolist() for x in self.immigrants], force=True)
+            self.immigrants = []
 
     def stop(self) -> dict[str, Any]:
         """pycma's termination reasons, only between generations (a started one is finished first)."""
@@ -117,6 +132,7 @@ class Generations:
             "generation": list(self.members),
             "issued": self.issued,
             "losses": dict(self.losses),
+            "immigrants": list(self.immigrants),
         }
 
     @classmethod
@@ -125,6 +141,7 @@ class Generations:
         run.members = list(state["generation"])
         run.issued = state["issued"]
         run.losses = dict(state["losses"])
+        run.immigrants = list(state["immigrants"])
         return run
 
 
@@ -162,6 +179,9 @@ class CMAES(Strategy):
 
     def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
         self._run.tell(tag, -fitness)  # pycma minimises; the tag is the generation member
+
+    def immigrate(self, genome: np.ndarray, evaluation: Evaluation) -> None:
+        self._run.inject(np.clip(genome, 0.0, 1.0) if self.spec.bounded else genome)
 
     def stop(self) -> dict[str, Any]:
         return self._run.stop()

@@ -265,13 +265,23 @@ class M2N2(Strategy):
         return out
 
     def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
+        self._consider(candidate.genome, candidate.id, fitness, evaluation)
+
+    def immigrate(self, genome: np.ndarray, evaluation: Evaluation) -> None:
+        if evaluation.candidate_id in self._member_ids:
+            return  # already here from an earlier migration
+        fitness = evaluation.fitness if evaluation.usable else -math.inf
+        self._consider(np.asarray(genome, dtype=np.float64), evaluation.candidate_id, fitness, evaluation)
+
+    def _consider(self, genome: np.ndarray, member_id: str, fitness: float, evaluation: Evaluation) -> None:
+        """Offer a scored genome to the archive: it competes like any child."""
         if not math.isfinite(fitness):
             return  # a failed child never enters the archive
         row = evaluation.per_example if evaluation.per_example is not None else np.array([fitness])
         row = np.nan_to_num(np.asarray(row, dtype=np.float64).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
         self._binary = self._binary and bool(np.all((row == 0) | (row == 1)))
         self._negative = self._negative or bool(row.min(initial=0.0) < 0)
-        self._insert(candidate.genome, candidate.id, row)
+        self._insert(genome, member_id, row)
 
     def stop(self) -> dict[str, Any]:
         if self._pending or self.outstanding() or self._can_breed():

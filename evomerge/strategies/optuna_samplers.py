@@ -80,6 +80,14 @@ class OptunaStrategy(Strategy):
         else:
             self._study.tell(tag, values)
 
+    def immigrate(self, genome: np.ndarray, evaluation: Evaluation) -> None:
+        fitness = evaluation.fitness if evaluation.usable else -math.inf
+        values = self._values(fitness, evaluation)
+        if values is None:
+            return
+        params = dict(zip(self._names, np.clip(genome, 0.0, 1.0).tolist()))
+        self._study.add_trial(optuna.trial.create_trial(params=params, distributions=self._distributions, values=values))
+
     @property
     def study(self) -> optuna.Study:
         """The live study, for inspection (its trials carry every value the sampler received)."""
