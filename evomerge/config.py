@@ -177,12 +177,18 @@ class DataConfig(_Strict):
     split: str = "train"
     classes: list[int] | None = None
     limit: int | None = Field(default=None, ge=1)
+    # text data (.jsonl/.csv) only: how each row becomes a prompt, target and choices
+    template: str | None = Field(default=None, description="prompt as a str.format template over the row's fields")
+    target: str | None = Field(default=None, description="field name, or template, of the target text")
+    choices: str | None = Field(default=None, description="field holding the list of choices")
+    label: str | None = Field(default=None, description="field holding the index of the right choice")
 
 
 class FitnessConfig(_Strict):
     name: str = "classification_accuracy"
     data: DataConfig
     test_data: DataConfig | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the fitness function")
 
 
 def resolve_deadline(value: str, now: datetime | None = None) -> datetime:

@@ -21,7 +21,7 @@ import torch
 from evomerge.candidates import Evaluation
 from evomerge.config import RunConfig
 from evomerge.errors import PluginError, UserError
-from evomerge.fitness import per_example_scores, resolve_fitness
+from evomerge.fitness import per_example_scores, resolve_fitness, with_options
 from evomerge.fitness.data import load_examples
 from evomerge.merge.materializer import Materializer
 from evomerge.models.loading import load_model, load_tokenizer, resolve_device
@@ -72,7 +72,7 @@ class LocalWorker:
         self.models = load_resident_models(config, self.device)
         self.space: Space = config.merge.build_space(self.models.tensor_names, len(config.models.experts))
         self.fitness_name = config.fitness.name
-        self.fitness_fn = resolve_fitness(config.fitness.name)
+        self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
         self.examples = self._examples(config.fitness.data)
         self._seed_recipe_grids = {
             p.name: grid for p in config.populations if (grid := p.seed_recipe_grid()) is not None
@@ -80,7 +80,10 @@ class LocalWorker:
         self._block_edges: dict[str, np.ndarray] = {}
 
     def _examples(self, data):
-        return load_examples(data.source, data.split, data.classes, data.limit, self.config.base_dir)
+        return load_examples(
+            data.source, data.split, data.classes, data.limit, self.config.base_dir,
+            template=data.template, target=data.target, choices=data.choices, label=data.label,
+        )
 
     def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
         """The experts' per-block Gram matrices on a split grid, for M2N2's seed-recipe archive."""

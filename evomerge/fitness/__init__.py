@@ -6,7 +6,9 @@ through the entry-point group ``evomerge.fitness``.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -14,11 +16,15 @@ import numpy as np
 
 from evomerge.errors import PluginError
 from evomerge.fitness.classification import classification_accuracy
+from evomerge.fitness.lm import exact_match, multiple_choice_loglik, negative_cross_entropy
 
 FitnessFn = Callable[[Any, Any, Any], Any]
 
 FITNESS_FUNCTIONS: dict[str, FitnessFn] = {
     "classification_accuracy": classification_accuracy,
+    "multiple_choice_loglik": multiple_choice_loglik,
+    "negative_cross_entropy": negative_cross_entropy,
+    "exact_match": exact_match,
 }
 
 ENTRY_POINT_GROUP = "evomerge.fitness"
@@ -51,6 +57,23 @@ def resolve_fitness(name: str) -> FitnessFn:
     )
 
 
+def with_options(fn: FitnessFn, name: str, options: dict[str, Any]) -> FitnessFn:
+    """``fn`` with the config's ``fitness.options`` bound as keyword arguments.
+
+    Checked against the signature once, so a function that does not take an option stops the
+    run with one message instead of failing every candidate with a TypeError.
+    """
+    if not options:
+        return fn
+    try:
+        inspect.signature(fn).bind(None, None, None, **options)
+    except TypeError as exc:
+        raise PluginError(f"fitness '{name}' does not accept options {sorted(options)}: {exc}") from None
+    except ValueError:  # no signature to check (some builtins): let the call decide
+        pass
+    return functools.partial(fn, **options)
+
+
 def per_example_scores(raw: Any, n_examples: int, name: str) -> np.ndarray:
     """Validate a fitness function's return value: one finite-or-NaN float per example."""
     try:
@@ -64,4 +87,4 @@ def per_example_scores(raw: Any, n_examples: int, name: str) -> np.ndarray:
     return scores
 
 
-__all__ = ["FITNESS_FUNCTIONS", "FitnessFn", "per_example_scores", "resolve_fitness"]
+__all__ = ["FITNESS_FUNCTIONS", "FitnessFn", "per_example_scores", "resolve_fitness", "with_options"]

@@ -3,12 +3,22 @@
 Built-in sources need no download: ``sklearn:digits`` is bundled with scikit-learn (split as the
 M2N2 code does: the first 80 % train, the last 20 % test, no shuffle). Local ``.npz`` files with
 arrays ``inputs`` and ``labels`` serve any classifier.
+
+Local ``.jsonl`` and ``.csv`` files hold text rows for language models. Each row is rendered into
+``{"prompt": ..., "target": ..., "choices": [...], "label": int}`` by the data config's
+templates, so one file format serves every text fitness function. A file has no splits of its own:
+``split`` is ignored unless the rows carry a ``"split"`` field, in which case only the rows whose
+``split`` equals it are kept (so one file can hold train and test rows).
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 from pathlib import Path
-from typing import Sequence
+from string import Formatter
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -30,28 +40,144 @@ def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     raise ConfigError(f"sklearn:digits has splits 'train' and 'test', not '{split}'")
 
 
+TEXT_SUFFIXES = (".jsonl", ".csv")
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based row number, row) pairs; row numbers count data rows, not the CSV header or blank lines."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(enumerate(csv.DictReader(f), start=1))
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            number = len(rows) + 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}: row {number} is not valid JSON: {exc}") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}: row {number} is not a JSON object")
+            rows.append((number, row))
+    return rows
+
+
+def _field(path: Path, number: int, row: dict[str, Any], name: str) -> Any:
+    if name not in row:
+        raise ConfigError(f"{path}: row {number} has no field '{name}'")
+    return row[name]
+
+
+def _render(path: Path, number: int, row: dict[str, Any], template: str) -> str:
+    """``str.format`` over the row; an unknown field names the file, the row and the field."""
+    for _, name, _, _ in Formatter().parse(template):
+        if name is not None:
+            _field(path, number, row, re.split(r"[.\[]", name, maxsplit=1)[0])
+    try:
+        return template.format(**row)
+    except (IndexError, KeyError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{path}: row {number}: template {template!r} cannot be filled: {exc}") from None
+
+
+def _choices(path: Path, number: int, value: Any, name: str) -> list[str]:
+    """A list of strings; CSV cells hold it as a JSON list."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{path}: row {number}: field '{name}' must be a non-empty list of choices")
+    return [str(c) for c in value]
+
+
+def _text_examples(
+    path: Path,
+    split: str,
+    limit: int | None,
+    template: str | None,
+    target: str | None,
+    choices: str | None,
+    label: str | None,
+) -> list[dict[str, Any]]:
+    """Render rows into prompt/target/choices/label dicts.
+
+    Unset fields default to the row's own ``prompt`` (required), ``target``, ``choices`` and
+    ``label`` fields (each taken when present); set fields are required in every row. ``target``
+    is a field name, or a template when it contains ``{``.
+    """
+    rows = _read_rows(path)
+    if any("split" in row for _, row in rows):
+        rows = [(n, row) for n, row in rows if row.get("split") == split]
+        if not rows:
+            raise ConfigError(f"{path}: no rows have split '{split}'")
+    if limit is not None:
+        rows = rows[:limit]
+    examples = []
+    for number, row in rows:
+        example: dict[str, Any] = {
+            "prompt": _render(path, number, row, template) if template else str(_field(path, number, row, "prompt"))
+        }
+        if target is not None and "{" in target:
+            example["target"] = _render(path, number, row, target)
+        elif target is not None or "target" in row:
+            example["target"] = str(_field(path, number, row, target or "target"))
+        if choices is not None or "choices" in row:
+            name = choices or "choices"
+            example["choices"] = _choices(path, number, _field(path, number, row, name), name)
+        if label is not None or "label" in row:
+            name = label or "label"
+            value = _field(path, number, row, name)
+            try:
+                example["label"] = int(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path}: row {number}: field '{name}' must be an integer index, not {value!r}") from None
+            if "choices" in example and not 0 <= example["label"] < len(example["choices"]):
+                raise ConfigError(
+                    f"{path}: row {number}: label {example['label']} is outside its {len(example['choices'])} choices"
+                )
+        examples.append(example)
+    return examples
+
+
 def load_examples(
     source: str,
     split: str = "train",
     classes: Sequence[int] | None = None,
     limit: int | None = None,
     base_dir: Path | None = None,
-) -> dict[str, torch.Tensor]:
-    """Examples as ``{"inputs": float32 [N, F], "labels": int64 [N]}``."""
+    *,
+    template: str | None = None,
+    target: str | None = None,
+    choices: str | None = None,
+    label: str | None = None,
+) -> dict[str, torch.Tensor] | list[dict[str, Any]]:
+    """Examples as ``{"inputs": float32 [N, F], "labels": int64 [N]}`` (digits, .npz), or for
+    .jsonl/.csv a list of ``{"prompt", "target"?, "choices"?, "label"?}`` dicts."""
+    text_options = {"template": template, "target": target, "choices": choices, "label": label}
     if source == "sklearn:digits":
         x, y = _digits(split)
     else:
         path = Path(source).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        if path.suffix != ".npz":
-            raise ConfigError(f"fitness data '{source}': expected 'sklearn:digits' or a .npz file")
+        if path.suffix not in (".npz", *TEXT_SUFFIXES):
+            raise ConfigError(f"fitness data '{source}': expected 'sklearn:digits', or a .npz, .jsonl or .csv file")
         if not path.exists():
             raise ConfigError(f"fitness data file not found: {path}")
+        if path.suffix in TEXT_SUFFIXES:
+            if classes is not None:
+                raise ConfigError(f"fitness data '{source}': 'classes' applies to .npz and sklearn data only")
+            return _text_examples(path, split, limit, **text_options)
         with np.load(path) as arrays:
             if "inputs" not in arrays or "labels" not in arrays:
                 raise ConfigError(f"{path}: a .npz fitness file needs arrays 'inputs' and 'labels'")
             x, y = arrays["inputs"], arrays["labels"]
+    used = [name for name, value in text_options.items() if value is not None]
+    if used:
+        raise ConfigError(f"fitness data '{source}': {', '.join(used)} apply to .jsonl and .csv text data only")
     if classes is not None:
         keep = np.isin(y, np.asarray(classes))
         x, y = x[keep], y[keep]

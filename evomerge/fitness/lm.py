@@ -1,0 +1,192 @@
+"""Fitness functions for causal language models, one score per example.
+
+Examples are the rendered text rows of ``evomerge.fitness.data``: dicts with ``"prompt"`` and, as
+the function needs them, ``"target"``, ``"choices"`` and ``"label"``. Options such as
+``batch_size`` come from the config's ``fitness.options`` as keyword arguments.
+
+Continuations are tokenized as lm-eval does: the prompt and ``prompt + continuation`` are encoded
+with the tokenizer's special tokens and the continuation is what the longer encoding adds, so
+tokens merging across the boundary are scored as the model would see them. A tokenizer without a
+pad token pads with its eos token: padded positions are masked out, so the id only has to exist.
+Sequences are not truncated; keep prompts within the model's context.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from evomerge.errors import PluginError
+
+DEFAULT_ANSWER_REGEX = r"-?\d+(?:\.\d+)?"
+
+
+@contextmanager
+def _inference(model: torch.nn.Module) -> Iterator[torch.device]:
+    """Eval mode and no autograd while scoring, then the model's training state as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+def _require(examples: Sequence[dict[str, Any]], keys: tuple[str, ...], fitness: str) -> None:
+    """Fail once, before any forward pass, when the data config does not provide what is scored."""
+    if isinstance(examples, dict) or any(not isinstance(e, dict) for e in examples):
+        raise PluginError(f"fitness '{fitness}' needs text examples (.jsonl or .csv data), not tensors")
+    for i, example in enumerate(examples):
+        missing = [k for k in keys if k not in example]
+        if missing:
+            raise PluginError(
+                f"fitness '{fitness}': example {i} has no {', '.join(missing)}"
+                " (set the data config's template/target/choices/label fields)"
+            )
+
+
+def _pad_id(tokenizer: Any, fitness: str) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise PluginError(f"fitness '{fitness}': the tokenizer has neither a pad nor an eos token")
+    return int(pad)
+
+
+def _encode_pair(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, continuation ids), split as lm-eval does; a prompt's trailing spaces move to
+    the continuation so that word-initial tokens are scored whole."""
+    stripped = prompt.rstrip(" ")
+    continuation = prompt[len(stripped):] + continuation
+    whole = tokenizer(stripped + continuation)["input_ids"]
+    context = tokenizer(stripped)["input_ids"]
+    return context, whole[len(context):]
+
+
+def continuation_logprobs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int,
+    fitness: str,
+) -> list[torch.Tensor]:
+    """Log-probability of each continuation token given the prompt and the tokens before it.
+
+    Pairs are batched longest first with right padding and an attention mask; with causal
+    attention the padding after a sequence cannot change its logits.
+    """
+    if tokenizer is None:
+        raise PluginError(f"fitness '{fitness}' needs the model's tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad  # any id: padded positions are masked and never scored
+    encoded = []
+    for prompt, continuation in pairs:
+        context, cont = _encode_pair(tokenizer, prompt, continuation)
+        if not context or not cont:
+            raise PluginError(f"fitness '{fitness}': prompt {prompt!r} or continuation {continuation!r} has no tokens")
+        encoded.append((context, cont))
+    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+    results: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
+    with _inference(model) as device:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            seqs = [encoded[i][0] + encoded[i][1] for i in batch]
+            width = max(map(len, seqs))
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logprobs = logits[:, :-1].float().log_softmax(-1)
+            token_logprobs = logprobs.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+            for row, i in enumerate(batch):
+                n_context, n_cont = len(encoded[i][0]), len(encoded[i][1])
+                # logits at position t predict token t + 1
+                results[i] = token_logprobs[row, n_context - 1 : n_context - 1 + n_cont]
+    return results
+
+
+def multiple_choice_loglik(
+    model: torch.nn.Module, tokenizer: Any, examples: Sequence[dict[str, Any]], *, batch_size: int = 16
+) -> torch.Tensor:
+    """1 where the right choice has the highest summed log-likelihood given the prompt, else 0.
+
+    The sum, not the mean, is lm-eval's ``acc``; it favours short choices, which is the
+    convention results are compared under.
+    """
+    _require(examples, ("choices", "label"), "multiple_choice_loglik")
+    pairs = [(e["prompt"], c) for e in examples for c in e["choices"]]
+    totals = [lp.sum().item() for lp in continuation_logprobs(model, tokenizer, pairs, batch_size, "multiple_choice_loglik")]
+    scores, offset = [], 0
+    for example in examples:
+        n = len(example["choices"])
+        best = max(range(n), key=lambda j: totals[offset + j])
+        scores.append(float(best == example["label"]))
+        offset += n
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def negative_cross_entropy(
+    model: torch.nn.Module, tokenizer: Any, examples: Sequence[dict[str, Any]], *, batch_size: int = 16
+) -> torch.Tensor:
+    """Minus the mean cross-entropy of the target's tokens given the prompt (the prompt's own
+    tokens do not count), so a model that predicts the answers better scores higher."""
+    _require(examples, ("target",), "negative_cross_entropy")
+    pairs = [(e["prompt"], e["target"]) for e in examples]
+    logprobs = continuation_logprobs(model, tokenizer, pairs, batch_size, "negative_cross_entropy")
+    return torch.tensor([lp.mean().item() for lp in logprobs], dtype=torch.float64)
+
+
+def extract_answer(text: str, answer_regex: str = DEFAULT_ANSWER_REGEX) -> str | None:
+    """The last match of ``answer_regex`` in ``text`` (its first group when it has one)."""
+    matches = list(re.finditer(answer_regex, text))
+    if not matches:
+        return None
+    last = matches[-1]
+    return (last.group(1) if last.re.groups else last.group(0)).strip()
+
+
+def exact_match(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[dict[str, Any]],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    answer_regex: str = DEFAULT_ANSWER_REGEX,
+) -> torch.Tensor:
+    """1 where the answer extracted from the greedy generation equals the stripped target.
+
+    Prompts are left-padded so that every row's generation starts right after its prompt.
+    """
+    _require(examples, ("target",), "exact_match")
+    if tokenizer is None:
+        raise PluginError("fitness 'exact_match' needs the model's tokenizer")
+    pad = _pad_id(tokenizer, "exact_match")
+    scores: list[float] = []
+    with _inference(model) as device:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            enc = [tokenizer(e["prompt"])["input_ids"] for e in batch]
+            width = max(map(len, enc))
+            ids = torch.full((len(enc), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for row, seq in enumerate(enc):
+                ids[row, width - len(seq) :] = torch.tensor(seq)
+                mask[row, width - len(seq) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+            )
+            texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
+            for example, text in zip(batch, texts):
+                answer = extract_answer(text, answer_regex)
+                scores.append(float(answer is not None and answer == str(example["target"]).strip()))
+    return torch.tensor(scores, dtype=torch.float64)
