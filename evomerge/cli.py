@@ -151,11 +151,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from evomerge.config import check_files, load_config
-    from evomerge.fitness import resolve_fitness
+    from evomerge.fitness import resolve_fitness, with_options
 
     config = load_config(args.config)
     check_files(config, args.config)
-    resolve_fitness(config.fitness.name)
+    with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
     print(f"{args.config}: ok ({len(config.models.experts)} experts, {config.merge.method}, "
           f"{len(config.populations)} population(s))")
     return 0

@@ -114,3 +114,11 @@ def test_yaml_round_trip_of_snapshot(digits_config):
     again = config_from_dict(snapshot)
     assert again.models.base == config.model_ref(config.models.base)
     assert again.run_path() == config.run_path()
+
+
+def test_validate_checks_fitness_options_against_the_function(tmp_path, digits_config, capsys):
+    from evomerge.cli import main
+
+    fitness = {"name": "classification_accuracy", "data": {"source": "sklearn:digits"}, "options": {"batch_size": 8}}
+    assert main(["validate", str(digits_config(fitness=fitness))]) == 2
+    assert "does not accept options" in capsys.readouterr().err
