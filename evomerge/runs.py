@@ -101,6 +101,19 @@ def run_log(run_dir: Path) -> Iterator[None]:
         handler.close()
 
 
+@contextmanager
+def _session(store: RunStore, executor: Executor) -> Iterator[None]:
+    """A run's session: a failure marks the run failed (resumable); workers and store are released."""
+    try:
+        yield
+    except BaseException as exc:
+        store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        executor.shutdown()
+        store.close()
+
+
 def _strategies(config: RunConfig, source: str, executor: Executor) -> tuple[Space, list]:
     """The run's space and one fresh strategy per population (a resume builds the same ones)."""
     try:
@@ -171,7 +184,7 @@ def start_run(
     except BaseException:
         executor.shutdown()
         raise
-    try:
+    with _session(store, executor):
         store.init_run(config.name, yaml.safe_dump(resolved_config_dict(config), sort_keys=False), config.budget.model_dump())
         budgets = config.population_budgets()
         for p in config.populations:
@@ -184,12 +197,6 @@ def start_run(
         if on_ready is not None:
             on_ready(path)
         return _drive(store, config, executor, strategies, on_progress, resume=False)
-    except BaseException as exc:
-        store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
-        raise
-    finally:
-        executor.shutdown()
-        store.close()
 
 
 def resume_run(
@@ -225,15 +232,9 @@ def resume_run(
     except BaseException:
         store.close()
         raise
-    try:
+    with _session(store, executor):
         _, strategies = _strategies(config, source, executor)
         return _drive(store, config, executor, strategies, on_progress, resume=True)
-    except BaseException as exc:
-        store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
-        raise
-    finally:
-        executor.shutdown()
-        store.close()
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:

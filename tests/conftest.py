@@ -25,6 +25,19 @@ def digit_models(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    """Digits training examples as .npz, so Ray actors need not import scikit-learn (seconds each)."""
+    import numpy as np
+
+    from evomerge.fitness.data import load_examples
+
+    examples = load_examples("sklearn:digits", "train", limit=400)
+    path = tmp_path_factory.mktemp("digits-data") / "digits.npz"
+    np.savez(path, inputs=examples["inputs"].numpy(), labels=examples["labels"].numpy())
+    return path
+
+
 @pytest.fixture
 def digits_config(tmp_path, digit_models):
     """Write a small, valid digits config into tmp_path; keyword overrides replace sections."""

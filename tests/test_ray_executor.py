@@ -110,17 +110,6 @@ def control(plugin_dir, ray_session):
     return set_mode
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    """Digits training examples as .npz, so actors need not import scikit-learn (seconds each)."""
-    from evomerge.fitness.data import load_examples
-
-    examples = load_examples("sklearn:digits", "train", limit=400)
-    path = tmp_path_factory.mktemp("ray-data") / "digits.npz"
-    np.savez(path, inputs=examples["inputs"].numpy(), labels=examples["labels"].numpy())
-    return path
-
-
 @pytest.fixture
 def pool_config(digits_config, data_file):
     """A ray-executor config scored by the test plugin; keyword arguments go into ``workers:``."""

@@ -30,7 +30,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
 import yaml
@@ -155,17 +154,6 @@ def plugin_env(plugin_dir):
         mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin_dir), os.environ.get("PYTHONPATH")])))
         mp.syspath_prepend(str(plugin_dir))
         yield
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    """Digits training examples as .npz, so actors need not import scikit-learn (seconds each)."""
-    from evomerge.fitness.data import load_examples
-
-    examples = load_examples("sklearn:digits", "train", limit=300)
-    path = tmp_path_factory.mktemp("ray-runs-data") / "digits.npz"
-    np.savez(path, inputs=examples["inputs"].numpy(), labels=examples["labels"].numpy())
-    return path
 
 
 @pytest.fixture

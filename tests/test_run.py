@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
 import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from evomerge.cli import main
 from evomerge.store import RunStore
