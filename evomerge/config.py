@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merge import MERGE_METHODS, get_merge_method
@@ -38,6 +38,10 @@ def parse_duration(value: str | float | int) -> float:
     if seconds <= 0:
         raise ValueError("a duration must be positive")
     return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds, written in a config as a number or as ``"90s"``, ``"30m"``, ``"8h"``, ``"1h30m"``."""
 
 
 class _Strict(BaseModel):
@@ -153,16 +157,11 @@ class WorkersConfig(_Strict):
     # None starts Ray on this machine (or joins RAY_ADDRESS); "auto" or "ray://host:port" joins a cluster.
     address: str | None = None
     # A candidate still running after this long fails, and its worker is replaced.
-    timeout: float | None = None
+    timeout: Duration | None = None
     # Re-runs of a candidate whose worker died under it, before it is recorded as failed.
     max_retries: int = Field(default=2, ge=0)
     # Worker deaths in a row, with no evaluation finishing in between, that stop the run.
     max_worker_failures: int = Field(default=10, ge=1)
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        return None if value is None else parse_duration(value)
 
     @field_validator("address")
     @classmethod
@@ -210,15 +209,10 @@ def resolve_deadline(value: str, now: datetime | None = None) -> datetime:
 
 class BudgetConfig(_Strict):
     evaluations: int | None = Field(default=None, ge=1)
-    max_time: float | None = None
+    max_time: Duration | None = None
     deadline: str | None = Field(default=None, description="'07:00' (next occurrence) or an ISO date-time")
     target_fitness: float | None = Field(default=None, description="stop once the best fitness reaches this")
     patience: int | None = Field(default=None, ge=1, description="stop after this many evaluations without improvement")
-
-    @field_validator("max_time", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        return None if value is None else parse_duration(value)
 
     @field_validator("deadline")
     @classmethod

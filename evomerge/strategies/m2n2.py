@@ -93,10 +93,10 @@ def roulette(rng: np.random.Generator, weights: np.ndarray, allowed: np.ndarray)
     return min(index, int(np.flatnonzero(w)[-1]))
 
 
-class M2N2Options(StrategyOptions):
+class GAOptions(StrategyOptions):
+    """The archive and breeding options M2N2 and the GA share."""
+
     archive_size: int = Field(default=20, ge=2, description="members kept (the paper: 20 on digits, 15 for LLMs)")
-    alpha: float = Field(default=1.0, ge=0.0, description="competition exponent; 0 = no competition (GA)")
-    attraction: bool = Field(default=True, description="draw parent B by attraction to A (else by fitness)")
     split_point: bool = Field(default=True, description="random split point; off = whole-vector SLERP")
     crossover: bool = Field(default=True, description="off: the child is parent A plus mutation")
     mutation: float = Field(default=0.0, ge=0.0, description="std of Gaussian noise added to each child gene")
@@ -114,10 +114,15 @@ class M2N2Options(StrategyOptions):
     )
 
     @model_validator(mode="after")
-    def _child_must_differ(self) -> "M2N2Options":
+    def _child_must_differ(self) -> "GAOptions":
         if not self.crossover and self.mutation == 0:
             raise ValueError("without crossover the children need mutation > 0, or they only copy parents")
         return self
+
+
+class M2N2Options(GAOptions):
+    alpha: float = Field(default=1.0, ge=0.0, description="competition exponent; 0 = no competition (GA)")
+    attraction: bool = Field(default=True, description="draw parent B by attraction to A (else by fitness)")
 
 
 class M2N2(Strategy):
@@ -316,22 +321,6 @@ def _shift(scores: np.ndarray) -> np.ndarray:
     if scores.size and scores.min() < 0:
         return scores - scores.min(axis=0)
     return scores
-
-
-class GAOptions(StrategyOptions):
-    archive_size: int = Field(default=20, ge=2, description="population kept")
-    split_point: bool = Field(default=True, description="random split point; off = whole-vector SLERP")
-    crossover: bool = Field(default=True, description="off: the child is a parent plus mutation")
-    mutation: float = Field(default=0.0, ge=0.0, description="std of Gaussian noise added to each child gene")
-    random_seeds: int | None = Field(default=None, ge=0, description="as for m2n2")
-    archive: Literal["genomes", "seed_recipes"] = Field(default="genomes", description="as for m2n2")
-    split_grid: Literal["rows", "elements"] = Field(default="rows", description="as for m2n2")
-
-    @model_validator(mode="after")
-    def _child_must_differ(self) -> "GAOptions":
-        if not self.crossover and self.mutation == 0:
-            raise ValueError("without crossover the children need mutation > 0, or they only copy parents")
-        return self
 
 
 class GA(M2N2):
