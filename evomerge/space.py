@@ -76,10 +76,26 @@ class GeneBlock:
     low: float
     high: float
     init: float
+    levels: int | None = None
+    """Integer parameters take the ``levels`` integers ``low … high``: the unit interval is cut
+    into that many equal bins, so each value is equally likely under uniform sampling."""
 
     @property
     def size(self) -> int:
         return self.n_groups * self.n_values
+
+    def to_unit(self, value: np.ndarray) -> np.ndarray:
+        """Unit-cube coordinates of real values (the centre of its bin for an integer value)."""
+        value = np.asarray(value, dtype=np.float64)
+        if self.levels is None:
+            return (value - self.low) / (self.high - self.low)
+        return (np.clip(np.rint(value - self.low), 0, self.levels - 1) + 0.5) / self.levels
+
+    def to_real(self, unit: np.ndarray) -> np.ndarray:
+        """Real values of unit-cube coordinates (integers for an integer parameter)."""
+        if self.levels is None:
+            return self.low + unit * (self.high - self.low)
+        return self.low + np.minimum(np.floor(unit * self.levels), self.levels - 1)
 
 
 @dataclass
@@ -165,7 +181,9 @@ class Space:
         for spec in method.params:
             if spec.name not in searched:
                 continue
-            low, high = bounds.get(spec.name, (spec.low, spec.high))
+            low, high = bounds.get(spec.name, spec.bounds_for(n_models))
+            if spec.integer:
+                low, high = float(round(low)), float(round(high))
             if not low < high:
                 raise ValueError(f"bounds of '{spec.name}' must satisfy low < high, got [{low}, {high}]")
             start = init.get(spec.name, spec.default_for(n_models))
@@ -174,7 +192,8 @@ class Space:
             if not low <= start <= high:
                 raise ValueError(f"initial value {start} of '{spec.name}' lies outside its bounds [{low}, {high}]")
             n_values = n_models if spec.per_model and granularity != "global" else 1
-            blocks.append(GeneBlock(spec.name, len(group_names), n_values, low, high, start))
+            levels = int(high - low) + 1 if spec.integer else None
+            blocks.append(GeneBlock(spec.name, len(group_names), n_values, low, high, start, levels))
         unknown_options = set(options or {}) - set(method.option_names)
         if unknown_options:
             raise ValueError(
@@ -202,15 +221,13 @@ class Space:
 
     def x0(self) -> np.ndarray:
         """The declared (or configured) starting values, in unit-cube coordinates."""
-        return np.concatenate(
-            [np.full(b.size, (b.init - b.low) / (b.high - b.low)) for b in self.blocks]
-        ) if self.blocks else np.zeros(0)
+        return np.concatenate([np.full(b.size, b.to_unit(b.init)) for b in self.blocks]) if self.blocks else np.zeros(0)
 
     def search_spec(self) -> SearchSpec:
         """The strategies' view of this space: dimension, start and where each parameter's genes lie."""
         genes, offset = [], 0
         for b in self.blocks:
-            genes.append(GeneRange(b.param, offset, offset + b.size, b.low, b.high))
+            genes.append(GeneRange(b.param, offset, offset + b.size, b.low, b.high, b.levels))
             offset += b.size
         return SearchSpec(self.dim, self.x0(), tuple(genes))
 
@@ -223,7 +240,9 @@ class Space:
         offset = 0
         for b in self.blocks:
             chunk = unit[offset : offset + b.size].reshape(b.n_groups, b.n_values)
-            scaled = b.low + chunk * (b.high - b.low)
+            scaled = b.to_real(chunk)
+            if b.levels is not None:  # a discrete gene seeds as its bin's centre: same recipe, same seed
+                unit[offset : offset + b.size] = b.to_unit(scaled).reshape(-1)
             spec = self.method.param(b.param)
             if spec.per_model and b.n_values == 1:
                 scaled = np.repeat(scaled, self.n_models, axis=1)
@@ -255,6 +274,6 @@ class Space:
                     f"'{b.param}' takes one value or {b.n_values} (one per expert) in this space, got {raw.size}"
                 )
             per_group = np.broadcast_to(raw, (b.n_values,))
-            unit = (np.tile(per_group, b.n_groups) - b.low) / (b.high - b.low)
+            unit = b.to_unit(np.tile(per_group, b.n_groups))
             parts.append(unit)
         return np.concatenate(parts) if parts else np.zeros(0)

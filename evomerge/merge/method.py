@@ -29,11 +29,19 @@ class ParamSpec:
     per_model: bool
     default: float | None
     low: float
-    high: float
+    high: float | None
     doc: str = ""
+    integer: bool = False
+    """An integer gene (consensus' vote count k, the expert that supplies a layer): the space
+    decodes it to one of the integers ``low … high``, and strategies are told it is discrete. A
+    ``high`` of ``None`` means "one value per expert": ``low + n_models − 1``."""
 
     def default_for(self, n_models: int) -> float:
         return 1.0 / n_models if self.default is None else self.default
+
+    def bounds_for(self, n_models: int) -> tuple[float, float]:
+        """The declared search bounds for a run with ``n_models`` experts."""
+        return self.low, (self.low + n_models - 1 if self.high is None else self.high)
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,25 @@ class GeneRange:
     stop: int
     low: float
     high: float
+    levels: int | None = None
+    """Discrete genes (layer swapping's expert choice, consensus' k) take ``levels`` values: the
+    unit interval is cut into that many equal bins and a gene means the bin it falls in. Continuous
+    strategies (CMA-ES, M2N2, random search) search the relaxed gene and hand out bin centres
+    (:meth:`SearchSpec.snap`); the Optuna samplers ask for the level natively."""
 
     def real(self, genome: np.ndarray) -> np.ndarray:
         return self.low + np.clip(genome[self.start : self.stop], 0.0, 1.0) * (self.high - self.low)
+
+    def level(self, genome: np.ndarray) -> np.ndarray:
+        """The bin index of each of this gene's values (discrete genes only)."""
+        assert self.levels is not None
+        unit = np.clip(genome[self.start : self.stop], 0.0, 1.0)
+        return np.minimum((unit * self.levels).astype(np.int64), self.levels - 1)
+
+    def centre(self, level: np.ndarray | int) -> np.ndarray:
+        """Unit-cube coordinate of the middle of bin ``level``."""
+        assert self.levels is not None
+        return (np.asarray(level, dtype=np.float64) + 0.5) / self.levels
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,23 @@ class SearchSpec:
         """
         x0 = SeedRecipe.seed(0, gram.n_seeds, gram.n_blocks).encode()
         return cls(int(gram.block_edges[-1]), x0, (), False, (), gram)
+
+    @property
+    def discrete(self) -> tuple[GeneRange, ...]:
+        return tuple(g for g in self.genes if g.levels is not None)
+
+    def snap(self, genome: np.ndarray) -> np.ndarray:
+        """``genome`` with every discrete gene moved to the centre of its bin.
+
+        Two genomes that decode to the same recipe are then the same genome, so the run's cache
+        scores them once and their recipes share one seed.
+        """
+        if not self.discrete:
+            return genome
+        out = np.array(genome, dtype=np.float64)
+        for g in self.discrete:
+            out[g.start : g.stop] = g.centre(g.level(out))
+        return out
 
     def gene(self, name: str) -> GeneRange:
         for g in self.genes:

@@ -117,7 +117,10 @@ def test_encode_decode_round_trip(merge_case, make_setup):
         for block in space.blocks:
             spec = setup.method.param(block.param)
             n = setup.n_models if spec.per_model and granularity != "global" else 1
-            value = rng.uniform(block.low, block.high, n)
+            if block.levels is None:
+                value = rng.uniform(block.low, block.high, n)
+            else:  # an integer gene round-trips its integers
+                value = rng.integers(block.low, block.high, n, endpoint=True).astype(np.float64)
             wanted[block.param] = value.tolist() if n > 1 else float(value[0])
         genome = space.encode(wanted)
         assert genome.shape == (space.dim,)
