@@ -164,6 +164,15 @@ class CMAES(Strategy):
             raise ValueError("CMA-ES needs at least one searched gene")
         separable = dim > SEPARABLE_ABOVE if options.separable == "auto" else options.separable
         x0 = np.clip(self.x0, 0.0, 1.0) if spec.bounded else self.x0
+        extra: dict[str, Any] = {}
+        if spec.discrete:
+            # Discrete genes are searched relaxed and handed out as their bin's centre
+            # (SearchSpec.snap); a floor on their step size of a quarter bin keeps the search
+            # trying neighbouring levels instead of collapsing inside one bin.
+            minstd = np.zeros(dim)
+            for gene in spec.discrete:
+                minstd[gene.start : gene.stop] = 0.25 / gene.levels  # type: ignore[operator]
+            extra["minstd"] = minstd.tolist()
         es = pycma_es(
             x0,
             options.sigma0,
@@ -171,11 +180,12 @@ class CMAES(Strategy):
             bounds=[0.0, 1.0] if spec.bounded else [None, None],
             popsize=options.popsize or 4 + int(3 * math.log(dim)),
             CMA_diagonal=separable,
+            **extra,
         )
         self._run = Generations(es)
 
     def _ask(self, n: int) -> list[tuple[np.ndarray, tuple[str, ...], Any]]:
-        return [(x, (), index) for index, x in self._run.ask(n)]
+        return [(self.spec.snap(x), (), index) for index, x in self._run.ask(n)]  # pycma keeps x itself
 
     def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
         self._run.tell(tag, -fitness)  # pycma minimises; the tag is the generation member

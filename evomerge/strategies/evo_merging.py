@@ -68,7 +68,7 @@ class EvoMerging(Strategy):
             )
         self.alpha: GeneRange = names["alpha"]
         self.beta: GeneRange = names["beta"]
-        self._base = np.clip(self.x0, 0.0, 1.0)  # the genome outside the stage's genes
+        self._base = spec.snap(np.clip(self.x0, 0.0, 1.0))  # the genome outside the stage's genes
         self._stage = 1
         self._run = self._start(self.alpha, options.stage1_sigma, options.stage1_budget, seed)
         self._stage1_best: tuple[float, np.ndarray] | None = None  # (objective, α unit coordinates)

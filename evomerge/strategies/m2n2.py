@@ -167,6 +167,7 @@ class M2N2(Strategy):
             if extra is None:
                 extra = max(self.options.archive_size - len(seeds), 0)
             seeds += [self._rng.random(self.dim) for _ in range(extra)]
+            seeds = [self.spec.snap(s) for s in seeds]
         return seeds
 
     # --- the archive ---------------------------------------------------------------------------
@@ -253,7 +254,8 @@ class M2N2(Strategy):
             noise = torch.empty(child.size, dtype=torch.float32).normal_(0.0, opts.mutation, generator=self._noise)
             child += noise.numpy()
         if self.spec.bounded:
-            np.clip(child, 0.0, 1.0, out=child)
+            # a discrete gene is bred as a continuous one, then snapped to its bin's centre
+            child = self.spec.snap(np.clip(child, 0.0, 1.0, out=child))
         return child
 
     # --- ask/tell ------------------------------------------------------------------------------

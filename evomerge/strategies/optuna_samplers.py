@@ -4,7 +4,11 @@
 - ``optuna_cmaes``: Hansen's CMA-ES (Hansen and Ostermeier, 2001) as implemented by the ``cmaes`` package (Nomura and Shibata, 2024).
 - ``nsga2``: NSGA-II (Deb et al., "A Fast and Elitist Multiobjective Genetic Algorithm", IEEE TEC 2002).
 
-Each gene is a ``FloatDistribution(0, 1)`` named ``x<i>``; the study lives in memory and is
+Each gene is a ``FloatDistribution(0, 1)`` named ``x<i>``; a discrete gene (see
+:class:`~evomerge.strategies.base.GeneRange`) is asked natively as its level: a
+``CategoricalDistribution`` for TPE and NSGA-II (unordered choices, e.g. which expert supplies a
+layer), an ``IntDistribution`` for CMA-ES (which relaxes and rounds it; it cannot sample
+categories), and handed out as its bin's centre. The study lives in memory and is
 pickled whole for a checkpoint. Its sampler (with its seeded ``RandomState``), the trials and
 the samplers' bookkeeping in the trials' system attributes (CMA-ES's optimizer, NSGA-II's
 generations) all go with it, so a restored strategy proposes exactly what an uninterrupted one
@@ -23,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from pydantic import Field, field_validator
 
@@ -35,6 +39,8 @@ class OptunaStrategy(Strategy):
     """One in-memory Optuna study; subclasses choose the sampler and the values told."""
 
     directions: tuple[str, ...] = ("maximize",)
+    categorical: bool = True
+    """Discrete genes as Optuna categories (else as integers)."""
 
     def __init__(self, population: str, spec: SearchSpec, seed: int, options: StrategyOptions) -> None:
         super().__init__(population, spec, seed, options)
@@ -44,7 +50,10 @@ class OptunaStrategy(Strategy):
         # The verbosity is process-wide: warnings stay visible.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._names = [f"x{i}" for i in range(self.dim)]
-        self._distributions = {name: FloatDistribution(0.0, 1.0) for name in self._names}
+        self._levels: dict[int, int] = {i: g.levels for g in spec.discrete for i in range(g.start, g.stop)}  # type: ignore[misc]
+        self._distributions: dict[str, BaseDistribution] = {
+            name: self._distribution(self._levels.get(i)) for i, name in enumerate(self._names)
+        }
         with warnings.catch_warnings():
             # options that older Optuna releases still flag as experimental (multivariate TPE, ...)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -52,7 +61,28 @@ class OptunaStrategy(Strategy):
         self._study = optuna.create_study(
             sampler=sampler, study_name=population, directions=list(self.directions)
         )
-        self._study.enqueue_trial(dict(zip(self._names, np.clip(self.x0, 0.0, 1.0).tolist())))
+        self._study.enqueue_trial(self._params(self.x0))
+
+    def _distribution(self, levels: int | None) -> BaseDistribution:
+        if levels is None:
+            return FloatDistribution(0.0, 1.0)
+        return CategoricalDistribution(tuple(range(levels))) if self.categorical else IntDistribution(0, levels - 1)
+
+    def _params(self, genome: np.ndarray) -> dict[str, Any]:
+        """A genome as trial parameters: unit coordinates, or the level of a discrete gene."""
+        unit = np.clip(np.asarray(genome, dtype=np.float64), 0.0, 1.0)
+        params: dict[str, Any] = {}
+        for i, name in enumerate(self._names):
+            levels = self._levels.get(i)
+            params[name] = float(unit[i]) if levels is None else min(int(unit[i] * levels), levels - 1)
+        return params
+
+    def _genome(self, params: dict[str, Any]) -> np.ndarray:
+        """Trial parameters as a genome: a discrete gene's level becomes its bin's centre."""
+        return np.array([
+            params[name] if i not in self._levels else (params[name] + 0.5) / self._levels[i]
+            for i, name in enumerate(self._names)
+        ], dtype=np.float64)
 
     @abstractmethod
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler: ...
@@ -65,7 +95,7 @@ class OptunaStrategy(Strategy):
         out = []
         for _ in range(n):
             trial = self._study.ask(self._distributions)
-            out.append((np.array([trial.params[name] for name in self._names]), (), trial.number))
+            out.append((self._genome(trial.params), (), trial.number))
         return out
 
     def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
@@ -85,7 +115,7 @@ class OptunaStrategy(Strategy):
         values = self._values(fitness, evaluation)
         if values is None:
             return
-        params = dict(zip(self._names, np.clip(genome, 0.0, 1.0).tolist()))
+        params = self._params(genome)
         self._study.add_trial(optuna.trial.create_trial(params=params, distributions=self._distributions, values=values))
 
     @property
@@ -128,6 +158,7 @@ class OptunaCMAESOptions(StrategyOptions):
 
 class OptunaCMAES(OptunaStrategy):
     Options = OptunaCMAESOptions
+    categorical = False  # CmaEsSampler relaxes integers; categories it would only sample at random
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         o: OptunaCMAESOptions = self.options  # type: ignore[assignment]
@@ -136,7 +167,7 @@ class OptunaCMAES(OptunaStrategy):
             # in pyproject.toml); without x0 the mean would start at the centre, not the init.
             warnings.simplefilter("ignore", FutureWarning)
             return optuna.samplers.CmaEsSampler(
-                x0=dict(zip(self._names, np.clip(self.x0, 0.0, 1.0).tolist())),
+                x0=self._params(self.x0),
                 sigma0=o.sigma0,
                 popsize=o.popsize,
                 n_startup_trials=o.n_startup_trials,

@@ -29,14 +29,14 @@ class RandomSearch(Strategy):
         if not spec.bounded:
             raise ValueError("random search samples the unit cube; this space is unbounded")
         start = [self.x0] if options.include_x0 else []
-        self._queue = [np.clip(np.asarray(g, dtype=np.float64), 0.0, 1.0) for g in (*start, *spec.seeds)]
+        self._queue = [spec.snap(np.clip(np.asarray(g, dtype=np.float64), 0.0, 1.0)) for g in (*start, *spec.seeds)]
         self._issued = 0  # how many of the queue were handed out
         self._rng = np.random.default_rng(seed)
 
     def _ask(self, n: int) -> list[tuple[np.ndarray, tuple[str, ...], Any]]:
         queued = self._queue[self._issued : self._issued + n]
         self._issued += len(queued)
-        drawn = list(self._rng.random((n - len(queued), self.dim)))
+        drawn = [self.spec.snap(x) for x in self._rng.random((n - len(queued), self.dim))]
         return [(g, (), None) for g in queued + drawn]
 
     def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
