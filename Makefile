@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.evomerge-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-lm test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/evomerge demo --config configs/demo.yaml
+
+# A tiny Llama base, an addition and a reversal specialist, merged on Ray workers (CPU, minutes).
+demo-lm: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/evomerge demo --config configs/demo-lm.yaml
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(STAMP)

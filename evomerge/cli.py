@@ -1,4 +1,4 @@
-"""``evomerge run|resume|status|export|validate|demo`` — the command line.
+"""``evomerge run|resume|status|export|report|validate|demo`` — the command line.
 
 User errors (bad config, missing paths, a run directory in use) print one line naming what to
 fix and exit with status 2; anything else is a bug and keeps its traceback.
@@ -149,6 +149,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from evomerge.report import REPORT_NAME, build_report
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / REPORT_NAME
+    if not args.serve:
+        print(f"report: {build_report(run_dir, out)}")
+        return 0
+    import threading
+
+    from evomerge.report.serve import ReportServer
+
+    server = ReportServer(run_dir, out, args.port).start()
+    print(f"serving the report of {run_dir} at {server.url} (also written to {out}); Ctrl-C to stop", flush=True)
+    try:
+        threading.Event().wait(args.stop_after)  # None: until Ctrl-C
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from evomerge.config import check_files, load_config
     from evomerge.fitness import resolve_fitness, with_options
@@ -161,20 +184,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_for(config):
+    """The shipped demo a config belongs to (its models and data are built before the search)."""
+    from evomerge import demo, demo_lm
+    from evomerge.errors import ConfigError
+
+    demos = {"digits-demo": demo, "tiny-lm-demo": demo_lm}
+    if config.name not in demos:
+        raise ConfigError(
+            f"evomerge demo runs the shipped demos ({', '.join(demos)}), not '{config.name}'; use evomerge run for your own configs"
+        )
+    return demos[config.name]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from evomerge.config import load_config
-    from evomerge.demo import comparison_table, demo_model_paths, prepare_digit_experts
     from evomerge.runs import start_run
     from evomerge.store import RunStore
 
     config = load_config(args.config)
+    demo = _demo_for(config)
     console = Console()
-    base, experts = demo_model_paths(config)
-    console.print("training two digit specialists (0-4 and 5-9) from one initialisation…")
-    prepare_digit_experts(base, experts, seed=config.seed)
+    console.print(demo.PREPARING)
+    demo.prepare(config)
     run_dir = config.run_path()
     if (run_dir / "run.db").exists():
         shutil.rmtree(run_dir)  # the demo owns its run directory; a fresh search each time
@@ -190,13 +225,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not bests:
         console.print("[red]no candidate succeeded[/red]")
         return 1
-    table = Table(title="test accuracy over all ten digits")
+    table = Table(title=demo.TABLE_TITLE)
     table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    for label, acc in comparison_table(config, bests):
-        table.add_row(label, f"{acc:.4f}")
+    table.add_column("score", justify="right")
+    for label, score in demo.comparison_table(config, bests):
+        table.add_row(label, f"{score:.4f}")
     console.print(table)
     console.print(f"run directory: {run_dir}\nnext: evomerge status {run_dir}   |   evomerge export {run_dir} --out merged-model")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from evomerge.workers.server import serve
+
+    serve(args.model, args.adapters, args.host, args.port, args.served_model_name)
     return 0
 
 
@@ -220,12 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output directory (created; must be empty)")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("report", help="an HTML report of a run, with plots (also while it runs)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html); plots go beside it")
+    p.add_argument("--serve", action="store_true", help="serve it on 127.0.0.1, fresh on every visit, while the run goes")
+    p.add_argument("--port", type=int, default=8765, help="--serve: the port (default 8765; 0 picks a free one)")
+    p.add_argument("--stop-after", type=_duration_arg, help="--serve: stop serving after this long, e.g. 12h (default: Ctrl-C)")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("validate", help="check a config without running it")
     p.add_argument("config")
     p.set_defaults(fn=cmd_validate)
-    p = sub.add_parser("demo", help="train two digit experts and search their merge (CPU, minutes)")
+    p = sub.add_parser("demo", help="build a shipped demo's experts and search their merge (CPU, minutes)")
     p.add_argument("--config", default="configs/demo.yaml")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser(
+        "serve", help="serve a base model and LoRA adapters (merge service, runtime LoRA, OpenAI completions)"
+    )
+    p.add_argument("--model", required=True, help="the base model: a local directory or a hub id")
+    p.add_argument("--adapters", help="directory of LoRA adapters (one subdirectory each, safetensors)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="name clients use for the base (default: --model as given)")
+    p.set_defaults(fn=cmd_serve)
     return parser
 
 

@@ -21,6 +21,8 @@ from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
 from evomerge.models.loading import quiet_transformers
 from evomerge.space import Space
 
+PREPARING = "training two digit specialists (0-4 and 5-9) from one initialisation…"
+TABLE_TITLE = "test accuracy over all ten digits"
 TRAIN_STEPS = 100
 LEARNING_RATE = 3e-3
 HIDDEN = 64
@@ -59,10 +61,12 @@ def prepare_digit_experts(base_path: Path, expert_paths: list[Path], seed: int =
         expert.save_pretrained(path)
 
 
-def demo_model_paths(config: RunConfig) -> tuple[Path, list[Path]]:
+def prepare(config: RunConfig) -> None:
+    """The demo's models, at the paths its config names."""
     if config.models.base is None:
         raise ValueError("the demo config must name models.base")
-    return config.resolve_path(config.models.base), [config.resolve_path(e.path) for e in config.models.experts]
+    experts = [config.resolve_path(e.path) for e in config.models.experts]
+    prepare_digit_experts(config.resolve_path(config.models.base), experts, seed=config.seed)
 
 
 def comparison_table(config: RunConfig, bests: dict[str, np.ndarray]) -> list[tuple[str, float]]:
