@@ -12,7 +12,7 @@ STAMP := $(VENV)/.evomerge-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,cluster]"  # cluster: the Ray job server the tests submit to
+	$(BIN)/python -m pip install --quiet -e ".[dev,cluster,serve]"  # cluster: the Ray job server the tests submit to; serve: the model service
 	touch $(STAMP)
 
 demo: $(STAMP)
