@@ -53,6 +53,8 @@ class ExpertRef(_Strict):
 
     path: str
     name: str | None = None
+    # The expert's own task data: Fisher merging estimates the expert's Fisher information on it.
+    data: DataConfig | None = None
 
 
 class ModelsConfig(_Strict):
@@ -267,6 +269,13 @@ class RunConfig(_Strict):
                 f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
             )
             raise ValueError(f"models.experts: merge method '{method.name}' takes {wanted} experts, got {n}")
+        if method.needs_fisher:
+            for i, expert in enumerate(self.models.experts):
+                if expert.data is None:
+                    raise ValueError(
+                        f"models.experts.{i}.data: merge method '{method.name}' estimates each expert's"
+                        " Fisher information on its own data; give every expert a data source"
+                    )
         names = [p.name for p in self.populations]
         duplicates = {x for x in names if names.count(x) > 1}
         if duplicates:

@@ -71,6 +71,12 @@ class LocalWorker:
         self.device = resolve_device(config.models.device)
         self.models = load_resident_models(config, self.device)
         self.space: Space = config.merge.build_space(self.models.tensor_names, len(config.models.experts))
+        if self.space.method.needs_fisher:  # estimated once, kept for the whole run
+            from evomerge.merge.fisher import FISHER_FLOOR
+            from evomerge.workers.fisher import expert_fishers
+
+            fishers = expert_fishers(config, self.device, self.models.tensor_names)
+            self.models.materializer.set_fishers(fishers, FISHER_FLOOR)
         self.fitness_name = config.fitness.name
         self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
         self.examples = self._examples(config.fitness.data)

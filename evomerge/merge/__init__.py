@@ -4,6 +4,7 @@ The registry is an explicit dict; a config names a method by its key.
 """
 
 from evomerge.merge.consensus import CONSENSUS_TASK_ARITHMETIC, CONSENSUS_TIES
+from evomerge.merge.fisher import FISHER
 from evomerge.merge.layer_swap import LAYER_SWAP
 from evomerge.merge.linear import LINEAR
 from evomerge.merge.lora import LORA_COMPOSE
@@ -17,7 +18,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
         LINEAR, TASK_ARITHMETIC, TIES, DARE_LINEAR, DARE_TIES, SLERP, SPLIT_SLERP, LORA_COMPOSE,
-        CONSENSUS_TASK_ARITHMETIC, CONSENSUS_TIES, PCB, LAYER_SWAP,
+        CONSENSUS_TASK_ARITHMETIC, CONSENSUS_TIES, PCB, LAYER_SWAP, FISHER,
     )
 }
 

@@ -80,6 +80,9 @@ class Materializer:
         self.chunk = chunk
         self._flat_gram: torch.Tensor | None = None
         self._scratch = Scratch()
+        self.fishers: dict[str, torch.Tensor] | None = None
+        """Per tensor, the experts' diagonal Fisher information ``[n_models, *shape]`` (see
+        :meth:`set_fishers`); only Fisher merging reads it."""
 
     @classmethod
     def from_state_dicts(
@@ -143,6 +146,15 @@ class Materializer:
                 else f"at least {method.min_models}"
             )
             raise ValueError(f"merge method '{method.name}' takes {bound} experts, got {self.n_models}")
+        if method.needs_fisher and self.fishers is None:
+            raise ValueError(f"merge method '{method.name}' needs the experts' Fisher information (set_fishers)")
+
+    def set_fishers(self, fishers: Mapping[str, torch.Tensor], floor: float) -> None:
+        """Keep the experts' diagonal Fishers, stacked per tensor, on the working device and dtype,
+        floored at ``floor`` (computed once per worker, e.g. by ``evomerge.workers.fisher``)."""
+        self.fishers = {
+            name: fishers[name].to(device=t.device, dtype=t.dtype).clamp_min(floor) for name, t in self.targets.items()
+        }
 
     def flat_gram(self) -> torch.Tensor:
         """Gram matrix of the experts over the whole flattened parameter set (computed once)."""
@@ -168,6 +180,7 @@ class Materializer:
                 chunk=self.chunk,
                 flat_gram=flat_gram,
                 scratch=self._scratch,
+                fisher=self.fishers[name] if method.needs_fisher and self.fishers is not None else None,
             )
             method.kernel(out, self.tensors[name], recipe.params_for(name, per_model), recipe.options, ctx)
 

@@ -70,6 +70,8 @@ class TensorContext:
     chunk: int
     flat_gram: torch.Tensor | None = None
     scratch: Scratch = field(default_factory=Scratch, repr=False)
+    fisher: torch.Tensor | None = None
+    """The experts' diagonal Fisher information for this tensor, ``[n_models, *shape]`` (Fisher merging)."""
 
 
 class Kernel(Protocol):
@@ -90,6 +92,8 @@ class MergeMethod:
     ``needs_base``: the method combines task vectors (expert − base), so the run must name a base.
     ``min_models``/``max_models`` bound the number of experts. ``needs_flat_gram``: the kernel needs
     inner products over the whole flattened parameter set (M2N2's split-point SLERP).
+    ``needs_fisher``: the kernel weighs the experts by their diagonal Fisher information, which the
+    worker estimates once on each expert's own data (``models.experts[i].data``).
     """
 
     name: str
@@ -100,6 +104,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     needs_flat_gram: bool = False
+    needs_fisher: bool = False
     global_only: bool = False
     doc: str = ""
     mergekit_name: str | None = None

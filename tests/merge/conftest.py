@@ -68,13 +68,20 @@ class MergeSetup:
         return {n: torch.full(s, fill, dtype=self.dtype) for n, s in self.layout.items()}
 
     def materializer(self, targets: dict[str, torch.Tensor] | None = None, chunk: int | None = None) -> Materializer:
-        return Materializer.from_state_dicts(
+        materializer = Materializer.from_state_dicts(
             self.targets() if targets is None else targets,
             ((f"expert {i}", e) for i, e in enumerate(self.experts)),
             n_models=self.n_models,
             base=self.base,
             chunk=chunk,
         )
+        if self.method.needs_fisher:  # what a worker estimates on each expert's data: here random
+            materializer.set_fishers(self.fishers(), floor=1e-8)
+        return materializer
+
+    def fishers(self) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(300)
+        return {n: torch.rand((self.n_models, *s), generator=gen) for n, s in self.layout.items()}
 
 
 def method_cases() -> list:
