@@ -248,6 +248,8 @@ class RunConfig(_Strict):
     executor: Literal["ray", "inline"] = "ray"  # inline: one process, no Ray (debugging, tests)
     checkpoint_every: int = Field(default=10, ge=1)
     migration: MigrationConfig | None = None
+    # Score each expert alone on the fitness data once, before the search: the report's comparison.
+    score_experts: bool = True
     models: ModelsConfig
     merge: MergeConfig = Field(default_factory=MergeConfig)
     populations: list[PopulationConfig] = Field(min_length=1)

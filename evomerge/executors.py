@@ -77,6 +77,11 @@ class Executor(ABC):
     def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
         """The experts' per-block Gram matrices (M2N2 seed recipes), from any one worker."""
 
+    def expert_baselines(self) -> list[Evaluation] | None:
+        """Each expert scored alone on the fitness data by any one worker, for the report's
+        comparison; None from executors whose workers cannot apply an expert alone."""
+        return None
+
     def shutdown(self) -> None:
         """Release workers (no-op for the inline executor)."""
 
@@ -103,6 +108,9 @@ class InlineExecutor(Executor):
 
     def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
         return self.worker.block_grams(grid)
+
+    def expert_baselines(self) -> list[Evaluation]:
+        return self.worker.expert_baselines()
 
     @property
     def in_flight(self) -> int:
@@ -405,7 +413,14 @@ class RayExecutor(Executor):
         )
 
     def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
-        """Computed by an idle actor if there is one, else queued behind a running evaluation."""
+        return self._on_one_worker("block_grams", grid, what="compute the block Gram matrices")
+
+    def expert_baselines(self) -> list[Evaluation]:
+        return self._on_one_worker("expert_baselines", what="score the experts")
+
+    def _on_one_worker(self, method: str, *args: Any, what: str) -> Any:
+        """One actor's answer to ``method(*args)``: an idle actor's if there is one, else queued
+        behind a running evaluation; a worker that dies meanwhile is replaced and asked again."""
         import ray
 
         while True:
@@ -415,13 +430,11 @@ class RayExecutor(Executor):
                 continue
             slot = min(loaded, key=lambda s: s.stage != "idle")
             try:
-                return ray.get(slot.actor.block_grams.remote(grid), timeout=self.load_timeout)
+                return ray.get(getattr(slot.actor, method).remote(*args), timeout=self.load_timeout)
             except self._deaths as err:
                 self._finished += self._worker_died(slot, err)
             except ray.exceptions.GetTimeoutError:
-                raise WorkerError(
-                    f"worker {slot.worker_id} did not compute the block Gram matrices within {self.load_timeout:g}s"
-                ) from None
+                raise WorkerError(f"worker {slot.worker_id} did not {what} within {self.load_timeout:g}s") from None
             except ray.exceptions.RayTaskError as err:
                 raise err.cause from None
 

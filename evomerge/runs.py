@@ -114,6 +114,16 @@ def _session(store: RunStore, executor: Executor) -> Iterator[None]:
         store.close()
 
 
+def _score_experts(store: RunStore, config: RunConfig, executor: Executor) -> None:
+    """Record each expert's own fitness once per run (``score_experts``), before the search, so
+    the report can set the best merge beside them while the run goes; a resume scores them only
+    if the run has none yet. Executors that cannot apply an expert alone record nothing."""
+    if not config.score_experts or store.baselines():
+        return
+    for ev in executor.expert_baselines() or []:
+        store.add_baseline(ev.candidate_id, ev)
+
+
 def _strategies(config: RunConfig, source: str, executor: Executor) -> tuple[Space, list]:
     """The run's space and one fresh strategy per population (a resume builds the same ones)."""
     try:
@@ -196,6 +206,7 @@ def start_run(
             )
         if on_ready is not None:
             on_ready(path)
+        _score_experts(store, config, executor)
         return _drive(store, config, executor, strategies, on_progress, resume=False)
 
 
@@ -234,6 +245,7 @@ def resume_run(
         raise
     with _session(store, executor):
         _, strategies = _strategies(config, source, executor)
+        _score_experts(store, config, executor)
         return _drive(store, config, executor, strategies, on_progress, resume=True)
 
 

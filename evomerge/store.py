@@ -79,6 +79,14 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     message TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS baselines (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    fitness REAL,
+    per_example BLOB,
+    error TEXT,
+    recorded REAL NOT NULL
+);
 """
 
 
@@ -232,6 +240,14 @@ class RunStore:
             (state, time.time(), None if summary is None else json.dumps(summary)),
         )
 
+    def add_baseline(self, expert: str, ev: Evaluation) -> None:
+        """An expert scored alone on the fitness data: what the report compares the best merge with."""
+        fitness = ev.fitness if np.isfinite(ev.fitness) else None
+        self._tx(
+            "INSERT OR REPLACE INTO baselines (name, status, fitness, per_example, error, recorded) VALUES (?, ?, ?, ?, ?, ?)",
+            (expert, ev.status, fitness, _pack_scores(ev.per_example), ev.error, time.time()),
+        )
+
     def log_event(self, kind: str, message: str) -> None:
         self._tx("INSERT INTO events (time, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message))
 
@@ -347,6 +363,14 @@ class RunStore:
             ).fetchall()
         )
         return {p: (asked.get(p, 0), done.get(p, 0)) for p in set(asked) | set(done)}
+
+    def baselines(self) -> list[dict[str, Any]]:
+        """The experts scored alone, in the order recorded (none in runs that did not score them)."""
+        try:
+            rows = self._db.execute("SELECT * FROM baselines ORDER BY rowid").fetchall()
+        except sqlite3.OperationalError:  # a run directory written before baselines were recorded
+            return []
+        return [{**dict(r), "per_example": _unpack_scores(r["per_example"])} for r in rows]
 
     def events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db.execute("SELECT * FROM events ORDER BY seq")]

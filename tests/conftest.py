@@ -48,6 +48,7 @@ def digits_config(tmp_path, digit_models):
             "seed": 0,
             "run_dir": str(tmp_path / "run"),
             "executor": "inline",  # controller logic; Ray runs have their own tests
+            "score_experts": False,  # tests count fitness calls; tests/test_report.py turns it on
             "models": {
                 "base": str(digit_models["base"]),
                 "experts": [str(digit_models["low"]), str(digit_models["high"])],

@@ -20,10 +20,21 @@ import torch
 
 from evomerge.candidates import Evaluation
 from evomerge.config import RunConfig
-from evomerge.errors import PluginError, UserError
+from evomerge.errors import ModelLoadError, PluginError, UserError
 from evomerge.fitness import per_example_scores, resolve_fitness, with_options
 from evomerge.fitness.data import load_examples
+from evomerge.merge import get_merge_method
 from evomerge.merge.materializer import Materializer
+from evomerge.models.adapters import (
+    ADAPTER_CONFIG,
+    adapter_factors,
+    attach_working_adapter,
+    is_adapter,
+    lora_config,
+    lora_parameters,
+    lora_scaling,
+    merged_adapter_state,
+)
 from evomerge.models.loading import load_model, load_tokenizer, resolve_device
 from evomerge.space import Recipe, Space
 from evomerge.strategies.seed_recipes import SeedRecipe
@@ -42,9 +53,15 @@ class LoadedModels:
 
 
 def load_resident_models(config: RunConfig, device: torch.device) -> LoadedModels:
+    """Load the working model and every expert once; experts may be full models or LoRA adapters."""
     dtype = DTYPES[config.models.dtype]
-    experts = config.models.experts
-    labels = config.models.expert_labels()
+    refs = [config.model_ref(e.path) for e in config.models.experts]
+    labels = [f"expert '{label}'" for label in config.models.expert_labels()]
+    adapters = [is_adapter(ref) for ref in refs]
+    if any(adapters) and config.models.base is None:
+        raise ModelLoadError("models.base: LoRA adapters are merged onto their base model; name it in models.base")
+    if config.merge.method == "lora_compose":
+        return _load_adapter_slots(config, refs, labels, adapters, device, dtype)
     working_ref = config.working_model_ref()
     model = load_model(working_ref, device, dtype)
     tokenizer = load_tokenizer(working_ref)
@@ -52,14 +69,33 @@ def load_resident_models(config: RunConfig, device: torch.device) -> LoadedModel
     base_state = targets if config.models.base else None  # the materializer clones the base first
 
     def expert_states():
-        for label, ref in zip(labels, experts):
-            expert = load_model(config.model_ref(ref.path), device, dtype)
-            yield f"expert '{label}'", {n: p.data for n, p in expert.named_parameters()}
-            del expert
+        for label, ref, adapter in zip(labels, refs, adapters):
+            if adapter:  # base + scaling · B A, a dense expert like a full fine-tune
+                yield label, merged_adapter_state(load_model(working_ref, device, dtype), ref)
+            else:
+                expert = load_model(ref, device, dtype)
+                yield label, {n: p.data for n, p in expert.named_parameters()}
+                del expert
             gc.collect()
 
-    materializer = Materializer.from_state_dicts(targets, expert_states(), len(experts), base=base_state)
+    materializer = Materializer.from_state_dicts(targets, expert_states(), len(refs), base=base_state)
     return LoadedModels(model, tokenizer, materializer, list(targets))
+
+
+def _load_adapter_slots(
+    config: RunConfig, refs: list[str], labels: list[str], adapters: list[bool], device: torch.device, dtype: torch.dtype
+) -> LoadedModels:
+    """For ``lora_compose``: the base with one resident adapter whose factors candidates overwrite."""
+    for label, adapter in zip(labels, adapters):
+        if not adapter:
+            raise ModelLoadError(f"{label} is not a LoRA adapter directory (no {ADAPTER_CONFIG}); lora_compose merges adapters")
+    base_ref = config.working_model_ref()
+    model = attach_working_adapter(load_model(base_ref, device, dtype), refs[0])
+    targets = lora_parameters(model)  # in the base's dtype: the adapter is attached without upcasting
+    scaling = lora_scaling(lora_config(refs[0]))
+    states = ((label, adapter_factors(ref, device, dtype, scaling)) for label, ref in zip(labels, refs))
+    materializer = Materializer.from_state_dicts(targets, states, len(refs), base=None)
+    return LoadedModels(model, load_tokenizer(base_ref), materializer, list(targets))
 
 
 class LocalWorker:
@@ -159,6 +195,34 @@ class LocalWorker:
             started=started,
             duration=duration,
         )
+
+    def expert_baselines(self) -> list[Evaluation]:
+        """Each expert alone, scored on the fitness data (``candidate_id`` is the expert's label).
+
+        An expert is the linear merge with all weight on it, so it is applied like any candidate;
+        a failure is a failed evaluation, as in :meth:`evaluate`.
+        """
+        n = len(self.config.models.experts)
+        alone = Space.build(get_merge_method("linear"), self.models.tensor_names, n, "per_model")
+        baselines = []
+        for i, label in enumerate(self.config.models.expert_labels()):
+            started, t0 = time.time(), time.perf_counter()
+            try:
+                self.models.materializer.apply(alone.decode(alone.encode({"weight": np.eye(n)[i]})))
+                scores = self.score(self.examples)
+            except PluginError:
+                raise
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}".strip()
+                baselines.append(Evaluation.failure(label, reason, self.worker_id, started, time.perf_counter() - t0))
+                continue
+            fitness = float(np.mean(scores)) if len(scores) else math.nan
+            status = "ok" if math.isfinite(fitness) else "failed"
+            baselines.append(
+                Evaluation(label, status, fitness if status == "ok" else -math.inf, scores, {}, self.worker_id, started,
+                           time.perf_counter() - t0, None if status == "ok" else "fitness is NaN or infinite")
+            )
+        return baselines
 
     def test_accuracy(self, genome: np.ndarray | None = None, population: str | None = None) -> float:
         """Mean score on ``fitness.test_data`` for a genome (None: the model as it is now)."""

@@ -42,3 +42,6 @@ class EvaluationActor:
 
     def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
         return self.worker.block_grams(grid)
+
+    def expert_baselines(self) -> list[Evaluation]:
+        return self.worker.expert_baselines()

@@ -8,7 +8,7 @@ the memory of the result plus one expert, never all experts twice.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,25 @@ DEFAULT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
 """Elements per kernel step: L3-sized on CPUs (measured on 2 EPYC cores: 2^20 beats 2^17–2^19 for
 every kernel, as per-op dispatch costs about as much as 2^16 elements of work); large on GPUs,
 where launches dominate."""
+
+
+def split_grid_edges(shapes: Sequence[Sequence[int]], grid: str) -> np.ndarray:
+    """Element offsets of the blocks of a split grid over parameters of these shapes (model order).
+
+    ``rows``: each matrix row is a block, a vector or scalar one block; ``elements``: every element.
+    Shapes suffice, so a report can place a seed recipe's pieces without loading weights.
+    """
+    if grid not in SPLIT_GRIDS:
+        raise ValueError(f"split grid must be one of {', '.join(SPLIT_GRIDS)}, got '{grid}'")
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    if grid == "elements":
+        return np.arange(sum(sizes) + 1, dtype=np.int64)
+    edges, offset = [np.zeros(1, dtype=np.int64)], 0
+    for shape, numel in zip(shapes, sizes):
+        rows = shape[0] if len(shape) > 1 else 1
+        edges.append(offset + np.arange(1, rows + 1, dtype=np.int64) * (numel // rows))
+        offset += numel
+    return np.concatenate(edges)
 
 
 def _check_same_layout(
@@ -186,20 +205,12 @@ class Materializer:
 
     def block_edges(self, grid: str) -> np.ndarray:
         """Element offsets of the blocks of a split grid over the flattened parameters."""
-        if grid not in SPLIT_GRIDS:
-            raise ValueError(f"split grid must be one of {', '.join(SPLIT_GRIDS)}, got '{grid}'")
-        if grid == "elements":
-            if self.total > ELEMENT_GRID_LIMIT:
-                raise ValueError(
-                    f"a split grid of single elements keeps one Gram matrix per parameter; this model has"
-                    f" {self.total:,} parameters — use the 'rows' grid"
-                )
-            return np.arange(self.total + 1, dtype=np.int64)
-        edges = [np.zeros(1, dtype=np.int64)]
-        for name, target in self.targets.items():
-            rows = target.shape[0] if target.dim() > 1 else 1
-            edges.append(self.offsets[name] + np.arange(1, rows + 1, dtype=np.int64) * (target.numel() // rows))
-        return np.concatenate(edges)
+        if grid == "elements" and self.total > ELEMENT_GRID_LIMIT:
+            raise ValueError(
+                f"a split grid of single elements keeps one Gram matrix per parameter; this model has"
+                f" {self.total:,} parameters — use the 'rows' grid"
+            )
+        return split_grid_edges([tuple(t.shape) for t in self.targets.values()], grid)
 
     @torch.no_grad()
     def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:

@@ -85,10 +85,15 @@ def load_tokenizer(ref: str):
 
 def parameter_names(ref: str) -> list[str]:
     """Parameter names in model order, from the config alone (no weights are read)."""
+    return list(parameter_shapes(ref))
+
+
+def parameter_shapes(ref: str) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes in model order, from the config alone (no weights are read)."""
     config = load_config(ref)
     with torch.device("meta"):
         model = _auto_class(config).from_config(config)
-    return [name for name, _ in model.named_parameters()]
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def _first_line(exc: BaseException) -> str:

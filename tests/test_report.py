@@ -1,0 +1,234 @@
+"""`evomerge report`: every section from a short real run, in headless Chromium without console
+errors, live while the run goes (served on 127.0.0.1), and after a resume."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import re
+import shutil
+import signal
+import subprocess
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import evomerge
+from evomerge.analysis import api_usage, archive_history
+from evomerge.cli import main
+from evomerge.report import SECTIONS, render_report
+from evomerge.store import RunStore
+
+SCREENSHOT = Path("/tmp/evomerge-report-screenshot.png")
+
+# Scores like the built-in accuracy, but every 7th call fails: the failures section has content.
+FLAKY_PLUGIN = """
+from evomerge.fitness.classification import classification_accuracy
+CALLS = {"n": 0}
+
+def flaky_accuracy(model, tokenizer, examples):
+    CALLS["n"] += 1
+    if CALLS["n"] % 7 == 0:
+        raise RuntimeError("pretend out of memory")
+    return classification_accuracy(model, tokenizer, examples)
+"""
+
+
+def write_config(folder: Path, digit_models: dict[str, Path], data_file: Path, evaluations: int, fitness: str) -> Path:
+    """Two populations (CMA-ES, M2N2 breeding the experts), experts scored first, inline executor."""
+    data = {
+        "name": "report-run",
+        "seed": 0,
+        "run_dir": str(folder / "run"),
+        "executor": "inline",
+        "score_experts": True,
+        "models": {
+            "base": str(digit_models["base"]),
+            "experts": [{"path": str(digit_models["low"]), "name": "digits 0-4"}, {"path": str(digit_models["high"]), "name": "digits 5-9"}],
+            "device": "cpu",
+        },
+        "merge": {"method": "task_arithmetic", "granularity": "per_layer_group", "search": ["weight"], "fixed": {"lambda": 1.0}},
+        "populations": [
+            {"name": "cma", "strategy": "cmaes"},
+            {"name": "m2n2", "strategy": "m2n2", "options": {"archive": "seed_recipes", "split_grid": "elements", "archive_size": 4}},
+        ],
+        "fitness": {"name": fitness, "data": {"source": str(data_file), "limit": 200}},
+        "budget": {"evaluations": evaluations},
+        "checkpoint_every": 5,
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, digit_models, data_file) -> Path:
+    folder = tmp_path_factory.mktemp("report-run")
+    (folder / "flaky_fitness.py").write_text(textwrap.dedent(FLAKY_PLUGIN))
+    sys.path.insert(0, str(folder))
+    try:
+        config = write_config(folder, digit_models, data_file, 24, "flaky_fitness:flaky_accuracy")
+        assert main(["run", str(config)]) == 0
+    finally:
+        sys.path.remove(str(folder))
+    return folder / "run"
+
+
+def png_ok(data: bytes) -> bool:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    return image.width > 100 and image.height > 100 and float(np.asarray(image.convert("L")).std()) > 1.0
+
+
+def test_report_has_every_section_and_plot(finished_run, tmp_path):
+    out = tmp_path / "report.html"
+    assert main(["report", str(finished_run), "--out", str(out)]) == 0
+    page = out.read_text()
+    for key in SECTIONS:
+        assert f'<section id="{key}">' in page
+    plots = sorted((tmp_path / "report-plots").glob("*.png"))
+    assert {p.stem for p in plots} == {"progress", "archive", "recipe", "workers", "experts"}  # no usage: white-box
+    assert all(p.stat().st_size > 0 and png_ok(p.read_bytes()) for p in plots)
+    assert page.count("data:image/png;base64,") == len(plots)
+    assert "pretend out of memory" in page and "RuntimeError" in page  # failures, with the traceback
+    assert "not a black-box run" in page
+    assert "expert digits 0-4" in page and "expert digits 5-9" in page and "best merge (" in page
+    assert 'http-equiv="refresh"' not in page  # only a live page reloads itself
+
+
+def test_report_data_match_the_store(finished_run):
+    frame = evomerge.load_run(finished_run)
+    store = RunStore(finished_run, readonly=True)
+    rows = list(store.evaluations())
+    baselines = store.baselines()
+    store.close()
+    assert len(frame) == len(rows) == 24 and list(frame["candidate_id"]) == [r.candidate_id for r in rows]
+    assert (frame["status"] == "failed").sum() == sum(r.status == "failed" for r in rows) > 0
+    assert [b["name"] for b in baselines] == ["digits 0-4", "digits 5-9"]  # scored before the search
+    history = archive_history(finished_run)
+    m2n2 = frame[frame["population"] == "m2n2"]
+    assert len(history) == len(m2n2)
+    assert history["coverage"].between(0, 1).all() and (history["members"] <= 4).all()
+    # the first two M2N2 candidates are the experts themselves: coverage of the two is the union
+    low, high = (b["per_example"] for b in baselines)
+    assert m2n2.iloc[:2]["status"].eq("ok").all()  # the 7th, 14th … fitness calls fail, not these
+    assert history["coverage"].iloc[1] == pytest.approx(np.mean(np.maximum(low, high) > 0))
+
+
+def test_api_usage_table_sums_black_box_metrics():
+    frame = pd.DataFrame(
+        {
+            "population": ["a", "a", "b"],
+            "usage.requests": [2, 3, 4],
+            "usage.prompt_tokens": [10, 20, 30],
+            "usage.completion_tokens": [1, 2, 3],
+            "usage.cost": [0.5, 0.25, 1.0],
+        }
+    )
+    table = api_usage(frame)
+    assert table.loc["a", "requests"] == 5 and table.loc["total", "cost"] == 1.75
+    assert api_usage(frame[["population"]]) is None
+
+
+def chromium() -> str:
+    """Debian's Chromium, installed on first use (as root); skips when it cannot be had."""
+    binary = "/usr/lib/chromium/chromium"
+    if not Path(binary).exists():
+        if shutil.which("apt-get") is None or os.geteuid() != 0:
+            pytest.skip("Chromium is absent and cannot be installed here (needs apt-get as root)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                pytest.skip(f"could not install Chromium ({' '.join(cmd)}): {done.stderr.strip()[-300:]}")
+    return binary
+
+
+def test_report_renders_in_chromium_without_console_errors(finished_run, tmp_path):
+    binary = chromium()
+    out = tmp_path / "report.html"
+    assert main(["report", str(finished_run), "--out", str(out)]) == 0
+    shot = tmp_path / "shot.png"
+    done = subprocess.run(
+        [
+            binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+            "--window-size=1280,2400", f"--screenshot={shot}", out.resolve().as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+    assert png_ok(shot.read_bytes())
+    shutil.copyfile(shot, SCREENSHOT)
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read().decode("utf-8")
+
+
+def test_report_served_live_while_the_run_goes(tmp_path, digit_models, data_file):
+    from evomerge.config import load_config
+    from evomerge.report.serve import ReportServer
+    from evomerge.runs import start_run
+
+    config_path = write_config(tmp_path, digit_models, data_file, 16, "classification_accuracy")
+    run_dir = tmp_path / "run"
+    seen: dict[int, str] = {}
+    servers: list[ReportServer] = []
+
+    def watch(progress) -> None:  # called by the controller after each evaluation
+        if progress.evaluations in (6, 12) and progress.evaluations not in seen:
+            if not servers:
+                servers.append(ReportServer(run_dir, tmp_path / "live.html", port=0).start())
+            seen[progress.evaluations] = fetch(servers[0].url)
+
+    start_run(load_config(config_path), str(config_path), on_progress=watch)
+    server = servers[0]
+    try:
+        final = fetch(server.url)
+        assert fetch(server.url) == final and server.renders == 3  # unchanged run: no new rendering
+    finally:
+        server.stop()
+    for count, page in seen.items():
+        assert ">running<" in page and 'http-equiv="refresh"' in page
+        assert f"{count} evaluations" in page
+        assert all(f'<section id="{key}">' in page for key in SECTIONS)
+    assert ">finished<" in final and "16 evaluations" in final and 'http-equiv="refresh"' not in final
+    assert (tmp_path / "live.html").read_text() == final
+
+
+def test_report_of_a_resumed_run(tmp_path, digit_models, data_file, monkeypatch):
+    import evomerge.workers.local as local
+
+    original = local.LocalWorker.evaluate
+    calls = {"n": 0}
+
+    def interrupt_once(self, candidate_id, genome, population=None):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, candidate_id, genome, population)
+
+    monkeypatch.setattr(local.LocalWorker, "evaluate", interrupt_once)
+    config = write_config(tmp_path, digit_models, data_file, 14, "classification_accuracy")
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config)]) == 0
+    assert RunStore(run_dir, readonly=True).run_info()["state"] == "interrupted"
+    assert main(["resume", str(run_dir)]) == 0
+    page = render_report(run_dir).html
+    assert re.search(r"resumed 1×", page) and "14 evaluations" in page and ">finished<" in page
+    store = RunStore(run_dir, readonly=True)
+    assert [b["name"] for b in store.baselines()] == ["digits 0-4", "digits 5-9"]  # scored once, kept
+    store.close()
+    assert len(archive_history(run_dir)) == 7
