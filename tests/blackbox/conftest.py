@@ -29,7 +29,8 @@ def free_port() -> int:
 
 
 def train_models(root: Path) -> dict[str, Path]:
-    """A base trained briefly on a mixture of the skills, and one LoRA adapter per skill."""
+    """A base trained briefly on another skill (so it reads the characters), and one LoRA adapter
+    per skill: each adapter knows its skill, the base none of them."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -39,8 +40,7 @@ def train_models(root: Path) -> dict[str, Path]:
     torch.set_num_threads(1)
     tokenizer = build_tokenizer()
     base = tiny_llama(tokenizer, hidden=64, layers=2, seed=0)
-    mixture = [e for skill in SKILLS for e in skill_examples(skill, 200, seed=0)]
-    train_causal_lm(base, tokenizer, mixture, steps=150, lr=3e-3, batch_size=32)
+    train_causal_lm(base, tokenizer, skill_examples("sorting", 200, seed=0), steps=60, lr=3e-3, batch_size=32)
     paths = {"base": root / "base", "adapters": root / "adapters"}
     base.save_pretrained(paths["base"])
     tokenizer.save_pretrained(paths["base"])
@@ -48,7 +48,7 @@ def train_models(root: Path) -> dict[str, Path]:
         model = AutoModelForCausalLM.from_pretrained(paths["base"])
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0)
         peft_model = get_peft_model(model, lora)
-        train_causal_lm(peft_model, tokenizer, skill_examples(skill, 300, seed=1), steps=100, lr=5e-3, batch_size=32, seed=i)
+        train_causal_lm(peft_model, tokenizer, skill_examples(skill, 300, seed=1), steps=100, lr=1e-2, batch_size=32, seed=i)
         peft_model.save_pretrained(paths["adapters"] / skill)
     return paths
 
@@ -133,3 +133,22 @@ def start_service():
 def serve_app():
     """``app_in_thread`` for tests that run an app with non-default limits in this process."""
     return app_in_thread
+
+
+@pytest.fixture
+def endpoint(request) -> Iterator[str]:
+    """The benchmark's loopback endpoint (benchmarks/loopback_endpoint.py) in its own process,
+    answering at once by the fault script the test passes as its parameter."""
+    port = free_port()
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "loopback_endpoint.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--port", str(port), "--latency", "0", "--slow-seconds", "3", "--script", request.param],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()

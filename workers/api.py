@@ -1,0 +1,264 @@
+"""The black-box client: async httpx over an OpenAI-compatible model service.
+
+One ``ApiClient`` per worker process holds a pooled ``httpx.AsyncClient`` and enforces:
+
+* a concurrency limit (requests in flight) and an optional request rate (requests per second,
+  paced evenly);
+* a timeout per request, and retries of 429, 5xx, timeouts and connection failures with
+  exponential backoff and jitter; a ``Retry-After`` on 429/503 is honoured instead. A request
+  waiting to retry gives its place back, so the others keep the service busy;
+* usage accounting: every HTTP attempt counts as a request; prompt and completion tokens come from
+  the answers' ``usage``; cost is tokens times the configured per-token prices.
+
+The API key is read once from the environment variable the config names; it lives only in the
+request headers, never in messages, logs or the run store. An answer that is not what the
+OpenAI reference promises raises ``MalformedResponse`` naming the missing field, and a refused
+request raises ``ApiError`` with the service's own message; both fail only the candidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import random
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evomerge.errors import UserError
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 300.0
+"""Longest ``Retry-After`` honoured, in seconds; a longer one is waited for this long."""
+
+
+class ApiError(Exception):
+    """A request the service refused or that failed after every retry; ``status`` is None for
+    transport failures. ``code`` is the OpenAI error code when the service sent one."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class MalformedResponse(ApiError):
+    """An answer without the fields the OpenAI reference promises."""
+
+
+class ApiKeyMissing(UserError):
+    """The environment variable that should hold the API key is not set."""
+
+
+@dataclass
+class Usage:
+    """What the service was asked for: HTTP attempts, tokens, their cost, and retries among them."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    retries: int = 0
+
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
+
+    def copy(self) -> "Usage":
+        return Usage(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def metrics(self) -> dict[str, float]:
+        """The evaluation metric ``usage``: requests, prompt_tokens, completion_tokens, cost."""
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost": round(self.cost, 10),
+        }
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class LogprobsAnswer(_Answer):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
+    text_offset: list[int]
+
+
+class ChoiceAnswer(_Answer):
+    index: int = 0
+    text: str
+    logprobs: LogprobsAnswer | None = None
+    finish_reason: str | None = None
+
+
+class UsageAnswer(_Answer):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class CompletionAnswer(_Answer):
+    choices: list[ChoiceAnswer] = Field(min_length=1)
+    usage: UsageAnswer | None = None
+
+
+def api_key_from_env(variable: str | None) -> str | None:
+    """The key in ``variable`` (None: the service needs none); a missing variable is the user's to fix."""
+    if variable is None:
+        return None
+    key = os.environ.get(variable)
+    if not key:
+        raise ApiKeyMissing(f"set the environment variable {variable} to the API key (api.api_key_env names it)")
+    return key
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER)
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(max(moment.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER)
+
+
+class RatePacer:
+    """At most ``rate`` request starts per second, evenly spaced."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._next)
+        self._next = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class ApiClient:
+    """A pooled async client of one service. Create and use it inside one event loop."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        concurrency: int = 32,
+        requests_per_second: float | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 8,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        prompt_token_price: float = 0.0,
+        completion_token_price: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+        self._transport_errors = (httpx.TimeoutException, httpx.TransportError)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._pacer = RatePacer(requests_per_second) if requests_per_second else None
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.prices = (prompt_token_price, completion_token_price)
+        self.usage = Usage()
+        self._jitter = random.Random(seed)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        ceiling = min(self.max_backoff, self.backoff * 2**attempt)
+        return ceiling / 2 + self._jitter.uniform(0.0, ceiling / 2)  # "equal jitter": never a stampede at 0
+
+    async def request(self, method: str, path: str, payload: Any = None) -> Any:
+        """The answer's JSON (or text) after retries; ``ApiError`` when refused or out of retries."""
+        what = f"{method} {path}"
+        for attempt in range(self.max_retries + 1):
+            retry_after: float | None = None
+            async with self._slots:
+                if self._pacer is not None:
+                    await self._pacer.wait()
+                self.usage.requests += 1
+                try:
+                    response = await self._http.request(method, path, json=payload)
+                except self._transport_errors as exc:
+                    failure = ApiError(f"{what}: {type(exc).__name__} talking to {self.base_url}: {exc}".rstrip(": "))
+                else:
+                    if response.status_code < 400:
+                        return _decode(response, what)
+                    failure = _refusal(response, what)
+                    if response.status_code not in RETRY_STATUSES:
+                        raise failure
+                    if response.status_code in (429, 503):
+                        retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+            if attempt == self.max_retries:
+                raise ApiError(f"{failure} (gave up after {attempt + 1} attempts)", failure.status, failure.code)
+            self.usage.retries += 1
+            await asyncio.sleep(self._delay(attempt, retry_after))
+        raise AssertionError("unreachable")
+
+    async def completions(self, payload: dict[str, Any]) -> CompletionAnswer:
+        """``POST /v1/completions``, validated, with its tokens and cost accounted."""
+        raw = await self.request("POST", "/v1/completions", payload)
+        answer = parse_completion(raw)
+        if answer.usage is not None:
+            self.usage.prompt_tokens += answer.usage.prompt_tokens
+            self.usage.completion_tokens += answer.usage.completion_tokens
+            self.usage.cost += (
+                answer.usage.prompt_tokens * self.prices[0] + answer.usage.completion_tokens * self.prices[1]
+            )
+        return answer
+
+
+def parse_completion(raw: Any) -> CompletionAnswer:
+    try:
+        return CompletionAnswer.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "the body"
+        raise MalformedResponse(f"malformed /v1/completions answer: {where}: {first['msg']}") from None
+
+
+def _decode(response: Any, what: str) -> Any:
+    if "json" not in response.headers.get("content-type", ""):
+        return response.text
+    try:
+        return response.json()
+    except ValueError:
+        raise MalformedResponse(f"{what}: the answer is not valid JSON") from None
+
+
+def _refusal(response: Any, what: str) -> ApiError:
+    """The service's own message and code from the OpenAI error shape, else the bare status."""
+    message, code = response.reason_phrase, None
+    try:
+        error = response.json().get("error")
+        if isinstance(error, dict):
+            message, code = str(error.get("message") or message), error.get("code")
+    except (ValueError, AttributeError):
+        pass
+    return ApiError(f"{what}: {response.status_code} {message}", response.status_code, code)
