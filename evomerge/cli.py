@@ -138,6 +138,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         fit = "-" if pop["best_fitness"] is None else f"{pop['best_fitness']:.4f}"
         budget = pop["budget"] if pop["budget"] is not None else "∞"
         print(f"  {pop['name']:<16} {pop['strategy']:<10} {pop['evaluations']}/{budget} best {fit}")
+        if "pareto_front" in pop:  # several objectives: the non-dominated evaluations
+            print(f"    Pareto front ({', '.join(pop['objectives'])}): {len(pop['pareto_front'])} candidates")
+            for point in pop["pareto_front"]:
+                values = "  ".join(f"{v:.4f}" for v in point["objectives"].values())
+                print(f"      {point['candidate_id']:<20} {values}")
     return 0
 
 

@@ -190,6 +190,9 @@ class FitnessConfig(_Strict):
     data: DataConfig
     test_data: DataConfig | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the fitness function")
+    # Named data sets scored like `data` and recorded as metrics of those names: per-task
+    # objectives for nsga2 and map (`options: {objectives: [digits_low, digits_high]}`).
+    tasks: dict[str, DataConfig] = Field(default_factory=dict)
 
 
 def resolve_deadline(value: str, now: datetime | None = None) -> datetime:

@@ -26,6 +26,7 @@ from evomerge.errors import RunDirError
 from evomerge.executors import Executor
 from evomerge.store import EvaluationRow, RunStore, genome_hash
 from evomerge.strategies import Strategy
+from evomerge.strategies.pareto import pareto_front
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +306,22 @@ class Controller:
             if best is None
             else {"candidate_id": best.candidate_id, "population": best.population, "fitness": best.fitness},
             "populations": {
-                p.name: {"evaluations": p.finished, "stop_reason": p.stop_reason or None}
+                p.name: {
+                    "evaluations": p.finished,
+                    "stop_reason": p.stop_reason or None,
+                    **population_front(self.store, p.name, getattr(p.strategy.options, "objectives", None)),
+                }
                 for p in self.populations.values()
             },
         }
+
+
+def population_front(store: RunStore, population: str, objectives: list[str] | None) -> dict[str, Any]:
+    """``{"objectives", "pareto_front"}`` of a population searching several objectives (NSGA-II,
+    MAP), from what the store recorded; empty for single-objective populations."""
+    if not objectives or len(objectives) < 2:
+        return {}
+    return {"objectives": list(objectives), "pareto_front": pareto_front(store.evaluations(population), objectives)}
 
 
 @contextmanager

@@ -23,3 +23,7 @@ class RunDirError(UserError):
 
 class PluginError(UserError):
     """A user fitness plugin failed to import or returned the wrong shape."""
+
+
+class InsufficientMemoryError(UserError):
+    """The workers cannot hold the models the config names: the message gives the figures."""

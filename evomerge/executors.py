@@ -92,8 +92,11 @@ class InlineExecutor(Executor):
     capacity = 1
 
     def __init__(self, config: RunConfig) -> None:
+        from evomerge.models.loading import resolve_device
+        from evomerge.models.memory import check_memory
         from evomerge.workers.local import LocalWorker
 
+        check_memory(config, 1, resolve_device(config.models.device))
         self.worker = LocalWorker(config, worker_id="inline")
         self._queue: deque[Candidate] = deque()
 
@@ -237,6 +240,7 @@ class RayExecutor(Executor):
             self.capacity = pool_size(self.settings, resources)
             if self._owns_ray and self.settings.address is None and "RAY_ADDRESS" not in os.environ:
                 check_fits(self.settings, self.capacity, resources)  # a Ray we started on this machine never grows
+                self._check_memory()
             self._slots = [self._new_slot() for _ in range(self.capacity)]
             while any(slot.stage in ("scheduling", "loading") for slot in self._slots):
                 self._step()  # no candidates yet, so nothing finishes
@@ -245,6 +249,20 @@ class RayExecutor(Executor):
             raise
         self._ready = True
         log.info("%d Ray workers ready in %.1fs", self.capacity, time.perf_counter() - started)
+
+    def _check_memory(self) -> None:
+        """Workers on this machine share its RAM, or a GPU when they ask for GPUs (those that
+        request none see no CUDA device and run on the CPU)."""
+        import torch
+
+        from evomerge.models.memory import check_memory
+
+        on_gpu = self.settings.gpus_per_worker > 0 and torch.cuda.is_available() and self.config.models.device != "cpu"
+        if on_gpu:
+            per_gpu = max(1, math.floor(1 / self.settings.gpus_per_worker + 1e-9))
+            check_memory(self.config, min(self.capacity, per_gpu), torch.device("cuda"))
+        else:
+            check_memory(self.config, self.capacity, torch.device("cpu"))
 
     def _new_slot(self, placement_timeout: float | None = None) -> _Slot:
         from evomerge.workers.ray_actor import EvaluationActor

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from evomerge.config import PopulationConfig, RunConfig, check_files, config_from_dict, resolve_deadline
-from evomerge.controller import Controller, Population, Progress
+from evomerge.controller import Controller, Population, Progress, population_front
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.executors import Executor, make_executor
 from evomerge.models.loading import parameter_names
@@ -255,6 +255,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     try:
         info = store.run_info()
         counts = store.counts()
+        objectives = {p.name: p.options.get("objectives") for p in load_run_config(store).populations}
         populations = []
         for pop in store.populations():
             best = store.best(pop["name"])
@@ -267,6 +268,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
                     "evaluations": sum(c.values()),
                     "failed": c.get("failed", 0),
                     "best_fitness": None if best is None else best.fitness,
+                    **population_front(store, pop["name"], objectives.get(pop["name"])),
                 }
             )
         best = store.best()

@@ -136,3 +136,14 @@ def test_lora_compose_refuses_full_models_and_adapters_need_a_base(lora_models):
     config.models.base = None
     with pytest.raises(ModelLoadError, match="models.base"):
         LocalWorker(config)
+
+
+def test_memory_estimate_of_a_lora_compose_worker_is_what_it_holds(lora_models):
+    from evomerge.models.memory import worker_memory
+
+    root, adapters = lora_models
+    config = _config(root, adapters, "lora_compose")
+    worker = LocalWorker(config)
+    held = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
+    held += sum(t.stack.numel() * t.stack.element_size() for t in worker.models.materializer.tensors.values())
+    assert worker_memory(config).resident == held

@@ -38,6 +38,7 @@ from evomerge.models.adapters import (
 from evomerge.models.loading import load_model, load_tokenizer, resolve_device
 from evomerge.space import Recipe, Space
 from evomerge.strategies.seed_recipes import SeedRecipe
+from evomerge.workers.extra_metrics import ExtraMetrics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,6 +121,7 @@ class LocalWorker:
             p.name: grid for p in config.populations if (grid := p.seed_recipe_grid()) is not None
         }
         self._block_edges: dict[str, np.ndarray] = {}
+        self.extra_metrics = ExtraMetrics(self)  # per-task scores, AdaMerging's gradient
 
     def _examples(self, data):
         return load_examples(
@@ -173,6 +175,7 @@ class LocalWorker:
             self.materialize(genome, population)
             t1 = time.perf_counter()
             scores = self.score(self.examples)
+            extra = self.extra_metrics(genome, population)
         except PluginError:
             raise
         except Exception as exc:  # a candidate's failure must not end the run
@@ -190,7 +193,7 @@ class LocalWorker:
             status="ok",
             fitness=fitness,
             per_example=scores,
-            metrics={"merge_seconds": t1 - t0, "score_seconds": duration - (t1 - t0)},
+            metrics={"merge_seconds": t1 - t0, "score_seconds": duration - (t1 - t0), **extra},
             worker=self.worker_id,
             started=started,
             duration=duration,

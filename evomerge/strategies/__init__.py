@@ -10,6 +10,7 @@ from evomerge.strategies.base import GeneRange, SearchSpec, Strategy, StrategyOp
 from evomerge.strategies.cmaes import CMAES
 from evomerge.strategies.evo_merging import EvoMerging
 from evomerge.strategies.m2n2 import GA, M2N2
+from evomerge.strategies.map import MAP
 from evomerge.strategies.optuna_samplers import NSGA2, TPE, OptunaCMAES
 from evomerge.strategies.random_search import RandomSearch
 
@@ -18,6 +19,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "evo_merging": EvoMerging,
     "ga": GA,
     "m2n2": M2N2,
+    "map": MAP,
     "nsga2": NSGA2,
     "optuna_cmaes": OptunaCMAES,
     "random": RandomSearch,

@@ -19,7 +19,6 @@ so each search starts from the configured init.
 from __future__ import annotations
 
 import math
-import numbers
 import pickle
 import warnings
 from abc import abstractmethod
@@ -33,6 +32,7 @@ from pydantic import Field, field_validator
 
 from evomerge.candidates import Candidate, Evaluation
 from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
+from evomerge.strategies.pareto import objective_values
 
 
 class OptunaStrategy(Strategy):
@@ -209,12 +209,4 @@ class NSGA2(OptunaStrategy):
 
     def _values(self, fitness: float, evaluation: Evaluation) -> list[float] | None:
         """A missing or non-finite objective fails the trial, as a NaN fitness does."""
-        if not math.isfinite(fitness):
-            return None
-        values = []
-        for name in self.options.objectives:  # type: ignore[attr-defined]
-            value = fitness if name == "fitness" else evaluation.metrics.get(name)
-            if not isinstance(value, numbers.Real) or not math.isfinite(value):
-                return None
-            values.append(float(value))
-        return values
+        return objective_values(self.options.objectives, fitness, evaluation.metrics)  # type: ignore[attr-defined]

@@ -1,0 +1,103 @@
+"""What a white-box worker will hold in memory, computed from model configs before any weight loads.
+
+A worker keeps one working model, a copy of the base (the reference its task vectors are taken
+from) and every expert resident for the whole run; loading briefly holds one more expert. For
+``lora_compose`` the experts are adapters: the base plus one adapter-sized slot per expert. A run
+whose workers cannot hold that is refused before it starts, with the figures, instead of dying
+halfway through loading (or swapping a machine to a halt).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.config import RunConfig
+from evomerge.errors import InsufficientMemoryError
+from evomerge.models.adapters import is_adapter
+from evomerge.models.loading import parameter_shapes
+
+GIB = 1024**3
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    resident: int  # bytes held for the whole run
+    peak: int  # bytes while the last expert loads
+    description: str  # what is resident, in words, for the error message
+
+
+def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(int(torch.Size(s).numel()) for s in shapes.values())
+
+
+def adapter_numel(ref: str) -> int:
+    """Entries of a local adapter's factors, read from its safetensors header (no weights load)."""
+    from safetensors import safe_open
+
+    path = Path(ref) / "adapter_model.safetensors"
+    if not path.exists():  # a hub adapter: small beside its base, and not downloaded to be measured
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        return sum(int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys())
+
+
+def worker_memory(config: RunConfig) -> WorkerMemory:
+    itemsize = ITEMSIZE[config.models.dtype]
+    refs = [config.model_ref(e.path) for e in config.models.experts]
+    n = len(refs)
+    model = _numel(parameter_shapes(config.working_model_ref())) * itemsize
+    if config.merge.method == "lora_compose":
+        adapters = [adapter_numel(ref) * itemsize for ref in refs]
+        slot = adapters[0]
+        return WorkerMemory(
+            resident=model + slot + sum(adapters),
+            peak=model + slot + sum(adapters) + max(adapters),
+            description=f"the base, one working adapter and {n} adapters",
+        )
+    with_base = config.models.base is not None
+    resident = model * (n + 1 + with_base)
+    # An adapter expert is built as a dense model on a fresh copy of the base.
+    loading = model * (1 + any(is_adapter(ref) for ref in refs))
+    return WorkerMemory(
+        resident=resident,
+        peak=resident + loading,
+        description=f"the working model, {n} experts" + (" and the base" if with_base else ""),
+    )
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device, or the memory this machine can still give (None: unknown)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(config: RunConfig, workers: int, device: torch.device) -> WorkerMemory:
+    """Refuse a run whose ``workers`` (sharing ``device``, or this machine's RAM) cannot hold the models."""
+    need = worker_memory(config)
+    have = available_bytes(device)
+    if have is not None and need.peak * workers > have:
+        where = f"{device} has" if device.type == "cuda" else "this machine has"
+        raise InsufficientMemoryError(
+            f"models: each worker holds {need.peak / GIB:.2f} GiB at its peak ({need.description},"
+            f" {config.models.dtype}); {workers} worker(s) need {need.peak * workers / GIB:.2f} GiB but {where}"
+            f" {have / GIB:.2f} GiB free; lower workers.count, use models.dtype bfloat16, merge fewer experts,"
+            " or use a machine with more memory"
+        )
+    return need

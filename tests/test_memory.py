@@ -1,0 +1,77 @@
+"""The worker's memory, estimated from model configs, matches what it holds; runs that cannot fit
+are refused before anything loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from evomerge.cli import main
+from evomerge.config import config_from_dict
+from evomerge.models import memory
+from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
+from evomerge.workers.local import LocalWorker
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llamas")
+    tokenizer = build_tokenizer()
+    base = tiny_llama(tokenizer, hidden=32, layers=2, heads=2, seed=0)
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    for i in range(3):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        base.save_pretrained(root / f"expert{i}")
+    (root / "data.jsonl").write_text(json.dumps({"prompt": "12+30=", "target": "42"}) + "\n")
+    return root
+
+
+def _config(root, dtype="float32", base=True):
+    document = {
+        "executor": "inline",
+        "run_dir": str(root / "runs" / dtype),
+        "models": {"experts": [str(root / f"expert{i}") for i in range(3)], "device": "cpu", "dtype": dtype},
+        "merge": {"method": "task_arithmetic" if base else "linear"},
+        "populations": [{"name": "p", "strategy": "random"}],
+        "fitness": {"name": "negative_cross_entropy", "data": {"source": str(root / "data.jsonl")}},
+        "budget": {"evaluations": 2},
+    }
+    if base:
+        document["models"]["base"] = str(root / "base")
+    return document
+
+
+@pytest.mark.parametrize("dtype,base", [("float32", True), ("bfloat16", True), ("float32", False)])
+def test_estimate_equals_what_the_worker_holds(llamas, dtype, base):
+    config = config_from_dict(_config(llamas, dtype, base))
+    estimate = memory.worker_memory(config)
+    worker = LocalWorker(config)
+    held = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
+    for tensor in worker.models.materializer.tensors.values():
+        held += tensor.stack.numel() * tensor.stack.element_size()
+        if tensor.reference is not None:
+            held += tensor.reference.numel() * tensor.reference.element_size()
+    assert estimate.resident == held
+    assert estimate.peak > estimate.resident
+
+
+def test_a_run_that_does_not_fit_is_refused_before_it_starts(llamas, tmp_path, monkeypatch, capsys):
+    document = _config(llamas)
+    document["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(document))
+    need = memory.worker_memory(config_from_dict(document)).peak
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)  # a machine just too small
+
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "models: each worker holds" in err and "lower workers.count" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "run.db").exists()
