@@ -286,6 +286,7 @@ class RunConfig(_Strict):
         if duplicates:
             raise ValueError(f"populations: duplicate name '{sorted(duplicates)[0]}'")
         from evomerge.strategies import STRATEGIES
+        from evomerge.strategies.adamerging import ADAMERGING_METHODS
 
         for i, pop in enumerate(self.populations):
             if pop.strategy not in STRATEGIES:
@@ -299,6 +300,11 @@ class RunConfig(_Strict):
                 msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
                 where = _field_path(first["loc"])
                 raise ValueError(f"populations.{i}.options{'.' + where if where else ''}: {msg}") from None
+            if pop.strategy == "adamerging" and self.merge.method not in ADAMERGING_METHODS:
+                raise ValueError(
+                    f"populations.{i}.strategy: adamerging learns {' or '.join(ADAMERGING_METHODS)} coefficients by"
+                    f" gradient descent on white-box workers; merge.method is '{self.merge.method}'"
+                )
         return self
 
     def resolve_path(self, path: str) -> Path:

@@ -20,6 +20,13 @@ def sphere_fitness(genome: np.ndarray) -> float:
     return -float(np.sum((genome - 0.3) ** 2))
 
 
+def scored(cand) -> Evaluation:
+    """The candidate's sphere fitness, with the gradient of its loss (−fitness) that gradient
+    strategies (AdaMerging) receive from white-box workers and the others ignore."""
+    gradient = 2 * (cand.genome - 0.3)
+    return Evaluation(cand.id, "ok", sphere_fitness(cand.genome), metrics={"loss_gradient": gradient.tolist()})
+
+
 def make(name: str, seed: int = 7):
     return make_strategy(name, "pop", SPEC, seed, {})
 
@@ -34,7 +41,7 @@ def drain(strategy, n_evals: int, rng: np.random.Generator, shuffle: bool = True
         if shuffle:
             batch = [batch[i] for i in rng.permutation(len(batch))]
         for cand in batch:
-            strategy.tell([Evaluation(cand.id, "ok", sphere_fitness(cand.genome))])
+            strategy.tell([scored(cand)])
             seen.append((cand.id, cand.genome))
             told += 1
     return seen
@@ -72,15 +79,15 @@ def test_state_round_trip_gives_identical_next_asks(name):
     assert [c.id for c in b.outstanding()] == outstanding_a
     for cand in a.outstanding():
         for s in (a, b):
-            s.tell([Evaluation(cand.id, "ok", sphere_fitness(cand.genome))])
+            s.tell([scored(cand)])
     for _ in range(3):
         ca, cb = a.ask(3), b.ask(3)
         assert [c.id for c in ca] == [c.id for c in cb]
         for x, y in zip(ca, cb):
             np.testing.assert_array_equal(x.genome, y.genome)
         for x, y in zip(ca, cb):
-            a.tell([Evaluation(x.id, "ok", sphere_fitness(x.genome))])
-            b.tell([Evaluation(y.id, "ok", sphere_fitness(y.genome))])
+            a.tell([scored(x)])
+            b.tell([scored(y)])
 
 
 def test_same_seed_same_candidates_regardless_of_global_rng(name):
@@ -103,7 +110,7 @@ def test_failed_and_nan_results_never_become_best(name):
             elif told % 3 == 1:
                 ev = Evaluation(cand.id, "ok", math.nan)
             else:
-                ev = Evaluation(cand.id, "ok", sphere_fitness(cand.genome))
+                ev = scored(cand)
             strategy.tell([ev])
             told += 1
     best = strategy.best()
@@ -129,9 +136,9 @@ def test_cmaes_waits_for_its_generation():
     assert len(generation) == strategy._run.es.popsize
     assert strategy.ask(1) == []  # the generation is not complete yet
     for cand in generation[:-1]:
-        strategy.tell([Evaluation(cand.id, "ok", sphere_fitness(cand.genome))])
+        strategy.tell([scored(cand)])
     assert strategy.ask(1) == []
-    strategy.tell([Evaluation(generation[-1].id, "ok", sphere_fitness(generation[-1].genome))])
+    strategy.tell([scored(generation[-1])])
     assert len(strategy.ask(1)) == 1
 
 
@@ -157,7 +164,7 @@ def test_cmaes_puts_an_immigrant_into_its_next_generation():
     immigrant = np.full(DIM, 0.3)
     strategy.immigrate(immigrant, Evaluation("other:1", "ok", 0.0))
     for cand in generation:
-        strategy.tell([Evaluation(cand.id, "ok", sphere_fitness(cand.genome))])
+        strategy.tell([scored(cand)])
     nxt = strategy.ask(100)
     assert any(np.allclose(c.genome, immigrant) for c in nxt)
 

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
+from evomerge.strategies.adamerging import AdaMerging
 from evomerge.strategies.base import GeneRange, SearchSpec, Strategy, StrategyOptions
 from evomerge.strategies.cmaes import CMAES
 from evomerge.strategies.evo_merging import EvoMerging
@@ -15,6 +16,7 @@ from evomerge.strategies.optuna_samplers import NSGA2, TPE, OptunaCMAES
 from evomerge.strategies.random_search import RandomSearch
 
 STRATEGIES: dict[str, type[Strategy]] = {
+    "adamerging": AdaMerging,
     "cmaes": CMAES,
     "evo_merging": EvoMerging,
     "ga": GA,

@@ -1,0 +1,110 @@
+"""AdaMerging's worker side: a differentiable merge, and the entropy gradient it gives.
+
+Yang et al. (arXiv 2310.02575, §3.2) minimise the mean Shannon entropy H = −Σ_c p_c log p_c of
+the merged model's predictions on unlabelled inputs with respect to the merge coefficients. Here
+the merge is written as a function of the unit-cube genome in torch — the space's decode (bounds,
+per-model or shared values, fixed parameters) followed by ``linear`` or ``task_arithmetic``'s
+combination of the resident experts — and the model is run on those tensors through
+``torch.func.functional_call``, so one backward pass gives dH/dgenome. The in-place materializer
+is untouched: the worker still scores each step's fitness on the merge it writes.
+
+Choices made: the unlabelled inputs are the first ``ADAMERGING_INPUTS`` inputs of ``fitness.data``
+(their labels are not read; the paper uses the test inputs, which a held-out comparison must not);
+classification models only (``{"inputs", "labels"}`` data) for now.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.merge.linear import WEIGHT_SUM_EPS
+from evomerge.space import Space
+from evomerge.strategies.adamerging import ADAMERGING_METHODS
+
+ADAMERGING_INPUTS = 512
+
+
+def genome_values(space: Space, unit: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Space.decode in torch: per parameter, its values as ``[n_groups, n_models or 1]``."""
+    unit = unit.clamp(0.0, 1.0)
+    values: dict[str, torch.Tensor] = {}
+    offset = 0
+    for block in space.blocks:
+        if block.levels is not None:
+            raise ValueError(f"'{block.param}' is discrete; a differentiable merge has only continuous genes")
+        chunk = unit[offset : offset + block.size].view(block.n_groups, block.n_values)
+        real = block.low + chunk * (block.high - block.low)
+        if space.method.param(block.param).per_model and block.n_values == 1:
+            real = real.expand(block.n_groups, space.n_models)
+        values[block.param] = real
+        offset += block.size
+    for name, value in space.fixed.items():
+        width = space.n_models if space.method.param(name).per_model else 1
+        values[name] = torch.full((len(space.group_names), width), float(value), dtype=unit.dtype)
+    return values
+
+
+def merged_parameters(space: Space, tensors: dict[str, Any], unit: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every merged tensor as a differentiable function of the genome ``unit``."""
+    if space.method.name not in ADAMERGING_METHODS:
+        raise ValueError(f"a differentiable merge supports {', '.join(ADAMERGING_METHODS)}, not '{space.method.name}'")
+    values = genome_values(space, unit)
+    normalize = space.options.get("normalize", False)
+    merged = {}
+    for name, tensor in tensors.items():
+        g = space.tensor_groups[name]
+        weights = values["weight"][g]
+        if normalize:
+            total = weights.sum()
+            weights = weights / torch.where(total.abs() < WEIGHT_SUM_EPS, torch.ones_like(total), total)
+        stack = tensor.stack
+        coefs = weights.to(stack.dtype)
+        if space.method.name == "task_arithmetic":
+            coefs = coefs * values["lambda"][g][0].to(stack.dtype)
+        combined = torch.tensordot(coefs, stack, dims=1)
+        if tensor.reference is not None:  # task vectors: base + Σ c_i τ_i (linear: the base weighs Σ c_i)
+            ref_coef = 1.0 if space.method.name == "task_arithmetic" else coefs.sum()
+            combined = combined + ref_coef * tensor.reference
+        merged[name] = combined
+    return merged
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax of ``logits`` [n, classes]."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean()
+
+
+class EntropyGradient:
+    """``genome → {"loss": H, "loss_gradient": dH/dgenome}`` for one white-box worker."""
+
+    def __init__(self, worker: Any) -> None:
+        self.space: Space = worker.space
+        if self.space.method.name not in ADAMERGING_METHODS:
+            raise ConfigError(
+                f"adamerging learns {' or '.join(ADAMERGING_METHODS)} coefficients; merge.method is '{self.space.method.name}'"
+            )
+        examples = worker.examples
+        if not isinstance(examples, dict) or "inputs" not in examples:
+            raise ConfigError("adamerging needs classification inputs (.npz or sklearn data) in fitness.data")
+        self.model = worker.models.model
+        self.tensors = worker.models.materializer.tensors
+        self.inputs = examples["inputs"][:ADAMERGING_INPUTS].to(worker.device)
+
+    def entropy(self, unit: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call
+
+        logits = functional_call(self.model, merged_parameters(self.space, self.tensors, unit), (self.inputs,))
+        return prediction_entropy(logits.float())
+
+    def __call__(self, genome: np.ndarray) -> dict[str, Any]:
+        unit = torch.tensor(np.asarray(genome, dtype=np.float64), requires_grad=True)
+        with torch.enable_grad():
+            loss = self.entropy(unit)
+            loss.backward()
+        assert unit.grad is not None
+        return {"loss": float(loss.detach()), "loss_gradient": unit.grad.tolist()}
