@@ -147,7 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.runs import export_best
+    from evomerge.export import export_best
 
     document = export_best(Path(args.run_dir), Path(args.out))
     print(f"exported {document['candidate_id']} (fitness {document['fitness']:.4f}) to {args.out}")

@@ -1,16 +1,13 @@
-"""Starting, inspecting and exporting runs: the composition the CLI calls.
+"""Starting and inspecting runs: the composition the CLI calls.
 
 ``start_run`` wires config → space → strategies → executor → controller → store; ``run_status``
-reads a run directory (also while the run is writing it); ``export_best`` materializes the best
-candidate once more and saves it as a standard Hugging Face model directory.
+reads a run directory (also while the run is writing it). Exporting is ``evomerge.export``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +25,6 @@ from evomerge.store import RunStore
 from evomerge.strategies import SearchSpec, make_strategy
 from evomerge.strategies.seed_recipes import SeedGram
 
-RECIPE_NAME = "recipe.yaml"
 
 
 def resolved_config_dict(config: RunConfig) -> dict[str, Any]:
@@ -291,40 +287,3 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         }
     finally:
         store.close()
-
-
-def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
-    """Save the best candidate as a Hugging Face model directory plus ``recipe.yaml``."""
-    from evomerge.workers.local import LocalWorker
-
-    store = RunStore(run_dir, readonly=True)
-    try:
-        best = store.best()
-        config = load_run_config(store)
-    finally:
-        store.close()
-    if best is None:
-        raise RunDirError(f"{run_dir}: no successful evaluation to export yet")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out} exists and is not empty; choose another --out")
-    worker = LocalWorker(config, worker_id="export")
-    recipe = worker.materialize(best.genome, best.population)
-    tmp = out.with_name(out.name + f".tmp-{int(time.time())}")
-    worker.models.model.save_pretrained(tmp, safe_serialization=True)
-    if worker.models.tokenizer is not None:
-        worker.models.tokenizer.save_pretrained(tmp)
-    document = {
-        "candidate_id": best.candidate_id,
-        "population": best.population,
-        "fitness": best.fitness,
-        "base_model": config.models.base,
-        "experts": [{"name": n, "path": e.path} for n, e in zip(config.models.expert_labels(), config.models.experts)],
-        "granularity": config.merge.granularity,
-        "recipe": recipe,
-    }
-    (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
-    if out.exists():
-        out.rmdir()
-    shutil.move(str(tmp), str(out))
-    return document

@@ -1,0 +1,86 @@
+"""A decoded recipe as a mergekit configuration, for users who rebuild merges with mergekit.
+
+mergekit is LGPL and optional: this module only writes its YAML schema (``merge_method``,
+``base_model``, ``models[].parameters``, ``parameters``, ``dtype``), it never imports mergekit.
+Values that differ between tensor groups become mergekit's conditional parameters: a list of
+``{filter, value}`` entries, where a filter matches tensors whose name contains it. Whole
+transformer blocks are matched by their prefix (``model.layers.3.``), other tensors by their full
+name, so every tensor is matched by exactly one entry and the mergekit merge is ours.
+
+Methods mergekit does not have (seed recipes, split-point SLERP, LoRA composition, layer swaps,
+TALL, PCB, Fisher) are not expressible; the caller says so in the export instead of writing a YAML
+that would build a different model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from evomerge.merge import MergeMethod
+from evomerge.space import Recipe, layer_index
+
+class NotExpressible(ValueError):
+    """The recipe has no mergekit equivalent; the message says why."""
+
+
+def _group_filters(tensor_names: Sequence[str], tensor_groups: dict[str, int]) -> dict[int, list[str]]:
+    """Per group, the shortest filters that match its tensors and nothing else."""
+    layers: dict[str, set[int]] = {}  # block prefix ("model.layers.3.") -> groups of its tensors
+    for name in tensor_names:
+        index = layer_index(name)
+        if index is not None:
+            prefix = name[: name.index(f".{index}.") + len(f".{index}.")]
+            layers.setdefault(prefix, set()).add(tensor_groups[name])
+    filters: dict[int, list[str]] = {}
+    whole_blocks = {prefix: next(iter(groups)) for prefix, groups in layers.items() if len(groups) == 1}
+    for prefix, group in whole_blocks.items():
+        filters.setdefault(group, []).append(prefix)
+    for name in tensor_names:
+        index = layer_index(name)
+        prefix = None if index is None else name[: name.index(f".{index}.") + len(f".{index}.")]
+        if prefix not in whole_blocks:
+            filters.setdefault(tensor_groups[name], []).append(name)
+    return filters
+
+
+def _setting(per_group: list[float], filters: dict[int, list[str]]) -> Any:
+    if len(set(per_group)) == 1:
+        return float(per_group[0])
+    return [{"filter": f, "value": float(v)} for g, v in enumerate(per_group) for f in filters.get(g, [])]
+
+
+def mergekit_config(
+    recipe: Recipe,
+    method: MergeMethod,
+    tensor_names: Sequence[str],
+    base: str | None,
+    experts: Sequence[str],
+    dtype: str,
+) -> dict[str, Any]:
+    """The mergekit configuration that builds the same model as ``recipe``."""
+    if method.mergekit_name is None:
+        raise NotExpressible(f"mergekit has no equivalent of the merge method '{method.name}'")
+    filters = _group_filters(tensor_names, dict(recipe.tensor_groups))
+    n_groups = len(recipe.group_names)
+    models = [{"model": ref} for ref in experts]
+    shared: dict[str, Any] = {}
+    for spec in method.params:
+        values = recipe.values[spec.name]
+        if spec.per_model:
+            for i, model in enumerate(models):
+                model.setdefault("parameters", {})[spec.name] = _setting([values[g][i] for g in range(n_groups)], filters)
+        else:
+            shared[spec.name] = _setting([values[g][0] for g in range(n_groups)], filters)
+    shared.update({name: bool(value) for name, value in recipe.options.items()})
+    config: dict[str, Any] = {"merge_method": method.mergekit_name}
+    if method.mergekit_name == "slerp":  # mergekit's t = 0 is its base model: our first expert
+        config["base_model"] = experts[0]
+    elif method.needs_base:
+        if base is None:
+            raise NotExpressible(f"'{method.name}' needs the base model")
+        config["base_model"] = base
+    config["models"] = models
+    if shared:
+        config["parameters"] = shared
+    config["dtype"] = dtype
+    return config
