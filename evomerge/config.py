@@ -390,7 +390,7 @@ def check_files(config: RunConfig, source: str) -> None:
         if Path(resolved).is_absolute() and not Path(resolved).exists():
             raise ConfigError(f"{source}: {field_name}: model directory not found: {resolved}")
     for field_name, data in (("fitness.data", config.fitness.data), ("fitness.test_data", config.fitness.test_data)):
-        if data is not None and not data.source.startswith("sklearn:"):
+        if data is not None and not data.source.startswith(("sklearn:", "hf:")):
             resolved = config.resolve_path(data.source)
             if not resolved.exists():
                 raise ConfigError(f"{source}: {field_name}.source: file not found: {resolved}")

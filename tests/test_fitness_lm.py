@@ -113,6 +113,10 @@ def test_exact_match_scores_the_last_number_of_each_generation(model, tokenizer,
     # a regex with a group extracts the group
     examples = [{"prompt": "Q", "target": "is"}]
     assert exact_match(model, tokenizer, examples, answer_regex=r"it (\w+)").tolist() == [1.0]
+    # GSM8K-style targets: the reference answer is extracted from the target too
+    examples = [{"prompt": "Q", "target": "2 + 2 = 4\n#### 4"}, {"prompt": "R", "target": "so\n#### 12.5"}]
+    assert exact_match(model, tokenizer, examples, target_regex=r"#### (\S+)").tolist() == [1.0, 1.0]
+    assert exact_match(model, tokenizer, examples).tolist() == [0.0, 0.0]
 
 
 def test_batched_greedy_generation_matches_unbatched(model, tokenizer):
@@ -266,3 +270,20 @@ def test_worker_renders_templates_and_passes_options(tmp_path, tokenizer, monkey
     config.fitness.options = {"temperature": 0.5}
     with pytest.raises(PluginError, match="does not accept options"):
         LocalWorker(config)
+
+
+def test_hf_datasets_source_renders_a_local_dataset_split(tmp_path):
+    """``hf:`` goes through datasets.load_dataset (here on a local directory of JSON lines: no hub)."""
+    pytest.importorskip("datasets")
+    data = tmp_path / "gsm"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", [{"question": f"{i}+1?", "answer": f"so\n#### {i + 1}"} for i in range(5)])
+    write_jsonl(data / "test.jsonl", [{"question": "9+1?", "answer": "#### 10"}])
+    examples = load_examples(f"hf:{data}", "train[:3]", template="Q: {question}\nA:", target="answer")
+    assert [e["prompt"] for e in examples] == ["Q: 0+1?\nA:", "Q: 1+1?\nA:", "Q: 2+1?\nA:"]
+    assert examples[2]["target"] == "so\n#### 3"
+    assert load_examples(f"hf:{data}", "test", template="{question}", target="answer") == [{"prompt": "9+1?", "target": "#### 10"}]
+    with pytest.raises(ConfigError, match=r"cannot load split 'validation'"):
+        load_examples(f"hf:{data}", "validation", template="{question}")
+    with pytest.raises(ConfigError, match=r"row 1 has no field 'prompt'"):
+        load_examples(f"hf:{data}", "test")

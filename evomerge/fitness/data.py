@@ -9,6 +9,10 @@ Local ``.jsonl`` and ``.csv`` files hold text rows for language models. Each row
 templates, so one file format serves every text fitness function. A file has no splits of its own:
 ``split`` is ignored unless the rows carry a ``"split"`` field, in which case only the rows whose
 ``split`` equals it are kept (so one file can hold train and test rows).
+
+``hf:NAME`` or ``hf:NAME:CONFIG`` loads a Hugging Face ``datasets`` dataset (a hub name such as
+``hf:openai/gsm8k:main``, or a local dataset directory) and renders its rows the same way; there
+``split`` is the dataset's split, e.g. ``train[:1319]``. The ``datasets`` package is optional.
 """
 
 from __future__ import annotations
@@ -64,6 +68,25 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def _hf_rows(source: str, split: str) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of a ``datasets`` split, numbered from 1 like file rows."""
+    name, subset = source.removeprefix("hf:"), None
+    if ":" in name and not Path(name).exists():
+        name, subset = name.rsplit(":", 1)
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"fitness data '{source}' needs the datasets package: pip install 'evomerge[datasets]'") from None
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        loaded = datasets.load_dataset(name, subset, split=split)
+    except Exception as exc:  # unknown name, split or config; no network; a broken local directory
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"fitness data '{source}': cannot load split '{split}': {first}") from None
+    return list(enumerate((dict(row) for row in loaded), start=1))
+
+
 def _field(path: Path, number: int, row: dict[str, Any], name: str) -> Any:
     if name not in row:
         raise ConfigError(f"{path}: row {number} has no field '{name}'")
@@ -95,7 +118,8 @@ def _choices(path: Path, number: int, value: Any, name: str) -> list[str]:
 
 def _text_examples(
     path: Path,
-    split: str,
+    rows: list[tuple[int, dict[str, Any]]],
+    split: str | None,
     limit: int | None,
     template: str | None,
     target: str | None,
@@ -108,8 +132,7 @@ def _text_examples(
     ``label`` fields (each taken when present); set fields are required in every row. ``target``
     is a field name, or a template when it contains ``{``.
     """
-    rows = _read_rows(path)
-    if any("split" in row for _, row in rows):
+    if split is not None and any("split" in row for _, row in rows):
         rows = [(n, row) for n, row in rows if row.get("split") == split]
         if not rows:
             raise ConfigError(f"{path}: no rows have split '{split}'")
@@ -155,8 +178,12 @@ def load_examples(
     label: str | None = None,
 ) -> dict[str, torch.Tensor] | list[dict[str, Any]]:
     """Examples as ``{"inputs": float32 [N, F], "labels": int64 [N]}`` (digits, .npz), or for
-    .jsonl/.csv a list of ``{"prompt", "target"?, "choices"?, "label"?}`` dicts."""
+    .jsonl/.csv files and ``hf:`` datasets a list of ``{"prompt", "target"?, "choices"?, "label"?}`` dicts."""
     text_options = {"template": template, "target": target, "choices": choices, "label": label}
+    if source.startswith("hf:"):
+        if classes is not None:
+            raise ConfigError(f"fitness data '{source}': 'classes' applies to .npz and sklearn data only")
+        return _text_examples(Path(source), _hf_rows(source, split), None, limit, **text_options)
     if source == "sklearn:digits":
         x, y = _digits(split)
     else:
@@ -164,13 +191,13 @@ def load_examples(
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if path.suffix not in (".npz", *TEXT_SUFFIXES):
-            raise ConfigError(f"fitness data '{source}': expected 'sklearn:digits', or a .npz, .jsonl or .csv file")
+            raise ConfigError(f"fitness data '{source}': expected 'sklearn:digits', 'hf:NAME[:CONFIG]', or a .npz, .jsonl or .csv file")
         if not path.exists():
             raise ConfigError(f"fitness data file not found: {path}")
         if path.suffix in TEXT_SUFFIXES:
             if classes is not None:
                 raise ConfigError(f"fitness data '{source}': 'classes' applies to .npz and sklearn data only")
-            return _text_examples(path, split, limit, **text_options)
+            return _text_examples(path, _read_rows(path), split, limit, **text_options)
         with np.load(path) as arrays:
             if "inputs" not in arrays or "labels" not in arrays:
                 raise ConfigError(f"{path}: a .npz fitness file needs arrays 'inputs' and 'labels'")

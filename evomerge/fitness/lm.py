@@ -158,10 +158,13 @@ def exact_match(
     batch_size: int = 16,
     max_new_tokens: int = 32,
     answer_regex: str = DEFAULT_ANSWER_REGEX,
+    target_regex: str | None = None,
 ) -> torch.Tensor:
     """1 where the answer extracted from the greedy generation equals the stripped target.
 
-    Prompts are left-padded so that every row's generation starts right after its prompt.
+    ``target_regex`` extracts the reference answer from targets that hold more than the answer
+    (GSM8K's ``"… #### 72"``); without it the whole stripped target is the answer. Prompts are
+    left-padded so that every row's generation starts right after its prompt.
     """
     _require(examples, ("target",), "exact_match")
     if tokenizer is None:
@@ -188,5 +191,8 @@ def exact_match(
             texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
             for example, text in zip(batch, texts):
                 answer = extract_answer(text, answer_regex)
-                scores.append(float(answer is not None and answer == str(example["target"]).strip()))
+                target = str(example["target"]).strip()
+                if target_regex is not None:
+                    target = extract_answer(target, target_regex)
+                scores.append(float(answer is not None and answer == target))
     return torch.tensor(scores, dtype=torch.float64)
