@@ -182,7 +182,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from evomerge.fitness import resolve_fitness, with_options
 
     config = load_config(args.config)
-    check_files(config, args.config)
+    if not args.no_files:
+        check_files(config, args.config)
     with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
     print(f"{args.config}: ok ({len(config.models.experts)} experts, {config.merge.method}, "
           f"{len(config.populations)} population(s))")
@@ -276,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("validate", help="check a config without running it")
     p.add_argument("config")
+    p.add_argument(
+        "--no-files",
+        action="store_true",
+        help="skip checking that local model and data paths exist (a config written for another machine)",
+    )
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("demo", help="build a shipped demo's experts and search their merge (CPU, minutes)")
     p.add_argument("--config", default="configs/demo.yaml")
