@@ -212,12 +212,74 @@ def resolve_deadline(value: str, now: datetime | None = None) -> datetime:
         raise ValueError(f"'{value}' is not a deadline (use a time of day like '07:00' or a date-time like '2026-11-26T07:00')") from None
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class PriceConfig(_Strict):
+    """What the service charges per token (any currency): the cost budget and reports use it."""
+
+    prompt_token: float = Field(default=0.0, ge=0)
+    completion_token: float = Field(default=0.0, ge=0)
+
+
+class ApiConfig(_Strict):
+    """Black-box mode: candidates are scored only through a model service's API.
+
+    ``level`` picks what the service does: ``merge_service`` merges the adapters named in
+    ``models.experts`` server-side from each candidate's α/β (Evo-Merging's routes);
+    ``runtime_lora`` is a vLLM-compatible server to which the worker uploads each merged adapter
+    (written under ``adapter_dir``, which the server must be able to read). ``concurrency`` and
+    ``requests_per_second`` hold per worker process.
+    """
+
+    level: Literal["merge_service", "runtime_lora"]
+    base_url: str
+    api_key_env: str | None = Field(default=None, description="name of the environment variable holding the API key")
+    concurrency: int = Field(default=32, ge=1)
+    requests_per_second: float | None = Field(default=None, gt=0)
+    timeout: Duration = 60.0
+    max_retries: int = Field(default=8, ge=0)
+    backoff: Duration = 0.5
+    max_backoff: Duration = 30.0
+    price: PriceConfig = Field(default_factory=PriceConfig)
+    adapter_dir: str | None = Field(default=None, description="runtime_lora: where merged adapters are written")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"'{value}' is not an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError("name the environment variable that holds the key (e.g. OPENAI_API_KEY), never the key itself")
+        return value
+
+    @model_validator(mode="after")
+    def _adapter_dir(self) -> "ApiConfig":
+        if self.level == "runtime_lora" and self.adapter_dir is None:
+            raise ValueError("level runtime_lora needs adapter_dir, a directory the server can read adapters from")
+        return self
+
+
 class BudgetConfig(_Strict):
     evaluations: int | None = Field(default=None, ge=1)
     max_time: Duration | None = None
     deadline: str | None = Field(default=None, description="'07:00' (next occurrence) or an ISO date-time")
     target_fitness: float | None = Field(default=None, description="stop once the best fitness reaches this")
     patience: int | None = Field(default=None, ge=1, description="stop after this many evaluations without improvement")
+    # black-box runs: stop asking once the API usage reaches one of these
+    requests: int | None = Field(default=None, ge=1, description="HTTP requests to the model service")
+    tokens: int | None = Field(default=None, ge=1, description="prompt plus completion tokens")
+    cost: float | None = Field(default=None, gt=0, description="tokens times api.price")
+
+    def usage_limits(self) -> dict[str, float]:
+        """The API usage limits that are set, by usage key (``tokens`` counts prompt and completion)."""
+        limits = {"requests": self.requests, "tokens": self.tokens, "cost": self.cost}
+        return {k: v for k, v in limits.items() if v is not None}
 
     @field_validator("deadline")
     @classmethod
@@ -228,8 +290,8 @@ class BudgetConfig(_Strict):
 
     @model_validator(mode="after")
     def _some_limit(self) -> "BudgetConfig":
-        if self.evaluations is None and self.max_time is None and self.deadline is None:
-            raise ValueError("set at least one of 'evaluations', 'max_time' or 'deadline'")
+        if self.evaluations is None and self.max_time is None and self.deadline is None and not self.usage_limits():
+            raise ValueError("set at least one of 'evaluations', 'max_time', 'deadline', 'requests', 'tokens' or 'cost'")
         return self
 
     def deadline_timestamp(self) -> float | None:
@@ -259,6 +321,8 @@ class RunConfig(_Strict):
     fitness: FitnessConfig
     budget: BudgetConfig
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    # Black-box mode: score candidates through a model service's API instead of holding the weights.
+    api: ApiConfig | None = None
 
     # Set by load_config, not read from YAML: where relative paths start.
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -305,7 +369,32 @@ class RunConfig(_Strict):
                     f"populations.{i}.strategy: adamerging learns {' or '.join(ADAMERGING_METHODS)} coefficients by"
                     f" gradient descent on white-box workers; merge.method is '{self.merge.method}'"
                 )
+        self._blackbox_checks()
         return self
+
+    def _blackbox_checks(self) -> None:
+        """What a black-box run can search: per-adapter α/β of ``lora_compose``, no weights at hand."""
+        if self.api is None:
+            if self.budget.usage_limits():
+                raise ValueError("budget: requests, tokens and cost limit black-box runs; add an api section")
+            return
+        if self.merge.method != "lora_compose" or self.merge.granularity not in ("global", "per_model"):
+            raise ValueError(
+                f"api.level: a {self.api.level} service merges LoRA adapters by per-adapter alpha and beta;"
+                " use merge.method lora_compose with granularity per_model or global"
+            )
+        for i, pop in enumerate(self.populations):
+            if pop.seed_recipe_grid() is not None:
+                raise ValueError(f"populations.{i}.options.archive: seed recipes need the weights; black-box runs cannot use them")
+
+    def local_models(self) -> list[tuple[str, str]]:
+        """(field, reference) of the models this machine reads: all of them in white-box runs; in
+        black-box runs only runtime_lora's adapters (a merge service names its adapters, and the
+        base is always a served model name)."""
+        refs = [("models.base", self.models.base)] if self.models.base and self.api is None else []
+        if self.api is None or self.api.level == "runtime_lora":
+            refs += [(f"models.experts.{i}.path", e.path) for i, e in enumerate(self.models.experts)]
+        return refs
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
@@ -383,9 +472,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 def check_files(config: RunConfig, source: str) -> None:
     """Local model paths and data files must exist (hub ids are checked when loaded)."""
-    refs = [("models.base", config.models.base)] if config.models.base else []
-    refs += [(f"models.experts.{i}.path", e.path) for i, e in enumerate(config.models.experts)]
-    for field_name, ref in refs:
+    for field_name, ref in config.local_models():
         resolved = config.model_ref(ref)
         if Path(resolved).is_absolute() and not Path(resolved).exists():
             raise ConfigError(f"{source}: {field_name}: model directory not found: {resolved}")

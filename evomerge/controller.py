@@ -75,6 +75,7 @@ class Controller:
         target_fitness: float | None = None,
         patience: int | None = None,
         migration: tuple[int, int] | None = None,
+        usage_limits: dict[str, float] | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -86,6 +87,8 @@ class Controller:
         self.target_fitness = target_fitness
         self.patience = patience
         self.migration = migration  # (every, size)
+        self.usage_limits = usage_limits or {}  # black-box: requests / tokens / cost
+        self._usage = {"requests": 0.0, "tokens": 0.0, "cost": 0.0}
         self._best_at = 0  # evaluations counted when the best last improved
         self._stop_requested: str | None = None
         self._last_seq = 0
@@ -137,6 +140,8 @@ class Controller:
         ev = _evaluation_from_row(row)
         ev.candidate_id = cand.id
         ev.metrics = {**row.metrics, "cached_from": row.candidate_id}
+        if "usage" in ev.metrics:  # a repeated candidate asks the service nothing
+            ev.metrics["usage"] = {key: 0 for key in ev.metrics["usage"]}
         ev.worker, ev.started, ev.duration = "cache", time.time(), 0.0
         return ev
 
@@ -156,6 +161,11 @@ class Controller:
         if ev.usable and (pop.best is None or ev.fitness > pop.best):
             pop.best = ev.fitness
         self._evaluations += 1
+        usage = ev.metrics.get("usage")
+        if usage:
+            self._usage["requests"] += usage.get("requests", 0)
+            self._usage["tokens"] += usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+            self._usage["cost"] += usage.get("cost", 0.0)
         if ev.usable and (self._best is None or ev.fitness > self._best):
             self._best = ev.fitness
             self._best_at = self._evaluations
@@ -217,6 +227,7 @@ class Controller:
         best = self.store.best()
         self._best = None if best is None else best.fitness
         self._best_at = 0 if best is None else best.seq
+        self._usage = self.store.api_usage()  # every session's, not only the replayed part
         for pop in self.populations.values():
             row = self.store.best(pop.name)
             pop.best = None if row is None else row.fitness
@@ -292,6 +303,9 @@ class Controller:
             return "deadline reached"
         if self.target_fitness is not None and self._best is not None and self._best >= self.target_fitness:
             return f"target fitness {self.target_fitness} reached"
+        for key, limit in self.usage_limits.items():
+            if self._usage[key] >= limit:
+                return f"{key} budget reached ({self._usage[key]:g} of {limit:g})"
         if self.patience is not None and self._evaluations - self._best_at >= self.patience:
             return f"no improvement for {self.patience} evaluations"
         return None

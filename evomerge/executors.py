@@ -94,10 +94,11 @@ class InlineExecutor(Executor):
     def __init__(self, config: RunConfig) -> None:
         from evomerge.models.loading import resolve_device
         from evomerge.models.memory import check_memory
-        from evomerge.workers.local import LocalWorker
+        from evomerge.workers import make_worker
 
-        check_memory(config, 1, resolve_device(config.models.device))
-        self.worker = LocalWorker(config, worker_id="inline")
+        if config.api is None:  # a black-box worker holds no weights
+            check_memory(config, 1, resolve_device(config.models.device))
+        self.worker = make_worker(config, "inline")
         self._queue: deque[Candidate] = deque()
 
     def submit(self, candidate: Candidate) -> None:
@@ -252,8 +253,11 @@ class RayExecutor(Executor):
 
     def _check_memory(self) -> None:
         """Workers on this machine share its RAM, or a GPU when they ask for GPUs (those that
-        request none see no CUDA device and run on the CPU)."""
+        request none see no CUDA device and run on the CPU). Black-box workers hold no weights."""
         import torch
+
+        if self.config.api is not None:
+            return
 
         from evomerge.models.memory import check_memory
 

@@ -31,10 +31,14 @@ def resolved_config_dict(config: RunConfig) -> dict[str, Any]:
     """The config with every local path made absolute: the snapshot a run directory keeps."""
     data = config.model_dump(mode="json")
     models = data["models"]
-    if models["base"]:
+    local = {ref for _, ref in config.local_models()}
+    if models["base"] in local:
         models["base"] = config.model_ref(models["base"])
     for expert in models["experts"]:
-        expert["path"] = config.model_ref(expert["path"])
+        if expert["path"] in local:
+            expert["path"] = config.model_ref(expert["path"])
+    if config.api is not None and config.api.adapter_dir is not None:
+        data["api"]["adapter_dir"] = str(config.resolve_path(config.api.adapter_dir))
     for key in ("data", "test_data"):
         spec = data["fitness"].get(key)
         if spec and not spec["source"].startswith("sklearn:"):
@@ -123,7 +127,8 @@ def _score_experts(store: RunStore, config: RunConfig, executor: Executor) -> No
 def _strategies(config: RunConfig, source: str, executor: Executor) -> tuple[Space, list]:
     """The run's space and one fresh strategy per population (a resume builds the same ones)."""
     try:
-        space = config.merge.build_space(parameter_names(config.working_model_ref()), len(config.models.experts))
+        tensor_names = [] if config.api is not None else parameter_names(config.working_model_ref())  # black-box: α/β per adapter
+        space = config.merge.build_space(tensor_names, len(config.models.experts))
     except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
         raise ConfigError(f"{source}: merge: {exc}") from None
     strategies = [
@@ -158,6 +163,7 @@ def _drive(
         target_fitness=config.budget.target_fitness,
         patience=config.budget.patience,
         migration=None if config.migration is None else (config.migration.every, config.migration.size),
+        usage_limits=config.budget.usage_limits(),
     )
     with run_log(store.run_dir):
         if resume:

@@ -23,7 +23,8 @@ from evomerge.errors import RunDirError
 
 DB_NAME = "run.db"
 CONFIG_NAME = "config.yaml"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""3: ``api_responses`` (black-box answers by request), added to older run directories when opened."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -78,6 +79,11 @@ CREATE TABLE IF NOT EXISTS events (
     time REAL NOT NULL,
     kind TEXT NOT NULL,
     message TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_responses (
+    key TEXT PRIMARY KEY,
+    response_json TEXT NOT NULL,
+    recorded REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS baselines (
     name TEXT PRIMARY KEY,
@@ -137,7 +143,8 @@ class RunStore:
         if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(_SCHEMA)  # new tables only: an older run directory gains them here
+            self._db.execute("UPDATE runs SET schema_version = ? WHERE schema_version < ?", (SCHEMA_VERSION, SCHEMA_VERSION))
 
     def close(self) -> None:
         self._db.close()
@@ -371,6 +378,27 @@ class RunStore:
         except sqlite3.OperationalError:  # a run directory written before baselines were recorded
             return []
         return [{**dict(r), "per_example": _unpack_scores(r["per_example"])} for r in rows]
+
+    def cached_response(self, key: str) -> Any | None:
+        """A black-box service's answer recorded under ``key`` (see ``workers/served_model.py``)."""
+        row = self._db.execute("SELECT response_json FROM api_responses WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def save_response(self, key: str, response: Any) -> None:
+        self._tx(
+            "INSERT OR IGNORE INTO api_responses (key, response_json, recorded) VALUES (?, ?, ?)",
+            (key, json.dumps(response), time.time()),
+        )
+
+    def api_usage(self) -> dict[str, float]:
+        """API usage summed over every evaluation: requests, tokens (prompt + completion) and cost."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(json_extract(metrics_json, '$.usage.requests')), 0),"
+            " COALESCE(SUM(json_extract(metrics_json, '$.usage.prompt_tokens'))"
+            " + SUM(json_extract(metrics_json, '$.usage.completion_tokens')), 0),"
+            " COALESCE(SUM(json_extract(metrics_json, '$.usage.cost')), 0) FROM evaluations"
+        ).fetchone()
+        return {"requests": row[0], "tokens": row[1], "cost": row[2]}
 
     def events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db.execute("SELECT * FROM events ORDER BY seq")]

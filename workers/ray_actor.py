@@ -17,17 +17,18 @@ import ray
 
 from evomerge.candidates import Evaluation
 from evomerge.config import RunConfig
-from evomerge.workers.local import LocalWorker
+from evomerge.workers import make_worker
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class EvaluationActor:
-    """A ``LocalWorker`` in its own Ray worker process; ``index`` numbers actors within a run."""
+    """A worker (white-box ``LocalWorker`` or ``BlackBoxWorker``) in its own Ray worker process;
+    ``index`` numbers actors within a run."""
 
     def __init__(self, config: RunConfig, index: int) -> None:
         self.config = config
         self.worker_id = f"ray-{ray.util.get_node_ip_address()}-{index}"
-        self.worker: LocalWorker | None = None
+        self.worker = None
 
     def ping(self) -> str:
         """Answers once the actor is placed and running; returns its worker id."""
@@ -35,7 +36,7 @@ class EvaluationActor:
 
     def load(self) -> None:
         """Load the base, the experts and the fitness data (the executor calls this once, first)."""
-        self.worker = LocalWorker(self.config, self.worker_id)
+        self.worker = make_worker(self.config, self.worker_id)
 
     def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None) -> Evaluation:
         return self.worker.evaluate(candidate_id, genome, population)

@@ -57,6 +57,22 @@ def resolve_fitness(name: str) -> FitnessFn:
     )
 
 
+def resolve_blackbox_fitness(name: str) -> Callable[..., Any]:
+    """A black-box fitness ``async fn(model, examples)``: a built-in of ``blackbox.py`` (the same
+    names as the white-box language-model functions), or an async plugin."""
+    from evomerge.fitness.blackbox import BLACKBOX_FITNESS_FUNCTIONS
+
+    if name in BLACKBOX_FITNESS_FUNCTIONS:
+        return BLACKBOX_FITNESS_FUNCTIONS[name]
+    if name in FITNESS_FUNCTIONS:
+        known = ", ".join(sorted(BLACKBOX_FITNESS_FUNCTIONS))
+        raise PluginError(f"fitness '{name}' needs the model's weights; black-box runs (api:) score with {known}")
+    fn = resolve_fitness(name)
+    if not inspect.iscoroutinefunction(fn):
+        raise PluginError(f"fitness plugin '{name}': black-box runs need an async function fn(model, examples)")
+    return fn
+
+
 def with_options(fn: FitnessFn, name: str, options: dict[str, Any]) -> FitnessFn:
     """``fn`` with the config's ``fitness.options`` bound as keyword arguments.
 
@@ -66,7 +82,8 @@ def with_options(fn: FitnessFn, name: str, options: dict[str, Any]) -> FitnessFn
     if not options:
         return fn
     try:
-        inspect.signature(fn).bind(None, None, None, **options)
+        n_positional = 2 if inspect.iscoroutinefunction(fn) else 3  # black-box: (model, examples)
+        inspect.signature(fn).bind(*[None] * n_positional, **options)
     except TypeError as exc:
         raise PluginError(f"fitness '{name}' does not accept options {sorted(options)}: {exc}") from None
     except ValueError:  # no signature to check (some builtins): let the call decide
@@ -87,4 +104,11 @@ def per_example_scores(raw: Any, n_examples: int, name: str) -> np.ndarray:
     return scores
 
 
-__all__ = ["FITNESS_FUNCTIONS", "FitnessFn", "per_example_scores", "resolve_fitness", "with_options"]
+__all__ = [
+    "FITNESS_FUNCTIONS",
+    "FitnessFn",
+    "per_example_scores",
+    "resolve_blackbox_fitness",
+    "resolve_fitness",
+    "with_options",
+]

@@ -1,0 +1,188 @@
+"""Black-box runs end to end against the reference service on loopback: Evo-Merging (two-stage)
+and M2N2 over per-adapter α/β beat the uniform composition on held-out examples of the target
+skill; runtime LoRA; request budgets; cached answers; a service killed and restarted mid-run;
+the API key nowhere in the run directory."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evomerge.config import config_from_dict
+from evomerge.models.tiny_lm import skill_examples
+from evomerge.runs import start_run
+from evomerge.store import RunStore
+from evomerge.workers.blackbox import BlackBoxWorker, ServiceUnreachable
+
+KEY_ENV = "EVOMERGE_TEST_API_KEY"
+EXPERTS = ["addition", "reversal", "subtraction"]
+USAGE_KEYS = {"requests", "prompt_tokens", "completion_tokens", "cost"}
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "target": r["target"]}) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path, monkeypatch, auth):
+    """A black-box config over the three skill adapters, scoring addition; overrides by section.
+    The service's bearer token doubles as the run's API key."""
+    key = auth["Authorization"].removeprefix("Bearer ")
+    monkeypatch.setenv(KEY_ENV, key)
+    train = write_rows(tmp_path / "train.jsonl", skill_examples("addition", 16, seed=11))
+    test = write_rows(tmp_path / "test.jsonl", skill_examples("addition", 32, seed=12))
+
+    def make(url: str, **overrides):
+        data = {
+            "name": "blackbox",
+            "seed": 0,
+            "run_dir": str(tmp_path / "run"),
+            "executor": "inline",
+            "models": {"base": "tiny-base", "experts": list(EXPERTS)},
+            "merge": {"method": "lora_compose", "granularity": "per_model"},
+            "populations": [{"name": "random", "strategy": "random"}],
+            "fitness": {
+                "name": "negative_cross_entropy",
+                "data": {"source": str(train)},
+                "test_data": {"source": str(test)},
+            },
+            "budget": {"evaluations": 6},
+            "checkpoint_every": 5,
+            "api": {"level": "merge_service", "base_url": url, "api_key_env": KEY_ENV, "concurrency": 8,
+                    "price": {"prompt_token": 0.001, "completion_token": 0.002}},
+        }
+        for section, value in overrides.items():
+            data[section] = {**data[section], **value} if isinstance(value, dict) and section != "populations" else value
+        return config_from_dict(data, "test-config", tmp_path)
+
+    return make, key
+
+
+def held_out(config, genome) -> float:
+    worker = BlackBoxWorker(config, "held-out")
+    try:
+        ev = worker.score_on(config.fitness.test_data, genome)
+    finally:
+        worker.close()
+    assert ev.status == "ok", ev.error
+    return ev.fitness
+
+
+def test_evo_merging_and_m2n2_beat_the_uniform_composition(service, make_config):
+    make, key = make_config
+    config = make(service, populations=[
+        {"name": "evo", "strategy": "evo_merging", "share": 7,
+         "options": {"popsize": 6, "stage1_budget": 12, "stage2_budget": 30, "stage2_sigma": 0.3}},
+        {"name": "m2n2", "strategy": "m2n2", "share": 5, "options": {"archive_size": 6}},
+    ], budget={"evaluations": 72})
+    summary = start_run(config, "test-config")
+    assert summary["evaluations"] == 72
+
+    store = RunStore(config.run_path(), readonly=True)
+    rows = list(store.evaluations())
+    bests = {name: store.best(name) for name in ("evo", "m2n2")}
+    store.close()
+    assert all(r.status == "ok" for r in rows), [r.error for r in rows if r.status != "ok"]
+    for r in rows:
+        assert set(r.metrics["usage"]) == USAGE_KEYS
+        assert r.metrics["usage"]["requests"] >= 16 or r.metrics.get("cached_from")
+        assert r.metrics["usage"]["cost"] == pytest.approx(0.001 * r.metrics["usage"]["prompt_tokens"]
+                                                           + 0.002 * r.metrics["usage"]["completion_tokens"])
+
+    space = config.merge.build_space([], len(EXPERTS))
+    uniform = held_out(config, space.encode({"alpha": 1.0, "beta": 1 / len(EXPERTS)}))
+    for name, best in bests.items():
+        assert held_out(config, best.genome) > uniform, name
+
+    worker = BlackBoxWorker(config, "again")  # a repeated candidate: every answer is in the run store
+    again = worker.evaluate("again", bests["evo"].genome)
+    worker.close()
+    assert again.fitness == pytest.approx(bests["evo"].fitness, abs=1e-6)
+    assert again.metrics["usage"]["requests"] == 0 and again.metrics["cached_responses"] == 16
+
+    for path in config.run_path().rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+
+
+def test_runtime_lora_level_loads_each_merge_and_unloads_it(service, make_config, tiny_models):
+    make, _ = make_config
+    adapters = tiny_models["adapters"]
+    config = make(service, models={"base": "tiny-base", "experts": [str(adapters / e) for e in EXPERTS]},
+                  api={"level": "runtime_lora", "adapter_dir": str(adapters / "runtime")}, budget={"evaluations": 3})
+    summary = start_run(config, "test-config")
+    store = RunStore(config.run_path(), readonly=True)
+    rows = list(store.evaluations())
+    store.close()
+    assert summary["evaluations"] == 3 and all(r.status == "ok" for r in rows), [r.error for r in rows]
+    assert list((adapters / "runtime").iterdir()) == []  # every merge was unloaded and removed
+
+    merged = make(service, run_dir=str(config.run_path()) + "-merge-service")  # the same merges, merged server-side
+    worker = BlackBoxWorker(merged, "compare")
+    ev = worker.evaluate("x", rows[0].genome)
+    worker.close()
+    assert ev.fitness == pytest.approx(rows[0].fitness, abs=1e-4)
+
+
+def test_a_request_budget_stops_the_run_cleanly(service, make_config):
+    make, _ = make_config
+    config = make(service, budget={"evaluations": 50, "requests": 40})
+    summary = start_run(config, "test-config")
+    assert summary["stop_reason"].startswith("requests budget reached")
+    store = RunStore(config.run_path(), readonly=True)
+    used = store.api_usage()
+    state = store.run_info()["state"]
+    store.close()
+    assert 40 <= used["requests"] < 40 + 16 and summary["evaluations"] == 3
+    assert state == "finished"
+
+
+def test_an_unreachable_service_is_a_user_error_naming_the_setting(make_config):
+    make, _ = make_config
+    config = make("http://127.0.0.1:9", api={"max_retries": 0})
+    with pytest.raises(ServiceUnreachable, match="api.base_url"):
+        start_run(config, "test-config")
+
+
+def test_a_service_killed_and_restarted_mid_run_loses_nothing(tiny_models, start_service, make_config):
+    make, _ = make_config
+    with start_service(tiny_models["base"], tiny_models["adapters"]) as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        config = make(url, budget={"evaluations": 20}, api={"max_retries": 80, "backoff": 0.2, "max_backoff": 1.0})
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.update(summary=start_run(config, "test-config")))
+        runner.start()
+        _wait_for_evaluations(config.run_path(), 3, runner)
+        proc.kill()
+        proc.wait()
+        with start_service(tiny_models["base"], tiny_models["adapters"], port=port):
+            runner.join(timeout=300)
+    assert not runner.is_alive()
+    store = RunStore(config.run_path(), readonly=True)
+    rows = list(store.evaluations())
+    store.close()
+    assert outcome["summary"]["evaluations"] == 20 == len(rows)
+    assert all(r.status == "ok" for r in rows), [r.error for r in rows if r.status != "ok"]
+    assert sum(r.metrics["api_retries"] for r in rows) > 0  # the outage was ridden out by retrying
+
+
+def _wait_for_evaluations(run_dir: Path, n: int, runner: threading.Thread) -> None:
+    """Until the run has recorded ``n`` evaluations (bounded; the run must still be going)."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and runner.is_alive():
+        if (run_dir / "run.db").exists():
+            store = RunStore(run_dir, readonly=True)
+            try:
+                if store.evaluation_counts().get("random", (0, 0))[1] >= n:
+                    return
+            finally:
+                store.close()
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not record {n} evaluations while the service was up")

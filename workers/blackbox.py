@@ -1,0 +1,264 @@
+"""The black-box worker: scores candidates purely through a model service's API.
+
+It plugs into the executors like the white-box ``LocalWorker`` (``evaluate(candidate_id, genome,
+population) -> Evaluation``), but holds no base model: a genome decodes to ``lora_compose``'s
+per-adapter α and β, the service level (``api.level``) turns them into a model name on the
+service, and the black-box fitness function scores that model through ``/v1/completions``:
+
+* ``merge_service`` — Evo-Merging's setting: one merge session over the adapters named in
+  ``models.experts``; each candidate is ``POST /v1/sessions/{id}/materialize``-d and served under
+  the name the service answers;
+* ``runtime_lora`` — a vLLM-compatible server: the worker merges the adapters it reads from
+  ``models.experts`` (local directories) with ``lora_compose``, writes the result under
+  ``api.adapter_dir``, loads it with ``/v1/load_lora_adapter``, scores it and unloads it.
+
+Requests of one candidate run concurrently in the worker's own event loop. A service that forgets
+a session or model (it restarted) answers 404; the worker then sets the candidate up again, and
+the answers it already had come from the response cache. Each evaluation's ``metrics["usage"]``
+holds the requests, tokens and cost the candidate took (a cached answer costs nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import numpy as np
+
+from evomerge.candidates import Evaluation
+from evomerge.config import RunConfig
+from evomerge.errors import ConfigError, PluginError, UserError
+from evomerge.fitness import per_example_scores, resolve_blackbox_fitness, with_options
+from evomerge.fitness.data import load_examples
+from evomerge.workers.api import ApiClient, ApiError, api_key_from_env
+from evomerge.workers.served_model import ApiServedModel, ResponseCache
+
+RECOVERY_ATTEMPTS = 3
+"""Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
+
+
+class ServiceUnreachable(UserError):
+    """The model service cannot be reached or refuses the run's credentials at start."""
+
+
+def merge_identity(config: RunConfig, alpha: list[float], beta: list[float]) -> str:
+    """What a merge is, independent of the name a service gives it: the response cache's model."""
+    adapters = [e.path for e in config.models.experts]
+    return json.dumps({"base": config.models.base, "adapters": adapters, "alpha": alpha, "beta": beta})
+
+
+class MergeService:
+    """Evo-Merging's merge service: the service merges its own adapters from α and β."""
+
+    def __init__(self, client: ApiClient, config: RunConfig, cache: ResponseCache) -> None:
+        self.client, self.config, self.cache = client, config, cache
+        self.adapters = [e.path for e in config.models.experts]
+        self.session_id: str | None = None
+
+    def required_models(self) -> list[str]:
+        return self.adapters
+
+    def forget(self) -> None:
+        self.session_id = None
+
+    @asynccontextmanager
+    async def model(self, tag: str, alpha: list[float], beta: list[float]) -> AsyncIterator[ApiServedModel]:
+        async def materialize() -> str:
+            if self.session_id is None:
+                answer = await self.client.request("POST", "/v1/sessions", {"adapters": self.adapters})
+                self.session_id = _field(answer, "session_id", "POST /v1/sessions")
+            path = f"/v1/sessions/{self.session_id}/materialize"
+            answer = await self.client.request("POST", path, {"alpha": alpha, "beta": beta, "tag": tag})
+            return _field(answer, "model", f"POST {path}")
+
+        yield ApiServedModel(self.client, merge_identity(self.config, alpha, beta), self.cache, materialize)
+
+
+class RuntimeLora:
+    """A vLLM-compatible server with runtime LoRA: the worker merges, the server loads and serves."""
+
+    def __init__(self, client: ApiClient, config: RunConfig, cache: ResponseCache) -> None:
+        from safetensors.torch import load_file
+
+        from evomerge.merge.materializer import Materializer
+
+        self.client, self.config, self.cache = client, config, cache
+        if config.models.base is None:
+            raise ConfigError("models.base: name the served base model the adapters apply to (api.level runtime_lora)")
+        self.adapter_dir = config.resolve_path(config.api.adapter_dir)
+        self.adapter_dir.mkdir(parents=True, exist_ok=True)
+        configs, weights = [], []
+        for i, expert in enumerate(config.models.experts):
+            path = Path(config.model_ref(expert.path))
+            try:
+                configs.append(json.loads((path / "adapter_config.json").read_text()))
+                weights.append((expert.path, load_file(str(path / "adapter_model.safetensors"))))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"models.experts.{i}.path: not a LoRA adapter directory with safetensors: {exc}") from None
+        shape = {(c.get("r"), c.get("lora_alpha"), c.get("use_rslora", False)) for c in configs}
+        if len(shape) > 1:
+            raise ConfigError("models.experts: lora_compose needs adapters of one rank and lora_alpha")
+        self.adapter_config = {**configs[0], "base_model_name_or_path": config.models.base}
+        self.targets = {k: t.float().clone() for k, t in weights[0][1].items()}
+        self.materializer = Materializer.from_state_dicts(self.targets, iter(weights), len(weights))
+
+    def required_models(self) -> list[str]:
+        return [self.config.models.base]
+
+    def forget(self) -> None:
+        """Nothing to forget: every candidate's adapter is loaded afresh."""
+
+    @asynccontextmanager
+    async def model(self, tag: str, alpha: list[float], beta: list[float]) -> AsyncIterator[ApiServedModel]:
+        from safetensors.torch import save_file
+
+        from evomerge.space import Recipe
+
+        name = f"evomerge-{uuid.uuid4().hex[:16]}"
+        directory = self.adapter_dir / name
+
+        async def load() -> str:
+            recipe = Recipe("lora_compose", ["all"], {"alpha": [alpha], "beta": [beta]}, {}, 0, {k: 0 for k in self.targets})
+            self.materializer.apply(recipe)
+            directory.mkdir()
+            save_file(self.targets, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (directory / "adapter_config.json").write_text(json.dumps(self.adapter_config))
+            await self.client.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
+            return name
+
+        model = ApiServedModel(self.client, merge_identity(self.config, alpha, beta), self.cache, load)
+        try:
+            yield model
+        finally:
+            if model.prepared:
+                try:
+                    await self.client.request("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+                except ApiError:
+                    pass  # a restarted server no longer has it
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+SERVICE_LEVELS = {"merge_service": MergeService, "runtime_lora": RuntimeLora}
+
+
+def _field(answer: Any, key: str, what: str) -> str:
+    if not isinstance(answer, dict) or not isinstance(answer.get(key), str):
+        from evomerge.workers.api import MalformedResponse
+
+        raise MalformedResponse(f"{what}: the answer has no '{key}'")
+    return answer[key]
+
+
+class BlackBoxWorker:
+    """Scores candidates of one black-box run (inline, or inside a Ray actor)."""
+
+    def __init__(self, config: RunConfig, worker_id: str | None = None) -> None:
+        api = config.api
+        self.config = config
+        self.worker_id = worker_id or f"api-{os.getpid()}"
+        self.fitness_name = config.fitness.name
+        fitness = resolve_blackbox_fitness(config.fitness.name)
+        self.fitness = with_options(fitness, config.fitness.name, config.fitness.options)
+        self.examples = self._examples(config.fitness.data)
+        self.space = config.merge.build_space([], len(config.models.experts))
+        self.cache = ResponseCache(config.run_path())
+        self._loop = asyncio.new_event_loop()
+        self.client = ApiClient(
+            api.base_url,
+            api_key_from_env(api.api_key_env),
+            concurrency=api.concurrency,
+            requests_per_second=api.requests_per_second,
+            timeout=api.timeout,
+            max_retries=api.max_retries,
+            backoff=api.backoff,
+            max_backoff=api.max_backoff,
+            prompt_token_price=api.price.prompt_token,
+            completion_token_price=api.price.completion_token,
+        )
+        self.service = SERVICE_LEVELS[api.level](self.client, config, self.cache)
+        self._loop.run_until_complete(self._check_service())
+
+    def _examples(self, data) -> list[dict[str, Any]]:
+        examples = load_examples(
+            data.source, data.split, data.classes, data.limit, self.config.base_dir,
+            template=data.template, target=data.target, choices=data.choices, label=data.label,
+        )
+        if not isinstance(examples, list):
+            raise ConfigError(f"fitness data '{data.source}': black-box runs score text (.jsonl or .csv data)")
+        return examples
+
+    async def _check_service(self) -> None:
+        """Fail the run at start, naming the setting to fix, when the service is unusable."""
+        url = self.config.api.base_url
+        try:
+            listing = await self.client.request("GET", "/v1/models")
+        except ApiError as exc:
+            if exc.status == 401:
+                raise ServiceUnreachable(
+                    f"the model service at {url} refused the credentials (api.api_key_env): {exc}"
+                ) from None
+            raise ServiceUnreachable(f"cannot reach the model service at {url} (api.base_url): {exc}") from None
+        served = {m.get("id") for m in listing.get("data", [])} if isinstance(listing, dict) else set()
+        missing = [name for name in self.service.required_models() if name not in served]
+        if missing:
+            raise ServiceUnreachable(f"the model service at {url} does not serve {', '.join(missing)} (models in the config)")
+
+    async def _score(self, tag: str, alpha: list[float], beta: list[float], examples: list[dict[str, Any]]) -> np.ndarray:
+        for attempt in range(RECOVERY_ATTEMPTS):
+            try:
+                async with self.service.model(tag, alpha, beta) as model:
+                    raw = await self.fitness(model, examples)
+                return per_example_scores(raw, len(examples), self.fitness_name)
+            except ApiError as exc:
+                if exc.status != 404 or attempt == RECOVERY_ATTEMPTS - 1:
+                    raise
+                self.service.forget()  # the service restarted and lost the session or the adapter
+        raise AssertionError("unreachable")
+
+    def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None = None) -> Evaluation:
+        recipe = self.space.decode(genome)
+        return self._evaluate(candidate_id, recipe.values["alpha"][0], recipe.values["beta"][0], self.examples)
+
+    def _evaluate(self, candidate_id: str, alpha: list[float], beta: list[float], examples: list[dict[str, Any]]) -> Evaluation:
+        """Score one merge; failures become a failed evaluation (a plugin's wrong shape stops the run)."""
+        started, t0 = time.time(), time.perf_counter()
+        usage_before, hits_before = self.client.usage.copy(), self.cache.hits
+        try:
+            scores = self._loop.run_until_complete(self._score(candidate_id, alpha, beta, examples))
+            fitness = float(np.mean(scores)) if len(scores) else math.nan
+            ev = Evaluation(candidate_id, "ok", fitness, scores, {}, self.worker_id, started, time.perf_counter() - t0)
+            if not math.isfinite(fitness):
+                ev = Evaluation.failure(candidate_id, "fitness is NaN or infinite", self.worker_id, started, ev.duration)
+        except PluginError:
+            raise
+        except Exception as exc:  # a candidate's failure (refused, malformed, out of retries) must not end the run
+            ev = Evaluation.failure(candidate_id, f"{type(exc).__name__}: {exc}", self.worker_id, started, time.perf_counter() - t0)
+        used = self.client.usage - usage_before
+        ev.metrics.update({"usage": used.metrics(), "api_retries": used.retries, "cached_responses": self.cache.hits - hits_before})
+        return ev
+
+    def expert_baselines(self) -> list[Evaluation]:
+        """Each adapter alone (α = 1, β one-hot: exactly the adapter) on the fitness data."""
+        n = len(self.config.models.experts)
+        return [
+            self._evaluate(label, [1.0] * n, [float(i == j) for j in range(n)], self.examples)
+            for i, label in enumerate(self.config.models.expert_labels())
+        ]
+
+    def score_on(self, data, genome: np.ndarray) -> Evaluation:
+        """A genome scored on other data of the same kind (held-out examples)."""
+        recipe = self.space.decode(genome)
+        return self._evaluate("held-out", recipe.values["alpha"][0], recipe.values["beta"][0], self._examples(data))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self.client.aclose())
+        self._loop.close()
+        self.cache.close()

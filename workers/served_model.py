@@ -1,0 +1,118 @@
+"""A candidate merge as a model service exposes it, scored through ``/v1/completions``.
+
+``ApiServedModel`` is what black-box fitness functions receive (``evomerge.fitness.blackbox``):
+log-likelihoods by lm-eval's convention — the context and continuation sent as one prompt with
+``echo``, ``logprobs`` and ``max_tokens`` 1, the continuation's tokens found by their
+``text_offset`` — and greedy generations. Answers are cached in the run store under the
+candidate's *merge identity* (adapters and coefficients, not the service's name for it) with the
+request's parameters, so a repeated candidate or a resumed run asks the service nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Sequence
+
+from evomerge.fitness.blackbox import Loglikelihood
+from evomerge.workers.api import ApiClient, CompletionAnswer, MalformedResponse, parse_completion
+
+GREEDY_TOLERANCE = 1e-6
+
+
+class ResponseCache:
+    """Answers by key in the run store's ``api_responses`` table, opened on first use (workers
+    start before the run directory exists); a worker scoring outside any run caches nothing."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._store = None
+        self.hits = 0
+
+    def _db(self):
+        from evomerge.store import DB_NAME, RunStore
+
+        if self._store is None and (self.run_dir / DB_NAME).exists():
+            self._store = RunStore(self.run_dir)
+        return self._store
+
+    def get(self, key: str) -> Any | None:
+        store = self._db()
+        found = None if store is None else store.cached_response(key)
+        self.hits += found is not None
+        return found
+
+    def put(self, key: str, response: Any) -> None:
+        store = self._db()
+        if store is not None:
+            store.save_response(key, response)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def cache_key(identity: str, payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([identity, payload], sort_keys=True).encode()).hexdigest()
+
+
+class ApiServedModel:
+    """One merge on the service; ``identity`` says which merge it is, for the cache.
+
+    ``prepare`` makes the service serve the merge and returns its model name; it runs once, at the
+    first answer not in the cache, so a candidate whose answers are all cached asks nothing.
+    """
+
+    def __init__(
+        self, client: ApiClient, identity: str, cache: ResponseCache | None, prepare: Callable[[], Awaitable[str]]
+    ) -> None:
+        self.client = client
+        self.identity = identity
+        self.cache = cache
+        self._prepare = prepare
+        self._name: asyncio.Future[str] | None = None
+
+    @property
+    def prepared(self) -> bool:
+        return self._name is not None
+
+    async def name(self) -> str:
+        if self._name is None:
+            self._name = asyncio.ensure_future(self._prepare())
+        return await self._name
+
+    async def completion(self, payload: dict[str, Any]) -> CompletionAnswer:
+        """``/v1/completions`` for this model, from the cache when the same request was answered."""
+        key = cache_key(self.identity, payload)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return parse_completion(hit)
+        answer = await self.client.completions({"model": await self.name(), **payload})
+        if self.cache is not None:
+            self.cache.put(key, answer.model_dump())
+        return answer
+
+    async def loglikelihood(self, context: str, continuation: str) -> Loglikelihood:
+        text = context + continuation
+        answer = await self.completion({"prompt": text, "echo": True, "max_tokens": 1, "logprobs": 1, "temperature": 0.0})
+        logprobs = answer.choices[0].logprobs
+        if logprobs is None:
+            raise MalformedResponse("the /v1/completions answer has no logprobs (the service must support echo with logprobs)")
+        span = [i for i, offset in enumerate(logprobs.text_offset) if len(context) <= offset < len(text)]
+        if not span or any(logprobs.token_logprobs[i] is None for i in span):
+            raise MalformedResponse(f"the /v1/completions answer has no log-probabilities for the continuation {continuation!r}")
+        total = sum(logprobs.token_logprobs[i] for i in span)  # type: ignore[misc]
+        tops = logprobs.top_logprobs or []
+        greedy = all(
+            i < len(tops) and tops[i] and max(tops[i].values()) <= logprobs.token_logprobs[i] + GREEDY_TOLERANCE  # type: ignore[operator]
+            for i in span
+        )
+        return Loglikelihood(float(total), len(span), greedy)
+
+    async def generate(self, prompt: str, *, max_tokens: int, stop: Sequence[str] = ()) -> str:
+        payload: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        if stop:
+            payload["stop"] = list(stop)
+        return (await self.completion(payload)).choices[0].text
