@@ -1,0 +1,187 @@
+"""Candidate turnaround on a ~100 M-parameter Llama: in-place materialization vs save and reload.
+
+Usage::
+
+    python benchmarks/materialize_lm.py --json [--hidden 768] [--layers 12] [--repeats 5] [--device D]
+
+Built here (random weights, nothing downloaded): a Llama-architecture base (hidden 768, 12 layers,
+intermediate 3072, the character tokenizer of ``evomerge.models.tiny_lm``: ~113 M parameters)
+and three experts ``base + 0.01 · noise``, saved with ``save_pretrained`` in a temporary directory.
+A ``LocalWorker`` loads them the way a run does (the base resident, three task vectors, one working
+model) for a ``task_arithmetic`` search with one weight per expert per layer.
+
+* ``inplace_seconds``: median over ``--repeats`` fresh random genomes of ``worker.materialize``,
+  i.e. decode the genome and write the merge into the resident working model. The candidate is
+  then ready to score.
+* ``save_reload_seconds``: the path other tools take per candidate (mergekit-evolve writes every
+  candidate and loads it back): the same merge, ``save_pretrained`` (safetensors) of the merged
+  model into a fresh directory, and ``AutoModelForCausalLM.from_pretrained`` of it onto the device.
+  Median over ``--repeats`` genomes; the directory is removed after each.
+* ``score_seconds``: scoring 64 examples (``negative_cross_entropy`` on synthetic addition and
+  reversal prompts, batch 16) with the merged model; both paths pay it, so it is reported apart.
+* ``speedup`` = ``save_reload_seconds / inplace_seconds``.
+* ``floor_seconds``: the memory traffic the in-place merge must do, ``itemsize · N · (3 + 1 + 1)``
+  bytes (read three task vectors and the base, write the output; N the model's elements), at the
+  copy bandwidth measured in the same run (``dst.copy_(src)`` on a 256 MiB buffer, best of 5:
+  ``2 · bytes / time``). ``floor_ratio`` = ``inplace_seconds / floor_seconds``.
+
+Targets on a 2-core CPU: speedup ≥ 3 and floor_ratio ≤ 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+N_EXPERTS = 3
+SCORED_EXAMPLES = 64
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> float:
+    """Bytes per second a plain copy moves (each byte read once and written once)."""
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.zeros_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+def build_models(root: Path, hidden: int, layers: int) -> None:
+    from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
+
+    tokenizer = build_tokenizer()
+    base = tiny_llama(tokenizer, hidden=hidden, layers=layers, heads=hidden // 64, intermediate=4 * hidden, seed=0)
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    for i in range(N_EXPERTS):
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, param in base.named_parameters():
+                param.copy_(state[name] + 0.01 * torch.randn(param.shape, generator=generator))
+        base.save_pretrained(root / f"expert{i}")
+
+
+def write_examples(path: Path) -> None:
+    from evomerge.models.tiny_lm import skill_examples
+
+    rows = skill_examples("addition", SCORED_EXAMPLES // 2, 0) + skill_examples("reversal", SCORED_EXAMPLES // 2, 0)
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "target": r["target"]}) + "\n" for r in rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print only the JSON figures")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.config import config_from_dict
+    from evomerge.models.loading import quiet_transformers, resolve_device
+    from evomerge.workers.local import LocalWorker
+
+    quiet_transformers()
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="materialize-lm-") as tmp:
+        root = Path(tmp)
+        build_models(root, args.hidden, args.layers)
+        write_examples(root / "examples.jsonl")
+        config = config_from_dict(
+            {
+                "executor": "inline",
+                "models": {
+                    "base": str(root / "base"),
+                    "experts": [str(root / f"expert{i}") for i in range(N_EXPERTS)],
+                    "device": str(device),
+                },
+                "merge": {"method": "task_arithmetic", "granularity": "per_layer_group", "search": ["weight"]},
+                "populations": [{"name": "p", "strategy": "random"}],
+                "fitness": {"name": "negative_cross_entropy", "options": {"batch_size": 16},
+                            "data": {"source": str(root / "examples.jsonl")}},
+                "budget": {"evaluations": 1},
+            }
+        )
+        worker = LocalWorker(config, worker_id="bench")
+        numel = sum(p.numel() for p in worker.models.model.parameters())
+        itemsize = next(worker.models.model.parameters()).element_size()
+        rng = np.random.default_rng(0)
+        genomes = [rng.uniform(0.1, 0.9, worker.space.dim) for _ in range(args.repeats + 1)]
+
+        worker.materialize(genomes[-1])  # warm-up: first-touch of buffers, kernel caches
+        inplace, bandwidths = [], []
+        for genome in genomes[: args.repeats]:
+            bandwidths.append(copy_bandwidth(device))
+            _sync(device)
+            t0 = time.perf_counter()
+            worker.materialize(genome)
+            _sync(device)
+            inplace.append(time.perf_counter() - t0)
+        bandwidths.append(copy_bandwidth(device))
+
+        t0 = time.perf_counter()
+        scores = worker.score(worker.examples)
+        _sync(device)
+        score_seconds = time.perf_counter() - t0
+
+        save_reload = []
+        for i, genome in enumerate(genomes[: args.repeats]):
+            out = root / f"candidate{i}"
+            _sync(device)
+            t0 = time.perf_counter()
+            worker.materialize(genome)
+            worker.models.model.save_pretrained(out, safe_serialization=True)
+            reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+            _sync(device)
+            save_reload.append(time.perf_counter() - t0)
+            del reloaded
+            shutil.rmtree(out)
+
+    bandwidth = max(bandwidths)
+    floor_seconds = itemsize * numel * (N_EXPERTS + 2) / bandwidth
+    inplace_seconds = statistics.median(inplace)
+    save_reload_seconds = statistics.median(save_reload)
+    figures = {
+        "inplace_seconds": round(inplace_seconds, 4),
+        "save_reload_seconds": round(save_reload_seconds, 4),
+        "score_seconds": round(score_seconds, 4),
+        "speedup": round(save_reload_seconds / inplace_seconds, 2),
+        "floor_seconds": round(floor_seconds, 4),
+        "floor_ratio": round(inplace_seconds / floor_seconds, 2),
+        "parameters": numel,
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "device": str(device),
+        "mean_score": round(float(np.mean(scores)), 4),
+    }
+    if not args.json:
+        print(__doc__.splitlines()[0], file=sys.stderr)
+    print(json.dumps(figures, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
