@@ -9,10 +9,12 @@ STAMP := $(VENV)/.evomerge-installed
 
 .PHONY: demo demo-lm test bench clean
 
+# Extras: cluster (the Ray job server the tests submit to), serve (the reference model service),
+# mergekit (the export cross-check), datasets (hf: fitness data).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,cluster,serve]"  # cluster: the Ray job server the tests submit to; serve: the model service
+	$(BIN)/python -m pip install --quiet -e ".[dev,cluster,serve,mergekit,datasets]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,7 +26,7 @@ demo-lm: $(STAMP)
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q; \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
