@@ -288,6 +288,8 @@ def bench_method(
     name: str, mat: Materializer, repeats: int, floor: CopyFloor, device: torch.device, seed: int
 ) -> dict:
     method = MERGE_METHODS[name]
+    if method.needs_fisher and mat.fishers is None:  # Fisher merging also reads one Fisher per expert
+        mat.set_fishers({n: torch.rand_like(t.stack) for n, t in mat.tensors.items()}, floor=1e-8)
     granularity = "global" if method.global_only else "per_layer_group"
     space = Space.build(method, list(mat.targets), mat.n_models, granularity=granularity)
     rng = np.random.default_rng(seed)
