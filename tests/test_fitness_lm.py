@@ -118,6 +118,27 @@ def test_exact_match_scores_the_last_number_of_each_generation(model, tokenizer,
     assert exact_match(model, tokenizer, examples, target_regex=r"#### (\S+)").tolist() == [1.0, 1.0]
     assert exact_match(model, tokenizer, examples).tolist() == [0.0, 0.0]
 
+    # stop strings cut the generation before the answer is searched; answer_fn replaces the regex
+    replies[:] = ["12 Q: next 7", "12.5\nQ: 3", "0"]
+    examples = [{"prompt": "Q", "target": "12"}, {"prompt": "R", "target": "12.5"}, {"prompt": "S", "target": "0"}]
+    assert exact_match(model, tokenizer, examples).tolist() == [0.0, 0.0, 1.0]
+    assert exact_match(model, tokenizer, examples, stop=["Q:"]).tolist() == [1.0, 1.0, 1.0]
+    assert exact_match(model, tokenizer, examples, answer_fn="test_fitness_lm:first_word").tolist() == [1.0, 1.0, 1.0]
+
+
+def first_word(text: str) -> str | None:
+    """An answer extractor plugin (referenced as ``test_fitness_lm:first_word``)."""
+    words = text.split()
+    return words[0] if words else None
+
+
+def test_truncate_at_stop():
+    from evomerge.fitness.lm import truncate_at_stop
+
+    assert truncate_at_stop("42\nQ: 7", ["\n", "Q:"]) == "42"
+    assert truncate_at_stop("42 Q: 7", ["\n", "Q:"]) == "42 "
+    assert truncate_at_stop("42", ["\n"]) == "42" and truncate_at_stop("42", []) == "42"
+
 
 def test_batched_greedy_generation_matches_unbatched(model, tokenizer):
     whole = r"(?s)\A(.*)\Z"  # the whole generated text is the answer

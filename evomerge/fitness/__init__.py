@@ -7,7 +7,6 @@ through the entry-point group ``evomerge.fitness``.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -17,6 +16,7 @@ import numpy as np
 from evomerge.errors import PluginError
 from evomerge.fitness.classification import classification_accuracy
 from evomerge.fitness.lm import exact_match, multiple_choice_loglik, negative_cross_entropy
+from evomerge.fitness.plugins import load_function
 
 FitnessFn = Callable[[Any, Any, Any], Any]
 
@@ -35,15 +35,7 @@ def resolve_fitness(name: str) -> FitnessFn:
     if name in FITNESS_FUNCTIONS:
         return FITNESS_FUNCTIONS[name]
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:  # any import-time failure of user code is the user's to fix
-            raise PluginError(f"fitness plugin '{name}': cannot import {module_name}: {exc}") from None
-        fn = getattr(module, attr, None)
-        if not callable(fn):
-            raise PluginError(f"fitness plugin '{name}': {module_name} has no function '{attr}'")
-        return fn
+        return load_function(name, "fitness plugin")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
             try:

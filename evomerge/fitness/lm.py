@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -150,6 +150,26 @@ def extract_answer(text: str, answer_regex: str = DEFAULT_ANSWER_REGEX) -> str |
     return (last.group(1) if last.re.groups else last.group(0)).strip()
 
 
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string (the stop string left out)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _answer_extractor(answer_regex: str, answer_fn: str | None) -> Callable[[str], str | None]:
+    if answer_fn is None:
+        return lambda text: extract_answer(text, answer_regex)
+    from evomerge.fitness.plugins import load_function
+
+    fn = load_function(answer_fn, "answer_fn")
+
+    def extract(text: str) -> str | None:
+        answer = fn(text)
+        return None if answer is None else str(answer).strip()
+
+    return extract
+
+
 def exact_match(
     model: Any,
     tokenizer: Any,
@@ -159,16 +179,22 @@ def exact_match(
     max_new_tokens: int = 32,
     answer_regex: str = DEFAULT_ANSWER_REGEX,
     target_regex: str | None = None,
+    stop: Sequence[str] = (),
+    answer_fn: str | None = None,
 ) -> torch.Tensor:
     """1 where the answer extracted from the greedy generation equals the stripped target.
 
-    ``target_regex`` extracts the reference answer from targets that hold more than the answer
-    (GSM8K's ``"… #### 72"``); without it the whole stripped target is the answer. Prompts are
-    left-padded so that every row's generation starts right after its prompt.
+    A generation is cut at the first of the ``stop`` strings (lm-eval's ``until``), so text the
+    model goes on with after its answer (a next question) is not searched. The answer is the last
+    match of ``answer_regex``, or what ``answer_fn`` (``"package.module:function"``, text → answer
+    or None) returns. ``target_regex`` extracts the reference answer from targets that hold more
+    than the answer (GSM8K's ``"… #### 72"``); without it the whole stripped target is the answer.
+    Prompts are left-padded so that every row's generation starts right after its prompt.
     """
     _require(examples, ("target",), "exact_match")
     if tokenizer is None:
         raise PluginError("fitness 'exact_match' needs the model's tokenizer")
+    extract = _answer_extractor(answer_regex, answer_fn)
     pad = _pad_id(tokenizer, "exact_match")
     scores: list[float] = []
     with _inference(model) as device:
@@ -190,7 +216,7 @@ def exact_match(
             )
             texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
             for example, text in zip(batch, texts):
-                answer = extract_answer(text, answer_regex)
+                answer = extract(truncate_at_stop(text, stop))
                 target = str(example["target"]).strip()
                 if target_regex is not None:
                     target = extract_answer(target, target_regex)
