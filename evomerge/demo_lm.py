@@ -38,7 +38,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def prepare(config: RunConfig) -> None:
     """Write the base, the two specialists and the data files the config names (kept if present)."""
-    base_path = config.resolve_path(config.models.base or "")
+    if config.models.base is None:
+        raise ValueError("the tiny-LM demo config must name models.base")
+    base_path = config.resolve_path(config.models.base)
     expert_paths = [config.resolve_path(e.path) for e in config.models.experts]
     if len(expert_paths) != len(SKILLS):
         raise ValueError(f"the tiny-LM demo trains exactly {len(SKILLS)} specialists ({', '.join(SKILLS)})")
