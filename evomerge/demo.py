@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from evomerge.config import RunConfig
+from evomerge.errors import ConfigError
 from evomerge.fitness.data import load_examples
 from evomerge.merge import get_merge_method
 from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
@@ -46,7 +47,7 @@ def prepare_digit_experts(base_path: Path, expert_paths: list[Path], seed: int =
     if all((p / "model.safetensors").exists() for p in [base_path, *expert_paths]):
         return
     if len(expert_paths) != 2:
-        raise ValueError("the digits demo trains exactly two experts (digits 0-4 and 5-9)")
+        raise ConfigError("the digits demo trains exactly two experts (digits 0-4 and 5-9)")
     register()
     quiet_transformers()
     torch.manual_seed(seed)
@@ -64,7 +65,7 @@ def prepare_digit_experts(base_path: Path, expert_paths: list[Path], seed: int =
 def prepare(config: RunConfig) -> None:
     """The demo's models, at the paths its config names."""
     if config.models.base is None:
-        raise ValueError("the demo config must name models.base")
+        raise ConfigError("the demo config must name models.base")
     experts = [config.resolve_path(e.path) for e in config.models.experts]
     prepare_digit_experts(config.resolve_path(config.models.base), experts, seed=config.seed)
 

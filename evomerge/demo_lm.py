@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.config import RunConfig
+from evomerge.errors import ConfigError
 from evomerge.models.loading import quiet_transformers
 from evomerge.models.tiny_lm import build_tokenizer, skill_examples, tiny_llama, train_causal_lm
 
@@ -39,11 +40,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def prepare(config: RunConfig) -> None:
     """Write the base, the two specialists and the data files the config names (kept if present)."""
     if config.models.base is None:
-        raise ValueError("the tiny-LM demo config must name models.base")
+        raise ConfigError("the tiny-LM demo config must name models.base")
     base_path = config.resolve_path(config.models.base)
     expert_paths = [config.resolve_path(e.path) for e in config.models.experts]
     if len(expert_paths) != len(SKILLS):
-        raise ValueError(f"the tiny-LM demo trains exactly {len(SKILLS)} specialists ({', '.join(SKILLS)})")
+        raise ConfigError(f"the tiny-LM demo trains exactly {len(SKILLS)} specialists ({', '.join(SKILLS)})")
     fitness_file = config.resolve_path(config.fitness.data.source)
     test_file = config.resolve_path(config.fitness.test_data.source) if config.fitness.test_data else None
     outputs = [base_path / "model.safetensors", *(p / "model.safetensors" for p in expert_paths), fitness_file]
