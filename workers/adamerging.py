@@ -9,8 +9,9 @@ combination of the resident experts — and the model is run on those tensors th
 is untouched: the worker still scores each step's fitness on the merge it writes.
 
 Choices made: the unlabelled inputs are the first ``ADAMERGING_INPUTS`` inputs of ``fitness.data``
-(their labels are not read; the paper uses the test inputs, which a held-out comparison must not);
-classification models only (``{"inputs", "labels"}`` data) for now.
+(their labels are not read; the paper uses the test inputs, which a held-out comparison must not).
+For a classifier the entropy is that of its class probabilities; for a causal LM (text rows) that of
+its next-token distributions at every prompt position, averaged over positions.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from evomerge.space import Space
 from evomerge.strategies.adamerging import ADAMERGING_METHODS
 
 ADAMERGING_INPUTS = 512
+ADAMERGING_PROMPTS = 64
 
 
 def genome_values(space: Space, unit: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -73,10 +75,15 @@ def merged_parameters(space: Space, tensors: dict[str, Any], unit: torch.Tensor)
     return merged
 
 
-def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy of the softmax of ``logits`` [n, classes]."""
+def prediction_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax of ``logits`` [..., classes] over the positions where
+    ``mask`` (shaped like ``logits[..., 0]``) is 1, or over all of them."""
     log_p = torch.log_softmax(logits, dim=-1)
-    return -(log_p.exp() * log_p).sum(-1).mean()
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    if mask is None:
+        return entropy.mean()
+    mask = mask.to(entropy.dtype)
+    return (entropy * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 class EntropyGradient:
@@ -88,18 +95,35 @@ class EntropyGradient:
             raise ConfigError(
                 f"adamerging learns {' or '.join(ADAMERGING_METHODS)} coefficients; merge.method is '{self.space.method.name}'"
             )
-        examples = worker.examples
-        if not isinstance(examples, dict) or "inputs" not in examples:
-            raise ConfigError("adamerging needs classification inputs (.npz or sklearn data) in fitness.data")
         self.model = worker.models.model
         self.tensors = worker.models.materializer.tensors
-        self.inputs = examples["inputs"][:ADAMERGING_INPUTS].to(worker.device)
+        examples = worker.examples
+        if isinstance(examples, dict) and "inputs" in examples:  # a classifier's inputs
+            self.args: tuple = (examples["inputs"][:ADAMERGING_INPUTS].to(worker.device),)
+            self.kwargs, self.mask = {}, None
+        else:  # a causal LM's prompts, right-padded
+            tokenizer = worker.models.tokenizer
+            if tokenizer is None:
+                raise ConfigError("adamerging on text data needs the model's tokenizer")
+            prompts = [row["prompt"] for row in list(examples)[:ADAMERGING_PROMPTS]]
+            ids = [tokenizer(p)["input_ids"] for p in prompts]
+            width = max(map(len, ids))
+            input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+            mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for row, seq in enumerate(ids):
+                input_ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            self.args = ()
+            self.kwargs = {"input_ids": input_ids.to(worker.device), "attention_mask": mask.to(worker.device)}
+            self.mask = mask.to(worker.device)
 
     def entropy(self, unit: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call
 
-        logits = functional_call(self.model, merged_parameters(self.space, self.tensors, unit), (self.inputs,))
-        return prediction_entropy(logits.float())
+        params = merged_parameters(self.space, self.tensors, unit)
+        output = functional_call(self.model, params, self.args, self.kwargs)
+        logits = output.logits if hasattr(output, "logits") else output
+        return prediction_entropy(logits.float(), self.mask)
 
     def __call__(self, genome: np.ndarray) -> dict[str, Any]:
         unit = torch.tensor(np.asarray(genome, dtype=np.float64), requires_grad=True)
