@@ -179,12 +179,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from evomerge.config import check_files, load_config
-    from evomerge.fitness import resolve_fitness, with_options
+    from evomerge.fitness import resolve_blackbox_fitness, resolve_fitness, with_options
 
     config = load_config(args.config)
     if not args.no_files:
         check_files(config, args.config)
-    with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
+    resolve = resolve_fitness if config.api is None else resolve_blackbox_fitness
+    with_options(resolve(config.fitness.name), config.fitness.name, config.fitness.options)
     print(f"{args.config}: ok ({len(config.models.experts)} experts, {config.merge.method}, "
           f"{len(config.populations)} population(s))")
     return 0

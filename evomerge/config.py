@@ -228,11 +228,12 @@ class ApiConfig(_Strict):
     ``level`` picks what the service does: ``merge_service`` merges the adapters named in
     ``models.experts`` server-side from each candidate's α/β (Evo-Merging's routes);
     ``runtime_lora`` is a vLLM-compatible server to which the worker uploads each merged adapter
-    (written under ``adapter_dir``, which the server must be able to read). ``concurrency`` and
-    ``requests_per_second`` hold per worker process.
+    (written under ``adapter_dir``, which the server must be able to read); ``openai`` is any
+    OpenAI-compatible API serving the experts as models, mixed at the output by ``linear``
+    weights. ``concurrency`` and ``requests_per_second`` hold per worker process.
     """
 
-    level: Literal["merge_service", "runtime_lora"]
+    level: Literal["merge_service", "runtime_lora", "openai"]
     base_url: str
     api_key_env: str | None = Field(default=None, description="name of the environment variable holding the API key")
     concurrency: int = Field(default=32, ge=1)
@@ -378,10 +379,15 @@ class RunConfig(_Strict):
             if self.budget.usage_limits():
                 raise ValueError("budget: requests, tokens and cost limit black-box runs; add an api section")
             return
-        if self.merge.method != "lora_compose" or self.merge.granularity not in ("global", "per_model"):
+        method = "linear" if self.api.level == "openai" else "lora_compose"
+        if self.merge.method != method or self.merge.granularity not in ("global", "per_model"):
+            what = (
+                "mixes served models by per-model weights"
+                if method == "linear"
+                else "merges LoRA adapters by per-adapter alpha and beta"
+            )
             raise ValueError(
-                f"api.level: a {self.api.level} service merges LoRA adapters by per-adapter alpha and beta;"
-                " use merge.method lora_compose with granularity per_model or global"
+                f"api.level: a {self.api.level} service {what}; use merge.method {method} with granularity per_model or global"
             )
         for i, pop in enumerate(self.populations):
             if pop.seed_recipe_grid() is not None:

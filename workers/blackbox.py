@@ -10,7 +10,11 @@ service, and the black-box fitness function scores that model through ``/v1/comp
   the name the service answers;
 * ``runtime_lora`` — a vLLM-compatible server: the worker merges the adapters it reads from
   ``models.experts`` (local directories) with ``lora_compose``, writes the result under
-  ``api.adapter_dir``, loads it with ``/v1/load_lora_adapter``, scores it and unloads it.
+  ``api.adapter_dir``, loads it with ``/v1/load_lora_adapter``, scores it and unloads it;
+* ``openai`` — plain hosted models that cannot be merged: ``models.experts`` name served models
+  and a ``linear`` genome's weights combine them at the output, as a mixture of their
+  likelihoods; generation goes to the most weighted model. Each model's answers are cached once,
+  so after the first candidate the search costs nothing.
 
 Requests of one candidate run concurrently in the worker's own event loop. A service that forgets
 a session or model (it restarted) answers 404; the worker then sets the candidate up again, and
@@ -29,7 +33,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
 
@@ -37,6 +41,7 @@ from evomerge.candidates import Evaluation
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, PluginError, UserError
 from evomerge.fitness import per_example_scores, resolve_blackbox_fitness, with_options
+from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
 from evomerge.workers.api import ApiClient, ApiError, api_key_from_env
 from evomerge.workers.served_model import ApiServedModel, ResponseCache
@@ -49,10 +54,14 @@ class ServiceUnreachable(UserError):
     """The model service cannot be reached or refuses the run's credentials at start."""
 
 
-def merge_identity(config: RunConfig, alpha: list[float], beta: list[float]) -> str:
+Coefficients = dict[str, list[float]]
+"""A decoded genome's values per merge parameter, one per expert (``alpha``/``beta``, ``weight``)."""
+
+
+def merge_identity(config: RunConfig, values: Coefficients) -> str:
     """What a merge is, independent of the name a service gives it: the response cache's model."""
     adapters = [e.path for e in config.models.experts]
-    return json.dumps({"base": config.models.base, "adapters": adapters, "alpha": alpha, "beta": beta})
+    return json.dumps({"base": config.models.base, "adapters": adapters, **values}, sort_keys=True)
 
 
 class MergeService:
@@ -70,7 +79,9 @@ class MergeService:
         self.session_id = None
 
     @asynccontextmanager
-    async def model(self, tag: str, alpha: list[float], beta: list[float]) -> AsyncIterator[ApiServedModel]:
+    async def model(self, tag: str, values: Coefficients) -> AsyncIterator[ApiServedModel]:
+        alpha, beta = values["alpha"], values["beta"]
+
         async def materialize() -> str:
             if self.session_id is None:
                 answer = await self.client.request("POST", "/v1/sessions", {"adapters": self.adapters})
@@ -79,7 +90,7 @@ class MergeService:
             answer = await self.client.request("POST", path, {"alpha": alpha, "beta": beta, "tag": tag})
             return _field(answer, "model", f"POST {path}")
 
-        yield ApiServedModel(self.client, merge_identity(self.config, alpha, beta), self.cache, materialize)
+        yield ApiServedModel(self.client, merge_identity(self.config, values), self.cache, materialize)
 
 
 class RuntimeLora:
@@ -117,7 +128,7 @@ class RuntimeLora:
         """Nothing to forget: every candidate's adapter is loaded afresh."""
 
     @asynccontextmanager
-    async def model(self, tag: str, alpha: list[float], beta: list[float]) -> AsyncIterator[ApiServedModel]:
+    async def model(self, tag: str, values: Coefficients) -> AsyncIterator[ApiServedModel]:
         from safetensors.torch import save_file
 
         from evomerge.space import Recipe
@@ -126,7 +137,7 @@ class RuntimeLora:
         directory = self.adapter_dir / name
 
         async def load() -> str:
-            recipe = Recipe("lora_compose", ["all"], {"alpha": [alpha], "beta": [beta]}, {}, 0, {k: 0 for k in self.targets})
+            recipe = Recipe("lora_compose", ["all"], {p: [v] for p, v in values.items()}, {}, 0, {k: 0 for k in self.targets})
             self.materializer.apply(recipe)
             directory.mkdir()
             save_file(self.targets, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -134,7 +145,7 @@ class RuntimeLora:
             await self.client.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
             return name
 
-        model = ApiServedModel(self.client, merge_identity(self.config, alpha, beta), self.cache, load)
+        model = ApiServedModel(self.client, merge_identity(self.config, values), self.cache, load)
         try:
             yield model
         finally:
@@ -146,7 +157,54 @@ class RuntimeLora:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-SERVICE_LEVELS = {"merge_service": MergeService, "runtime_lora": RuntimeLora}
+class OutputMixture:
+    """A candidate over plain served models: their likelihoods mixed by the genome's weights."""
+
+    def __init__(self, members: Sequence[ApiServedModel], weights: Sequence[float]) -> None:
+        clipped = [max(w, 0.0) for w in weights]
+        total = sum(clipped)
+        self.weights = [w / total for w in clipped] if total > 0 else [1.0 / len(clipped)] * len(clipped)
+        self.members = list(members)
+        self.leader = max(range(len(self.weights)), key=self.weights.__getitem__)
+
+    async def loglikelihood(self, context: str, continuation: str) -> Loglikelihood:
+        used = [i for i, w in enumerate(self.weights) if w > 0]
+        results = await asyncio.gather(*(self.members[i].loglikelihood(context, continuation) for i in used))
+        terms = [math.log(self.weights[i]) + r.logprob for i, r in zip(used, results)]
+        peak = max(terms)
+        lead = results[used.index(self.leader)]
+        return Loglikelihood(peak + math.log(sum(math.exp(t - peak) for t in terms)), lead.tokens, lead.is_greedy)
+
+    async def generate(self, prompt: str, *, max_tokens: int, stop: Sequence[str] = ()) -> str:
+        return await self.members[self.leader].generate(prompt, max_tokens=max_tokens, stop=stop)
+
+
+class PlainModels:
+    """Plain hosted models behind an OpenAI-compatible API: nothing is merged on the service."""
+
+    def __init__(self, client: ApiClient, config: RunConfig, cache: ResponseCache) -> None:
+        self.names = [e.path for e in config.models.experts]
+        self.members = [ApiServedModel(client, f"served:{n}", cache, _constant(n)) for n in self.names]
+
+    def required_models(self) -> list[str]:
+        return self.names
+
+    def forget(self) -> None:
+        """Nothing to forget: served models keep their names."""
+
+    @asynccontextmanager
+    async def model(self, tag: str, values: Coefficients) -> AsyncIterator[OutputMixture]:
+        yield OutputMixture(self.members, values["weight"])
+
+
+def _constant(name: str):
+    async def prepare() -> str:
+        return name
+
+    return prepare
+
+
+SERVICE_LEVELS = {"merge_service": MergeService, "runtime_lora": RuntimeLora, "openai": PlainModels}
 
 
 def _field(answer: Any, key: str, what: str) -> str:
@@ -211,10 +269,10 @@ class BlackBoxWorker:
         if missing:
             raise ServiceUnreachable(f"the model service at {url} does not serve {', '.join(missing)} (models in the config)")
 
-    async def _score(self, tag: str, alpha: list[float], beta: list[float], examples: list[dict[str, Any]]) -> np.ndarray:
+    async def _score(self, tag: str, values: Coefficients, examples: list[dict[str, Any]]) -> np.ndarray:
         for attempt in range(RECOVERY_ATTEMPTS):
             try:
-                async with self.service.model(tag, alpha, beta) as model:
+                async with self.service.model(tag, values) as model:
                     raw = await self.fitness(model, examples)
                 return per_example_scores(raw, len(examples), self.fitness_name)
             except ApiError as exc:
@@ -223,16 +281,19 @@ class BlackBoxWorker:
                 self.service.forget()  # the service restarted and lost the session or the adapter
         raise AssertionError("unreachable")
 
-    def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None = None) -> Evaluation:
-        recipe = self.space.decode(genome)
-        return self._evaluate(candidate_id, recipe.values["alpha"][0], recipe.values["beta"][0], self.examples)
+    def _values(self, genome: np.ndarray) -> Coefficients:
+        """The genome's per-expert values of each merge parameter (granularity is per model or global)."""
+        return {param: groups[0] for param, groups in self.space.decode(genome).values.items()}
 
-    def _evaluate(self, candidate_id: str, alpha: list[float], beta: list[float], examples: list[dict[str, Any]]) -> Evaluation:
+    def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None = None) -> Evaluation:
+        return self._evaluate(candidate_id, self._values(genome), self.examples)
+
+    def _evaluate(self, candidate_id: str, values: Coefficients, examples: list[dict[str, Any]]) -> Evaluation:
         """Score one merge; failures become a failed evaluation (a plugin's wrong shape stops the run)."""
         started, t0 = time.time(), time.perf_counter()
         usage_before, hits_before = self.client.usage.copy(), self.cache.hits
         try:
-            scores = self._loop.run_until_complete(self._score(candidate_id, alpha, beta, examples))
+            scores = self._loop.run_until_complete(self._score(candidate_id, values, examples))
             fitness = float(np.mean(scores)) if len(scores) else math.nan
             ev = Evaluation(candidate_id, "ok", fitness, scores, {}, self.worker_id, started, time.perf_counter() - t0)
             if not math.isfinite(fitness):
@@ -246,17 +307,19 @@ class BlackBoxWorker:
         return ev
 
     def expert_baselines(self) -> list[Evaluation]:
-        """Each adapter alone (α = 1, β one-hot: exactly the adapter) on the fitness data."""
+        """Each expert alone on the fitness data: α = 1 with a one-hot β is exactly the adapter,
+        a one-hot weight exactly the served model."""
         n = len(self.config.models.experts)
-        return [
-            self._evaluate(label, [1.0] * n, [float(i == j) for j in range(n)], self.examples)
-            for i, label in enumerate(self.config.models.expert_labels())
-        ]
+        alone = []
+        for i, label in enumerate(self.config.models.expert_labels()):
+            one_hot = [float(i == j) for j in range(n)]
+            values = {"weight": one_hot} if self.config.api.level == "openai" else {"alpha": [1.0] * n, "beta": one_hot}
+            alone.append(self._evaluate(label, values, self.examples))
+        return alone
 
     def score_on(self, data, genome: np.ndarray) -> Evaluation:
         """A genome scored on other data of the same kind (held-out examples)."""
-        recipe = self.space.decode(genome)
-        return self._evaluate("held-out", recipe.values["alpha"][0], recipe.values["beta"][0], self._examples(data))
+        return self._evaluate("held-out", self._values(genome), self._examples(data))
 
     def close(self) -> None:
         self._loop.run_until_complete(self.client.aclose())

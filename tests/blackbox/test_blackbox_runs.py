@@ -186,3 +186,24 @@ def _wait_for_evaluations(run_dir: Path, n: int, runner: threading.Thread) -> No
                 store.close()
         time.sleep(0.05)
     raise AssertionError(f"the run did not record {n} evaluations while the service was up")
+
+
+def test_plain_served_models_are_mixed_at_the_output_and_each_asked_once(service, make_config):
+    make, _ = make_config
+    config = make(service, merge={"method": "linear", "granularity": "per_model"}, api={"level": "openai"},
+                  budget={"evaluations": 4})
+    start_run(config, "test-config")
+    store = RunStore(config.run_path(), readonly=True)
+    rows = list(store.evaluations())
+    baselines = {b["name"]: b["fitness"] for b in store.baselines()}
+    store.close()
+    assert all(r.status == "ok" for r in rows), [r.error for r in rows]
+    assert all(r.metrics["usage"]["requests"] == 0 for r in rows)  # the experts alone asked everything once
+    assert max(baselines, key=baselines.get) == "addition"
+    worker = BlackBoxWorker(config, "one-hot")
+    space = config.merge.build_space([], len(EXPERTS))
+    alone = worker.evaluate("alone", space.encode({"weight": [1.0, 0.0, 0.0]}))
+    mixed = worker.evaluate("mixed", space.encode({"weight": [0.5, 0.5, 0.0]}))
+    worker.close()
+    assert alone.fitness == pytest.approx(baselines["addition"], abs=1e-6)
+    assert baselines["reversal"] < mixed.fitness < alone.fitness  # a mixture lies between its parts
