@@ -43,11 +43,14 @@ from evomerge.errors import ConfigError, PluginError, UserError
 from evomerge.fitness import per_example_scores, resolve_blackbox_fitness, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
-from evomerge.workers.api import ApiClient, ApiError, api_key_from_env
+from evomerge.workers.api import ApiClient, ApiError, MalformedResponse, api_key_from_env
 from evomerge.workers.served_model import ApiServedModel, ResponseCache
 
 RECOVERY_ATTEMPTS = 3
 """Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
+OUTAGE_CANDIDATES = 3
+"""Candidates in a row that the service fails to answer (after all retries) before the run stops:
+past that it is down, not flaky, and failing every further candidate would only burn the budget."""
 
 
 class ServiceUnreachable(UserError):
@@ -209,8 +212,6 @@ SERVICE_LEVELS = {"merge_service": MergeService, "runtime_lora": RuntimeLora, "o
 
 def _field(answer: Any, key: str, what: str) -> str:
     if not isinstance(answer, dict) or not isinstance(answer.get(key), str):
-        from evomerge.workers.api import MalformedResponse
-
         raise MalformedResponse(f"{what}: the answer has no '{key}'")
     return answer[key]
 
@@ -242,6 +243,7 @@ class BlackBoxWorker:
             completion_token_price=api.price.completion_token,
         )
         self.service = SERVICE_LEVELS[api.level](self.client, config, self.cache)
+        self._outages = 0
         self._loop.run_until_complete(self._check_service())
 
     def _examples(self, data) -> list[dict[str, Any]]:
@@ -301,10 +303,23 @@ class BlackBoxWorker:
         except PluginError:
             raise
         except Exception as exc:  # a candidate's failure (refused, malformed, out of retries) must not end the run
+            self._count_outage(exc)
             ev = Evaluation.failure(candidate_id, f"{type(exc).__name__}: {exc}", self.worker_id, started, time.perf_counter() - t0)
+        else:
+            self._outages = 0
         used = self.client.usage - usage_before
         ev.metrics.update({"usage": used.metrics(), "api_retries": used.retries, "cached_responses": self.cache.hits - hits_before})
         return ev
+
+    def _count_outage(self, exc: Exception) -> None:
+        """Stop the run (resumably) once the service has stopped answering for good."""
+        down = isinstance(exc, ApiError) and not isinstance(exc, MalformedResponse) and (exc.status is None or exc.status >= 500)
+        self._outages = self._outages + 1 if down else 0
+        if self._outages >= OUTAGE_CANDIDATES:
+            raise ServiceUnreachable(
+                f"the model service at {self.config.api.base_url} stopped answering ({self._outages} candidates in a row,"
+                f" after api.max_retries retries each): {exc}; resume the run once it is back"
+            ) from None
 
     def expert_baselines(self) -> list[Evaluation]:
         """Each expert alone on the fitness data: α = 1 with a one-hot β is exactly the adapter,

@@ -74,6 +74,20 @@ class CompletionRequest(_Body):
     echo: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    # fields of the reference this server does not implement: refused unless left at their defaults
+    best_of: int | None = None
+    suffix: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def unsupported(self) -> list[str]:
+        """The fields set to something this server would otherwise silently ignore."""
+        return [
+            name
+            for name, default in (("best_of", 1), ("suffix", None), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
+            if getattr(self, name) not in (None, default)
+        ] + (["logit_bias"] if self.logit_bias else [])
 
 
 class LoadLoraRequest(_Body):
@@ -186,6 +200,8 @@ def _completions(host: ModelHost, request: CompletionRequest) -> dict[str, Any]:
         raise ServiceError(400, "Streaming is not supported by this server.", "unsupported_parameter")
     if request.n != 1:
         raise ServiceError(400, "Only n = 1 is supported by this server.", "unsupported_parameter")
+    if request.unsupported():
+        raise ServiceError(400, f"Not supported by this server: {', '.join(request.unsupported())}.", "unsupported_parameter")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > MAX_STOP or any(not s for s in stop):
         raise ServiceError(400, f"stop takes at most {MAX_STOP} non-empty strings.", "invalid_stop")

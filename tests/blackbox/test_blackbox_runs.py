@@ -171,6 +171,36 @@ def test_a_service_killed_and_restarted_mid_run_loses_nothing(tiny_models, start
     assert sum(r.metrics["api_retries"] for r in rows) > 0  # the outage was ridden out by retrying
 
 
+def test_a_service_that_stays_down_stops_the_run_resumably(tiny_models, start_service, make_config):
+    from evomerge.workers.blackbox import OUTAGE_CANDIDATES
+
+    make, _ = make_config
+    errors: list[Exception] = []
+    with start_service(tiny_models["base"], tiny_models["adapters"]) as (url, proc):
+        config = make(url, budget={"evaluations": 50}, api={"max_retries": 1, "backoff": 0.05, "max_backoff": 0.1})
+
+        def run() -> None:
+            try:
+                start_run(config, "test-config")
+            except ServiceUnreachable as exc:
+                errors.append(exc)
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        _wait_for_evaluations(config.run_path(), 2, runner)
+        proc.kill()
+        proc.wait()
+        runner.join(timeout=120)
+    assert not runner.is_alive()
+    assert errors and "stopped answering" in str(errors[0]) and "resume" in str(errors[0])
+    store = RunStore(config.run_path(), readonly=True)
+    state = store.run_info()["state"]
+    failed = [r for r in store.evaluations() if r.status == "failed"]
+    store.close()
+    assert state == "failed"  # evomerge resume continues it
+    assert len(failed) == OUTAGE_CANDIDATES - 1
+
+
 def _wait_for_evaluations(run_dir: Path, n: int, runner: threading.Thread) -> None:
     """Until the run has recorded ``n`` evaluations (bounded; the run must still be going)."""
     import time
