@@ -237,3 +237,52 @@ def test_plain_served_models_are_mixed_at_the_output_and_each_asked_once(service
     worker.close()
     assert alone.fitness == pytest.approx(baselines["addition"], abs=1e-6)
     assert baselines["reversal"] < mixed.fitness < alone.fitness  # a mixture lies between its parts
+
+
+CRASHING_FITNESS = '''
+import os
+from pathlib import Path
+
+from evomerge.fitness.blackbox import negative_cross_entropy
+
+calls = 0
+
+
+async def crash_once(model, examples):
+    """negative_cross_entropy that kills its process once, after its answers came in (call 5:
+    the three experts alone, then the second candidate)."""
+    global calls
+    scores = await negative_cross_entropy(model, examples)
+    calls += 1
+    marker = Path(os.environ["CRASH_MARKER"])
+    if calls == 5 and not marker.exists():
+        marker.write_text("crashed")
+        os._exit(1)
+    return scores
+'''
+
+
+def test_a_run_killed_mid_candidate_resumes_from_cached_answers(service, make_config, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    make, key = make_config
+    (tmp_path / "crash_plugin.py").write_text(CRASHING_FITNESS)
+    config = make(service, fitness={"name": "crash_plugin:crash_once"})
+    config_path = tmp_path / "blackbox.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CRASH_MARKER": str(tmp_path / "crashed"), KEY_ENV: key}
+    cli = [sys.executable, "-m", "evomerge.cli"]
+    first = subprocess.run([*cli, "run", str(config_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1 and (tmp_path / "crashed").exists(), first.stderr[-2000:]
+    second = subprocess.run([*cli, "resume", str(config.run_path())], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    store = RunStore(config.run_path(), readonly=True)
+    rows = {r.candidate_id: r for r in store.evaluations()}
+    store.close()
+    assert len(rows) == 6 and all(r.status == "ok" for r in rows.values())
+    resumed = rows["random:1"]  # in flight when the process died: scored again from the run store
+    assert resumed.metrics["usage"]["requests"] == 0 and resumed.metrics["cached_responses"] == 16
