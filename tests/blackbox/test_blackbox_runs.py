@@ -57,7 +57,7 @@ def make_config(tmp_path, monkeypatch, auth):
                     "price": {"prompt_token": 0.001, "completion_token": 0.002}},
         }
         for section, value in overrides.items():
-            data[section] = {**data[section], **value} if isinstance(value, dict) and section != "populations" else value
+            data[section] = {**data.get(section, {}), **value} if isinstance(value, dict) else value
         return config_from_dict(data, "test-config", tmp_path)
 
     return make, key
@@ -286,3 +286,18 @@ def test_a_run_killed_mid_candidate_resumes_from_cached_answers(service, make_co
     assert len(rows) == 6 and all(r.status == "ok" for r in rows.values())
     resumed = rows["random:1"]  # in flight when the process died: scored again from the run store
     assert resumed.metrics["usage"]["requests"] == 0 and resumed.metrics["cached_responses"] == 16
+
+
+def test_black_box_workers_run_in_the_ray_pool(service, make_config):
+    import ray
+
+    make, _ = make_config
+    config = make(service, executor="ray", workers={"count": 2, "cpus_per_worker": 0.5}, budget={"evaluations": 4})
+    assert not ray.is_initialized()  # the executor starts Ray here, so its workers see the API key's variable
+    summary = start_run(config, "test-config")
+    store = RunStore(config.run_path(), readonly=True)
+    rows = list(store.evaluations())
+    store.close()
+    assert summary["evaluations"] == 4 and all(r.status == "ok" for r in rows), [r.error for r in rows]
+    assert all(r.worker.startswith("ray-") for r in rows)
+    assert all(r.metrics["usage"]["requests"] >= 16 for r in rows)
