@@ -9,7 +9,6 @@ import json
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from evomerge.config import config_from_dict
