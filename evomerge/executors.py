@@ -116,6 +116,10 @@ class InlineExecutor(Executor):
     def expert_baselines(self) -> list[Evaluation]:
         return self.worker.expert_baselines()
 
+    def shutdown(self) -> None:
+        """Release the worker's models (or its API client) now, not whenever the process ends."""
+        self.worker.close()
+
     @property
     def in_flight(self) -> int:
         return len(self._queue)

@@ -227,6 +227,14 @@ class LocalWorker:
             )
         return baselines
 
+    def close(self) -> None:
+        """Drop the resident models, so a long-lived process (a notebook, a test session) gets its
+        memory back when the run ends."""
+        del self.models
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def test_accuracy(self, genome: np.ndarray | None = None, population: str | None = None) -> float:
         """Mean score on ``fitness.test_data`` for a genome (None: the model as it is now)."""
         if self.config.fitness.test_data is None:
