@@ -370,6 +370,12 @@ class RunConfig(_Strict):
                     f"populations.{i}.strategy: adamerging learns {' or '.join(ADAMERGING_METHODS)} coefficients by"
                     f" gradient descent on white-box workers; merge.method is '{self.merge.method}'"
                 )
+            unknown = [o for o in pop.options.get("objectives", []) if o != "fitness" and o not in self.fitness.tasks]
+            if unknown and self.api is None:  # a white-box worker measures the fitness and the tasks
+                raise ValueError(
+                    f"populations.{i}.options.objectives: '{unknown[0]}' is neither 'fitness' nor a task of"
+                    f" fitness.tasks (tasks: {', '.join(self.fitness.tasks) or 'none'})"
+                )
         self._blackbox_checks()
         return self
 

@@ -144,3 +144,14 @@ def test_runs_report_the_pareto_front_of_per_task_objectives(tmp_path, digits_co
     assert {p["name"]: p["pareto_front"] for p in status["populations"]} == {
         name: summary["populations"][name]["pareto_front"] for name in ("map", "nsga")
     }
+
+
+def test_config_names_an_objective_that_nothing_measures(digits_config):
+    import pytest
+
+    from evomerge.config import load_config
+    from evomerge.errors import ConfigError
+
+    path = digits_config(populations=[{"name": "m", "strategy": "map", "options": {"objectives": ["fitness", "digits_lo"]}}])
+    with pytest.raises(ConfigError, match="objectives: 'digits_lo' is neither 'fitness' nor a task of fitness.tasks"):
+        load_config(path)
