@@ -34,10 +34,12 @@ def test_pcb_matches_the_formula(make_ctx):
     rng = np.random.default_rng(0)
     base, taus = rng.normal(size=10), rng.normal(size=(3, 10))
     for densities in ([1.0, 1.0, 1.0], [0.5, 0.8, 0.3]):
-        tensor = ResidentTensor("w", torch.tensor(taus), torch.tensor(base))
-        out = torch.empty(10, dtype=torch.float64)
-        MERGE_METHODS["pcb"].kernel(out, tensor, {"density": densities, "lambda": 0.7}, {}, make_ctx(tensor))
-        np.testing.assert_allclose(out.numpy(), _expected(base, taus, densities, 0.7), rtol=1e-12)
+        for chunk in (1 << 16, 3):  # whole-tensor statistics gathered over chunks give the same scores
+            tensor = ResidentTensor("w", torch.tensor(taus), torch.tensor(base))
+            out = torch.empty(10, dtype=torch.float64)
+            ctx = make_ctx(tensor, chunk=chunk)
+            MERGE_METHODS["pcb"].kernel(out, tensor, {"density": densities, "lambda": 0.7}, {}, ctx)
+            np.testing.assert_allclose(out.numpy(), _expected(base, taus, densities, 0.7), rtol=1e-12)
 
 
 def test_pcb_of_one_kept_entry_per_task_is_that_entry(make_ctx):
