@@ -78,3 +78,19 @@ def test_a_worker_merges_with_the_experts_fishers(tmp_path, digits_config, digit
     evaluation = worker.evaluate("pop:0", worker.space.x0())
     assert evaluation.status == "ok" and 0.0 <= evaluation.fitness <= 1.0
     assert np.isfinite(evaluation.per_example).all()
+
+
+def test_config_asks_for_each_experts_data(digits_config, digit_models):
+    from evomerge.config import load_config
+    from evomerge.errors import ConfigError
+
+    path = digits_config(
+        models={
+            "base": str(digit_models["base"]),
+            "experts": [{"path": str(digit_models["low"]), "data": {"source": "sklearn:digits"}}, str(digit_models["high"])],
+            "device": "cpu",
+        },
+        merge={"method": "fisher"},
+    )
+    with pytest.raises(ConfigError, match="models.experts.1.data: merge method 'fisher' estimates each expert's"):
+        load_config(path)
