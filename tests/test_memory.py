@@ -29,6 +29,7 @@ def llamas(tmp_path_factory):
             for p in base.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         base.save_pretrained(root / f"expert{i}")
+        tokenizer.save_pretrained(root / f"expert{i}")
     (root / "data.jsonl").write_text(json.dumps({"prompt": "12+30=", "target": "42"}) + "\n")
     return root
 
@@ -75,3 +76,18 @@ def test_a_run_that_does_not_fit_is_refused_before_it_starts(llamas, tmp_path, m
     assert "models: each worker holds" in err and "lower workers.count" in err
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "run.db").exists()
+
+
+def test_fisher_merging_counts_each_experts_fisher(llamas):
+    document = _config(llamas, base=False)
+    document["merge"] = {"method": "fisher"}
+    document["models"]["experts"] = [
+        {"path": str(llamas / f"expert{i}"), "data": {"source": str(llamas / "data.jsonl")}} for i in range(3)
+    ]
+    config = config_from_dict(document)
+    worker = LocalWorker(config)
+    held = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
+    for name, tensor in worker.models.materializer.tensors.items():
+        held += tensor.stack.numel() * tensor.stack.element_size()
+        held += worker.models.materializer.fishers[name].numel() * worker.models.materializer.fishers[name].element_size()
+    assert memory.worker_memory(config).resident == held

@@ -1,7 +1,8 @@
 """What a white-box worker will hold in memory, computed from model configs before any weight loads.
 
 A worker keeps one working model, a copy of the base (the reference its task vectors are taken
-from) and every expert resident for the whole run; loading briefly holds one more expert. For
+from) and every expert resident for the whole run (with Fisher merging, each expert's diagonal
+Fisher too); loading briefly holds one more expert. For
 ``lora_compose`` the experts are adapters: the base plus one adapter-sized slot per expert. A run
 whose workers cannot hold that is refused before it starts, with the figures, instead of dying
 halfway through loading (or swapping a machine to a halt).
@@ -17,6 +18,7 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import InsufficientMemoryError
+from evomerge.merge import get_merge_method
 from evomerge.models.adapters import is_adapter
 from evomerge.models.loading import parameter_shapes
 
@@ -60,13 +62,15 @@ def worker_memory(config: RunConfig) -> WorkerMemory:
             description=f"the base, one working adapter and {n} adapters",
         )
     with_base = config.models.base is not None
-    resident = model * (n + 1 + with_base)
+    fishers = get_merge_method(config.merge.method).needs_fisher  # one diagonal Fisher per expert
+    resident = model * (n + 1 + with_base + n * fishers)
     # An adapter expert is built as a dense model on a fresh copy of the base.
     loading = model * (1 + any(is_adapter(ref) for ref in refs))
     return WorkerMemory(
         resident=resident,
         peak=resident + loading,
-        description=f"the working model, {n} experts" + (" and the base" if with_base else ""),
+        description=f"the working model, {n} experts" + (" and the base" if with_base else "")
+        + (f" and {n} Fishers" if fishers else ""),
     )
 
 
