@@ -10,7 +10,10 @@ What is timed is what a worker does per candidate: ``Space.build(method, …)`` 
 uniformly from ``[0.1, 0.9]^d``, ``space.decode(genome)``, and ``Materializer.apply(recipe)``
 writing the merge in place into preallocated target tensors. Every method is called once to warm
 up — the first call also builds the per-tensor caches (TIES' and LoRA-A's magnitude histograms,
-SLERP's Gram matrices), reported as ``setup_seconds`` (first call minus the median) — and then
+SLERP's Gram matrices) and compiles the fused kernels of TIES, DARE and the top-k scan (once per
+process: ``evomerge/merge/fused.py``), all outside the timed calls and reported as
+``setup_seconds`` (first call minus the median; inductor's on-disk cache shortens the compiles of
+a second run) — and then
 ``--repeats`` times with fresh genomes; ``seconds`` is the median. ``--methods`` restricts the run.
 
 Models (random fp32, built here, nothing downloaded):
@@ -57,7 +60,9 @@ and ``VmHWM`` read after it (on CUDA: ``max_memory_allocated`` against ``memory_
 built and keeps (work buffers, threshold histograms, Gram matrices), since a worker keeps them too.
 ``peak_bytes`` = resident inputs (stacks and base the method reads) + output + that rise;
 ``memory_budget_bytes`` = resident inputs + 2 × output, i.e. at most one more output-sized buffer;
-``memory_ok`` compares the two. The first call's rise is ``setup_peak_extra_bytes``.
+``memory_ok`` compares the two. The first call's rise is ``setup_peak_extra_bytes``. The
+compiler's own modules (dynamo, inductor: host code, the same for any model size) are loaded
+before the first method and reported apart, as ``compiler_bytes`` in every entry.
 
 Output: one JSON object on stdout keyed by registry names (``evomerge.merge.MERGE_METHODS``), each
 ``{"seconds", "floor_seconds", "ratio", …}``; ``--verbose`` adds one line of device information on
@@ -278,6 +283,28 @@ class PeakMemory:
         return max(0, _proc_status_bytes("VmHWM") - self.baseline)
 
 
+def load_compiler(device: torch.device) -> int | None:
+    """Load ``torch.compile``'s machinery (dynamo, inductor) before any method is measured.
+
+    TIES, DARE and the top-k scan run fused kernels compiled on first use; the compiler's own
+    modules are a fixed cost of the process (host code, not data, the same for any model size), so
+    they are loaded here and their resident set reported once as ``compiler_bytes`` rather than
+    charged to whichever method compiles first. ``None`` when nothing compiles (the kernels then
+    run eagerly) or the resident set cannot be read.
+    """
+    _release_free_heap()
+    try:
+        before = _proc_status_bytes("VmRSS")
+    except (OSError, KeyError):
+        before = None
+    try:
+        torch.compile(lambda x: x + 1, dynamic=True, fullgraph=True)(torch.ones(1 << 16, device=device))
+    except Exception:  # noqa: BLE001 - no compiler here
+        return None
+    _release_free_heap()
+    return None if before is None else max(0, _proc_status_bytes("VmRSS") - before)
+
+
 def resident_input_bytes(mat: Materializer, rows: int) -> int:
     return sum(
         BYTES_PER_ELEMENT * t.numel * (rows + (t.reference is not None)) for t in mat.tensors.values()
@@ -372,13 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
+    compiler_bytes = load_compiler(device)
     floor = CopyFloor(device)
     if args.verbose:
         what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
         bandwidth = floor.bandwidth(floor.copy_seconds(7))
         print(
             f"device {device} {what}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-            f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {args.params:,} parameters per expert",
+            f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {args.params:,} parameters per expert, "
+            f"torch.compile resident {'unavailable' if compiler_bytes is None else f'{compiler_bytes / 2**20:.0f} MiB'}",
             file=sys.stderr,
         )
 
@@ -418,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = bench_method(name, with_base, args.repeats, floor, device, index)
             if not method.needs_base:
                 entry["without_base"] = bench_method(name, raw, args.repeats, floor, device, index)
+        entry["compiler_bytes"] = compiler_bytes
         results[name] = entry
     print(json.dumps(results, indent=2))
     return 0

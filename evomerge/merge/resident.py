@@ -16,6 +16,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from evomerge.merge.fused import FusedKernel
+
 MAGNITUDE_SAMPLE = 32768
 """Rows up to this size keep all their magnitudes sorted; larger rows keep a magnitude histogram
 (see :meth:`ResidentTensor.magnitude_threshold`)."""
@@ -69,6 +71,17 @@ def chunk_bounds(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
     """
     for start in range(0, numel, chunk):
         yield start, min(numel, start + chunk)
+
+
+def _interval_blocks(rows: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Per row ``j`` and ``SCAN_BLOCK``-element block of ``rows`` (a whole number of blocks long),
+    whether the block holds an entry with ``bounds[j, 0] ≤ |x| < bounds[j, 1]``."""
+    magnitude = rows.abs()
+    inside = (magnitude >= bounds[:, :1]) & (magnitude < bounds[:, 1:])
+    return inside.view(rows.shape[0], -1, SCAN_BLOCK).any(dim=2)
+
+
+_INTERVAL_BLOCKS = FusedKernel(_interval_blocks)
 
 
 @dataclass
@@ -153,10 +166,10 @@ class ResidentTensor:
         Small rows keep their magnitudes sorted. A large row keeps, from a histogram of the bit
         patterns of its magnitudes built once, about ``MAGNITUDE_INTERVALS`` interval edges with the
         exact count of magnitudes below each: they name the interval that holds the answer and its
-        rank there. One pass over the rows then gathers just that interval's entries — it finds the
-        ``SCAN_BLOCK``-element blocks that hold one with a clamp, a compare and a per-block max, all
-        plain float ops — and a ``kthvalue`` on those few gives the exact order statistic. A full
-        sort, a full-size ``kthvalue`` or boolean masks over whole rows would dominate TIES' cost.
+        rank there. One pass over the row then gathers just that interval's entries — a fused loop
+        (see ``fused.py``) flags the ``SCAN_BLOCK``-element blocks that hold one — and a ``kthvalue``
+        on those few gives the exact order statistic. A full sort, a full-size ``kthvalue`` or
+        boolean masks over whole rows would dominate TIES' cost.
         """
         rows = self.flat_stack()
         n = self.numel
@@ -182,8 +195,7 @@ class ResidentTensor:
                 scans.append((row, lo, hi, position - below, above - below))
         if not scans:
             return result
-        scratch = scratch or Scratch()
-        found = self._scan_intervals(scans, chunk, scratch)
+        found = self._scan_intervals(scans, chunk)
         for row, _, _, rank, count in scans:
             candidates = found[row]
             if candidates.numel() != count:  # NaNs: take the exact way
@@ -194,52 +206,34 @@ class ResidentTensor:
                 result[row] = float(torch.kthvalue(candidates.to(wide), rank + 1).values)
         return result
 
-    def _scan_intervals(
-        self, scans: Sequence[tuple[int, float, float, int, int]], chunk: int, scratch: Scratch
-    ) -> dict[int, torch.Tensor]:
-        """Per scanned row, its magnitudes in ``[lo, hi)``, in one pass over all those rows."""
+    def _scan_intervals(self, scans: Sequence[tuple[int, float, float, int, int]], chunk: int) -> dict[int, torch.Tensor]:
+        """Per scanned row, its magnitudes in ``[lo, hi)``: one fused pass over the rows flags the
+        ``SCAN_BLOCK``-element blocks that hold one, and only those blocks are gathered.
+
+        The pass always reads every row (a row not scanned gets the empty interval ``[∞, ∞)``), so
+        that one compiled loop serves any subset of rows.
+        """
         rows = self.flat_stack()
-        n = self.numel
-        if len(scans) == self.n_models and [r for r, *_ in scans] == list(range(self.n_models)):
-            groups = [(slice(None), list(scans))]  # every row: one [m, chunk] op per step
-        else:
-            groups = [(slice(r, r + 1), [scan]) for scan in scans for r in [scan[0]]]
-        found: dict[int, list[torch.Tensor]] = {row: [] for row, *_ in scans}
-        for take, members in groups:
-            g = len(members)
-            step = work_step(chunk, g)
-            width = min(step, n)
-            magnitude = scratch.get("scan_magnitude", (g, width), rows.dtype, rows.device)
-            inside = scratch.get("scan_inside", (g, width), rows.dtype, rows.device)
-            flags = scratch.get("scan_flags", (g, width // SCAN_BLOCK), rows.dtype, rows.device)
-            gathered: list[tuple[torch.Tensor, torch.Tensor]] = []  # (member index, values) pairs
-            for s, e in chunk_bounds(n, step):
-                c = e - s
-                blocks = c // SCAN_BLOCK
-                head = blocks * SCAN_BLOCK
-                mag, ins = magnitude[:, :c], inside[:, :c]
-                torch.abs(rows[take, s:e], out=mag)
-                for j, (_, lo, hi, _, _) in enumerate(members):  # scalar bounds: the fast clamp
-                    torch.clamp(mag[j], lo, hi if hi < math.inf else None, out=ins[j])
-                torch.eq(ins, mag, out=ins)  # 1 where lo ≤ |x| ≤ hi
-                if blocks:
-                    block_flags = flags[:, :blocks]
-                    torch.amax(ins[:, :head].view(g, blocks, SCAN_BLOCK), dim=2, out=block_flags)
-                    hits = block_flags.nonzero()
-                    if hits.numel():
-                        values = mag[:, :head].view(g, blocks, SCAN_BLOCK)[hits[:, 0], hits[:, 1]]
-                        gathered.append((hits[:, 0], values))
-                if head < c:
-                    tail = mag[:, head:c].clone()
-                    gathered.append((torch.arange(g, device=rows.device).repeat_interleave(c - head), tail.view(-1)))
-            for j, (row, row_lo, row_hi, _, _) in enumerate(members):
-                for member, values in gathered:
-                    mine = values[member == j].reshape(-1)
-                    keep = mine >= row_lo
-                    if row_hi < math.inf:
-                        keep &= mine < row_hi
-                    found[row].append(mine[keep])
-        return {row: torch.cat(parts) if parts else rows.new_empty(0) for row, parts in found.items()}
+        m, n = self.n_models, self.numel
+        head = n - n % SCAN_BLOCK
+        interval = [(math.inf, math.inf)] * m
+        for row, lo, hi, _, _ in scans:
+            interval[row] = (lo, hi)
+        bounds = torch.tensor(interval, dtype=rows.dtype, device=rows.device)
+        kernel, step = _INTERVAL_BLOCKS.plan(n, work_step(chunk, m))
+        step = max(SCAN_BLOCK, step - step % SCAN_BLOCK)
+        parts: list[list[torch.Tensor]] = [[] for _ in range(m)]
+        for s, e in chunk_bounds(head, step):
+            hits = kernel(rows[:, s:e], bounds).nonzero()
+            if hits.numel():
+                blocks = rows[:, s:e].reshape(m, -1, SCAN_BLOCK)[hits[:, 0], hits[:, 1]].abs()
+                for row, *_ in scans:
+                    parts[row].append(blocks[hits[:, 0] == row].view(-1))
+        found = {}
+        for row, lo, hi, _, _ in scans:
+            values = torch.cat([*parts[row], rows[row, head:].abs()])
+            found[row] = values[(values >= lo) & (values < hi)]
+        return found
 
     def _magnitude_index(self, row: int, scratch: Scratch | None = None) -> _MagnitudeIndex:
         index = self._magnitudes.get(row)

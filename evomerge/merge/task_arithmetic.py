@@ -18,6 +18,13 @@ random bits per entry, so the keep probability is density rounded to 1/256 and r
 by that exact probability (the expectation of each entry is preserved exactly). The bits come from
 a counter-based hash of the entry's position keyed per expert by the candidate's generator, so a
 mask depends on the seed and the densities only (not on the chunk size or the weights' values).
+
+TIES and DARE run as one fused pass per chunk (``fused.py``): each is a single plain torch function
+over a chunk — trim or drop, weight, elect, disjoint mean — compiled into one loop on large
+tensors and run as eager ops on small ones, with the same result either way on CPUs. The last
+step, base + λ·x, is rounded as a multiply and then an add (the eager kernels before them used
+``add(alpha=λ)``, one fused rounding on AVX2 CPUs): with λ ≠ 1 an entry may differ from theirs by
+one unit in the last place of |base| + |λ·x|; with λ = 1 the results are the same bits.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from evomerge.merge.fused import FusedKernel
 from evomerge.merge.method import MergeMethod, OptionSpec, ParamSpec, TensorContext
-from evomerge.merge.resident import ResidentTensor, Scratch, chunk_bounds, combine_, shrink_bound, work_step
+from evomerge.merge.resident import ResidentTensor, chunk_bounds, combine_, shrink_bound, work_step
 
 DARE_LEVELS = 256
 WEIGHT_SUM_EPS = 1e-8
@@ -61,70 +69,132 @@ _LOWBIAS_M1 = 0x7FEB352D
 _LOWBIAS_M2 = 0x846CA68B - (1 << 32)  # as a signed 32-bit integer
 
 
-def _xorshift_right_(z: torch.Tensor, tmp: torch.Tensor, k: int) -> None:
-    """``z ^= z >>> k`` on int32 (a logical shift: the arithmetic one, then the sign bits masked off)."""
-    torch.bitwise_right_shift(z, k, out=tmp)
-    tmp.bitwise_and_((1 << (32 - k)) - 1)
-    z.bitwise_xor_(tmp)
+def _xorshift_right(z: torch.Tensor, k: int) -> torch.Tensor:
+    """``z ^ (z >>> k)`` on int32 (a logical shift: the arithmetic one, then the sign bits masked off)."""
+    return z ^ ((z >> k) & ((1 << (32 - k)) - 1))
 
 
 def _dare_keys(m: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """One key per expert from the candidate's generator (keys and counters stay below 2³⁰)."""
-    keys = torch.randint(0, 1 << 30, (m, 1), generator=generator, device=generator.device, dtype=torch.int32)
+    keys = torch.randint(0, 1 << 30, (m,), generator=generator, device=generator.device, dtype=torch.int32)
     return keys.to(device)
 
 
-def _keep_mask_(keep: torch.Tensor, keys: torch.Tensor, max_byte: torch.Tensor, start: int, scratch: Scratch) -> None:
-    """``keep[i, j] = 1`` where the random byte of expert ``i``'s entry ``start + j`` is ≤ ``max_byte[i]``.
+def _random_bytes(positions: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The random byte (0–255, as int32) of every entry at ``positions`` (int64) for one expert's ``key``.
 
-    Entry ``p``'s byte is byte ``p mod 4`` of lowbias32(``p // 4 + key_i``) (C. Wellons' 32-bit
-    integer hash), so it depends on the key and the position only: a mask is the same for any
-    chunk size, costs a few integer ops per 4 entries, and is drawn the same way on every device.
+    Entry ``p``'s byte is byte ``p mod 4`` (from the least significant) of lowbias32(``p // 4 + key``)
+    (C. Wellons' 32-bit integer hash), so it depends on the key and the position only: a mask is
+    the same for any chunk size and is drawn the same way on every device.
     """
-    m, c = keep.shape
-    first, last = start // 4, (start + c + 3) // 4
-    words = last - first
-    z = scratch.get("dare_words", (m, words), torch.int32, keep.device)
-    tmp = scratch.get("dare_tmp", (m, words), torch.int32, keep.device)
-    counter = scratch.get("dare_counter", (words,), torch.int32, keep.device)
-    torch.arange(first, last, dtype=torch.int32, device=keep.device, out=counter)
-    torch.add(counter, keys, out=z)
-    _xorshift_right_(z, tmp, 16)
-    z.mul_(_LOWBIAS_M1)
-    _xorshift_right_(z, tmp, 15)
-    z.mul_(_LOWBIAS_M2)
-    _xorshift_right_(z, tmp, 16)
-    offset = start - 4 * first
-    torch.le(z.view(torch.uint8)[:, offset : offset + c], max_byte, out=keep)
+    z = (positions >> 2).to(torch.int32) + key
+    z = _xorshift_right(z, 16) * _LOWBIAS_M1
+    z = _xorshift_right(z, 15) * _LOWBIAS_M2
+    z = _xorshift_right(z, 16)
+    return (z >> ((positions & 3) * 8).to(torch.int32)) & 255
 
 
-# --- the two passes: a (masked) weighted sum, and TIES' sign consensus ------------------------------
+def _positions(out: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Flat positions of a chunk's entries; ``start`` is a 0-d int64 tensor, so that a compiled
+    kernel takes it as data rather than specializing on its value."""
+    return torch.arange(out.shape[0], device=out.device, dtype=torch.int64) + start
+
+
+def _kept(positions: torch.Tensor, drop: torch.Tensor, i: int) -> torch.Tensor:
+    """Where expert ``i`` keeps its entries: ``drop`` holds the experts' keys (row 0) and the
+    largest random byte each keeps (row 1; −1 keeps nothing)."""
+    return _random_bytes(positions, drop[0, i]) <= drop[1, i]
+
+
+# --- the two per-chunk kernels: a (masked) weighted sum, and TIES' sign consensus -------------------
+# Scalars travel in small tensors (a compiled call then checks a few inputs, not one per number):
+# ``params`` is in the rows' dtype widened to at least float32, as eager ops take Python scalars.
+
+
+def _dare_sum_chunk(
+    out: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor, coefs: torch.Tensor, drop: torch.Tensor, start: torch.Tensor
+) -> None:
+    """``out = base + Σ_i c_i · keep_i · τ_i`` on one chunk (DARE without consensus)."""
+    positions = _positions(out, start)
+    merged = ref
+    for i in range(rows.shape[0]):
+        merged = merged + torch.where(_kept(positions, drop, i), rows[i], 0.0) * coefs[i]
+    out.copy_(merged)
+
+
+def _consensus_chunk(
+    out: torch.Tensor,
+    rows: torch.Tensor,
+    ref: torch.Tensor,
+    params: torch.Tensor,
+    bounds: torch.Tensor | None,
+    drop: torch.Tensor | None,
+    start: torch.Tensor,
+    normalize: bool,
+) -> None:
+    """TIES' trim (or DARE's drop), sign election and disjoint mean on one chunk.
+
+    ``params`` holds the scales of the task vectors, the weights, then λ; ``bounds`` are the trim's
+    (see :func:`shrink_bound`), ``drop`` DARE's (see :func:`_kept`). With ``W_i`` the weighted,
+    sparsified task vectors and ``M = ±1`` the elected sign (a zero sum elects +), ``max(M·W_i, 0)``
+    is ``|W_i|`` where expert ``i`` agrees and 0 elsewhere (a trimmed or dropped entry agrees with
+    nothing), so the agreeing sum is ``M · Σ_i max(M·W_i, 0)`` and the agreeing weights are
+    ``Σ_i w_i · sign(max(M·W_i, 0))``; sums run in expert order.
+    """
+    m = rows.shape[0]
+    positions = None if drop is None else _positions(out, start)
+    weighted = []
+    for i in range(m):
+        row = rows[i]
+        if bounds is not None:  # hardshrink: zero |τ| ≤ bound, i.e. keep |τ| ≥ the threshold
+            row = torch.where((row >= -bounds[i]) & (row <= bounds[i]), 0.0, row)
+        row = row * params[i]
+        if drop is not None and positions is not None:
+            row = torch.where(_kept(positions, drop, i), row, 0.0)
+        weighted.append(row)
+    total = weighted[0]
+    for row in weighted[1:]:
+        total = total + row
+    elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    agreeing = [(row * elected).clamp_min(0) for row in weighted]
+    merged = agreeing[0]
+    for row in agreeing[1:]:
+        merged = merged + row
+    if normalize:
+        divisor = torch.sign(agreeing[0]) * params[m]
+        for i in range(1, m):
+            divisor = divisor + torch.sign(agreeing[i]) * params[m + i]
+        merged = merged / (divisor + (divisor == 0).to(divisor.dtype))  # no agreeing weight: divide by 1
+    out.copy_(ref + params[2 * m] * (merged * elected))
+
+
+_DARE_SUM = FusedKernel(_dare_sum_chunk)
+_CONSENSUS = FusedKernel(_consensus_chunk)
+
+
+def _scalars(values: Sequence[float], rows: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
+
+
+def _drop(levels: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """DARE's per-expert keys (from the candidate's generator) and largest kept bytes, as ``[2, m]``."""
+    keys = _dare_keys(len(levels), generator, device)
+    return torch.stack([keys, torch.tensor([lv - 1 for lv in levels], device=device, dtype=torch.int32)])
 
 
 def _masked_sum_(
     out: torch.Tensor, tensor: ResidentTensor, coefs: Sequence[float], levels: Sequence[int], ctx: TensorContext
 ) -> None:
-    """``out = base + Σ_i c_i · keep_i · τ_i`` (DARE without consensus), one op per expert per chunk."""
+    """``out = base + Σ_i c_i · keep_i · τ_i`` (DARE without consensus), one fused pass."""
     rows, ref, flat_out = tensor.flat_stack(), tensor.flat_reference(), out.view(-1)
     assert ref is not None
     m, n = tensor.n_models, tensor.numel
-    device, dtype = rows.device, rows.dtype
-    keys = _dare_keys(m, ctx.generator, device)
-    max_byte = torch.tensor([max(lv - 1, 0) for lv in levels], device=device, dtype=torch.uint8).view(m, 1)
-    step = work_step(ctx.chunk, m)
-    keep = ctx.scratch.get("keep", (m, min(step, n)), dtype, device)
-    active = [(i, float(c)) for i, c in enumerate(coefs) if c != 0.0]
+    drop = _drop(levels, ctx.generator, rows.device)
+    coef_values = _scalars(coefs, rows)
+    kernel, step = _DARE_SUM.plan(n, work_step(ctx.chunk, m))
     for s, e in chunk_bounds(n, step):
-        out_c = flat_out[s:e]
-        if not active:
-            out_c.copy_(ref[s:e])
-            continue
-        k_c = keep[:, : e - s]
-        _keep_mask_(k_c, keys, max_byte, s, ctx.scratch)
-        i, c = active[0]
-        torch.addcmul(ref[s:e], rows[i, s:e], k_c[i], value=c, out=out_c)
-        for i, c in active[1:]:
-            out_c.addcmul_(rows[i, s:e], k_c[i], value=c)
+        start = torch.tensor(s, dtype=torch.int64, device=rows.device)
+        kernel(flat_out[s:e], rows[:, s:e], ref[s:e], coef_values, drop, start)
 
 
 def _consensus_(
@@ -138,77 +208,21 @@ def _consensus_(
     normalize: bool,
     ctx: TensorContext,
 ) -> None:
-    """TIES' trim (or DARE's drop), sign election and disjoint mean, on cache-sized chunks.
-
-    With ``W`` the weighted, sparsified task vectors and ``M = ±1`` the elected sign (a zero sum
-    elects +), ``max(M·W_i, 0)`` is ``|W_i|`` where expert ``i`` agrees and 0 elsewhere, so the
-    agreeing sum is ``M · Σ_i max(M·W_i, 0)`` and the agreeing weights are ``Σ_i w_i · sign(max(M·W_i, 0))``:
-    every step is a plain float op on preallocated buffers, summed in expert order.
-    """
+    """TIES' trim (or DARE's drop), sign election and disjoint mean: one fused pass (see
+    :func:`_consensus_chunk`)."""
     rows, ref, flat_out = tensor.flat_stack(), tensor.flat_reference(), out.view(-1)
     assert ref is not None
     m, n = tensor.n_models, tensor.numel
     device, dtype = rows.device, rows.dtype
-    step = work_step(ctx.chunk, m)
-    width = min(step, n)
-    scratch = ctx.scratch
-    weighted = scratch.get("ties_weighted", (m, width), dtype, device)
-    total = scratch.get("ties_sum", (width,), dtype, device)
-    elected = scratch.get("ties_sign", (width,), dtype, device)
-    mixed = scratch.get("ties_mixed", (width,), dtype, device)
-    if normalize:
-        divisor = scratch.get("ties_divisor", (width,), dtype, device)
-        is_zero = scratch.get("ties_zero", (width,), dtype, device)
-    scale_col = torch.tensor(list(scales), device=device, dtype=dtype).view(m, 1)
-    bounds = [None if t is None else shrink_bound(t, dtype) for t in thresholds]
-    trim = any(b is not None for b in bounds)
-    if levels is not None:
-        keys = _dare_keys(m, ctx.generator, device)
-        max_byte = torch.tensor([max(lv - 1, 0) for lv in levels], device=device, dtype=torch.uint8).view(m, 1)
-        keep = scratch.get("keep", (m, width), dtype, device)
+    bounds = None
+    if any(t is not None for t in thresholds):  # an untrimmed row gets a bound no |τ| is under
+        bounds = torch.tensor([-1.0 if t is None else shrink_bound(t, dtype) for t in thresholds], dtype=dtype, device=device)
+    drop = None if levels is None else _drop(levels, ctx.generator, device)
+    params = _scalars([*scales, *weights, lam], rows)
+    kernel, step = _CONSENSUS.plan(n, work_step(ctx.chunk, m))
     for s, e in chunk_bounds(n, step):
-        c = e - s
-        tau, w = rows[:, s:e], weighted[:, :c]
-        if trim:
-            for i, bound in enumerate(bounds):
-                if bound is None:
-                    w[i].copy_(tau[i])
-                else:
-                    torch.hardshrink(tau[i], bound, out=w[i])  # keeps |τ| ≥ threshold
-            w.mul_(scale_col)
-        else:
-            torch.mul(tau, scale_col, out=w)
-        if levels is not None:
-            k_c = keep[:, :c]
-            _keep_mask_(k_c, keys, max_byte, s, scratch)
-            w.mul_(k_c)
-        t_c, m_c, x_c = total[:c], elected[:c], mixed[:c]
-        _sum_rows(w, t_c)
-        torch.ge(t_c, 0, out=m_c)
-        m_c.mul_(2).sub_(1)
-        w.mul_(m_c).clamp_min_(0)
-        _sum_rows(w, x_c)
-        if normalize:
-            d_c, z_c = divisor[:c], is_zero[:c]
-            torch.sign(w, out=w)  # 1 where the expert agrees
-            torch.mul(w[0], float(weights[0]), out=d_c)
-            for i in range(1, m):
-                d_c.add_(w[i], alpha=float(weights[i]))
-            torch.eq(d_c, 0, out=z_c)
-            d_c.add_(z_c)  # no agreeing weight: divide by 1
-            x_c.div_(d_c)
-        x_c.mul_(m_c)
-        torch.add(ref[s:e], x_c, alpha=lam, out=flat_out[s:e])
-
-
-def _sum_rows(rows: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = rows[0] + rows[1] + …`` in this order (as ``rows.sum(0)`` adds a few rows)."""
-    if rows.shape[0] == 1:
-        out.copy_(rows[0])
-        return
-    torch.add(rows[0], rows[1], out=out)
-    for i in range(2, rows.shape[0]):
-        out.add_(rows[i])
+        start = torch.tensor(s, dtype=torch.int64, device=device)
+        kernel(flat_out[s:e], rows[:, s:e], ref[s:e], params, bounds, drop, start, normalize)
 
 
 def _make_kernel(variant: _Variant):

@@ -1,0 +1,81 @@
+"""Kernels written once as plain torch over one chunk, run as one fused loop where that pays.
+
+TIES' trim, sign election and disjoint mean, DARE's hashed drop masks and the top-k threshold scan
+are a dozen elementwise steps per entry. As separate torch ops each step is a pass over the chunk,
+and on CPUs those passes, not the memory traffic, set the cost (10–25× the traffic floor).
+``torch.compile`` (inductor: C++ through the system compiler on CPUs, Triton on GPUs) turns the same
+function into one loop that reads each input once and keeps every intermediate in registers.
+
+A :class:`FusedKernel` compiles its function on first use, once per process (inductor also keeps
+its output in an on-disk cache, so a second process on the machine compiles in a fraction of the
+time), for rows of at least ``FUSED_MIN_NUMEL`` elements: below that the eager ops cost less than
+the compile would repay. Where compiling is impossible (no C++ compiler, no Triton, an unsupported
+platform) the first failure is reported as a warning and the kernel runs eagerly from then on.
+Compiled and eager runs compute the same operations in the same order; they may differ where a
+backend contracts a multiply and an add into one rounding (Triton does, inductor's C++ does not).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.fx.experimental._config as fx_config
+
+FUSED_MIN_NUMEL = 1 << 16
+"""Rows shorter than this run eagerly (their per-op dispatch is cheap next to a compile)."""
+FUSED_STEP = 1 << 22
+"""Columns per compiled call: long enough that the call's dispatch (tens of µs) is noise, short
+enough that an eager rerun of one call (after a failed compile) keeps its temporaries small."""
+
+
+class FusedKernel:
+    """A plain torch function over one chunk, called compiled when it pays and works, else eagerly."""
+
+    def __init__(self, fn: Callable[..., object]) -> None:
+        self.eager = fn
+        self._compiled: Callable[..., object] | None = None
+        self.failure: str | None = None
+
+    def plan(self, numel: int, eager_step: int) -> tuple[Callable[..., object], int]:
+        """The callable to use on rows of ``numel`` elements, and how many columns to give it per call.
+
+        ``eager_step`` is the cache-sized step of the eager ops; a compiled loop keeps nothing
+        between its steps, so it takes long steps.
+        """
+        if numel < FUSED_MIN_NUMEL or self.failure is not None:
+            return self.eager, eager_step
+        return self._call_compiled, max(FUSED_STEP, eager_step)
+
+    def _call_compiled(self, *args: object) -> object:
+        if self.failure is not None:
+            return self.eager(*args)
+        try:
+            if self._compiled is None:
+                with warnings.catch_warnings():  # loading inductor trips torch's own deprecations
+                    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+                    # dynamic: one compiled loop for every chunk length, not one per tensor shape
+                    self._compiled = torch.compile(self.eager, dynamic=True, fullgraph=True)
+                    return self._call_without_duck_shapes(*args)
+            return self._call_without_duck_shapes(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler or backend failure means "run eagerly"
+            self.failure = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            warnings.warn(
+                f"torch.compile of {self.eager.__name__} failed ({self.failure}); running it eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.eager(*args)
+
+    def _call_without_duck_shapes(self, *args: object) -> object:
+        """Chunks are views at varying offsets: with duck shaping, a length that happens to equal an
+        offset would become a guard that the next chunk fails (a recompile). The flag is set and
+        restored by hand: ``config.patch`` costs more than a small compiled call."""
+        assert self._compiled is not None
+        duck = fx_config.use_duck_shape
+        fx_config.use_duck_shape = False
+        try:
+            return self._compiled(*args)
+        finally:
+            fx_config.use_duck_shape = duck
