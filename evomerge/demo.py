@@ -74,14 +74,17 @@ def comparison_table(config: RunConfig, bests: dict[str, np.ndarray]) -> list[tu
     """Test accuracy of each expert, the uniform average and each population's best merge."""
     from evomerge.workers.local import LocalWorker
 
-    worker = LocalWorker(config, worker_id="demo")
+    return expert_and_merge_scores(LocalWorker(config, worker_id="demo"), config, bests, "expert")
+
+
+def expert_and_merge_scores(worker, config: RunConfig, bests: dict[str, np.ndarray], noun: str) -> list[tuple[str, float]]:
+    """Test scores of each expert alone, their uniform average and each population's best merge."""
     n = len(config.models.experts)
     linear = Space.build(get_merge_method("linear"), worker.models.tensor_names, n, "per_model")
     rows = []
     for i, label in enumerate(config.models.expert_labels()):
-        one_hot = np.eye(n)[i]
-        worker.models.materializer.apply(linear.decode(linear.encode({"weight": one_hot})))
-        rows.append((f"expert {label}", worker.test_accuracy()))
+        worker.models.materializer.apply(linear.decode(linear.encode({"weight": np.eye(n)[i]})))
+        rows.append((f"{noun} {label}", worker.test_accuracy()))
     worker.models.materializer.apply(linear.decode(linear.encode({"weight": 1.0})))
     rows.append(("uniform average", worker.test_accuracy()))
     for population, genome in bests.items():

@@ -77,22 +77,12 @@ def prepare(config: RunConfig) -> None:
 
 def comparison_table(config: RunConfig, bests: dict[str, np.ndarray]) -> list[tuple[str, float]]:
     """Mixed test-set score of the base, each specialist, their average and each searched merge."""
+    from evomerge.demo import expert_and_merge_scores
     from evomerge.merge import get_merge_method
     from evomerge.space import Space
     from evomerge.workers.local import LocalWorker
 
     worker = LocalWorker(config, worker_id="demo")
-    n = len(config.models.experts)
-    linear = Space.build(get_merge_method("linear"), worker.models.tensor_names, n, "per_model")
-    task_arithmetic = Space.build(get_merge_method("task_arithmetic"), worker.models.tensor_names, n, "global")
-    rows = []
-    worker.models.materializer.apply(task_arithmetic.decode(task_arithmetic.encode({"weight": 0.0})))
-    rows.append(("base (before fine-tuning)", worker.test_accuracy()))
-    for i, label in enumerate(config.models.expert_labels()):
-        worker.models.materializer.apply(linear.decode(linear.encode({"weight": np.eye(n)[i]})))
-        rows.append((f"specialist {label}", worker.test_accuracy()))
-    worker.models.materializer.apply(linear.decode(linear.encode({"weight": 1.0})))
-    rows.append(("uniform average", worker.test_accuracy()))
-    for population, genome in bests.items():
-        rows.append((f"searched merge ({population})", worker.test_accuracy(genome, population)))
-    return rows
+    base_only = Space.build(get_merge_method("task_arithmetic"), worker.models.tensor_names, len(config.models.experts), "global")
+    worker.models.materializer.apply(base_only.decode(base_only.encode({"weight": 0.0})))
+    return [("base (before fine-tuning)", worker.test_accuracy())] + expert_and_merge_scores(worker, config, bests, "specialist")
