@@ -140,10 +140,15 @@ class RunStore:
         uri = f"file:{self.db_path}?mode=ro" if readonly else f"file:{self.db_path}"
         self._db = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
         self._db.row_factory = sqlite3.Row
+        if readonly and not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone():
+            self._db.close()
+            raise RunDirError(f"{self.run_dir}: the run is still being created; try again in a moment")
         if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)  # new tables only: an older run directory gains them here
+            # One transaction, so a reader never sees half a schema; new tables only: an older run
+            # directory gains them here.
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
             self._db.execute("UPDATE runs SET schema_version = ? WHERE schema_version < ?", (SCHEMA_VERSION, SCHEMA_VERSION))
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.config import config_from_dict
+from evomerge.errors import RunDirError
 from evomerge.models.tiny_lm import skill_examples
 from evomerge.runs import start_run
 from evomerge.store import RunStore
@@ -207,7 +208,11 @@ def _wait_for_evaluations(run_dir: Path, n: int, runner: threading.Thread) -> No
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and runner.is_alive():
         if (run_dir / "run.db").exists():
-            store = RunStore(run_dir, readonly=True)
+            try:
+                store = RunStore(run_dir, readonly=True)
+            except RunDirError:  # created a moment ago: its schema is not committed yet
+                time.sleep(0.05)
+                continue
             try:
                 if store.evaluation_counts().get("random", (0, 0))[1] >= n:
                     return
