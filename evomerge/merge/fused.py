@@ -8,11 +8,14 @@ function into one loop that reads each input once and keeps every intermediate i
 
 A :class:`FusedKernel` compiles its function on first use, once per process (inductor also keeps
 its output in an on-disk cache, so a second process on the machine compiles in a fraction of the
-time), for rows of at least ``FUSED_MIN_NUMEL`` elements: below that the eager ops cost less than
-the compile would repay. Where compiling is impossible (no C++ compiler, no Triton, an unsupported
+time), for models (or rows) of at least ``FUSED_MIN_NUMEL`` elements: below that the eager ops
+cost less than the compile would repay. Where compiling is impossible (no C++ compiler, no Triton, an unsupported
 platform) the first failure is reported as a warning and the kernel runs eagerly from then on.
-Compiled and eager runs compute the same operations in the same order; they may differ where a
-backend contracts a multiply and an add into one rounding (Triton does, inductor's C++ does not).
+Compiled and eager runs compute the same operations in the same order, so float32 and float64
+results are the same bits on CPUs (inductor's C++ neither contracts a multiply and an add into
+one rounding nor reorders sums). They may differ in the last bit where a backend does contract
+(Triton on GPUs), and for float16/bfloat16, which a compiled loop keeps in float32 between its
+steps where eager ops round after each.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 FUSED_MIN_NUMEL = 1 << 16
-"""Rows shorter than this run eagerly (their per-op dispatch is cheap next to a compile)."""
+"""Work smaller than this runs eagerly (its per-op dispatch is cheap next to a compile)."""
 FUSED_STEP = 1 << 22
 """Columns per compiled call: long enough that the call's dispatch (tens of µs) is noise, short
 enough that an eager rerun of one call (after a failed compile) keeps its temporaries small."""
@@ -38,13 +41,16 @@ class FusedKernel:
         self._compiled: Callable[..., object] | None = None
         self.failure: str | None = None
 
-    def plan(self, numel: int, eager_step: int) -> tuple[Callable[..., object], int]:
-        """The callable to use on rows of ``numel`` elements, and how many columns to give it per call.
+    def plan(self, size: int, eager_step: int) -> tuple[Callable[..., object], int]:
+        """The callable to use, and how many columns to give it per call.
 
+        ``size`` is how many elements the work that repays a compile comes in: a merge kernel
+        passes the model's parameter count (so a big model's small tensors run compiled too, one
+        call each, where eager they would cost a dozen dispatches), a per-row scan its row length.
         ``eager_step`` is the cache-sized step of the eager ops; a compiled loop keeps nothing
         between its steps, so it takes long steps.
         """
-        if numel < FUSED_MIN_NUMEL or self.failure is not None:
+        if size < FUSED_MIN_NUMEL or self.failure is not None:
             return self.eager, eager_step
         return self._call_compiled, max(FUSED_STEP, eager_step)
 

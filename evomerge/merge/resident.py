@@ -166,10 +166,9 @@ class ResidentTensor:
         Small rows keep their magnitudes sorted. A large row keeps, from a histogram of the bit
         patterns of its magnitudes built once, about ``MAGNITUDE_INTERVALS`` interval edges with the
         exact count of magnitudes below each: they name the interval that holds the answer and its
-        rank there. One pass over the row then gathers just that interval's entries — a fused loop
-        (see ``fused.py``) flags the ``SCAN_BLOCK``-element blocks that hold one — and a ``kthvalue``
-        on those few gives the exact order statistic. A full sort, a full-size ``kthvalue`` or
-        boolean masks over whole rows would dominate TIES' cost.
+        rank there. One pass over the rows then gathers just those intervals' entries (see
+        :meth:`_interval_values`), and sorting those few gives the exact order statistics. A full
+        sort, a full-size ``kthvalue`` or boolean masks over whole rows would dominate TIES' cost.
         """
         rows = self.flat_stack()
         n = self.numel
@@ -195,23 +194,25 @@ class ResidentTensor:
                 scans.append((row, lo, hi, position - below, above - below))
         if not scans:
             return result
-        found = self._scan_intervals(scans, chunk)
+        found = self._interval_values(scans, chunk)
         for row, _, _, rank, count in scans:
-            candidates = found[row]
-            if candidates.numel() != count:  # NaNs: take the exact way
+            values = found[row]
+            if len(values) == count:
+                result[row] = float(np.partition(values, rank)[rank])
+            else:  # NaNs: take the exact way
                 keep = keeps[row]
                 assert keep is not None
                 result[row] = float(torch.kthvalue(rows[row].abs().to(wide), n - keep + 1).values)
-            else:
-                result[row] = float(torch.kthvalue(candidates.to(wide), rank + 1).values)
         return result
 
-    def _scan_intervals(self, scans: Sequence[tuple[int, float, float, int, int]], chunk: int) -> dict[int, torch.Tensor]:
-        """Per scanned row, its magnitudes in ``[lo, hi)``: one fused pass over the rows flags the
-        ``SCAN_BLOCK``-element blocks that hold one, and only those blocks are gathered.
+    def _interval_values(self, scans: Sequence[tuple[int, float, float, int, int]], chunk: int) -> dict[int, np.ndarray]:
+        """Per scanned row, its magnitudes in its interval ``[lo, hi)`` (as a numpy array).
 
-        The pass always reads every row (a row not scanned gets the empty interval ``[∞, ∞)``), so
-        that one compiled loop serves any subset of rows.
+        One fused pass over the rows flags the ``SCAN_BLOCK``-element blocks that hold such an
+        entry (see :func:`_interval_blocks`); only those blocks are gathered, and numpy sorts the
+        few entries out (a handful of microseconds per op, where small torch ops cost tens with
+        several threads). The pass reads every row (a row not scanned gets the empty interval
+        ``[∞, ∞)``), so one compiled loop serves any subset of rows.
         """
         rows = self.flat_stack()
         m, n = self.n_models, self.numel
@@ -222,16 +223,20 @@ class ResidentTensor:
         bounds = torch.tensor(interval, dtype=rows.dtype, device=rows.device)
         kernel, step = _INTERVAL_BLOCKS.plan(n, work_step(chunk, m))
         step = max(SCAN_BLOCK, step - step % SCAN_BLOCK)
-        parts: list[list[torch.Tensor]] = [[] for _ in range(m)]
+        blocks, owners = [], []
         for s, e in chunk_bounds(head, step):
-            hits = kernel(rows[:, s:e], bounds).nonzero()
-            if hits.numel():
-                blocks = rows[:, s:e].reshape(m, -1, SCAN_BLOCK)[hits[:, 0], hits[:, 1]].abs()
-                for row, *_ in scans:
-                    parts[row].append(blocks[hits[:, 0] == row].view(-1))
+            hit_rows, hit_blocks = kernel(rows[:, s:e], bounds).nonzero(as_tuple=True)
+            blocks.append(rows[:, s:e].reshape(m, -1, SCAN_BLOCK)[hit_rows, hit_blocks])
+            owners.append(hit_rows)
+        if head < n:  # the last partial block of every row, padded with NaN (in no interval)
+            blocks.append(torch.nn.functional.pad(rows[:, head:], (0, head + SCAN_BLOCK - n), value=math.nan))
+            owners.append(torch.arange(m, device=rows.device))
+        gathered = torch.cat(blocks).cpu()
+        magnitudes = np.abs((gathered.float() if gathered.dtype == torch.bfloat16 else gathered).numpy())
+        owner = torch.cat(owners).cpu().numpy()
         found = {}
         for row, lo, hi, _, _ in scans:
-            values = torch.cat([*parts[row], rows[row, head:].abs()])
+            values = magnitudes[owner == row].ravel()
             found[row] = values[(values >= lo) & (values < hi)]
         return found
 
@@ -304,8 +309,13 @@ def work_step(chunk: int, rows: int) -> int:
 def shrink_bound(threshold: float, dtype: torch.dtype) -> float:
     """The largest ``dtype`` value below ``threshold``: ``torch.hardshrink`` at this bound keeps
     exactly the entries with ``|x| ≥ threshold`` (it zeroes ``|x| ≤ bound``), in one float op."""
-    value = torch.tensor(threshold, dtype=dtype)
-    return float(torch.nextafter(value, torch.tensor(-math.inf, dtype=dtype)))
+    return float(shrink_bounds([threshold], dtype, torch.device("cpu"))[0])
+
+
+def shrink_bounds(thresholds: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`shrink_bound` of several thresholds at once, as a tensor on ``device``."""
+    values = torch.tensor(thresholds, dtype=dtype, device=device)
+    return torch.nextafter(values, torch.tensor(-math.inf, dtype=dtype, device=device))
 
 
 def combine_(

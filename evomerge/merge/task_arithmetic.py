@@ -37,7 +37,7 @@ import torch
 
 from evomerge.merge.fused import FusedKernel
 from evomerge.merge.method import MergeMethod, OptionSpec, ParamSpec, TensorContext
-from evomerge.merge.resident import ResidentTensor, chunk_bounds, combine_, shrink_bound, work_step
+from evomerge.merge.resident import ResidentTensor, chunk_bounds, combine_, shrink_bounds, work_step
 
 DARE_LEVELS = 256
 WEIGHT_SUM_EPS = 1e-8
@@ -129,27 +129,27 @@ def _consensus_chunk(
     params: torch.Tensor,
     bounds: torch.Tensor | None,
     drop: torch.Tensor | None,
-    start: torch.Tensor,
+    start: torch.Tensor | None,
     normalize: bool,
 ) -> None:
     """TIES' trim (or DARE's drop), sign election and disjoint mean on one chunk.
 
     ``params`` holds the scales of the task vectors, the weights, then λ; ``bounds`` are the trim's
-    (see :func:`shrink_bound`), ``drop`` DARE's (see :func:`_kept`). With ``W_i`` the weighted,
+    (see :func:`shrink_bounds`), ``drop`` DARE's (see :func:`_kept`). With ``W_i`` the weighted,
     sparsified task vectors and ``M = ±1`` the elected sign (a zero sum elects +), ``max(M·W_i, 0)``
     is ``|W_i|`` where expert ``i`` agrees and 0 elsewhere (a trimmed or dropped entry agrees with
     nothing), so the agreeing sum is ``M · Σ_i max(M·W_i, 0)`` and the agreeing weights are
-    ``Σ_i w_i · sign(max(M·W_i, 0))``; sums run in expert order.
+    ``Σ_i w_i · [max(M·W_i, 0) > 0]``; sums run in expert order.
     """
     m = rows.shape[0]
-    positions = None if drop is None else _positions(out, start)
+    positions = None if drop is None or start is None else _positions(out, start)
     weighted = []
     for i in range(m):
         row = rows[i]
         if bounds is not None:  # hardshrink: zero |τ| ≤ bound, i.e. keep |τ| ≥ the threshold
-            row = torch.where((row >= -bounds[i]) & (row <= bounds[i]), 0.0, row)
+            row = torch.where(row.abs() <= bounds[i], 0.0, row)
         row = row * params[i]
-        if drop is not None and positions is not None:
+        if positions is not None and drop is not None:
             row = torch.where(_kept(positions, drop, i), row, 0.0)
         weighted.append(row)
     total = weighted[0]
@@ -161,9 +161,9 @@ def _consensus_chunk(
     for row in agreeing[1:]:
         merged = merged + row
     if normalize:
-        divisor = torch.sign(agreeing[0]) * params[m]
+        divisor = torch.where(agreeing[0] > 0, params[m], 0.0)
         for i in range(1, m):
-            divisor = divisor + torch.sign(agreeing[i]) * params[m + i]
+            divisor = divisor + torch.where(agreeing[i] > 0, params[m + i], 0.0)
         merged = merged / (divisor + (divisor == 0).to(divisor.dtype))  # no agreeing weight: divide by 1
     out.copy_(ref + params[2 * m] * (merged * elected))
 
@@ -191,7 +191,7 @@ def _masked_sum_(
     m, n = tensor.n_models, tensor.numel
     drop = _drop(levels, ctx.generator, rows.device)
     coef_values = _scalars(coefs, rows)
-    kernel, step = _DARE_SUM.plan(n, work_step(ctx.chunk, m))
+    kernel, step = _DARE_SUM.plan(ctx.total, work_step(ctx.chunk, m))
     for s, e in chunk_bounds(n, step):
         start = torch.tensor(s, dtype=torch.int64, device=rows.device)
         kernel(flat_out[s:e], rows[:, s:e], ref[s:e], coef_values, drop, start)
@@ -216,12 +216,12 @@ def _consensus_(
     device, dtype = rows.device, rows.dtype
     bounds = None
     if any(t is not None for t in thresholds):  # an untrimmed row gets a bound no |τ| is under
-        bounds = torch.tensor([-1.0 if t is None else shrink_bound(t, dtype) for t in thresholds], dtype=dtype, device=device)
+        bounds = shrink_bounds([-1.0 if t is None else t for t in thresholds], dtype, device)
     drop = None if levels is None else _drop(levels, ctx.generator, device)
     params = _scalars([*scales, *weights, lam], rows)
-    kernel, step = _CONSENSUS.plan(n, work_step(ctx.chunk, m))
+    kernel, step = _CONSENSUS.plan(ctx.total, work_step(ctx.chunk, m))
     for s, e in chunk_bounds(n, step):
-        start = torch.tensor(s, dtype=torch.int64, device=device)
+        start = None if drop is None else torch.tensor(s, dtype=torch.int64, device=device)
         kernel(flat_out[s:e], rows[:, s:e], ref[s:e], params, bounds, drop, start, normalize)
 
 

@@ -22,14 +22,16 @@ def experts(n: int = N) -> ResidentTensor:
     return ResidentTensor("w", (torch.randn(3, n, generator=g) * 0.01).contiguous(), base)
 
 
-def merge(method: str, tensor: ResidentTensor, chunk: int, seed: int = 3, **overrides) -> torch.Tensor:
+def merge(
+    method: str, tensor: ResidentTensor, chunk: int, seed: int = 3, total: int | None = None, **overrides
+) -> torch.Tensor:
     spec = MERGE_METHODS[method]
     params = {"weight": WEIGHTS, "density": [0.3, 0.55, 1.0], "lambda": 0.85, **overrides}
     options = spec.default_options()
     if "normalize" in overrides:
         options["normalize"] = params.pop("normalize")
     out = torch.full(tuple(tensor.shape), float("nan"))
-    ctx = TensorContext("w", 0, tensor.numel, torch.Generator().manual_seed(seed), chunk)
+    ctx = TensorContext("w", 0, total or tensor.numel, torch.Generator().manual_seed(seed), chunk)
     spec.kernel(out, tensor, params, options, ctx)
     return out
 
@@ -48,6 +50,14 @@ def test_compiled_kernels_equal_eager(monkeypatch, method, overrides):
     assert not compiled.isnan().any()
     # on CPUs inductor's C++ rounds every operation as the eager ops do (no contraction)
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_a_big_models_small_tensors_run_compiled_and_equal_eager(monkeypatch, method):
+    tensor = experts(1000)
+    compiled = merge(method, tensor, chunk=4096, total=fused.FUSED_MIN_NUMEL)
+    monkeypatch.setattr(fused, "FUSED_MIN_NUMEL", fused.FUSED_MIN_NUMEL + 1)
+    assert torch.equal(compiled, merge(method, tensor, chunk=4096, total=fused.FUSED_MIN_NUMEL - 1))
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
