@@ -75,10 +75,11 @@ def chunk_bounds(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 def _interval_blocks(rows: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """Per row ``j`` and ``SCAN_BLOCK``-element block of ``rows`` (a whole number of blocks long),
-    whether the block holds an entry with ``bounds[j, 0] ≤ |x| < bounds[j, 1]``."""
+    1 where the block holds an entry with ``bounds[j, 0] ≤ |x| < bounds[j, 1]``, else 0 (a float
+    maximum: compiled, it runs closer to the read bandwidth than a boolean ``any``)."""
     magnitude = rows.abs()
-    inside = (magnitude >= bounds[:, :1]) & (magnitude < bounds[:, 1:])
-    return inside.view(rows.shape[0], -1, SCAN_BLOCK).any(dim=2)
+    inside = torch.where((magnitude >= bounds[:, :1]) & (magnitude < bounds[:, 1:]), 1.0, 0.0)
+    return inside.view(rows.shape[0], -1, SCAN_BLOCK).amax(dim=2)
 
 
 _INTERVAL_BLOCKS = FusedKernel(_interval_blocks)
@@ -231,9 +232,9 @@ class ResidentTensor:
         if head < n:  # the last partial block of every row, padded with NaN (in no interval)
             blocks.append(torch.nn.functional.pad(rows[:, head:], (0, head + SCAN_BLOCK - n), value=math.nan))
             owners.append(torch.arange(m, device=rows.device))
-        gathered = torch.cat(blocks).cpu()
+        gathered = (torch.cat(blocks) if len(blocks) > 1 else blocks[0]).cpu()
         magnitudes = np.abs((gathered.float() if gathered.dtype == torch.bfloat16 else gathered).numpy())
-        owner = torch.cat(owners).cpu().numpy()
+        owner = (torch.cat(owners) if len(owners) > 1 else owners[0]).cpu().numpy()
         found = {}
         for row, lo, hi, _, _ in scans:
             values = magnitudes[owner == row].ravel()
