@@ -24,10 +24,13 @@ import warnings
 from typing import Callable
 
 import torch
+import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
 
 FUSED_MIN_NUMEL = 1 << 16
 """Work smaller than this runs eagerly (its per-op dispatch is cheap next to a compile)."""
+RECOMPILE_LIMIT = 64
+"""Specializations one fused function may compile (see :meth:`FusedKernel._call_without_duck_shapes`)."""
 FUSED_STEP = 1 << 22
 """Columns per compiled call: long enough that the call's dispatch (tens of µs) is noise, short
 enough that an eager rerun of one call (after a failed compile) keeps its temporaries small."""
@@ -75,13 +78,21 @@ class FusedKernel:
             return self.eager(*args)
 
     def _call_without_duck_shapes(self, *args: object) -> object:
-        """Chunks are views at varying offsets: with duck shaping, a length that happens to equal an
-        offset would become a guard that the next chunk fails (a recompile). The flag is set and
-        restored by hand: ``config.patch`` costs more than a small compiled call."""
+        """Call the compiled function under two settings of its own, set and restored by hand
+        (``config.patch`` costs more than a small compiled call):
+
+        * no duck shaping: chunks are views at varying offsets, and a length that happens to equal
+          an offset would otherwise become a guard that the next chunk fails (a recompile);
+        * room for ``RECOMPILE_LIMIT`` specializations: each expert count, dtype and option
+          (normalize, drop) is one, and past torch's default of 8 a process that merges several
+          kinds of runs would silently lose the compiled loop.
+        """
         assert self._compiled is not None
-        duck = fx_config.use_duck_shape
+        duck, limit = fx_config.use_duck_shape, dynamo_config.recompile_limit
         fx_config.use_duck_shape = False
+        dynamo_config.recompile_limit = max(limit, RECOMPILE_LIMIT)
         try:
             return self._compiled(*args)
         finally:
             fx_config.use_duck_shape = duck
+            dynamo_config.recompile_limit = limit

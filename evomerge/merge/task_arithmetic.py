@@ -80,45 +80,40 @@ def _dare_keys(m: int, generator: torch.Generator, device: torch.device) -> torc
     return keys.to(device)
 
 
-def _random_bytes(positions: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """The random byte (0–255, as int32) of every entry at ``positions`` (int64) for one expert's ``key``.
+def _keep_masks(drop: torch.Tensor, start: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[m, count]``: 1 where expert ``i`` keeps entry ``start + j``, else 0 (in ``dtype``).
 
-    Entry ``p``'s byte is byte ``p mod 4`` (from the least significant) of lowbias32(``p // 4 + key``)
-    (C. Wellons' 32-bit integer hash), so it depends on the key and the position only: a mask is
-    the same for any chunk size and is drawn the same way on every device.
+    ``drop`` holds the experts' keys (row 0) and the largest random byte each keeps (row 1; −1 keeps
+    nothing); ``start`` is a 0-d int64 tensor and a multiple of 4 (a compiled kernel then takes it
+    as data instead of specializing on it). Entry ``p``'s byte is byte ``p mod 4`` (in memory
+    order: the least significant first on every platform torch runs on) of lowbias32(``p // 4 +
+    key``), C. Wellons' 32-bit integer hash: a mask depends on the key and the position only, is
+    the same for any chunk size and is drawn the same way on every device. One hash per 4 entries.
     """
-    z = (positions >> 2).to(torch.int32) + key
+    words = (count + 3) // 4
+    z = torch.arange(words, dtype=torch.int32, device=drop.device) + (drop[0] + (start // 4).to(torch.int32)).unsqueeze(1)
     z = _xorshift_right(z, 16) * _LOWBIAS_M1
     z = _xorshift_right(z, 15) * _LOWBIAS_M2
     z = _xorshift_right(z, 16)
-    return (z >> ((positions & 3) * 8).to(torch.int32)) & 255
-
-
-def _positions(out: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """Flat positions of a chunk's entries; ``start`` is a 0-d int64 tensor, so that a compiled
-    kernel takes it as data rather than specializing on its value."""
-    return torch.arange(out.shape[0], device=out.device, dtype=torch.int64) + start
-
-
-def _kept(positions: torch.Tensor, drop: torch.Tensor, i: int) -> torch.Tensor:
-    """Where expert ``i`` keeps its entries: ``drop`` holds the experts' keys (row 0) and the
-    largest random byte each keeps (row 1; −1 keeps nothing)."""
-    return _random_bytes(positions, drop[0, i]) <= drop[1, i]
+    random_bytes = z.view(torch.uint8).view(drop.shape[1], -1)[:, :count]
+    return (random_bytes.to(torch.int32) <= drop[1].unsqueeze(1)).to(dtype)
 
 
 # --- the two per-chunk kernels: a (masked) weighted sum, and TIES' sign consensus -------------------
 # Scalars travel in small tensors (a compiled call then checks a few inputs, not one per number):
 # ``params`` is in the rows' dtype widened to at least float32, as eager ops take Python scalars.
+# Masks multiply as 0/1 floats rather than select: on CPUs eager ``torch.where`` and products with
+# booleans run as scalar loops, ten to forty times slower than a float product.
 
 
 def _dare_sum_chunk(
     out: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor, coefs: torch.Tensor, drop: torch.Tensor, start: torch.Tensor
 ) -> None:
     """``out = base + Σ_i c_i · keep_i · τ_i`` on one chunk (DARE without consensus)."""
-    positions = _positions(out, start)
+    keep = _keep_masks(drop, start, out.shape[0], rows.dtype)
     merged = ref
     for i in range(rows.shape[0]):
-        merged = merged + torch.where(_kept(positions, drop, i), rows[i], 0.0) * coefs[i]
+        merged = merged + rows[i] * keep[i] * coefs[i]
     out.copy_(merged)
 
 
@@ -135,35 +130,35 @@ def _consensus_chunk(
     """TIES' trim (or DARE's drop), sign election and disjoint mean on one chunk.
 
     ``params`` holds the scales of the task vectors, the weights, then λ; ``bounds`` are the trim's
-    (see :func:`shrink_bounds`), ``drop`` DARE's (see :func:`_kept`). With ``W_i`` the weighted,
+    (see :func:`shrink_bounds`), ``drop`` DARE's (see :func:`_keep_masks`). With ``W_i`` the weighted,
     sparsified task vectors and ``M = ±1`` the elected sign (a zero sum elects +), ``max(M·W_i, 0)``
     is ``|W_i|`` where expert ``i`` agrees and 0 elsewhere (a trimmed or dropped entry agrees with
     nothing), so the agreeing sum is ``M · Σ_i max(M·W_i, 0)`` and the agreeing weights are
     ``Σ_i w_i · [max(M·W_i, 0) > 0]``; sums run in expert order.
     """
     m = rows.shape[0]
-    positions = None if drop is None or start is None else _positions(out, start)
+    keep = None if drop is None or start is None else _keep_masks(drop, start, out.shape[0], rows.dtype)
     weighted = []
     for i in range(m):
         row = rows[i]
         if bounds is not None:  # hardshrink: zero |τ| ≤ bound, i.e. keep |τ| ≥ the threshold
-            row = torch.where(row.abs() <= bounds[i], 0.0, row)
+            row = row * (row.abs() > bounds[i]).to(row.dtype)
         row = row * params[i]
-        if positions is not None and drop is not None:
-            row = torch.where(_kept(positions, drop, i), row, 0.0)
+        if keep is not None:
+            row = row * keep[i]
         weighted.append(row)
     total = weighted[0]
     for row in weighted[1:]:
         total = total + row
-    elected = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    elected = (total >= 0).to(total.dtype) * 2 - 1
     agreeing = [(row * elected).clamp_min(0) for row in weighted]
     merged = agreeing[0]
     for row in agreeing[1:]:
         merged = merged + row
     if normalize:
-        divisor = torch.where(agreeing[0] > 0, params[m], 0.0)
+        divisor = (agreeing[0] > 0).to(total.dtype) * params[m]
         for i in range(1, m):
-            divisor = divisor + torch.where(agreeing[i] > 0, params[m + i], 0.0)
+            divisor = divisor + (agreeing[i] > 0).to(total.dtype) * params[m + i]
         merged = merged / (divisor + (divisor == 0).to(divisor.dtype))  # no agreeing weight: divide by 1
     out.copy_(ref + params[2 * m] * (merged * elected))
 
@@ -174,6 +169,11 @@ _CONSENSUS = FusedKernel(_consensus_chunk)
 
 def _scalars(values: Sequence[float], rows: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
+
+
+def _dare_step(chunk: int, m: int) -> int:
+    """A work step that starts every chunk at a multiple of 4 (DARE hashes 4 entries at once)."""
+    return max(4, work_step(chunk, m) // 4 * 4)
 
 
 def _drop(levels: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -191,7 +191,7 @@ def _masked_sum_(
     m, n = tensor.n_models, tensor.numel
     drop = _drop(levels, ctx.generator, rows.device)
     coef_values = _scalars(coefs, rows)
-    kernel, step = _DARE_SUM.plan(ctx.total, work_step(ctx.chunk, m))
+    kernel, step = _DARE_SUM.plan(ctx.total, _dare_step(ctx.chunk, m))
     for s, e in chunk_bounds(n, step):
         start = torch.tensor(s, dtype=torch.int64, device=rows.device)
         kernel(flat_out[s:e], rows[:, s:e], ref[s:e], coef_values, drop, start)
@@ -219,7 +219,7 @@ def _consensus_(
         bounds = shrink_bounds([-1.0 if t is None else t for t in thresholds], dtype, device)
     drop = None if levels is None else _drop(levels, ctx.generator, device)
     params = _scalars([*scales, *weights, lam], rows)
-    kernel, step = _CONSENSUS.plan(ctx.total, work_step(ctx.chunk, m))
+    kernel, step = _CONSENSUS.plan(ctx.total, work_step(ctx.chunk, m) if drop is None else _dare_step(ctx.chunk, m))
     for s, e in chunk_bounds(n, step):
         start = None if drop is None else torch.tensor(s, dtype=torch.int64, device=device)
         kernel(flat_out[s:e], rows[:, s:e], ref[s:e], params, bounds, drop, start, normalize)

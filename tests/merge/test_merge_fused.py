@@ -106,3 +106,19 @@ def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
 def test_small_rows_run_eagerly():
     kernel = FusedKernel(lambda x: x)
     assert kernel.plan(fused.FUSED_MIN_NUMEL - 1, 123) == (kernel.eager, 123)
+
+
+def test_more_specializations_than_torchs_default_limit_stay_compiled():
+    # each expert count, dtype and option is one specialization; torch gives up after 8 by default
+    def repeat_double(x: torch.Tensor, times: int) -> torch.Tensor:
+        for _ in range(times):
+            x = x * 2
+        return x
+
+    kernel = FusedKernel(repeat_double)
+    run, _ = kernel.plan(fused.FUSED_MIN_NUMEL, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for times in range(1, 11):
+            assert torch.equal(run(torch.ones(4), times), torch.full((4,), 2.0**times))
+    assert kernel.failure is None
