@@ -76,9 +76,10 @@ def chunk_bounds(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
 def _interval_blocks(rows: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """Per row ``j`` and ``SCAN_BLOCK``-element block of ``rows`` (a whole number of blocks long),
     1 where the block holds an entry with ``bounds[j, 0] ≤ |x| < bounds[j, 1]``, else 0 (a float
-    maximum: compiled, it runs closer to the read bandwidth than a boolean ``any``)."""
+    maximum: compiled, it runs closer to the read bandwidth than a boolean ``any``; eager, a cast
+    beats ``torch.where``, a scalar loop on CPUs)."""
     magnitude = rows.abs()
-    inside = torch.where((magnitude >= bounds[:, :1]) & (magnitude < bounds[:, 1:]), 1.0, 0.0)
+    inside = ((magnitude >= bounds[:, :1]) & (magnitude < bounds[:, 1:])).to(rows.dtype)
     return inside.view(rows.shape[0], -1, SCAN_BLOCK).amax(dim=2)
 
 
