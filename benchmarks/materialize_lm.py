@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/materialize_lm.py --json [--hidden 768] [--layers 12] [--repeats 5] [--device D]
+                                           [--threads T]
 
 Built here (random weights, nothing downloaded): a Llama-architecture base (hidden 768, 12 layers,
 intermediate 3072, the character tokenizer of ``evomerge.models.tiny_lm``: ~113 M parameters)
@@ -28,6 +29,12 @@ model) for a ``task_arithmetic`` search with one weight per expert per layer.
   bytes (read three task vectors and the base, write the output; N the model's elements), at the
   copy bandwidth measured in the same run (``dst.copy_(src)`` on a 256 MiB buffer, best of 5:
   ``2 · bytes / time``). ``floor_ratio`` = ``inplace_seconds / floor_seconds``.
+
+Threads: ``--threads`` (default 1) sets torch's CPU threads, as a Ray worker with
+``cpus_per_worker: 1`` runs (Ray sets ``OMP_NUM_THREADS`` to an actor's CPUs). On a 2-core machine
+with anything else running, two OpenMP threads per op wait on each other at every barrier and
+streaming ops slow down by 10× or more, so figures with ``--threads 2`` are only meaningful on an
+otherwise idle machine.
 
 Targets on a 2-core CPU: speedup ≥ 3 and floor_ratio ≤ 2.
 """
@@ -100,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a Ray worker's cpus_per_worker)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from transformers import AutoModelForCausalLM
@@ -184,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": numel,
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "device": str(device),
+        "threads": args.threads,
         "mean_score": round(float(np.mean(scores)), 4),
     }
     if not args.json:
