@@ -169,7 +169,7 @@ class ResidentTensor:
         patterns of its magnitudes built once, about ``MAGNITUDE_INTERVALS`` interval edges with the
         exact count of magnitudes below each: they name the interval that holds the answer and its
         rank there. One pass over the rows then gathers just those intervals' entries (see
-        :meth:`_interval_values`), and sorting those few gives the exact order statistics. A full
+        :meth:`_interval_values`), and a partial sort of those few gives the exact order statistics. A full
         sort, a full-size ``kthvalue`` or boolean masks over whole rows would dominate TIES' cost.
         """
         rows = self.flat_stack()

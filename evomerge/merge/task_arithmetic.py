@@ -20,8 +20,8 @@ a counter-based hash of the entry's position keyed per expert by the candidate's
 mask depends on the seed and the densities only (not on the chunk size or the weights' values).
 
 TIES and DARE run as one fused pass per chunk (``fused.py``): each is a single plain torch function
-over a chunk — trim or drop, weight, elect, disjoint mean — compiled into one loop on large
-tensors and run as eager ops on small ones, with the same result either way on CPUs. The last
+over a chunk — trim or drop, weight, elect, disjoint mean — compiled into one loop for large
+models and run as eager ops for small ones, with the same float32 bits either way on CPUs. The last
 step, base + λ·x, is rounded as a multiply and then an add (the eager kernels before them used
 ``add(alpha=λ)``, one fused rounding on AVX2 CPUs): with λ ≠ 1 an entry may differ from theirs by
 one unit in the last place of |base| + |λ·x|; with λ = 1 the results are the same bits.
