@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"device {device} {what}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
             f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, {args.params:,} parameters per expert, "
-            f"torch.compile resident {'unavailable' if compiler_bytes is None else f'{compiler_bytes / 2**20:.0f} MiB'}",
+            "torch.compile resident "
+            + ("unavailable" if compiler_bytes is None else f"{compiler_bytes / 2**20:.0f} MiB"),
             file=sys.stderr,
         )
 

@@ -207,7 +207,9 @@ class ResidentTensor:
                 result[row] = float(torch.kthvalue(rows[row].abs().to(wide), n - keep + 1).values)
         return result
 
-    def _interval_values(self, scans: Sequence[tuple[int, float, float, int, int]], chunk: int) -> dict[int, np.ndarray]:
+    def _interval_values(
+        self, scans: Sequence[tuple[int, float, float, int, int]], chunk: int
+    ) -> dict[int, np.ndarray]:
         """Per scanned row, its magnitudes in its interval ``[lo, hi)`` (as a numpy array).
 
         One fused pass over the rows flags the ``SCAN_BLOCK``-element blocks that hold such an

@@ -91,7 +91,8 @@ def _keep_masks(drop: torch.Tensor, start: torch.Tensor, count: int, dtype: torc
     the same for any chunk size and is drawn the same way on every device. One hash per 4 entries.
     """
     words = (count + 3) // 4
-    z = torch.arange(words, dtype=torch.int32, device=drop.device) + (drop[0] + (start // 4).to(torch.int32)).unsqueeze(1)
+    first_words = drop[0] + (start // 4).to(torch.int32)  # p // 4 + key at the chunk's first entry
+    z = torch.arange(words, dtype=torch.int32, device=drop.device) + first_words.unsqueeze(1)
     z = _xorshift_right(z, 16) * _LOWBIAS_M1
     z = _xorshift_right(z, 15) * _LOWBIAS_M2
     z = _xorshift_right(z, 16)
@@ -107,7 +108,12 @@ def _keep_masks(drop: torch.Tensor, start: torch.Tensor, count: int, dtype: torc
 
 
 def _dare_sum_chunk(
-    out: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor, coefs: torch.Tensor, drop: torch.Tensor, start: torch.Tensor
+    out: torch.Tensor,
+    rows: torch.Tensor,
+    ref: torch.Tensor,
+    coefs: torch.Tensor,
+    drop: torch.Tensor,
+    start: torch.Tensor,
 ) -> None:
     """``out = base + Σ_i c_i · keep_i · τ_i`` on one chunk (DARE without consensus)."""
     keep = _keep_masks(drop, start, out.shape[0], rows.dtype)

@@ -67,7 +67,8 @@ def test_a_new_candidate_compiles_nothing(monkeypatch, method):
     monkeypatch.setattr(fused, "FUSED_STEP", 3 << 12)
     with torch.compiler.set_stance("fail_on_recompile"), warnings.catch_warnings():
         warnings.simplefilter("error")  # a recompile would fail, fall back and warn
-        merge(method, experts(), chunk=4096, seed=8, weight=[1.9, 0.0, 0.25], density=[0.05, 0.9, 0.6], **{"lambda": 1.0})
+        other = {"weight": [1.9, 0.0, 0.25], "density": [0.05, 0.9, 0.6], "lambda": 1.0}
+        merge(method, experts(), chunk=4096, seed=8, **other)
         merge(method, experts(N + 977), chunk=4096)
 
 
