@@ -84,20 +84,20 @@ def _keep_masks(drop: torch.Tensor, start: torch.Tensor, count: int, dtype: torc
     """``[m, count]``: 1 where expert ``i`` keeps entry ``start + j``, else 0 (in ``dtype``).
 
     ``drop`` holds the experts' keys (row 0) and the largest random byte each keeps (row 1; −1 keeps
-    nothing); ``start`` is a 0-d int64 tensor and a multiple of 4 (a compiled kernel then takes it
-    as data instead of specializing on it). Entry ``p``'s byte is byte ``p mod 4`` (in memory
-    order: the least significant first on every platform torch runs on) of lowbias32(``p // 4 +
-    key``), C. Wellons' 32-bit integer hash: a mask depends on the key and the position only, is
-    the same for any chunk size and is drawn the same way on every device. One hash per 4 entries.
+    nothing); ``start`` is a 0-d int64 tensor (a compiled kernel then takes it as data instead of
+    specializing on it). Entry ``p``'s byte is byte ``p mod 4`` (from the least significant) of
+    lowbias32(``p // 4 + key``), C. Wellons' 32-bit integer hash: a mask depends on the key and
+    the position only, is the same for any chunk size and is drawn the same way on every device.
+    Each entry hashes its own word: compiled, that is a few integer ops in registers, cheaper than
+    storing one hash per 4 entries and reading it back.
     """
-    words = (count + 3) // 4
-    first_words = drop[0] + (start // 4).to(torch.int32)  # p // 4 + key at the chunk's first entry
-    z = torch.arange(words, dtype=torch.int32, device=drop.device) + first_words.unsqueeze(1)
+    positions = torch.arange(count, dtype=torch.int64, device=drop.device) + start
+    z = (positions >> 2).to(torch.int32) + drop[0].unsqueeze(1)
     z = _xorshift_right(z, 16) * _LOWBIAS_M1
     z = _xorshift_right(z, 15) * _LOWBIAS_M2
     z = _xorshift_right(z, 16)
-    random_bytes = z.view(torch.uint8).view(drop.shape[1], -1)[:, :count]
-    return (random_bytes.to(torch.int32) <= drop[1].unsqueeze(1)).to(dtype)
+    random_bytes = (z >> ((positions & 3) * 8).to(torch.int32)) & 255
+    return (random_bytes <= drop[1].unsqueeze(1)).to(dtype)
 
 
 # --- the two per-chunk kernels: a (masked) weighted sum, and TIES' sign consensus -------------------
@@ -177,11 +177,6 @@ def _scalars(values: Sequence[float], rows: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.promote_types(rows.dtype, torch.float32), device=rows.device)
 
 
-def _dare_step(chunk: int, m: int) -> int:
-    """A work step that starts every chunk at a multiple of 4 (DARE hashes 4 entries at once)."""
-    return max(4, work_step(chunk, m) // 4 * 4)
-
-
 def _drop(levels: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """DARE's per-expert keys (from the candidate's generator) and largest kept bytes, as ``[2, m]``."""
     keys = _dare_keys(len(levels), generator, device)
@@ -197,7 +192,7 @@ def _masked_sum_(
     m, n = tensor.n_models, tensor.numel
     drop = _drop(levels, ctx.generator, rows.device)
     coef_values = _scalars(coefs, rows)
-    kernel, step = _DARE_SUM.plan(ctx.total, _dare_step(ctx.chunk, m))
+    kernel, step = _DARE_SUM.plan(ctx.total, work_step(ctx.chunk, m))
     for s, e in chunk_bounds(n, step):
         start = torch.tensor(s, dtype=torch.int64, device=rows.device)
         kernel(flat_out[s:e], rows[:, s:e], ref[s:e], coef_values, drop, start)
@@ -225,7 +220,7 @@ def _consensus_(
         bounds = shrink_bounds([-1.0 if t is None else t for t in thresholds], dtype, device)
     drop = None if levels is None else _drop(levels, ctx.generator, device)
     params = _scalars([*scales, *weights, lam], rows)
-    kernel, step = _CONSENSUS.plan(ctx.total, work_step(ctx.chunk, m) if drop is None else _dare_step(ctx.chunk, m))
+    kernel, step = _CONSENSUS.plan(ctx.total, work_step(ctx.chunk, m))
     for s, e in chunk_bounds(n, step):
         start = None if drop is None else torch.tensor(s, dtype=torch.int64, device=device)
         kernel(flat_out[s:e], rows[:, s:e], ref[s:e], params, bounds, drop, start, normalize)
