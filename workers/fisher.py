@@ -23,7 +23,7 @@ import torch
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
 from evomerge.fitness.data import load_examples
-from evomerge.fitness.lm import _encode_pair
+from evomerge.fitness.lm import encode_pair
 from evomerge.models.loading import load_model, load_tokenizer
 
 FISHER_EXAMPLES = 256
@@ -82,7 +82,7 @@ def _lm_fisher(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]
                 continuation = row["choices"][row["label"]]
             else:
                 raise ConfigError("Fisher merging on text data needs a target (or choices and a label) in every row")
-            context, cont = _encode_pair(tokenizer, row["prompt"], continuation)
+            context, cont = encode_pair(tokenizer, row["prompt"], continuation)
             ids = torch.tensor([context + cont], device=device)
             logits = model(input_ids=ids).logits[0, len(context) - 1 : len(context) - 1 + len(cont)]
             target = torch.tensor(cont, device=device).unsqueeze(-1)

@@ -56,7 +56,7 @@ def _pad_id(tokenizer: Any, fitness: str) -> int:
     return int(pad)
 
 
-def _encode_pair(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
     """(prompt ids, continuation ids), split as lm-eval does; a prompt's trailing spaces move to
     the continuation so that word-initial tokens are scored whole."""
     stripped = prompt.rstrip(" ")
@@ -84,7 +84,7 @@ def continuation_logprobs(
     pad = 0 if pad is None else pad  # any id: padded positions are masked and never scored
     encoded = []
     for prompt, continuation in pairs:
-        context, cont = _encode_pair(tokenizer, prompt, continuation)
+        context, cont = encode_pair(tokenizer, prompt, continuation)
         if not context or not cont:
             raise PluginError(f"fitness '{fitness}': prompt {prompt!r} or continuation {continuation!r} has no tokens")
         encoded.append((context, cont))
