@@ -1,6 +1,12 @@
 """Errors a user can cause and fix. The CLI prints their message in one line and exits 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class UserError(Exception):
     """Base of every error whose message tells the user what to fix."""
 

@@ -14,31 +14,39 @@ that would build a different model.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 from evomerge.merge import MergeMethod
-from evomerge.space import Recipe, layer_index
+from evomerge.space import Recipe
+
+# Everything up to and including the first numbered segment: the block index space.layer_index reads.
+_BLOCK_PREFIX = re.compile(r"^(?:.*?\.)?\d+\.")
+
 
 class NotExpressible(ValueError):
     """The recipe has no mergekit equivalent; the message says why."""
 
 
+def _block_prefix(tensor_name: str) -> str | None:
+    """The transformer block a tensor belongs to, as a filter (``model.layers.3.``), if any."""
+    match = _BLOCK_PREFIX.match(tensor_name)
+    return match.group(0) if match else None
+
+
 def _group_filters(tensor_names: Sequence[str], tensor_groups: dict[str, int]) -> dict[int, list[str]]:
     """Per group, the shortest filters that match its tensors and nothing else."""
-    layers: dict[str, set[int]] = {}  # block prefix ("model.layers.3.") -> groups of its tensors
+    blocks: dict[str, set[int]] = {}  # block prefix -> groups of its tensors
     for name in tensor_names:
-        index = layer_index(name)
-        if index is not None:
-            prefix = name[: name.index(f".{index}.") + len(f".{index}.")]
-            layers.setdefault(prefix, set()).add(tensor_groups[name])
+        prefix = _block_prefix(name)
+        if prefix is not None:
+            blocks.setdefault(prefix, set()).add(tensor_groups[name])
     filters: dict[int, list[str]] = {}
-    whole_blocks = {prefix: next(iter(groups)) for prefix, groups in layers.items() if len(groups) == 1}
+    whole_blocks = {prefix: next(iter(groups)) for prefix, groups in blocks.items() if len(groups) == 1}
     for prefix, group in whole_blocks.items():
         filters.setdefault(group, []).append(prefix)
     for name in tensor_names:
-        index = layer_index(name)
-        prefix = None if index is None else name[: name.index(f".{index}.") + len(f".{index}.")]
-        if prefix not in whole_blocks:
+        if _block_prefix(name) not in whole_blocks:
             filters.setdefault(tensor_groups[name], []).append(name)
     return filters
 

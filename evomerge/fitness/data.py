@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, first_line
 
 DIGITS_TRAIN_FRACTION = 0.8
 
@@ -82,8 +82,7 @@ def _hf_rows(source: str, split: str) -> list[tuple[int, dict[str, Any]]]:
     try:
         loaded = datasets.load_dataset(name, subset, split=split)
     except Exception as exc:  # unknown name, split or config; no network; a broken local directory
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"fitness data '{source}': cannot load split '{split}': {first}") from None
+        raise ConfigError(f"fitness data '{source}': cannot load split '{split}': {first_line(exc)}") from None
     return list(enumerate((dict(row) for row in loaded), start=1))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.errors import ModelLoadError
+from evomerge.errors import ModelLoadError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -53,7 +53,7 @@ def load_config(ref: str):
     try:
         return AutoConfig.from_pretrained(ref)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the model config of '{ref}': {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load the model config of '{ref}': {first_line(exc)}") from None
 
 
 def load_model(ref: str, device: torch.device, dtype: torch.dtype):
@@ -62,7 +62,7 @@ def load_model(ref: str, device: torch.device, dtype: torch.dtype):
     try:
         model = _auto_class(config).from_pretrained(ref, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load the model '{ref}': {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load the model '{ref}': {first_line(exc)}") from None
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -79,7 +79,7 @@ def load_tokenizer(ref: str):
         return AutoTokenizer.from_pretrained(ref)
     except (OSError, ValueError) as exc:
         if os.path.isdir(ref):
-            raise ModelLoadError(f"cannot load the tokenizer in '{ref}': {_first_line(exc)}") from None
+            raise ModelLoadError(f"cannot load the tokenizer in '{ref}': {first_line(exc)}") from None
         return None
 
 
@@ -94,8 +94,3 @@ def parameter_shapes(ref: str) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = _auto_class(config).from_config(config)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
