@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import signal
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from evomerge.candidates import Candidate, Evaluation
+from evomerge import plaindata
 from evomerge.errors import RunDirError
 from evomerge.executors import Executor
 from evomerge.store import EvaluationRow, RunStore, genome_hash
@@ -188,7 +188,7 @@ class Controller:
         log.debug("migration after %d evaluations", self._last_seq)
 
     def checkpoint(self, active_seconds: float) -> None:
-        states = {p.name: pickle.dumps(p.strategy.state_dict()) for p in self.populations.values()}
+        states = {p.name: plaindata.dumps(p.strategy.state_dict()) for p in self.populations.values()}
         self.store.save_checkpoints(states, self._last_seq, active_seconds)
 
     def restore(self) -> None:
@@ -201,8 +201,15 @@ class Controller:
         scored are outstanding again and :meth:`run` submits them first.
         """
         states, seq = self.store.checkpoints()
-        for name, blob in states.items():
-            self.populations[name].strategy.load_state_dict(pickle.loads(blob))
+        try:
+            decoded = {name: plaindata.loads(blob) for name, blob in states.items()}
+        except ValueError:
+            # A checkpoint from before states were plain data (a pickle, never loaded): replaying
+            # the whole recorded log from fresh strategies gives the same populations.
+            decoded, seq = {}, 0
+            log.info("%s: checkpoint in an old format; replaying the run from its start", self.store.run_dir)
+        for name, state in decoded.items():
+            self.populations[name].strategy.load_state_dict(state)
         self._last_seq = seq
         self._active_before = self.store.run_info()["active_seconds"]
         for kind, item in self.store.replay_log(seq):

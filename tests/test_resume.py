@@ -132,8 +132,9 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
 def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_config):
     """With no checkpoint at all, replaying every recorded ask, tell and migration rebuilds the
     final state. (Replay after a checkpoint is covered by the SIGKILL test above.)"""
-    import pickle
     import sqlite3
+
+    from evomerge import plaindata
 
     from evomerge.config import load_config
     from evomerge.controller import Controller, Population
@@ -147,7 +148,7 @@ def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_conf
     store = RunStore(tmp_path / "r", readonly=True)
     final, _ = store.checkpoints()  # taken at the end of the run
     store.close()
-    members = pickle.loads(final["m2n2"])["strategy"]["member_ids"]
+    members = plaindata.loads(final["m2n2"])["strategy"]["member_ids"]
     assert any(m.startswith("cma:") for m in members), "CMA-ES's best migrated into M2N2's archive"
     db = sqlite3.connect(tmp_path / "r" / "run.db")
     with db:
@@ -164,10 +165,10 @@ def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_conf
     store.close()
     _, loaded = _strategies(config, str(config_path), executor)
     for pop, reference in zip(pops, loaded):
-        reference.load_state_dict(pickle.loads(final[pop.name]))
+        reference.load_state_dict(plaindata.loads(final[pop.name]))
         got, want = pop.strategy.state_dict(), reference.state_dict()
         assert got["next_number"] == want["next_number"] and got["n_told"] == want["n_told"]
-        assert pickle.dumps(got["best"]) == pickle.dumps(want["best"])
+        assert plaindata.dumps(got["best"]) == plaindata.dumps(want["best"])
         assert pop.finished == pop.submitted == budgets[pop.name]
         for _ in range(3):  # same state: the same next candidates
             a, b = pop.strategy.ask(1), reference.ask(1)

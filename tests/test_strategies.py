@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import pickle
 
 import numpy as np
 import pytest
 
+from evomerge import plaindata
 from evomerge.candidates import Evaluation
 from evomerge.strategies import STRATEGIES, GeneRange, SearchSpec, make_strategy
 
@@ -72,9 +72,9 @@ def test_improves_on_a_simple_objective(name):
 def test_state_round_trip_gives_identical_next_asks(name):
     a = make(name)
     drain(a, 13, np.random.default_rng(1))  # stop mid-generation on purpose
-    blob = pickle.dumps(a.state_dict())
+    blob = plaindata.dumps(a.state_dict())  # JSON values and arrays, never a pickle
     b = make(name)
-    b.load_state_dict(pickle.loads(blob))
+    b.load_state_dict(plaindata.loads(blob))
     outstanding_a = [c.id for c in a.outstanding()]
     assert [c.id for c in b.outstanding()] == outstanding_a
     for cand in a.outstanding():

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pickle
 
 import numpy as np
 import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
+from evomerge import plaindata
 from evomerge.candidates import Evaluation
 from evomerge.strategies import STRATEGIES, GeneRange, SearchSpec, make_strategy
 
@@ -64,7 +64,7 @@ def test_discrete_genes_round_trip_through_the_state(name):
     a = make_strategy(name, "pop", SPEC, 9, {})
     run(a, 10, np.random.default_rng(1))
     b = make_strategy(name, "pop", SPEC, 9, {})
-    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    b.load_state_dict(plaindata.loads(plaindata.dumps(a.state_dict())))
     for cand in a.outstanding():
         for s in (a, b):
             s.tell([evaluation(cand)])

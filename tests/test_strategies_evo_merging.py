@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import pickle
 
 import numpy as np
 import pytest
 
+from evomerge import plaindata
 from evomerge.candidates import Evaluation
 from evomerge.merge import MERGE_METHODS
 from evomerge.space import Space
@@ -165,7 +165,7 @@ def test_state_round_trip_gives_identical_next_asks(stop_at):
     run(a, stop_at)
     pending = a.ask(2)  # leave candidates outstanding across the checkpoint
     b = make()
-    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    b.load_state_dict(plaindata.loads(plaindata.dumps(a.state_dict())))
     assert [c.id for c in b.outstanding()] == [c.id for c in pending]
     for cand in pending:
         for s in (a, b):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from evomerge import plaindata
 from evomerge.candidates import Evaluation
 from evomerge.strategies import SearchSpec, make_strategy
 from evomerge.strategies.m2n2 import attraction, capacities, roulette, shared_scores, split_point_slerp
@@ -223,7 +223,7 @@ def test_state_round_trip_mid_flight():
             tell(a, cand, rng.integers(0, 2, 6))
     pending = a.ask(2)
     b = make_strategy("m2n2", "p", spec, 9, {"archive_size": 3})
-    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    b.load_state_dict(plaindata.loads(plaindata.dumps(a.state_dict())))
     rows = [rng.integers(0, 2, 6) for _ in pending]
     for s in (a, b):
         for cand, row in zip(reversed(pending), rows):

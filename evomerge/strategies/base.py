@@ -197,10 +197,12 @@ class Strategy(ABC):
         return list(self._outstanding.values())
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly, as plain data (JSON values and numpy arrays):
+        see :mod:`evomerge.plaindata`."""
         return {
             "next_number": self._next_number,
-            "outstanding": [(c.id, c.genome, c.parent_ids, self._tags[c.id]) for c in self._outstanding.values()],
-            "best": self._best,
+            "outstanding": [[c.id, c.genome, list(c.parent_ids), self._tags[c.id]] for c in self._outstanding.values()],
+            "best": None if self._best is None else list(self._best),
             "n_told": self.n_told,
             "strategy": self._state(),
         }
@@ -212,7 +214,8 @@ class Strategy(ABC):
             for cid, g, p, _ in state["outstanding"]
         }
         self._tags = {cid: tag for cid, _, _, tag in state["outstanding"]}
-        self._best = state["best"]
+        best = state["best"]
+        self._best = None if best is None else (best[0], np.asarray(best[1], dtype=np.float64), float(best[2]))
         self.n_told = state["n_told"]
         self._load_state(state["strategy"])
 
@@ -227,7 +230,7 @@ class Strategy(ABC):
 
     @abstractmethod
     def _state(self) -> Any:
-        """Everything that evolves, picklable."""
+        """Everything that evolves, as plain data (JSON values and numpy arrays, no library objects)."""
 
     @abstractmethod
     def _load_state(self, state: Any) -> None: ...

@@ -14,9 +14,8 @@ populations in one process never disturb each other.
 from __future__ import annotations
 
 import math
-import pickle
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -67,6 +66,11 @@ class Generations:
     A member with a non-finite loss (failed or NaN evaluation) counts as the generation's worst
     finite loss + 1: pycma cannot rank infinities, and this keeps failures last without
     distorting the spread of the rest.
+
+    Every call made on the ES (ask, tell, inject) is logged as data. A checkpoint holds that log,
+    not the ES: :meth:`from_state` replays it on a freshly built ES, which is then exactly the
+    one that was saved (pycma is deterministic given its seed and what it was told), and checks
+    that every generation it asks again is the one recorded.
     """
 
     def __init__(self, es: Any) -> None:
@@ -75,6 +79,7 @@ class Generations:
         self.issued = 0
         self.losses: dict[int, float] = {}
         self.immigrants: list[np.ndarray] = []  # injected once the current generation is told
+        self.log: list[list[Any]] = []  # ["ask", members], ["tell", losses], ["inject", xs]
 
     def ask(self, n: int) -> list[tuple[int, np.ndarray]]:
         """Up to ``n`` untold members ``(index, x)`` of the current generation; a new one only
@@ -83,6 +88,7 @@ class Generations:
             if self.es.stop():
                 return []
             self.members = [np.asarray(x, dtype=np.float64) for x in self.es.ask()]
+            self.log.append(["ask", np.array(self.members)])
             self.issued = 0
             self.losses = {}
         take = min(n, len(self.members) - self.issued)
@@ -98,9 +104,8 @@ class Generations:
         finite = [v for v in self.losses.values() if math.isfinite(v)]
         worst = (max(finite) + 1.0) if finite else 0.0
         losses = [self.losses[i] if math.isfinite(self.losses[i]) else worst for i in range(len(self.members))]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.es.tell([x.tolist() for x in self.members], losses)
+        self._tell_es(self.members, losses)
+        self.log.append(["tell", np.array(losses, dtype=np.float64)])
         self.members = []
         self.issued = 0
         self.losses = {}
@@ -115,10 +120,19 @@ class Generations:
 
     def _inject_waiting(self) -> None:
         if self.immigrants:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.es.inject([x.tolist() for x in self.immigrants], force=True)
+            self._inject_es(self.immigrants)
+            self.log.append(["inject", np.array(self.immigrants)])
             self.immigrants = []
+
+    def _tell_es(self, members: Sequence[np.ndarray], losses: Sequence[float]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.es.tell([np.asarray(x).tolist() for x in members], [float(v) for v in losses])
+
+    def _inject_es(self, xs: Sequence[np.ndarray]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.es.inject([np.asarray(x).tolist() for x in xs], force=True)
 
     def stop(self) -> dict[str, Any]:
         """pycma's termination reasons, only between generations (a started one is finished first)."""
@@ -128,20 +142,38 @@ class Generations:
 
     def state(self) -> dict[str, Any]:
         return {
-            "es": pickle.dumps(self.es),
-            "generation": list(self.members),
+            "log": [list(event) for event in self.log],
             "issued": self.issued,
-            "losses": dict(self.losses),
+            "losses": [[i, v] for i, v in self.losses.items()],
             "immigrants": list(self.immigrants),
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Generations":
-        run = cls(pickle.loads(state["es"]))
-        run.members = list(state["generation"])
-        run.issued = state["issued"]
-        run.losses = dict(state["losses"])
-        run.immigrants = list(state["immigrants"])
+    def from_state(cls, state: dict[str, Any], es: Any) -> "Generations":
+        """The saved run, rebuilt on ``es``: a fresh ES made exactly as the saved one was first made."""
+        run = cls(es)
+        members: list[np.ndarray] = []
+        for kind, data in state["log"]:
+            if kind == "ask":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    asked = np.array(es.ask(), dtype=np.float64)
+                recorded = np.asarray(data, dtype=np.float64)
+                if asked.shape != recorded.shape or not np.array_equal(asked, recorded):
+                    raise ValueError("CMA-ES state: the rebuilt ES asked another generation than the one recorded")
+                members = list(recorded)
+            elif kind == "tell":
+                run._tell_es(members, data)
+                members = []
+            elif kind == "inject":
+                run._inject_es(list(np.asarray(data, dtype=np.float64)))
+            else:
+                raise ValueError(f"CMA-ES state: unknown log entry {kind!r}")
+        run.log = [[kind, np.asarray(data)] for kind, data in state["log"]]
+        run.members = members
+        run.issued = int(state["issued"])
+        run.losses = {int(i): float(v) for i, v in state["losses"]}
+        run.immigrants = [np.asarray(x, dtype=np.float64) for x in state["immigrants"]]
         return run
 
 
@@ -159,9 +191,13 @@ class CMAES(Strategy):
 
     def __init__(self, population: str, spec: SearchSpec, seed: int, options: CMAESOptions) -> None:
         super().__init__(population, spec, seed, options)
-        dim = spec.dim
-        if dim < 1:
+        if spec.dim < 1:
             raise ValueError("CMA-ES needs at least one searched gene")
+        self._run = Generations(self._new_es())
+
+    def _new_es(self) -> Any:
+        """The ES as this strategy starts it (also the base a checkpoint is replayed on)."""
+        spec, options, dim = self.spec, self.options, self.spec.dim
         separable = dim > SEPARABLE_ABOVE if options.separable == "auto" else options.separable
         x0 = np.clip(self.x0, 0.0, 1.0) if spec.bounded else self.x0
         extra: dict[str, Any] = {}
@@ -173,16 +209,15 @@ class CMAES(Strategy):
             for gene in spec.discrete:
                 minstd[gene.start : gene.stop] = 0.25 / gene.levels  # type: ignore[operator]
             extra["minstd"] = minstd.tolist()
-        es = pycma_es(
+        return pycma_es(
             x0,
             options.sigma0,
-            seed,
+            self.seed,
             bounds=[0.0, 1.0] if spec.bounded else [None, None],
             popsize=options.popsize or 4 + int(3 * math.log(dim)),
             CMA_diagonal=separable,
             **extra,
         )
-        self._run = Generations(es)
 
     def _ask(self, n: int) -> list[tuple[np.ndarray, tuple[str, ...], Any]]:
         return [(self.spec.snap(x), (), index) for index, x in self._run.ask(n)]  # pycma keeps x itself
@@ -200,4 +235,4 @@ class CMAES(Strategy):
         return self._run.state()
 
     def _load_state(self, state: Any) -> None:
-        self._run = Generations.from_state(state)
+        self._run = Generations.from_state(state, self._new_es())

@@ -70,25 +70,29 @@ class EvoMerging(Strategy):
         self.beta: GeneRange = names["beta"]
         self._base = spec.snap(np.clip(self.x0, 0.0, 1.0))  # the genome outside the stage's genes
         self._stage = 1
-        self._run = self._start(self.alpha, options.stage1_sigma, options.stage1_budget, seed)
+        self._run = Generations(self._new_es())
         self._stage1_best: tuple[float, np.ndarray] | None = None  # (objective, α unit coordinates)
         self._stage1_stop: dict[str, Any] = {}
 
     def _gene(self) -> GeneRange:
         return self.alpha if self._stage == 1 else self.beta
 
-    def _start(self, gene: GeneRange, sigma: float, budget: int, seed: int) -> Generations:
-        """A CMA-ES over ``gene``'s unit coordinates, from ``self._base``, for budget // popsize generations."""
-        popsize = self.options.popsize
-        es = pycma_es(
+    def _new_es(self) -> Any:
+        """The current stage's CMA-ES over its gene's unit coordinates, from ``self._base``, for
+        budget // popsize generations (also the base a checkpoint is replayed on)."""
+        o: EvoMergingOptions = self.options  # type: ignore[assignment]
+        gene = self._gene()
+        sigma, budget = (o.stage1_sigma, o.stage1_budget) if self._stage == 1 else (o.stage2_sigma, o.stage2_budget)
+        # stage 2 draws from a second stream: it must not replay stage 1's draws
+        seed = self.seed if self._stage == 1 else self.seed + 1
+        return pycma_es(
             self._base[gene.start : gene.stop],
             sigma / (gene.high - gene.low),
             seed,
             bounds=[0.0, 1.0],
-            popsize=popsize,
-            maxiter=budget // popsize,
+            popsize=o.popsize,
+            maxiter=budget // o.popsize,
         )
-        return Generations(es)
 
     def _objective(self, genome: np.ndarray, fitness: float) -> float:
         """What the current stage's CMA-ES minimises: ``−fitness + λ · mean|x|`` on real values."""
@@ -122,8 +126,7 @@ class EvoMerging(Strategy):
             self._base[self.alpha.start : self.alpha.stop] = self._stage1_best[1]
         self._stage1_stop = stage1_reasons
         self._stage = 2
-        # a second stream: stage 2 must not replay stage 1's draws
-        self._run = self._start(self.beta, self.options.stage2_sigma, self.options.stage2_budget, self.seed + 1)
+        self._run = Generations(self._new_es())
 
     def stop(self) -> dict[str, Any]:
         if self._stage == 1:
@@ -139,13 +142,14 @@ class EvoMerging(Strategy):
             "stage": self._stage,
             "run": self._run.state(),
             "base": self._base.copy(),
-            "stage1_best": self._stage1_best,
+            "stage1_best": None if self._stage1_best is None else list(self._stage1_best),
             "stage1_stop": dict(self._stage1_stop),
         }
 
     def _load_state(self, state: Any) -> None:
         self._stage = state["stage"]
-        self._run = Generations.from_state(state["run"])
         self._base = np.array(state["base"], dtype=np.float64)
-        self._stage1_best = state["stage1_best"]
+        best = state["stage1_best"]
+        self._stage1_best = None if best is None else (float(best[0]), np.asarray(best[1], dtype=np.float64))
         self._stage1_stop = dict(state["stage1_stop"])
+        self._run = Generations.from_state(state["run"], self._new_es())

@@ -298,7 +298,7 @@ class M2N2(Strategy):
     def _state(self) -> Any:
         return {
             "rng": self._rng.bit_generator.state,
-            "noise": self._noise.get_state(),
+            "noise": self._noise.get_state().numpy(),
             "binary": self._binary,
             "negative": self._negative,
             "pending": list(self._pending),
@@ -309,7 +309,7 @@ class M2N2(Strategy):
 
     def _load_state(self, state: Any) -> None:
         self._rng.bit_generator.state = state["rng"]
-        self._noise.set_state(state["noise"])
+        self._noise.set_state(torch.from_numpy(np.array(state["noise"], dtype=np.uint8)))
         self._binary = state["binary"]
         self._negative = state["negative"]
         self._pending = list(state["pending"])

@@ -172,7 +172,7 @@ class MAP(Strategy):
             "queue": [x.copy() for x in self._queue],
             "x": [x.copy() for x in self._x],
             "y": [list(v) for v in self._y],
-            "seen": set(self._seen),
+            "seen": sorted(key.hex() for key in self._seen),
         }
 
     def _load_state(self, state: Any) -> None:
@@ -180,4 +180,4 @@ class MAP(Strategy):
         self._queue = [np.array(x) for x in state["queue"]]
         self._x = [np.array(x) for x in state["x"]]
         self._y = [list(v) for v in state["y"]]
-        self._seen = set(state["seen"])
+        self._seen = {bytes.fromhex(key) for key in state["seen"]}

@@ -8,18 +8,19 @@ Each gene is a ``FloatDistribution(0, 1)`` named ``x<i>``; a discrete gene (see
 :class:`~evomerge.strategies.base.GeneRange`) is asked natively as its level: a
 ``CategoricalDistribution`` for TPE and NSGA-II (unordered choices, e.g. which expert supplies a
 layer), an ``IntDistribution`` for CMA-ES (which relaxes and rounds it; it cannot sample
-categories), and handed out as its bin's centre. The study lives in memory and is
-pickled whole for a checkpoint. Its sampler (with its seeded ``RandomState``), the trials and
-the samplers' bookkeeping in the trials' system attributes (CMA-ES's optimizer, NSGA-II's
-generations) all go with it, so a restored strategy proposes exactly what an uninterrupted one
-would. Optuna trials may be told in any order. The space's ``x0`` is enqueued as the first trial
+categories), and handed out as its bin's centre. The study lives in memory. A checkpoint
+holds no study (it holds locks and sampler internals that change between Optuna releases), but
+the log of what was done to it, as data: each ask, each tell with its values, each immigrant
+added. Loading replays that log on a fresh study with the same seeded sampler, as Optuna
+rebuilds a study from its storage; since samplers are deterministic given their seed and their
+trials, a restored strategy proposes exactly what an uninterrupted one would. Optuna trials may
+be told in any order. The space's ``x0`` is enqueued as the first trial
 so each search starts from the configured init.
 """
 
 from __future__ import annotations
 
 import math
-import pickle
 import warnings
 from abc import abstractmethod
 from typing import Any
@@ -54,14 +55,18 @@ class OptunaStrategy(Strategy):
         self._distributions: dict[str, BaseDistribution] = {
             name: self._distribution(self._levels.get(i)) for i, name in enumerate(self._names)
         }
+        self._log: list[list[Any]] = []  # ["ask"], ["tell", number, values | None], ["add", genome, values]
+        self._study = self._new_study()
+
+    def _new_study(self) -> optuna.Study:
+        """The study as this strategy starts it: seeded sampler, ``x0`` enqueued first."""
         with warnings.catch_warnings():
             # options that older Optuna releases still flag as experimental (multivariate TPE, ...)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = self._sampler(seed)
-        self._study = optuna.create_study(
-            sampler=sampler, study_name=population, directions=list(self.directions)
-        )
-        self._study.enqueue_trial(self._params(self.x0))
+            sampler = self._sampler(self.seed)
+        study = optuna.create_study(sampler=sampler, study_name=self.population, directions=list(self.directions))
+        study.enqueue_trial(self._params(self.x0))
+        return study
 
     def _distribution(self, levels: int | None) -> BaseDistribution:
         if levels is None:
@@ -95,28 +100,38 @@ class OptunaStrategy(Strategy):
         out = []
         for _ in range(n):
             trial = self._study.ask(self._distributions)
+            self._log.append(["ask"])
             out.append((self._genome(trial.params), (), trial.number))
         return out
 
     def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
         values = self._values(fitness, evaluation)
+        self._log.append(["tell", int(tag), values])
+        self._tell_study(self._study, int(tag), values)
+
+    @staticmethod
+    def _tell_study(study: optuna.Study, number: int, values: list[float] | None) -> None:
         if values is None:
             # FAIL rather than an invented worst value: all three samplers build their models
             # from COMPLETE trials only (TPE's good/bad split, CMA-ES's generations, NSGA-II's
             # populations), so a crashed merge neither needs a made-up score nor skews the
             # ranking, spread or crowding distances of the real ones. CMA-ES simply samples
             # more members until its generation has enough completed ones.
-            self._study.tell(tag, state=TrialState.FAIL)
+            study.tell(number, state=TrialState.FAIL)
         else:
-            self._study.tell(tag, values)
+            study.tell(number, values)
 
     def immigrate(self, genome: np.ndarray, evaluation: Evaluation) -> None:
         fitness = evaluation.fitness if evaluation.usable else -math.inf
         values = self._values(fitness, evaluation)
         if values is None:
             return
+        self._log.append(["add", np.asarray(genome, dtype=np.float64).copy(), values])
+        self._add(self._study, genome, values)
+
+    def _add(self, study: optuna.Study, genome: np.ndarray, values: list[float]) -> None:
         params = self._params(genome)
-        self._study.add_trial(optuna.trial.create_trial(params=params, distributions=self._distributions, values=values))
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=self._distributions, values=values))
 
     @property
     def study(self) -> optuna.Study:
@@ -124,10 +139,22 @@ class OptunaStrategy(Strategy):
         return self._study
 
     def _state(self) -> Any:
-        return pickle.dumps(self._study)  # a snapshot, not the live study
+        return {"log": [list(event) for event in self._log]}
 
     def _load_state(self, state: Any) -> None:
-        self._study = pickle.loads(state)
+        """Replay the saved log on a fresh study: the same trials, asked and told in the same order."""
+        study = self._new_study()
+        for event in state["log"]:
+            if event[0] == "ask":
+                study.ask(self._distributions)
+            elif event[0] == "tell":
+                self._tell_study(study, int(event[1]), None if event[2] is None else [float(v) for v in event[2]])
+            elif event[0] == "add":
+                self._add(study, np.asarray(event[1], dtype=np.float64), [float(v) for v in event[2]])
+            else:
+                raise ValueError(f"Optuna state: unknown log entry {event[0]!r}")
+        self._study = study
+        self._log = [list(event) for event in state["log"]]
 
 
 class TPEOptions(StrategyOptions):
