@@ -1,4 +1,4 @@
-"""Throughput of the black-box client (evomerge.workers.api) against a loopback endpoint.
+"""Throughput of the black-box client (evomerge.service.client) against a loopback endpoint.
 
 The endpoint (``loopback_endpoint.py``) runs in its own process and answers every request after a
 fixed 200 ms. At concurrency 32, Little's law bounds the rate at 32 / 0.2 s = 160 requests/s —
@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evomerge.workers.api import ApiClient, ApiError  # noqa: E402
+from evomerge.service.client import ApiClient, ApiError  # noqa: E402
 
 LATENCY = 0.2
 CONCURRENCY = 32

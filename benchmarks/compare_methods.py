@@ -167,7 +167,7 @@ def expert_rows(worker: Any) -> dict[str, dict[str, float]]:
 def operator_rows(worker: Any) -> dict[str, dict[str, float]]:
     """Each applicable operator at its declared defaults, merged once (Fishers stay set after)."""
     from evomerge.merge.fisher import FISHER_FLOOR
-    from evomerge.workers.fisher import expert_fishers
+    from evomerge.workers.fisher_estimate import expert_fishers
 
     rows = {}
     names = worker.models.tensor_names
@@ -241,9 +241,9 @@ def mean(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def compare(config: RunConfig, seeds: list[int], budget: int) -> tuple[dict, dict]:
     """(experts, operators at defaults and strategies), (operators searched by CMA-ES)."""
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
-    worker = LocalWorker(config, worker_id="compare")
+    worker = WhiteBoxWorker(config, worker_id="compare")
     rows = {**expert_rows(worker), **operator_rows(worker)}
     for population in config.populations:
         rows[population.strategy] = mean([search(worker, population.strategy, s, budget) for s in seeds])

@@ -8,7 +8,7 @@ Usage::
 Built here (random weights, nothing downloaded): a Llama-architecture base (hidden 768, 12 layers,
 intermediate 3072, the character tokenizer of ``evomerge.models.tiny_lm``: ~113 M parameters)
 and three experts ``base + 0.01 · noise``, saved with ``save_pretrained`` in a temporary directory.
-A ``LocalWorker`` loads them the way a run does (the base resident, three task vectors, one working
+A ``WhiteBoxWorker`` loads them the way a run does (the base resident, three task vectors, one working
 model) for a ``task_arithmetic`` search with one weight per expert per layer.
 
 * ``inplace_seconds``: median over ``--repeats`` fresh random genomes of ``worker.materialize``,
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from evomerge.config import config_from_dict
     from evomerge.fitness.lm import negative_cross_entropy
     from evomerge.models.loading import quiet_transformers, resolve_device
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
     quiet_transformers()
     device = resolve_device(args.device)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 "budget": {"evaluations": 1},
             }
         )
-        worker = LocalWorker(config, worker_id="bench")
+        worker = WhiteBoxWorker(config, worker_id="bench")
         numel = sum(p.numel() for p in worker.models.model.parameters())
         itemsize = next(worker.models.model.parameters()).element_size()
         rng = np.random.default_rng(0)

@@ -243,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from evomerge.workers.server import serve
+    from evomerge.server.app import serve
 
     serve(args.model, args.adapters, args.host, args.port, args.served_model_name)
     return 0

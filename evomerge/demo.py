@@ -72,9 +72,9 @@ def prepare(config: RunConfig) -> None:
 
 def comparison_table(config: RunConfig, bests: dict[str, np.ndarray]) -> list[tuple[str, float]]:
     """Test accuracy of each expert, the uniform average and each population's best merge."""
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
-    return expert_and_merge_scores(LocalWorker(config, worker_id="demo"), config, bests, "expert")
+    return expert_and_merge_scores(WhiteBoxWorker(config, worker_id="demo"), config, bests, "expert")
 
 
 def expert_and_merge_scores(worker, config: RunConfig, bests: dict[str, np.ndarray], noun: str) -> list[tuple[str, float]]:

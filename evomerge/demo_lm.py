@@ -80,9 +80,9 @@ def comparison_table(config: RunConfig, bests: dict[str, np.ndarray]) -> list[tu
     from evomerge.demo import expert_and_merge_scores
     from evomerge.merge import get_merge_method
     from evomerge.space import Space
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
-    worker = LocalWorker(config, worker_id="demo")
+    worker = WhiteBoxWorker(config, worker_id="demo")
     base_only = Space.build(get_merge_method("task_arithmetic"), worker.models.tensor_names, len(config.models.experts), "global")
     worker.models.materializer.apply(base_only.decode(base_only.encode({"weight": 0.0})))
     return [("base (before fine-tuning)", worker.test_accuracy())] + expert_and_merge_scores(worker, config, bests, "specialist")

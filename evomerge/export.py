@@ -30,7 +30,7 @@ CARD_NAME = "README.md"
 def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     """Save the best candidate of the run in ``run_dir`` to ``out`` (created; must be empty)."""
     from evomerge.runs import load_run_config
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
     store = RunStore(run_dir, readonly=True)
     try:
@@ -45,7 +45,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} exists and is not empty; choose another --out")
-    worker = LocalWorker(config, worker_id="export")
+    worker = WhiteBoxWorker(config, worker_id="export")
     recipe = worker.materialize(best.genome, best.population)
     scores: dict[str, float] = {f"fitness ({config.fitness.name} on {config.fitness.data.source})": best.fitness}
     if config.fitness.test_data is not None:

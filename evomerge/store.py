@@ -385,7 +385,7 @@ class RunStore:
         return [{**dict(r), "per_example": _unpack_scores(r["per_example"])} for r in rows]
 
     def cached_response(self, key: str) -> Any | None:
-        """A black-box service's answer recorded under ``key`` (see ``workers/served_model.py``)."""
+        """A black-box service's answer recorded under ``key`` (see ``evomerge/service/served_model.py``)."""
         row = self._db.execute("SELECT response_json FROM api_responses WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 

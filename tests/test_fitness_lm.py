@@ -250,7 +250,7 @@ def test_options_bind_to_built_ins_and_a_plugin_without_them_is_refused():
 def test_worker_renders_templates_and_passes_options(tmp_path, tokenizer, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workers.local import LocalWorker
+    from workers.local import WhiteBoxWorker
 
     for i, name in enumerate(["base", "expert0", "expert1"]):
         torch.manual_seed(i)
@@ -282,7 +282,7 @@ def test_worker_renders_templates_and_passes_options(tmp_path, tokenizer, monkey
         },
         base_dir=tmp_path,
     )
-    worker = LocalWorker(config)
+    worker = WhiteBoxWorker(config)
     scores = worker.score(worker.examples)
     assert seen["batch_size"] == 2 and seen["max_new_tokens"] == 3
     assert [e["prompt"] for e in seen["examples"]] == ["Q: 2+2\nA:", "Q: 1+1\nA:"]
@@ -290,7 +290,7 @@ def test_worker_renders_templates_and_passes_options(tmp_path, tokenizer, monkey
     assert np.isfinite(worker.test_accuracy())
     config.fitness.options = {"temperature": 0.5}
     with pytest.raises(PluginError, match="does not accept options"):
-        LocalWorker(config)
+        WhiteBoxWorker(config)
 
 
 def test_hf_datasets_source_renders_a_local_dataset_split(tmp_path):

@@ -54,7 +54,7 @@ def _config(root, strategy: str, **merge):
 def test_text_fisher_is_the_mean_squared_gradient_of_each_target(tiny_lm_run):
     from evomerge.fitness.data import load_examples
     from evomerge.models.loading import load_model, load_tokenizer
-    from evomerge.workers.fisher import diagonal_fisher
+    from evomerge.workers.fisher_estimate import diagonal_fisher
 
     ref = str(tiny_lm_run / "addition")
     model, tokenizer = load_model(ref, torch.device("cpu"), torch.float32), load_tokenizer(ref)
@@ -75,18 +75,18 @@ def test_text_fisher_is_the_mean_squared_gradient_of_each_target(tiny_lm_run):
 
 
 def test_a_worker_merges_lms_by_fisher(tiny_lm_run):
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
-    worker = LocalWorker(_config(tiny_lm_run, "cmaes", method="fisher"))
+    worker = WhiteBoxWorker(_config(tiny_lm_run, "cmaes", method="fisher"))
     evaluation = worker.evaluate("pop:0", worker.space.x0(), "pop")
     assert evaluation.status == "ok" and np.isfinite(evaluation.fitness)
     assert worker.models.materializer.fishers is not None
 
 
 def test_lm_entropy_gradient_matches_finite_differences(tiny_lm_run):
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
-    worker = LocalWorker(_config(tiny_lm_run, "adamerging", method="task_arithmetic", granularity="per_model", search=["weight"]))
+    worker = WhiteBoxWorker(_config(tiny_lm_run, "adamerging", method="task_arithmetic", granularity="per_model", search=["weight"]))
     evaluation = worker.evaluate("pop:0", np.full(2, 0.3), "pop")
     assert evaluation.status == "ok"
     gradient = np.array(evaluation.metrics["loss_gradient"])

@@ -20,7 +20,7 @@ from evomerge.candidates import Candidate, Evaluation
 from evomerge.config import RunConfig, WorkersConfig, load_config
 from evomerge.errors import ConfigError, PluginError, UserError
 from evomerge.executors import InlineExecutor, RayExecutor, WorkerError, check_fits, make_executor, pool_size
-from evomerge.workers.local import LocalWorker
+from evomerge.workers.whitebox import WhiteBoxWorker
 
 PLUGIN = "evomerge_ray_test_plugin"
 START_LIMIT = 60.0  # seconds an actor may take to be placed, and to load, in these tests
@@ -122,14 +122,14 @@ def pool_config(digits_config, data_file):
     return make
 
 
-_REFERENCE: dict[str, LocalWorker] = {}  # built by the first test that asks: digits_config is per test
+_REFERENCE: dict[str, WhiteBoxWorker] = {}  # built by the first test that asks: digits_config is per test
 
 
 @pytest.fixture
-def reference(pool_config) -> LocalWorker:
+def reference(pool_config) -> WhiteBoxWorker:
     """The same models in this process, with the built-in fitness: what every actor must reproduce."""
     if "worker" not in _REFERENCE:
-        _REFERENCE["worker"] = LocalWorker(pool_config(fitness="classification_accuracy"), worker_id="reference")
+        _REFERENCE["worker"] = WhiteBoxWorker(pool_config(fitness="classification_accuracy"), worker_id="reference")
     return _REFERENCE["worker"]
 
 
@@ -137,7 +137,7 @@ def start_pool(config: RunConfig) -> RayExecutor:
     return RayExecutor(config, schedule_timeout=START_LIMIT, load_timeout=START_LIMIT)
 
 
-def candidate(reference: LocalWorker, number: int, weight: float) -> Candidate:
+def candidate(reference: WhiteBoxWorker, number: int, weight: float) -> Candidate:
     return Candidate(f"cma:{number}", "cma", np.full(reference.space.dim, weight))
 
 

@@ -209,9 +209,9 @@ def test_report_served_live_while_the_run_goes(tmp_path, digit_models, data_file
 
 
 def test_report_of_a_resumed_run(tmp_path, digit_models, data_file, monkeypatch):
-    import evomerge.workers.local as local
+    import evomerge.workers.whitebox as local
 
-    original = local.LocalWorker.evaluate
+    original = local.WhiteBoxWorker.evaluate
     calls = {"n": 0}
 
     def interrupt_once(self, candidate_id, genome, population=None):
@@ -220,7 +220,7 @@ def test_report_of_a_resumed_run(tmp_path, digit_models, data_file, monkeypatch)
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, candidate_id, genome, population)
 
-    monkeypatch.setattr(local.LocalWorker, "evaluate", interrupt_once)
+    monkeypatch.setattr(local.WhiteBoxWorker, "evaluate", interrupt_once)
     config = write_config(tmp_path, digit_models, data_file, 14, "classification_accuracy")
     run_dir = tmp_path / "run"
     assert main(["run", str(config)]) == 0

@@ -96,9 +96,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, digi
 
 
 def test_interrupted_run_resumes_to_its_budget(tmp_path, digits_config, monkeypatch, capsys):
-    import evomerge.workers.local as local
+    import evomerge.workers.whitebox as local
 
-    original = local.LocalWorker.evaluate
+    original = local.WhiteBoxWorker.evaluate
     calls = {"n": 0}
 
     def interrupt_once(self, candidate_id, genome, population=None):
@@ -107,7 +107,7 @@ def test_interrupted_run_resumes_to_its_budget(tmp_path, digits_config, monkeypa
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, candidate_id, genome, population)
 
-    monkeypatch.setattr(local.LocalWorker, "evaluate", interrupt_once)
+    monkeypatch.setattr(local.WhiteBoxWorker, "evaluate", interrupt_once)
     config = digits_config(populations=POPULATIONS, budget={"evaluations": 20}, checkpoint_every=50)
     run_dir = tmp_path / "r"
     assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
@@ -225,16 +225,16 @@ def test_bad_limit_flags_exit_2(tmp_path, digits_config):
 
 
 def test_identical_genomes_are_scored_once(tmp_path, digits_config, monkeypatch):
-    import evomerge.workers.local as local
+    import evomerge.workers.whitebox as local
 
     scored = []
-    original = local.LocalWorker.evaluate
+    original = local.WhiteBoxWorker.evaluate
 
     def counting(self, candidate_id, genome, population=None):
         scored.append(candidate_id)
         return original(self, candidate_id, genome, population)
 
-    monkeypatch.setattr(local.LocalWorker, "evaluate", counting)
+    monkeypatch.setattr(local.WhiteBoxWorker, "evaluate", counting)
     # random search and TPE both start at x0, and random repeats it as its seed: one score for all
     populations = [
         {"name": "rand", "strategy": "random"},

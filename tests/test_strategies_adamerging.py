@@ -21,14 +21,14 @@ def test_adam_steps_follow_the_loss_gradient():
 
 def test_adamerging_lowers_the_entropy_on_digit_experts(digits_config):
     from evomerge.config import load_config
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
     path = digits_config(
         merge={"method": "task_arithmetic", "granularity": "per_layer_group", "search": ["weight"],
                "fixed": {"lambda": 1.0}, "init": {"weight": 0.3}},
         populations=[{"name": "ada", "strategy": "adamerging", "options": {"lr": 0.1}}],
     )
-    worker = LocalWorker(load_config(path))
+    worker = WhiteBoxWorker(load_config(path))
     strategy = make_strategy("adamerging", "ada", worker.space.search_spec(), 0, {"lr": 0.1})
     entropies = []
     for _ in range(8):
@@ -42,10 +42,10 @@ def test_adamerging_lowers_the_entropy_on_digit_experts(digits_config):
 
 def test_the_gradient_matches_finite_differences(digits_config):
     from evomerge.config import load_config
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
     path = digits_config(populations=[{"name": "ada", "strategy": "adamerging"}])
-    worker = LocalWorker(load_config(path))
+    worker = WhiteBoxWorker(load_config(path))
     gradient = worker.extra_metrics._entropy
     genome = np.full(worker.space.dim, 0.4)
     analytic = np.array(gradient(genome)["loss_gradient"])

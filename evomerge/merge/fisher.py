@@ -13,7 +13,7 @@ apply to them: θ = θ_base + Σ λ_i F_i τ_i / Σ λ_i F_i (the weights of the
 Choices made: F_i is the *empirical* diagonal Fisher (squared gradients of the log-likelihood of the
 true labels, averaged over examples — the paper also describes sampling labels from the model),
 estimated by the worker once on a few batches of each expert's own data
-(``evomerge.workers.fisher``); entries are floored at ``FISHER_FLOOR`` when the estimate is stored,
+(``evomerge.workers.fisher_estimate``); entries are floored at ``FISHER_FLOOR`` when the estimate is stored,
 so an entry no expert's data touches falls back to the λ-weighted average instead of 0/0.
 """
 

@@ -170,7 +170,7 @@ class Materializer:
 
     def set_fishers(self, fishers: Mapping[str, torch.Tensor], floor: float) -> None:
         """Keep the experts' diagonal Fishers, stacked per tensor, on the working device and dtype,
-        floored at ``floor`` (computed once per worker, e.g. by ``evomerge.workers.fisher``)."""
+        floored at ``floor`` (computed once per worker, e.g. by ``evomerge.workers.fisher_estimate``)."""
         self.fishers = {
             name: fishers[name].to(device=t.device, dtype=t.dtype).clamp_min(floor) for name, t in self.targets.items()
         }

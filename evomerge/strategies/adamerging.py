@@ -7,7 +7,7 @@ unlabelled inputs — a surrogate for the loss that needs no labels.
 
 Here the coefficients are the space's genes (``per_model`` = task-wise, ``per_layer_group`` =
 layer-wise; ``linear`` or ``task_arithmetic``), and one step is one evaluation: the white-box
-worker materializes the candidate differentiably (``evomerge.workers.adamerging``) and returns the
+worker materializes the candidate differentiably (``evomerge.workers.entropy_gradient``) and returns the
 entropy and its gradient with respect to the unit-cube genome as the metrics ``loss`` and
 ``loss_gradient``; this strategy then takes an Adam step and asks the next point. The fitness of
 each step is scored as usual, so the run's best is the best step by fitness — a gradient-based

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from evomerge.workers.api import ApiClient, ApiError, ApiKeyMissing, MalformedResponse, api_key_from_env, retry_after_seconds
+from evomerge.service.client import ApiClient, ApiError, ApiKeyMissing, MalformedResponse, api_key_from_env, retry_after_seconds
 
 PAYLOAD = {"model": "m", "prompt": "12+13=25", "echo": True, "max_tokens": 0, "logprobs": 1}
 

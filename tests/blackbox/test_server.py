@@ -181,8 +181,8 @@ def test_merge_session_materializes_and_evaluates_with_lora_compose(service, aut
 
 
 def test_a_busy_server_answers_429_with_retry_after(tiny_models, serve_app):
-    from evomerge.workers.model_host import ModelHost
-    from evomerge.workers.server import create_app
+    from evomerge.server.model_host import ModelHost
+    from evomerge.server.app import create_app
 
     host = ModelHost(str(tiny_models["base"]), "tiny-base", tiny_models["adapters"])
     with serve_app(create_app(host, "t", max_pending=0)) as url:

@@ -11,7 +11,7 @@ from evomerge.space import Space
 
 @pytest.mark.parametrize("method, with_base", [("task_arithmetic", True), ("linear", False), ("linear", True)])
 def test_differentiable_merge_equals_the_materializer(make_setup, method, with_base):
-    from evomerge.workers.adamerging import merged_parameters
+    from evomerge.workers.entropy_gradient import merged_parameters
 
     setup = make_setup(method, 3, with_base)
     space = Space.build(setup.method, setup.names, 3, granularity="per_layer_group", layer_groups=2)

@@ -40,7 +40,7 @@ def test_equal_fishers_give_the_plain_average(make_setup, with_base):
 
 
 def test_worker_estimate_is_the_mean_squared_per_example_gradient():
-    from evomerge.workers.fisher import diagonal_fisher
+    from evomerge.workers.fisher_estimate import diagonal_fisher
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
@@ -58,7 +58,7 @@ def test_worker_estimate_is_the_mean_squared_per_example_gradient():
 
 def test_a_worker_merges_with_the_experts_fishers(tmp_path, digits_config, digit_models):
     from evomerge.config import load_config
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
     own = [{"source": "sklearn:digits", "classes": [0, 1, 2, 3, 4], "limit": 64},
            {"source": "sklearn:digits", "classes": [5, 6, 7, 8, 9], "limit": 64}]
@@ -70,7 +70,7 @@ def test_a_worker_merges_with_the_experts_fishers(tmp_path, digits_config, digit
         },
         merge={"method": "fisher", "granularity": "per_model"},
     )
-    worker = LocalWorker(load_config(path))
+    worker = WhiteBoxWorker(load_config(path))
     fishers = worker.models.materializer.fishers
     assert fishers is not None and set(fishers) == set(worker.models.tensor_names)
     first = worker.models.tensor_names[0]

@@ -30,8 +30,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import UserError
-from evomerge.workers.completion_engine import SamplingParams, complete
-from evomerge.workers.model_host import ModelHost, ServiceError
+from evomerge.server.completion_engine import SamplingParams, complete
+from evomerge.server.model_host import ModelHost, ServiceError
 
 TOKEN_ENV = "EVOMERGE_SERVE_TOKEN"
 MAX_REQUEST_BYTES = 1 << 20

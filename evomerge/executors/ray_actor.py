@@ -22,7 +22,7 @@ from evomerge.workers import make_worker
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class EvaluationActor:
-    """A worker (white-box ``LocalWorker`` or ``BlackBoxWorker``) in its own Ray worker process;
+    """A worker (white-box ``WhiteBoxWorker`` or ``BlackBoxWorker``) in its own Ray worker process;
     ``index`` numbers actors within a run."""
 
     def __init__(self, config: RunConfig, index: int) -> None:

@@ -4,7 +4,7 @@
   the metric of that name (its mean score) — the per-task objectives of NSGA-II and MAP, whose
   Pareto fronts the run reports.
 * AdaMerging populations: the entropy of the merged model's predictions and its gradient with
-  respect to the genome (``loss`` / ``loss_gradient``, see :mod:`evomerge.workers.adamerging`).
+  respect to the genome (``loss`` / ``loss_gradient``, see :mod:`evomerge.workers.entropy_gradient`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class ExtraMetrics:
         self.gradient_populations = {p.name for p in config.populations if p.strategy == "adamerging"}
         self._entropy = None
         if self.gradient_populations:
-            from evomerge.workers.adamerging import EntropyGradient
+            from evomerge.workers.entropy_gradient import EntropyGradient
 
             self._entropy = EntropyGradient(worker)
 

@@ -99,7 +99,7 @@ def _load_adapter_slots(
     return LoadedModels(model, load_tokenizer(base_ref), materializer, list(targets))
 
 
-class LocalWorker:
+class WhiteBoxWorker:
     """Scores candidates of one run in this process (the inline executor, or inside a Ray actor)."""
 
     def __init__(self, config: RunConfig, worker_id: str | None = None) -> None:
@@ -110,7 +110,7 @@ class LocalWorker:
         self.space: Space = config.merge.build_space(self.models.tensor_names, len(config.models.experts))
         if self.space.method.needs_fisher:  # estimated once, kept for the whole run
             from evomerge.merge.fisher import FISHER_FLOOR
-            from evomerge.workers.fisher import expert_fishers
+            from evomerge.workers.fisher_estimate import expert_fishers
 
             fishers = expert_fishers(config, self.device, self.models.tensor_names)
             self.models.materializer.set_fishers(fishers, FISHER_FLOOR)

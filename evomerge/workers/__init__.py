@@ -11,6 +11,6 @@ def make_worker(config: Any, worker_id: str) -> Any:
         from evomerge.workers.blackbox import BlackBoxWorker
 
         return BlackBoxWorker(config, worker_id)
-    from evomerge.workers.local import LocalWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
-    return LocalWorker(config, worker_id)
+    return WhiteBoxWorker(config, worker_id)

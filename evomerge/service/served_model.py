@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 from evomerge.fitness.blackbox import Loglikelihood
-from evomerge.workers.api import ApiClient, CompletionAnswer, MalformedResponse, parse_completion
+from evomerge.service.client import ApiClient, CompletionAnswer, MalformedResponse, parse_completion
 
 GREEDY_TOLERANCE = 1e-6
 

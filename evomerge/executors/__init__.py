@@ -1,7 +1,7 @@
 """Executors run candidates on workers: ``submit`` a candidate, ``wait`` for finished evaluations.
 
 The inline executor scores in the controller's own process — the mode for tests, debugging and
-small CPU runs. ``RayExecutor`` runs a pool of Ray actors (``evomerge.workers.ray_actor``), each
+small CPU runs. ``RayExecutor`` runs a pool of Ray actors (``evomerge.executors.ray_actor``), each
 holding the models once, behind the same interface; ``make_executor`` picks by ``config.executor``.
 
 Fault model of the Ray pool (the ``workers:`` section of the config):
@@ -273,7 +273,7 @@ class RayExecutor(Executor):
             check_memory(self.config, self.capacity, torch.device("cpu"))
 
     def _new_slot(self, placement_timeout: float | None = None) -> _Slot:
-        from evomerge.workers.ray_actor import EvaluationActor
+        from evomerge.executors.ray_actor import EvaluationActor
 
         actor = EvaluationActor.options(
             num_cpus=self.settings.cpus_per_worker,

@@ -1,6 +1,6 @@
 """The black-box worker: scores candidates purely through a model service's API.
 
-It plugs into the executors like the white-box ``LocalWorker`` (``evaluate(candidate_id, genome,
+It plugs into the executors like the white-box ``WhiteBoxWorker`` (``evaluate(candidate_id, genome,
 population) -> Evaluation``), but holds no base model: a genome decodes to ``lora_compose``'s
 per-adapter α and β, the service level (``api.level``) turns them into a model name on the
 service, and the black-box fitness function scores that model through ``/v1/completions``:
@@ -43,8 +43,8 @@ from evomerge.errors import ConfigError, PluginError, UserError
 from evomerge.fitness import per_example_scores, resolve_blackbox_fitness, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
-from evomerge.workers.api import ApiClient, ApiError, MalformedResponse, api_key_from_env
-from evomerge.workers.served_model import ApiServedModel, ResponseCache
+from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
+from evomerge.service.served_model import ApiServedModel, ResponseCache
 
 RECOVERY_ATTEMPTS = 3
 """Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
