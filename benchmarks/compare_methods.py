@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.config import RunConfig, config_from_dict
 from evomerge.fitness.data import load_examples
 from evomerge.merge import MERGE_METHODS

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.config import config_from_dict
 from evomerge.controller import Controller, Population
 from evomerge.executors import Executor, RayExecutor

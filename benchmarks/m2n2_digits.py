@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.strategies import SearchSpec, make_strategy
 
 N_TRAIN = 1437

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.store import EvaluationRow, RunStore
 
 MEDIAN_WINDOW = 20

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge import plaindata
 from evomerge.errors import RunDirError
 from evomerge.executors import Executor

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.errors import RunDirError
 
 DB_NAME = "run.db"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import ray
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig, WorkersConfig, load_config
 from evomerge.errors import ConfigError, PluginError, UserError
 from evomerge.executors import InlineExecutor, RayExecutor, WorkerError, check_fits, make_executor, pool_size

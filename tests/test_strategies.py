@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from evomerge import plaindata
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.strategies import STRATEGIES, GeneRange, SearchSpec, make_strategy
 
 DIM = 6

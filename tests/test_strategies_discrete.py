@@ -8,7 +8,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
 from evomerge import plaindata
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.strategies import STRATEGIES, GeneRange, SearchSpec, make_strategy
 
 # evo_merging needs lora_compose's alpha and beta; two discrete genes of 3 levels follow them

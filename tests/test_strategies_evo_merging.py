@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from evomerge import plaindata
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.merge import MERGE_METHODS
 from evomerge.space import Space
 from evomerge.strategies import GeneRange, SearchSpec, make_strategy

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from evomerge import plaindata
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.strategies import SearchSpec, make_strategy
 from evomerge.strategies.m2n2 import attraction, capacities, roulette, shared_scores, split_point_slerp
 from evomerge.strategies.seed_recipes import SeedGram, SeedRecipe

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from optuna.trial import TrialState
 
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.strategies import SearchSpec, make_strategy
 
 DIM = 4

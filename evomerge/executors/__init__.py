@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig, WorkersConfig
 from evomerge.errors import UserError
 

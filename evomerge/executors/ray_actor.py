@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.config import RunConfig
 from evomerge.workers import make_worker
 

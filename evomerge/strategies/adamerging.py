@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
 
 ADAMERGING_METHODS = ("linear", "task_arithmetic")

@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import Field
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
 
 SEPARABLE_ABOVE = 100  # dimensions above which separable="auto" turns diagonal covariance on

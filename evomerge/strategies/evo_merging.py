@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.strategies.base import GeneRange, SearchSpec, Strategy, StrategyOptions
 from evomerge.strategies.cmaes import Generations, pycma_es
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.merge.slerp import split_slerp_coefficients
 from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
 from evomerge.strategies.seed_recipes import SeedRecipe

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
 from evomerge.strategies.pareto import non_dominated, objective_values
 

@@ -31,7 +31,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 from pydantic import Field, field_validator
 
-from evomerge.candidates import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
 from evomerge.strategies.pareto import objective_values
 

@@ -37,7 +37,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
 
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, PluginError, UserError
 from evomerge.fitness import per_example_scores, resolve_blackbox_fitness, with_options

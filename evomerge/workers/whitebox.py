@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from evomerge.candidates import Evaluation
+from evomerge.records import Evaluation
 from evomerge.config import RunConfig
 from evomerge.errors import ModelLoadError, PluginError, UserError
 from evomerge.fitness import per_example_scores, resolve_fitness, with_options

@@ -1,4 +1,4 @@
-"""The records that flow between strategies, executors and the store."""
+"""The records that flow between strategies, executors, workers and the store: Candidate and Evaluation."""
 
 from __future__ import annotations
 
