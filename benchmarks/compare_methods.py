@@ -52,7 +52,7 @@ from evomerge.fitness.data import load_examples
 from evomerge.merge import MERGE_METHODS
 from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
 from evomerge.models.loading import quiet_transformers
-from evomerge.space import Space
+from evomerge.space.merge_space import Space
 from evomerge.strategies import STRATEGIES, make_strategy
 
 DIGIT_TASKS = {"digits_0_3": [0, 1, 2, 3], "digits_4_6": [4, 5, 6], "digits_7_9": [7, 8, 9]}

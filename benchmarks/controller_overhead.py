@@ -35,7 +35,8 @@ from evomerge.config import config_from_dict
 from evomerge.controller import Controller, Population
 from evomerge.executors import Executor, RayExecutor
 from evomerge.store import RunStore
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 
 MEAN_SECONDS = 0.05
 SIGMA = 1.0  # lognormal shape: a long right tail (the slowest of 2 is often 3× the mean)

@@ -10,7 +10,7 @@ import torch
 
 from evomerge.config import config_from_dict
 from evomerge.errors import ModelLoadError, ModelMismatchError
-from evomerge.merge.materializer import Materializer
+from evomerge.workers.materializer import Materializer
 from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.workers.whitebox import WhiteBoxWorker
 

@@ -9,7 +9,8 @@ import pytest
 
 from evomerge import plaindata
 from evomerge.records import Evaluation
-from evomerge.strategies import STRATEGIES, GeneRange, SearchSpec, make_strategy
+from evomerge.space.genes import GeneRange, SearchSpec
+from evomerge.strategies import STRATEGIES, make_strategy
 
 DIM = 6
 # one space every strategy accepts: evo_merging needs lora_compose's alpha and beta genes

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from evomerge.records import Evaluation
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 
 
 def test_adam_steps_follow_the_loss_gradient():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from evomerge.records import Evaluation
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 from evomerge.strategies.map import fit_quadratic, latin_hypercube, quadratic_features
 from evomerge.strategies.pareto import non_dominated, pareto_front
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from evomerge.merge import MERGE_METHODS, ResidentTensor, TensorContext
-from evomerge.merge.materializer import Materializer
+from evomerge.workers.materializer import Materializer
 
 # A model layout with an embedding before the layers and a norm and head after them, like a Llama.
 LAYOUT: dict[str, tuple[int, ...]] = {

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evomerge.merge import MERGE_METHODS
-from evomerge.space import GRANULARITIES, Space
+from evomerge.space.merge_space import GRANULARITIES, Space
 
 RANDOM_METHODS = {"dare_linear", "dare_ties"}
 """Methods whose result depends on the recipe's seed."""
@@ -114,14 +114,14 @@ def test_encode_decode_round_trip(merge_case, make_setup):
     for granularity in _granularities(setup.method):
         space = _space(setup, granularity)
         wanted = {}
-        for block in space.blocks:
-            spec = setup.method.param(block.param)
+        for gene in space.genes:
+            spec = setup.method.param(gene.name)
             n = setup.n_models if spec.per_model and granularity != "global" else 1
-            if block.levels is None:
-                value = rng.uniform(block.low, block.high, n)
+            if gene.levels is None:
+                value = rng.uniform(gene.low, gene.high, n)
             else:  # an integer gene round-trips its integers
-                value = rng.integers(block.low, block.high, n, endpoint=True).astype(np.float64)
-            wanted[block.param] = value.tolist() if n > 1 else float(value[0])
+                value = rng.integers(gene.low, gene.high, n, endpoint=True).astype(np.float64)
+            wanted[gene.name] = value.tolist() if n > 1 else float(value[0])
         genome = space.encode(wanted)
         assert genome.shape == (space.dim,)
         assert ((genome >= 0) & (genome <= 1)).all()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evomerge.merge import MERGE_METHODS, ResidentTensor
-from evomerge.space import Space
+from evomerge.space.merge_space import Space
 
 
 def test_fisher_by_hand(make_ctx):
