@@ -75,7 +75,7 @@ class SimulatedPool(Executor):
     def in_flight(self) -> int:
         return len(self._running)
 
-    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
+    def run_once(self, job):
         raise NotImplementedError("the simulated pool holds no models")
 
 
@@ -132,8 +132,8 @@ class TimedPool(Executor):
     def in_flight(self) -> int:
         return self.pool.in_flight
 
-    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.pool.block_grams(grid)
+    def run_once(self, job):
+        return self.pool.run_once(job)
 
 
 def ray_pool(root: Path, fitness: str, workers: int) -> RayExecutor:

@@ -139,7 +139,7 @@ def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_conf
     from evomerge.config import load_config
     from evomerge.controller import Controller, Population
     from evomerge.executors import InlineExecutor
-    from evomerge.runs import _strategies
+    from evomerge.plan import RunPlan
 
     config_path = digits_config(
         populations=POPULATIONS, budget={"evaluations": 16}, checkpoint_every=5, migration={"every": 3}
@@ -157,13 +157,13 @@ def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_conf
 
     config = load_config(config_path)
     executor = InlineExecutor(config)
-    _, strategies = _strategies(config, str(config_path), executor)
+    plan = RunPlan.from_config(config, str(config_path))
+    _, strategies = plan.strategies(executor)
     store = RunStore(tmp_path / "r")
-    budgets = config.population_budgets()
-    pops = [Population(p.name, s, budgets[p.name], p.share) for p, s in zip(config.populations, strategies)]
+    pops = [Population(p.name, s, p.budget, p.share) for p, s in zip(plan.populations, strategies)]
     Controller(store, executor, pops, migration=(3, 1)).restore()
     store.close()
-    _, loaded = _strategies(config, str(config_path), executor)
+    _, loaded = plan.strategies(executor)
     for pop, reference in zip(pops, loaded):
         reference.load_state_dict(plaindata.loads(final[pop.name]))
         got, want = pop.strategy.state_dict(), reference.state_dict()

@@ -152,7 +152,8 @@ def test_config_names_an_objective_that_nothing_measures(digits_config):
 
     from evomerge.config import load_config
     from evomerge.errors import ConfigError
+    from evomerge.plan import RunPlan
 
     path = digits_config(populations=[{"name": "m", "strategy": "map", "options": {"objectives": ["fitness", "digits_lo"]}}])
     with pytest.raises(ConfigError, match="objectives: 'digits_lo' is neither 'fitness' nor a task of fitness.tasks"):
-        load_config(path)
+        RunPlan.from_config(load_config(path))
