@@ -139,7 +139,17 @@ class WhiteBoxWorker(Worker):
 
     def materialize(self, candidate: Candidate) -> dict:
         """Write a candidate into the working model; returns what was applied as a plain document."""
-        decoded = self.codecs[candidate.population].decode(candidate.genome)
+        return self._apply(candidate, self._codec(candidate))
+
+    def _codec(self, candidate: Candidate):
+        """The candidate's population's codec (an unknown population is a bug, never a failed candidate)."""
+        try:
+            return self.codecs[candidate.population]
+        except KeyError:
+            raise KeyError(f"{candidate.id}: the run has no population '{candidate.population}'") from None
+
+    def _apply(self, candidate: Candidate, codec) -> dict:
+        decoded = codec.decode(candidate.genome)
         self.models.materializer.apply(decoded)
         return decoded.to_dict()
 
@@ -151,9 +161,11 @@ class WhiteBoxWorker(Worker):
     def evaluate(self, candidate: Candidate) -> Evaluation:
         """Merge and score one candidate, with the metrics its population needs besides fitness."""
 
+        codec = self._codec(candidate)
+
         def merge_and_score() -> Scored:
             t0 = time.perf_counter()
-            self.materialize(candidate)
+            self._apply(candidate, codec)
             t1 = time.perf_counter()
             scores = self.score(self.examples)
             extra = self.extra_metrics(candidate)
