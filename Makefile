@@ -1,5 +1,6 @@
 # The two commands: `make demo` runs the embedded search, `make test` runs the suite
-# (`make test-fast` leaves out the tests marked slow: Ray clusters, demos, notebooks, the wheel).
+# (`make test-fast` leaves out the tests marked slow, a minute or more each: Ray clusters, demos,
+# notebooks, the wheel install, the browser check, runs killed and resumed).
 # Each creates or reuses .venv and installs what it needs; both are safe to run again.
 PYTHON ?= python3
 VENV := .venv
