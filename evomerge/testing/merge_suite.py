@@ -29,15 +29,16 @@ import pytest
 import torch
 
 from evomerge.merge import MERGE_METHODS, MergeMethod
-from evomerge.workers.materializer import Materializer
+from evomerge.merge.method import LORA_FACTORS
 from evomerge.space.merge_space import GRANULARITIES, Space
 from evomerge.testing.tiny_models import LAYOUT, LORA_LAYOUT, random_state
+from evomerge.workers.materializer import Materializer
 
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
 """Registered methods whose result depends on the recipe's seed."""
 
-ADAPTER_METHODS = frozenset({"lora_compose"})
-"""Registered methods that merge PEFT adapters rather than whole models."""
+ADAPTER_METHODS = frozenset(name for name, m in MERGE_METHODS.items() if m.inputs == LORA_FACTORS)
+"""Registered methods that merge PEFT adapters rather than whole models (declared inputs: LoRA factors)."""
 
 MergeCase = tuple[MergeMethod, int, bool]
 """(method, number of experts, with a base model): one setup a method is checked in."""
