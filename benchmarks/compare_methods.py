@@ -46,13 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.records import Evaluation
+from evomerge.plan import RunPlan
+from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig, config_from_dict
 from evomerge.fitness.data import load_examples
 from evomerge.merge import MERGE_METHODS
 from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
 from evomerge.models.loading import quiet_transformers
-from evomerge.space import Space
+from evomerge.space.merge_space import Space
 from evomerge.strategies import STRATEGIES, make_strategy
 
 DIGIT_TASKS = {"digits_0_3": [0, 1, 2, 3], "digits_4_6": [4, 5, 6], "digits_7_9": [7, 8, 9]}
@@ -160,7 +161,7 @@ def expert_rows(worker: Any) -> dict[str, dict[str, float]]:
     rows = {}
     for i, label in enumerate(labels):
         worker.models.materializer.apply(linear.decode(linear.encode({"weight": np.eye(len(labels))[i]})))
-        rows[f"expert {label}"] = {"test_acc": worker.test_accuracy(), "evals": 0, "seconds": 0.0}
+        rows[f"expert {label}"] = {"test_acc": worker.score_on(worker.config.fitness.test_data).fitness, "evals": 0, "seconds": 0.0}
     return rows
 
 
@@ -181,7 +182,7 @@ def operator_rows(worker: Any) -> dict[str, dict[str, float]]:
         space = Space.build(method, names, n, granularity="global" if method.global_only else "per_model")
         worker.models.materializer.apply(space.decode(space.x0()))
         seconds = time.perf_counter() - started
-        rows[name] = {"test_acc": worker.test_accuracy(), "evals": 0, "seconds": seconds}
+        rows[name] = {"test_acc": worker.score_on(worker.config.fitness.test_data).fitness, "evals": 0, "seconds": seconds}
     return rows
 
 
@@ -195,9 +196,9 @@ def search(worker: Any, strategy_name: str, seed: int, budget: int) -> dict[str,
     strategy = make_strategy(strategy_name, strategy_name, worker.space.search_spec(), seed, options)
 
     def evaluate(cand):
-        return worker.evaluate(cand.id, cand.genome, strategy_name)
+        return worker.evaluate(cand)
 
-    return _drive(strategy, evaluate, budget, lambda genome: worker.test_accuracy(genome, strategy_name))
+    return _drive(strategy, evaluate, budget, lambda genome: worker.score_on(worker.config.fitness.test_data, Candidate("best", strategy_name, genome)).fitness)
 
 
 def searched_operator(worker: Any, name: str, seed: int, budget: int) -> dict[str, float]:
@@ -215,7 +216,7 @@ def searched_operator(worker: Any, name: str, seed: int, budget: int) -> dict[st
 
     def held_out(genome):
         materializer.apply(space.decode(genome))
-        return worker.test_accuracy()
+        return worker.score_on(worker.config.fitness.test_data).fitness
 
     return _drive(strategy, evaluate, budget, held_out)
 
@@ -243,7 +244,7 @@ def compare(config: RunConfig, seeds: list[int], budget: int) -> tuple[dict, dic
     """(experts, operators at defaults and strategies), (operators searched by CMA-ES)."""
     from evomerge.workers.whitebox import WhiteBoxWorker
 
-    worker = WhiteBoxWorker(config, worker_id="compare")
+    worker = WhiteBoxWorker(RunPlan.from_config(config), worker_id="compare")
     rows = {**expert_rows(worker), **operator_rows(worker)}
     for population in config.populations:
         rows[population.strategy] = mean([search(worker, population.strategy, s, budget) for s in seeds])

@@ -35,7 +35,8 @@ from evomerge.config import config_from_dict
 from evomerge.controller import Controller, Population
 from evomerge.executors import Executor, RayExecutor
 from evomerge.store import RunStore
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 
 MEAN_SECONDS = 0.05
 SIGMA = 1.0  # lognormal shape: a long right tail (the slowest of 2 is often 3× the mean)
@@ -74,7 +75,7 @@ class SimulatedPool(Executor):
     def in_flight(self) -> int:
         return len(self._running)
 
-    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
+    def run_once(self, job):
         raise NotImplementedError("the simulated pool holds no models")
 
 
@@ -131,8 +132,8 @@ class TimedPool(Executor):
     def in_flight(self) -> int:
         return self.pool.in_flight
 
-    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.pool.block_grams(grid)
+    def run_once(self, job):
+        return self.pool.run_once(job)
 
 
 def ray_pool(root: Path, fitness: str, workers: int) -> RayExecutor:

@@ -34,7 +34,8 @@ import torch
 from sklearn.datasets import load_digits
 
 from evomerge.records import Evaluation
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 
 N_TRAIN = 1437
 HIDDEN = 256

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from evomerge.plan import RunPlan
+from evomerge.records import Candidate
 
 N_EXPERTS = 3
 SCORED_EXAMPLES = 64
@@ -140,19 +142,19 @@ def main(argv: list[str] | None = None) -> int:
                 "budget": {"evaluations": 1},
             }
         )
-        worker = WhiteBoxWorker(config, worker_id="bench")
+        worker = WhiteBoxWorker(RunPlan.from_config(config), worker_id="bench")
         numel = sum(p.numel() for p in worker.models.model.parameters())
         itemsize = next(worker.models.model.parameters()).element_size()
         rng = np.random.default_rng(0)
         genomes = [rng.uniform(0.1, 0.9, worker.space.dim) for _ in range(args.repeats + 1)]
 
-        worker.materialize(genomes[-1])  # warm-up: first-touch of buffers, kernel caches
+        worker.materialize(Candidate("p:warm", "p", genomes[-1]))  # warm-up: first-touch of buffers, kernel caches
         inplace, bandwidths = [], []
         for genome in genomes[: args.repeats]:
             bandwidths.append(copy_bandwidth(device))
             _sync(device)
             t0 = time.perf_counter()
-            worker.materialize(genome)
+            worker.materialize(Candidate("p:0", "p", genome))
             _sync(device)
             inplace.append(time.perf_counter() - t0)
         bandwidths.append(copy_bandwidth(device))
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             out = root / f"candidate{i}"
             _sync(device)
             t0 = time.perf_counter()
-            worker.materialize(genome)
+            worker.materialize(Candidate("p:0", "p", genome))
             worker.models.model.save_pretrained(out, safe_serialization=True)
             reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
             negative_cross_entropy(reloaded, worker.models.tokenizer, worker.examples, batch_size=16)

@@ -88,8 +88,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evomerge.merge import MERGE_METHODS, ResidentTensor  # noqa: E402
-from evomerge.merge.materializer import Materializer  # noqa: E402
-from evomerge.space import Space  # noqa: E402
+from evomerge.workers.materializer import Materializer  # noqa: E402
+from evomerge.space.merge_space import Space  # noqa: E402
 
 N_EXPERTS = 3
 LLAMA_LAYERS = 12

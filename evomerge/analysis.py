@@ -188,8 +188,10 @@ def archive_history(path: str | Path) -> pd.DataFrame:
     Its breeding is never used, hence it needs no search space. Columns: ``population``,
     ``evaluation`` (within the population), ``seq``, ``coverage``, ``entropy``, ``members``.
     """
+    from evomerge.plan import RunPlan
     from evomerge.runs import load_run_config
-    from evomerge.strategies import STRATEGIES, SearchSpec, make_strategy
+    from evomerge.space.genes import SearchSpec
+    from evomerge.strategies import STRATEGIES, make_strategy
     from evomerge.strategies.m2n2 import M2N2
 
     store = RunStore(Path(path), readonly=True)
@@ -202,7 +204,7 @@ def archive_history(path: str | Path) -> pd.DataFrame:
         }
         rows: list[dict[str, Any]] = []
         counts = dict.fromkeys(replicas, 0)
-        scope = {p.name: p.seed_recipe_grid() for p in config.populations}
+        scope = {p.name: p.cache_scope for p in RunPlan.from_config(config).populations}
         for row in store.evaluations(with_scores=True) if replicas else ():
             if row.population in replicas:
                 replicas[row.population].immigrate(row.genome, _evaluation(row))
@@ -247,6 +249,7 @@ def best_recipe(path: str | Path) -> BestRecipe | None:
     numbered layers) the table holds each expert's weight averaged over the layer's parameters.
     """
     from evomerge.models.loading import parameter_shapes
+    from evomerge.plan import RunPlan
     from evomerge.runs import load_run_config
 
     store = RunStore(Path(path), readonly=True)
@@ -257,26 +260,26 @@ def best_recipe(path: str | Path) -> BestRecipe | None:
         store.close()
     if best is None or config is None:
         return None
-    shapes = parameter_shapes(config.working_model_ref())
+    plan = RunPlan.from_config(config)
+    shapes = parameter_shapes(plan.working_model)
     labels = config.models.expert_labels()
-    population = next(p for p in config.populations if p.name == best.population)
-    grid = population.seed_recipe_grid()
+    population = next(p for p in plan.populations if p.name == best.population)
+    grid = population.requires.split_grid
     if grid is not None:
         tables = {"weight": _seed_recipe_table(best.genome, shapes, grid, labels)}
         return BestRecipe(best.candidate_id, best.population, float(best.fitness), tables, {})
-    space = config.merge.build_space(list(shapes), len(labels))
+    space = plan.space(list(shapes))
     recipe = space.decode(best.genome)
     tables = {}
-    for block in space.blocks:
-        columns = labels if space.method.param(block.param).per_model else [block.param]
-        tables[block.param] = pd.DataFrame(recipe.values[block.param], index=recipe.group_names, columns=columns)
+    for gene in space.genes:
+        columns = labels if space.method.param(gene.name).per_model else [gene.name]
+        tables[gene.name] = pd.DataFrame(recipe.values[gene.name], index=recipe.group_names, columns=columns)
     return BestRecipe(best.candidate_id, best.population, float(best.fitness), tables, dict(space.fixed))
 
 
 def _seed_recipe_table(genome: np.ndarray, shapes: dict[str, tuple[int, ...]], grid: str, labels: list[str]) -> pd.DataFrame:
-    from evomerge.merge.materializer import split_grid_edges
-    from evomerge.space import group_tensors
-    from evomerge.strategies.seed_recipes import SeedRecipe
+    from evomerge.space.merge_space import group_tensors
+    from evomerge.space.seed_recipes import SeedRecipe, split_grid_edges
 
     recipe = SeedRecipe.decode(genome)
     edges = split_grid_edges(list(shapes.values()), grid)[recipe.edges]  # piece edges in elements

@@ -1,6 +1,9 @@
-"""The run configuration: one YAML file, validated by pydantic models.
+"""The run configuration: the schema of one YAML file, as pydantic models.
 
-Every error names the file and the field (``config.yaml: merge.method: …``). Relative paths in
+Only the file's own shape is checked here (types, bounds, keys, values that need nothing else);
+what a name means — a merge method, a strategy, their parameters — is checked against the
+registries by :mod:`evomerge.plan`, so reading a config imports neither torch nor a registry.
+Every error names the file and the field (``config.yaml: budget.max_time: …``). Relative paths in
 the file are relative to the file's directory, so a config and its models can move together.
 """
 
@@ -15,8 +18,6 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.merge import MERGE_METHODS, get_merge_method
-from evomerge.space import Space
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -84,52 +85,11 @@ class MergeConfig(_Strict):
     init: dict[str, float] = Field(default_factory=dict)
     options: dict[str, bool] = Field(default_factory=dict)
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in MERGE_METHODS:
-            raise ValueError(f"unknown merge method '{value}' (known: {', '.join(sorted(MERGE_METHODS))})")
-        return value
-
     @model_validator(mode="after")
-    def _consistent(self) -> "MergeConfig":
-        method = get_merge_method(self.method)
-        for field_name in ("fixed", "bounds", "init"):
-            for key in getattr(self, field_name):
-                if key not in method.param_names:
-                    raise ValueError(
-                        f"{field_name}: '{key}' is not a parameter of {self.method}"
-                        f" (it has: {', '.join(method.param_names)})"
-                    )
-        for key in self.options:
-            if key not in method.option_names:
-                raise ValueError(
-                    f"options: '{key}' is not an option of {self.method}"
-                    f" (it has: {', '.join(method.option_names) or 'none'})"
-                )
-        for key in self.search or []:
-            if key not in method.param_names:
-                raise ValueError(f"search: '{key}' is not a parameter of {self.method} (it has: {', '.join(method.param_names)})")
+    def _layer_groups(self) -> "MergeConfig":
         if self.layer_groups is not None and self.granularity != "per_layer_group":
             raise ValueError("layer_groups only applies to granularity 'per_layer_group'")
-        if method.global_only and self.granularity != "global":
-            raise ValueError(f"merge method '{self.method}' only supports granularity 'global'")
         return self
-
-    def build_space(self, tensor_names: list[str], n_models: int) -> Space:
-        """The search space over a model with these parameter names (same on every process)."""
-        return Space.build(
-            get_merge_method(self.method),
-            tensor_names,
-            n_models,
-            granularity=self.granularity,
-            layer_groups=self.layer_groups,
-            search=self.search,
-            fixed=self.fixed,
-            bounds=self.bounds,
-            init=self.init,
-            options=self.options,
-        )
 
 
 class PopulationConfig(_Strict):
@@ -137,13 +97,6 @@ class PopulationConfig(_Strict):
     strategy: str = "cmaes"
     share: float = Field(default=1.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
-
-    def seed_recipe_grid(self) -> str | None:
-        """The split grid when this population keeps M2N2 seed recipes instead of genomes."""
-        from evomerge.strategies import STRATEGIES
-
-        options = STRATEGIES[self.strategy].Options.model_validate(self.options)
-        return getattr(options, "split_grid") if getattr(options, "archive", "genomes") == "seed_recipes" else None
 
 
 class WorkersConfig(_Strict):
@@ -277,11 +230,6 @@ class BudgetConfig(_Strict):
     tokens: int | None = Field(default=None, ge=1, description="prompt plus completion tokens")
     cost: float | None = Field(default=None, gt=0, description="tokens times api.price")
 
-    def usage_limits(self) -> dict[str, float]:
-        """The API usage limits that are set, by usage key (``tokens`` counts prompt and completion)."""
-        limits = {"requests": self.requests, "tokens": self.tokens, "cost": self.cost}
-        return {k: v for k, v in limits.items() if v is not None}
-
     @field_validator("deadline")
     @classmethod
     def _deadline(cls, value: str | None) -> str | None:
@@ -291,12 +239,10 @@ class BudgetConfig(_Strict):
 
     @model_validator(mode="after")
     def _some_limit(self) -> "BudgetConfig":
-        if self.evaluations is None and self.max_time is None and self.deadline is None and not self.usage_limits():
+        limits = (self.evaluations, self.max_time, self.deadline, self.requests, self.tokens, self.cost)
+        if all(limit is None for limit in limits):
             raise ValueError("set at least one of 'evaluations', 'max_time', 'deadline', 'requests', 'tokens' or 'cost'")
         return self
-
-    def deadline_timestamp(self) -> float | None:
-        return None if self.deadline is None else resolve_deadline(self.deadline).timestamp()
 
 
 class MigrationConfig(_Strict):
@@ -329,84 +275,12 @@ class RunConfig(_Strict):
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "RunConfig":
-        method = get_merge_method(self.merge.method)
-        n = len(self.models.experts)
-        if method.needs_base and self.models.base is None:
-            raise ValueError(f"merge.method: '{method.name}' combines task vectors and needs models.base")
-        if n < method.min_models or (method.max_models is not None and n > method.max_models):
-            wanted = (
-                f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
-            )
-            raise ValueError(f"models.experts: merge method '{method.name}' takes {wanted} experts, got {n}")
-        if method.needs_fisher:
-            for i, expert in enumerate(self.models.experts):
-                if expert.data is None:
-                    raise ValueError(
-                        f"models.experts.{i}.data: merge method '{method.name}' estimates each expert's"
-                        " Fisher information on its own data; give every expert a data source"
-                    )
+    def _distinct_populations(self) -> "RunConfig":
         names = [p.name for p in self.populations]
         duplicates = {x for x in names if names.count(x) > 1}
         if duplicates:
             raise ValueError(f"populations: duplicate name '{sorted(duplicates)[0]}'")
-        from evomerge.strategies import STRATEGIES
-        from evomerge.strategies.adamerging import ADAMERGING_METHODS
-
-        for i, pop in enumerate(self.populations):
-            if pop.strategy not in STRATEGIES:
-                raise ValueError(
-                    f"populations.{i}.strategy: unknown strategy '{pop.strategy}' (known: {', '.join(sorted(STRATEGIES))})"
-                )
-            try:
-                STRATEGIES[pop.strategy].Options.model_validate(pop.options)
-            except ValidationError as err:
-                first = err.errors()[0]
-                msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
-                where = _field_path(first["loc"])
-                raise ValueError(f"populations.{i}.options{'.' + where if where else ''}: {msg}") from None
-            if pop.strategy == "adamerging" and self.merge.method not in ADAMERGING_METHODS:
-                raise ValueError(
-                    f"populations.{i}.strategy: adamerging learns {' or '.join(ADAMERGING_METHODS)} coefficients by"
-                    f" gradient descent on white-box workers; merge.method is '{self.merge.method}'"
-                )
-            unknown = [o for o in pop.options.get("objectives", []) if o != "fitness" and o not in self.fitness.tasks]
-            if unknown and self.api is None:  # a white-box worker measures the fitness and the tasks
-                raise ValueError(
-                    f"populations.{i}.options.objectives: '{unknown[0]}' is neither 'fitness' nor a task of"
-                    f" fitness.tasks (tasks: {', '.join(self.fitness.tasks) or 'none'})"
-                )
-        self._blackbox_checks()
         return self
-
-    def _blackbox_checks(self) -> None:
-        """What a black-box run can search: per-adapter α/β of ``lora_compose``, no weights at hand."""
-        if self.api is None:
-            if self.budget.usage_limits():
-                raise ValueError("budget: requests, tokens and cost limit black-box runs; add an api section")
-            return
-        method = "linear" if self.api.level == "openai" else "lora_compose"
-        if self.merge.method != method or self.merge.granularity not in ("global", "per_model"):
-            what = (
-                "mixes served models by per-model weights"
-                if method == "linear"
-                else "merges LoRA adapters by per-adapter alpha and beta"
-            )
-            raise ValueError(
-                f"api.level: a {self.api.level} service {what}; use merge.method {method} with granularity per_model or global"
-            )
-        for i, pop in enumerate(self.populations):
-            if pop.seed_recipe_grid() is not None:
-                raise ValueError(f"populations.{i}.options.archive: seed recipes need the weights; black-box runs cannot use them")
-
-    def local_models(self) -> list[tuple[str, str]]:
-        """(field, reference) of the models this machine reads: all of them in white-box runs; in
-        black-box runs only runtime_lora's adapters (a merge service names its adapters, and the
-        base is always a served model name)."""
-        refs = [("models.base", self.models.base)] if self.models.base and self.api is None else []
-        if self.api is None or self.api.level == "runtime_lora":
-            refs += [(f"models.experts.{i}.path", e.path) for i, e in enumerate(self.models.experts)]
-        return refs
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
@@ -418,37 +292,23 @@ class RunConfig(_Strict):
             return str(self.resolve_path(path))
         return path
 
-    def working_model_ref(self) -> str:
-        """The model whose parameters merges are written into: the base, else the first expert."""
-        return self.model_ref(self.models.base or self.models.experts[0].path)
-
     def run_path(self) -> Path:
         return self.resolve_path(self.run_dir)
-
-    def population_budgets(self) -> dict[str, int | None]:
-        """Evaluations per population, split by ``share`` (None: limited by time only)."""
-        if self.budget.evaluations is None:
-            return {p.name: None for p in self.populations}
-        total_share = sum(p.share for p in self.populations)
-        budgets = {p.name: int(self.budget.evaluations * p.share / total_share) for p in self.populations}
-        leftover = self.budget.evaluations - sum(budgets.values())
-        for p in self.populations[:leftover]:
-            budgets[p.name] += 1
-        return budgets
 
 
 def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or "\\" in path
 
 
-def _field_path(loc: tuple) -> str:
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as the config's dotted field path (``populations.0.options``)."""
     return ".".join(str(x) for x in loc if not (isinstance(x, str) and x.startswith("function-")))
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:3]:
-        loc = _field_path(e["loc"])
+        loc = field_path(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and level)"
@@ -480,16 +340,3 @@ def load_config(path: str | Path) -> RunConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     return config_from_dict(data, str(path), path.parent)
-
-
-def check_files(config: RunConfig, source: str) -> None:
-    """Local model paths and data files must exist (hub ids are checked when loaded)."""
-    for field_name, ref in config.local_models():
-        resolved = config.model_ref(ref)
-        if Path(resolved).is_absolute() and not Path(resolved).exists():
-            raise ConfigError(f"{source}: {field_name}: model directory not found: {resolved}")
-    for field_name, data in (("fitness.data", config.fitness.data), ("fitness.test_data", config.fitness.test_data)):
-        if data is not None and not data.source.startswith(("sklearn:", "hf:")):
-            resolved = config.resolve_path(data.source)
-            if not resolved.exists():
-                raise ConfigError(f"{source}: {field_name}.source: file not found: {resolved}")

@@ -22,6 +22,7 @@ import numpy as np
 
 from evomerge.records import Candidate, Evaluation
 from evomerge import plaindata
+from evomerge.budget import Budget, BudgetState
 from evomerge.errors import RunDirError
 from evomerge.executors import Executor
 from evomerge.store import EvaluationRow, RunStore, genome_hash
@@ -68,26 +69,18 @@ class Controller:
         store: RunStore,
         executor: Executor,
         populations: list[Population],
-        max_time: float | None = None,
+        budget: Budget = Budget(),
         checkpoint_every: int = 10,
         on_progress: Callable[[Progress], None] | None = None,
-        deadline: float | None = None,
-        target_fitness: float | None = None,
-        patience: int | None = None,
         migration: tuple[int, int] | None = None,
-        usage_limits: dict[str, float] | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
         self.populations = {p.name: p for p in populations}
-        self.max_time = max_time
+        self.budget = budget
         self.checkpoint_every = checkpoint_every
         self.on_progress = on_progress
-        self.deadline = deadline
-        self.target_fitness = target_fitness
-        self.patience = patience
         self.migration = migration  # (every, size)
-        self.usage_limits = usage_limits or {}  # black-box: requests / tokens / cost
         self._usage = {"requests": 0.0, "tokens": 0.0, "cost": 0.0}
         self._best_at = 0  # evaluations counted when the best last improved
         self._stop_requested: str | None = None
@@ -249,8 +242,8 @@ class Controller:
         elapsed = time.time() - started
         total = self._total_budget()
         left: list[float] = []
-        if self.max_time is not None:
-            left.append(max(0.0, self.max_time - elapsed))
+        if self.budget.max_time is not None:
+            left.append(max(0.0, self.budget.max_time - elapsed))
         if total and self._evaluations:
             left.append(elapsed / self._evaluations * max(0, total - self._evaluations))
         self.on_progress(
@@ -304,18 +297,9 @@ class Controller:
     def _limit_reached(self, started: float) -> str | None:
         """Why the run should stop asking now (besides budgets and signals), or None."""
         now = time.time()
-        if self.max_time is not None and now - started >= self.max_time:
-            return "max_time reached"
-        if self.deadline is not None and now >= self.deadline:
-            return "deadline reached"
-        if self.target_fitness is not None and self._best is not None and self._best >= self.target_fitness:
-            return f"target fitness {self.target_fitness} reached"
-        for key, limit in self.usage_limits.items():
-            if self._usage[key] >= limit:
-                return f"{key} budget reached ({self._usage[key]:g} of {limit:g})"
-        if self.patience is not None and self._evaluations - self._best_at >= self.patience:
-            return f"no improvement for {self.patience} evaluations"
-        return None
+        state = BudgetState(now - started, now, self._evaluations, self._best, self._best_at, self._usage)
+        reasons = self.budget.stop(state)
+        return self.budget.describe(reasons, state) if reasons else None
 
     def summary(self, stop_reason: str, elapsed: float) -> dict[str, Any]:
         best = self.store.best()

@@ -17,10 +17,11 @@ import torch
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
 from evomerge.fitness.data import load_examples
-from evomerge.merge import get_merge_method
+from evomerge.merge.linear import LINEAR
 from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
 from evomerge.models.loading import quiet_transformers
-from evomerge.space import Space
+from evomerge.records import Candidate
+from evomerge.space.merge_space import Space
 
 PREPARING = "training two digit specialists (0-4 and 5-9) from one initialisation…"
 TABLE_TITLE = "test accuracy over all ten digits"
@@ -72,21 +73,24 @@ def prepare(config: RunConfig) -> None:
 
 def comparison_table(config: RunConfig, bests: dict[str, np.ndarray]) -> list[tuple[str, float]]:
     """Test accuracy of each expert, the uniform average and each population's best merge."""
+    from evomerge.plan import RunPlan
     from evomerge.workers.whitebox import WhiteBoxWorker
 
-    return expert_and_merge_scores(WhiteBoxWorker(config, worker_id="demo"), config, bests, "expert")
+    return expert_and_merge_scores(WhiteBoxWorker(RunPlan.from_config(config), worker_id="demo"), config, bests, "expert")
 
 
 def expert_and_merge_scores(worker, config: RunConfig, bests: dict[str, np.ndarray], noun: str) -> list[tuple[str, float]]:
     """Test scores of each expert alone, their uniform average and each population's best merge."""
     n = len(config.models.experts)
-    linear = Space.build(get_merge_method("linear"), worker.models.tensor_names, n, "per_model")
+    test_data = config.fitness.test_data
+    linear = Space.build(LINEAR, worker.models.tensor_names, n, "per_model")
     rows = []
     for i, label in enumerate(config.models.expert_labels()):
-        worker.models.materializer.apply(linear.decode(linear.encode({"weight": np.eye(n)[i]})))
-        rows.append((f"{noun} {label}", worker.test_accuracy()))
+        worker.models.materializer.apply(linear.decode(linear.encode(LINEAR.expert_alone(i, n))))
+        rows.append((f"{noun} {label}", worker.score_on(test_data).fitness))
     worker.models.materializer.apply(linear.decode(linear.encode({"weight": 1.0})))
-    rows.append(("uniform average", worker.test_accuracy()))
+    rows.append(("uniform average", worker.score_on(test_data).fitness))
     for population, genome in bests.items():
-        rows.append((f"searched merge ({population})", worker.test_accuracy(genome, population)))
+        best = Candidate(f"{population}:best", population, genome)
+        rows.append((f"searched merge ({population})", worker.score_on(test_data, best).fitness))
     return rows

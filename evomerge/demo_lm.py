@@ -78,11 +78,13 @@ def prepare(config: RunConfig) -> None:
 def comparison_table(config: RunConfig, bests: dict[str, np.ndarray]) -> list[tuple[str, float]]:
     """Mixed test-set score of the base, each specialist, their average and each searched merge."""
     from evomerge.demo import expert_and_merge_scores
-    from evomerge.merge import get_merge_method
-    from evomerge.space import Space
+    from evomerge.merge.task_arithmetic import TASK_ARITHMETIC
+    from evomerge.plan import RunPlan
+    from evomerge.space.merge_space import Space
     from evomerge.workers.whitebox import WhiteBoxWorker
 
-    worker = WhiteBoxWorker(config, worker_id="demo")
-    base_only = Space.build(get_merge_method("task_arithmetic"), worker.models.tensor_names, len(config.models.experts), "global")
+    worker = WhiteBoxWorker(RunPlan.from_config(config), worker_id="demo")
+    base_only = Space.build(TASK_ARITHMETIC, worker.models.tensor_names, len(config.models.experts), "global")
     worker.models.materializer.apply(base_only.decode(base_only.encode({"weight": 0.0})))
-    return [("base (before fine-tuning)", worker.test_accuracy())] + expert_and_merge_scores(worker, config, bests, "specialist")
+    base_score = worker.score_on(config.fitness.test_data).fitness
+    return [("base (before fine-tuning)", base_score)] + expert_and_merge_scores(worker, config, bests, "specialist")

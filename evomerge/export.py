@@ -1,7 +1,7 @@
 """``evomerge export``: a run's best merge as a directory other tools load as it is.
 
 A full-model merge becomes a Hugging Face model directory (``save_pretrained``, safetensors, the
-tokenizer); a ``lora_compose`` merge becomes a peft adapter directory for the run's base. Beside
+tokenizer); a merge of LoRA factors (``lora_compose``) becomes a peft adapter directory for the run's base. Beside
 the weights: ``recipe.yaml`` (what evomerge searched and found), ``README.md`` (a model card with
 the recipe and the scores) and, where mergekit can express the recipe, ``mergekit.yaml``, which
 rebuilds the same weights with ``mergekit-yaml mergekit.yaml OUT``. The directory is written under
@@ -17,9 +17,12 @@ from typing import Any
 
 import yaml
 
-from evomerge.config import RunConfig
 from evomerge.errors import RunDirError
+from evomerge.merge.method import LORA_FACTORS
 from evomerge.mergekit_recipe import NotExpressible, mergekit_config
+from evomerge.plan import RunPlan
+from evomerge.records import Candidate
+from evomerge.space.merge_space import Recipe
 from evomerge.store import RunStore
 
 RECIPE_NAME = "recipe.yaml"
@@ -45,11 +48,14 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} exists and is not empty; choose another --out")
-    worker = WhiteBoxWorker(config, worker_id="export")
-    recipe = worker.materialize(best.genome, best.population)
+    plan = RunPlan.from_config(config)
+    worker = WhiteBoxWorker(plan, worker_id="export")
+    candidate = Candidate(best.candidate_id, best.population, best.genome)
+    decoded = worker.codecs[best.population].decode(best.genome)
+    recipe = worker.materialize(candidate)
     scores: dict[str, float] = {f"fitness ({config.fitness.name} on {config.fitness.data.source})": best.fitness}
     if config.fitness.test_data is not None:
-        scores[f"test ({config.fitness.test_data.source})"] = worker.test_accuracy()
+        scores[f"test ({config.fitness.test_data.source})"] = worker.score_on(config.fitness.test_data).fitness
     document = {
         "candidate_id": best.candidate_id,
         "population": best.population,
@@ -60,7 +66,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "granularity": config.merge.granularity,
         "recipe": recipe,
     }
-    mergekit, note = _mergekit_document(config, worker, best.genome, best.population)
+    mergekit, note = _mergekit_document(plan, worker, decoded)
     if note is not None:
         document["mergekit"] = note
 
@@ -71,22 +77,22 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
     if mergekit is not None:
         (tmp / MERGEKIT_NAME).write_text(yaml.safe_dump(mergekit, sort_keys=False))
-    (tmp / CARD_NAME).write_text(model_card(config, document, baselines, evaluations, mergekit is not None))
+    (tmp / CARD_NAME).write_text(model_card(plan, document, baselines, evaluations, mergekit is not None))
     if out.exists():
         out.rmdir()
     shutil.move(str(tmp), str(out))
     return document
 
 
-def _mergekit_document(config: RunConfig, worker, genome, population: str) -> tuple[dict | None, str | None]:
+def _mergekit_document(plan: RunPlan, worker, decoded) -> tuple[dict | None, str | None]:
     """The mergekit YAML of the best recipe (or None), and what a reader should know about it."""
-    pop = next(p for p in config.populations if p.name == population)
-    if pop.seed_recipe_grid() is not None:
+    config = plan.config
+    if not isinstance(decoded, Recipe):
         return None, "not written: M2N2 seed recipes (piecewise combinations with split points) have no mergekit equivalent"
     try:
         document = mergekit_config(
-            worker.space.decode(genome),
-            worker.space.method,
+            decoded,
+            decoded.method,
             worker.models.tensor_names,
             config.model_ref(config.models.base) if config.models.base else None,
             [config.model_ref(e.path) for e in config.models.experts],
@@ -94,16 +100,17 @@ def _mergekit_document(config: RunConfig, worker, genome, population: str) -> tu
         )
     except NotExpressible as exc:
         return None, f"not written: {exc}"
-    if worker.space.method.name.startswith("dare"):
+    if decoded.method.name.startswith("dare"):
         return document, "mergekit draws its own random drop masks: its merge equals ours in expectation, not entry for entry"
     return document, None
 
 
 def model_card(
-    config: RunConfig, document: dict, baselines: list[dict], evaluations: dict[str, tuple[int, int]], has_mergekit: bool
+    plan: RunPlan, document: dict, baselines: list[dict], evaluations: dict[str, tuple[int, int]], has_mergekit: bool
 ) -> str:
     """A Hugging Face model card: front matter for the hub, then the recipe and the scores."""
-    adapter = config.merge.method == "lora_compose"
+    config = plan.config
+    adapter = plan.method.inputs == LORA_FACTORS
     bases = [config.models.base] if config.models.base else [e.path for e in config.models.experts]
     front = {
         "base_model": bases,

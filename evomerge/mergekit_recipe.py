@@ -18,7 +18,7 @@ import re
 from typing import Any, Sequence
 
 from evomerge.merge import MergeMethod
-from evomerge.space import Recipe
+from evomerge.space.merge_space import Recipe
 
 # Everything up to and including the first numbered segment: the block index space.layer_index reads.
 _BLOCK_PREFIX = re.compile(r"^(?:.*?\.)?\d+\.")

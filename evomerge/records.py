@@ -40,6 +40,7 @@ class Evaluation:
     started: float = 0.0
     duration: float = 0.0
     error: str | None = None
+    population: str = ""
 
     @property
     def usable(self) -> bool:

@@ -1,6 +1,6 @@
 """Starting and inspecting runs: the composition the CLI calls.
 
-``start_run`` wires config → space → strategies → executor → controller → store; ``run_status``
+``start_run`` wires config → plan → executor → strategies → controller → store; ``run_status``
 reads a run directory (also while the run is writing it). Exporting is ``evomerge.export``.
 """
 
@@ -15,23 +15,22 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from evomerge.config import PopulationConfig, RunConfig, check_files, config_from_dict, resolve_deadline
+from evomerge.budget import Budget, pin_deadline
+from evomerge.config import RunConfig, config_from_dict
 from evomerge.controller import Controller, Population, Progress, population_front
-from evomerge.errors import ConfigError, RunDirError
+from evomerge.errors import RunDirError
 from evomerge.executors import Executor, make_executor
-from evomerge.models.loading import parameter_names
-from evomerge.space import Space
+from evomerge.plan import RunPlan
 from evomerge.store import RunStore
-from evomerge.strategies import SearchSpec, make_strategy
-from evomerge.strategies.seed_recipes import SeedGram
+from evomerge.workers.jobs import ExpertBaselines
 
 
-
-def resolved_config_dict(config: RunConfig) -> dict[str, Any]:
+def resolved_config_dict(plan: RunPlan) -> dict[str, Any]:
     """The config with every local path made absolute: the snapshot a run directory keeps."""
+    config = plan.config
     data = config.model_dump(mode="json")
     models = data["models"]
-    local = {ref for _, ref in config.local_models()}
+    local = {ref for _, ref in plan.local_models()}
     if models["base"] in local:
         models["base"] = config.model_ref(models["base"])
     for expert in models["experts"]:
@@ -50,18 +49,6 @@ def resolved_config_dict(config: RunConfig) -> dict[str, Any]:
 def load_run_config(store: RunStore) -> RunConfig:
     data = yaml.safe_load(store.config_yaml())
     return config_from_dict(data, str(store.run_dir / "config.yaml"), store.run_dir)
-
-
-def _search_spec(population: PopulationConfig, space: Space, executor: Executor) -> SearchSpec:
-    """The population's view of the search: the merge space, or M2N2's seed recipes."""
-    grid = population.seed_recipe_grid()
-    if grid is None:
-        return space.search_spec()
-    try:
-        edges, grams = executor.block_grams(grid)
-    except ValueError as exc:  # e.g. an element grid on a model too large for it
-        raise ConfigError(f"populations '{population.name}': {exc}") from None
-    return SearchSpec.seed_recipes(SeedGram.from_block_grams(edges, grams))
 
 
 LOG_NAME = "run.log"
@@ -117,53 +104,34 @@ def _session(store: RunStore, executor: Executor) -> Iterator[None]:
 def _score_experts(store: RunStore, config: RunConfig, executor: Executor) -> None:
     """Record each expert's own fitness once per run (``score_experts``), before the search, so
     the report can set the best merge beside them while the run goes; a resume scores them only
-    if the run has none yet. Executors that cannot apply an expert alone record nothing."""
+    if the run has none yet."""
     if not config.score_experts or store.baselines():
         return
-    for ev in executor.expert_baselines() or []:
+    for ev in executor.run_once(ExpertBaselines()):
         store.add_baseline(ev.candidate_id, ev)
-
-
-def _strategies(config: RunConfig, source: str, executor: Executor) -> tuple[Space, list]:
-    """The run's space and one fresh strategy per population (a resume builds the same ones)."""
-    try:
-        tensor_names = [] if config.api is not None else parameter_names(config.working_model_ref())  # black-box: α/β per adapter
-        space = config.merge.build_space(tensor_names, len(config.models.experts))
-    except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
-        raise ConfigError(f"{source}: merge: {exc}") from None
-    strategies = [
-        make_strategy(p.strategy, p.name, _search_spec(p, space, executor), config.seed + 1000 * i, p.options)
-        for i, p in enumerate(config.populations)
-    ]
-    return space, strategies
 
 
 def _drive(
     store: RunStore,
-    config: RunConfig,
+    plan: RunPlan,
     executor: Executor,
     strategies: list,
     on_progress: Callable[[Progress], None] | None,
     resume: bool,
 ) -> dict[str, Any]:
-    budgets = config.population_budgets()
+    config = plan.config
     populations = [
-        Population(p.name, strategy, budgets[p.name], p.share, cache_scope=f"seed_recipes:{grid}" if grid else "space")
-        for p, strategy in zip(config.populations, strategies)
-        for grid in [p.seed_recipe_grid()]
+        Population(p.name, strategy, p.budget, p.share, cache_scope=p.cache_scope)
+        for p, strategy in zip(plan.populations, strategies)
     ]
     controller = Controller(
         store,
         executor,
         populations,
-        max_time=config.budget.max_time,
+        Budget.from_config(config.budget),
         checkpoint_every=config.checkpoint_every,
         on_progress=on_progress,
-        deadline=config.budget.deadline_timestamp(),
-        target_fitness=config.budget.target_fitness,
-        patience=config.budget.patience,
         migration=None if config.migration is None else (config.migration.every, config.migration.size),
-        usage_limits=config.budget.usage_limits(),
     )
     with run_log(store.run_dir):
         if resume:
@@ -183,33 +151,32 @@ def start_run(
     """Run a search to the end of its budget; returns the summary also stored in the run."""
     if run_dir is not None:
         config.run_dir = str(Path(run_dir).resolve())
-    if config.budget.deadline is not None:  # "07:00" means tonight's 07:00, also after a resume
-        config.budget.deadline = resolve_deadline(config.budget.deadline).isoformat(timespec="seconds")
-    check_files(config, source)
+    pin_deadline(config.budget)  # "07:00" means tonight's 07:00, also after a resume
+    plan = RunPlan.from_config(config, source)
+    plan.check_files()
     path = config.run_path()
     if (path / "run.db").exists():
         raise RunDirError(f"{path} already holds a run; choose another --run-dir or remove it")
     executor = make_executor(config)
     try:
-        space, strategies = _strategies(config, source, executor)
+        space, strategies = plan.strategies(executor)
         store = RunStore(path, create=True)
     except BaseException:
         executor.shutdown()
         raise
     with _session(store, executor):
-        store.init_run(config.name, yaml.safe_dump(resolved_config_dict(config), sort_keys=False), config.budget.model_dump())
-        budgets = config.population_budgets()
-        for p in config.populations:
+        store.init_run(config.name, yaml.safe_dump(resolved_config_dict(plan), sort_keys=False), config.budget.model_dump())
+        for p, pop in zip(config.populations, plan.populations):
             store.add_population(
                 p.name,
                 p.strategy,
-                budgets[p.name],
+                pop.budget,
                 {"method": space.method.name, "granularity": space.granularity, "dim": space.dim, "groups": space.group_names},
             )
         if on_ready is not None:
             on_ready(path)
         _score_experts(store, config, executor)
-        return _drive(store, config, executor, strategies, on_progress, resume=False)
+        return _drive(store, plan, executor, strategies, on_progress, resume=False)
 
 
 def resume_run(
@@ -234,21 +201,16 @@ def resume_run(
         config = load_run_config(store)
         if adjust is not None:
             adjust(config)
-        if config.budget.deadline is not None:
-            config.budget.deadline = resolve_deadline(config.budget.deadline).isoformat(timespec="seconds")
-    except BaseException:
-        store.close()
-        raise
-    source = str(Path(run_dir) / "config.yaml")
-    try:
+        pin_deadline(config.budget)
+        plan = RunPlan.from_config(config, str(Path(run_dir) / "config.yaml"))
         executor = make_executor(config)
     except BaseException:
         store.close()
         raise
     with _session(store, executor):
-        _, strategies = _strategies(config, source, executor)
+        _, strategies = plan.strategies(executor)
         _score_experts(store, config, executor)
-        return _drive(store, config, executor, strategies, on_progress, resume=True)
+        return _drive(store, plan, executor, strategies, on_progress, resume=True)
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:

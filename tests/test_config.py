@@ -8,6 +8,12 @@ import yaml
 from evomerge.cli import main
 from evomerge.config import load_config, parse_duration
 from evomerge.errors import ConfigError
+from evomerge.plan import RunPlan
+
+
+def load_plan(path) -> RunPlan:
+    """The config at ``path`` and its plan: where the registries' cross-checks happen."""
+    return RunPlan.from_config(load_config(path), str(path))
 
 
 def test_valid_config_loads_and_resolves_relative_paths(tmp_path, digits_config):
@@ -15,7 +21,7 @@ def test_valid_config_loads_and_resolves_relative_paths(tmp_path, digits_config)
     config = load_config(path)
     assert config.run_path() == (tmp_path / "runs" / "x").resolve()
     assert config.merge.method == "task_arithmetic"
-    assert config.population_budgets() == {"cma": 24}
+    assert RunPlan.from_config(config).budgets == {"cma": 24}
 
 
 @pytest.mark.parametrize(
@@ -37,7 +43,7 @@ def test_valid_config_loads_and_resolves_relative_paths(tmp_path, digits_config)
 def test_invalid_configs_name_file_and_field(digits_config, override, field, words):
     path = digits_config(**override)
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        load_plan(path)
     message = str(info.value)
     assert str(path) in message
     assert field in message
@@ -47,14 +53,14 @@ def test_invalid_configs_name_file_and_field(digits_config, override, field, wor
 def test_method_needing_base_without_base(digits_config, digit_models):
     path = digits_config(models={"experts": [str(digit_models["low"]), str(digit_models["high"])]})
     with pytest.raises(ConfigError, match="needs models.base"):
-        load_config(path)
+        load_plan(path)
 
 
 def test_slerp_needs_exactly_two_experts(digits_config, digit_models):
     experts = [str(digit_models["low"])] * 3
     path = digits_config(models={"base": str(digit_models["base"]), "experts": experts}, merge={"method": "slerp"})
     with pytest.raises(ConfigError, match="exactly 2 experts"):
-        load_config(path)
+        load_plan(path)
 
 
 def test_invalid_yaml_reports_line(tmp_path):
@@ -94,7 +100,7 @@ def test_budget_split_by_share(digits_config):
         populations=[{"name": "a", "share": 1.0}, {"name": "b", "share": 2.0}],
         budget={"evaluations": 10},
     )
-    budgets = load_config(path).population_budgets()
+    budgets = load_plan(path).budgets
     assert sum(budgets.values()) == 10
     assert budgets["b"] > budgets["a"]
 
@@ -110,7 +116,7 @@ def test_yaml_round_trip_of_snapshot(digits_config):
     from evomerge.runs import resolved_config_dict
 
     config = load_config(digits_config())
-    snapshot = yaml.safe_load(yaml.safe_dump(resolved_config_dict(config)))
+    snapshot = yaml.safe_load(yaml.safe_dump(resolved_config_dict(RunPlan.from_config(config))))
     again = config_from_dict(snapshot)
     assert again.models.base == config.model_ref(config.models.base)
     assert again.run_path() == config.run_path()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from evomerge.plan import RunPlan
 from evomerge.config import config_from_dict
 from evomerge.errors import ConfigError, PluginError
 from evomerge.fitness import FITNESS_FUNCTIONS, with_options
@@ -282,15 +283,15 @@ def test_worker_renders_templates_and_passes_options(tmp_path, tokenizer, monkey
         },
         base_dir=tmp_path,
     )
-    worker = WhiteBoxWorker(config)
+    worker = WhiteBoxWorker(RunPlan.from_config(config))
     scores = worker.score(worker.examples)
     assert seen["batch_size"] == 2 and seen["max_new_tokens"] == 3
     assert [e["prompt"] for e in seen["examples"]] == ["Q: 2+2\nA:", "Q: 1+1\nA:"]
     assert scores.shape == (2,) and np.all(scores < 0)
-    assert np.isfinite(worker.test_accuracy())
+    assert np.isfinite(worker.score_on(config.fitness.test_data).fitness)
     config.fitness.options = {"temperature": 0.5}
     with pytest.raises(PluginError, match="does not accept options"):
-        WhiteBoxWorker(config)
+        WhiteBoxWorker(RunPlan.from_config(config))
 
 
 def test_hf_datasets_source_renders_a_local_dataset_split(tmp_path):

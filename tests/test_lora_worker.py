@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from evomerge.plan import RunPlan
+from evomerge.records import Candidate
 from evomerge.config import config_from_dict
 from evomerge.errors import ModelLoadError, ModelMismatchError
-from evomerge.merge.materializer import Materializer
+from evomerge.workers.materializer import Materializer
 from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.workers.whitebox import WhiteBoxWorker
 
@@ -72,11 +74,11 @@ IDS = torch.tensor([[4, 5, 40, 6, 7, 43, 8]])
 
 def test_lora_compose_one_hot_beta_reproduces_each_adapter_as_peft_loads_it(lora_models):
     root, adapters = lora_models
-    worker = WhiteBoxWorker(_config(root, adapters, "lora_compose"))
+    worker = WhiteBoxWorker(RunPlan.from_config(_config(root, adapters, "lora_compose")))
     assert all(".lora_A.weight" in n or ".lora_B.weight" in n for n in worker.models.tensor_names)
     for i, adapter in enumerate(adapters):
         genome = worker.space.encode({"alpha": 1.0, "beta": np.eye(2)[i]})
-        worker.materialize(genome)
+        worker.materialize(Candidate("p:0", "p", genome))
         with torch.no_grad():
             logits = worker.models.model(input_ids=IDS).logits
         torch.testing.assert_close(logits, _peft_logits(root / "base", adapter, IDS), rtol=1e-5, atol=1e-5)
@@ -88,9 +90,9 @@ def test_worker_merge_equals_the_merge_engine_bit_for_bit(lora_models):
     from safetensors.torch import load_file
 
     root, adapters = lora_models
-    worker = WhiteBoxWorker(_config(root, adapters, "lora_compose"))
+    worker = WhiteBoxWorker(RunPlan.from_config(_config(root, adapters, "lora_compose")))
     genome = np.random.default_rng(0).uniform(size=worker.space.dim)
-    worker.materialize(genome)
+    worker.materialize(Candidate("p:0", "p", genome))
 
     files = [load_file(a / "adapter_model.safetensors") for a in adapters]
     ratio = (16 / 4) / (8 / 4)
@@ -107,8 +109,8 @@ def test_worker_merge_equals_the_merge_engine_bit_for_bit(lora_models):
 def test_adapters_as_dense_experts_for_task_vector_methods(lora_models):
     """Under linear merging an adapter is base + scaling · B A, as peft's merge_and_unload gives it."""
     root, adapters = lora_models
-    worker = WhiteBoxWorker(_config(root, adapters, "linear"))
-    worker.materialize(worker.space.encode({"weight": np.eye(2)[1]}))
+    worker = WhiteBoxWorker(RunPlan.from_config(_config(root, adapters, "linear")))
+    worker.materialize(Candidate("p:0", "p", worker.space.encode({"weight": np.eye(2)[1]})))
     with torch.no_grad():
         logits = worker.models.model(input_ids=IDS).logits
     torch.testing.assert_close(logits, _peft_logits(root / "base", adapters[1], IDS), rtol=1e-4, atol=1e-5)
@@ -116,26 +118,26 @@ def test_adapters_as_dense_experts_for_task_vector_methods(lora_models):
 
 def test_lora_compose_keeps_the_configured_dtype(lora_models):
     root, adapters = lora_models
-    worker = WhiteBoxWorker(_config(root, adapters, "lora_compose", dtype="bfloat16"))
+    worker = WhiteBoxWorker(RunPlan.from_config(_config(root, adapters, "lora_compose", dtype="bfloat16")))
     assert {t.dtype for t in worker.models.materializer.targets.values()} == {torch.bfloat16}
-    evaluation = worker.evaluate("p:0", worker.space.encode({"alpha": 0.5, "beta": 0.5}))
+    evaluation = worker.evaluate(Candidate("p:0", "p", worker.space.encode({"alpha": 0.5, "beta": 0.5})))
     assert evaluation.status == "ok" and evaluation.per_example.shape == (2,)
 
 
 def test_adapters_of_another_rank_are_named_in_the_error(lora_models):
     root, adapters = lora_models
     with pytest.raises(ModelMismatchError, match=r"expert 'rank8' has .*lora_A\.weight of shape \(8, 32\)"):
-        WhiteBoxWorker(_config(root, [adapters[0], root / "rank8"], "lora_compose"))
+        WhiteBoxWorker(RunPlan.from_config(_config(root, [adapters[0], root / "rank8"], "lora_compose")))
 
 
 def test_lora_compose_refuses_full_models_and_adapters_need_a_base(lora_models):
     root, adapters = lora_models
     with pytest.raises(ModelLoadError, match="expert 'base' is not a LoRA adapter"):
-        WhiteBoxWorker(_config(root, [adapters[0], root / "base"], "lora_compose"))
+        WhiteBoxWorker(RunPlan.from_config(_config(root, [adapters[0], root / "base"], "lora_compose")))
     config = _config(root, adapters, "linear")
     config.models.base = None
     with pytest.raises(ModelLoadError, match="models.base"):
-        WhiteBoxWorker(config)
+        WhiteBoxWorker(RunPlan.from_config(config))
 
 
 def test_memory_estimate_of_a_lora_compose_worker_is_what_it_holds(lora_models):
@@ -143,7 +145,7 @@ def test_memory_estimate_of_a_lora_compose_worker_is_what_it_holds(lora_models):
 
     root, adapters = lora_models
     config = _config(root, adapters, "lora_compose")
-    worker = WhiteBoxWorker(config)
+    worker = WhiteBoxWorker(RunPlan.from_config(config))
     held = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
     held += sum(t.stack.numel() * t.stack.element_size() for t in worker.models.materializer.tensors.values())
     assert worker_memory(config).resident == held

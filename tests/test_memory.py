@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from evomerge.plan import RunPlan
 from evomerge.cli import main
 from evomerge.config import config_from_dict
 from evomerge.models import memory
@@ -53,7 +54,7 @@ def _config(root, dtype="float32", base=True):
 def test_estimate_equals_what_the_worker_holds(llamas, dtype, base):
     config = config_from_dict(_config(llamas, dtype, base))
     estimate = memory.worker_memory(config)
-    worker = WhiteBoxWorker(config)
+    worker = WhiteBoxWorker(RunPlan.from_config(config))
     held = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
     for tensor in worker.models.materializer.tensors.values():
         held += tensor.stack.numel() * tensor.stack.element_size()
@@ -85,7 +86,7 @@ def test_fisher_merging_counts_each_experts_fisher(llamas):
         {"path": str(llamas / f"expert{i}"), "data": {"source": str(llamas / "data.jsonl")}} for i in range(3)
     ]
     config = config_from_dict(document)
-    worker = WhiteBoxWorker(config)
+    worker = WhiteBoxWorker(RunPlan.from_config(config))
     held = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
     for name, tensor in worker.models.materializer.tensors.items():
         held += tensor.stack.numel() * tensor.stack.element_size()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.plan import RunPlan
 from evomerge.cli import main
 from evomerge.config import load_config
 
@@ -29,9 +30,9 @@ def test_paper_setups_match_the_papers():
     assert set(dare.merge.search) == {"weight", "density"} and "cmaes" in dare.populations[0].strategy
 
     m2n2 = load_config(PAPERS / "m2n2-llm-math-agent.yaml")
-    pop = {p.name: p for p in m2n2.populations}
-    assert pop["m2n2"].options["archive_size"] == 15 and pop["m2n2"].seed_recipe_grid() is not None
-    assert m2n2.population_budgets() == {"m2n2": 1000, "cmaes": 1000}
+    pop = {p.name: p for p in RunPlan.from_config(m2n2).populations}
+    assert pop["m2n2"].options.archive_size == 15 and pop["m2n2"].requires.split_grid is not None
+    assert RunPlan.from_config(m2n2).budgets == {"m2n2": 1000, "cmaes": 1000}
     assert m2n2.merge.method == "slerp" and m2n2.merge.layer_groups == 32
 
     pool = load_config(PAPERS / "evo-merging-lora-pool.yaml")

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import ray
 
+from evomerge.plan import RunPlan
+from evomerge.workers.jobs import BlockGrams
 from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig, WorkersConfig, load_config
 from evomerge.errors import ConfigError, PluginError, UserError
@@ -129,7 +131,7 @@ _REFERENCE: dict[str, WhiteBoxWorker] = {}  # built by the first test that asks:
 def reference(pool_config) -> WhiteBoxWorker:
     """The same models in this process, with the built-in fitness: what every actor must reproduce."""
     if "worker" not in _REFERENCE:
-        _REFERENCE["worker"] = WhiteBoxWorker(pool_config(fitness="classification_accuracy"), worker_id="reference")
+        _REFERENCE["worker"] = WhiteBoxWorker(RunPlan.from_config(pool_config(fitness="classification_accuracy")), worker_id="reference")
     return _REFERENCE["worker"]
 
 
@@ -196,8 +198,8 @@ def test_two_workers_score_concurrently_like_a_local_worker(pool_config, control
     executor = make_executor(config)
     try:
         assert isinstance(executor, RayExecutor) and executor.capacity == 2
-        edges, grams = executor.block_grams("rows")  # through an actor, before any candidate
-        expected_edges, expected_grams = reference.block_grams("rows")
+        edges, grams = executor.run_once(BlockGrams("rows"))  # through an actor, before any candidate
+        expected_edges, expected_grams = reference.run(BlockGrams("rows"))
         np.testing.assert_array_equal(edges, expected_edges)
         np.testing.assert_allclose(grams, expected_grams)
 
@@ -214,7 +216,7 @@ def test_two_workers_score_concurrently_like_a_local_worker(pool_config, control
     assert len({ev.worker for ev in results.values()}) == 2
     assert all(ev.worker.startswith("ray-") for ev in results.values())
     for cand in cands:
-        local = reference.evaluate(cand.id, cand.genome, cand.population)
+        local = reference.evaluate(cand)
         remote = results[cand.id]
         assert remote.fitness == local.fitness
         np.testing.assert_array_equal(remote.per_example, local.per_example)
@@ -263,7 +265,7 @@ def test_dead_worker_is_replaced_and_its_candidate_retried(pool_config, control,
     finally:
         executor.shutdown()
     assert ev.status == "ok", ev.error
-    assert ev.fitness == reference.evaluate(cand.id, cand.genome, cand.population).fitness
+    assert ev.fitness == reference.evaluate(cand).fitness
 
 
 def test_worker_killer_fails_after_max_retries_and_deaths_in_a_row_stop_the_run(pool_config, control, reference):

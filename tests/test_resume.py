@@ -102,11 +102,11 @@ def test_interrupted_run_resumes_to_its_budget(tmp_path, digits_config, monkeypa
     original = local.WhiteBoxWorker.evaluate
     calls = {"n": 0}
 
-    def interrupt_once(self, candidate_id, genome, population=None):
+    def interrupt_once(self, candidate):
         calls["n"] += 1
         if calls["n"] == 9:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, candidate_id, genome, population)
+        return original(self, candidate)
 
     monkeypatch.setattr(local.WhiteBoxWorker, "evaluate", interrupt_once)
     config = digits_config(populations=POPULATIONS, budget={"evaluations": 20}, checkpoint_every=50)
@@ -140,7 +140,7 @@ def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_conf
     from evomerge.config import load_config
     from evomerge.controller import Controller, Population
     from evomerge.executors import InlineExecutor
-    from evomerge.runs import _strategies
+    from evomerge.plan import RunPlan
 
     config_path = digits_config(
         populations=POPULATIONS, budget={"evaluations": 16}, checkpoint_every=5, migration={"every": 3}
@@ -158,19 +158,19 @@ def test_restore_without_checkpoints_replays_the_whole_log(tmp_path, digits_conf
 
     config = load_config(config_path)
     executor = InlineExecutor(config)
-    _, strategies = _strategies(config, str(config_path), executor)
+    plan = RunPlan.from_config(config, str(config_path))
+    _, strategies = plan.strategies(executor)
     store = RunStore(tmp_path / "r")
-    budgets = config.population_budgets()
-    pops = [Population(p.name, s, budgets[p.name], p.share) for p, s in zip(config.populations, strategies)]
+    pops = [Population(p.name, s, p.budget, p.share) for p, s in zip(plan.populations, strategies)]
     Controller(store, executor, pops, migration=(3, 1)).restore()
     store.close()
-    _, loaded = _strategies(config, str(config_path), executor)
+    _, loaded = plan.strategies(executor)
     for pop, reference in zip(pops, loaded):
         reference.load_state_dict(plaindata.loads(final[pop.name]))
         got, want = pop.strategy.state_dict(), reference.state_dict()
         assert got["next_number"] == want["next_number"] and got["n_told"] == want["n_told"]
         assert plaindata.dumps(got["best"]) == plaindata.dumps(want["best"])
-        assert pop.finished == pop.submitted == budgets[pop.name]
+        assert pop.finished == pop.submitted == plan.budgets[pop.name]
         for _ in range(3):  # same state: the same next candidates
             a, b = pop.strategy.ask(1), reference.ask(1)
             assert [c.id for c in a] == [c.id for c in b]
@@ -231,9 +231,9 @@ def test_identical_genomes_are_scored_once(tmp_path, digits_config, monkeypatch)
     scored = []
     original = local.WhiteBoxWorker.evaluate
 
-    def counting(self, candidate_id, genome, population=None):
-        scored.append(candidate_id)
-        return original(self, candidate_id, genome, population)
+    def counting(self, candidate):
+        scored.append(candidate.id)
+        return original(self, candidate)
 
     monkeypatch.setattr(local.WhiteBoxWorker, "evaluate", counting)
     # random search and TPE both start at x0, and random repeats it as its seed: one score for all

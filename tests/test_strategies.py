@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from evomerge.records import Evaluation
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 from evomerge.strategies.random_search import RandomSearch
 from evomerge.testing.strategy_suite import DIM, POPULATION, SPEC, RegisteredStrategies, StrategySuite, scored
 

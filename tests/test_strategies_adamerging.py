@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from evomerge.plan import RunPlan
 from evomerge.records import Evaluation
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 
 
 def test_adam_steps_follow_the_loss_gradient():
@@ -28,12 +30,12 @@ def test_adamerging_lowers_the_entropy_on_digit_experts(digits_config):
                "fixed": {"lambda": 1.0}, "init": {"weight": 0.3}},
         populations=[{"name": "ada", "strategy": "adamerging", "options": {"lr": 0.1}}],
     )
-    worker = WhiteBoxWorker(load_config(path))
+    worker = WhiteBoxWorker(RunPlan.from_config(load_config(path)))
     strategy = make_strategy("adamerging", "ada", worker.space.search_spec(), 0, {"lr": 0.1})
     entropies = []
     for _ in range(8):
         cand = strategy.ask(1)[0]
-        evaluation = worker.evaluate(cand.id, cand.genome, "ada")
+        evaluation = worker.evaluate(cand)
         assert evaluation.status == "ok" and len(evaluation.metrics["loss_gradient"]) == worker.space.dim
         entropies.append(evaluation.metrics["loss"])
         strategy.tell([evaluation])
@@ -45,8 +47,8 @@ def test_the_gradient_matches_finite_differences(digits_config):
     from evomerge.workers.whitebox import WhiteBoxWorker
 
     path = digits_config(populations=[{"name": "ada", "strategy": "adamerging"}])
-    worker = WhiteBoxWorker(load_config(path))
-    gradient = worker.extra_metrics._entropy
+    worker = WhiteBoxWorker(RunPlan.from_config(load_config(path)))
+    gradient = worker.extra_metrics.gradient
     genome = np.full(worker.space.dim, 0.4)
     analytic = np.array(gradient(genome)["loss_gradient"])
     for i in range(worker.space.dim):
@@ -66,4 +68,4 @@ def test_config_refuses_adamerging_on_a_method_without_gradients(digits_config):
         populations=[{"name": "ada", "strategy": "adamerging"}],
     )
     with pytest.raises(ConfigError, match="populations.0.strategy: adamerging learns linear or task_arithmetic"):
-        load_config(path)
+        RunPlan.from_config(load_config(path))

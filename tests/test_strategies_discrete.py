@@ -9,7 +9,8 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 
 from evomerge import plaindata
 from evomerge.records import Evaluation
-from evomerge.strategies import STRATEGIES, GeneRange, SearchSpec, make_strategy
+from evomerge.space.genes import GeneRange, SearchSpec
+from evomerge.strategies import STRATEGIES, make_strategy
 
 # evo_merging needs lora_compose's alpha and beta; two discrete genes of 3 levels follow them
 GENES = (

@@ -10,8 +10,9 @@ import pytest
 from evomerge import plaindata
 from evomerge.records import Evaluation
 from evomerge.merge import MERGE_METHODS
-from evomerge.space import Space
-from evomerge.strategies import GeneRange, SearchSpec, make_strategy
+from evomerge.space.merge_space import Space
+from evomerge.space.genes import GeneRange, SearchSpec
+from evomerge.strategies import make_strategy
 
 N = 3  # adapters
 LORA_NAMES = ["layers.0.q_proj.lora_A.weight", "layers.0.q_proj.lora_B.weight"]

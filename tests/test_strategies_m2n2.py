@@ -12,9 +12,10 @@ import pytest
 
 from evomerge import plaindata
 from evomerge.records import Evaluation
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 from evomerge.strategies.m2n2 import attraction, capacities, roulette, shared_scores, split_point_slerp
-from evomerge.strategies.seed_recipes import SeedGram, SeedRecipe
+from evomerge.space.seed_recipes import SeedGram, SeedRecipe
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "m2n2_digits.py"
 

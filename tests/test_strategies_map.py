@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from evomerge.records import Evaluation
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 from evomerge.strategies.map import fit_quadratic, latin_hypercube, quadratic_features
 from evomerge.strategies.pareto import non_dominated, pareto_front
 
@@ -151,7 +152,8 @@ def test_config_names_an_objective_that_nothing_measures(digits_config):
 
     from evomerge.config import load_config
     from evomerge.errors import ConfigError
+    from evomerge.plan import RunPlan
 
     path = digits_config(populations=[{"name": "m", "strategy": "map", "options": {"objectives": ["fitness", "digits_lo"]}}])
     with pytest.raises(ConfigError, match="objectives: 'digits_lo' is neither 'fitness' nor a task of fitness.tasks"):
-        load_config(path)
+        RunPlan.from_config(load_config(path))

@@ -7,7 +7,8 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.records import Evaluation
-from evomerge.strategies import SearchSpec, make_strategy
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies import make_strategy
 
 DIM = 4
 OPTUNA = ("tpe", "optuna_cmaes", "nsga2")

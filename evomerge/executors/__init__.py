@@ -31,7 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from evomerge.config import RunConfig, WorkersConfig
 from evomerge.errors import UserError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEDULE_TIMEOUT = 300.0
 """Seconds an actor may wait to be placed: room for an autoscaler to add a node, yet finite."""
@@ -74,13 +75,8 @@ class Executor(ABC):
     def in_flight(self) -> int: ...
 
     @abstractmethod
-    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
-        """The experts' per-block Gram matrices (M2N2 seed recipes), from any one worker."""
-
-    def expert_baselines(self) -> list[Evaluation] | None:
-        """Each expert scored alone on the fitness data by any one worker, for the report's
-        comparison; None from executors whose workers cannot apply an expert alone."""
-        return None
+    def run_once(self, job: Callable[[Any], T]) -> T:
+        """A one-off job (``evomerge.workers.jobs``) run by any one worker: ``worker.run(job)``."""
 
     def shutdown(self) -> None:
         """Release workers (no-op for the inline executor)."""
@@ -108,13 +104,10 @@ class InlineExecutor(Executor):
         if not self._queue:
             return []
         cand = self._queue.popleft()
-        return [self.worker.evaluate(cand.id, cand.genome, cand.population)]
+        return [self.worker.evaluate(cand)]
 
-    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.worker.block_grams(grid)
-
-    def expert_baselines(self) -> list[Evaluation]:
-        return self.worker.expert_baselines()
+    def run_once(self, job: Callable[[Any], T]) -> T:
+        return self.worker.run(job)
 
     def shutdown(self) -> None:
         """Release the worker's models (or its API client) now, not whenever the process ends."""
@@ -228,7 +221,7 @@ class RayExecutor(Executor):
         )
         self._slots: list[_Slot] = []
         self._queue: deque[_Job] = deque()
-        self._finished: list[Evaluation] = []  # settled outside ``wait`` (by block_grams), returned by it
+        self._finished: list[Evaluation] = []  # settled outside ``wait`` (by run_once), returned by it
         self._actors_made = 0
         self._deaths_in_a_row = 0
         self._owns_ray = not ray.is_initialized()
@@ -309,7 +302,7 @@ class RayExecutor(Executor):
             job = self._queue.popleft()
             cand = job.candidate
             slot.stage, slot.job, slot.started = "busy", job, time.time()
-            slot.ref = slot.actor.evaluate.remote(cand.id, cand.genome, cand.population)
+            slot.ref = slot.actor.evaluate.remote(cand)
             timeout = self.settings.timeout
             slot.deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -438,15 +431,9 @@ class RayExecutor(Executor):
             f" and {resources.get('GPU', 0):g} GPUs); lower workers.count or the per-worker resources, or add nodes"
         )
 
-    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
-        return self._on_one_worker("block_grams", grid, what="compute the block Gram matrices")
-
-    def expert_baselines(self) -> list[Evaluation]:
-        return self._on_one_worker("expert_baselines", what="score the experts")
-
-    def _on_one_worker(self, method: str, *args: Any, what: str) -> Any:
-        """One actor's answer to ``method(*args)``: an idle actor's if there is one, else queued
-        behind a running evaluation; a worker that dies meanwhile is replaced and asked again."""
+    def run_once(self, job: Callable[[Any], T]) -> T:
+        """One actor's answer to ``job``: an idle actor's if there is one, else queued behind a
+        running evaluation; a worker that dies meanwhile is replaced and asked again."""
         import ray
 
         while True:
@@ -456,11 +443,11 @@ class RayExecutor(Executor):
                 continue
             slot = min(loaded, key=lambda s: s.stage != "idle")
             try:
-                return ray.get(getattr(slot.actor, method).remote(*args), timeout=self.load_timeout)
+                return ray.get(slot.actor.run.remote(job), timeout=self.load_timeout)
             except self._deaths as err:
                 self._finished += self._worker_died(slot, err)
             except ray.exceptions.GetTimeoutError:
-                raise WorkerError(f"worker {slot.worker_id} did not {what} within {self.load_timeout:g}s") from None
+                raise WorkerError(f"worker {slot.worker_id} did not run {job!r} within {self.load_timeout:g}s") from None
             except ray.exceptions.RayTaskError as err:
                 raise err.cause from None
 

@@ -12,10 +12,11 @@ replaces it itself, so it alone decides how often a candidate is retried.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
+
 import ray
 
-from evomerge.records import Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig
 from evomerge.workers import make_worker
 
@@ -38,11 +39,9 @@ class EvaluationActor:
         """Load the base, the experts and the fitness data (the executor calls this once, first)."""
         self.worker = make_worker(self.config, self.worker_id)
 
-    def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None) -> Evaluation:
-        return self.worker.evaluate(candidate_id, genome, population)
+    def evaluate(self, candidate: Candidate) -> Evaluation:
+        return self.worker.evaluate(candidate)
 
-    def block_grams(self, grid: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.worker.block_grams(grid)
-
-    def expert_baselines(self) -> list[Evaluation]:
-        return self.worker.expert_baselines()
+    def run(self, job: Any) -> Any:
+        """A one-off job (``evomerge.workers.jobs``) against this actor's worker."""
+        return self.worker.run(job)

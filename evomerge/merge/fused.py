@@ -24,8 +24,6 @@ import warnings
 from typing import Callable
 
 import torch
-import torch._dynamo.config as dynamo_config
-import torch.fx.experimental._config as fx_config
 
 FUSED_MIN_NUMEL = 1 << 16
 """Work smaller than this runs eagerly (its per-op dispatch is cheap next to a compile)."""
@@ -87,6 +85,11 @@ class FusedKernel:
           (normalize, drop) is one, and past torch's default of 8 a process that merges several
           kinds of runs would silently lose the compiled loop.
         """
+        # The compiler stack (torch._dynamo) is imported here, on the first compiled call, so that
+        # importing the merge declarations (evomerge validate, a plan) does not load it.
+        import torch._dynamo.config as dynamo_config
+        import torch.fx.experimental._config as fx_config
+
         assert self._compiled is not None
         duck, limit = fx_config.use_duck_shape, dynamo_config.recompile_limit
         fx_config.use_duck_shape = False

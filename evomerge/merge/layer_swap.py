@@ -6,7 +6,7 @@ transformer layers come from a language expert, the middle ones from a math expe
 choice is a search gene: per tensor group (``granularity: per_layer_group`` gives one choice per
 group of consecutive layers, embeddings joining the first group and the head the last), an integer
 ``expert`` from 0 to N − 1 names the expert that supplies it — a categorical gene, which the
-strategies handle as documented in :class:`evomerge.strategies.base.GeneRange`.
+strategies handle as documented in :class:`evomerge.space.genes.GeneRange`.
 
 Choice made: the paper's "transition zones" (layers averaged between the two experts) are not a
 separate gene; a searched ``linear`` merge per layer group covers them.

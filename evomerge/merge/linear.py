@@ -38,4 +38,6 @@ LINEAR = MergeMethod(
     options=(OptionSpec("normalize", True, "divide the weights by their sum"),),
     doc="Weighted average of the experts.",
     mergekit_name="linear",
+    differentiable=True,
+    alone=(("weight", None),),
 )

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
+from evomerge.merge.method import LORA_FACTORS, MergeMethod, ParamSpec, TensorContext
 from evomerge.merge.resident import ResidentTensor, chunk_bounds, shrink_bound
 
 
@@ -86,4 +86,6 @@ LORA_COMPOSE = MergeMethod(
         ParamSpec("beta", per_model=True, default=None, low=-1.5, high=1.5, doc="signed scale of A and B (default 1/N)"),
     ),
     doc="Evo-Merging: sparsify LoRA-A by magnitude, scale A and B by signed β, sum.",
+    inputs=LORA_FACTORS,
+    alone=(("alpha", 1.0), ("beta", None)),
 )

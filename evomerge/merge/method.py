@@ -85,6 +85,14 @@ class Kernel(Protocol):
     ) -> None: ...
 
 
+WEIGHTS = "weights"
+"""A method's inputs are the experts' dense weights (full fine-tunes, or adapters merged into the base)."""
+LORA_FACTORS = "lora_factors"
+"""A method's inputs are the experts' LoRA factors: the working model is the base with one
+resident adapter, and a candidate costs the size of an adapter."""
+INPUTS = (WEIGHTS, LORA_FACTORS)
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method.
@@ -94,6 +102,13 @@ class MergeMethod:
     inner products over the whole flattened parameter set (M2N2's split-point SLERP).
     ``needs_fisher``: the kernel weighs the experts by their diagonal Fisher information, which the
     worker estimates once on each expert's own data (``models.experts[i].data``).
+    ``inputs``: what the kernel combines, :data:`WEIGHTS` or :data:`LORA_FACTORS`; loading, the
+    memory check and export follow from it.
+    ``differentiable``: the merge is a linear combination of the experts, written again in torch by
+    ``evomerge.workers.entropy_gradient`` so gradient strategies (AdaMerging) can learn its genes.
+    ``alone``: parameter values that give one expert unchanged, ``(name, value)``; a value of
+    ``None`` means 1 for that expert and 0 for the others (a one-hot weight). Empty when no values
+    do; a black-box run scores each expert alone through it.
     """
 
     name: str
@@ -108,6 +123,22 @@ class MergeMethod:
     global_only: bool = False
     doc: str = ""
     mergekit_name: str | None = None
+    inputs: str = WEIGHTS
+    differentiable: bool = False
+    alone: tuple[tuple[str, float | None], ...] = ()
+
+    def __reduce__(self):
+        """Pickled as its registry key: spaces and recipes travel to workers as plain data."""
+        from evomerge.merge import get_merge_method
+
+        return get_merge_method, (self.name,)
+
+    def expert_alone(self, index: int, n_models: int) -> dict[str, list[float]]:
+        """Per-expert values of the :attr:`alone` parameters that reproduce expert ``index``."""
+        if not self.alone:
+            raise ValueError(f"merge method '{self.name}' cannot reproduce one expert alone")
+        one_hot = [float(i == index) for i in range(n_models)]
+        return {name: one_hot if value is None else [value] * n_models for name, value in self.alone}
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:

@@ -20,11 +20,11 @@ import torch
 
 from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
 from evomerge.merge.resident import ResidentTensor, combine_
+from evomerge.space.interpolation import split_slerp_coefficients
 
 DOT_THRESHOLD = 0.9995
 """mergekit's bound on |cos Ω| above which SLERP degenerates to linear interpolation."""
 NORM_EPS = 1e-8
-SPLIT_SIN_EPS = 1e-6
 
 
 def slerp_coefficients(t: float, cos_omega: float) -> tuple[float, float]:
@@ -33,15 +33,6 @@ def slerp_coefficients(t: float, cos_omega: float) -> tuple[float, float]:
         return 1.0 - t, t
     omega = math.acos(max(-1.0, min(1.0, cos_omega)))
     sin_omega = math.sin(omega)
-    return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
-
-
-def split_slerp_coefficients(t: float, cos_omega: float) -> tuple[float, float]:
-    """Coefficients of M2N2's SLERP (authors' convention: linear fallback when sin Ω ≤ 1e-6)."""
-    omega = math.acos(max(-1.0, min(1.0, cos_omega)))
-    sin_omega = math.sin(omega)
-    if sin_omega <= SPLIT_SIN_EPS:
-        return 1.0 - t, t
     return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
 
 

@@ -289,6 +289,7 @@ def _family(name: str, variant: _Variant, normalize: bool, rescale: bool, doc: s
         needs_base=True,
         doc=doc,
         mergekit_name=name,
+        differentiable=variant.sparsify is None and not variant.consensus,  # base + λ Σ w τ: linear
     )
 
 

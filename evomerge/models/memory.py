@@ -2,8 +2,8 @@
 
 A worker keeps one working model, a copy of the base (the reference its task vectors are taken
 from) and every expert resident for the whole run (with Fisher merging, each expert's diagonal
-Fisher too); loading briefly holds one more expert. For
-``lora_compose`` the experts are adapters: the base plus one adapter-sized slot per expert. A run
+Fisher too); loading briefly holds one more expert. For a
+method over LoRA factors the experts are adapters: the base plus one adapter-sized slot per expert. A run
 whose workers cannot hold that is refused before it starts, with the figures, instead of dying
 halfway through loading (or swapping a machine to a halt).
 """
@@ -18,7 +18,7 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import InsufficientMemoryError
-from evomerge.merge import get_merge_method
+from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import is_adapter
 from evomerge.models.loading import parameter_shapes
 
@@ -49,11 +49,14 @@ def adapter_numel(ref: str) -> int:
 
 
 def worker_memory(config: RunConfig) -> WorkerMemory:
+    from evomerge.plan import RunPlan
+
+    plan = RunPlan.from_config(config)
     itemsize = ITEMSIZE[config.models.dtype]
     refs = [config.model_ref(e.path) for e in config.models.experts]
     n = len(refs)
-    model = _numel(parameter_shapes(config.working_model_ref())) * itemsize
-    if config.merge.method == "lora_compose":
+    model = _numel(parameter_shapes(plan.working_model)) * itemsize
+    if plan.method.inputs == LORA_FACTORS:
         adapters = [adapter_numel(ref) * itemsize for ref in refs]
         slot = adapters[0]
         return WorkerMemory(
@@ -62,7 +65,7 @@ def worker_memory(config: RunConfig) -> WorkerMemory:
             description=f"the base, one working adapter and {n} adapters",
         )
     with_base = config.models.base is not None
-    fishers = get_merge_method(config.merge.method).needs_fisher  # one diagonal Fisher per expert
+    fishers = plan.method.needs_fisher  # one diagonal Fisher per expert
     resident = model * (n + 1 + with_base + n * fishers)
     # An adapter expert is built as a dense model on a fresh copy of the base.
     loading = model * (1 + any(is_adapter(ref) for ref in refs))

@@ -30,8 +30,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from evomerge.merge.materializer import Materializer
-from evomerge.space import Recipe
+from evomerge.merge.lora import LORA_COMPOSE
+from evomerge.space.merge_space import Recipe
+from evomerge.workers.materializer import Materializer
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -269,7 +270,7 @@ class ModelHost:
         session = self.sessions[owner]
         alpha, beta = session.merges[name]
         recipe = Recipe(
-            method="lora_compose",
+            method=LORA_COMPOSE,
             group_names=["all"],
             values={"alpha": [alpha], "beta": [beta]},
             options={},

@@ -7,7 +7,8 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from evomerge.strategies.adamerging import AdaMerging
-from evomerge.strategies.base import GeneRange, SearchSpec, Strategy, StrategyOptions
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies.base import Strategy, StrategyOptions
 from evomerge.strategies.cmaes import CMAES
 from evomerge.strategies.evo_merging import EvoMerging
 from evomerge.strategies.m2n2 import GA, M2N2
@@ -42,4 +43,4 @@ def make_strategy(name: str, population: str, spec: SearchSpec, seed: int, optio
     return cls(population, spec, seed, parsed)
 
 
-__all__ = ["STRATEGIES", "GeneRange", "SearchSpec", "Strategy", "StrategyOptions", "make_strategy"]
+__all__ = ["STRATEGIES", "Strategy", "StrategyOptions", "make_strategy"]

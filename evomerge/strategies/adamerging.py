@@ -29,10 +29,9 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.records import Candidate, Evaluation
-from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies.base import Requirements, Strategy, StrategyOptions
 
-ADAMERGING_METHODS = ("linear", "task_arithmetic")
-"""Merge methods whose merge is differentiable in the genes (a linear combination of the experts)."""
 ADAM_EPS = 1e-8
 
 
@@ -45,6 +44,10 @@ class AdaMergingOptions(StrategyOptions):
 
 class AdaMerging(Strategy):
     Options = AdaMergingOptions
+
+    @classmethod
+    def requires(cls, options: StrategyOptions) -> Requirements:
+        return Requirements(gradient=True)
 
     def __init__(self, population: str, spec: SearchSpec, seed: int, options: AdaMergingOptions) -> None:
         super().__init__(population, spec, seed, options)

@@ -11,126 +11,53 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.records import Candidate, Evaluation
-from evomerge.strategies.seed_recipes import SeedGram, SeedRecipe
+from evomerge.space.genes import SearchSpec
 
 
 class StrategyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True)
-class GeneRange:
-    """Parameter ``name`` occupies ``genome[start:stop]``; unit-cube 0 and 1 mean ``low`` and ``high``.
-
-    Strategies that treat genes differently (Evo-Merging searches α, then β; its penalty is on
-    real values) find them here instead of guessing positions.
-    """
-
-    name: str
-    start: int
-    stop: int
-    low: float
-    high: float
-    levels: int | None = None
-    """Discrete genes (layer swapping's expert choice, consensus' k) take ``levels`` values: the
-    unit interval is cut into that many equal bins and a gene means the bin it falls in. Continuous
-    strategies (CMA-ES, M2N2, random search) search the relaxed gene and hand out bin centres
-    (:meth:`SearchSpec.snap`); the Optuna samplers ask for the level natively."""
-
-    def real(self, genome: np.ndarray) -> np.ndarray:
-        return self.low + np.clip(genome[self.start : self.stop], 0.0, 1.0) * (self.high - self.low)
-
-    def level(self, genome: np.ndarray) -> np.ndarray:
-        """The bin index of each of this gene's values (discrete genes only)."""
-        assert self.levels is not None
-        unit = np.clip(genome[self.start : self.stop], 0.0, 1.0)
-        return np.minimum((unit * self.levels).astype(np.int64), self.levels - 1)
-
-    def centre(self, level: np.ndarray | int) -> np.ndarray:
-        """Unit-cube coordinate of the middle of bin ``level``."""
-        assert self.levels is not None
-        return (np.asarray(level, dtype=np.float64) + 0.5) / self.levels
+MERGE_SPACE = "merge"
+"""Genomes in the unit cube of the run's merge space, decoded to a recipe of its merge method."""
+SEED_RECIPES = "seed_recipes"
+"""Genomes that are M2N2 seed recipes: piecewise combinations of the experts on a split grid."""
 
 
 @dataclass(frozen=True)
-class SearchSpec:
-    """What a strategy knows of its search space.
+class Requirements:
+    """What a population's strategy needs of its run, declared as data so the run plan can check it
+    (and build the right space) before any model loads.
 
-    ``bounded`` genomes live in the unit cube (recipe space, decoded by :class:`evomerge.space.Space`);
-    unbounded ones are raw parameter vectors (M2N2's weight space). ``seeds`` are genomes an
-    archive-based strategy evaluates before it breeds (M2N2's seed models); ``x0`` is the
-    starting point of model-based ones (CMA-ES's mean).
+    ``space``: :data:`MERGE_SPACE` or :data:`SEED_RECIPES` (then ``split_grid`` says where split
+    points may fall; seed recipes need the experts' weights). ``genes``: merge parameters that must
+    be searched (Evo-Merging's ``alpha`` and ``beta``). ``gradient``: each evaluation must carry
+    the gradient of the merged model's prediction entropy (``metrics["loss_gradient"]``), which a
+    white-box worker computes for a differentiable merge method.
     """
 
-    dim: int
-    x0: np.ndarray
-    genes: tuple[GeneRange, ...] = ()
-    bounded: bool = True
-    seeds: tuple[np.ndarray, ...] = field(default=())
-    seed_gram: SeedGram | None = None
-
-    @classmethod
-    def unit_cube(cls, dim: int, x0: np.ndarray | None = None, seeds: Sequence[np.ndarray] = ()) -> "SearchSpec":
-        """A plain ``[0, 1]^dim`` space with one gene range (tests, benchmarks, custom spaces)."""
-        start = np.full(dim, 0.5) if x0 is None else np.asarray(x0, dtype=np.float64)
-        return cls(dim, start, (GeneRange("x", 0, dim, 0.0, 1.0),), True, tuple(np.asarray(s, dtype=np.float64) for s in seeds))
-
-    @classmethod
-    def weights(cls, seeds: Sequence[np.ndarray]) -> "SearchSpec":
-        """Raw parameter vectors, e.g. flattened models: the seeds are the models to evolve from."""
-        flat = tuple(np.asarray(s).reshape(-1) for s in seeds)
-        if not flat:
-            raise ValueError("a weight space needs at least one seed model")
-        dim = flat[0].size
-        if any(s.size != dim for s in flat):
-            raise ValueError("all seed models must have the same number of parameters")
-        return cls(dim, flat[0], (GeneRange("weights", 0, dim, -math.inf, math.inf),), False, flat)
-
-    @classmethod
-    def seed_recipes(cls, gram: SeedGram) -> "SearchSpec":
-        """Members as piecewise combinations of the seeds (M2N2 on models too large to archive).
-
-        Genomes are encoded :class:`~evomerge.strategies.seed_recipes.SeedRecipe` vectors of
-        varying length; ``dim`` is the number of model parameters they describe.
-        """
-        x0 = SeedRecipe.seed(0, gram.n_seeds, gram.n_blocks).encode()
-        return cls(int(gram.block_edges[-1]), x0, (), False, (), gram)
-
-    @property
-    def discrete(self) -> tuple[GeneRange, ...]:
-        return tuple(g for g in self.genes if g.levels is not None)
-
-    def snap(self, genome: np.ndarray) -> np.ndarray:
-        """``genome`` with every discrete gene moved to the centre of its bin.
-
-        Two genomes that decode to the same recipe are then the same genome, so the run's cache
-        scores them once and their recipes share one seed.
-        """
-        if not self.discrete:
-            return genome
-        out = np.array(genome, dtype=np.float64)
-        for g in self.discrete:
-            out[g.start : g.stop] = g.centre(g.level(out))
-        return out
-
-    def gene(self, name: str) -> GeneRange:
-        for g in self.genes:
-            if g.name == name:
-                return g
-        raise ValueError(f"the search space has no gene '{name}' (it has: {', '.join(g.name for g in self.genes) or 'none'})")
+    space: str = MERGE_SPACE
+    split_grid: str | None = None
+    genes: tuple[str, ...] = ()
+    gradient: bool = False
 
 
 class Strategy(ABC):
     """One population. Subclasses set ``Options`` and implement ``_ask``/``_tell``/state hooks."""
 
     Options: type[StrategyOptions] = StrategyOptions
+
+    @classmethod
+    def requires(cls, options: StrategyOptions) -> Requirements:
+        """What this strategy, with these options, needs of its run (nothing special by default)."""
+        return Requirements()
 
     def __init__(self, population: str, spec: SearchSpec, seed: int, options: StrategyOptions) -> None:
         self.population = population

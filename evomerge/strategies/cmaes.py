@@ -22,7 +22,8 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.records import Candidate, Evaluation
-from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies.base import Strategy, StrategyOptions
 
 SEPARABLE_ABOVE = 100  # dimensions above which separable="auto" turns diagonal covariance on
 

@@ -30,7 +30,8 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from evomerge.records import Candidate, Evaluation
-from evomerge.strategies.base import GeneRange, SearchSpec, Strategy, StrategyOptions
+from evomerge.space.genes import GeneRange, SearchSpec
+from evomerge.strategies.base import Requirements, Strategy, StrategyOptions
 from evomerge.strategies.cmaes import Generations, pycma_es
 
 
@@ -55,16 +56,24 @@ class EvoMergingOptions(StrategyOptions):
         return self
 
 
+GENES = ("alpha", "beta")
+"""The genes Evo-Merging searches, stage by stage: LoRA-A keep fractions, then signed scales."""
+
+
 class EvoMerging(Strategy):
     Options = EvoMergingOptions
+
+    @classmethod
+    def requires(cls, options: StrategyOptions) -> Requirements:
+        return Requirements(genes=GENES)
 
     def __init__(self, population: str, spec: SearchSpec, seed: int, options: EvoMergingOptions) -> None:
         super().__init__(population, spec, seed, options)
         names = {g.name: g for g in spec.genes}
-        if "alpha" not in names or "beta" not in names:
+        if any(gene not in names for gene in GENES):
             raise ValueError(
-                "evo_merging searches the lora_compose genes alpha and beta; merge.method must be"
-                f" lora_compose with both searched (this space has: {', '.join(names) or 'no genes'})"
+                "evo_merging searches the genes alpha and beta (merge.method lora_compose with both searched);"
+                f" this space has: {', '.join(names) or 'no genes'}"
             )
         self.alpha: GeneRange = names["alpha"]
         self.beta: GeneRange = names["beta"]

@@ -34,9 +34,10 @@ import torch
 from pydantic import Field, model_validator
 
 from evomerge.records import Candidate, Evaluation
-from evomerge.merge.slerp import split_slerp_coefficients
-from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
-from evomerge.strategies.seed_recipes import SeedRecipe
+from evomerge.space.interpolation import split_slerp_coefficients
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies.base import SEED_RECIPES, Requirements, Strategy, StrategyOptions
+from evomerge.space.seed_recipes import SeedRecipe
 
 
 def claimed(scores: np.ndarray, alpha: float) -> np.ndarray:
@@ -128,10 +129,16 @@ class M2N2Options(GAOptions):
 class M2N2(Strategy):
     Options = M2N2Options
 
+    @classmethod
+    def requires(cls, options: StrategyOptions) -> Requirements:
+        if getattr(options, "archive") == SEED_RECIPES:
+            return Requirements(space=SEED_RECIPES, split_grid=getattr(options, "split_grid"))
+        return Requirements()
+
     def __init__(self, population: str, spec: SearchSpec, seed: int, options: M2N2Options) -> None:
         super().__init__(population, spec, seed, options)
         self._gram = spec.seed_gram
-        if (self._gram is not None) != (options.archive == "seed_recipes"):
+        if (self._gram is not None) != (options.archive == SEED_RECIPES):
             raise ValueError(
                 "archive 'seed_recipes' needs a space of seed recipes (SearchSpec.seed_recipes) and only it"
             )

@@ -34,7 +34,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from evomerge.records import Candidate, Evaluation
-from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies.base import Strategy, StrategyOptions
 from evomerge.strategies.pareto import non_dominated, objective_values
 
 RIDGE = 1e-6

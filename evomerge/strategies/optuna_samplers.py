@@ -5,7 +5,7 @@
 - ``nsga2``: NSGA-II (Deb et al., "A Fast and Elitist Multiobjective Genetic Algorithm", IEEE TEC 2002).
 
 Each gene is a ``FloatDistribution(0, 1)`` named ``x<i>``; a discrete gene (see
-:class:`~evomerge.strategies.base.GeneRange`) is asked natively as its level: a
+:class:`~evomerge.space.genes.GeneRange`) is asked natively as its level: a
 ``CategoricalDistribution`` for TPE and NSGA-II (unordered choices, e.g. which expert supplies a
 layer), an ``IntDistribution`` for CMA-ES (which relaxes and rounds it; it cannot sample
 categories), and handed out as its bin's centre. The study lives in memory. A checkpoint
@@ -32,7 +32,8 @@ from optuna.trial import TrialState
 from pydantic import Field, field_validator
 
 from evomerge.records import Candidate, Evaluation
-from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies.base import Strategy, StrategyOptions
 from evomerge.strategies.pareto import objective_values
 
 
@@ -51,9 +52,9 @@ class OptunaStrategy(Strategy):
         # The verbosity is process-wide: warnings stay visible.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._names = [f"x{i}" for i in range(self.dim)]
-        self._levels: dict[int, int] = {i: g.levels for g in spec.discrete for i in range(g.start, g.stop)}  # type: ignore[misc]
+        levels = {i: g.levels for g in spec.discrete for i in range(g.start, g.stop)}
         self._distributions: dict[str, BaseDistribution] = {
-            name: self._distribution(self._levels.get(i)) for i, name in enumerate(self._names)
+            name: self._distribution(levels.get(i)) for i, name in enumerate(self._names)
         }
         self._log: list[list[Any]] = []  # ["ask"], ["tell", number, values | None], ["add", genome, values]
         self._study = self._new_study()
@@ -76,18 +77,18 @@ class OptunaStrategy(Strategy):
     def _params(self, genome: np.ndarray) -> dict[str, Any]:
         """A genome as trial parameters: unit coordinates, or the level of a discrete gene."""
         unit = np.clip(np.asarray(genome, dtype=np.float64), 0.0, 1.0)
-        params: dict[str, Any] = {}
-        for i, name in enumerate(self._names):
-            levels = self._levels.get(i)
-            params[name] = float(unit[i]) if levels is None else min(int(unit[i] * levels), levels - 1)
+        params: dict[str, Any] = {name: float(u) for name, u in zip(self._names, unit)}
+        for gene in self.spec.discrete:
+            for name, level in zip(self._names[gene.start : gene.stop], gene.level(unit)):
+                params[name] = int(level)
         return params
 
     def _genome(self, params: dict[str, Any]) -> np.ndarray:
         """Trial parameters as a genome: a discrete gene's level becomes its bin's centre."""
-        return np.array([
-            params[name] if i not in self._levels else (params[name] + 0.5) / self._levels[i]
-            for i, name in enumerate(self._names)
-        ], dtype=np.float64)
+        genome = np.array([params[name] for name in self._names], dtype=np.float64)
+        for gene in self.spec.discrete:
+            genome[gene.start : gene.stop] = gene.centre(genome[gene.start : gene.stop])
+        return genome
 
     @abstractmethod
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler: ...

@@ -14,7 +14,8 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.records import Candidate, Evaluation
-from evomerge.strategies.base import SearchSpec, Strategy, StrategyOptions
+from evomerge.space.genes import SearchSpec
+from evomerge.strategies.base import Strategy, StrategyOptions
 
 
 class RandomSearchOptions(StrategyOptions):

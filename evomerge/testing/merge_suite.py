@@ -29,15 +29,16 @@ import pytest
 import torch
 
 from evomerge.merge import MERGE_METHODS, MergeMethod
-from evomerge.merge.materializer import Materializer
-from evomerge.space import GRANULARITIES, Space
+from evomerge.merge.method import LORA_FACTORS
+from evomerge.space.merge_space import GRANULARITIES, Space
 from evomerge.testing.tiny_models import LAYOUT, LORA_LAYOUT, random_state
+from evomerge.workers.materializer import Materializer
 
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
 """Registered methods whose result depends on the recipe's seed."""
 
-ADAPTER_METHODS = frozenset({"lora_compose"})
-"""Registered methods that merge PEFT adapters rather than whole models."""
+ADAPTER_METHODS = frozenset(name for name, m in MERGE_METHODS.items() if m.inputs == LORA_FACTORS)
+"""Registered methods that merge PEFT adapters rather than whole models (declared inputs: LoRA factors)."""
 
 MergeCase = tuple[MergeMethod, int, bool]
 """(method, number of experts, with a base model): one setup a method is checked in."""
@@ -206,14 +207,14 @@ class MergeMethodSuite:
         for granularity in _granularities(setup.method):
             space = _space(setup, granularity)
             wanted = {}
-            for block in space.blocks:
-                spec = setup.method.param(block.param)
+            for gene in space.genes:
+                spec = setup.method.param(gene.name)
                 n = setup.n_models if spec.per_model and granularity != "global" else 1
-                if block.levels is None:
-                    value = rng.uniform(block.low, block.high, n)
+                if gene.levels is None:
+                    value = rng.uniform(gene.low, gene.high, n)
                 else:  # an integer gene round-trips its integers
-                    value = rng.integers(block.low, block.high, n, endpoint=True).astype(np.float64)
-                wanted[block.param] = value.tolist() if n > 1 else float(value[0])
+                    value = rng.integers(gene.low, gene.high, n, endpoint=True).astype(np.float64)
+                wanted[gene.name] = value.tolist() if n > 1 else float(value[0])
             genome = space.encode(wanted)
             assert genome.shape == (space.dim,)
             assert ((genome >= 0) & (genome <= 1)).all()

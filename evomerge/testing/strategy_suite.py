@@ -27,7 +27,8 @@ import pytest
 
 from evomerge import plaindata
 from evomerge.records import Candidate, Evaluation
-from evomerge.strategies import STRATEGIES, GeneRange, SearchSpec, Strategy, make_strategy
+from evomerge.space.genes import GeneRange, SearchSpec
+from evomerge.strategies import STRATEGIES, Strategy, make_strategy
 
 POPULATION = "pop"
 DIM = 6

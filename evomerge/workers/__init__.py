@@ -1,16 +1,25 @@
-"""Code that runs in worker processes (installed as ``evomerge.workers``)."""
+"""Code that runs in worker processes: the Worker contract, the white-box and black-box workers,
+the materializer, and the jobs an executor may run on one worker."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from evomerge.config import RunConfig
+    from evomerge.workers.base import Worker
 
 
-def make_worker(config: Any, worker_id: str) -> Any:
-    """The worker a run needs: black-box (``config.api`` set) or white-box, built in this process."""
+def make_worker(config: "RunConfig", worker_id: str) -> "Worker":
+    """The worker a run needs: black-box (``config.api`` set) or white-box, built in this process
+    from the run's plan (the same plan, with the same codecs, on every process)."""
+    from evomerge.plan import RunPlan
+
+    plan = RunPlan.from_config(config)
     if config.api is not None:
         from evomerge.workers.blackbox import BlackBoxWorker
 
-        return BlackBoxWorker(config, worker_id)
+        return BlackBoxWorker(plan, worker_id)
     from evomerge.workers.whitebox import WhiteBoxWorker
 
-    return WhiteBoxWorker(config, worker_id)
+    return WhiteBoxWorker(plan, worker_id)

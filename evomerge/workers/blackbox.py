@@ -1,9 +1,10 @@
 """The black-box worker: scores candidates purely through a model service's API.
 
-It plugs into the executors like the white-box ``WhiteBoxWorker`` (``evaluate(candidate_id, genome,
-population) -> Evaluation``), but holds no base model: a genome decodes to ``lora_compose``'s
-per-adapter α and β, the service level (``api.level``) turns them into a model name on the
-service, and the black-box fitness function scores that model through ``/v1/completions``:
+It plugs into the executors like the white-box ``WhiteBoxWorker`` (``evaluate(candidate) ->
+Evaluation``), but holds no base model: a genome decodes through its population's codec to a
+recipe with one value per expert (per-adapter α and β, or per-model weights), the service level
+(``api.level``) turns it into a model name on the service, and the black-box fitness function
+scores that model through ``/v1/completions``:
 
 * ``merge_service`` — Evo-Merging's setting: one merge session over the adapters named in
   ``models.experts``; each candidate is ``POST /v1/sessions/{id}/materialize``-d and served under
@@ -29,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,14 +37,17 @@ from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
 
-from evomerge.records import Evaluation
 from evomerge.config import RunConfig
-from evomerge.errors import ConfigError, PluginError, UserError
+from evomerge.errors import ConfigError, UserError
 from evomerge.fitness import per_example_scores, resolve_blackbox_fitness, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
 from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
+from evomerge.plan import RunPlan
+from evomerge.records import Candidate, Evaluation
 from evomerge.service.served_model import ApiServedModel, ResponseCache
+from evomerge.space.merge_space import Recipe
+from evomerge.workers.base import Worker
 
 RECOVERY_ATTEMPTS = 3
 """Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
@@ -58,13 +61,18 @@ class ServiceUnreachable(UserError):
 
 
 Coefficients = dict[str, list[float]]
-"""A decoded genome's values per merge parameter, one per expert (``alpha``/``beta``, ``weight``)."""
+"""A recipe's values per merge parameter, one per expert (``alpha``/``beta``, ``weight``): a
+service's search space has a single group."""
 
 
-def merge_identity(config: RunConfig, values: Coefficients) -> str:
+def coefficients(recipe: Recipe) -> Coefficients:
+    return {param: groups[0] for param, groups in recipe.values.items()}
+
+
+def merge_identity(config: RunConfig, recipe: Recipe) -> str:
     """What a merge is, independent of the name a service gives it: the response cache's model."""
     adapters = [e.path for e in config.models.experts]
-    return json.dumps({"base": config.models.base, "adapters": adapters, **values}, sort_keys=True)
+    return json.dumps({"base": config.models.base, "adapters": adapters, **coefficients(recipe)}, sort_keys=True)
 
 
 class MergeService:
@@ -82,7 +90,8 @@ class MergeService:
         self.session_id = None
 
     @asynccontextmanager
-    async def model(self, tag: str, values: Coefficients) -> AsyncIterator[ApiServedModel]:
+    async def model(self, tag: str, recipe: Recipe) -> AsyncIterator[ApiServedModel]:
+        values = coefficients(recipe)
         alpha, beta = values["alpha"], values["beta"]
 
         async def materialize() -> str:
@@ -93,7 +102,7 @@ class MergeService:
             answer = await self.client.request("POST", path, {"alpha": alpha, "beta": beta, "tag": tag})
             return _field(answer, "model", f"POST {path}")
 
-        yield ApiServedModel(self.client, merge_identity(self.config, values), self.cache, materialize)
+        yield ApiServedModel(self.client, merge_identity(self.config, recipe), self.cache, materialize)
 
 
 class RuntimeLora:
@@ -102,7 +111,7 @@ class RuntimeLora:
     def __init__(self, client: ApiClient, config: RunConfig, cache: ResponseCache) -> None:
         from safetensors.torch import load_file
 
-        from evomerge.merge.materializer import Materializer
+        from evomerge.workers.materializer import Materializer
 
         self.client, self.config, self.cache = client, config, cache
         if config.models.base is None:
@@ -119,7 +128,7 @@ class RuntimeLora:
                 raise ConfigError(f"models.experts.{i}.path: not a LoRA adapter directory with safetensors: {exc}") from None
         shape = {(c.get("r"), c.get("lora_alpha"), c.get("use_rslora", False)) for c in configs}
         if len(shape) > 1:
-            raise ConfigError("models.experts: lora_compose needs adapters of one rank and lora_alpha")
+            raise ConfigError("models.experts: composing adapters needs adapters of one rank and lora_alpha")
         self.adapter_config = {**configs[0], "base_model_name_or_path": config.models.base}
         self.targets = {k: t.float().clone() for k, t in weights[0][1].items()}
         self.materializer = Materializer.from_state_dicts(self.targets, iter(weights), len(weights))
@@ -131,16 +140,13 @@ class RuntimeLora:
         """Nothing to forget: every candidate's adapter is loaded afresh."""
 
     @asynccontextmanager
-    async def model(self, tag: str, values: Coefficients) -> AsyncIterator[ApiServedModel]:
+    async def model(self, tag: str, recipe: Recipe) -> AsyncIterator[ApiServedModel]:
         from safetensors.torch import save_file
-
-        from evomerge.space import Recipe
 
         name = f"evomerge-{uuid.uuid4().hex[:16]}"
         directory = self.adapter_dir / name
 
         async def load() -> str:
-            recipe = Recipe("lora_compose", ["all"], {p: [v] for p, v in values.items()}, {}, 0, {k: 0 for k in self.targets})
             self.materializer.apply(recipe)
             directory.mkdir()
             save_file(self.targets, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -148,7 +154,7 @@ class RuntimeLora:
             await self.client.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(directory)})
             return name
 
-        model = ApiServedModel(self.client, merge_identity(self.config, values), self.cache, load)
+        model = ApiServedModel(self.client, merge_identity(self.config, recipe), self.cache, load)
         try:
             yield model
         finally:
@@ -196,8 +202,8 @@ class PlainModels:
         """Nothing to forget: served models keep their names."""
 
     @asynccontextmanager
-    async def model(self, tag: str, values: Coefficients) -> AsyncIterator[OutputMixture]:
-        yield OutputMixture(self.members, values["weight"])
+    async def model(self, tag: str, recipe: Recipe) -> AsyncIterator[OutputMixture]:
+        yield OutputMixture(self.members, coefficients(recipe)["weight"])
 
 
 def _constant(name: str):
@@ -216,18 +222,19 @@ def _field(answer: Any, key: str, what: str) -> str:
     return answer[key]
 
 
-class BlackBoxWorker:
+class BlackBoxWorker(Worker):
     """Scores candidates of one black-box run (inline, or inside a Ray actor)."""
 
-    def __init__(self, config: RunConfig, worker_id: str | None = None) -> None:
+    def __init__(self, plan: RunPlan, worker_id: str | None = None) -> None:
+        config = plan.config
         api = config.api
         self.config = config
         self.worker_id = worker_id or f"api-{os.getpid()}"
         self.fitness_name = config.fitness.name
         fitness = resolve_blackbox_fitness(config.fitness.name)
         self.fitness = with_options(fitness, config.fitness.name, config.fitness.options)
-        self.examples = self._examples(config.fitness.data)
-        self.space = config.merge.build_space([], len(config.models.experts))
+        self.examples = self.load_examples(config.fitness.data)
+        self.space, self.codecs = plan.codecs({})  # one value per expert: no tensors to group
         self.cache = ResponseCache(config.run_path())
         self._loop = asyncio.new_event_loop()
         self.client = ApiClient(
@@ -246,7 +253,7 @@ class BlackBoxWorker:
         self._outages = 0
         self._loop.run_until_complete(self._check_service())
 
-    def _examples(self, data) -> list[dict[str, Any]]:
+    def load_examples(self, data) -> list[dict[str, Any]]:
         examples = load_examples(
             data.source, data.split, data.classes, data.limit, self.config.base_dir,
             template=data.template, target=data.target, choices=data.choices, label=data.label,
@@ -271,10 +278,10 @@ class BlackBoxWorker:
         if missing:
             raise ServiceUnreachable(f"the model service at {url} does not serve {', '.join(missing)} (models in the config)")
 
-    async def _score(self, tag: str, values: Coefficients, examples: list[dict[str, Any]]) -> np.ndarray:
+    async def _score(self, tag: str, recipe: Recipe, examples: list[dict[str, Any]]) -> np.ndarray:
         for attempt in range(RECOVERY_ATTEMPTS):
             try:
-                async with self.service.model(tag, values) as model:
+                async with self.service.model(tag, recipe) as model:
                     raw = await self.fitness(model, examples)
                 return per_example_scores(raw, len(examples), self.fitness_name)
             except ApiError as exc:
@@ -283,33 +290,25 @@ class BlackBoxWorker:
                 self.service.forget()  # the service restarted and lost the session or the adapter
         raise AssertionError("unreachable")
 
-    def _values(self, genome: np.ndarray) -> Coefficients:
-        """The genome's per-expert values of each merge parameter (granularity is per model or global)."""
-        return {param: groups[0] for param, groups in self.space.decode(genome).values.items()}
+    def evaluate(self, candidate: Candidate) -> Evaluation:
+        recipe = self.codecs[candidate.population].decode(candidate.genome)
+        return self._evaluate(candidate.id, candidate.population, recipe, self.examples)
 
-    def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None = None) -> Evaluation:
-        return self._evaluate(candidate_id, self._values(genome), self.examples)
-
-    def _evaluate(self, candidate_id: str, values: Coefficients, examples: list[dict[str, Any]]) -> Evaluation:
-        """Score one merge; failures become a failed evaluation (a plugin's wrong shape stops the run)."""
-        started, t0 = time.time(), time.perf_counter()
+    def _evaluate(self, candidate_id: str, population: str, recipe: Recipe, examples: list[dict[str, Any]]) -> Evaluation:
+        """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing)."""
         usage_before, hits_before = self.client.usage.copy(), self.cache.hits
-        try:
-            scores = self._loop.run_until_complete(self._score(candidate_id, values, examples))
-            fitness = float(np.mean(scores)) if len(scores) else math.nan
-            ev = Evaluation(candidate_id, "ok", fitness, scores, {}, self.worker_id, started, time.perf_counter() - t0)
-            if not math.isfinite(fitness):
-                ev = Evaluation.failure(candidate_id, "fitness is NaN or infinite", self.worker_id, started, ev.duration)
-        except PluginError:
-            raise
-        except Exception as exc:  # a candidate's failure (refused, malformed, out of retries) must not end the run
-            self._count_outage(exc)
-            ev = Evaluation.failure(candidate_id, f"{type(exc).__name__}: {exc}", self.worker_id, started, time.perf_counter() - t0)
-        else:
-            self._outages = 0
+        ev = self.scored(
+            candidate_id, population, lambda: (self._loop.run_until_complete(self._score(candidate_id, recipe, examples)), {})
+        )
         used = self.client.usage - usage_before
         ev.metrics.update({"usage": used.metrics(), "api_retries": used.retries, "cached_responses": self.cache.hits - hits_before})
         return ev
+
+    def _failed(self, exc: Exception) -> None:
+        self._count_outage(exc)
+
+    def _succeeded(self) -> None:
+        self._outages = 0
 
     def _count_outage(self, exc: Exception) -> None:
         """Stop the run (resumably) once the service has stopped answering for good."""
@@ -322,19 +321,21 @@ class BlackBoxWorker:
             ) from None
 
     def expert_baselines(self) -> list[Evaluation]:
-        """Each expert alone on the fitness data: α = 1 with a one-hot β is exactly the adapter,
-        a one-hot weight exactly the served model."""
+        """Each expert alone on the fitness data, through the values its merge method declares
+        reproduce one expert (α = 1 with a one-hot β is exactly the adapter, a one-hot weight
+        exactly the served model)."""
         n = len(self.config.models.experts)
-        alone = []
-        for i, label in enumerate(self.config.models.expert_labels()):
-            one_hot = [float(i == j) for j in range(n)]
-            values = {"weight": one_hot} if self.config.api.level == "openai" else {"alpha": [1.0] * n, "beta": one_hot}
-            alone.append(self._evaluate(label, values, self.examples))
-        return alone
+        return [
+            self._evaluate(label, "", self.space.recipe(self.space.method.expert_alone(i, n)), self.examples)
+            for i, label in enumerate(self.config.models.expert_labels())
+        ]
 
-    def score_on(self, data, genome: np.ndarray) -> Evaluation:
-        """A genome scored on other data of the same kind (held-out examples)."""
-        return self._evaluate("held-out", self._values(genome), self._examples(data))
+    def score_on(self, data, candidate: Candidate | None = None) -> Evaluation:
+        """A candidate scored on other data of the same kind (held-out examples)."""
+        if candidate is None:
+            raise UserError("a black-box worker holds no model of its own: give the candidate to score")
+        recipe = self.codecs[candidate.population].decode(candidate.genome)
+        return self._evaluate(candidate.id, candidate.population, recipe, self.load_examples(data))
 
     def close(self) -> None:
         self._loop.run_until_complete(self.client.aclose())

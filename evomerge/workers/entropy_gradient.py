@@ -23,8 +23,7 @@ import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge.linear import WEIGHT_SUM_EPS
-from evomerge.space import Space
-from evomerge.strategies.adamerging import ADAMERGING_METHODS
+from evomerge.space.merge_space import Space
 
 ADAMERGING_INPUTS = 512
 ADAMERGING_PROMPTS = 64
@@ -34,16 +33,14 @@ def genome_values(space: Space, unit: torch.Tensor) -> dict[str, torch.Tensor]:
     """Space.decode in torch: per parameter, its values as ``[n_groups, n_models or 1]``."""
     unit = unit.clamp(0.0, 1.0)
     values: dict[str, torch.Tensor] = {}
-    offset = 0
-    for block in space.blocks:
-        if block.levels is not None:
-            raise ValueError(f"'{block.param}' is discrete; a differentiable merge has only continuous genes")
-        chunk = unit[offset : offset + block.size].view(block.n_groups, block.n_values)
-        real = block.low + chunk * (block.high - block.low)
-        if space.method.param(block.param).per_model and block.n_values == 1:
-            real = real.expand(block.n_groups, space.n_models)
-        values[block.param] = real
-        offset += block.size
+    for gene in space.genes:
+        if gene.levels is not None:
+            raise ValueError(f"'{gene.name}' is discrete; a differentiable merge has only continuous genes")
+        chunk = unit[gene.start : gene.stop].view(gene.groups, gene.size // gene.groups)
+        real = gene.low + chunk * (gene.high - gene.low)
+        if space.method.param(gene.name).per_model and gene.size == gene.groups:
+            real = real.expand(gene.groups, space.n_models)
+        values[gene.name] = real
     for name, value in space.fixed.items():
         width = space.n_models if space.method.param(name).per_model else 1
         values[name] = torch.full((len(space.group_names), width), float(value), dtype=unit.dtype)
@@ -52,8 +49,8 @@ def genome_values(space: Space, unit: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def merged_parameters(space: Space, tensors: dict[str, Any], unit: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every merged tensor as a differentiable function of the genome ``unit``."""
-    if space.method.name not in ADAMERGING_METHODS:
-        raise ValueError(f"a differentiable merge supports {', '.join(ADAMERGING_METHODS)}, not '{space.method.name}'")
+    if not space.method.differentiable:
+        raise ValueError(f"merge method '{space.method.name}' is not differentiable in its genes")
     values = genome_values(space, unit)
     normalize = space.options.get("normalize", False)
     merged = {}
@@ -65,11 +62,12 @@ def merged_parameters(space: Space, tensors: dict[str, Any], unit: torch.Tensor)
             weights = weights / torch.where(total.abs() < WEIGHT_SUM_EPS, torch.ones_like(total), total)
         stack = tensor.stack
         coefs = weights.to(stack.dtype)
-        if space.method.name == "task_arithmetic":
+        if "lambda" in values:  # task arithmetic's scale of the combined task vector
             coefs = coefs * values["lambda"][g][0].to(stack.dtype)
         combined = torch.tensordot(coefs, stack, dims=1)
-        if tensor.reference is not None:  # task vectors: base + Σ c_i τ_i (linear: the base weighs Σ c_i)
-            ref_coef = 1.0 if space.method.name == "task_arithmetic" else coefs.sum()
+        if tensor.reference is not None:
+            # task arithmetic (needs a base): base + Σ c_i τ_i; linear over task vectors: the base weighs Σ c_i
+            ref_coef = 1.0 if space.method.needs_base else coefs.sum()
             combined = combined + ref_coef * tensor.reference
         merged[name] = combined
     return merged
@@ -89,20 +87,15 @@ def prediction_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -
 class EntropyGradient:
     """``genome → {"loss": H, "loss_gradient": dH/dgenome}`` for one white-box worker."""
 
-    def __init__(self, worker: Any) -> None:
-        self.space: Space = worker.space
-        if self.space.method.name not in ADAMERGING_METHODS:
-            raise ConfigError(
-                f"adamerging learns {' or '.join(ADAMERGING_METHODS)} coefficients; merge.method is '{self.space.method.name}'"
-            )
-        self.model = worker.models.model
-        self.tensors = worker.models.materializer.tensors
-        examples = worker.examples
+    def __init__(self, space: Space, models: Any, examples: Any, device: torch.device) -> None:
+        self.space = space
+        self.model = models.model
+        self.tensors = models.materializer.tensors
         if isinstance(examples, dict) and "inputs" in examples:  # a classifier's inputs
-            self.args: tuple = (examples["inputs"][:ADAMERGING_INPUTS].to(worker.device),)
+            self.args: tuple = (examples["inputs"][:ADAMERGING_INPUTS].to(device),)
             self.kwargs, self.mask = {}, None
         else:  # a causal LM's prompts, right-padded
-            tokenizer = worker.models.tokenizer
+            tokenizer = models.tokenizer
             if tokenizer is None:
                 raise ConfigError("adamerging on text data needs the model's tokenizer")
             prompts = [row["prompt"] for row in list(examples)[:ADAMERGING_PROMPTS]]
@@ -114,8 +107,8 @@ class EntropyGradient:
                 input_ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
             self.args = ()
-            self.kwargs = {"input_ids": input_ids.to(worker.device), "attention_mask": mask.to(worker.device)}
-            self.mask = mask.to(worker.device)
+            self.kwargs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+            self.mask = mask.to(device)
 
     def entropy(self, unit: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call

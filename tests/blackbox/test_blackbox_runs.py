@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.plan import RunPlan
+from evomerge.records import Candidate
 from evomerge.config import config_from_dict
 from evomerge.errors import RunDirError
 from evomerge.models.tiny_lm import skill_examples
@@ -64,9 +66,9 @@ def make_config(tmp_path, monkeypatch, auth):
 
 
 def held_out(config, genome) -> float:
-    worker = BlackBoxWorker(config, "held-out")
+    worker = BlackBoxWorker(RunPlan.from_config(config), "held-out")
     try:
-        ev = worker.score_on(config.fitness.test_data, genome)
+        ev = worker.score_on(config.fitness.test_data, Candidate("held-out", config.populations[0].name, genome))
     finally:
         worker.close()
     assert ev.status == "ok", ev.error
@@ -94,13 +96,13 @@ def test_evo_merging_and_m2n2_beat_the_uniform_composition(service, make_config)
         assert r.metrics["usage"]["cost"] == pytest.approx(0.001 * r.metrics["usage"]["prompt_tokens"]
                                                            + 0.002 * r.metrics["usage"]["completion_tokens"])
 
-    space = config.merge.build_space([], len(EXPERTS))
+    space = RunPlan.from_config(config).space([])
     uniform = held_out(config, space.encode({"alpha": 1.0, "beta": 1 / len(EXPERTS)}))
     for name, best in bests.items():
         assert held_out(config, best.genome) > uniform, name
 
-    worker = BlackBoxWorker(config, "again")  # a repeated candidate: every answer is in the run store
-    again = worker.evaluate("again", bests["evo"].genome)
+    worker = BlackBoxWorker(RunPlan.from_config(config), "again")  # a repeated candidate: every answer is in the run store
+    again = worker.evaluate(Candidate("again", "evo", bests["evo"].genome))
     worker.close()
     assert again.fitness == pytest.approx(bests["evo"].fitness, abs=1e-6)
     assert again.metrics["usage"]["requests"] == 0 and again.metrics["cached_responses"] == 16
@@ -123,8 +125,8 @@ def test_runtime_lora_level_loads_each_merge_and_unloads_it(service, make_config
     assert list((adapters / "runtime").iterdir()) == []  # every merge was unloaded and removed
 
     merged = make(service, run_dir=str(config.run_path()) + "-merge-service")  # the same merges, merged server-side
-    worker = BlackBoxWorker(merged, "compare")
-    ev = worker.evaluate("x", rows[0].genome)
+    worker = BlackBoxWorker(RunPlan.from_config(merged), "compare")
+    ev = worker.evaluate(Candidate("x", rows[0].population, rows[0].genome))
     worker.close()
     assert ev.fitness == pytest.approx(rows[0].fitness, abs=1e-4)
 
@@ -235,10 +237,11 @@ def test_plain_served_models_are_mixed_at_the_output_and_each_asked_once(service
     assert all(r.status == "ok" for r in rows), [r.error for r in rows]
     assert all(r.metrics["usage"]["requests"] == 0 for r in rows)  # the experts alone asked everything once
     assert max(baselines, key=baselines.get) == "addition"
-    worker = BlackBoxWorker(config, "one-hot")
-    space = config.merge.build_space([], len(EXPERTS))
-    alone = worker.evaluate("alone", space.encode({"weight": [1.0, 0.0, 0.0]}))
-    mixed = worker.evaluate("mixed", space.encode({"weight": [0.5, 0.5, 0.0]}))
+    worker = BlackBoxWorker(RunPlan.from_config(config), "one-hot")
+    space = worker.space
+    population = config.populations[0].name
+    alone = worker.evaluate(Candidate("alone", population, space.encode({"weight": [1.0, 0.0, 0.0]})))
+    mixed = worker.evaluate(Candidate("mixed", population, space.encode({"weight": [0.5, 0.5, 0.0]})))
     worker.close()
     assert alone.fitness == pytest.approx(baselines["addition"], abs=1e-6)
     assert baselines["reversal"] < mixed.fitness < alone.fitness  # a mixture lies between its parts

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.space import Space
+from evomerge.space.merge_space import Space
 
 
 @pytest.mark.parametrize("method, with_base", [("task_arithmetic", True), ("linear", False), ("linear", True)])

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from evomerge.plan import RunPlan
+from evomerge.records import Candidate
 from evomerge.merge import MERGE_METHODS, ResidentTensor
-from evomerge.space import Space
+from evomerge.space.merge_space import Space
 
 
 def test_fisher_by_hand(make_ctx):
@@ -70,12 +72,12 @@ def test_a_worker_merges_with_the_experts_fishers(tmp_path, digits_config, digit
         },
         merge={"method": "fisher", "granularity": "per_model"},
     )
-    worker = WhiteBoxWorker(load_config(path))
+    worker = WhiteBoxWorker(RunPlan.from_config(load_config(path)))
     fishers = worker.models.materializer.fishers
     assert fishers is not None and set(fishers) == set(worker.models.tensor_names)
     first = worker.models.tensor_names[0]
     assert fishers[first].shape[0] == 2 and bool((fishers[first] > 0).all())
-    evaluation = worker.evaluate("pop:0", worker.space.x0())
+    evaluation = worker.evaluate(Candidate("cma:0", "cma", worker.space.x0()))
     assert evaluation.status == "ok" and 0.0 <= evaluation.fitness <= 1.0
     assert np.isfinite(evaluation.per_example).all()
 
@@ -93,4 +95,4 @@ def test_config_asks_for_each_experts_data(digits_config, digit_models):
         merge={"method": "fisher"},
     )
     with pytest.raises(ConfigError, match="models.experts.1.data: merge method 'fisher' estimates each expert's"):
-        load_config(path)
+        RunPlan.from_config(load_config(path))

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.space import Space
+from evomerge.space.merge_space import Space
 
 
 @pytest.mark.parametrize("with_base", [False, True])
 def test_picking_expert_j_everywhere_gives_expert_j(make_setup, with_base):
     setup = make_setup("layer_swap", 3, with_base)
     space = Space.build(setup.method, setup.names, 3, granularity="per_layer_group", layer_groups=2)
-    assert [b.levels for b in space.blocks] == [3]
+    assert [g.levels for g in space.genes] == [3]
     for j in range(3):
         targets = setup.targets()
         setup.materializer(targets).apply(space.decode(space.encode({"expert": float(j)})))

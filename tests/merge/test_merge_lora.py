@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evomerge.merge import MERGE_METHODS, ResidentTensor
-from evomerge.space import Space
+from evomerge.space.merge_space import Space
 
 A_NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B_NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

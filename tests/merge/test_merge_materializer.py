@@ -8,8 +8,8 @@ import torch
 
 from evomerge.errors import ModelMismatchError
 from evomerge.merge import MERGE_METHODS
-from evomerge.merge.materializer import Materializer
-from evomerge.space import Space
+from evomerge.workers.materializer import Materializer
+from evomerge.space.merge_space import Space
 
 INPUT_IDS = (torch.arange(16).view(2, 8) * 7) % 128
 
@@ -212,7 +212,7 @@ def _seed_setup(with_base: bool, dtype=torch.float64):
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("grid", ["rows", "elements"])
 def test_block_grams_and_pieces_match_the_flat_experts(with_base, grid):
-    from evomerge.strategies.seed_recipes import SeedGram, SeedRecipe
+    from evomerge.space.seed_recipes import PiecewiseRecipe, SeedGram, SeedRecipe
 
     mat, targets, flat = _seed_setup(with_base)
     edges, grams = mat.block_grams(grid)
@@ -221,19 +221,20 @@ def test_block_grams_and_pieces_match_the_flat_experts(with_base, grid):
     gram = SeedGram.from_block_grams(edges, grams)
     np.testing.assert_allclose(gram.prefix, SeedGram.from_flat(flat, edges).prefix, rtol=1e-12)
     recipe = SeedRecipe(np.array([0, 1, 3, gram.n_blocks]), np.array([[1.0, 0, 0], [0.2, -0.5, 1.1], [0, 0.5, 0.5]]))
-    mat.apply_pieces(gram.block_edges[recipe.edges], recipe.coeffs)  # after the Gram: resident rows untouched
+    mat.apply(PiecewiseRecipe(gram.block_edges[recipe.edges], recipe.coeffs))  # after the Gram: resident rows untouched
     got = np.concatenate([targets[n].reshape(-1).numpy() for n in SEED_SHAPES])
     np.testing.assert_allclose(got, gram.materialize(recipe, flat), rtol=1e-12, atol=1e-12)
 
 
 def test_pieces_must_cover_the_model(monkeypatch):
-    import evomerge.merge.materializer as materializer
+    import evomerge.space.seed_recipes as seed_recipes
+    from evomerge.space.seed_recipes import PiecewiseRecipe
 
     mat, _, _ = _seed_setup(False)
     with pytest.raises(ValueError, match="cover"):
-        mat.apply_pieces(np.array([0, 10]), np.ones((1, 3)))
+        mat.apply(PiecewiseRecipe(np.array([0, 10]), np.ones((1, 3))))
     with pytest.raises(ValueError, match="split grid"):
         mat.block_edges("columns")
-    monkeypatch.setattr(materializer, "ELEMENT_GRID_LIMIT", 10)
+    monkeypatch.setattr(seed_recipes, "ELEMENT_GRID_LIMIT", 10)
     with pytest.raises(ValueError, match="rows"):
         mat.block_edges("elements")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evomerge.merge import MERGE_METHODS, ResidentTensor
-from evomerge.space import Space
+from evomerge.space.merge_space import Space
 from evomerge.strategies.m2n2 import split_point_slerp
 
 

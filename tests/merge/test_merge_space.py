@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from evomerge.merge import MERGE_METHODS
-from evomerge.space import GRANULARITIES, Space, genome_seed, group_tensors, layer_index
+from evomerge.space.merge_space import GRANULARITIES, Space, genome_seed, group_tensors, layer_index
 
 # Same order as a Llama's named_parameters(): embedding, four layers, final norm, head.
 NAMES = [
@@ -93,17 +93,15 @@ def test_recipe_gives_each_tensor_its_groups_values():
     space = Space.build(LINEAR, NAMES, 2, granularity="per_layer_group", layer_groups=2)
     # genes: group 0 → (0.1, 0.2), group 1 → (0.7, 0.8)
     recipe = space.decode(np.array([0.1, 0.2, 0.7, 0.8]))
-    per_model = {"weight": True}
-    assert recipe.params_for("model.embed_tokens.weight", per_model)["weight"] == pytest.approx([0.1, 0.2])
-    assert recipe.params_for("model.layers.1.input_layernorm.weight", per_model)["weight"] == pytest.approx([0.1, 0.2])
-    assert recipe.params_for("model.layers.2.mlp.up_proj.weight", per_model)["weight"] == pytest.approx([0.7, 0.8])
-    assert recipe.params_for("lm_head.weight", per_model)["weight"] == pytest.approx([0.7, 0.8])
+    assert recipe.params_for("model.embed_tokens.weight")["weight"] == pytest.approx([0.1, 0.2])
+    assert recipe.params_for("model.layers.1.input_layernorm.weight")["weight"] == pytest.approx([0.1, 0.2])
+    assert recipe.params_for("model.layers.2.mlp.up_proj.weight")["weight"] == pytest.approx([0.7, 0.8])
+    assert recipe.params_for("lm_head.weight")["weight"] == pytest.approx([0.7, 0.8])
     tensor_space = Space.build(TIES, NAMES, 2, granularity="per_tensor", fixed={"density": 0.4})
     genome = np.random.default_rng(0).uniform(size=tensor_space.dim)
     recipe = tensor_space.decode(genome)
-    per_model = {p.name: p.per_model for p in TIES.params}
     for i, name in enumerate(NAMES):
-        params = recipe.params_for(name, per_model)
+        params = recipe.params_for(name)
         lo, hi = TIES.param("weight").low, TIES.param("weight").high
         # blocks are laid out parameter by parameter, group by group, expert by expert
         assert params["weight"] == pytest.approx(list(lo + genome[2 * i : 2 * i + 2] * (hi - lo)))
@@ -131,7 +129,7 @@ def test_global_per_model_parameter_is_shared_by_every_expert():
 
 def test_fixed_and_searched_parameters():
     space = Space.build(TIES, NAMES, 2, granularity="per_model", fixed={"lambda": 1.3})
-    assert [b.param for b in space.blocks] == ["weight", "density"]
+    assert [g.name for g in space.genes] == ["weight", "density"]
     assert space.dim == 4
     recipe = space.decode(np.full(4, 0.5))
     assert recipe.values["lambda"] == [[1.3]]
@@ -154,8 +152,7 @@ def test_x0_follows_init_and_defaults():
     space = Space.build(LINEAR, NAMES, 4, bounds={"weight": (0.0, 2.0)}, init={"weight": 0.5})
     np.testing.assert_allclose(space.x0(), [0.25] * 4)
     space = Space.build(MERGE_METHODS["lora_compose"], NAMES, 4)  # beta defaults to 1/N in [-1.5, 1.5]
-    beta = [b for b in space.blocks if b.param == "beta"][0]
-    assert beta.init == pytest.approx(0.25)
+    assert space.init["beta"] == pytest.approx(0.25)
     recipe = space.decode(space.x0())
     assert recipe.values["beta"] == [pytest.approx([0.25] * 4)]
 

@@ -1,4 +1,4 @@
-"""Search spaces: how a bounded genome vector becomes a merge recipe.
+"""The merge space: how a bounded genome vector becomes a merge recipe.
 
 Strategies only ever see vectors in the unit cube [0, 1]^d; the space owns bounds, grouping and
 decoding (nevergrad's parametrization idea). Genes are derived from the merge method's declared
@@ -22,8 +22,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from evomerge.merge import MergeMethod
-from evomerge.strategies.base import GeneRange, SearchSpec
+from evomerge.merge.method import MergeMethod
+from evomerge.space.genes import GeneRange, SearchSpec
 
 GRANULARITIES = ("global", "per_model", "per_layer_group", "per_tensor")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -66,60 +66,34 @@ def group_tensors(
     return names, groups
 
 
-@dataclass(frozen=True)
-class GeneBlock:
-    """The genes of one searched parameter: ``n_groups × n_values`` values in ``[low, high]``."""
-
-    param: str
-    n_groups: int
-    n_values: int
-    low: float
-    high: float
-    init: float
-    levels: int | None = None
-    """Integer parameters take the ``levels`` integers ``low … high``: the unit interval is cut
-    into that many equal bins, so each value is equally likely under uniform sampling."""
-
-    @property
-    def size(self) -> int:
-        return self.n_groups * self.n_values
-
-    def to_unit(self, value: np.ndarray) -> np.ndarray:
-        """Unit-cube coordinates of real values (the centre of its bin for an integer value)."""
-        value = np.asarray(value, dtype=np.float64)
-        if self.levels is None:
-            return (value - self.low) / (self.high - self.low)
-        return (np.clip(np.rint(value - self.low), 0, self.levels - 1) + 0.5) / self.levels
-
-    def to_real(self, unit: np.ndarray) -> np.ndarray:
-        """Real values of unit-cube coordinates (integers for an integer parameter)."""
-        if self.levels is None:
-            return self.low + unit * (self.high - self.low)
-        return self.low + np.minimum(np.floor(unit * self.levels), self.levels - 1)
-
-
 @dataclass
 class Recipe:
     """A decoded genome: concrete parameter values for every tensor group.
 
     ``values[param][g]`` is a list with one value per expert (per-model parameters) or a single
     value. ``seed`` drives random operators (DARE), so the same recipe always merges the same way.
+    ``method`` is the resolved declaration, so whoever applies the recipe never looks a name up.
     """
 
-    method: str
+    method: MergeMethod
     group_names: list[str]
     values: dict[str, list[list[float]]]
     options: dict[str, bool]
     seed: int
     tensor_groups: Mapping[str, int] = field(default_factory=dict, repr=False)
 
-    def params_for(self, tensor_name: str, per_model: Mapping[str, bool]) -> dict[str, list[float] | float]:
-        g = self.tensor_groups[tensor_name]
-        return {p: (v[g] if per_model[p] else v[g][0]) for p, v in self.values.items()}
+    def params_for(self, tensor_name: str) -> dict[str, list[float] | float]:
+        """The values the kernel takes for one tensor: a list per expert, or one shared value.
+
+        With a single group (granularity ``global`` or ``per_model``) every tensor takes it, so a
+        recipe decoded without the model's tensor names (a black-box space) applies to any layout.
+        """
+        g = 0 if len(self.group_names) == 1 else self.tensor_groups[tensor_name]
+        return {spec.name: (self.values[spec.name][g] if spec.per_model else self.values[spec.name][g][0]) for spec in self.method.params}
 
     def to_dict(self) -> dict:
         return {
-            "method": self.method,
+            "method": self.method.name,
             "options": dict(self.options),
             "seed": self.seed,
             "groups": [
@@ -144,7 +118,9 @@ class Space:
     granularity: str
     group_names: list[str]
     tensor_groups: dict[str, int]
-    blocks: list[GeneBlock]
+    genes: list[GeneRange]
+    init: dict[str, float]
+    """The starting value of each searched parameter (its declared default unless configured)."""
     fixed: dict[str, float]
     options: dict[str, bool]
 
@@ -177,7 +153,9 @@ class Space:
             if name in fixed:
                 raise ValueError(f"parameter '{name}' is both searched and fixed")
         group_names, groups = group_tensors(tensor_names, granularity, layer_groups)
-        blocks = []
+        genes: list[GeneRange] = []
+        starts: dict[str, float] = {}
+        offset = 0
         for spec in method.params:
             if spec.name not in searched:
                 continue
@@ -193,7 +171,10 @@ class Space:
                 raise ValueError(f"initial value {start} of '{spec.name}' lies outside its bounds [{low}, {high}]")
             n_values = n_models if spec.per_model and granularity != "global" else 1
             levels = int(high - low) + 1 if spec.integer else None
-            blocks.append(GeneBlock(spec.name, len(group_names), n_values, low, high, start, levels))
+            size = len(group_names) * n_values
+            genes.append(GeneRange(spec.name, offset, offset + size, low, high, levels, len(group_names)))
+            starts[spec.name] = start
+            offset += size
         unknown_options = set(options or {}) - set(method.option_names)
         if unknown_options:
             raise ValueError(
@@ -210,26 +191,23 @@ class Space:
             granularity=granularity,
             group_names=group_names,
             tensor_groups=dict(zip(tensor_names, groups)),
-            blocks=blocks,
+            genes=genes,
+            init=starts,
             fixed=fixed,
             options=resolved_options,
         )
 
     @property
     def dim(self) -> int:
-        return sum(b.size for b in self.blocks)
+        return sum(g.size for g in self.genes)
 
     def x0(self) -> np.ndarray:
         """The declared (or configured) starting values, in unit-cube coordinates."""
-        return np.concatenate([np.full(b.size, b.to_unit(b.init)) for b in self.blocks]) if self.blocks else np.zeros(0)
+        return np.concatenate([np.full(g.size, g.to_unit(self.init[g.name])) for g in self.genes]) if self.genes else np.zeros(0)
 
     def search_spec(self) -> SearchSpec:
         """The strategies' view of this space: dimension, start and where each parameter's genes lie."""
-        genes, offset = [], 0
-        for b in self.blocks:
-            genes.append(GeneRange(b.param, offset, offset + b.size, b.low, b.high, b.levels))
-            offset += b.size
-        return SearchSpec(self.dim, self.x0(), tuple(genes))
+        return SearchSpec(self.dim, self.x0(), tuple(self.genes))
 
     def decode(self, genome: np.ndarray, seed: int | None = None) -> Recipe:
         genome = np.asarray(genome, dtype=np.float64)
@@ -237,27 +215,43 @@ class Space:
             raise ValueError(f"genome has shape {genome.shape}, the space expects ({self.dim},)")
         unit = np.clip(genome, 0.0, 1.0)  # genomes outside the cube decode (and seed) as their clipped point
         values: dict[str, list[list[float]]] = {}
-        offset = 0
-        for b in self.blocks:
-            chunk = unit[offset : offset + b.size].reshape(b.n_groups, b.n_values)
-            scaled = b.to_real(chunk)
-            if b.levels is not None:  # a discrete gene seeds as its bin's centre: same recipe, same seed
-                unit[offset : offset + b.size] = b.to_unit(scaled).reshape(-1)
-            spec = self.method.param(b.param)
-            if spec.per_model and b.n_values == 1:
+        for g in self.genes:
+            chunk = unit[g.start : g.stop].reshape(g.groups, g.size // g.groups)
+            scaled = g.to_real(chunk)
+            if g.levels is not None:  # a discrete gene seeds as its bin's centre: same recipe, same seed
+                unit[g.start : g.stop] = g.to_unit(scaled).reshape(-1)
+            if self.method.param(g.name).per_model and g.size == g.groups:
                 scaled = np.repeat(scaled, self.n_models, axis=1)
-            values[b.param] = scaled.tolist()
-            offset += b.size
+            values[g.name] = scaled.tolist()
         for name, value in self.fixed.items():
             width = self.n_models if self.method.param(name).per_model else 1
             values[name] = [[float(value)] * width for _ in self.group_names]
         ordered = {p.name: values[p.name] for p in self.method.params}
         return Recipe(
-            method=self.method.name,
+            method=self.method,
             group_names=list(self.group_names),
             values=ordered,
             options=dict(self.options),
             seed=genome_seed(unit) if seed is None else seed,
+            tensor_groups=self.tensor_groups,
+        )
+
+    def recipe(self, values: Mapping[str, Sequence[float]], seed: int = 0) -> Recipe:
+        """The recipe whose every group takes exactly ``values`` (one per expert for per-model
+        parameters), declared defaults elsewhere: a point no genome needs to encode, such as one
+        expert alone."""
+        per_group = {
+            p.name: [float(v) for v in values[p.name]] if p.name in values else
+            [float(self.fixed.get(p.name, self.init.get(p.name, p.default_for(self.n_models))))]
+            * (self.n_models if p.per_model else 1)
+            for p in self.method.params
+        }
+        return Recipe(
+            method=self.method,
+            group_names=list(self.group_names),
+            values={name: [list(v) for _ in self.group_names] for name, v in per_group.items()},
+            options=dict(self.options),
+            seed=seed,
             tensor_groups=self.tensor_groups,
         )
 
@@ -267,13 +261,13 @@ class Space:
         ``values`` maps searched parameters to one value or one value per expert.
         """
         parts = []
-        for b in self.blocks:
-            raw = np.asarray(values.get(b.param, b.init), dtype=np.float64).reshape(-1)
-            if raw.size not in (1, b.n_values):
+        for g in self.genes:
+            n_values = g.size // g.groups
+            raw = np.asarray(values.get(g.name, self.init[g.name]), dtype=np.float64).reshape(-1)
+            if raw.size not in (1, n_values):
                 raise ValueError(
-                    f"'{b.param}' takes one value or {b.n_values} (one per expert) in this space, got {raw.size}"
+                    f"'{g.name}' takes one value or {n_values} (one per expert) in this space, got {raw.size}"
                 )
-            per_group = np.broadcast_to(raw, (b.n_values,))
-            unit = b.to_unit(np.tile(per_group, b.n_groups))
-            parts.append(unit)
+            per_group = np.broadcast_to(raw, (n_values,))
+            parts.append(g.to_unit(np.tile(per_group, g.groups)))
         return np.concatenate(parts) if parts else np.zeros(0)

@@ -1,4 +1,4 @@
-"""Apply a recipe to a resident model: the thin layer between merge kernels and a worker's model.
+"""Apply a decoded genome to a resident model: the thin layer between merge kernels and a worker's model.
 
 The materializer owns, per parameter tensor, the experts' weights in resident form (see
 ``resident.py``) and writes each candidate straight into the working model's parameters — no
@@ -8,45 +8,23 @@ the memory of the result plus one expert, never all experts twice.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 
 from evomerge.errors import ModelMismatchError
-from evomerge.merge import MergeMethod, ResidentTensor, TensorContext, get_merge_method
+from evomerge.merge import MergeMethod, ResidentTensor, TensorContext
 from evomerge.merge.resident import Scratch, combine_
-from evomerge.space import Recipe
+from evomerge.space.merge_space import Recipe
+from evomerge.space.seed_recipes import PiecewiseRecipe, check_split_grid, split_grid_edges
 
-SPLIT_GRIDS = ("rows", "elements")
-"""Where M2N2's seed-recipe split points may fall: between tensor rows (first dimension), or
-anywhere (exact, for small models: one Gram matrix per parameter)."""
-ELEMENT_GRID_LIMIT = 50_000_000
 GRAM_ROW_CHUNK = 1 << 20
 
 DEFAULT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
 """Elements per kernel step: L3-sized on CPUs (measured on 2 EPYC cores: 2^20 beats 2^17–2^19 for
 every kernel, as per-op dispatch costs about as much as 2^16 elements of work); large on GPUs,
 where launches dominate."""
-
-
-def split_grid_edges(shapes: Sequence[Sequence[int]], grid: str) -> np.ndarray:
-    """Element offsets of the blocks of a split grid over parameters of these shapes (model order).
-
-    ``rows``: each matrix row is a block, a vector or scalar one block; ``elements``: every element.
-    Shapes suffice, so a report can place a seed recipe's pieces without loading weights.
-    """
-    if grid not in SPLIT_GRIDS:
-        raise ValueError(f"split grid must be one of {', '.join(SPLIT_GRIDS)}, got '{grid}'")
-    sizes = [int(np.prod(shape)) for shape in shapes]
-    if grid == "elements":
-        return np.arange(sum(sizes) + 1, dtype=np.int64)
-    edges, offset = [np.zeros(1, dtype=np.int64)], 0
-    for shape, numel in zip(shapes, sizes):
-        rows = shape[0] if len(shape) > 1 else 1
-        edges.append(offset + np.arange(1, rows + 1, dtype=np.int64) * (numel // rows))
-        offset += numel
-    return np.concatenate(edges)
 
 
 def _check_same_layout(
@@ -181,12 +159,18 @@ class Materializer:
             self._flat_gram = sum(t.gram(self._scratch) for t in self.tensors.values())  # type: ignore[assignment]
         return self._flat_gram  # type: ignore[return-value]
 
+    def apply(self, decoded: Recipe | PiecewiseRecipe) -> None:
+        """Write what a codec decoded into every target tensor: a merge recipe, or pieces."""
+        if isinstance(decoded, PiecewiseRecipe):
+            self._apply_pieces(decoded.edges, decoded.coefficients)
+        else:
+            self._apply_recipe(decoded)
+
     @torch.no_grad()
-    def apply(self, recipe: Recipe) -> None:
+    def _apply_recipe(self, recipe: Recipe) -> None:
         """Write the merge described by ``recipe`` into every target tensor."""
-        method = get_merge_method(recipe.method)
+        method = recipe.method
         self.check_method(method)
-        per_model = {p.name: p.per_model for p in method.params}
         flat_gram = self.flat_gram() if method.needs_flat_gram else None
         for index, (name, out) in enumerate(self.targets.items()):
             generator = torch.Generator(device=self.device)
@@ -201,15 +185,11 @@ class Materializer:
                 scratch=self._scratch,
                 fisher=self.fishers[name] if method.needs_fisher and self.fishers is not None else None,
             )
-            method.kernel(out, self.tensors[name], recipe.params_for(name, per_model), recipe.options, ctx)
+            method.kernel(out, self.tensors[name], recipe.params_for(name), recipe.options, ctx)
 
     def block_edges(self, grid: str) -> np.ndarray:
         """Element offsets of the blocks of a split grid over the flattened parameters."""
-        if grid == "elements" and self.total > ELEMENT_GRID_LIMIT:
-            raise ValueError(
-                f"a split grid of single elements keeps one Gram matrix per parameter; this model has"
-                f" {self.total:,} parameters — use the 'rows' grid"
-            )
+        check_split_grid(grid, self.total)
         return split_grid_edges([tuple(t.shape) for t in self.targets.values()], grid)
 
     @torch.no_grad()
@@ -239,7 +219,7 @@ class Materializer:
         return edges, np.concatenate(grams)
 
     @torch.no_grad()
-    def apply_pieces(self, edges: np.ndarray, coefficients: np.ndarray) -> None:
+    def _apply_pieces(self, edges: np.ndarray, coefficients: np.ndarray) -> None:
         """Write ``Σ_s c[k, s] · expert_s`` on each piece ``[edges[k], edges[k+1])`` of the flat parameters.
 
         M2N2's seed recipes materialize this way: a linear merge whose weights change at the

@@ -10,17 +10,53 @@ a controller breed members of a 7-billion-parameter archive from a few numbers e
 workers hold only the seeds and materialize a member like a linear merge.
 
 Split points lie on a block grid: every element for small models (then the recipe form gives the
-weight-space children exactly), tensor rows for large ones.
+weight-space children exactly), tensor rows for large ones. A worker applies a member as a
+:class:`PiecewiseRecipe`: the same pieces in element offsets of the flattened parameters.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
-from evomerge.merge.slerp import split_slerp_coefficients
+from evomerge.space.interpolation import split_slerp_coefficients
+
+SPLIT_GRIDS = ("rows", "elements")
+"""Where M2N2's seed-recipe split points may fall: between tensor rows (first dimension), or
+anywhere (exact, for small models: one Gram matrix per parameter)."""
+ELEMENT_GRID_LIMIT = 50_000_000
+"""Parameters above which an element grid is refused: it keeps one Gram matrix per parameter."""
+
+
+def split_grid_edges(shapes: Sequence[Sequence[int]], grid: str) -> np.ndarray:
+    """Element offsets of the blocks of a split grid over parameters of these shapes (model order).
+
+    ``rows``: each matrix row is a block, a vector or scalar one block; ``elements``: every element.
+    Shapes suffice, so a report can place a seed recipe's pieces without loading weights.
+    """
+    if grid not in SPLIT_GRIDS:
+        raise ValueError(f"split grid must be one of {', '.join(SPLIT_GRIDS)}, got '{grid}'")
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    if grid == "elements":
+        return np.arange(sum(sizes) + 1, dtype=np.int64)
+    edges, offset = [np.zeros(1, dtype=np.int64)], 0
+    for shape, numel in zip(shapes, sizes):
+        rows = shape[0] if len(shape) > 1 else 1
+        edges.append(offset + np.arange(1, rows + 1, dtype=np.int64) * (numel // rows))
+        offset += numel
+    return np.concatenate(edges)
+
+
+def check_split_grid(grid: str, n_parameters: int) -> None:
+    """Refuse an element grid on a model too large for one Gram matrix per parameter."""
+    if grid == "elements" and n_parameters > ELEMENT_GRID_LIMIT:
+        raise ValueError(
+            f"a split grid of single elements keeps one Gram matrix per parameter; this model has"
+            f" {n_parameters:,} parameters — use the 'rows' grid"
+        )
 
 
 @dataclass(frozen=True)
@@ -138,3 +174,23 @@ class SeedGram:
             lo, hi = self.block_edges[recipe.edges[k]], self.block_edges[recipe.edges[k + 1]]
             out[lo:hi] = recipe.coeffs[k] @ seeds[:, lo:hi]
         return out
+
+
+@dataclass(frozen=True)
+class PiecewiseRecipe:
+    """``Σ_s coefficients[k, s] · expert_s`` on each piece ``[edges[k], edges[k+1])`` of the
+    flattened parameters (element offsets): a decoded seed recipe, as a materializer applies it."""
+
+    edges: np.ndarray
+    coefficients: np.ndarray
+    labels: Sequence[str] = field(default=())
+    """The experts' names, for :meth:`to_dict` only."""
+
+    def to_dict(self) -> dict:
+        return {
+            "method": "seed_recipe",
+            "pieces": [
+                {"start": int(lo), "end": int(hi), "weights": dict(zip(self.labels, map(float, row)))}
+                for lo, hi, row in zip(self.edges[:-1], self.edges[1:], self.coefficients)
+            ],
+        }

@@ -1,0 +1,299 @@
+"""The run plan: a config resolved against the registries, once, before any model loads.
+
+``RunPlan.from_config`` is where every cross-check between the config and the registries lives
+(a merge method's parameters, experts and base; a strategy's options and what it requires; what a
+black-box service can search), each failing as one ``ConfigError`` naming the file and the field.
+From there on nothing looks a name up again: the plan hands out the merge method, the
+per-population budgets, the models this machine reads, the merge space, one codec per population
+and the strategies. ``evomerge validate`` builds the plan and stops there, so it catches every
+mistake a run would, without loading a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from pydantic import ValidationError
+
+from evomerge.config import RunConfig, field_path
+from evomerge.errors import ConfigError
+from evomerge.merge import MERGE_METHODS
+from evomerge.merge.linear import LINEAR
+from evomerge.merge.lora import LORA_COMPOSE
+from evomerge.merge.method import MergeMethod
+from evomerge.strategies import STRATEGIES
+from evomerge.strategies.base import SEED_RECIPES, Requirements, Strategy, StrategyOptions
+
+if TYPE_CHECKING:
+    from evomerge.executors import Executor
+    from evomerge.space.codec import Codec
+    from evomerge.space.merge_space import Space
+
+SERVICE_METHODS: dict[str, tuple[MergeMethod, str]] = {
+    "merge_service": (LORA_COMPOSE, "merges LoRA adapters by per-adapter alpha and beta"),
+    "runtime_lora": (LORA_COMPOSE, "merges LoRA adapters by per-adapter alpha and beta"),
+    "openai": (LINEAR, "mixes served models by per-model weights"),
+}
+"""The merge method a black-box service level (``api.level``) searches, and what it does."""
+SERVICE_GRANULARITIES = ("global", "per_model")
+"""A service takes one value per expert: no tensor groups."""
+
+
+@dataclass(frozen=True)
+class PopulationPlan:
+    """One population as the run will start it."""
+
+    name: str
+    strategy: type[Strategy]
+    options: StrategyOptions
+    requires: Requirements
+    budget: int | None
+    """Evaluations (None: limited by time only)."""
+    share: float
+    seed: int
+
+    @property
+    def cache_scope(self) -> str:
+        """Populations whose genomes mean the same merge share cached evaluations."""
+        return f"{SEED_RECIPES}:{self.requires.split_grid}" if self.requires.space == SEED_RECIPES else "space"
+
+
+class RunPlan:
+    """A validated config and everything decided from it (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, source: str = "<config>") -> None:
+        self.config = config
+        self.source = source
+        self.method = self._merge_method()
+        self._check_models()
+        budgets = self._budgets()
+        self.populations = [self._population(i, budgets) for i in range(len(config.populations))]
+        self._check_blackbox()
+
+    @classmethod
+    def from_config(cls, config: RunConfig, source: str = "<config>") -> "RunPlan":
+        return cls(config, source)
+
+    # --- cross-checks ------------------------------------------------------------------------
+    def _fail(self, where: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {where}: {message}")
+
+    def _merge_method(self) -> MergeMethod:
+        merge = self.config.merge
+        if merge.method not in MERGE_METHODS:
+            raise self._fail("merge.method", f"unknown merge method '{merge.method}' (known: {', '.join(sorted(MERGE_METHODS))})")
+        method = MERGE_METHODS[merge.method]
+        for field_name in ("fixed", "bounds", "init", "search"):
+            for key in getattr(merge, field_name) or []:
+                if key not in method.param_names:
+                    raise self._fail(
+                        f"merge.{field_name}",
+                        f"'{key}' is not a parameter of {method.name} (it has: {', '.join(method.param_names)})",
+                    )
+        for key in merge.options:
+            if key not in method.option_names:
+                raise self._fail(
+                    "merge.options",
+                    f"'{key}' is not an option of {method.name} (it has: {', '.join(method.option_names) or 'none'})",
+                )
+        if method.global_only and merge.granularity != "global":
+            raise self._fail("merge.granularity", f"merge method '{method.name}' only supports granularity 'global'")
+        return method
+
+    def _check_models(self) -> None:
+        method, models = self.method, self.config.models
+        n = len(models.experts)
+        if method.needs_base and models.base is None:
+            raise self._fail("merge.method", f"'{method.name}' combines task vectors and needs models.base")
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            wanted = f"exactly {method.min_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
+            raise self._fail("models.experts", f"merge method '{method.name}' takes {wanted} experts, got {n}")
+        if method.needs_fisher:
+            for i, expert in enumerate(models.experts):
+                if expert.data is None:
+                    raise self._fail(
+                        f"models.experts.{i}.data",
+                        f"merge method '{method.name}' estimates each expert's Fisher information on its own"
+                        " data; give every expert a data source",
+                    )
+
+    def _population(self, i: int, budgets: Mapping[str, int | None]) -> PopulationPlan:
+        pop, config = self.config.populations[i], self.config
+        if pop.strategy not in STRATEGIES:
+            raise self._fail(f"populations.{i}.strategy", f"unknown strategy '{pop.strategy}' (known: {', '.join(sorted(STRATEGIES))})")
+        strategy = STRATEGIES[pop.strategy]
+        try:
+            options = strategy.Options.model_validate(pop.options)
+        except ValidationError as err:
+            first = err.errors()[0]
+            msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+            where = field_path(first["loc"])
+            raise self._fail(f"populations.{i}.options{'.' + where if where else ''}", msg) from None
+        requires = strategy.requires(options)
+        if requires.gradient and not self.method.differentiable:
+            differentiable = sorted(name for name, m in MERGE_METHODS.items() if m.differentiable)
+            raise self._fail(
+                f"populations.{i}.strategy",
+                f"{pop.strategy} learns {' or '.join(differentiable)} coefficients by gradient descent on white-box"
+                f" workers; merge.method is '{self.method.name}'",
+            )
+        searched = config.merge.search if config.merge.search is not None else [
+            p for p in self.method.param_names if p not in config.merge.fixed
+        ]
+        missing = [gene for gene in requires.genes if gene not in searched or gene in config.merge.fixed]
+        if missing:
+            raise self._fail(
+                f"populations.{i}.strategy",
+                f"{pop.strategy} searches the genes {' and '.join(requires.genes)}; merge.method '{self.method.name}'"
+                f" does not search {missing[0]}",
+            )
+        unknown = [o for o in pop.options.get("objectives", []) if o != "fitness" and o not in config.fitness.tasks]
+        if unknown and config.api is None:  # a white-box worker measures the fitness and the tasks
+            raise self._fail(
+                f"populations.{i}.options.objectives",
+                f"'{unknown[0]}' is neither 'fitness' nor a task of fitness.tasks (tasks: {', '.join(config.fitness.tasks) or 'none'})",
+            )
+        return PopulationPlan(pop.name, strategy, options, requires, budgets[pop.name], pop.share, config.seed + 1000 * i)
+
+    def _check_blackbox(self) -> None:
+        """What a black-box run can search: one value per expert of its service's method, no weights."""
+        config = self.config
+        if config.api is None:
+            if any(getattr(config.budget, key) is not None for key in ("requests", "tokens", "cost")):
+                raise self._fail("budget", "requests, tokens and cost limit black-box runs; add an api section")
+            return
+        method, what = SERVICE_METHODS[config.api.level]
+        if self.method is not method or config.merge.granularity not in SERVICE_GRANULARITIES:
+            raise self._fail(
+                "api.level",
+                f"a {config.api.level} service {what}; use merge.method {method.name} with granularity per_model or global",
+            )
+        for i, pop in enumerate(self.populations):
+            if pop.requires.space == SEED_RECIPES:
+                raise self._fail(f"populations.{i}.options.archive", "seed recipes need the weights; black-box runs cannot use them")
+
+    def _budgets(self) -> dict[str, int | None]:
+        """Evaluations per population, split by ``share`` (None: limited by time only)."""
+        config = self.config
+        total = config.budget.evaluations
+        if total is None:
+            return {p.name: None for p in config.populations}
+        total_share = sum(p.share for p in config.populations)
+        budgets = {p.name: int(total * p.share / total_share) for p in config.populations}
+        for p in config.populations[: total - sum(budgets.values())]:
+            budgets[p.name] += 1
+        return budgets
+
+    # --- what the run uses -------------------------------------------------------------------
+    @property
+    def budgets(self) -> dict[str, int | None]:
+        return {p.name: p.budget for p in self.populations}
+
+    @property
+    def gradient_populations(self) -> frozenset[str]:
+        """Populations whose evaluations must carry the entropy gradient (white-box workers)."""
+        return frozenset(p.name for p in self.populations if p.requires.gradient)
+
+    @property
+    def working_model(self) -> str:
+        """The model whose parameters merges are written into: the base, else the first expert."""
+        config = self.config
+        return config.model_ref(config.models.base or config.models.experts[0].path)
+
+    def local_models(self) -> list[tuple[str, str]]:
+        """(field, reference) of the models this machine reads: all of them in white-box runs; in
+        black-box runs only runtime_lora's adapters (a merge service names its adapters, and the
+        base is always a served model name)."""
+        config = self.config
+        refs = [("models.base", config.models.base)] if config.models.base and config.api is None else []
+        if config.api is None or config.api.level == "runtime_lora":
+            refs += [(f"models.experts.{i}.path", e.path) for i, e in enumerate(config.models.experts)]
+        return refs  # type: ignore[return-value]
+
+    def check_files(self) -> None:
+        """Local model paths and data files must exist (hub ids are checked when loaded)."""
+        config = self.config
+        for field_name, ref in self.local_models():
+            resolved = config.model_ref(ref)
+            if Path(resolved).is_absolute() and not Path(resolved).exists():
+                raise self._fail(field_name, f"model directory not found: {resolved}")
+        for field_name, data in (("fitness.data", config.fitness.data), ("fitness.test_data", config.fitness.test_data)):
+            if data is not None and not data.source.startswith(("sklearn:", "hf:")):
+                resolved_data = config.resolve_path(data.source)
+                if not resolved_data.exists():
+                    raise self._fail(f"{field_name}.source", f"file not found: {resolved_data}")
+
+    def space(self, tensor_names: Sequence[str]) -> "Space":
+        """The merge space over tensors of these names (every process builds the same one)."""
+        from evomerge.space.merge_space import Space
+
+        merge = self.config.merge
+        try:
+            return Space.build(
+                self.method,
+                tensor_names,
+                len(self.config.models.experts),
+                granularity=merge.granularity,
+                layer_groups=merge.layer_groups,
+                search=merge.search,
+                fixed=merge.fixed,
+                bounds=merge.bounds,
+                init=merge.init,
+                options=merge.options,
+            )
+        except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
+            raise self._fail("merge", str(exc)) from None
+
+    def codecs(self, layout: Mapping[str, Sequence[int]]) -> tuple["Space", dict[str, "Codec"]]:
+        """The merge space over a worker's tensors (``name → shape``, model order) and one codec
+        per population: the merge space's, or seed recipes on the population's split grid."""
+        from evomerge.space.codec import MergeCodec, SeedRecipeCodec
+
+        space = self.space(list(layout))
+        labels = tuple(self.config.models.expert_labels())
+        shapes = [tuple(shape) for shape in layout.values()]
+        codecs: dict[str, Codec] = {
+            p.name: SeedRecipeCodec(p.requires.split_grid, shapes, labels)  # type: ignore[arg-type]
+            if p.requires.space == SEED_RECIPES
+            else MergeCodec(space)
+            for p in self.populations
+        }
+        return space, codecs
+
+    def tensor_names(self) -> list[str]:
+        """The working model's parameter names, from its config alone; none in black-box runs,
+        whose services take one value per expert."""
+        if self.config.api is not None:
+            return []
+        from evomerge.models.loading import parameter_names
+
+        return parameter_names(self.working_model)
+
+    def strategies(self, executor: "Executor") -> tuple["Space", list[Strategy]]:
+        """The run's space and one fresh strategy per population (a resume builds the same ones).
+
+        A seed-recipe population needs the experts' per-block Gram matrices, which only a worker
+        holding the weights can compute: they come back through ``executor.run_once``.
+        """
+        from evomerge.space.genes import SearchSpec
+        from evomerge.space.seed_recipes import SeedGram
+        from evomerge.workers.jobs import BlockGrams
+
+        space = self.space(self.tensor_names())
+        strategies = []
+        for i, pop in enumerate(self.populations):
+            if pop.requires.space == SEED_RECIPES:
+                try:
+                    edges, grams = executor.run_once(BlockGrams(pop.requires.split_grid))  # type: ignore[arg-type]
+                except ValueError as exc:  # e.g. an element grid on a model too large for it
+                    raise ConfigError(f"populations '{pop.name}': {exc}") from None
+                spec = SearchSpec.seed_recipes(SeedGram.from_block_grams(edges, grams))
+            else:
+                spec = space.search_spec()
+            try:
+                strategies.append(pop.strategy(pop.name, spec, pop.seed, pop.options))
+            except ValueError as exc:
+                raise self._fail(f"populations.{i}", str(exc)) from None
+        return space, strategies

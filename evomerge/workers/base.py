@@ -1,0 +1,87 @@
+"""The worker contract: score a candidate, run a one-off job, release what it holds.
+
+Executors (inline, Ray actors) drive any worker through this one interface. A worker decodes a
+candidate's genome through its population's codec (built by the run plan), so it never asks which
+population or merge method a genome belongs to. The shared :meth:`Worker.scored` wrapper is the one
+place where a candidate's failure, or a NaN fitness, becomes a failed evaluation instead of an
+exception — only a :class:`~evomerge.errors.PluginError` (every candidate would fail alike) stops
+the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from abc import ABC, abstractmethod
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+
+from evomerge.errors import PluginError
+from evomerge.records import Candidate, Evaluation
+
+T = TypeVar("T")
+
+Scored = tuple[np.ndarray, dict[str, Any]]
+"""Per-example scores and the metrics recorded beside them."""
+
+
+class Worker(ABC):
+    """One process's worker: holds the models (or an API client) for a whole run."""
+
+    worker_id: str
+
+    @abstractmethod
+    def evaluate(self, candidate: Candidate) -> Evaluation:
+        """Materialize and score one candidate; its failures come back as a failed evaluation."""
+
+    def run(self, job: Callable[["Worker"], T]) -> T:
+        """A one-off job against this worker (the Gram matrices seed recipes need, the experts'
+        own scores): a plain picklable callable the executor hands to any one worker."""
+        return job(self)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the models or the client now, not whenever the process ends."""
+
+    def _failed(self, exc: Exception) -> None:
+        """Hook: a candidate failed with ``exc`` (a black-box worker counts service outages)."""
+
+    def _succeeded(self) -> None:
+        """Hook: a candidate was scored."""
+
+    def scored(self, candidate_id: str, population: str, score: Callable[[], Scored]) -> Evaluation:
+        """Run ``score`` and make its outcome an evaluation: the mean score is the fitness; an
+        exception or a non-finite fitness is a failed evaluation (a plugin's wrong shape stops the run)."""
+        started, t0 = time.time(), time.perf_counter()
+        try:
+            scores, metrics = score()
+        except PluginError:
+            raise
+        except Exception as exc:  # a candidate's failure must not end the run
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            tb = traceback.format_exc(limit=3)
+            self._failed(exc)
+            ev = Evaluation.failure(candidate_id, reason, self.worker_id, started, time.perf_counter() - t0)
+            ev.population = population
+            ev.metrics["traceback"] = tb
+            return ev
+        self._succeeded()
+        duration = time.perf_counter() - t0
+        fitness = float(np.mean(scores)) if len(scores) else math.nan
+        if not math.isfinite(fitness):
+            ev = Evaluation.failure(candidate_id, "fitness is NaN or infinite", self.worker_id, started, duration)
+            ev.population = population
+            return ev
+        return Evaluation(
+            candidate_id=candidate_id,
+            status="ok",
+            fitness=fitness,
+            per_example=scores,
+            metrics=metrics,
+            worker=self.worker_id,
+            started=started,
+            duration=duration,
+            population=population,
+        )
