@@ -194,10 +194,7 @@ def search(worker: Any, strategy_name: str, seed: int, budget: int) -> dict[str,
         options["population_size"] = 10
     strategy = make_strategy(strategy_name, strategy_name, worker.space.search_spec(), seed, options)
 
-    def evaluate(cand):
-        return worker.evaluate(cand.id, cand.genome, strategy_name)
-
-    return _drive(strategy, evaluate, budget, lambda genome: worker.test_accuracy(genome, strategy_name))
+    return _drive(strategy, worker.evaluate, budget, lambda genome: worker.test_accuracy(genome, strategy_name))
 
 
 def searched_operator(worker: Any, name: str, seed: int, budget: int) -> dict[str, float]:

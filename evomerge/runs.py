@@ -24,6 +24,7 @@ from evomerge.space import Space
 from evomerge.store import RunStore
 from evomerge.strategies import SearchSpec, make_strategy
 from evomerge.strategies.seed_recipes import SeedGram
+from evomerge.workers.jobs import BlockGrams, ExpertBaselines, SeedResponses
 
 
 
@@ -58,7 +59,7 @@ def _search_spec(population: PopulationConfig, space: Space, executor: Executor)
     if grid is None:
         return space.search_spec()
     try:
-        edges, grams = executor.block_grams(grid)
+        edges, grams = executor.run_once(BlockGrams(grid))
     except ValueError as exc:  # e.g. an element grid on a model too large for it
         raise ConfigError(f"populations '{population.name}': {exc}") from None
     return SearchSpec.seed_recipes(SeedGram.from_block_grams(edges, grams))
@@ -117,10 +118,10 @@ def _session(store: RunStore, executor: Executor) -> Iterator[None]:
 def _score_experts(store: RunStore, config: RunConfig, executor: Executor) -> None:
     """Record each expert's own fitness once per run (``score_experts``), before the search, so
     the report can set the best merge beside them while the run goes; a resume scores them only
-    if the run has none yet. Executors that cannot apply an expert alone record nothing."""
+    if the run has none yet."""
     if not config.score_experts or store.baselines():
         return
-    for ev in executor.expert_baselines() or []:
+    for ev in executor.run_once(ExpertBaselines()):
         store.add_baseline(ev.candidate_id, ev)
 
 
@@ -240,8 +241,8 @@ def resume_run(
         store.close()
         raise
     source = str(Path(run_dir) / "config.yaml")
-    try:
-        executor = make_executor(config)
+    try:  # black-box workers start from the answers the run recorded: none is asked for twice
+        executor = make_executor(config, SeedResponses(store.api_responses()) if config.api is not None else None)
     except BaseException:
         store.close()
         raise

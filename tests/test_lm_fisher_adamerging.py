@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from evomerge.records import Candidate
+
 SKILLS = ("addition", "reversal")
 
 
@@ -78,7 +80,7 @@ def test_a_worker_merges_lms_by_fisher(tiny_lm_run):
     from evomerge.workers.whitebox import WhiteBoxWorker
 
     worker = WhiteBoxWorker(_config(tiny_lm_run, "cmaes", method="fisher"))
-    evaluation = worker.evaluate("pop:0", worker.space.x0(), "pop")
+    evaluation = worker.evaluate(Candidate("pop:0", "pop", worker.space.x0()))
     assert evaluation.status == "ok" and np.isfinite(evaluation.fitness)
     assert worker.models.materializer.fishers is not None
 
@@ -87,7 +89,7 @@ def test_lm_entropy_gradient_matches_finite_differences(tiny_lm_run):
     from evomerge.workers.whitebox import WhiteBoxWorker
 
     worker = WhiteBoxWorker(_config(tiny_lm_run, "adamerging", method="task_arithmetic", granularity="per_model", search=["weight"]))
-    evaluation = worker.evaluate("pop:0", np.full(2, 0.3), "pop")
+    evaluation = worker.evaluate(Candidate("pop:0", "pop", np.full(2, 0.3)))
     assert evaluation.status == "ok"
     gradient = np.array(evaluation.metrics["loss_gradient"])
     entropy = worker.extra_metrics._entropy.entropy

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evomerge.config import config_from_dict
+from evomerge.records import Candidate
 from evomerge.errors import ModelLoadError, ModelMismatchError
 from evomerge.merge.materializer import Materializer
 from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
@@ -118,7 +119,7 @@ def test_lora_compose_keeps_the_configured_dtype(lora_models):
     root, adapters = lora_models
     worker = WhiteBoxWorker(_config(root, adapters, "lora_compose", dtype="bfloat16"))
     assert {t.dtype for t in worker.models.materializer.targets.values()} == {torch.bfloat16}
-    evaluation = worker.evaluate("p:0", worker.space.encode({"alpha": 0.5, "beta": 0.5}))
+    evaluation = worker.evaluate(Candidate("p:0", "p", worker.space.encode({"alpha": 0.5, "beta": 0.5})))
     assert evaluation.status == "ok" and evaluation.per_example.shape == (2,)
 
 

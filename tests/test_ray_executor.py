@@ -19,7 +19,9 @@ import ray
 from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig, WorkersConfig, load_config
 from evomerge.errors import ConfigError, PluginError, UserError
-from evomerge.executors import InlineExecutor, RayExecutor, WorkerError, check_fits, make_executor, pool_size
+from evomerge.executors import InlineExecutor, RayExecutor, WorkerError, make_executor
+from evomerge.executors.ray import check_fits, pool_size
+from evomerge.workers.jobs import BlockGrams
 from evomerge.workers.whitebox import WhiteBoxWorker
 
 PLUGIN = "evomerge_ray_test_plugin"
@@ -115,7 +117,8 @@ def pool_config(digits_config, data_file):
     """A ray-executor config scored by the test plugin; keyword arguments go into ``workers:``."""
 
     def make(fitness: str = f"{PLUGIN}:fitness", **workers) -> RunConfig:
-        settings = {"count": 1, "cpus_per_worker": 0.5, "timeout": SAFETY_TIMEOUT, **workers}
+        settings = {"count": 1, "cpus_per_worker": 0.5, "timeout": SAFETY_TIMEOUT,
+                    "schedule_timeout": START_LIMIT, "load_timeout": START_LIMIT, **workers}
         fitness_section = {"name": fitness, "data": {"source": str(data_file)}}
         return load_config(digits_config(executor="ray", workers=settings, fitness=fitness_section))
 
@@ -134,7 +137,7 @@ def reference(pool_config) -> WhiteBoxWorker:
 
 
 def start_pool(config: RunConfig) -> RayExecutor:
-    return RayExecutor(config, schedule_timeout=START_LIMIT, load_timeout=START_LIMIT)
+    return RayExecutor(config)
 
 
 def candidate(reference: WhiteBoxWorker, number: int, weight: float) -> Candidate:
@@ -196,8 +199,8 @@ def test_two_workers_score_concurrently_like_a_local_worker(pool_config, control
     executor = make_executor(config)
     try:
         assert isinstance(executor, RayExecutor) and executor.capacity == 2
-        edges, grams = executor.block_grams("rows")  # through an actor, before any candidate
-        expected_edges, expected_grams = reference.block_grams("rows")
+        edges, grams = executor.run_once(BlockGrams("rows"))  # through an actor, before any candidate
+        expected_edges, expected_grams = reference.run(BlockGrams("rows"))
         np.testing.assert_array_equal(edges, expected_edges)
         np.testing.assert_allclose(grams, expected_grams)
 
@@ -214,7 +217,7 @@ def test_two_workers_score_concurrently_like_a_local_worker(pool_config, control
     assert len({ev.worker for ev in results.values()}) == 2
     assert all(ev.worker.startswith("ray-") for ev in results.values())
     for cand in cands:
-        local = reference.evaluate(cand.id, cand.genome, cand.population)
+        local = reference.evaluate(cand)
         remote = results[cand.id]
         assert remote.fitness == local.fitness
         np.testing.assert_array_equal(remote.per_example, local.per_example)
@@ -263,7 +266,7 @@ def test_dead_worker_is_replaced_and_its_candidate_retried(pool_config, control,
     finally:
         executor.shutdown()
     assert ev.status == "ok", ev.error
-    assert ev.fitness == reference.evaluate(cand.id, cand.genome, cand.population).fitness
+    assert ev.fitness == reference.evaluate(cand).fitness
 
 
 def test_worker_killer_fails_after_max_retries_and_deaths_in_a_row_stop_the_run(pool_config, control, reference):
@@ -303,6 +306,6 @@ def test_timeout_fails_the_candidate_and_the_pool_keeps_its_capacity(pool_config
 
 
 def test_workers_the_cluster_cannot_place_stop_with_a_clear_error(pool_config, ray_session):
-    config = pool_config(fitness="classification_accuracy", count=1, cpus_per_worker=3)  # the session has 2 CPUs
+    config = pool_config(fitness="classification_accuracy", count=1, cpus_per_worker=3, schedule_timeout="2s")
     with pytest.raises(WorkerError, match=r"only 0 of 1 workers could start within 2s: the cluster lacks CPUs/GPUs"):
-        RayExecutor(config, schedule_timeout=2.0, load_timeout=START_LIMIT)
+        RayExecutor(config)  # the session has 2 CPUs

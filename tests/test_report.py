@@ -214,11 +214,11 @@ def test_report_of_a_resumed_run(tmp_path, digit_models, data_file, monkeypatch)
     original = local.WhiteBoxWorker.evaluate
     calls = {"n": 0}
 
-    def interrupt_once(self, candidate_id, genome, population=None):
+    def interrupt_once(self, candidate):
         calls["n"] += 1
         if calls["n"] == 7:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, candidate_id, genome, population)
+        return original(self, candidate)
 
     monkeypatch.setattr(local.WhiteBoxWorker, "evaluate", interrupt_once)
     config = write_config(tmp_path, digit_models, data_file, 14, "classification_accuracy")

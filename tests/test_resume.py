@@ -101,11 +101,11 @@ def test_interrupted_run_resumes_to_its_budget(tmp_path, digits_config, monkeypa
     original = local.WhiteBoxWorker.evaluate
     calls = {"n": 0}
 
-    def interrupt_once(self, candidate_id, genome, population=None):
+    def interrupt_once(self, candidate):
         calls["n"] += 1
         if calls["n"] == 9:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, candidate_id, genome, population)
+        return original(self, candidate)
 
     monkeypatch.setattr(local.WhiteBoxWorker, "evaluate", interrupt_once)
     config = digits_config(populations=POPULATIONS, budget={"evaluations": 20}, checkpoint_every=50)
@@ -230,9 +230,9 @@ def test_identical_genomes_are_scored_once(tmp_path, digits_config, monkeypatch)
     scored = []
     original = local.WhiteBoxWorker.evaluate
 
-    def counting(self, candidate_id, genome, population=None):
-        scored.append(candidate_id)
-        return original(self, candidate_id, genome, population)
+    def counting(self, candidate):
+        scored.append(candidate.id)
+        return original(self, candidate)
 
     monkeypatch.setattr(local.WhiteBoxWorker, "evaluate", counting)
     # random search and TPE both start at x0, and random repeats it as its seed: one score for all

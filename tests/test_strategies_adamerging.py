@@ -33,7 +33,7 @@ def test_adamerging_lowers_the_entropy_on_digit_experts(digits_config):
     entropies = []
     for _ in range(8):
         cand = strategy.ask(1)[0]
-        evaluation = worker.evaluate(cand.id, cand.genome, "ada")
+        evaluation = worker.evaluate(cand)
         assert evaluation.status == "ok" and len(evaluation.metrics["loss_gradient"]) == worker.space.dim
         entropies.append(evaluation.metrics["loss"])
         strategy.tell([evaluation])

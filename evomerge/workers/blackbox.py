@@ -1,7 +1,7 @@
 """The black-box worker: scores candidates purely through a model service's API.
 
-It plugs into the executors like the white-box ``WhiteBoxWorker`` (``evaluate(candidate_id, genome,
-population) -> Evaluation``), but holds no base model: a genome decodes to ``lora_compose``'s
+It plugs into the executors like the white-box ``WhiteBoxWorker`` (``evaluate(candidate) ->
+Evaluation``), but holds no base model: a genome decodes to ``lora_compose``'s
 per-adapter α and β, the service level (``api.level``) turns them into a model name on the
 service, and the black-box fitness function scores that model through ``/v1/completions``:
 
@@ -19,7 +19,9 @@ service, and the black-box fitness function scores that model through ``/v1/comp
 Requests of one candidate run concurrently in the worker's own event loop. A service that forgets
 a session or model (it restarted) answers 404; the worker then sets the candidate up again, and
 the answers it already had come from the response cache. Each evaluation's ``metrics["usage"]``
-holds the requests, tokens and cost the candidate took (a cached answer costs nothing).
+holds the requests, tokens and cost the candidate took (a cached answer costs nothing), and its
+``responses`` the new answers, which the controller records in the run store (the worker's cache
+lives in its memory, seeded with what the run recorded: ``evomerge.workers.jobs.SeedResponses``).
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
 
-from evomerge.records import Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, PluginError, UserError
 from evomerge.fitness import per_example_scores, resolve_blackbox_fitness, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
 from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
-from evomerge.service.served_model import ApiServedModel, ResponseCache
+from evomerge.service.response_cache import ResponseCache
+from evomerge.service.served_model import ApiServedModel
 
 RECOVERY_ATTEMPTS = 3
 """Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
@@ -228,7 +231,7 @@ class BlackBoxWorker:
         self.fitness = with_options(fitness, config.fitness.name, config.fitness.options)
         self.examples = self._examples(config.fitness.data)
         self.space = config.merge.build_space([], len(config.models.experts))
-        self.cache = ResponseCache(config.run_path())
+        self.cache = ResponseCache()
         self._loop = asyncio.new_event_loop()
         self.client = ApiClient(
             api.base_url,
@@ -287,8 +290,13 @@ class BlackBoxWorker:
         """The genome's per-expert values of each merge parameter (granularity is per model or global)."""
         return {param: groups[0] for param, groups in self.space.decode(genome).values.items()}
 
-    def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None = None) -> Evaluation:
-        return self._evaluate(candidate_id, self._values(genome), self.examples)
+    def evaluate(self, candidate: Candidate) -> Evaluation:
+        ev = self._evaluate(candidate.id, self._values(candidate.genome), self.examples)
+        ev.population = candidate.population
+        return ev
+
+    def run(self, job):
+        return job(self)
 
     def _evaluate(self, candidate_id: str, values: Coefficients, examples: list[dict[str, Any]]) -> Evaluation:
         """Score one merge; failures become a failed evaluation (a plugin's wrong shape stops the run)."""
@@ -309,6 +317,7 @@ class BlackBoxWorker:
             self._outages = 0
         used = self.client.usage - usage_before
         ev.metrics.update({"usage": used.metrics(), "api_retries": used.retries, "cached_responses": self.cache.hits - hits_before})
+        ev.responses = self.cache.take_new()  # also a failed candidate's: they were paid for
         return ev
 
     def _count_outage(self, exc: Exception) -> None:
@@ -339,4 +348,3 @@ class BlackBoxWorker:
     def close(self) -> None:
         self._loop.run_until_complete(self.client.aclose())
         self._loop.close()
-        self.cache.close()

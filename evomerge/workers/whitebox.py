@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from evomerge.records import Evaluation
+from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig
 from evomerge.errors import ModelLoadError, PluginError, UserError
 from evomerge.fitness import per_example_scores, resolve_fitness, with_options
@@ -163,7 +163,15 @@ class WhiteBoxWorker:
         n = len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
         return per_example_scores(raw, n, self.fitness_name)
 
-    def evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None = None) -> Evaluation:
+    def evaluate(self, candidate: Candidate) -> Evaluation:
+        ev = self._evaluate(candidate.id, candidate.genome, candidate.population)
+        ev.population = candidate.population
+        return ev
+
+    def run(self, job):
+        return job(self)
+
+    def _evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None = None) -> Evaluation:
         """Merge and score one candidate; failures become a failed evaluation, never an exception.
 
         User-fixable plugin errors (wrong return shape) are re-raised: every candidate would fail

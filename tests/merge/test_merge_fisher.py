@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from evomerge.merge import MERGE_METHODS, ResidentTensor
+from evomerge.records import Candidate
 from evomerge.space import Space
 
 
@@ -75,7 +76,7 @@ def test_a_worker_merges_with_the_experts_fishers(tmp_path, digits_config, digit
     assert fishers is not None and set(fishers) == set(worker.models.tensor_names)
     first = worker.models.tensor_names[0]
     assert fishers[first].shape[0] == 2 and bool((fishers[first] > 0).all())
-    evaluation = worker.evaluate("pop:0", worker.space.x0())
+    evaluation = worker.evaluate(Candidate("pop:0", "pop", worker.space.x0()))
     assert evaluation.status == "ok" and 0.0 <= evaluation.fitness <= 1.0
     assert np.isfinite(evaluation.per_example).all()
 
