@@ -35,7 +35,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
 
@@ -295,7 +295,8 @@ class BlackBoxWorker:
         ev.population = candidate.population
         return ev
 
-    def run(self, job):
+    def run(self, job: Callable[[Any], Any]) -> Any:
+        """One-off work on this worker (``evomerge.workers.jobs``), for ``executor.run_once``."""
         return job(self)
 
     def _evaluate(self, candidate_id: str, values: Coefficients, examples: list[dict[str, Any]]) -> Evaluation:

@@ -14,6 +14,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -168,7 +169,8 @@ class WhiteBoxWorker:
         ev.population = candidate.population
         return ev
 
-    def run(self, job):
+    def run(self, job: Callable[[Any], Any]) -> Any:
+        """One-off work on this worker (``evomerge.workers.jobs``), for ``executor.run_once``."""
         return job(self)
 
     def _evaluate(self, candidate_id: str, genome: np.ndarray, population: str | None = None) -> Evaluation:
