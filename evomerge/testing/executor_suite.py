@@ -69,7 +69,7 @@ class ExecutorSuite:
     def test_records_the_same_evaluations_as_the_inline_executor(
         self, run_config: Callable[[str], RunConfig], executor_name: str, tmp_path: Path
     ):
-        expected = recorded(run_config("inline"), tmp_path / "inline")
+        expected = recorded(run_config("inline"), tmp_path / "reference")
         got = recorded(run_config(executor_name), tmp_path / executor_name)
         assert got == expected
         assert {status for _, status, *_ in got.values()} == {"ok"}
