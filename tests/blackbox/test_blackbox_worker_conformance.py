@@ -31,6 +31,7 @@ def worker_config(service, auth, tmp_path, monkeypatch):
                 "merge": {"method": "lora_compose", "granularity": "per_model"},
                 "populations": [{"name": "suite", "strategy": "random"}],
                 "fitness": {"name": fitness or "negative_cross_entropy", "data": {"source": str(data)}},
+                "budget": {"evaluations": 2},
                 "api": {"level": "merge_service", "base_url": service, "api_key_env": KEY_ENV},
             },
             "test-config",
