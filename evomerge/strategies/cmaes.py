@@ -13,6 +13,7 @@ populations in one process never disturb each other.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from typing import Any, Literal, Sequence
@@ -69,8 +70,10 @@ class Generations:
 
     Every call made on the ES (ask, tell, inject) is logged as data. A checkpoint holds that log,
     not the ES: :meth:`from_state` replays it on a freshly built ES, which is then exactly the
-    one that was saved (pycma is deterministic given its seed and what it was told), and checks
-    that every generation it asks again is the one recorded.
+    one that was saved (pycma is deterministic given its seed and what it was told). The log keeps
+    each generation's losses and a digest of its members, not the members: the replayed ES asks
+    them again, and the digest checks they are the ones recorded. So a checkpoint grows by one
+    float per evaluation, whatever the dimension.
     """
 
     def __init__(self, es: Any) -> None:
@@ -79,7 +82,7 @@ class Generations:
         self.issued = 0
         self.losses: dict[int, float] = {}
         self.immigrants: list[np.ndarray] = []  # injected once the current generation is told
-        self.log: list[list[Any]] = []  # ["ask", members], ["tell", losses], ["inject", xs]
+        self.log: list[list[Any]] = []  # ["ask", digest of the members], ["tell", losses], ["inject", xs]
 
     def ask(self, n: int) -> list[tuple[int, np.ndarray]]:
         """Up to ``n`` untold members ``(index, x)`` of the current generation; a new one only
@@ -88,7 +91,7 @@ class Generations:
             if self.es.stop():
                 return []
             self.members = [np.asarray(x, dtype=np.float64) for x in self.es.ask()]
-            self.log.append(["ask", np.array(self.members)])
+            self.log.append(["ask", _digest(self.members)])
             self.issued = 0
             self.losses = {}
         take = min(n, len(self.members) - self.issued)
@@ -157,11 +160,9 @@ class Generations:
             if kind == "ask":
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    asked = np.array(es.ask(), dtype=np.float64)
-                recorded = np.asarray(data, dtype=np.float64)
-                if asked.shape != recorded.shape or not np.array_equal(asked, recorded):
+                    members = [np.asarray(x, dtype=np.float64) for x in es.ask()]
+                if _digest(members) != data:
                     raise ValueError("CMA-ES state: the rebuilt ES asked another generation than the one recorded")
-                members = list(recorded)
             elif kind == "tell":
                 run._tell_es(members, data)
                 members = []
@@ -169,12 +170,17 @@ class Generations:
                 run._inject_es(list(np.asarray(data, dtype=np.float64)))
             else:
                 raise ValueError(f"CMA-ES state: unknown log entry {kind!r}")
-        run.log = [[kind, np.asarray(data)] for kind, data in state["log"]]
+        run.log = [list(event) for event in state["log"]]
         run.members = members
         run.issued = int(state["issued"])
         run.losses = {int(i): float(v) for i, v in state["losses"]}
         run.immigrants = [np.asarray(x, dtype=np.float64) for x in state["immigrants"]]
         return run
+
+
+def _digest(members: Sequence[np.ndarray]) -> str:
+    """A short fingerprint of a generation's members, to check a replay asked the same ones."""
+    return hashlib.sha256(np.ascontiguousarray(np.array(members, dtype=np.float64)).tobytes()).hexdigest()[:16]
 
 
 class CMAESOptions(StrategyOptions):
