@@ -1,4 +1,6 @@
-# The two commands: `make demo` runs the embedded search, `make test` runs the suite.
+# The two commands: `make demo` runs the embedded search, `make test` runs the suite
+# (`make test-fast` leaves out the tests marked slow, a minute or more each: Ray clusters, demos,
+# notebooks, the wheel install, the browser check, runs killed and resumed).
 # Each creates or reuses .venv and installs what it needs; both are safe to run again.
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +15,7 @@ EXTRAS := dev,cluster,serve,mergekit,datasets
 LATEST := .venv-latest
 PYTEST := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q
 
-.PHONY: demo demo-lm test test-latest lock bench clean
+.PHONY: demo demo-lm test test-fast test-latest lock bench clean
 
 # Extras: cluster (the Ray job server the tests submit to), serve (the reference model service),
 # mergekit (the export cross-check), datasets (hf: fitness data).
@@ -23,17 +25,22 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# The demo's config ships in the package; `evomerge demo` copies it to runs/digits.yaml.
 demo: $(STAMP)
-	$(BIN)/evomerge demo --config configs/demo.yaml
+	$(BIN)/evomerge demo
 
 # A tiny Llama base, an addition and a reversal specialist, merged on Ray workers (CPU, minutes).
 demo-lm: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/evomerge demo --config configs/demo-lm.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/evomerge demo lm
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(PYTEST); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The quick loop while working: everything but the tests marked slow (CI runs them all).
+test-fast: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(PYTEST) -m "not slow"
 
 # The suite against the newest releases pyproject's ranges admit, in its own environment, so a
 # breaking release is found on purpose rather than by a red CI. Rebuilt from scratch each time.

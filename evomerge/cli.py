@@ -191,6 +191,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_NAMES = ("digits", "lm")
+"""The shipped demos: each is ``evomerge/demos/<name>.yaml`` in the package."""
+
+
+def _demo_config(name: str) -> Path:
+    """The shipped demo's config, copied to ``./runs/<name>.yaml``.
+
+    The copy's relative paths put the models and the run directory under ``./runs/`` of whatever
+    directory the user is in (the package itself may be read-only), and the user can edit it and
+    rerun with ``--config``. An edited copy is never overwritten.
+    """
+    from importlib.resources import files
+
+    from evomerge.errors import ConfigError
+
+    if name not in DEMO_NAMES:
+        raise ConfigError(f"unknown demo '{name}' (shipped: {', '.join(DEMO_NAMES)}); for your own config use --config PATH")
+    shipped = (files("evomerge") / "demos" / f"{name}.yaml").read_text()
+    path = Path("runs") / f"{name}.yaml"
+    if path.exists() and path.read_text() != shipped:
+        raise ConfigError(
+            f"{path} is an edited copy of the {name} demo: run it with evomerge demo --config {path}, or delete it to run the shipped one"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(shipped)
+    return path
+
+
 def _demo_for(config):
     """The shipped demo a config belongs to (its models and data are built before the search)."""
     from evomerge import demo, demo_lm
@@ -209,12 +237,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from evomerge.config import load_config
+    from evomerge.errors import ConfigError
     from evomerge.runs import start_run
     from evomerge.store import RunStore
 
-    config = load_config(args.config)
+    if args.name is not None and args.config is not None:
+        raise ConfigError("give a demo name or --config PATH, not both")
+    config_path = args.config or _demo_config(args.name or DEMO_NAMES[0])
+    config = load_config(config_path)
     demo = _demo_for(config)
     console = Console()
+    if args.config is None:
+        console.print(f"config: {config_path} (edit it and rerun with evomerge demo --config {config_path})")
     console.print(demo.PREPARING)
     demo.prepare(config)
     run_dir = config.run_path()
@@ -222,7 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(run_dir)  # the demo owns its run directory; a fresh search each time
     progress, update = _progress_display()
     with progress:
-        summary = start_run(config, args.config, on_progress=update, on_ready=lambda p: progress.console.print(f"run directory: {p}"))
+        summary = start_run(config, str(config_path), on_progress=update, on_ready=lambda p: progress.console.print(f"run directory: {p}"))
     _print_summary(summary)
     store = RunStore(run_dir, readonly=True)
     try:
@@ -285,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("demo", help="build a shipped demo's experts and search their merge (CPU, minutes)")
-    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("name", nargs="?", help=f"which demo: {' or '.join(DEMO_NAMES)} (default {DEMO_NAMES[0]}); models and run go under ./runs/")
+    p.add_argument("--config", help="a copy of a demo's config to run instead (e.g. runs/digits.yaml, edited)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser(
         "serve", help="serve a base model and LoRA adapters (merge service, runtime LoRA, OpenAI completions)"

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-import yaml
+import pytest
 
 from evomerge.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def test_demo_merge_beats_experts_and_uniform_average(tmp_path, capsys):
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    config["run_dir"] = str(tmp_path / "run")
-    config["models"]["base"] = str(tmp_path / "models" / "base")
-    for expert in config["models"]["experts"]:
-        expert["path"] = str(tmp_path / "models" / Path(expert["path"]).name)
-    path = tmp_path / "demo.yaml"
-    path.write_text(yaml.safe_dump(config))
-
-    assert main(["demo", "--config", str(path)]) == 0
+@pytest.mark.slow
+def test_demo_merge_beats_experts_and_uniform_average(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # `evomerge demo` from any directory: everything goes under ./runs/
+    assert main(["demo"]) == 0
     out = capsys.readouterr().out
     rows = dict(
         (name.strip(), float(acc)) for name, acc in re.findall(r"│\s*([^│]+?)\s*│\s*([0-9.]+)\s*│", out)
@@ -33,8 +24,33 @@ def test_demo_merge_beats_experts_and_uniform_average(tmp_path, capsys):
     assert set(searched) == {"searched merge (cmaes)", "searched merge (m2n2)"}
     assert all(v > max(experts) for v in searched.values()), "every population beats each expert"
     assert max(searched.values()) > rows["uniform average"]
-    assert str(tmp_path / "run") in out
-    assert (tmp_path / "run" / "run.db").exists()
+    assert "runs/digits.yaml" in out
+    assert str(tmp_path / "runs" / "demo") in out
+    assert (tmp_path / "runs" / "demo" / "run.db").exists()
+    assert (tmp_path / "runs" / "demo-models" / "digits-0-4" / "model.safetensors").exists()
 
     # Safe to run again: experts are reused, the demo's run directory is replaced.
-    assert main(["demo", "--config", str(path)]) == 0
+    assert main(["demo"]) == 0
+
+
+def test_an_edited_copy_is_kept_and_run_only_through_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "runs" / "digits.yaml"
+    copy.parent.mkdir()
+    copy.write_text("name: digits-demo  # edited\n")
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "--config runs/digits.yaml" in err and len(err.strip().splitlines()) == 1
+    assert copy.read_text() == "name: digits-demo  # edited\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["demo", "mnist"], "unknown demo 'mnist' (shipped: digits, lm)"), (["demo", "lm", "--config", "x.yaml"], "not both")],
+)
+def test_a_bad_demo_request_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -250,7 +250,7 @@ def test_options_bind_to_built_ins_and_a_plugin_without_them_is_refused():
 def test_worker_renders_templates_and_passes_options(tmp_path, tokenizer, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workers.local import WhiteBoxWorker
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
     for i, name in enumerate(["base", "expert0", "expert1"]):
         torch.manual_seed(i)

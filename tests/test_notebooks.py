@@ -12,6 +12,7 @@ nbformat = pytest.importorskip("nbformat", reason="notebooks need the dev extra 
 nbclient = pytest.importorskip("nbclient", reason="notebooks need the dev extra (nbformat, nbclient, ipykernel)")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+pytestmark = pytest.mark.slow  # a real kernel and a search per notebook
 
 
 def execute(name: str) -> nbformat.NotebookNode:

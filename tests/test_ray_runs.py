@@ -226,6 +226,7 @@ class TestSharedLocalRay:
         assert retried.status == "ok" and retried.fitness is not None
 
 
+@pytest.mark.slow
 def test_slow_cluster_run_survives_losing_a_node(ray_config, control, plugin_env, tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -343,6 +344,7 @@ def fitness(model, tokenizer, examples):
 '''
 
 
+@pytest.mark.slow
 def test_slow_job_submit_runs_to_completion(ray_config, tmp_path):
     """README's recipe: ``ray start --head`` in the activated venv, then ``ray job submit --working-dir . -- evomerge run``.
 

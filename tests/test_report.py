@@ -151,6 +151,7 @@ def chromium() -> str:
     return binary
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium_without_console_errors(finished_run, tmp_path):
     binary = chromium()
     out = tmp_path / "report.html"

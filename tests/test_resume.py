@@ -65,6 +65,7 @@ def cli(args: list[str], plugins: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, digits_config):
     budget = 30
     config = digits_config(

@@ -1,1 +1,7 @@
-"""Conformance suites shipped with the package, for evomerge's own tests and for plugin authors."""
+"""Conformance suites shipped with evomerge, as Optuna ships ``optuna.testing``.
+
+Each ``*_suite`` module holds pytest test classes that every registered entry of one family
+passes (the registry is enrolled automatically) and that a plugin author subclasses to check their
+own strategy, merge method, fitness function, executor or worker. The suites import pytest themselves, so importing
+``evomerge`` never needs it; pytest comes with the ``dev`` extra.
+"""

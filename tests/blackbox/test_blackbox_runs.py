@@ -153,6 +153,7 @@ def test_an_unreachable_service_is_a_user_error_naming_the_setting(make_config):
         start_run(config, "test-config")
 
 
+@pytest.mark.slow
 def test_a_service_killed_and_restarted_mid_run_loses_nothing(tiny_models, start_service, make_config):
     make, _ = make_config
     with start_service(tiny_models["base"], tiny_models["adapters"]) as (url, proc):
