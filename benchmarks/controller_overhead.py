@@ -33,7 +33,7 @@ import numpy as np
 from evomerge.records import Candidate, Evaluation
 from evomerge.config import config_from_dict
 from evomerge.controller import Controller, Population
-from evomerge.executors import Executor, RayExecutor
+from evomerge.executors import Executor, Job, RayExecutor
 from evomerge.store import RunStore
 from evomerge.space.genes import SearchSpec
 from evomerge.strategies import make_strategy
@@ -69,13 +69,15 @@ class SimulatedPool(Executor):
         finish, _, cand, duration = heapq.heappop(self._running)
         self.clock = finish
         scores = self.rng.random(self.n_examples)
-        return [Evaluation(cand.id, "ok", float(scores.mean()), scores, {}, "sim", finish - duration, duration)]
+        return [
+            Evaluation(cand.id, "ok", float(scores.mean()), scores, {}, "sim", finish - duration, duration, population=cand.population)
+        ]
 
     @property
     def in_flight(self) -> int:
         return len(self._running)
 
-    def run_once(self, job):
+    def run_once(self, job: Job) -> Any:
         raise NotImplementedError("the simulated pool holds no models")
 
 
@@ -132,7 +134,7 @@ class TimedPool(Executor):
     def in_flight(self) -> int:
         return self.pool.in_flight
 
-    def run_once(self, job):
+    def run_once(self, job: Job) -> Any:
         return self.pool.run_once(job)
 
 

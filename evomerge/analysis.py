@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from evomerge.records import Evaluation
-from evomerge.store import EvaluationRow, RunStore
+from evomerge.store import RunStore
 
 MEDIAN_WINDOW = 20
 """Evaluations in the rolling median of a population's progress curve: its recent state, not
@@ -73,14 +73,14 @@ def load_run(path: str | Path, per_example: bool = False) -> pd.DataFrame:
     return frame
 
 
-def _row_record(r: EvaluationRow, strategies: dict[str, str], created: float, per_example: bool) -> dict[str, Any]:
+def _row_record(r: Evaluation, strategies: dict[str, str], created: float, per_example: bool) -> dict[str, Any]:
     record: dict[str, Any] = {
         "seq": r.seq,
         "candidate_id": r.candidate_id,
         "population": r.population,
         "strategy": strategies.get(r.population, ""),
-        "status": r.status,
-        "fitness": math.nan if r.fitness is None else r.fitness,
+        "status": str(r.status),
+        "fitness": r.fitness if math.isfinite(r.fitness) else math.nan,
         "worker": r.worker,
         "started": r.started,
         "finished": r.started + r.duration,
@@ -207,7 +207,7 @@ def archive_history(path: str | Path) -> pd.DataFrame:
         scope = {p.name: p.cache_scope for p in RunPlan.from_config(config).populations}
         for row in store.evaluations(with_scores=True) if replicas else ():
             if row.population in replicas:
-                replicas[row.population].immigrate(row.genome, _evaluation(row))
+                replicas[row.population].immigrate(row.genome, row)
                 counts[row.population] += 1
                 stats = replicas[row.population].archive_stats()
                 rows.append({"population": row.population, "evaluation": counts[row.population], "seq": row.seq, **stats})
@@ -216,16 +216,10 @@ def archive_history(path: str | Path) -> pd.DataFrame:
                     for other in scope:
                         if other != name and scope[other] == scope[name]:
                             for migrant in store.top(other, config.migration.size, row.seq):
-                                replica.immigrate(migrant.genome, _evaluation(migrant))
+                                replica.immigrate(migrant.genome, migrant)
     finally:
         store.close()
     return pd.DataFrame(rows, columns=["population", "evaluation", "seq", "coverage", "entropy", "members"])
-
-
-def _evaluation(row: EvaluationRow) -> Evaluation:
-    fitness = -math.inf if row.fitness is None else row.fitness
-    return Evaluation(row.candidate_id, row.status, fitness, row.per_example, row.metrics, row.worker,
-                      row.started, row.duration, row.error)
 
 
 # --- the best recipe ---------------------------------------------------------------------------

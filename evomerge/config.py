@@ -117,6 +117,13 @@ class WorkersConfig(_Strict):
     max_retries: int = Field(default=2, ge=0)
     # Worker deaths in a row, with no evaluation finishing in between, that stop the run.
     max_worker_failures: int = Field(default=10, ge=1)
+    # Ray waits for ever for resources, so every wait has a deadline. How long a worker may wait
+    # to be placed (room for an autoscaler to add a node, yet finite), load its models (or do
+    # one-off work such as block Grams), and how long a dead worker's replacement may wait for
+    # resources before the pool goes on without it.
+    schedule_timeout: Duration = Field(default=300.0, gt=0)
+    load_timeout: Duration = Field(default=1800.0, gt=0)
+    replace_timeout: Duration = Field(default=120.0, gt=0)
 
     @field_validator("address")
     @classmethod

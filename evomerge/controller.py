@@ -9,8 +9,8 @@ SIGTERM stop the asking; work in flight finishes, a checkpoint is written, and t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import signal
 import threading
 import time
@@ -20,12 +20,12 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from evomerge.records import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation, Status, genome_hash
 from evomerge import plaindata
 from evomerge.budget import Budget, BudgetState
 from evomerge.errors import RunDirError
 from evomerge.executors import Executor
-from evomerge.store import EvaluationRow, RunStore, genome_hash
+from evomerge.store import RunStore
 from evomerge.strategies import Strategy
 from evomerge.strategies.pareto import pareto_front
 
@@ -127,16 +127,16 @@ class Controller:
     def _cached(self, pop: Population, cand: Candidate) -> Evaluation | None:
         """A copy of an earlier result for the same genome: identical genomes are scored once."""
         scope = [p.name for p in self.populations.values() if p.cache_scope == pop.cache_scope]
-        row = self.store.scored_genome(genome_hash(cand.genome), scope)
-        if row is None:
+        earlier = self.store.scored_genome(genome_hash(cand.genome), scope)
+        if earlier is None:
             return None
-        ev = _evaluation_from_row(row)
-        ev.candidate_id = cand.id
-        ev.metrics = {**row.metrics, "cached_from": row.candidate_id}
-        if "usage" in ev.metrics:  # a repeated candidate asks the service nothing
-            ev.metrics["usage"] = {key: 0 for key in ev.metrics["usage"]}
-        ev.worker, ev.started, ev.duration = "cache", time.time(), 0.0
-        return ev
+        metrics = {**earlier.metrics, "cached_from": earlier.candidate_id}
+        if "usage" in metrics:  # a repeated candidate asks the service nothing
+            metrics["usage"] = {key: 0 for key in metrics["usage"]}
+        return dataclasses.replace(
+            earlier, candidate_id=cand.id, population=cand.population, metrics=metrics, worker="cache",
+            started=time.time(), duration=0.0, seq=0, genome=None,
+        )
 
     def _record(self, ev: Evaluation) -> None:
         if ev.per_example is not None:  # strategies see exactly what the store keeps (float32)
@@ -144,11 +144,11 @@ class Controller:
         self._last_seq = self.store.add_evaluation(ev)
         self._tell(ev)
         self._migrate()
-        if ev.status == "failed":
+        if ev.status == Status.FAILED:
             self._event("candidate_failed", f"{ev.candidate_id}: {ev.error}")
 
     def _tell(self, ev: Evaluation) -> None:
-        pop = self.populations[ev.candidate_id.rsplit(":", 1)[0]]
+        pop = self.populations[ev.population]
         pop.strategy.tell([ev])
         pop.finished += 1
         if ev.usable and (pop.best is None or ev.fitness > pop.best):
@@ -177,7 +177,7 @@ class Controller:
                 if other is pop or other.cache_scope != pop.cache_scope:
                     continue
                 for row in self.store.top(other.name, size, self._last_seq):
-                    pop.strategy.immigrate(row.genome, _evaluation_from_row(row))
+                    pop.strategy.immigrate(row.genome, row)
         log.debug("migration after %d evaluations", self._last_seq)
 
     def checkpoint(self, active_seconds: float) -> None:
@@ -217,7 +217,7 @@ class Controller:
                     )
             else:
                 self._last_seq = item.seq
-                self._tell(_evaluation_from_row(item))
+                self._tell(item)
                 self._migrate()
         for name, (asked_count, _) in self.store.evaluation_counts().items():
             self.populations[name].submitted = asked_count
@@ -347,11 +347,3 @@ def _graceful_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def _evaluation_from_row(row: EvaluationRow) -> Evaluation:
-    fitness = row.fitness if row.fitness is not None else -math.inf
-    per_example = None if row.per_example is None else row.per_example.astype(np.float64)
-    return Evaluation(
-        row.candidate_id, row.status, fitness, per_example, row.metrics, row.worker, row.started, row.duration, row.error
-    )

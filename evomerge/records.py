@@ -1,15 +1,34 @@
-"""The records that flow between strategies, executors, workers and the store: Candidate and Evaluation."""
+"""The records that flow between strategies, executors, workers and the store: Candidate and Evaluation.
+
+One record type per thing: the store hands back the same ``Evaluation`` a worker made (with the
+run's ``seq`` and the candidate's ``genome`` filled in), so nothing converts between a "row" and
+an evaluation.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
-STATUSES = ("ok", "failed", "cancelled")
+
+class Status(StrEnum):
+    """How an evaluation ended. A ``StrEnum``, so it is stored, logged and compared as its text."""
+
+    OK = "ok"
+    FAILED = "failed"
+    """Its merge or fitness raised, its fitness is NaN, it timed out, or its workers kept dying."""
+    CANCELLED = "cancelled"
+
+
+def genome_hash(genome: np.ndarray) -> str:
+    """Identical genomes share a hash, so a run can recognise a repeated candidate."""
+    return hashlib.sha256(np.ascontiguousarray(genome, dtype=np.float64).tobytes()).hexdigest()
 
 
 @dataclass
@@ -28,11 +47,15 @@ class Evaluation:
     """The outcome of scoring one candidate.
 
     ``fitness`` is higher-is-better; a failed candidate has ``fitness = -inf`` and an ``error``.
-    ``per_example`` holds one score per fitness example (M2N2 needs them).
+    ``per_example`` holds one score per fitness example (M2N2 needs them). ``population`` is the
+    candidate's, so the controller tells the right strategy without reading meaning into ids.
+    ``responses`` are the answers a black-box worker got from its service for this evaluation
+    (cache key → answer): workers never write the run store, so the controller stores them.
+    ``seq`` (the evaluation's place in the run) and ``genome`` are filled in by the store.
     """
 
     candidate_id: str
-    status: str
+    status: Status
     fitness: float
     per_example: np.ndarray | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -41,11 +64,20 @@ class Evaluation:
     duration: float = 0.0
     error: str | None = None
     population: str = ""
+    responses: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+    genome: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)
 
     @property
     def usable(self) -> bool:
-        return self.status == "ok" and math.isfinite(self.fitness)
+        return self.status == Status.OK and math.isfinite(self.fitness)
 
     @classmethod
-    def failure(cls, candidate_id: str, reason: str, worker: str = "", started: float = 0.0, duration: float = 0.0) -> "Evaluation":
-        return cls(candidate_id, "failed", -math.inf, None, {}, worker, started, duration, reason)
+    def failure(
+        cls, candidate_id: str, reason: str, worker: str = "", started: float = 0.0, duration: float = 0.0,
+        population: str = "",
+    ) -> "Evaluation":
+        return cls(candidate_id, Status.FAILED, -math.inf, None, {}, worker, started, duration, reason, population)

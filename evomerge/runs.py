@@ -22,7 +22,7 @@ from evomerge.errors import RunDirError
 from evomerge.executors import Executor, make_executor
 from evomerge.plan import RunPlan
 from evomerge.store import RunStore
-from evomerge.workers.jobs import ExpertBaselines
+from evomerge.workers.jobs import ExpertBaselines, SeedResponses
 
 
 def resolved_config_dict(plan: RunPlan) -> dict[str, Any]:
@@ -203,7 +203,8 @@ def resume_run(
             adjust(config)
         pin_deadline(config.budget)
         plan = RunPlan.from_config(config, str(Path(run_dir) / "config.yaml"))
-        executor = make_executor(config)
+        # black-box workers start from the answers the run recorded: none is asked for twice
+        executor = make_executor(config, SeedResponses(store.api_responses()) if config.api is not None else None)
     except BaseException:
         store.close()
         raise

@@ -1,24 +1,24 @@
 """The run store: one SQLite database (WAL) in the run directory.
 
 Everything needed to report on or resume a run lives here: the resolved config, every candidate and
-evaluation (per-example scores as compressed float32 blobs), strategy checkpoints, and events.
+evaluation (per-example scores as compressed float32 blobs), strategy checkpoints, events, and the
+black-box service's answers (written with the evaluation that brought them, never by a worker).
 WAL mode lets ``evomerge status`` read while the run writes. Only this module speaks SQL.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import sqlite3
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from evomerge.records import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation, Status, genome_hash
 from evomerge.errors import RunDirError
 
 DB_NAME = "run.db"
@@ -96,35 +96,12 @@ CREATE TABLE IF NOT EXISTS baselines (
 """
 
 
-def genome_hash(genome: np.ndarray) -> str:
-    """Identical genomes share a hash, so a run can recognise a repeated candidate."""
-    return hashlib.sha256(np.ascontiguousarray(genome, dtype=np.float64).tobytes()).hexdigest()
-
-
 def _pack_scores(scores: np.ndarray | None) -> bytes | None:
     return None if scores is None else zlib.compress(np.asarray(scores, dtype=np.float32).tobytes())
 
 
 def _unpack_scores(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.frombuffer(zlib.decompress(blob), dtype=np.float32)
-
-
-@dataclass
-class EvaluationRow:
-    """An evaluation joined with its candidate, as reports and exports read it."""
-
-    seq: int
-    candidate_id: str
-    population: str
-    genome: np.ndarray
-    status: str
-    fitness: float | None
-    per_example: np.ndarray | None
-    worker: str
-    started: float
-    duration: float
-    error: str | None
-    metrics: dict[str, Any]
 
 
 class RunStore:
@@ -198,7 +175,8 @@ class RunStore:
         )
 
     def add_evaluation(self, ev: Evaluation) -> int:
-        """Record an evaluation; returns its sequence number (the count of evaluations so far)."""
+        """Record an evaluation and the service answers it brought, in one transaction; returns its
+        sequence number (the count of evaluations so far)."""
         fitness = ev.fitness if np.isfinite(ev.fitness) else None
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -219,6 +197,7 @@ class RunStore:
                     time.time(),
                 ),
             )
+            self._save_responses(ev.responses)
             self._db.execute("UPDATE runs SET updated = ?", (time.time(),))
             self._db.execute("COMMIT")
         except BaseException:
@@ -253,12 +232,29 @@ class RunStore:
         )
 
     def add_baseline(self, expert: str, ev: Evaluation) -> None:
-        """An expert scored alone on the fitness data: what the report compares the best merge with."""
+        """An expert scored alone on the fitness data (what the report compares the best merge
+        with), and the service answers it brought."""
         fitness = ev.fitness if np.isfinite(ev.fitness) else None
-        self._tx(
-            "INSERT OR REPLACE INTO baselines (name, status, fitness, per_example, error, recorded) VALUES (?, ?, ?, ?, ?, ?)",
-            (expert, ev.status, fitness, _pack_scores(ev.per_example), ev.error, time.time()),
-        )
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO baselines (name, status, fitness, per_example, error, recorded) VALUES (?, ?, ?, ?, ?, ?)",
+                (expert, ev.status, fitness, _pack_scores(ev.per_example), ev.error, time.time()),
+            )
+            self._save_responses(ev.responses)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _save_responses(self, responses: dict[str, Any]) -> None:
+        """Inside a transaction: black-box answers by cache key; the first answer to a key stays."""
+        if responses:
+            now = time.time()
+            self._db.executemany(
+                "INSERT OR IGNORE INTO api_responses (key, response_json, recorded) VALUES (?, ?, ?)",
+                [(key, json.dumps(answer), now) for key, answer in responses.items()],
+            )
 
     def log_event(self, kind: str, message: str) -> None:
         self._tx("INSERT INTO events (time, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message))
@@ -293,7 +289,7 @@ class RunStore:
             out.setdefault(r["population"], {})[r["status"]] = r["n"]
         return out
 
-    def evaluations(self, population: str | None = None, with_scores: bool = False) -> Iterator[EvaluationRow]:
+    def evaluations(self, population: str | None = None, with_scores: bool = False) -> Iterator[Evaluation]:
         sql = (
             "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
             + (" WHERE c.population = ?" if population else "")
@@ -302,7 +298,7 @@ class RunStore:
         for r in self._db.execute(sql, (population,) if population else ()):
             yield self._row(r, with_scores)
 
-    def best(self, population: str | None = None) -> EvaluationRow | None:
+    def best(self, population: str | None = None) -> Evaluation | None:
         sql = (
             "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
             " WHERE e.status = 'ok' AND e.fitness IS NOT NULL"
@@ -312,7 +308,7 @@ class RunStore:
         r = self._db.execute(sql, (population,) if population else ()).fetchone()
         return None if r is None else self._row(r, True)
 
-    def top(self, population: str, n: int, max_seq: int) -> list[EvaluationRow]:
+    def top(self, population: str, n: int, max_seq: int) -> list[Evaluation]:
         """A population's ``n`` best successful evaluations among the first ``max_seq`` recorded."""
         rows = self._db.execute(
             "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
@@ -322,7 +318,7 @@ class RunStore:
         ).fetchall()
         return [self._row(r, True) for r in rows]
 
-    def scored_genome(self, digest: str, populations: list[str]) -> EvaluationRow | None:
+    def scored_genome(self, digest: str, populations: list[str]) -> Evaluation | None:
         """The first successful evaluation of a genome with this hash in these populations."""
         marks = ", ".join("?" * len(populations))
         r = self._db.execute(
@@ -344,7 +340,7 @@ class RunStore:
 
     def replay_log(self, after_seq: int) -> Iterator[tuple[str, Any]]:
         """What happened after evaluation ``after_seq``, in order: ``("ask", (population, id, genome_hash))``
-        and ``("tell", EvaluationRow)``. A candidate asked when ``k`` evaluations were recorded
+        and ``("tell", Evaluation)``. A candidate asked when ``k`` evaluations were recorded
         comes before evaluation ``k + 1``; candidates asked at the same count keep their order."""
         asks = self._db.execute(
             "SELECT population, id, genome_hash, asked_after FROM candidates WHERE asked_after >= ? ORDER BY rowid",
@@ -384,16 +380,10 @@ class RunStore:
             return []
         return [{**dict(r), "per_example": _unpack_scores(r["per_example"])} for r in rows]
 
-    def cached_response(self, key: str) -> Any | None:
-        """A black-box service's answer recorded under ``key`` (see ``evomerge/service/served_model.py``)."""
-        row = self._db.execute("SELECT response_json FROM api_responses WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
-
-    def save_response(self, key: str, response: Any) -> None:
-        self._tx(
-            "INSERT OR IGNORE INTO api_responses (key, response_json, recorded) VALUES (?, ?, ?)",
-            (key, json.dumps(response), time.time()),
-        )
+    def api_responses(self) -> dict[str, Any]:
+        """Every black-box answer the run recorded, by cache key (``evomerge.service.response_cache``):
+        what a resumed run's workers start from, so an answer is never paid for twice."""
+        return {key: json.loads(text) for key, text in self._db.execute("SELECT key, response_json FROM api_responses")}
 
     def api_usage(self) -> dict[str, float]:
         """API usage summed over every evaluation: requests, tokens (prompt + completion) and cost."""
@@ -409,18 +399,20 @@ class RunStore:
         return [dict(r) for r in self._db.execute("SELECT * FROM events ORDER BY seq")]
 
     @staticmethod
-    def _row(r: sqlite3.Row, with_scores: bool) -> EvaluationRow:
-        return EvaluationRow(
-            seq=r["seq"],
+    def _row(r: sqlite3.Row, with_scores: bool) -> Evaluation:
+        """An evaluation as recorded: a failure's fitness is -inf again, scores float64 again."""
+        scores = _unpack_scores(r["per_example"]) if with_scores else None
+        return Evaluation(
             candidate_id=r["candidate_id"],
-            population=r["population"],
-            genome=np.frombuffer(r["genome"], dtype=np.float64).copy(),
-            status=r["status"],
-            fitness=r["fitness"],
-            per_example=_unpack_scores(r["per_example"]) if with_scores else None,
+            status=Status(r["status"]),
+            fitness=-math.inf if r["fitness"] is None else r["fitness"],
+            per_example=None if scores is None else scores.astype(np.float64),
+            metrics=json.loads(r["metrics_json"]),
             worker=r["worker"],
             started=r["started"],
             duration=r["duration"],
             error=r["error"],
-            metrics=json.loads(r["metrics_json"]),
+            population=r["population"],
+            seq=r["seq"],
+            genome=np.frombuffer(r["genome"], dtype=np.float64).copy(),
         )

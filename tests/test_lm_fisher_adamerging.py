@@ -10,6 +10,8 @@ import torch
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
 
+from evomerge.records import Candidate
+
 SKILLS = ("addition", "reversal")
 
 

@@ -11,6 +11,7 @@ import torch
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
 from evomerge.config import config_from_dict
+from evomerge.records import Candidate
 from evomerge.errors import ModelLoadError, ModelMismatchError
 from evomerge.workers.materializer import Materializer
 from evomerge.models.tiny_lm import build_tokenizer, tiny_llama

@@ -21,7 +21,9 @@ from evomerge.workers.jobs import BlockGrams
 from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig, WorkersConfig, load_config
 from evomerge.errors import ConfigError, PluginError, UserError
-from evomerge.executors import InlineExecutor, RayExecutor, WorkerError, check_fits, make_executor, pool_size
+from evomerge.executors import InlineExecutor, RayExecutor, WorkerError, make_executor
+from evomerge.executors.ray import check_fits, pool_size
+from evomerge.workers.jobs import BlockGrams
 from evomerge.workers.whitebox import WhiteBoxWorker
 
 PLUGIN = "evomerge_ray_test_plugin"
@@ -117,7 +119,8 @@ def pool_config(digits_config, data_file):
     """A ray-executor config scored by the test plugin; keyword arguments go into ``workers:``."""
 
     def make(fitness: str = f"{PLUGIN}:fitness", **workers) -> RunConfig:
-        settings = {"count": 1, "cpus_per_worker": 0.5, "timeout": SAFETY_TIMEOUT, **workers}
+        settings = {"count": 1, "cpus_per_worker": 0.5, "timeout": SAFETY_TIMEOUT,
+                    "schedule_timeout": START_LIMIT, "load_timeout": START_LIMIT, **workers}
         fitness_section = {"name": fitness, "data": {"source": str(data_file)}}
         return load_config(digits_config(executor="ray", workers=settings, fitness=fitness_section))
 
@@ -136,7 +139,7 @@ def reference(pool_config) -> WhiteBoxWorker:
 
 
 def start_pool(config: RunConfig) -> RayExecutor:
-    return RayExecutor(config, schedule_timeout=START_LIMIT, load_timeout=START_LIMIT)
+    return RayExecutor(config)
 
 
 def candidate(reference: WhiteBoxWorker, number: int, weight: float) -> Candidate:
@@ -305,6 +308,6 @@ def test_timeout_fails_the_candidate_and_the_pool_keeps_its_capacity(pool_config
 
 
 def test_workers_the_cluster_cannot_place_stop_with_a_clear_error(pool_config, ray_session):
-    config = pool_config(fitness="classification_accuracy", count=1, cpus_per_worker=3)  # the session has 2 CPUs
+    config = pool_config(fitness="classification_accuracy", count=1, cpus_per_worker=3, schedule_timeout="2s")
     with pytest.raises(WorkerError, match=r"only 0 of 1 workers could start within 2s: the cluster lacks CPUs/GPUs"):
-        RayExecutor(config, schedule_timeout=2.0, load_timeout=START_LIMIT)
+        RayExecutor(config)  # the session has 2 CPUs

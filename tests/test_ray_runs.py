@@ -226,28 +226,15 @@ class TestSharedLocalRay:
         assert retried.status == "ok" and retried.fitness is not None
 
 
-def _driver_command(replace_timeout: float, argv: list[str]) -> list[str]:
-    """``evomerge run`` in a fresh interpreter, with the wait for a replacement worker shortened.
-
-    The default (120 s, room for an autoscaler) would outlast the test; a short one shows within the
-    test what a long run meets once the cluster has lost capacity for good."""
-    code = (
-        "import sys\n"
-        "from evomerge.executors import LOAD_TIMEOUT, SCHEDULE_TIMEOUT, RayExecutor\n"
-        f"RayExecutor.__init__.__defaults__ = (SCHEDULE_TIMEOUT, LOAD_TIMEOUT, {replace_timeout!r})\n"
-        "from evomerge.cli import main\n"
-        f"sys.exit(main({argv!r}))\n"
-    )
-    return [sys.executable, "-c", code]
-
-
 @pytest.mark.slow
 def test_slow_cluster_run_survives_losing_a_node(ray_config, control, plugin_env, tmp_path):
     from ray.cluster_utils import Cluster
 
     budget, replace_timeout = 30, 5.0
     run_dir = tmp_path / "cluster-run"
-    config = ray_config(budget)
+    # The default wait for a replacement worker (120 s, room for an autoscaler) would outlast the
+    # test; a short one shows within the test what a long run meets once the cluster lost capacity.
+    config = ray_config(budget, workers={"count": 2, "cpus_per_worker": 1, "timeout": "60s", "replace_timeout": replace_timeout})
     (control / "delay").write_text("0.3")
     cluster = Cluster(
         initialize_head=True,
@@ -265,7 +252,7 @@ def test_slow_cluster_run_survives_losing_a_node(ray_config, control, plugin_env
         cluster.wait_for_nodes(timeout=60)
         argv = ["run", str(config), "--run-dir", str(run_dir), "--address", cluster.address]
         with open(log_path, "wb") as log:
-            driver = subprocess.Popen(_driver_command(replace_timeout, argv), stdout=log, stderr=subprocess.STDOUT)
+            driver = subprocess.Popen([sys.executable, "-m", "evomerge.cli", *argv], stdout=log, stderr=subprocess.STDOUT)
 
         def driver_log() -> str:
             return log_path.read_text(errors="replace")[-6000:]

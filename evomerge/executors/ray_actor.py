@@ -16,15 +16,16 @@ from typing import Any
 
 import ray
 
-from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig
+from evomerge.executors.base import Job
+from evomerge.records import Candidate, Evaluation
 from evomerge.workers import make_worker
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class EvaluationActor:
-    """A worker (white-box ``WhiteBoxWorker`` or ``BlackBoxWorker``) in its own Ray worker process;
-    ``index`` numbers actors within a run."""
+    """A worker (white-box or black-box) in its own Ray worker process; ``index`` numbers actors
+    within a run."""
 
     def __init__(self, config: RunConfig, index: int) -> None:
         self.config = config
@@ -35,13 +36,15 @@ class EvaluationActor:
         """Answers once the actor is placed and running; returns its worker id."""
         return self.worker_id
 
-    def load(self) -> None:
-        """Load the base, the experts and the fitness data (the executor calls this once, first)."""
+    def load(self, setup: Job | None) -> None:
+        """Load the base, the experts and the fitness data, then run ``setup`` (the executor's
+        per-worker job, e.g. seeding a response cache); the executor calls this once, first."""
         self.worker = make_worker(self.config, self.worker_id)
+        if setup is not None:
+            self.worker.run(setup)
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         return self.worker.evaluate(candidate)
 
-    def run(self, job: Any) -> Any:
-        """A one-off job (``evomerge.workers.jobs``) against this actor's worker."""
+    def run(self, job: Job) -> Any:
         return self.worker.run(job)

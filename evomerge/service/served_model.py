@@ -3,60 +3,21 @@
 ``ApiServedModel`` is what black-box fitness functions receive (``evomerge.fitness.blackbox``):
 log-likelihoods by lm-eval's convention — the context and continuation sent as one prompt with
 ``echo``, ``logprobs`` and ``max_tokens`` 1, the continuation's tokens found by their
-``text_offset`` — and greedy generations. Answers are cached in the run store under the
-candidate's *merge identity* (adapters and coefficients, not the service's name for it) with the
-request's parameters, so a repeated candidate or a resumed run asks the service nothing.
+``text_offset`` — and greedy generations. Answers are cached (``evomerge.service.response_cache``)
+under the candidate's *merge identity* (adapters and coefficients, not the service's name for it)
+with the request's parameters, so an answer the run already has is never asked for again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.service.client import ApiClient, CompletionAnswer, MalformedResponse, parse_completion
+from evomerge.service.response_cache import ResponseCache, cache_key
 
 GREEDY_TOLERANCE = 1e-6
-
-
-class ResponseCache:
-    """Answers by key in the run store's ``api_responses`` table, opened on first use (workers
-    start before the run directory exists); a worker scoring outside any run caches nothing."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
-        self._store = None
-        self.hits = 0
-
-    def _db(self):
-        from evomerge.store import DB_NAME, RunStore
-
-        if self._store is None and (self.run_dir / DB_NAME).exists():
-            self._store = RunStore(self.run_dir)
-        return self._store
-
-    def get(self, key: str) -> Any | None:
-        store = self._db()
-        found = None if store is None else store.cached_response(key)
-        self.hits += found is not None
-        return found
-
-    def put(self, key: str, response: Any) -> None:
-        store = self._db()
-        if store is not None:
-            store.save_response(key, response)
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
-
-def cache_key(identity: str, payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps([identity, payload], sort_keys=True).encode()).hexdigest()
 
 
 class ApiServedModel:

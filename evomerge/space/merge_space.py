@@ -15,7 +15,6 @@ parameters — never from a hand-kept table — at one of four granularities:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from evomerge.merge.method import MergeMethod
+from evomerge.records import genome_hash
 from evomerge.space.genes import GeneRange, SearchSpec
 
 GRANULARITIES = ("global", "per_model", "per_layer_group", "per_tensor")
@@ -105,7 +105,7 @@ class Recipe:
 
 def genome_seed(genome: np.ndarray) -> int:
     """A stable 63-bit seed from a genome's bytes: identical genomes merge identically."""
-    digest = hashlib.sha256(np.ascontiguousarray(genome, dtype=np.float64).tobytes()).digest()
+    digest = bytes.fromhex(genome_hash(genome))
     return int.from_bytes(digest[:8], "little") >> 1
 
 

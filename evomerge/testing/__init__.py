@@ -2,6 +2,6 @@
 
 Each ``*_suite`` module holds pytest test classes that every registered entry of one family
 passes (the registry is enrolled automatically) and that a plugin author subclasses to check their
-own strategy, merge method or fitness function. The suites import pytest themselves, so importing
+own strategy, merge method, fitness function, executor or worker. The suites import pytest themselves, so importing
 ``evomerge`` never needs it; pytest comes with the ``dev`` extra.
 """

@@ -94,10 +94,24 @@ class RunStoreSuite:
         store.add_evaluation(Evaluation.failure(cands[1].id, "CUDA out of memory", worker="w1"))
         store.add_evaluation(Evaluation(cands[2].id, "ok", math.nan))
         rows = {r.candidate_id: r for r in store.evaluations()}
-        assert (rows["cma:2"].status, rows["cma:2"].fitness, rows["cma:2"].error) == ("failed", None, "CUDA out of memory")
-        assert rows["cma:3"].fitness is None
+        assert (rows["cma:2"].status, rows["cma:2"].fitness, rows["cma:2"].error) == ("failed", -math.inf, "CUDA out of memory")
+        assert rows["cma:3"].fitness == -math.inf and not rows["cma:3"].usable
         assert store.best().candidate_id == "cma:1"
         assert store.counts() == {"cma": {"ok": 2, "failed": 1}}
+
+    def test_service_answers_are_recorded_with_their_evaluation(self, store):
+        """Workers never write the store: a black-box answer arrives inside the evaluation that
+        asked for it (a failed one too), and the first answer recorded under a key stays."""
+        cands = [candidate("cma", i) for i in (1, 2)]
+        for cand in cands:
+            store.add_candidate(cand, asked_after=0)
+        first = evaluation(cands[0])
+        first.responses = {"k1": {"choices": [1]}, "k2": {"choices": [2]}}
+        store.add_evaluation(first)
+        failed = Evaluation.failure(cands[1].id, "the service refused")
+        failed.responses = {"k2": {"choices": ["later"]}, "k3": {"choices": [3]}}
+        store.add_evaluation(failed)
+        assert store.api_responses() == {"k1": {"choices": [1]}, "k2": {"choices": [2]}, "k3": {"choices": [3]}}
 
     def test_checkpoints_are_saved_together_or_not_at_all(self, store):
         assert store.checkpoints() == ({}, 0)

@@ -20,7 +20,9 @@ scores that model through ``/v1/completions``:
 Requests of one candidate run concurrently in the worker's own event loop. A service that forgets
 a session or model (it restarted) answers 404; the worker then sets the candidate up again, and
 the answers it already had come from the response cache. Each evaluation's ``metrics["usage"]``
-holds the requests, tokens and cost the candidate took (a cached answer costs nothing).
+holds the requests, tokens and cost the candidate took (a cached answer costs nothing), and its
+``responses`` the new answers, which the controller records in the run store (the worker's cache
+lives in its memory, seeded with what the run recorded: ``evomerge.workers.jobs.SeedResponses``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import shutil
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
 
@@ -45,7 +47,8 @@ from evomerge.fitness.data import load_examples
 from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
-from evomerge.service.served_model import ApiServedModel, ResponseCache
+from evomerge.service.response_cache import ResponseCache
+from evomerge.service.served_model import ApiServedModel
 from evomerge.space.merge_space import Recipe
 from evomerge.workers.base import Worker
 
@@ -235,7 +238,7 @@ class BlackBoxWorker(Worker):
         self.fitness = with_options(fitness, config.fitness.name, config.fitness.options)
         self.examples = self.load_examples(config.fitness.data)
         self.space, self.codecs = plan.codecs({})  # one value per expert: no tensors to group
-        self.cache = ResponseCache(config.run_path())
+        self.cache = ResponseCache()
         self._loop = asyncio.new_event_loop()
         self.client = ApiClient(
             api.base_url,
@@ -302,6 +305,7 @@ class BlackBoxWorker(Worker):
         )
         used = self.client.usage - usage_before
         ev.metrics.update({"usage": used.metrics(), "api_retries": used.retries, "cached_responses": self.cache.hits - hits_before})
+        ev.responses = self.cache.take_new()  # also a failed candidate's: they were paid for
         return ev
 
     def _failed(self, exc: Exception) -> None:
@@ -340,4 +344,3 @@ class BlackBoxWorker(Worker):
     def close(self) -> None:
         self._loop.run_until_complete(self.client.aclose())
         self._loop.close()
-        self.cache.close()

@@ -7,6 +7,7 @@ holding the models can do, without the executor or the actor knowing what the wo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,3 +31,14 @@ class ExpertBaselines:
 
     def __call__(self, worker) -> list[Evaluation]:
         return worker.expert_baselines()
+
+
+@dataclass(frozen=True)
+class SeedResponses:
+    """A black-box worker's setup job: the service answers the run recorded, into its response
+    cache (``evomerge.service.response_cache``), so none is asked for twice."""
+
+    answers: dict[str, Any]
+
+    def __call__(self, worker) -> None:
+        worker.cache.seed(self.answers)

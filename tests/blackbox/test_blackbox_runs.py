@@ -16,9 +16,11 @@ from evomerge.records import Candidate
 from evomerge.config import config_from_dict
 from evomerge.errors import RunDirError
 from evomerge.models.tiny_lm import skill_examples
+from evomerge.records import Candidate
 from evomerge.runs import start_run
 from evomerge.store import RunStore
 from evomerge.workers.blackbox import BlackBoxWorker, ServiceUnreachable
+from evomerge.workers.jobs import SeedResponses
 
 KEY_ENV = "EVOMERGE_TEST_API_KEY"
 EXPERTS = ["addition", "reversal", "subtraction"]
@@ -88,6 +90,7 @@ def test_evo_merging_and_m2n2_beat_the_uniform_composition(service, make_config)
     store = RunStore(config.run_path(), readonly=True)
     rows = list(store.evaluations())
     bests = {name: store.best(name) for name in ("evo", "m2n2")}
+    recorded = store.api_responses()
     store.close()
     assert all(r.status == "ok" for r in rows), [r.error for r in rows if r.status != "ok"]
     for r in rows:
@@ -101,8 +104,9 @@ def test_evo_merging_and_m2n2_beat_the_uniform_composition(service, make_config)
     for name, best in bests.items():
         assert held_out(config, best.genome) > uniform, name
 
-    worker = BlackBoxWorker(RunPlan.from_config(config), "again")  # a repeated candidate: every answer is in the run store
-    again = worker.evaluate(Candidate("again", "evo", bests["evo"].genome))
+    worker = BlackBoxWorker(RunPlan.from_config(config), "again")  # a repeated candidate: the controller recorded every answer
+    worker.run(SeedResponses(recorded))
+    again = worker.evaluate(Candidate("evo:again", "evo", bests["evo"].genome))
     worker.close()
     assert again.fitness == pytest.approx(bests["evo"].fitness, abs=1e-6)
     assert again.metrics["usage"]["requests"] == 0 and again.metrics["cached_responses"] == 16
@@ -270,7 +274,11 @@ async def crash_once(model, examples):
 '''
 
 
-def test_a_run_killed_mid_candidate_resumes_from_cached_answers(service, make_config, tmp_path):
+def test_a_run_killed_mid_candidate_resumes_from_recorded_answers(service, make_config, tmp_path):
+    """Answers reach the run store with the evaluation that brought them (workers never write it),
+    and a resumed run's workers start from every answer recorded: over plain served models the
+    experts alone asked for every answer once, so the candidate scored again after the crash, on
+    a fresh worker, asks the service nothing."""
     import os
     import subprocess
     import sys
@@ -279,7 +287,8 @@ def test_a_run_killed_mid_candidate_resumes_from_cached_answers(service, make_co
 
     make, key = make_config
     (tmp_path / "crash_plugin.py").write_text(CRASHING_FITNESS)
-    config = make(service, fitness={"name": "crash_plugin:crash_once"})
+    config = make(service, fitness={"name": "crash_plugin:crash_once"}, api={"level": "openai"},
+                  merge={"method": "linear", "granularity": "per_model"})
     config_path = tmp_path / "blackbox.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CRASH_MARKER": str(tmp_path / "crashed"), KEY_ENV: key}
@@ -292,8 +301,9 @@ def test_a_run_killed_mid_candidate_resumes_from_cached_answers(service, make_co
     rows = {r.candidate_id: r for r in store.evaluations()}
     store.close()
     assert len(rows) == 6 and all(r.status == "ok" for r in rows.values())
-    resumed = rows["random:1"]  # in flight when the process died: scored again from the run store
-    assert resumed.metrics["usage"]["requests"] == 0 and resumed.metrics["cached_responses"] == 16
+    assert all(r.metrics["usage"]["requests"] == 0 for r in rows.values())
+    resumed = rows["random:1"]  # in flight when the process died: scored again from the recorded answers
+    assert resumed.metrics["cached_responses"] == 16 * len(EXPERTS)
 
 
 def test_black_box_workers_run_in_the_ray_pool(service, make_config):
