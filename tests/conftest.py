@@ -13,6 +13,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see research/ray.md: a token would break `ray start` later
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# Fixtures shared across folders: the reference service and tiny adapters (service/, server/,
+# workers/), and merge set-ups and tensor contexts (merge/, workers/, space/).
+pytest_plugins = ["fixtures_service", "fixtures_merge"]
+
 
 @pytest.fixture(scope="session")
 def digit_models(tmp_path_factory) -> dict[str, Path]:

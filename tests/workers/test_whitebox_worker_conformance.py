@@ -1,5 +1,5 @@
 """The white-box worker passes the worker suite (``evomerge.testing.worker_suite``) on the tiny
-digit experts; the black-box worker runs the same suite in tests/blackbox/, beside its service."""
+digit experts; the black-box worker runs the same suite in test_blackbox_worker_conformance.py, against the reference service."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from evomerge.strategies import make_strategy
 from evomerge.strategies.m2n2 import attraction, capacities, roulette, shared_scores, split_point_slerp
 from evomerge.space.seed_recipes import SeedGram, SeedRecipe
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "m2n2_digits.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "m2n2_digits.py"
 
 
 @pytest.fixture(scope="module")
