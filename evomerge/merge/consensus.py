@@ -74,5 +74,6 @@ def _consensus_kernel(inner: Kernel):
     return kernel
 
 
+# named by their declarations (``declarations.py``)
 consensus_task_arithmetic_kernel = _consensus_kernel(task_arithmetic_kernel)
 consensus_ties_kernel = _consensus_kernel(ties_kernel)

@@ -11,9 +11,9 @@ One operator, configured four ways, as in mergekit's generalized task arithmetic
   each entry of τ_i with probability 1 − density and rescale survivors by 1/density, then combine
   linearly or with TIES' sign consensus.
 
-Defaults follow mergekit (``normalize``: on for TIES only; ``rescale``: on for DARE). Choices made:
-the TIES trim keeps every entry whose magnitude is at least the k-th largest (k = ⌊density·n⌋), so
-ties at the threshold are kept rather than broken by index; DARE draws its keep decisions from 8
+Defaults (declared in ``declarations.py``) follow mergekit (``normalize``: on for TIES only;
+``rescale``: on for DARE). Choices made: the TIES trim keeps every entry whose magnitude is at
+least the k-th largest (k = ⌊density·n⌋), so ties at the threshold are kept rather than broken by index; DARE draws its keep decisions from 8
 random bits per entry, so the keep probability is density rounded to 1/256 and rescaling divides
 by that exact probability (the expectation of each entry is preserved exactly). The bits come from
 a counter-based hash of the entry's position keyed per expert by the candidate's generator, so a
@@ -271,6 +271,7 @@ def _make_kernel(variant: _Variant):
     return kernel
 
 
+# the four configurations, named by their declarations (``declarations.py``)
 task_arithmetic_kernel = _make_kernel(_Variant(None, False))
 ties_kernel = _make_kernel(_Variant("magnitude", True))
 dare_linear_kernel = _make_kernel(_Variant("random", False))
