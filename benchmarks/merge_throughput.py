@@ -87,7 +87,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evomerge.merge import MERGE_METHODS, ResidentTensor  # noqa: E402
+from evomerge.merge import MERGE_METHODS  # noqa: E402
+from evomerge.merge.resident import ResidentTensor  # noqa: E402
 from evomerge.workers.materializer import Materializer  # noqa: E402
 from evomerge.space.merge_space import Space  # noqa: E402
 

@@ -17,7 +17,7 @@ import torch
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
 from evomerge.fitness.data import load_examples
-from evomerge.merge.linear import LINEAR
+from evomerge.merge.declarations import LINEAR
 from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
 from evomerge.models.loading import quiet_transformers
 from evomerge.records import Candidate

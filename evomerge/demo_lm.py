@@ -78,7 +78,7 @@ def prepare(config: RunConfig) -> None:
 def comparison_table(config: RunConfig, bests: dict[str, np.ndarray]) -> list[tuple[str, float]]:
     """Mixed test-set score of the base, each specialist, their average and each searched merge."""
     from evomerge.demo import expert_and_merge_scores
-    from evomerge.merge.task_arithmetic import TASK_ARITHMETIC
+    from evomerge.merge.declarations import TASK_ARITHMETIC
     from evomerge.plan import RunPlan
     from evomerge.space.merge_space import Space
     from evomerge.workers.whitebox import WhiteBoxWorker

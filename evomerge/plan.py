@@ -20,8 +20,7 @@ from pydantic import ValidationError
 from evomerge.config import RunConfig, field_path
 from evomerge.errors import ConfigError
 from evomerge.merge import MERGE_METHODS
-from evomerge.merge.linear import LINEAR
-from evomerge.merge.lora import LORA_COMPOSE
+from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
 from evomerge.merge.method import MergeMethod
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import SEED_RECIPES, Requirements, Strategy, StrategyOptions

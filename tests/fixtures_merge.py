@@ -12,7 +12,9 @@ from typing import Callable
 import pytest
 import torch
 
-from evomerge.merge import MERGE_METHODS, ResidentTensor, TensorContext
+from evomerge.merge import MERGE_METHODS
+from evomerge.merge.kernel import TensorContext
+from evomerge.merge.resident import ResidentTensor
 from evomerge.testing.merge_suite import MergeSetup
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -128,3 +133,51 @@ def test_validate_checks_fitness_options_against_the_function(tmp_path, digits_c
     fitness = {"name": "classification_accuracy", "data": {"source": "sklearn:digits"}, "options": {"batch_size": 8}}
     assert main(["validate", str(digits_config(fitness=fitness))]) == 2
     assert "does not accept options" in capsys.readouterr().err
+
+
+DEMOS = Path(__file__).resolve().parents[1] / "evomerge" / "demos"
+VALIDATE_WITHOUT_TORCH = """
+import sys
+from evomerge.cli import main
+rc = main(["validate", "--no-files", sys.argv[1]])
+assert "torch" not in sys.modules, "evomerge validate imported torch"
+sys.exit(rc)
+"""
+
+
+def lm_config(tmp_path: Path, merge: dict, fitness: dict) -> Path:
+    """The shipped LM demo's config with another merge method and fitness."""
+    config = yaml.safe_load((DEMOS / "lm.yaml").read_text())
+    config["merge"] = merge
+    config["fitness"] = {**config["fitness"], **fitness}
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("case", ["digits", "ties_exact_match", "lora_compose_cross_entropy"])
+def test_validate_imports_no_torch(tmp_path, case):
+    """Validating a config reads declarations only: no merge kernel, fitness body or strategy
+    internals, so no torch (a fresh interpreter, since this one has torch already)."""
+    if case == "digits":
+        path = DEMOS / "digits.yaml"
+    elif case == "ties_exact_match":
+        path = lm_config(
+            tmp_path,
+            {"method": "ties", "granularity": "per_layer_group", "search": ["weight", "density"], "fixed": {"lambda": 1.0}},
+            {"name": "exact_match", "options": {"batch_size": 8, "max_new_tokens": 8, "answer_regex": "^\\s*(\\S+)"}},
+        )
+    else:
+        path = lm_config(
+            tmp_path,
+            {"method": "lora_compose", "granularity": "per_model"},
+            {"name": "negative_cross_entropy", "options": {"batch_size": 4}},
+        )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", VALIDATE_WITHOUT_TORCH, str(path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert ": ok (" in done.stdout

@@ -1,24 +1,31 @@
-"""Classification accuracy, one score per example (1 = correct), as M2N2's resource competition needs."""
+"""Classification accuracy, one score per example (1 = correct), as M2N2's resource competition needs.
+
+torch is imported when scores are computed, not with the module: ``evomerge validate`` checks
+``fitness.options`` against the signature without importing it.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 BATCH_SIZE = 4096
 
 
-@torch.no_grad()
 def classification_accuracy(model: Any, tokenizer: Any, examples: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``examples["inputs"]`` feature rows, ``examples["labels"]`` class ids → 0/1 per example."""
+    import torch
+
     inputs, labels = examples["inputs"], examples["labels"]
     device = next(model.parameters()).device
     scores = torch.empty(len(labels), dtype=torch.float32)
-    for start in range(0, len(labels), BATCH_SIZE):
-        batch = inputs[start : start + BATCH_SIZE].to(device)
-        output = model(batch)
-        logits = output.logits if hasattr(output, "logits") else output
-        predicted = logits.argmax(dim=-1).cpu()
-        scores[start : start + BATCH_SIZE] = (predicted == labels[start : start + BATCH_SIZE]).float()
+    with torch.no_grad():
+        for start in range(0, len(labels), BATCH_SIZE):
+            batch = inputs[start : start + BATCH_SIZE].to(device)
+            output = model(batch)
+            logits = output.logits if hasattr(output, "logits") else output
+            predicted = logits.argmax(dim=-1).cpu()
+            scores[start : start + BATCH_SIZE] = (predicted == labels[start : start + BATCH_SIZE]).float()
     return scores

@@ -9,17 +9,21 @@ with the tokenizer's special tokens and the continuation is what the longer enco
 tokens merging across the boundary are scored as the model would see them. A tokenizer without a
 pad token pads with its eos token: padded positions are masked out, so the id only has to exist.
 Sequences are not truncated; keep prompts within the model's context.
+
+torch is imported by the functions that compute, not by the module: ``evomerge validate`` checks
+``fitness.options`` against these signatures without importing it.
 """
 
 from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from evomerge.errors import PluginError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ANSWER_REGEX = r"-?\d+(?:\.\d+)?"
 
@@ -27,6 +31,8 @@ DEFAULT_ANSWER_REGEX = r"-?\d+(?:\.\d+)?"
 @contextmanager
 def _inference(model: torch.nn.Module) -> Iterator[torch.device]:
     """Eval mode and no autograd while scoring, then the model's training state as it was."""
+    import torch
+
     was_training = model.training
     model.eval()
     try:
@@ -78,6 +84,8 @@ def continuation_logprobs(
     Pairs are batched longest first with right padding and an attention mask; with causal
     attention the padding after a sequence cannot change its logits.
     """
+    import torch
+
     if tokenizer is None:
         raise PluginError(f"fitness '{fitness}' needs the model's tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -118,6 +126,8 @@ def multiple_choice_loglik(
     The sum, not the mean, is lm-eval's ``acc``; it favours short choices, which is the
     convention results are compared under.
     """
+    import torch
+
     _require(examples, ("choices", "label"), "multiple_choice_loglik")
     pairs = [(e["prompt"], c) for e in examples for c in e["choices"]]
     totals = [lp.sum().item() for lp in continuation_logprobs(model, tokenizer, pairs, batch_size, "multiple_choice_loglik")]
@@ -135,6 +145,8 @@ def negative_cross_entropy(
 ) -> torch.Tensor:
     """Minus the mean cross-entropy of the target's tokens given the prompt (the prompt's own
     tokens do not count), so a model that predicts the answers better scores higher."""
+    import torch
+
     _require(examples, ("target",), "negative_cross_entropy")
     pairs = [(e["prompt"], e["target"]) for e in examples]
     logprobs = continuation_logprobs(model, tokenizer, pairs, batch_size, "negative_cross_entropy")
@@ -191,6 +203,8 @@ def exact_match(
     than the answer (GSM8K's ``"… #### 72"``); without it the whole stripped target is the answer.
     Prompts are left-padded so that every row's generation starts right after its prompt.
     """
+    import torch
+
     _require(examples, ("target",), "exact_match")
     if tokenizer is None:
         raise PluginError("fitness 'exact_match' needs the model's tokenizer")

@@ -1,18 +1,15 @@
-"""White-box merge operators: pure torch kernels over resident expert tensors.
+"""White-box merge operators: declarations as plain data, kernels as pure torch functions.
 
-The registry is an explicit dict; a config names a method by its key.
+The registry is an explicit dict; a config names a method by its key. Importing this package (or
+the registry) imports no torch: a method's kernel module is imported when the kernel first runs,
+and kernel-side types live in :mod:`evomerge.merge.kernel` and :mod:`evomerge.merge.resident`.
 """
 
-from evomerge.merge.consensus import CONSENSUS_TASK_ARITHMETIC, CONSENSUS_TIES
-from evomerge.merge.fisher import FISHER
-from evomerge.merge.layer_swap import LAYER_SWAP
-from evomerge.merge.linear import LINEAR
-from evomerge.merge.lora import LORA_COMPOSE
-from evomerge.merge.method import MergeMethod, OptionSpec, ParamSpec, TensorContext
-from evomerge.merge.pcb import PCB
-from evomerge.merge.resident import ResidentTensor
-from evomerge.merge.slerp import SLERP, SPLIT_SLERP
-from evomerge.merge.task_arithmetic import DARE_LINEAR, DARE_TIES, TASK_ARITHMETIC, TIES
+from evomerge.merge.declarations import (
+    CONSENSUS_TASK_ARITHMETIC, CONSENSUS_TIES, DARE_LINEAR, DARE_TIES, FISHER, LAYER_SWAP, LINEAR, LORA_COMPOSE, PCB,
+    SLERP, SPLIT_SLERP, TASK_ARITHMETIC, TIES,
+)
+from evomerge.merge.method import MergeMethod, OptionSpec, ParamSpec
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     m.name: m
@@ -36,7 +33,5 @@ __all__ = [
     "MergeMethod",
     "OptionSpec",
     "ParamSpec",
-    "ResidentTensor",
-    "TensorContext",
     "get_merge_method",
 ]

@@ -26,12 +26,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
+from evomerge.merge.kernel import Kernel, TensorContext
 from evomerge.merge.resident import ResidentTensor, chunk_bounds, work_step
-from evomerge.merge.task_arithmetic import TASK_ARITHMETIC, TIES
+from evomerge.merge.task_arithmetic import task_arithmetic_kernel, ties_kernel
 
 
-def _consensus_kernel(inner: MergeMethod):
+def _consensus_kernel(inner: Kernel):
     def kernel(
         out: torch.Tensor,
         tensor: ResidentTensor,
@@ -42,7 +42,7 @@ def _consensus_kernel(inner: MergeMethod):
         if tensor.reference is None:
             raise ValueError(f"{tensor.name}: consensus merging needs a base model")
         # out = base + τ_MTL, written by the operator it refines (its own chunked kernels)
-        inner.kernel(out, tensor, {**params, "lambda": 1.0}, options, ctx)
+        inner(out, tensor, {**params, "lambda": 1.0}, options, ctx)
         lam = float(params["lambda"])  # type: ignore[arg-type]
         k = int(round(float(params["k"])))  # type: ignore[arg-type]
         mask_lambdas = torch.tensor(
@@ -74,31 +74,6 @@ def _consensus_kernel(inner: MergeMethod):
     return kernel
 
 
-_MASK_LAMBDA = ParamSpec(
-    "mask_lambda", per_model=True, default=0.4, low=0.0, high=1.0,
-    doc="TALL mask threshold λ_t: keep where |τ_t| ≥ λ_t·|τ_MTL − τ_t|",
-)
-_K = ParamSpec(
-    "k", per_model=False, default=2, low=1, high=None, integer=True,
-    doc="keep the entries at least k task masks select (1 … number of experts)",
-)
-
-
-def _consensus(inner: MergeMethod, name: str, doc: str) -> MergeMethod:
-    return MergeMethod(
-        name=name,
-        kernel=_consensus_kernel(inner),
-        params=(*inner.params, _MASK_LAMBDA, _K),
-        options=inner.options,
-        needs_base=True,
-        doc=doc,
-    )
-
-
-CONSENSUS_TASK_ARITHMETIC = _consensus(
-    TASK_ARITHMETIC, "consensus_task_arithmetic",
-    "Task arithmetic keeping only the weights at least k TALL masks agree on.",
-)
-CONSENSUS_TIES = _consensus(
-    TIES, "consensus_ties", "TIES keeping only the weights at least k TALL masks agree on.",
-)
+# named by their declarations (``declarations.py``)
+consensus_task_arithmetic_kernel = _consensus_kernel(task_arithmetic_kernel)
+consensus_ties_kernel = _consensus_kernel(ties_kernel)

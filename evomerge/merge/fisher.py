@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
+from evomerge.merge.kernel import TensorContext
 from evomerge.merge.resident import ResidentTensor, chunk_bounds, work_step
 
 FISHER_FLOOR = 1e-8
@@ -62,12 +62,3 @@ def fisher_kernel(
         torch.div(nu, de, out=flat[s:e])
         if ref is not None:
             flat[s:e].add_(ref[s:e])
-
-
-FISHER = MergeMethod(
-    name="fisher",
-    kernel=fisher_kernel,
-    params=(ParamSpec("weight", per_model=True, default=1.0, low=0.0, high=1.0, doc="λ_i, the expert's weight beside its Fisher"),),
-    needs_fisher=True,
-    doc="Fisher-weighted averaging: experts weighted element-wise by their diagonal Fisher information.",
-)

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
+from evomerge.merge.kernel import TensorContext
 from evomerge.merge.resident import ResidentTensor, combine_
 
 
@@ -35,17 +35,3 @@ def layer_swap_kernel(
     coefs = [0.0] * tensor.n_models
     coefs[choice] = 1.0
     combine_(out, tensor, coefs, ctx.chunk)
-
-
-LAYER_SWAP = MergeMethod(
-    name="layer_swap",
-    kernel=layer_swap_kernel,
-    params=(
-        ParamSpec(
-            "expert", per_model=False, default=0, low=0, high=None, integer=True,
-            doc="index of the expert that supplies this group of layers",
-        ),
-    ),
-    min_models=2,
-    doc="Each group of layers copied whole from one expert (a categorical gene per group).",
-)

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from evomerge.merge.method import MergeMethod, OptionSpec, ParamSpec, TensorContext
+from evomerge.merge.kernel import TensorContext
 from evomerge.merge.resident import ResidentTensor, combine_
 
 WEIGHT_SUM_EPS = 1e-8
@@ -29,15 +29,3 @@ def linear_kernel(
     if options["normalize"] and abs(total) > WEIGHT_SUM_EPS:
         weights = [w / total for w in weights]
     combine_(out, tensor, weights, ctx.chunk)
-
-
-LINEAR = MergeMethod(
-    name="linear",
-    kernel=linear_kernel,
-    params=(ParamSpec("weight", per_model=True, default=1.0, low=0.0, high=1.0, doc="mixing weight"),),
-    options=(OptionSpec("normalize", True, "divide the weights by their sum"),),
-    doc="Weighted average of the experts.",
-    mergekit_name="linear",
-    differentiable=True,
-    alone=(("weight", None),),
-)

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from evomerge.merge.method import LORA_FACTORS, MergeMethod, ParamSpec, TensorContext
+from evomerge.merge.kernel import TensorContext
 from evomerge.merge.resident import ResidentTensor, chunk_bounds, shrink_bound
 
 
@@ -76,16 +76,3 @@ def lora_compose_kernel(
                 torch.mul(x, beta, out=out_c)
             else:
                 out_c.add_(x, alpha=beta)
-
-
-LORA_COMPOSE = MergeMethod(
-    name="lora_compose",
-    kernel=lora_compose_kernel,
-    params=(
-        ParamSpec("alpha", per_model=True, default=1.0, low=0.0, high=1.0, doc="fraction of LoRA-A entries kept"),
-        ParamSpec("beta", per_model=True, default=None, low=-1.5, high=1.5, doc="signed scale of A and B (default 1/N)"),
-    ),
-    doc="Evo-Merging: sparsify LoRA-A by magnitude, scale A and B by signed β, sum.",
-    inputs=LORA_FACTORS,
-    alone=(("alpha", 1.0), ("beta", None)),
-)

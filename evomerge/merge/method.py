@@ -1,18 +1,21 @@
-"""Declarations of merge methods: parameters as data, kernels as pure torch functions.
+"""Declarations of merge methods: parameters as data, kernels named and imported on first use.
 
 A merge method *declares* its parameters (name, per model or per tensor group, default, bounds), and
 everything else — config validation, the size of a search space's genome, docs — is derived from
-that declaration. The kernel is a plain function over tensors; it never sees files, Ray or configs.
+that declaration. The kernel is a plain function over tensors (:mod:`evomerge.merge.kernel`); it
+never sees files, Ray or configs. A declaration names its kernel instead of holding it, so that
+reading declarations (``evomerge validate``, a strategy's search space) does not import torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+import importlib
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
-import torch
-
-from evomerge.merge.resident import ResidentTensor, Scratch
+if TYPE_CHECKING:
+    from evomerge.merge.kernel import Kernel
 
 
 @dataclass(frozen=True)
@@ -53,38 +56,6 @@ class OptionSpec:
     doc: str = ""
 
 
-@dataclass
-class TensorContext:
-    """What a kernel may know about the tensor it writes besides the numbers.
-
-    ``offset``/``total`` place the tensor in the flattened parameter set (the M2N2 split point is a
-    position in that flat vector); ``generator`` is seeded per candidate and tensor so DARE's drop
-    masks are reproducible; ``chunk`` is the number of elements processed per cache-sized step;
-    ``scratch`` holds reusable work buffers (a materializer shares one across tensors and candidates).
-    """
-
-    name: str
-    offset: int
-    total: int
-    generator: torch.Generator
-    chunk: int
-    flat_gram: torch.Tensor | None = None
-    scratch: Scratch = field(default_factory=Scratch, repr=False)
-    fisher: torch.Tensor | None = None
-    """The experts' diagonal Fisher information for this tensor, ``[n_models, *shape]`` (Fisher merging)."""
-
-
-class Kernel(Protocol):
-    def __call__(
-        self,
-        out: torch.Tensor,
-        tensor: ResidentTensor,
-        params: Mapping[str, Sequence[float] | float],
-        options: Mapping[str, bool],
-        ctx: TensorContext,
-    ) -> None: ...
-
-
 WEIGHTS = "weights"
 """A method's inputs are the experts' dense weights (full fine-tunes, or adapters merged into the base)."""
 LORA_FACTORS = "lora_factors"
@@ -109,10 +80,11 @@ class MergeMethod:
     ``alone``: parameter values that give one expert unchanged, ``(name, value)``; a value of
     ``None`` means 1 for that expert and 0 for the others (a one-hot weight). Empty when no values
     do; a black-box run scores each expert alone through it.
+    ``kernel_ref``: the kernel as ``"module:function"``, imported by :attr:`kernel` on first use.
     """
 
     name: str
-    kernel: Kernel
+    kernel_ref: str
     params: tuple[ParamSpec, ...]
     options: tuple[OptionSpec, ...] = ()
     needs_base: bool = False
@@ -132,6 +104,12 @@ class MergeMethod:
         from evomerge.merge import get_merge_method
 
         return get_merge_method, (self.name,)
+
+    @cached_property
+    def kernel(self) -> Kernel:
+        """The kernel function, imported (with torch) the first time a merge is computed."""
+        module, _, function = self.kernel_ref.partition(":")
+        return getattr(importlib.import_module(module), function)
 
     def expert_alone(self, index: int, n_models: int) -> dict[str, list[float]]:
         """Per-expert values of the :attr:`alone` parameters that reproduce expert ``index``."""

@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
+from evomerge.merge.kernel import TensorContext
 from evomerge.merge.resident import ResidentTensor, chunk_bounds, work_step
 
 
@@ -109,15 +109,3 @@ def pcb_kernel(
         total = kept.sum(dim=0)
         merged = (kept * tau).sum(dim=0) / torch.where(total > 0, total, torch.ones_like(total))
         flat[s:e] = ref[s:e].to(wide) + lam * merged
-
-
-PCB = MergeMethod(
-    name="pcb",
-    kernel=pcb_kernel,
-    params=(
-        ParamSpec("density", per_model=True, default=0.2, low=0.05, high=1.0, doc="fraction of each task's entries kept by score"),
-        ParamSpec("lambda", per_model=False, default=1.0, low=0.0, high=2.0, doc="scale of the combined task vector"),
-    ),
-    needs_base=True,
-    doc="PCB: score entries by intra- and inter-task balance, drop the lowest, combine by score.",
-)

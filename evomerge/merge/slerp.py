@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from evomerge.merge.method import MergeMethod, ParamSpec, TensorContext
+from evomerge.merge.kernel import TensorContext
 from evomerge.merge.resident import ResidentTensor, combine_
 from evomerge.space.interpolation import split_slerp_coefficients
 
@@ -85,28 +85,3 @@ def split_slerp_kernel(
         combine_(out, tensor, list(before), ctx.chunk, segment=(0, local))
     if local < tensor.numel:
         combine_(out, tensor, list(after), ctx.chunk, segment=(local, tensor.numel))
-
-
-SLERP = MergeMethod(
-    name="slerp",
-    kernel=slerp_kernel,
-    params=(ParamSpec("t", per_model=False, default=0.5, low=0.0, high=1.0, doc="0 gives expert 0, 1 expert 1"),),
-    min_models=2,
-    max_models=2,
-    doc="Spherical interpolation between two experts, per tensor.",
-    mergekit_name="slerp",
-)
-
-SPLIT_SLERP = MergeMethod(
-    name="split_slerp",
-    kernel=split_slerp_kernel,
-    params=(
-        ParamSpec("split", per_model=False, default=0.5, low=0.0, high=1.0, doc="split position as a fraction of the flat parameter vector"),
-        ParamSpec("mix", per_model=False, default=0.5, low=0.0, high=1.0, doc="SLERP t before the split (1 − mix after it)"),
-    ),
-    min_models=2,
-    max_models=2,
-    needs_flat_gram=True,
-    global_only=True,
-    doc="M2N2's crossover: split-point SLERP over the flattened parameter set.",
-)

@@ -11,9 +11,9 @@ One operator, configured four ways, as in mergekit's generalized task arithmetic
   each entry of τ_i with probability 1 − density and rescale survivors by 1/density, then combine
   linearly or with TIES' sign consensus.
 
-Defaults follow mergekit (``normalize``: on for TIES only; ``rescale``: on for DARE). Choices made:
-the TIES trim keeps every entry whose magnitude is at least the k-th largest (k = ⌊density·n⌋), so
-ties at the threshold are kept rather than broken by index; DARE draws its keep decisions from 8
+Defaults (declared in ``declarations.py``) follow mergekit (``normalize``: on for TIES only;
+``rescale``: on for DARE). Choices made: the TIES trim keeps every entry whose magnitude is at
+least the k-th largest (k = ⌊density·n⌋), so ties at the threshold are kept rather than broken by index; DARE draws its keep decisions from 8
 random bits per entry, so the keep probability is density rounded to 1/256 and rescaling divides
 by that exact probability (the expectation of each entry is preserved exactly). The bits come from
 a counter-based hash of the entry's position keyed per expert by the candidate's generator, so a
@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import torch
 
 from evomerge.merge.fused import FusedKernel
-from evomerge.merge.method import MergeMethod, OptionSpec, ParamSpec, TensorContext
+from evomerge.merge.kernel import TensorContext
 from evomerge.merge.resident import ResidentTensor, chunk_bounds, combine_, shrink_bounds, work_step
 
 DARE_LEVELS = 256
@@ -271,41 +271,8 @@ def _make_kernel(variant: _Variant):
     return kernel
 
 
-_WEIGHT = ParamSpec("weight", per_model=True, default=1.0, low=0.0, high=2.0, doc="scale of the task vector")
-_DENSITY = ParamSpec("density", per_model=True, default=0.5, low=0.05, high=1.0, doc="fraction of the task vector kept")
-_LAMBDA = ParamSpec("lambda", per_model=False, default=1.0, low=0.0, high=2.0, doc="scale of the combined task vector")
-
-
-def _family(name: str, variant: _Variant, normalize: bool, rescale: bool, doc: str) -> MergeMethod:
-    params = (_WEIGHT, _DENSITY, _LAMBDA) if variant.sparsify else (_WEIGHT, _LAMBDA)
-    options = [OptionSpec("normalize", normalize, "divide by the summed weights (of agreeing experts for TIES)")]
-    if variant.sparsify == "random":
-        options.append(OptionSpec("rescale", rescale, "rescale kept entries by 1/keep probability"))
-    return MergeMethod(
-        name=name,
-        kernel=_make_kernel(variant),
-        params=params,
-        options=tuple(options),
-        needs_base=True,
-        doc=doc,
-        mergekit_name=name,
-        differentiable=variant.sparsify is None and not variant.consensus,  # base + λ Σ w τ: linear
-    )
-
-
-TASK_ARITHMETIC = _family(
-    "task_arithmetic", _Variant(None, False), normalize=False, rescale=False,
-    doc="Base plus a weighted sum of task vectors.",
-)
-TIES = _family(
-    "ties", _Variant("magnitude", True), normalize=True, rescale=False,
-    doc="Trim task vectors by magnitude, elect signs, average the agreeing entries.",
-)
-DARE_LINEAR = _family(
-    "dare_linear", _Variant("random", False), normalize=False, rescale=True,
-    doc="Randomly drop task-vector entries, rescale, and sum.",
-)
-DARE_TIES = _family(
-    "dare_ties", _Variant("random", True), normalize=False, rescale=True,
-    doc="Randomly drop task-vector entries, rescale, and combine with TIES' sign consensus.",
-)
+# the four configurations, named by their declarations (``declarations.py``)
+task_arithmetic_kernel = _make_kernel(_Variant(None, False))
+ties_kernel = _make_kernel(_Variant("magnitude", True))
+dare_linear_kernel = _make_kernel(_Variant("random", False))
+dare_ties_kernel = _make_kernel(_Variant("random", True))

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from evomerge.merge.lora import LORA_COMPOSE
+from evomerge.merge.declarations import LORA_COMPOSE
 from evomerge.space.merge_space import Recipe
 from evomerge.workers.materializer import Materializer
 

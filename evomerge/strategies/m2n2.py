@@ -30,7 +30,6 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from evomerge.records import Candidate, Evaluation
@@ -145,9 +144,9 @@ class M2N2(Strategy):
         if self._gram is not None and options.mutation > 0:
             raise ValueError("mutation needs weights in the archive; seed recipes only combine the seeds")
         self._rng = np.random.default_rng(seed)
-        # Mutation noise from torch: numpy's normal sampler is ~3× slower, and a weight-space
-        # child needs one draw per parameter.
-        self._noise = torch.Generator().manual_seed(seed)
+        from evomerge.strategies.noise import MutationNoise  # torch, only once a run builds M2N2
+
+        self._noise = MutationNoise(seed)
         self._binary = True  # every score told so far is 0 or 1: capacities are 1
         self._negative = False  # some score was negative: examples are shifted by their worst
         self._pending = self._initial_genomes()
@@ -258,8 +257,7 @@ class M2N2(Strategy):
             split = int(self._rng.integers(0, a.size)) if opts.split_point else a.size
             child = split_point_slerp(a, b, split, float(self._rng.random()))
         if opts.mutation > 0:
-            noise = torch.empty(child.size, dtype=torch.float32).normal_(0.0, opts.mutation, generator=self._noise)
-            child += noise.numpy()
+            child += self._noise.sample(child.size, opts.mutation)
         if self.spec.bounded:
             # a discrete gene is bred as a continuous one, then snapped to its bin's centre
             child = self.spec.snap(np.clip(child, 0.0, 1.0, out=child))
@@ -305,7 +303,7 @@ class M2N2(Strategy):
     def _state(self) -> Any:
         return {
             "rng": self._rng.bit_generator.state,
-            "noise": self._noise.get_state().numpy(),
+            "noise": self._noise.state(),
             "binary": self._binary,
             "negative": self._negative,
             "pending": list(self._pending),
@@ -316,7 +314,7 @@ class M2N2(Strategy):
 
     def _load_state(self, state: Any) -> None:
         self._rng.bit_generator.state = state["rng"]
-        self._noise.set_state(torch.from_numpy(np.array(state["noise"], dtype=np.uint8)))
+        self._noise.set_state(state["noise"])
         self._binary = state["binary"]
         self._negative = state["negative"]
         self._pending = list(state["pending"])

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from evomerge.errors import ModelMismatchError
-from evomerge.merge import MergeMethod, ResidentTensor, TensorContext
-from evomerge.merge.resident import Scratch, combine_
+from evomerge.merge import MergeMethod
+from evomerge.merge.kernel import TensorContext
+from evomerge.merge.resident import ResidentTensor, Scratch, combine_
 from evomerge.space.merge_space import Recipe
 from evomerge.space.seed_recipes import PiecewiseRecipe, check_split_grid, split_grid_edges
 

@@ -20,7 +20,7 @@ import torch
 from evomerge.errors import ModelLoadError, UserError
 from evomerge.fitness import per_example_scores, resolve_fitness, with_options
 from evomerge.fitness.data import load_examples
-from evomerge.merge.linear import LINEAR
+from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import (
     ADAPTER_CONFIG,

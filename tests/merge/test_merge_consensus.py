@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge import MERGE_METHODS, ResidentTensor
+from evomerge.merge import MERGE_METHODS
+from evomerge.merge.resident import ResidentTensor
 
 BASE = torch.tensor([0.5, 0.5, 0.5, 0.5])
 TAUS = torch.tensor([[1.0, 0.0, 2.0, -1.0], [1.0, 3.0, -1.0, 0.0]])

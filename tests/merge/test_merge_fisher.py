@@ -8,7 +8,8 @@ import torch
 
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
-from evomerge.merge import MERGE_METHODS, ResidentTensor
+from evomerge.merge import MERGE_METHODS
+from evomerge.merge.resident import ResidentTensor
 from evomerge.space.merge_space import Space
 
 

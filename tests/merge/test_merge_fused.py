@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 
-from evomerge.merge import MERGE_METHODS, ResidentTensor, fused
+from evomerge.merge import MERGE_METHODS, fused
+from evomerge.merge.resident import ResidentTensor
 from evomerge.merge.fused import FusedKernel
-from evomerge.merge.method import TensorContext
+from evomerge.merge.kernel import TensorContext
 
 N = 70_001  # rows above FUSED_MIN_NUMEL, not a multiple of any vector width or of the scan block
 WEIGHTS = [0.7, 1.3, 0.4]

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from evomerge.merge import MERGE_METHODS, ResidentTensor
+from evomerge.merge import MERGE_METHODS
+from evomerge.merge.resident import ResidentTensor
 
 
 def resident(experts: list[torch.Tensor], base: torch.Tensor | None = None, name: str = "w") -> ResidentTensor:

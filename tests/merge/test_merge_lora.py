@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.merge import MERGE_METHODS, ResidentTensor
+from evomerge.merge import MERGE_METHODS
+from evomerge.merge.resident import ResidentTensor
 from evomerge.space.merge_space import Space
 
 A_NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evomerge.merge import MERGE_METHODS, ResidentTensor
+from evomerge.merge import MERGE_METHODS
+from evomerge.merge.resident import ResidentTensor
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

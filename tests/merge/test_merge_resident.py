@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import ResidentTensor
-from evomerge.merge.resident import MAGNITUDE_SAMPLE, chunk_bounds, combine_
+from evomerge.merge.resident import MAGNITUDE_SAMPLE, ResidentTensor, chunk_bounds, combine_
 
 
 def kth_largest_magnitude(x: torch.Tensor, k: int) -> float:

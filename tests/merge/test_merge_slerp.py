@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.merge import MERGE_METHODS, ResidentTensor
+from evomerge.merge import MERGE_METHODS
+from evomerge.merge.resident import ResidentTensor
 from evomerge.space.merge_space import Space
 from evomerge.strategies.m2n2 import split_point_slerp
 
