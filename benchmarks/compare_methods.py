@@ -51,7 +51,7 @@ from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig, config_from_dict
 from evomerge.fitness.data import load_examples
 from evomerge.merge import MERGE_METHODS
-from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
+from evomerge.models.zoo.digits_mlp import DigitsMLP, DigitsMLPConfig, register
 from evomerge.models.loading import quiet_transformers
 from evomerge.space.merge_space import Space
 from evomerge.strategies import STRATEGIES, make_strategy
@@ -118,7 +118,7 @@ def digits_setting(root: Path, seed: int) -> RunConfig:
 def tiny_lm_setting(root: Path, seed: int) -> RunConfig:
     """The LM demo's base and specialists, with per-skill fitness rows and Fisher data."""
     from evomerge import demo_lm
-    from evomerge.models.tiny_lm import skill_examples
+    from evomerge.models.zoo.tiny_lm import skill_examples
 
     data = root / "data"
     fitness = {"name": "exact_match", "options": {"batch_size": 64, "max_new_tokens": 8, "answer_regex": r"^\s*(\S+)"},

@@ -6,7 +6,7 @@ Usage::
                                            [--threads T]
 
 Built here (random weights, nothing downloaded): a Llama-architecture base (hidden 768, 12 layers,
-intermediate 3072, the character tokenizer of ``evomerge.models.tiny_lm``: ~113 M parameters)
+intermediate 3072, the character tokenizer of ``evomerge.models.zoo.tiny_lm``: ~113 M parameters)
 and three experts ``base + 0.01 · noise``, saved with ``save_pretrained`` in a temporary directory.
 A ``WhiteBoxWorker`` loads them the way a run does (the base resident, three task vectors, one working
 model) for a ``task_arithmetic`` search with one weight per expert per layer.
@@ -80,7 +80,7 @@ def copy_bandwidth(device: torch.device, mib: int = 256, repeats: int = 5) -> fl
 
 
 def build_models(root: Path, hidden: int, layers: int) -> None:
-    from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
+    from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 
     tokenizer = build_tokenizer()
     base = tiny_llama(tokenizer, hidden=hidden, layers=layers, heads=hidden // 64, intermediate=4 * hidden, seed=0)
@@ -96,7 +96,7 @@ def build_models(root: Path, hidden: int, layers: int) -> None:
 
 
 def write_examples(path: Path) -> None:
-    from evomerge.models.tiny_lm import skill_examples
+    from evomerge.models.zoo.tiny_lm import skill_examples
 
     rows = skill_examples("addition", SCORED_EXAMPLES // 2, 0) + skill_examples("reversal", SCORED_EXAMPLES // 2, 0)
     path.write_text("".join(json.dumps({"prompt": r["prompt"], "target": r["target"]}) + "\n" for r in rows))

@@ -18,7 +18,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
 from evomerge.fitness.data import load_examples
 from evomerge.merge.declarations import LINEAR
-from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
+from evomerge.models.zoo.digits_mlp import DigitsMLP, DigitsMLPConfig, register
 from evomerge.models.loading import quiet_transformers
 from evomerge.records import Candidate
 from evomerge.space.merge_space import Space

@@ -18,7 +18,7 @@ import numpy as np
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError
 from evomerge.models.loading import quiet_transformers
-from evomerge.models.tiny_lm import build_tokenizer, skill_examples, tiny_llama, train_causal_lm
+from evomerge.models.zoo.tiny_lm import build_tokenizer, skill_examples, tiny_llama, train_causal_lm
 
 PREPARING = "training a tiny Llama base on a mix, then an addition and a reversal specialist…"
 TABLE_TITLE = "exact match on the mixed test set (addition and reversal)"

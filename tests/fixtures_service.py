@@ -35,7 +35,7 @@ def train_models(root: Path) -> dict[str, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from evomerge.models.tiny_lm import build_tokenizer, skill_examples, tiny_llama, train_causal_lm
+    from evomerge.models.zoo.tiny_lm import build_tokenizer, skill_examples, tiny_llama, train_causal_lm
 
     torch.set_num_threads(1)
     tokenizer = build_tokenizer()

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from evomerge.cli import main
-from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
+from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.store import RunStore
 
 ROWS = [{"prompt": "12+30=", "target": "42"}, {"prompt": "abc>", "target": "cba"}, {"prompt": "7+8=", "target": "15"}]

@@ -208,7 +208,7 @@ def test_sigint_stops_cleanly_with_a_checkpoint(tmp_path, digits_config, monkeyp
 
 
 def test_experts_with_different_shapes_are_refused(tmp_path, digits_config, digit_models, capsys):
-    from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig, register
+    from evomerge.models.zoo.digits_mlp import DigitsMLP, DigitsMLPConfig, register
 
     register()
     odd = tmp_path / "odd"

@@ -26,7 +26,7 @@ def quiet_transformers() -> None:
 
 
 def register_builtin_architectures() -> None:
-    from evomerge.models import digits_mlp
+    from evomerge.models.zoo import digits_mlp
 
     digits_mlp.register()
 

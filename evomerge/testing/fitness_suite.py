@@ -77,7 +77,7 @@ def features_inputs(n: int = 64, seed: int = 0) -> FitnessInputs:
 def text_inputs(n: int = 8, seed: int = 0) -> FitnessInputs:
     """An untrained character Llama and ``n`` addition rows with every field the built-ins read:
     ``prompt``, ``target``, and two ``choices`` with the right one's ``label``."""
-    from evomerge.models.tiny_lm import skill_examples
+    from evomerge.models.zoo.tiny_lm import skill_examples
 
     model, tokenizer = char_llama(seed)
     rows = [

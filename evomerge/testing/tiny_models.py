@@ -41,7 +41,7 @@ def random_state(layout: dict[str, tuple[int, ...]], seed: int, scale: float = 1
 
 def digits_classifier(seed: int = 0) -> torch.nn.Module:
     """An untrained 64 → 16 → 10 digits MLP in eval mode (the demo's architecture, smaller)."""
-    from evomerge.models.digits_mlp import DigitsMLP, DigitsMLPConfig
+    from evomerge.models.zoo.digits_mlp import DigitsMLP, DigitsMLPConfig
 
     torch.manual_seed(seed)
     return DigitsMLP(DigitsMLPConfig(hidden_sizes=[16])).eval()
@@ -49,7 +49,7 @@ def digits_classifier(seed: int = 0) -> torch.nn.Module:
 
 def char_llama(seed: int = 0) -> tuple[torch.nn.Module, Any]:
     """An untrained two-layer Llama and its character tokenizer, in eval mode."""
-    from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
+    from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 
     tokenizer = build_tokenizer()
     return tiny_llama(tokenizer, hidden=32, heads=2, seed=seed).eval(), tokenizer

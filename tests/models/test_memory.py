@@ -13,7 +13,7 @@ from evomerge.plan import RunPlan
 from evomerge.cli import main
 from evomerge.config import config_from_dict
 from evomerge.models import memory
-from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
+from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.workers.whitebox import WhiteBoxWorker
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from evomerge.models.tiny_lm import build_tokenizer
+from evomerge.models.zoo.tiny_lm import build_tokenizer
 
 
 @pytest.fixture(scope="module")

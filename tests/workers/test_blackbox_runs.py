@@ -15,7 +15,7 @@ from evomerge.plan import RunPlan
 from evomerge.records import Candidate
 from evomerge.config import config_from_dict
 from evomerge.errors import RunDirError
-from evomerge.models.tiny_lm import skill_examples
+from evomerge.models.zoo.tiny_lm import skill_examples
 from evomerge.records import Candidate
 from evomerge.runs import start_run
 from evomerge.store import RunStore

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from evomerge.config import config_from_dict
-from evomerge.models.tiny_lm import skill_examples
+from evomerge.models.zoo.tiny_lm import skill_examples
 from evomerge.plan import RunPlan
 from evomerge.testing.worker_suite import WorkerSuite
 

@@ -18,7 +18,7 @@ SKILLS = ("addition", "reversal")
 @pytest.fixture(scope="module")
 def tiny_lm_run(tmp_path_factory):
     """A base, two experts (the base nudged differently) and one data file per skill."""
-    from evomerge.models.tiny_lm import build_tokenizer, skill_examples, tiny_llama
+    from evomerge.models.zoo.tiny_lm import build_tokenizer, skill_examples, tiny_llama
 
     root = tmp_path_factory.mktemp("tiny-lm")
     tokenizer = build_tokenizer()

@@ -14,7 +14,7 @@ from evomerge.config import config_from_dict
 from evomerge.records import Candidate
 from evomerge.errors import ModelLoadError, ModelMismatchError
 from evomerge.workers.materializer import Materializer
-from evomerge.models.tiny_lm import build_tokenizer, tiny_llama
+from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.workers.whitebox import WhiteBoxWorker
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
