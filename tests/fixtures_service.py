@@ -140,7 +140,7 @@ def endpoint(request) -> Iterator[str]:
     """The benchmark's loopback endpoint (benchmarks/loopback_endpoint.py) in its own process,
     answering at once by the fault script the test passes as its parameter."""
     port = free_port()
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "loopback_endpoint.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "loopback_endpoint.py"
     proc = subprocess.Popen(
         [sys.executable, str(script), "--port", str(port), "--latency", "0", "--slow-seconds", "3", "--script", request.param],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -124,11 +124,11 @@ def test_exact_match_scores_the_last_number_of_each_generation(model, tokenizer,
     examples = [{"prompt": "Q", "target": "12"}, {"prompt": "R", "target": "12.5"}, {"prompt": "S", "target": "0"}]
     assert exact_match(model, tokenizer, examples).tolist() == [0.0, 0.0, 1.0]
     assert exact_match(model, tokenizer, examples, stop=["Q:"]).tolist() == [1.0, 1.0, 1.0]
-    assert exact_match(model, tokenizer, examples, answer_fn="test_fitness_lm:first_word").tolist() == [1.0, 1.0, 1.0]
+    assert exact_match(model, tokenizer, examples, answer_fn="test_lm:first_word").tolist() == [1.0, 1.0, 1.0]
 
 
 def first_word(text: str) -> str | None:
-    """An answer extractor plugin (referenced as ``test_fitness_lm:first_word``)."""
+    """An answer extractor plugin (referenced as ``test_lm:first_word``)."""
     words = text.split()
     return words[0] if words else None
 
