@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from evomerge.records import Candidate, Evaluation, Status, genome_hash
 from evomerge import plaindata
 from evomerge.budget import Budget, BudgetState
 from evomerge.errors import RunDirError
 from evomerge.executors import Executor
+from evomerge.records import Candidate, Evaluation, Status, genome_hash
 from evomerge.store import RunStore
 from evomerge.strategies import Strategy
 from evomerge.strategies.pareto import pareto_front

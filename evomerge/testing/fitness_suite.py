@@ -99,15 +99,8 @@ def _scores(fitness: FitnessFn, inputs: FitnessInputs) -> np.ndarray:
 
 
 class FitnessSuite:
-    """The fitness contract; subclass it and override ``fitness`` and ``inputs``."""
-
-    @pytest.fixture
-    def fitness(self) -> FitnessFn:
-        raise NotImplementedError("override the fitness fixture: fn(model, tokenizer, examples) -> scores")
-
-    @pytest.fixture
-    def inputs(self) -> FitnessInputs:
-        raise NotImplementedError("override the inputs fixture: FitnessInputs(model, tokenizer, examples)")
+    """The fitness contract. A subclass provides the fixtures ``fitness`` (``fn(model, tokenizer,
+    examples) -> scores``) and ``inputs`` (:class:`FitnessInputs`); pytest names a missing one."""
 
     def test_one_finite_score_per_example(self, fitness, inputs):
         scores = _scores(fitness, inputs)  # raises PluginError unless the shape is (n_examples,)

@@ -126,14 +126,11 @@ def _merged(setup: MergeSetup, recipe, chunk: int | None = None) -> dict[str, to
 
 
 class MergeMethodSuite:
-    """The merge-method properties; subclass it and override ``merge_case``."""
+    """The merge-method properties. A subclass provides the ``merge_case`` fixture
+    ``(method, n_models, with_base)``; pytest names it as missing if it does not."""
 
     random_methods: frozenset[str] = RANDOM_METHODS
     adapter_methods: frozenset[str] = ADAPTER_METHODS
-
-    @pytest.fixture
-    def merge_case(self) -> MergeCase:
-        raise NotImplementedError("override the merge_case fixture: (method, n_models, with_base)")
 
     def build_setup(self, case: MergeCase, dtype: torch.dtype = torch.float32) -> MergeSetup:
         method, n_models, with_base = case

@@ -69,11 +69,8 @@ def drain(strategy: Strategy, n_evals: int, rng: np.random.Generator, shuffle: b
 
 
 class StrategySuite:
-    """The strategy contract; subclass it and override ``new_strategy``."""
-
-    @pytest.fixture
-    def new_strategy(self) -> StrategyFactory:
-        raise NotImplementedError("override the new_strategy fixture: (population, spec, seed) -> Strategy")
+    """The strategy contract. A subclass provides the ``new_strategy`` fixture, a factory
+    ``(population, spec, seed) -> Strategy``; pytest names it as missing if it does not."""
 
     @pytest.fixture
     def make(self, new_strategy: StrategyFactory) -> Callable[..., Strategy]:
