@@ -63,17 +63,16 @@ class Worker(ABC):
             reason = f"{type(exc).__name__}: {exc}".strip()
             tb = traceback.format_exc(limit=3)
             self._failed(exc)
-            ev = Evaluation.failure(candidate_id, reason, self.worker_id, started, time.perf_counter() - t0)
-            ev.population = population
+            ev = Evaluation.failure(candidate_id, reason, self.worker_id, started, time.perf_counter() - t0, population)
             ev.metrics["traceback"] = tb
             return ev
         self._succeeded()
         duration = time.perf_counter() - t0
         fitness = float(np.mean(scores)) if len(scores) else math.nan
         if not math.isfinite(fitness):
-            ev = Evaluation.failure(candidate_id, "fitness is NaN or infinite", self.worker_id, started, duration)
-            ev.population = population
-            return ev
+            return Evaluation.failure(
+                candidate_id, "fitness is NaN or infinite", self.worker_id, started, duration, population
+            )
         return Evaluation(
             candidate_id=candidate_id,
             status="ok",
