@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
@@ -15,14 +16,14 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from evomerge.budget import Budget, pin_deadline
 from evomerge import run_identity
+from evomerge.budget import Budget, pin_deadline
 from evomerge.config import RunConfig, config_from_dict, load_config
 from evomerge.controller import Controller, Population, Progress, population_front
 from evomerge.errors import DiskError, RunChangedError, RunDirError
 from evomerge.executors import Executor, make_executor
 from evomerge.plan import RunPlan
-from evomerge.store import CONFIG_NAME, RunStore
+from evomerge.store import CONFIG_NAME, RunStore, disk_faults
 from evomerge.workers.jobs import ExpertBaselines, SeedResponses
 
 
@@ -91,10 +92,26 @@ class _JsonLines(logging.Formatter):
         return json.dumps(entry)
 
 
+class _RunLogFile(logging.FileHandler):
+    """``run.log``, whose lines are dropped with one warning once it cannot be written (a full
+    disk), instead of a traceback per line: the run store, which names the fault itself when it
+    cannot write, is what a resume needs; the log is for reading."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._broken = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self._broken:
+            self._broken = True
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); the run goes on without it\n")
+
+
 @contextmanager
 def run_log(run_dir: Path) -> Iterator[None]:
     """Everything evomerge logs during a session, as JSON lines appended to ``run.log``."""
-    handler = logging.FileHandler(Path(run_dir) / LOG_NAME)
+    with disk_faults(Path(run_dir)):
+        handler = _RunLogFile(Path(run_dir) / LOG_NAME)
     handler.setFormatter(_JsonLines())
     console = logging.StreamHandler()  # warnings (lost workers, timeouts) still reach the terminal
     console.setLevel(logging.WARNING)

@@ -142,6 +142,8 @@ def _disk_fault(run_dir: Path, exc: BaseException) -> UserError | None:
         return DiskError(f"{run_dir}: the disk is full ({exc.strerror}: {exc.filename}); {kept('free some space')}")
     if isinstance(exc, OSError) and exc.errno == errno.EIO:
         return DiskError(f"{run_dir}: disk I/O error ({exc.strerror}: {exc.filename}); {kept('check the disk')}")
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return RunDirError(f"{run_dir}: cannot write there ({exc.strerror}: {exc.filename}); a run needs a writable run directory")
     return None
 
 
@@ -410,10 +412,9 @@ class RunStore:
     def started_config_yaml(self) -> str | None:
         """The resolved config the run started with; None in a run directory written before it
         was kept (its config.yaml is then the only copy)."""
-        try:
-            row = self._db.execute("SELECT config_yaml FROM started_config").fetchone()
-        except sqlite3.OperationalError:  # an older run directory opened read-only: no such table
-            return None
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'started_config'").fetchone():
+            return None  # an older run directory opened read-only
+        row = self._db.execute("SELECT config_yaml FROM started_config").fetchone()
         return None if row is None else row["config_yaml"]
 
     def populations(self) -> list[dict[str, Any]]:

@@ -213,3 +213,24 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, digits_config, capsys):
     assert main(["run", str(digits_config()), "--run-dir", str(path)]) == 2
     assert f"{path} is a file, not a directory" in one_line_error(capsys)
     assert path.read_text() == "notes\n"
+
+
+def test_a_run_log_the_disk_cannot_take_is_one_warning(tmp_path, capsys):
+    import errno
+    import logging
+
+    class FullDisk:
+        def write(self, text: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+    with runs.run_log(tmp_path):
+        handler = next(h for h in logging.getLogger("evomerge").handlers if isinstance(h, logging.FileHandler))
+        handler.stream.close()
+        handler.stream = FullDisk()
+        for i in range(3):
+            logging.getLogger("evomerge.controller").info("evaluation %d", i)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: cannot write {tmp_path / 'run.log'}") and "No space" in err, err
