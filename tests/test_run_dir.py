@@ -59,7 +59,7 @@ def edit_run_config(run_dir: Path, edit) -> None:
 
 # --- one writer ----------------------------------------------------------------------------------
 def test_a_second_writer_is_refused_naming_the_holder_and_readers_need_no_lock(tmp_path, digits_config, capsys):
-    run_dir = stopped_run(digits_config, tmp_path, capsys)
+    run_dir = stopped_run(digits_config, tmp_path, capsys, budget={"evaluations": 6})
     before = run_info(run_dir)
     holder = RunStore(run_dir)  # another session's writer (flock is per open file: same process is enough)
     try:
@@ -72,7 +72,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_readers_need_no_lock(t
         holder.close()
     assert run_info(run_dir) == before  # the refused writer wrote nothing
     assert main(["resume", str(run_dir), *NO_DEADLINE]) == 0  # released: the next writer goes ahead
-    assert len(candidate_ids(run_dir)) == 24
+    assert len(candidate_ids(run_dir)) == 6
 
 
 def test_two_runs_started_at_once_on_one_directory_leave_one_finished_run(tmp_path, digits_config, monkeypatch):
