@@ -129,7 +129,7 @@ def _disk_fault(run_dir: Path, exc: BaseException) -> UserError | None:
         return f"every recorded evaluation is kept: {action}, then evomerge resume {run_dir}"
 
     if isinstance(exc, sqlite3.Error):
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
         if code == sqlite3.SQLITE_FULL:
             return DiskError(f"{run_dir}: the disk is full ({exc}); {kept('free some space')}")
         if code == sqlite3.SQLITE_IOERR:
@@ -142,6 +142,8 @@ def _disk_fault(run_dir: Path, exc: BaseException) -> UserError | None:
         return DiskError(f"{run_dir}: the disk is full ({exc.strerror}: {exc.filename}); {kept('free some space')}")
     if isinstance(exc, OSError) and exc.errno == errno.EIO:
         return DiskError(f"{run_dir}: disk I/O error ({exc.strerror}: {exc.filename}); {kept('check the disk')}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOTDIR:
+        return RunDirError(f"{run_dir}: part of the path is a file, not a directory; choose another run directory")
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return RunDirError(f"{run_dir}: cannot write there ({exc.strerror}: {exc.filename}); a run needs a writable run directory")
     return None
@@ -192,9 +194,11 @@ class RunDirLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # still holding it: nobody reads a stale holder
-            os.close(self._fd)  # closing the file releases the lock
-            self._fd = None
+            fd, self._fd = self._fd, None
+            try:
+                os.ftruncate(fd, 0)  # while still holding it: nobody reads a stale holder
+            finally:
+                os.close(fd)  # closing the file releases the lock
 
 
 class RunStore:

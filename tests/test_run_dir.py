@@ -212,6 +212,8 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, digits_config, capsys):
     path.write_text("notes\n")
     assert main(["run", str(digits_config()), "--run-dir", str(path)]) == 2
     assert f"{path} is a file, not a directory" in one_line_error(capsys)
+    assert main(["run", str(digits_config()), "--run-dir", str(path / "run")]) == 2
+    assert "part of the path is a file" in one_line_error(capsys)
     assert path.read_text() == "notes\n"
 
 
