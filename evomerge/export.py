@@ -33,7 +33,6 @@ CARD_NAME = "README.md"
 def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     """Save the best candidate of the run in ``run_dir`` to ``out`` (created; must be empty)."""
     from evomerge.runs import load_run_config
-    from evomerge.workers.whitebox import WhiteBoxWorker
 
     store = RunStore(run_dir, readonly=True)
     try:
@@ -48,6 +47,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} exists and is not empty; choose another --out")
+    from evomerge.workers.whitebox import WhiteBoxWorker  # torch: only once there is something to export
     plan = RunPlan.from_config(config)
     worker = WhiteBoxWorker(plan, worker_id="export")
     candidate = Candidate(best.candidate_id, best.population, best.genome)
