@@ -277,7 +277,10 @@ class RunPlan:
             return
         from evomerge.models.loading import resolve_device
 
-        resolve_device(config.models.device)
+        try:
+            resolve_device(config.models.device)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
 
     def space(self, tensor_names: Sequence[str]) -> "Space":
         """The merge space over tensors of these names (every process builds the same one)."""

@@ -45,12 +45,13 @@ def test_an_unreadable_config(tmp_path, capsys):
         path.chmod(0o600)
 
 
-def test_a_truncated_expert_weights_file_is_named(tmp_path, digits_config, digit_models, capsys):
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["truncated", "empty"])
+def test_a_truncated_expert_weights_file_is_named(tmp_path, digits_config, digit_models, capsys, keep):
     """safetensors' own "incomplete metadata" names no file; the message must."""
     broken = tmp_path / "broken-expert"
     shutil.copytree(digit_models["high"], broken)
     weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    weights.write_bytes(weights.read_bytes()[: int(weights.stat().st_size * keep)])
     path = digits_config(
         models={"base": str(digit_models["base"]), "experts": [str(digit_models["low"]), str(broken)], "device": "cpu"}
     )

@@ -41,11 +41,11 @@ def resolve_device(device: str) -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             why = (
-                "no CUDA device is visible (a Ray worker sees GPUs only with workers.gpus_per_worker > 0)"
+                "no CUDA device is visible here (a Ray worker sees GPUs only with workers.gpus_per_worker > 0)"
                 if torch.backends.cuda.is_built()
-                else "this torch is built without CUDA"
+                else "the torch installed here is built without CUDA"
             )
-            raise ConfigError(f"models.device is '{device}' but {why} here; use 'auto' or 'cpu'")
+            raise ConfigError(f"models.device is '{device}' but {why}; use 'auto' or 'cpu'")
         if resolved.index is not None and resolved.index >= count:
             raise ConfigError(f"models.device is '{device}' but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
