@@ -170,3 +170,13 @@ def test_error_paths_that_need_no_model_import_no_torch(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("error: ") == 6
+
+
+def test_export_to_a_file_or_under_one_is_refused_before_loading(tmp_path, digits_config, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", str(digits_config(budget={"evaluations": 2})), "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    refused(capsys, ["export", str(run_dir), "--out", str(a_file)], str(a_file), "is a file")
+    refused(capsys, ["export", str(run_dir), "--out", str(a_file / "sub" / "out")], "cannot create")
