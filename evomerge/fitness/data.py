@@ -251,7 +251,9 @@ def read_examples(
     for name, values in (("inputs", x), ("labels", y)):
         bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
         if len(bad):
-            raise ConfigError(f"fitness data '{source}': '{name}' holds NaN or inf ({len(bad)} examples, the first at index {bad[0]})")
+            raise ConfigError(
+                f"fitness data '{source}': '{name}' holds NaN or inf ({len(bad)} examples, the first at index {bad[0]})"
+            )
     return {"inputs": x, "labels": y}
 
 
