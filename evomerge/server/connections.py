@@ -34,6 +34,8 @@ BACKLOG = 32
 
 @dataclass(frozen=True)
 class ConnectionLimits:
+    """What one connection may hold (seconds) and how many may be open; tests set small ones."""
+
     head_timeout: float = HEAD_TIMEOUT_S
     keep_alive: int = KEEP_ALIVE_S
     """uvicorn's ``timeout_keep_alive``: an idle connection after a response closes sooner."""

@@ -80,7 +80,7 @@ def test_a_symlinked_adapter_file_is_not_read(service, auth, tiny_models, outsid
         assert "symbolic link" in r.json()["error"]["message"]
 
 
-def test_unreadable_adapters_of_the_root_are_skipped_at_start_with_a_warning(tiny_models, outside, tmp_path, caplog):
+def test_unreadable_adapters_of_the_root_are_skipped_at_start_with_a_warning(tiny_models, host, outside, tmp_path, caplog):
     from evomerge.server.model_host import ModelHost
 
     root = tmp_path / "root"
@@ -98,8 +98,11 @@ def test_unreadable_adapters_of_the_root_are_skipped_at_start_with_a_warning(tin
     (layout / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
 
     with caplog.at_level(logging.WARNING, logger="evomerge.server"):
-        host = ModelHost(str(tiny_models["base"]), "tiny-base", root)
-    assert list(host.adapters) == ["addition"]
+        started = ModelHost(str(tiny_models["base"]), "tiny-base", root)
+    assert list(started.adapters) == ["addition"]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad(), started.running("addition") as model, host.running("addition") as reference:
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     skipped = " ".join(r.getMessage() for r in caplog.records)
     for name, why in [("broken", "cannot be read"), ("linked", "symbolic link"), ("escaped", "outside"),
                       ("aaa-other-layout", "layout")]:
