@@ -281,7 +281,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from evomerge.server.app import serve
 
-    serve(args.model, args.adapters, args.host, args.port, args.served_model_name)
+    serve(args.model, args.adapters, args.host, args.port, args.served_model_name, args.max_loras)
     return 0
 
 
@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="name clients use for the base (default: --model as given)")
+    p.add_argument(
+        "--max-loras", type=int, help="adapters /v1/load_lora_adapter keeps loaded at once; unloading frees one (default 16)"
+    )
     p.set_defaults(fn=cmd_serve)
     return parser
 

@@ -99,12 +99,15 @@ def service(tiny_models) -> Iterator[str]:
 
 
 @contextmanager
-def app_in_thread(app) -> Iterator[str]:
-    """An ASGI app served by uvicorn on 127.0.0.1 in a thread of this process."""
+def app_in_thread(app, limits=None) -> Iterator[str]:
+    """An ASGI app served on 127.0.0.1 in a thread of this process, under the service's uvicorn
+    configuration (``evomerge.server.connections``; ``limits``: its ``ConnectionLimits``)."""
     import uvicorn
 
+    from evomerge.server.connections import ConnectionLimits, server_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, limits or ConnectionLimits()))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

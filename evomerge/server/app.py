@@ -1,8 +1,9 @@
 """The reference model service: a base model and LoRA adapters behind OpenAI-compatible routes.
 
 ``evomerge serve --model DIR_OR_HUB_ID [--adapters DIR] [--host 127.0.0.1] [--port N]
-[--served-model-name NAME]`` (flags as vLLM names them; the bearer token comes from the environment
-variable ``EVOMERGE_SERVE_TOKEN``). It implements the two black-box service levels evomerge drives:
+[--served-model-name NAME] [--max-loras N]`` (flags as vLLM names them; the bearer token comes
+from the environment variable ``EVOMERGE_SERVE_TOKEN``). It implements the two black-box service
+levels evomerge drives:
 
 * the merge service of Evo-Merging (Chen et al., arXiv 2509.12951; the authors' routes):
   ``POST /v1/sessions``, ``/v1/sessions/{id}/materialize`` and ``/v1/sessions/{id}/evaluate`` with
@@ -12,26 +13,31 @@ variable ``EVOMERGE_SERVE_TOKEN``). It implements the two black-box service leve
 * vLLM's runtime LoRA: ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``;
 
 plus ``/v1/models``, ``/v1/completions`` (see ``completion_engine``) and ``/health``. Errors use
-OpenAI's shape ``{"error": {"message", "type", "code"}}``. Requests run one at a time on one
-thread; when more than ``max_pending`` wait, new ones get 429 with ``Retry-After``. Bodies over
-``max_request_bytes`` get 413. It binds 127.0.0.1 unless told otherwise.
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, a bug's too (500, logged, the
+request not echoed). Requests run one at a time on one thread. Before a body is read, ``gate.Gate``
+checks the token (401), the size (413) and how many requests are in progress (429); the request
+models then bound every value the models compute with (temperatures, seeds, coefficients, text),
+so a valid-JSON request the server cannot honour is a 4xx. ``connections`` bounds what idle and
+slow connections hold. It binds 127.0.0.1 unless told otherwise.
 """
 
 
 import asyncio
-import hmac
+import logging
+import math
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import UserError
-from evomerge.server.completion_engine import SamplingParams, complete
-from evomerge.server.model_host import ModelHost, ServiceError
+from evomerge.server.completion_engine import NON_FINITE, SamplingParams, complete
+from evomerge.server.gate import INTERNAL_ERROR, Gate, error_body
+from evomerge.server.model_host import MAX_LORAS, ModelHost, ServiceError
 
 TOKEN_ENV = "EVOMERGE_SERVE_TOKEN"
 MAX_REQUEST_BYTES = 1 << 20
@@ -43,19 +49,36 @@ MAX_PENDING = 64
 MAX_STOP = 4
 """Stop strings per request, as in the OpenAI reference."""
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-}
+BODY_TIMEOUT_S = 30.0
+"""A request body must arrive whole within this (408 otherwise)."""
+MIN_TEMPERATURE = 0.01
+"""Below this (and above 0, greedy) logits / temperature overflow; vLLM warns at the same bound."""
+MIN_TOP_P = 1e-5
+"""vLLM's sampling epsilon; a smaller nucleus rounds to nothing in float32."""
+MAX_COEFFICIENT = 1e3
+"""|α| and |β| of a merge session; lora_compose searches β in [-1.5, 1.5] and clamps α to [0, 1]."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What ``torch.Generator.manual_seed`` accepts."""
+MAX_NAME = 256
+MAX_PATH = 4096
 
 
 class ServeError(UserError):
     """The service cannot start as asked (no token, no adapter directory): the message says why."""
+
+
+def _unicode(text: str) -> str:
+    """``text`` if it can be encoded (JSON's ``"\\ud800"`` decodes to a lone surrogate, which cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Name = Annotated[str, Field(max_length=MAX_NAME), AfterValidator(_unicode)]
+Coefficient = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT)]
 
 
 class _Body(BaseModel):
@@ -63,23 +86,30 @@ class _Body(BaseModel):
 
 
 class CompletionRequest(_Body):
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    model: Name
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int = Field(default=16, ge=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, ge=MIN_TOP_P, le=1.0)
     n: int = 1
     stream: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     # fields of the reference this server does not implement: refused unless left at their defaults
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_stable(cls, value: float) -> float:
+        if 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
     def unsupported(self) -> list[str]:
         """The fields set to something this server would otherwise silently ignore."""
@@ -91,82 +121,31 @@ class CompletionRequest(_Body):
 
 
 class LoadLoraRequest(_Body):
-    lora_name: str
-    lora_path: str
+    lora_name: Name
+    lora_path: Annotated[str, Field(max_length=MAX_PATH), AfterValidator(_unicode)]
     load_inplace: bool = False
 
 
 class UnloadLoraRequest(_Body):
-    lora_name: str
+    lora_name: Name
     lora_int_id: int | None = None
 
 
 class Example(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    prompt: str
-    target: str
+    prompt: Text
+    target: Text
 
 
 class SessionRequest(_Body):
-    adapters: list[str] | None = Field(default=None, description="adapters of the session (default: all in the root)")
+    adapters: list[Name] | None = Field(default=None, description="adapters of the session (default: all in the root)")
     examples: list[Example] = Field(default_factory=list, description="the validation data /evaluate scores")
 
 
 class CoefficientsRequest(_Body):
-    alpha: list[float]
-    beta: list[float]
-    tag: str | None = None
-
-
-def error_body(status: int, message: str, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "code": code}}
-
-
-class BodyLimit:
-    """ASGI middleware answering 413 to a body over ``max_bytes`` (declared, or as it streams in)."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        from starlette.responses import JSONResponse
-
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = JSONResponse(
-            error_body(413, f"The request body exceeds {self.max_bytes} bytes.", "request_too_large"), status_code=413
-        )
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await too_large(scope, receive, send)
-            return
-        received = 0
-        started = False
-
-        async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await too_large(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+    alpha: list[Coefficient]
+    beta: list[Coefficient]
+    tag: Name | None = None
 
 
 def _prompts(host: ModelHost, prompt: Any) -> list[tuple[list[int], str]]:
@@ -263,6 +242,8 @@ def _evaluate(host: ModelHost, session_id: str, body: CoefficientsRequest) -> di
         except PluginError as exc:
             raise ServiceError(400, str(exc), "invalid_examples") from None
     losses = [-float(lp.mean()) for lp in logprobs]
+    if not all(math.isfinite(x) for x in losses):
+        raise ServiceError(400, f"The merge '{name}' gives non-finite losses; its coefficients are too large.", NON_FINITE)
     return {"loss": sum(losses) / len(losses), "per_example_loss": losses, "model": name}
 
 
@@ -271,36 +252,21 @@ def create_app(
     token: str,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     max_pending: int = MAX_PENDING,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> Any:
-    """The FastAPI application over ``host``; every route but ``/health`` needs ``token``."""
-    from fastapi import Depends, FastAPI, Request
+    """The ASGI application over ``host``; every route but ``/health`` needs ``token``."""
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="evomerge model service", docs_url=None, redoc_url=None, openapi_url=None)
     lock = asyncio.Lock()
-    pending = 0
-    expected = f"Bearer {token}".encode()
-
-    def authorized(request: Request) -> None:
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            raise ServiceError(401, "Missing or invalid bearer token.", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
     async def run(fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the model thread, after the requests already waiting; 429 when too many wait."""
-        nonlocal pending
-        if pending >= max_pending:
-            raise ServiceError(
-                429, f"The server is busy ({pending} requests waiting); retry later.", "rate_limit_exceeded", {"Retry-After": "1"}
-            )
-        pending += 1
-        try:
-            async with lock:
-                return await asyncio.to_thread(fn)
-        finally:
-            pending -= 1
+        """Run ``fn`` on the model thread, after the requests already waiting (``Gate`` bounds how many)."""
+        async with lock:
+            return await asyncio.to_thread(fn)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -310,20 +276,24 @@ def create_app(
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(x) for x in first["loc"] if x != "body")
-        return JSONResponse(error_body(400, f"{where}: {first['msg']}" if where else first["msg"], "invalid_request"), status_code=400)
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return JSONResponse(error_body(400, message, "invalid_request", where or None), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         return JSONResponse(error_body(exc.status_code, str(exc.detail), code), status_code=exc.status_code)
 
-    guarded = [Depends(authorized)]
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # starlette raises the exception on after this answer; Gate logs it
+        return JSONResponse(error_body(500, INTERNAL_ERROR, "internal_error"), status_code=500)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
         data = [
@@ -332,38 +302,38 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> dict[str, Any]:
         return await run(lambda: _completions(host, body))
 
-    @app.post("/v1/load_lora_adapter", dependencies=guarded)
+    @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraRequest) -> PlainTextResponse:
         await run(lambda: host.load_adapter(body.lora_name, body.lora_path, body.load_inplace))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", dependencies=guarded)
+    @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraRequest) -> PlainTextResponse:
         await run(lambda: host.unload_adapter(body.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    @app.post("/v1/sessions", dependencies=guarded)
+    @app.post("/v1/sessions")
     async def create_session(body: SessionRequest) -> dict[str, Any]:
         examples = [e.model_dump() for e in body.examples]
         session = await run(lambda: host.create_session(body.adapters, examples))
         return {"session_id": session.id, "adapters": session.adapters, "model": host.base_name}
 
-    @app.post("/v1/sessions/{session_id}/materialize", dependencies=guarded)
+    @app.post("/v1/sessions/{session_id}/materialize")
     async def materialize(session_id: str, body: CoefficientsRequest) -> dict[str, Any]:
         def work() -> str:
             return host.materialize(host.session(session_id), body.alpha, body.beta, body.tag)
 
         return {"session_id": session_id, "model": await run(work), "tag": body.tag}
 
-    @app.post("/v1/sessions/{session_id}/evaluate", dependencies=guarded)
+    @app.post("/v1/sessions/{session_id}/evaluate")
     async def evaluate(session_id: str, body: CoefficientsRequest) -> dict[str, Any]:
         return await run(lambda: _evaluate(host, session_id, body))
 
-    return BodyLimit(app, max_request_bytes)
+    return Gate(app, token, max_request_bytes, max_pending, body_timeout)
 
 
 def serve(
@@ -372,18 +342,29 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     served_model_name: str | None = None,
+    max_loras: int | None = None,
 ) -> None:
     """Load the models and serve until interrupted (``evomerge serve``)."""
     import uvicorn
+
+    from evomerge.server.connections import server_config
 
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
         raise ServeError(f"set the environment variable {TOKEN_ENV} to the bearer token clients must send")
     if adapters is not None and not Path(adapters).is_dir():
         raise ServeError(f"--adapters: not a directory: {adapters}")
+    max_loras = MAX_LORAS if max_loras is None else max_loras
+    if max_loras < 0:
+        raise ServeError(f"--max-loras: must be 0 or more, not {max_loras}")
     from evomerge.models.loading import resolve_device
 
-    model_host = ModelHost(model, served_model_name or model, None if adapters is None else Path(adapters), str(resolve_device("auto")))
+    console = logging.StreamHandler()  # skipped adapters and the tracebacks of bugs, on stderr
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("evomerge").addHandler(console)
+    model_host = ModelHost(
+        model, served_model_name or model, None if adapters is None else Path(adapters), str(resolve_device("auto")), max_loras
+    )
     app = create_app(model_host, token)
     print(f"serving {model_host.base_name} and {len(model_host.adapters)} adapters on http://{host}:{port}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(server_config(app, host, port)).run()

@@ -9,6 +9,7 @@ the chosen one; ``text_offset`` is each token's character offset in the returned
 ``stop`` strings end the generation and are left out of the text, as are the tokens from the one
 that completes the stop string on. Log-probabilities are those of the model's own distribution;
 ``temperature`` and ``top_p`` only shape the sampling, which a ``seed`` makes reproducible.
+A model whose logits are not finite (a merge with huge coefficients) is refused, not sampled.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 
 import torch
 
+from evomerge.server.model_host import ServiceError
+
+NON_FINITE = "non_finite_output"
 DECODE_WINDOW = 6
 """Tokens of left context used to decode one token's text (enough for byte-level and sentencepiece
 tokenizers to render word-initial spaces and multi-byte characters), so decoding stays linear."""
@@ -62,6 +66,13 @@ def _top(tokenizer: Any, logprobs: torch.Tensor, k: int, chosen: int, chosen_tex
     return top
 
 
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` as log-probabilities, or a refusal when the model computed infinities or NaNs."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ServiceError(400, "The model gives non-finite logits for this prompt (a merge with too large coefficients?).", NON_FINITE)
+    return logits.float().log_softmax(-1)
+
+
 def _cache_name() -> str:
     """The KV-cache keyword and output field: ``cache`` in transformers ≥ 5.2x, ``past_key_values`` before."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -95,7 +106,7 @@ def complete(
     eos = tokenizer.eos_token_id
     cache = _cache_name()
     out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=params.max_tokens > 0)
-    prompt_logprobs = out.logits[0].float().log_softmax(-1)
+    prompt_logprobs = _finite(out.logits[0])
     past = getattr(out, cache)
     generated: list[int] = []
     generated_logprobs: list[torch.Tensor] = []
@@ -116,7 +127,7 @@ def complete(
         if len(generated) < params.max_tokens:
             step = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{cache: past})
             past = getattr(step, cache)
-            step_logprobs = step.logits[0, -1].float().log_softmax(-1)
+            step_logprobs = _finite(step.logits[0, -1])
     pieces = token_texts(tokenizer, generated)
     if finish == "stop" and params.stop:
         cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=len(text))

@@ -11,16 +11,23 @@ The base itself is served with the slot disabled.
 Adapters therefore share one LoRA layout (target modules and rank): the first adapter read fixes
 it, and one with another layout is refused with a message saying so. A different ``lora_alpha``
 is folded into B, so its scaling is exact. Only ``adapter_model.safetensors`` is ever read (never
-pickles), and every adapter path must resolve inside the adapter root.
+pickles), and every adapter path must resolve inside the adapter root; its two files are opened
+without following symbolic links (a link inside the root could point anywhere) and must be regular
+files. An adapter of the root that cannot be read is skipped at start with a warning naming it and
+why. Adapters loaded at run time are limited to ``max_loras`` (vLLM's flag), each being a full copy.
 
 Nothing here is thread-safe: the server runs every call on one thread at a time.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
+import os
 import re
+import stat
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
@@ -29,7 +36,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 
+from evomerge.errors import first_line
 from evomerge.merge.declarations import LORA_COMPOSE
 from evomerge.space.merge_space import Recipe
 from evomerge.workers.materializer import Materializer
@@ -43,6 +52,12 @@ MAX_SESSIONS = 16
 """Merge sessions kept at once; the least recently used is dropped (its client re-creates it)."""
 MAX_MERGES = 1024
 """Materialized merges kept at once (each is a few numbers); the least recently used is dropped."""
+MAX_LORAS = 16
+"""Adapters loaded at run time kept at once by default (``--max-loras``); unloading frees a slot."""
+MAX_CONFIG_BYTES = 1 << 20
+"""An ``adapter_config.json`` larger than this is refused (peft's are a few hundred bytes)."""
+
+log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -90,7 +105,14 @@ class MergeSession:
 class ModelHost:
     """The base model, its tokenizer and every adapter and merge the service can run."""
 
-    def __init__(self, model: str, served_model_name: str, adapter_root: Path | None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: str,
+        served_model_name: str,
+        adapter_root: Path | None,
+        device: str = "cpu",
+        max_loras: int = MAX_LORAS,
+    ) -> None:
         from evomerge.models.loading import load_model, load_tokenizer
 
         self.base_name = served_model_name
@@ -103,6 +125,7 @@ class ModelHost:
             raise ModelLoadError(f"'{model}' has no tokenizer; the service needs one to read prompts")
         self.max_positions = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)
         self.adapter_root = None if adapter_root is None else Path(adapter_root).resolve()
+        self.max_loras = max_loras
         self.peft = None  # the peft wrapper with the slot, made when the first adapter is read
         self._slot_scaling = 1.0
         self._slot_params: dict[str, torch.Tensor] = {}
@@ -111,61 +134,81 @@ class ModelHost:
         self.sessions: OrderedDict[str, MergeSession] = OrderedDict()
         self._merges: OrderedDict[str, str] = OrderedDict()  # merged model name -> session id
         if self.adapter_root is not None:
-            for path in sorted(p for p in self.adapter_root.iterdir() if (p / ADAPTER_CONFIG).is_file()):
-                if ADAPTER_NAME.match(path.name) and (path / ADAPTER_WEIGHTS).is_file():
-                    self.adapters[path.name] = self._read(path.name, path, "root")
+            self._read_root()
 
     # --- adapters -----------------------------------------------------------------------------
+    def _read_root(self) -> None:
+        """Every adapter directory of the root (one with an ``adapter_config.json``); one that
+        cannot be served is skipped with a warning, so one broken adapter does not stop the service."""
+        for path in sorted(self.adapter_root.iterdir()):
+            if not path.is_dir() or not os.path.lexists(path / ADAPTER_CONFIG):
+                continue
+            try:
+                if not ADAPTER_NAME.match(path.name):
+                    raise ServiceError(400, "its name is not letters, digits, '.', '_' or '-' (at most 128)", "invalid_name")
+                self.adapters[path.name] = self._read(path.name, self.confined(str(path)), "root")
+            except ServiceError as exc:
+                log.warning("skipping the adapter %s: %s", path, exc.message)
+
     def confined(self, path: str) -> Path:
         """``path`` (absolute, or relative to the adapter root) if it lies inside the root."""
         if self.adapter_root is None:
             raise ServiceError(400, "This server has no adapter root (start it with --adapters DIR).", "no_adapter_root")
-        candidate = Path(path)
-        resolved = (candidate if candidate.is_absolute() else self.adapter_root / candidate).resolve()
+        try:
+            candidate = Path(path)
+            resolved = (candidate if candidate.is_absolute() else self.adapter_root / candidate).resolve()
+        except (OSError, ValueError):  # a NUL byte, a name too long, a loop of links
+            raise ServiceError(400, "The adapter path is not a usable path.", "invalid_path") from None
         if not resolved.is_relative_to(self.adapter_root):
             raise ServiceError(400, "The adapter path lies outside the server's adapter root.", "path_outside_root")
         return resolved
 
     def _read(self, name: str, path: Path, source: str) -> Adapter:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        if not (path / ADAPTER_WEIGHTS).is_file():
-            raise ServiceError(
-                400, f"Adapter '{name}' has no {ADAPTER_WEIGHTS}; only safetensors adapters are served.", "not_safetensors"
-            )
         try:
-            config = json.loads((path / ADAPTER_CONFIG).read_text())
-            weights = load_file(str(path / ADAPTER_WEIGHTS), device=str(self.device))
-        except (OSError, ValueError) as exc:
-            raise ServiceError(400, f"Adapter '{name}' cannot be read: {exc}", "invalid_adapter") from None
-        if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
-            raise ServiceError(400, f"Adapter '{name}' is not a LoRA adapter.", "invalid_adapter")
-        if self.peft is None:
-            self._make_slot(config)
+            config = json.loads(_read_regular_file(name, path, ADAPTER_CONFIG, MAX_CONFIG_BYTES))
+            weights = load(_read_regular_file(name, path, ADAPTER_WEIGHTS, None))
+        except (ValueError, RecursionError, SafetensorError) as exc:
+            raise ServiceError(400, f"Adapter '{name}' cannot be read: {first_line(exc)}", "invalid_adapter") from None
+        scaling = _lora_config_scaling(name, config)
+        new_slot = self.peft is None
+        if new_slot:
+            self._make_slot(name, config)
         keys = set(self._slot_params)
         if set(weights) != keys or any(weights[k].shape != self._slot_params[k].shape for k in keys):
+            if new_slot:  # the slot was made from this adapter's config: leave none for the next one
+                self._drop_slot()
             raise ServiceError(
                 400,
                 f"Adapter '{name}' does not share the served adapters' LoRA layout (target modules and rank).",
                 "adapter_layout_mismatch",
             )
-        ratio = lora_scaling(config) / self._slot_scaling
-        for key, tensor in weights.items():
-            weights[key] = tensor.float() * ratio if ".lora_B." in key else tensor.float()
-        return Adapter(name, weights, source)
+        ratio = scaling / self._slot_scaling
+        return Adapter(name, {k: _as_slot_tensor(k, t, ratio, self.device) for k, t in weights.items()}, source)
 
-    def _make_slot(self, config: dict[str, Any]) -> None:
+    def _make_slot(self, name: str, config: dict[str, Any]) -> None:
         from peft import LoraConfig, get_peft_model
 
         known = set(LoraConfig.__dataclass_fields__)
-        lora = LoraConfig(**{k: v for k, v in config.items() if k in known and k not in ("peft_type", "auto_mapping")})
-        lora.inference_mode = True
-        self.peft = get_peft_model(self.base, lora, adapter_name=SLOT)
+        try:
+            lora = LoraConfig(**{k: v for k, v in config.items() if k in known and k not in ("peft_type", "auto_mapping")})
+            lora.inference_mode = True
+            self.peft = get_peft_model(self.base, lora, adapter_name=SLOT)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ServiceError(400, f"Adapter '{name}' has a LoRA config peft refuses: {first_line(exc)}", "invalid_adapter") from None
         self.peft.eval()
         self._slot_scaling = lora_scaling(config)
         self._slot_params = {
-            name.replace(f".{SLOT}.", "."): param.data for name, param in self.peft.named_parameters() if f".{SLOT}." in name
+            key.replace(f".{SLOT}.", "."): param.data for key, param in self.peft.named_parameters() if f".{SLOT}." in key
         }
+
+    def _drop_slot(self) -> None:
+        """Take the slot out of the base again (its layout came from an adapter that turned out broken)."""
+        self.base = self.peft.unload()
+        self.peft = None
+        self._slot_scaling = 1.0
+        self._slot_params = {}
 
     def load_adapter(self, name: str, path: str, replace: bool) -> None:
         """vLLM's ``/v1/load_lora_adapter``: read an adapter directory inside the root."""
@@ -173,6 +216,13 @@ class ModelHost:
             raise ServiceError(400, "lora_name must be letters, digits, '.', '_' or '-' (at most 128).", "invalid_name")
         if name == self.base_name or (name in self.adapters and not replace):
             raise ServiceError(400, f"The model '{name}' is already loaded.", "adapter_exists")
+        loaded = sum(1 for a in self.adapters.values() if a.source == "loaded")
+        if name not in self.adapters and loaded >= self.max_loras:
+            raise ServiceError(
+                400,
+                f"{loaded} adapters are loaded at run time, the most this server keeps (--max-loras); unload one first.",
+                "max_loras_reached",
+            )
         adapter = self._read(name, self.confined(path), "loaded")
         self.adapters[name] = adapter
         if self._active == name:
@@ -217,8 +267,6 @@ class ModelHost:
         n = len(session.adapters)
         if len(alpha) != n or len(beta) != n:
             raise ServiceError(400, f"alpha and beta need one value per adapter of the session ({n}).", "invalid_coefficients")
-        if not all(math.isfinite(x) for x in [*alpha, *beta]):
-            raise ServiceError(400, "alpha and beta must be finite numbers.", "invalid_coefficients")
         if tag is not None and not TAG.match(tag):
             raise ServiceError(400, "tag must be letters, digits, '.', '_', ':' or '-' (at most 128).", "invalid_tag")
         name = f"{session.id}/{tag or len(session.merges)}"
@@ -278,3 +326,43 @@ class ModelHost:
             tensor_groups={key: 0 for key in self._slot_params},
         )
         session.materializer.apply(recipe)
+
+
+def _read_regular_file(adapter: str, directory: Path, name: str, limit: int | None) -> bytes:
+    """The bytes of ``directory/name``, opened without following a symbolic link and only if it
+    is a regular file (not a FIFO or device that would block or never end), at most ``limit``."""
+    try:
+        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        why = "only safetensors adapters are served" if name == ADAPTER_WEIGHTS else "it is not a peft adapter"
+        code = "not_safetensors" if name == ADAPTER_WEIGHTS else "invalid_adapter"
+        raise ServiceError(400, f"Adapter '{adapter}' has no {name}; {why}.", code) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ServiceError(
+                400, f"Adapter '{adapter}': {name} is a symbolic link; only regular files inside the root are read.", "path_outside_root"
+            ) from None
+        raise ServiceError(400, f"Adapter '{adapter}': {name} cannot be opened ({exc.strerror}).", "invalid_adapter") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ServiceError(400, f"Adapter '{adapter}': {name} is not a regular file.", "invalid_adapter")
+        if limit is not None and info.st_size > limit:
+            raise ServiceError(400, f"Adapter '{adapter}': {name} is over {limit} bytes.", "invalid_adapter")
+        return file.read()
+
+
+def _lora_config_scaling(adapter: str, config: Any) -> float:
+    """The scaling of a parsed ``adapter_config.json``, refusing anything that is not a LoRA config."""
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise ServiceError(400, f"Adapter '{adapter}' is not a LoRA adapter.", "invalid_adapter")
+    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if not (type(r) is int and r > 0 and type(alpha) in (int, float) and 0 < alpha < math.inf):
+        raise ServiceError(400, f"Adapter '{adapter}' needs a positive integer r and a positive finite lora_alpha.", "invalid_adapter")
+    return lora_scaling(config)
+
+
+def _as_slot_tensor(key: str, tensor: torch.Tensor, ratio: float, device: torch.device) -> torch.Tensor:
+    """A stored tensor as the slot holds it: float32 on the device, B scaled to the slot's scaling."""
+    tensor = tensor.to(device=device, dtype=torch.float32)
+    return tensor * ratio if ".lora_B." in key else tensor

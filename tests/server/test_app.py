@@ -130,7 +130,7 @@ def test_refusals_use_the_openai_error_shape(service, auth, body, status, code):
     r = post(service, "/v1/completions", body, auth)
     assert r.status_code == status
     error = r.json()["error"]
-    assert set(error) == {"message", "type", "code"} and error["code"] == code and error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code and error["message"]
 
 
 def test_runtime_lora_is_confined_to_the_adapter_root(service, auth, tiny_models):
