@@ -28,6 +28,11 @@ def _clock(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def _duration(seconds: float) -> str:
+    """A run's time in a summary line: seconds while short, else h:mm:ss like the progress clock."""
+    return f"{seconds:.1f}s" if seconds < 60 else _clock(seconds)
+
+
 def _progress_display(console=None):
     """A rich progress line that fits 80 columns: what the run is doing (starting Ray, loading
     models, scoring the experts, searching), evaluations, the overall best, busy workers, search
@@ -66,10 +71,10 @@ def _progress_display(console=None):
 
     def update(p) -> None:
         best = "-" if p.best is None else f"{p.best:.4f}"
-        if len(p.population_best) > 1:
-            progress.populations = "  " + "  ".join(
-                f"{name} {'-' if v is None else f'{v:.4f}'}" for name, v in p.population_best.items()
-            )
+        several = len(p.population_best) > 1
+        progress.populations = "  " + "  ".join(
+            f"{name} {'-' if v is None else f'{v:.4f}'}" for name, v in p.population_best.items()
+        ) if several else ""
         progress.update(
             task, description="searching", completed=p.evaluations, total=p.total, best=best,
             busy=f"{p.busy}/{p.workers}", clock=_clock(p.elapsed), left=_clock(p.time_left),
@@ -153,7 +158,7 @@ def _print_summary(summary: dict) -> int:
     """One line on how the run ended; the exit status: ``EXIT_CANNOT_SUCCEED`` for a run that
     stopped because it cannot succeed (its candidates all fail), else 0."""
     best = summary["best"]
-    times = f"search {_clock(summary['search_seconds'])}, wall {_clock(summary['wall_seconds'])}"
+    times = f"search {_duration(summary['search_seconds'])}, wall {_duration(summary['wall_seconds'])}"
     if summary["state"] == "failed":
         print(f"error: the search could not go on: {summary['stop_reason']} ({summary['evaluations']} evaluations, {times})",
               file=sys.stderr)
@@ -175,8 +180,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     best = status["best"]
     print(f"{status['name']} [{status['state']}] {status['run_dir']}")
     ev = status["evaluations"]
-    print(f"evaluations: {ev['total']} ({ev['failed']} failed); search {_clock(status['search_seconds'])},"
-          f" wall {_clock(status['wall_seconds'])}")
+    print(f"evaluations: {ev['total']} ({ev['failed']} failed); search {_duration(status['search_seconds'])},"
+          f" wall {_duration(status['wall_seconds'])}")
     print("best: " + ("-" if best is None else f"{best['fitness']:.4f} {best['candidate_id']}"))
     for pop in status["populations"]:
         fit = "-" if pop["best_fitness"] is None else f"{pop['best_fitness']:.4f}"

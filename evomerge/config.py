@@ -117,7 +117,7 @@ class WorkersConfig(_Strict):
     timeout: Literal["auto"] | Duration | None = "auto"
     # After a first SIGINT/SIGTERM the run stops asking and lets its evaluations finish for this
     # long; then (or at a second signal) it cancels them, checkpoints and exits, resumable.
-    grace_period: Duration = Field(default=120.0, ge=0)
+    grace_period: Duration = Field(default=120.0, gt=0)
     # Re-runs of a candidate whose worker died under it, before it is recorded as failed.
     max_retries: int = Field(default=2, ge=0)
     # Worker deaths in a row, with no evaluation finishing in between, that stop the run.

@@ -334,10 +334,11 @@ class Controller:
                 if since_checkpoint >= self.checkpoint_every:
                     self.checkpoint(time.time() - started)
                     since_checkpoint = 0
-        self.checkpoint(time.time() - started)
+        searching = time.time() - started
+        self.checkpoint(searching)
         resumable = stop_reason.startswith("signal") or stop_reason == "deadline reached"
         state = "failed" if self._failed else "interrupted" if resumable else "finished"
-        summary = self.summary(stop_reason, time.time() - started, state)
+        summary = self.summary(stop_reason, searching, state)
         self.store.set_state(state, summary)
         self._event("run_" + state, stop_reason)
         return summary
