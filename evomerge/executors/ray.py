@@ -37,6 +37,7 @@ import numpy as np
 from evomerge.config import RunConfig, WorkersConfig
 from evomerge.errors import UserError
 from evomerge.executors.base import Executor, Job, WorkerError, cancelled
+from evomerge.executors.ray_reaper import Reaper
 from evomerge.executors.timeouts import CandidateTimeout
 from evomerge.records import Candidate, Evaluation
 
@@ -121,7 +122,8 @@ class RayExecutor(Executor):
 
     Uses the Ray session this process already has (tests, a program that called ``ray.init``),
     else calls ``ray.init(workers.address)`` — which also joins the cluster of ``RAY_ADDRESS``, as
-    under ``ray job submit`` — and then owns the session: ``shutdown`` ends it. The constructor
+    under ``ray job submit`` — and then owns the session: ``shutdown`` ends it. A Ray it starts
+    on this machine is watched by a ``Reaper``, so none of its processes outlives this one. The constructor
     returns once every actor has loaded its models (and run ``setup``, as every replacement does
     too), so setup errors surface there.
     """
@@ -146,6 +148,7 @@ class RayExecutor(Executor):
         self._deaths_in_a_row = 0
         self.timeout = CandidateTimeout(self.settings.timeout)
         self._owns_ray = not ray.is_initialized()
+        self._reaper: Reaper | None = None
         self._ready = False  # set once the first pool is up: after that, a lost worker shrinks it
         started = time.perf_counter()
         local = self.settings.address is None and "RAY_ADDRESS" not in os.environ
@@ -158,6 +161,8 @@ class RayExecutor(Executor):
             except ConnectionError as exc:  # "auto" with no cluster running, an unreachable ray:// address
                 where = self.settings.address or os.environ.get("RAY_ADDRESS")
                 raise WorkerError(f"cannot join the Ray cluster at {where!r} (workers.address): {exc}") from None
+            if local:  # nothing of the Ray we start may outlive this process, even killed
+                self._reaper = Reaper(ray._private.worker._global_node.get_session_dir_path())
         try:
             resources = ray.cluster_resources()
             self.capacity = pool_size(self.settings, resources)
@@ -411,3 +416,6 @@ class RayExecutor(Executor):
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+        if self._reaper is not None:
+            self._reaper.close()
+            self._reaper = None
