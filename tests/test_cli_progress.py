@@ -66,3 +66,13 @@ def test_summary_and_status_report_search_and_wall_time_alike(tmp_path, digits_c
     assert summary["search_seconds"] == status["search_seconds"]
     assert abs(summary["wall_seconds"] - status["wall_seconds"]) < 1.0
     assert "elapsed_seconds" not in summary and "elapsed_seconds" not in status
+
+
+def test_a_run_names_its_phases_before_the_search(tmp_path, digits_config):
+    from evomerge.config import load_config
+    from evomerge.runs import start_run
+
+    phases: list[str] = []
+    config = load_config(digits_config(budget={"evaluations": 1}, score_experts=True))
+    start_run(config, "config.yaml", tmp_path / "r", on_phase=phases.append)
+    assert phases == ["loading models", "scoring the experts"]

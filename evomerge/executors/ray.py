@@ -48,6 +48,10 @@ POLL_SECONDS = 60.0
 with no deadline wakes up now and then and logs what it is still waiting for."""
 
 
+RAY_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
+"""The logger of Ray's "Token authentication is enabled for this Ray cluster" notice."""
+
+
 def pool_size(settings: WorkersConfig, resources: dict[str, float]) -> int:
     """Workers to start: ``count``, else as many as the cluster's CPUs (GPUs for GPU workers) hold."""
     if settings.count is not None:
@@ -154,8 +158,9 @@ class RayExecutor(Executor):
         local = self.settings.address is None and "RAY_ADDRESS" not in os.environ
         if self._owns_ray:
             on_phase(f"starting Ray ({os.cpu_count()} CPUs)" if local else "joining the Ray cluster")
-            if local:  # Ray's own default for a cluster it starts, chosen explicitly: no warning
-                os.environ.setdefault("RAY_AUTH_MODE", "token")
+            if local:  # Ray turns token auth on for a cluster it starts and logs a notice on every run,
+                # over the progress line; the notice is silenced, the authentication stays on
+                logging.getLogger(RAY_AUTH_NOTICE).setLevel(logging.ERROR)
             try:
                 ray.init(address=self.settings.address, include_dashboard=False, logging_level=logging.WARNING)
             except ConnectionError as exc:  # "auto" with no cluster running, an unreachable ray:// address
@@ -169,7 +174,7 @@ class RayExecutor(Executor):
             if self._owns_ray and local:
                 check_fits(self.settings, self.capacity, resources)  # a Ray we started on this machine never grows
                 self._check_memory()
-            on_phase(f"loading models on {self.capacity} workers")
+            on_phase(f"loading models on {self.capacity} worker{'s' if self.capacity != 1 else ''}")
             self._slots = [self._new_slot() for _ in range(self.capacity)]
             while any(slot.stage in ("scheduling", "loading") for slot in self._slots):
                 self._step()  # no candidates yet, so nothing finishes

@@ -68,32 +68,40 @@ def test_a_killed_driver_takes_its_session_processes_with_it_and_nothing_else(tm
 
 
 RAY_DRIVER = """
-import sys, time
+import os, sys, time
 import ray
 from evomerge.config import load_config
 from evomerge.executors import RayExecutor
-executor = RayExecutor(load_config(sys.argv[1]))
+executor = RayExecutor(load_config(sys.argv[1]), None, lambda text: print("phase:", text, flush=True))
 print(ray._private.worker._global_node.get_session_dir_path(), flush=True)
 time.sleep(120)
 """
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_driver_that_started_ray_leaves_no_ray_process(tmp_path, digits_config, data_file):
+def test_a_driver_that_starts_ray_says_so_quietly_and_leaves_nothing_when_killed(tmp_path, digits_config, data_file):
+    """Phases for the progress line, no auth notice over it (Ray's default, token auth, on a
+    clean HOME), and after a SIGKILL of the driver no process of its Ray session."""
     config = digits_config(
         executor="ray",
         workers={"count": 1, "cpus_per_worker": 0.5},
         fitness={"name": "classification_accuracy", "data": {"source": str(data_file)}},
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
-    driver = subprocess.Popen([sys.executable, "-c", RAY_DRIVER, str(config)], stdout=subprocess.PIPE, text=True, env=env)
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_AUTH_MODE", None)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", RAY_DRIVER, str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
+        phases = [driver.stdout.readline().strip() for _ in range(2)]
+        assert phases == [f"phase: starting Ray ({os.cpu_count()} CPUs)", "phase: loading models on 1 worker"]
         session = driver.stdout.readline().strip()
         assert session, "the driver could not start Ray"
         started = session_processes(session, {driver.pid})
         assert len(started) >= 3  # gcs, raylet, agents, the worker
         driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        _, err = driver.communicate(timeout=BOUND)
+        assert "Token authentication" not in err and (tmp_path / ".ray" / "auth_token").exists()
         assert until(lambda: not session_processes(session, set())), session_processes(session, set())
     finally:
         driver.kill()
