@@ -180,7 +180,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     best = status["best"]
     print(f"{status['name']} [{status['state']}] {status['run_dir']}")
     ev = status["evaluations"]
-    print(f"evaluations: {ev['total']} ({ev['failed']} failed); search {_duration(status['search_seconds'])},"
+    cancelled = f", {ev['cancelled']} cancelled" if ev["cancelled"] else ""
+    print(f"evaluations: {ev['total']} ({ev['failed']} failed{cancelled}); search {_duration(status['search_seconds'])},"
           f" wall {_duration(status['wall_seconds'])}")
     print("best: " + ("-" if best is None else f"{best['fitness']:.4f} {best['candidate_id']}"))
     for pop in status["populations"]:

@@ -245,6 +245,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             )
         best = store.best()
         total_ok = sum(c.get("ok", 0) for c in counts.values())
+        cancelled = sum(c.get("cancelled", 0) for c in counts.values())
         total = sum(sum(c.values()) for c in counts.values())
         return {
             "run_dir": str(Path(run_dir).resolve()),
@@ -254,7 +255,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             "updated": info["updated"],
             "wall_seconds": round(info["updated"] - info["created"], 3),
             "search_seconds": round(info["active_seconds"], 3),
-            "evaluations": {"total": total, "ok": total_ok, "failed": total - total_ok},
+            "evaluations": {"total": total, "ok": total_ok, "failed": total - total_ok - cancelled, "cancelled": cancelled},
             "budget": info["budget"],
             "best": None
             if best is None

@@ -220,6 +220,8 @@ def test_signals_cancel_a_hung_candidate_and_resume_does_not_start_with_it(
     store = RunStore(run_dir, readonly=True)
     assert store.run_info()["state"] == "interrupted" and store.checkpoints()[1] == 3
     store.close()
+    assert main(["status", str(run_dir)]) == 0
+    assert "evaluations: 3 (0 failed, 1 cancelled)" in capsys.readouterr().out
 
     calls["n"] = 10  # nothing hangs any more
     assert main(["resume", str(run_dir)]) == 0
