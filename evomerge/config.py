@@ -9,15 +9,25 @@ the file are relative to the file's directory, so a config and its models can mo
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, first_line
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -45,8 +55,48 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds, written in a config as a number or as ``"90s"``, ``"30m"``, ``"8h"``, ``"1h30m"``."""
 
 
+MAX_POPULATIONS = 100
+"""More populations than this is a typo (or a generated list gone wrong), not a search: each one
+builds a strategy and a codec before the first evaluation."""
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _ordered(bounds: tuple[float, float]) -> tuple[float, float]:
+    low, high = bounds
+    if not low < high:
+        raise ValueError(f"low must be below high, got [{low}, {high}]")
+    return bounds
+
+
+Bounds = Annotated[tuple[float, float], AfterValidator(_ordered)]
+"""A search range ``[low, high]`` of finite numbers, low first."""
+
+
+def _finite_leaves(value: Any, where: str = "") -> None:
+    """Refuse NaN and infinity anywhere in a free-form mapping of options (nested lists and maps
+    included): no option means them, and a NaN would only surface later as a failed candidate."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'}: {value} is not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite_leaves(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _finite_leaves(item, f"{where}.{i}")
+
+
+def _finite_options(value: dict[str, Any]) -> dict[str, Any]:
+    _finite_leaves(value)
+    return value
+
+
+Options = Annotated[dict[str, Any], AfterValidator(_finite_options)]
+"""Keyword arguments passed through to a function or a strategy; numbers in them must be finite."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No float in a config means NaN or infinity: refuse them where they are written.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ExpertRef(_Strict):
@@ -71,6 +121,13 @@ class ModelsConfig(_Strict):
             return [{"path": v} if isinstance(v, str) else v for v in value]
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"'{value}' is not a device (use auto, cpu, cuda, cuda:N or mps)")
+        return value
+
     def expert_labels(self) -> list[str]:
         return [e.name or Path(e.path).name or e.path for e in self.experts]
 
@@ -81,7 +138,7 @@ class MergeConfig(_Strict):
     layer_groups: int | None = Field(default=None, ge=1)
     search: list[str] | None = None
     fixed: dict[str, float] = Field(default_factory=dict)
-    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    bounds: dict[str, Bounds] = Field(default_factory=dict)
     init: dict[str, float] = Field(default_factory=dict)
     options: dict[str, bool] = Field(default_factory=dict)
 
@@ -96,7 +153,7 @@ class PopulationConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="letters, digits, _ . - (ids are name:number)")
     strategy: str = "cmaes"
     share: float = Field(default=1.0, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: Options = Field(default_factory=dict)
 
 
 class WorkersConfig(_Strict):
@@ -154,7 +211,7 @@ class FitnessConfig(_Strict):
     name: str = "classification_accuracy"
     data: DataConfig
     test_data: DataConfig | None = None
-    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the fitness function")
+    options: Options = Field(default_factory=dict, description="keyword arguments for the fitness function")
     # Named data sets scored like `data` and recorded as metrics of those names: per-task
     # objectives for nsga2 and map (`options: {objectives: [digits_low, digits_high]}`).
     tasks: dict[str, DataConfig] = Field(default_factory=dict)
@@ -279,7 +336,7 @@ class RunConfig(_Strict):
     score_experts: bool = True
     models: ModelsConfig
     merge: MergeConfig = Field(default_factory=MergeConfig)
-    populations: list[PopulationConfig] = Field(min_length=1)
+    populations: list[PopulationConfig] = Field(min_length=1, max_length=MAX_POPULATIONS)
     fitness: FitnessConfig
     budget: BudgetConfig
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
@@ -346,10 +403,16 @@ def config_from_dict(data: Any, source: str = "<config>", base_dir: Path | None 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run YAML; raises ``ConfigError`` with file and field on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give the config file (a .yaml) inside it")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:  # no permission, an I/O error
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or first_line(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML text file (it is not UTF-8 text)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -33,3 +33,16 @@ class PluginError(UserError):
 
 class InsufficientMemoryError(UserError):
     """The workers cannot hold the models the config names: the message gives the figures."""
+
+
+class RunDirInUseError(RunDirError):
+    """Another process writes the run directory (a run or resume holds its lock)."""
+
+
+class RunChangedError(RunDirError):
+    """The run directory's config.yaml no longer describes the search the run started."""
+
+
+class DiskError(UserError):
+    """The disk under a run directory is full or failing; what was recorded is kept, so the run
+    resumes once the disk is fixed."""

@@ -33,7 +33,6 @@ CARD_NAME = "README.md"
 def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     """Save the best candidate of the run in ``run_dir`` to ``out`` (created; must be empty)."""
     from evomerge.runs import load_run_config
-    from evomerge.workers.whitebox import WhiteBoxWorker
 
     store = RunStore(run_dir, readonly=True)
     try:
@@ -46,8 +45,9 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     if best is None:
         raise RunDirError(f"{run_dir}: no successful evaluation to export yet")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out} exists and is not empty; choose another --out")
+    _check_out(out)
+    from evomerge.workers.whitebox import WhiteBoxWorker  # torch: only once there is something to export
+
     plan = RunPlan.from_config(config)
     worker = WhiteBoxWorker(plan, worker_id="export")
     candidate = Candidate(best.candidate_id, best.population, best.genome)
@@ -82,6 +82,19 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         out.rmdir()
     shutil.move(str(tmp), str(out))
     return document
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a new or empty directory whose parent can be created, checked before the
+    models load (minutes for large ones)."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file; give a new or empty directory")
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(f"{out} exists and is not empty; choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"--out {out}: cannot create {out.parent}: {exc.strerror or exc}") from None
 
 
 def _mergekit_document(plan: RunPlan, worker, decoded) -> tuple[dict | None, str | None]:

@@ -11,13 +11,14 @@ mistake a run would, without loading a model.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from pydantic import ValidationError
 
-from evomerge.config import RunConfig, field_path
+from evomerge.config import DataConfig, RunConfig, field_path
 from evomerge.errors import ConfigError
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
@@ -91,6 +92,7 @@ class RunPlan:
                         f"merge.{field_name}",
                         f"'{key}' is not a parameter of {method.name} (it has: {', '.join(method.param_names)})",
                     )
+        self._check_fixed(method)
         for key in merge.options:
             if key not in method.option_names:
                 raise self._fail(
@@ -100,6 +102,19 @@ class RunPlan:
         if method.global_only and merge.granularity != "global":
             raise self._fail("merge.granularity", f"merge method '{method.name}' only supports granularity 'global'")
         return method
+
+    def _check_fixed(self, method: MergeMethod) -> None:
+        """A fixed value must lie in its parameter's range (``merge.bounds``, else the declared one),
+        as a searched one does: a merge never tried outside it is not known to mean anything."""
+        merge, n = self.config.merge, len(self.config.models.experts)
+        for name, value in merge.fixed.items():
+            low, high = merge.bounds.get(name, method.param(name).bounds_for(n))
+            if not low <= value <= high:
+                raise self._fail(
+                    f"merge.fixed.{name}",
+                    f"{value} lies outside the bounds [{low}, {high}] of {method.name}'s '{name}'"
+                    " (widen them in merge.bounds if you mean it)",
+                )
 
     def _check_models(self) -> None:
         method, models = self.method, self.config.models
@@ -183,6 +198,13 @@ class RunPlan:
         budgets = {p.name: int(total * p.share / total_share) for p in config.populations}
         for p in config.populations[: total - sum(budgets.values())]:
             budgets[p.name] += 1
+        starved = [name for name, budget in budgets.items() if budget < 1]
+        if starved:  # refused before any strategy is built: building them alone can take minutes
+            raise self._fail(
+                "budget.evaluations",
+                f"{total} evaluations shared among {len(budgets)} populations leave {len(starved)} of them"
+                f" ('{starved[0]}' first) without a single evaluation; raise budget.evaluations or drop populations",
+            )
         return budgets
 
     # --- what the run uses -------------------------------------------------------------------
@@ -212,17 +234,53 @@ class RunPlan:
         return refs  # type: ignore[return-value]
 
     def check_files(self) -> None:
-        """Local model paths and data files must exist (hub ids are checked when loaded)."""
+        """What this machine must hold before any model loads (``validate --no-files`` skips it):
+        the local model paths, fitness data with at least one example and only finite numbers, and
+        the device ``models.device`` names when the workers run here."""
         config = self.config
         for field_name, ref in self.local_models():
             resolved = config.model_ref(ref)
             if Path(resolved).is_absolute() and not Path(resolved).exists():
                 raise self._fail(field_name, f"model directory not found: {resolved}")
-        for field_name, data in (("fitness.data", config.fitness.data), ("fitness.test_data", config.fitness.test_data)):
-            if data is not None and not data.source.startswith(("sklearn:", "hf:")):
-                resolved_data = config.resolve_path(data.source)
-                if not resolved_data.exists():
-                    raise self._fail(f"{field_name}.source", f"file not found: {resolved_data}")
+        for field_name, data in self._data_sections():
+            if data.source.startswith("hf:"):  # a hub dataset is fetched by the workers, not here
+                continue
+            from evomerge.fitness.data import read_examples
+
+            try:
+                read_examples(
+                    data.source, data.split, data.classes, data.limit, config.base_dir,
+                    template=data.template, target=data.target, choices=data.choices, label=data.label,
+                )
+            except ConfigError as exc:
+                raise self._fail(field_name, str(exc)) from None
+        self._check_device()
+
+    def _data_sections(self) -> list[tuple[str, DataConfig]]:
+        """(field, section) of every data set the workers read."""
+        fitness, experts = self.config.fitness, self.config.models.experts
+        sections = [("fitness.data", fitness.data)]
+        sections += [("fitness.test_data", fitness.test_data)] if fitness.test_data is not None else []
+        sections += [(f"fitness.tasks.{name}", data) for name, data in fitness.tasks.items()]
+        if self.config.api is None:  # white-box: an expert's own data feeds its Fisher estimate
+            sections += [(f"models.experts.{i}.data", e.data) for i, e in enumerate(experts) if e.data is not None]
+        return sections
+
+    def _check_device(self) -> None:
+        """An explicit ``models.device`` must exist here when the workers run on this machine (the
+        inline executor, or Ray started locally); a cluster's workers check it on their own node.
+        ``auto`` and ``cpu`` always exist, so only an explicit accelerator imports torch."""
+        config = self.config
+        if config.api is not None or config.models.device in ("auto", "cpu"):
+            return
+        if config.executor == "ray" and (config.workers.address or os.environ.get("RAY_ADDRESS")):
+            return
+        from evomerge.models.loading import resolve_device
+
+        try:
+            resolve_device(config.models.device)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
 
     def space(self, tensor_names: Sequence[str]) -> "Space":
         """The merge space over tensors of these names (every process builds the same one)."""

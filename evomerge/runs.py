@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
 
+from evomerge import run_identity
 from evomerge.budget import Budget, failures_at_start_limit, pin_deadline
-from evomerge.config import RunConfig, config_from_dict
+from evomerge.config import RunConfig, config_from_dict, load_config
 from evomerge.controller import Controller, Population, Progress, population_front
-from evomerge.errors import RunDirError
+from evomerge.errors import DiskError, RunChangedError, RunDirError
 from evomerge.executors import Executor, make_executor
 from evomerge.plan import RunPlan
-from evomerge.store import RunStore
+from evomerge.store import CONFIG_NAME, RunStore, disk_faults
 from evomerge.workers.jobs import ExpertBaselines, SeedResponses
 
 
@@ -47,8 +49,32 @@ def resolved_config_dict(plan: RunPlan) -> dict[str, Any]:
 
 
 def load_run_config(store: RunStore) -> RunConfig:
-    data = yaml.safe_load(store.config_yaml())
-    return config_from_dict(data, str(store.run_dir / "config.yaml"), store.run_dir)
+    """The config the run started with: what status, report and export read, so they decode the
+    recorded genomes in the run's own space whatever config.yaml says now. A run directory
+    written before the started config was kept has config.yaml as its only copy."""
+    started = store.started_config_yaml()
+    if started is None:
+        return load_config(store.run_dir / CONFIG_NAME)
+    return config_from_dict(yaml.safe_load(started), f"{store.db_path} (the config the run started with)", store.run_dir)
+
+
+def _config_to_resume(store: RunStore) -> RunConfig:
+    """config.yaml as it is now, provided it searches what the run started with: a resume takes
+    its harmless edits (``run_identity.HARMLESS_FIELDS``) and refuses any other, naming it."""
+    path = store.run_dir / CONFIG_NAME
+    current = load_config(path)
+    if store.started_config_yaml() is None:  # written before the started config was kept
+        store.record_started_config(path.read_text())
+        return current
+    changed = run_identity.changes(load_run_config(store), current)
+    if changed:
+        field, detail = changed[0]
+        more = f" and {len(changed) - 1} more field(s)" if len(changed) > 1 else ""
+        raise RunChangedError(
+            f"{path}: {field} changed since the run started ({detail}){more}; a resume runs the search the run"
+            " started with: restore it, or start a new run with evomerge run"
+        )
+    return current
 
 
 LOG_NAME = "run.log"
@@ -66,10 +92,26 @@ class _JsonLines(logging.Formatter):
         return json.dumps(entry)
 
 
+class _RunLogFile(logging.FileHandler):
+    """``run.log``, whose lines are dropped with one warning once it cannot be written (a full
+    disk), instead of a traceback per line: the run store, which names the fault itself when it
+    cannot write, is what a resume needs; the log is for reading."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._broken = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self._broken:
+            self._broken = True
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({sys.exc_info()[1]}); the run goes on without it\n")
+
+
 @contextmanager
 def run_log(run_dir: Path) -> Iterator[None]:
     """Everything evomerge logs during a session, as JSON lines appended to ``run.log``."""
-    handler = logging.FileHandler(Path(run_dir) / LOG_NAME)
+    with disk_faults(Path(run_dir)):
+        handler = _RunLogFile(Path(run_dir) / LOG_NAME)
     handler.setFormatter(_JsonLines())
     console = logging.StreamHandler()  # warnings (lost workers, timeouts) still reach the terminal
     console.setLevel(logging.WARNING)
@@ -90,11 +132,13 @@ def run_log(run_dir: Path) -> Iterator[None]:
 
 @contextmanager
 def _session(store: RunStore, executor: Executor) -> Iterator[None]:
-    """A run's session: a failure marks the run failed (resumable); workers and store are released."""
+    """A run's session: a failure marks the run failed (resumable); workers and store (and with it
+    the run directory's lock) are released."""
     try:
         yield
     except BaseException as exc:
-        store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
+        with suppress(DiskError):  # a full disk refuses this note too; the run resumes all the same
+            store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
         raise
     finally:
         executor.shutdown()
@@ -160,14 +204,18 @@ def start_run(
     plan = RunPlan.from_config(config, source)
     plan.check_files()
     path = config.run_path()
-    if (path / "run.db").exists():
-        raise RunDirError(f"{path} already holds a run; choose another --run-dir or remove it")
-    executor = make_executor(config, on_phase=on_phase)
+    # The run directory's one writer from here to the end of the session: a second run on the
+    # same directory is refused before either writes the run, and never writes into this one.
+    store = RunStore(path, create=True)
     try:
-        space, strategies = plan.strategies(executor)
-        store = RunStore(path, create=True)
+        executor = make_executor(config, None, on_phase)
+        try:
+            space, strategies = plan.strategies(executor)
+        except BaseException:
+            executor.shutdown()
+            raise
     except BaseException:
-        executor.shutdown()
+        store.close()
         raise
     with _session(store, executor):
         store.init_run(config.name, yaml.safe_dump(resolved_config_dict(plan), sort_keys=False), config.budget.model_dump())
@@ -192,11 +240,12 @@ def resume_run(
 ) -> dict[str, Any]:
     """Continue a run stopped in any way (signal, deadline, crash, SIGKILL) from its run directory.
 
-    The config is the run's own snapshot, so the strategies are rebuilt with the same seeds; they
-    load their checkpoint and replay what was recorded after it (see ``Controller.restore``).
+    The config is the run's own snapshot (config.yaml, refused if it no longer searches what the
+    run started with), so the strategies are rebuilt with the same seeds; they load their
+    checkpoint and replay what was recorded after it (see ``Controller.restore``).
     ``adjust`` may change this session's limits and placement (a new deadline, another cluster).
     """
-    store = RunStore(run_dir)
+    store = RunStore(run_dir)  # the run directory's one writer until the session ends
     try:
         info = store.run_info()
         if info["state"] == "finished":
@@ -204,7 +253,7 @@ def resume_run(
             raise RunDirError(
                 f"{run_dir}: the run already finished ({summary.get('stop_reason', 'budget exhausted')}); nothing to resume"
             )
-        config = load_run_config(store)
+        config = _config_to_resume(store)
         if adjust is not None:
             adjust(config)
         pin_deadline(config.budget)

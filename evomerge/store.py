@@ -4,27 +4,40 @@ Everything needed to report on or resume a run lives here: the resolved config, 
 evaluation (per-example scores as compressed float32 blobs), strategy checkpoints, events, and the
 black-box service's answers (written with the evaluation that brought them, never by a worker).
 WAL mode lets ``evomerge status`` read while the run writes. Only this module speaks SQL.
+
+A run directory has one writer: a store opened for writing holds ``run.lock`` (``flock``) until it
+is closed, and a second writer is refused before it writes anything. The operating system releases
+the lock however the process ends, so a killed run never blocks the next resume. Readers take no
+lock. A full or failing disk, or a ``run.db`` that is not a database, is a ``UserError`` naming the
+path: what was committed stays, so the run resumes once the disk is fixed.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
+import os
+import socket
 import sqlite3
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from evomerge.records import Candidate, Evaluation, Status, genome_hash
-from evomerge.errors import RunDirError
+from evomerge.errors import DiskError, RunDirError, RunDirInUseError, UserError
 
 DB_NAME = "run.db"
 CONFIG_NAME = "config.yaml"
-SCHEMA_VERSION = 3
-"""3: ``api_responses`` (black-box answers by request), added to older run directories when opened."""
+LOCK_NAME = "run.lock"
+SCHEMA_VERSION = 4
+"""3: ``api_responses`` (black-box answers by request); 4: ``started_config`` (the config the run
+started with). Both are added to older run directories when they are opened for writing."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -85,6 +98,10 @@ CREATE TABLE IF NOT EXISTS api_responses (
     response_json TEXT NOT NULL,
     recorded REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS started_config (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    config_yaml TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS baselines (
     name TEXT PRIMARY KEY,
     status TEXT NOT NULL,
@@ -104,52 +121,187 @@ def _unpack_scores(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.frombuffer(zlib.decompress(blob), dtype=np.float32)
 
 
+def _disk_fault(run_dir: Path, exc: BaseException) -> UserError | None:
+    """What the user can do about a failed read or write under ``run_dir``; None when it is no
+    fault of the disk (a bug, or an error its caller handles)."""
+
+    def kept(action: str) -> str:
+        return f"every recorded evaluation is kept: {action}, then evomerge resume {run_dir}"
+
+    if isinstance(exc, sqlite3.Error):
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+        if code == sqlite3.SQLITE_FULL:
+            return DiskError(f"{run_dir}: the disk is full ({exc}); {kept('free some space')}")
+        if code == sqlite3.SQLITE_IOERR:
+            return DiskError(f"{run_dir}: disk I/O error on {DB_NAME} ({exc}); {kept('check the disk')}")
+        if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+            return RunDirError(
+                f"{run_dir / DB_NAME} is not an evomerge run store ({exc}); restore it from a backup, or start a new run elsewhere"
+            )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskError(f"{run_dir}: the disk is full ({exc.strerror}: {exc.filename}); {kept('free some space')}")
+    if isinstance(exc, OSError) and exc.errno == errno.EIO:
+        return DiskError(f"{run_dir}: disk I/O error ({exc.strerror}: {exc.filename}); {kept('check the disk')}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOTDIR:
+        return RunDirError(f"{run_dir}: part of the path is a file, not a directory; choose another run directory")
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return RunDirError(f"{run_dir}: cannot write there ({exc.strerror}: {exc.filename}); a run needs a writable run directory")
+    return None
+
+
+@contextmanager
+def disk_faults(run_dir: Path) -> Iterator[None]:
+    """Faults of the disk under ``run_dir`` (full, failing, a damaged database) as one-line
+    ``UserError``s; every other error passes unchanged."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        fault = _disk_fault(run_dir, exc)
+        if fault is None:
+            raise
+        raise fault from exc
+
+
+class RunDirLock:
+    """The one writer of a run directory: an exclusive ``flock`` on ``run.lock``, which records
+    who holds it (pid and host) for the message a second writer gets.
+
+    The lock lives on an open file, not in the file's existence, so a writer that dies (even by
+    SIGKILL) releases it with its process, and the file a dead pid left behind blocks nobody. The
+    file is never removed: removing it would let two writers lock two different files.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        path = Path(run_dir) / LOCK_NAME
+        with disk_faults(run_dir):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirInUseError(
+                f"{run_dir} is in use by {holder} (an evomerge run or resume); wait for it to end, or stop it first"
+            ) from None
+        try:
+            with disk_faults(run_dir):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.ftruncate(fd, 0)  # while still holding it: nobody reads a stale holder
+            finally:
+                os.close(fd)  # closing the file releases the lock
+
+
 class RunStore:
-    """Access to one run directory's database. Cheap to open; safe to open read-only elsewhere."""
+    """Access to one run directory's database. Cheap to open; safe to open read-only elsewhere.
+
+    Opened for writing, the store is the run directory's one writer (``RunDirLock``) until
+    ``close``; ``create`` starts a new run there, refused if the directory already holds one.
+    """
 
     def __init__(self, run_dir: Path, *, create: bool = False, readonly: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.db_path = self.run_dir / DB_NAME
+        if create and self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunDirError(f"{self.run_dir} is a file, not a directory; choose another --run-dir")
         if not create and not self.db_path.exists():
             raise RunDirError(f"{self.run_dir}: not an evomerge run directory (no {DB_NAME})")
         if create:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        uri = f"file:{self.db_path}?mode=ro" if readonly else f"file:{self.db_path}"
-        self._db = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+            with disk_faults(self.run_dir):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = None if readonly else RunDirLock(self.run_dir)  # before anything is written
+        try:
+            with disk_faults(self.run_dir):
+                self._db = sqlite3.connect(
+                    f"file:{self.db_path}?mode=ro" if readonly else f"file:{self.db_path}",
+                    uri=True,
+                    timeout=30.0,
+                    isolation_level=None,
+                )
+                try:
+                    self._open(create, readonly)
+                except BaseException:
+                    self._db.close()
+                    raise
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _open(self, create: bool, readonly: bool) -> None:
         self._db.row_factory = sqlite3.Row
-        if readonly and not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone():
-            self._db.close()
+        has_schema = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone() is not None
+        if readonly and not has_schema:
             raise RunDirError(f"{self.run_dir}: the run is still being created; try again in a moment")
+        if create and has_schema and self._holds_run():
+            raise RunDirError(f"{self.run_dir} already holds a run; choose another --run-dir or remove it")
         if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             # One transaction, so a reader never sees half a schema; new tables only: an older run
             # directory gains them here.
-            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
-            self._db.execute("UPDATE runs SET schema_version = ? WHERE schema_version < ?", (SCHEMA_VERSION, SCHEMA_VERSION))
+            with self._write():
+                for statement in _SCHEMA.split(";"):  # not executescript: it commits whatever is open
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute("UPDATE runs SET schema_version = ? WHERE schema_version < ?", (SCHEMA_VERSION, SCHEMA_VERSION))
 
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _holds_run(self) -> bool:
+        return self._db.execute("SELECT 1 FROM runs").fetchone() is not None
 
     # --- writing ---------------------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One transaction: all of it is recorded or none. SQLite may already have rolled back
+        (a full disk does), so a rollback is asked for only while a transaction is open: asking
+        anyway would hide the real error behind "no transaction is active"."""
+        with disk_faults(self.run_dir):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
     def _tx(self, sql: str, args: tuple = ()) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             self._db.execute(sql, args)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def init_run(self, name: str, config_yaml: str, budget: dict[str, Any]) -> None:
-        if self._db.execute("SELECT 1 FROM runs").fetchone():
+        """Start the run: ``config.yaml`` for the user to read (and edit what a resume may
+        change), and the same config kept in the store as the one the run started with."""
+        if self._holds_run():
             raise RunDirError(f"{self.run_dir} already holds a run; choose another --run-dir")
         now = time.time()
-        (self.run_dir / CONFIG_NAME).write_text(config_yaml)
-        self._tx(
-            "INSERT INTO runs (id, name, schema_version, state, created, updated, budget_json) VALUES (1, ?, ?, 'running', ?, ?, ?)",
-            (name, SCHEMA_VERSION, now, now, json.dumps(budget)),
-        )
+        with disk_faults(self.run_dir):
+            (self.run_dir / CONFIG_NAME).write_text(config_yaml)
+        with self._write():
+            self._db.execute(
+                "INSERT INTO runs (id, name, schema_version, state, created, updated, budget_json) VALUES (1, ?, ?, 'running', ?, ?, ?)",
+                (name, SCHEMA_VERSION, now, now, json.dumps(budget)),
+            )
+            self._db.execute("INSERT INTO started_config (id, config_yaml) VALUES (1, ?)", (config_yaml,))
+
+    def record_started_config(self, config_yaml: str) -> None:
+        """For a run directory written before the started config was kept: take ``config_yaml``
+        (its config.yaml as found) as the config the run started with."""
+        self._tx("INSERT OR IGNORE INTO started_config (id, config_yaml) VALUES (1, ?)", (config_yaml,))
 
     def add_population(self, name: str, strategy: str, budget: int | None, space: dict[str, Any]) -> None:
         self._tx(
@@ -178,8 +330,7 @@ class RunStore:
         """Record an evaluation and the service answers it brought, in one transaction; returns its
         sequence number (the count of evaluations so far)."""
         fitness = ev.fitness if np.isfinite(ev.fitness) else None
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             cur = self._db.execute(
                 "INSERT INTO evaluations (candidate_id, status, fitness, per_example, n_examples, metrics_json, worker, started, duration, error, recorded)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -199,10 +350,6 @@ class RunStore:
             )
             self._save_responses(ev.responses)
             self._db.execute("UPDATE runs SET updated = ?", (time.time(),))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         return int(cur.lastrowid)
 
     def save_checkpoints(self, states: dict[str, bytes], evaluations_seq: int, active_seconds: float) -> None:
@@ -210,8 +357,7 @@ class RunStore:
         resumed run never mixes states from different moments; ``active_seconds`` is the run's
         searching time so far (what ``max_time`` limits across resumes)."""
         now = time.time()
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             self._db.execute("UPDATE runs SET active_seconds = ?, updated = ?", (active_seconds, now))
             for population, state in states.items():
                 self._db.execute(
@@ -220,10 +366,6 @@ class RunStore:
                     " evaluations_seq = excluded.evaluations_seq, saved = excluded.saved",
                     (population, state, evaluations_seq, now),
                 )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def set_state(self, state: str, summary: dict[str, Any] | None = None) -> None:
         self._tx(
@@ -235,17 +377,12 @@ class RunStore:
         """An expert scored alone on the fitness data (what the report compares the best merge
         with), and the service answers it brought."""
         fitness = ev.fitness if np.isfinite(ev.fitness) else None
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             self._db.execute(
                 "INSERT OR REPLACE INTO baselines (name, status, fitness, per_example, error, recorded) VALUES (?, ?, ?, ?, ?, ?)",
                 (expert, ev.status, fitness, _pack_scores(ev.per_example), ev.error, time.time()),
             )
             self._save_responses(ev.responses)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def _save_responses(self, responses: dict[str, Any]) -> None:
         """Inside a transaction: black-box answers by cache key; the first answer to a key stays."""
@@ -275,6 +412,14 @@ class RunStore:
         if not path.exists():
             raise RunDirError(f"{self.run_dir}: missing {CONFIG_NAME}")
         return path.read_text()
+
+    def started_config_yaml(self) -> str | None:
+        """The resolved config the run started with; None in a run directory written before it
+        was kept (its config.yaml is then the only copy)."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'started_config'").fetchone():
+            return None  # an older run directory opened read-only
+        row = self._db.execute("SELECT config_yaml FROM started_config").fetchone()
+        return None if row is None else row["config_yaml"]
 
     def populations(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM populations ORDER BY rowid").fetchall()

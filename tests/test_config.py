@@ -43,6 +43,11 @@ def test_valid_config_loads_and_resolves_relative_paths(tmp_path, digits_config)
         ({"merge": {"method": "split_slerp", "granularity": "per_model"}}, "merge", "global"),
         ({"populations": [{"name": "a", "strategy": "nope"}]}, "populations.0.strategy", "unknown strategy"),
         ({"populations": [{"name": "a"}, {"name": "a"}]}, "populations", "duplicate"),
+        ({"merge": {"method": "linear", "bounds": {"weight": [0.9, 0.1]}}}, "merge.bounds.weight", "low must be below high"),
+        ({"merge": {"method": "linear", "bounds": {"weight": [float("nan"), 1.0]}}}, "merge.bounds.weight.0", "finite"),
+        ({"merge": {"method": "linear", "init": {"weight": float("-inf")}}}, "merge.init.weight", "finite"),
+        ({"populations": [{"name": "a", "share": float("inf")}]}, "populations.0.share", "finite"),
+        ({"models": {"experts": ["x"], "device": "gpu"}}, "models.device", "not a device"),
     ],
 )
 def test_invalid_configs_name_file_and_field(digits_config, override, field, words):

@@ -1,9 +1,54 @@
-"""The run store passes the shipped conformance suite (evomerge.testing.store_suite)."""
+"""The run store passes the shipped conformance suite (evomerge.testing.store_suite), keeps one
+writer per run directory, and names a full disk instead of failing on its own rollback."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+
+from evomerge.errors import DiskError, RunDirInUseError
+from evomerge.records import Candidate, Evaluation
+from evomerge.store import RunStore
 from evomerge.testing.store_suite import RunStoreSuite
 
 
 class TestRunStore(RunStoreSuite):
     pass
+
+
+def _new_store(tmp_path) -> RunStore:
+    store = RunStore(tmp_path / "run", create=True)
+    store.init_run("full", "name: full\n", {"evaluations": 10})
+    store.add_population("p", "random", 10, {"dim": 3})
+    return store
+
+
+def test_one_writer_at_a_time_and_readers_without_the_lock(tmp_path):
+    store = _new_store(tmp_path)
+    try:
+        with pytest.raises(RunDirInUseError, match="is in use by pid"):
+            RunStore(store.run_dir)
+        reader = RunStore(store.run_dir, readonly=True)
+        assert reader.run_info()["name"] == "full"
+        reader.close()
+    finally:
+        store.close()
+    RunStore(store.run_dir).close()  # released with the store
+
+
+def test_a_full_disk_is_named_and_what_was_recorded_stays(tmp_path):
+    store = _new_store(tmp_path)
+    try:
+        first = Candidate("p:0", "p", np.zeros(3))
+        store.add_candidate(first, asked_after=0)
+        store.add_evaluation(Evaluation(first.id, "ok", 0.5, np.ones(4)))
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+        big = Candidate("p:1", "p", np.zeros(3))
+        store.add_candidate(big, asked_after=1)
+        with pytest.raises(DiskError, match=f"{store.run_dir}: the disk is full .* free some space, then evomerge resume"):
+            store.add_evaluation(Evaluation(big.id, "ok", 0.6, np.random.default_rng(0).uniform(size=200_000)))
+        assert [r.candidate_id for r in store.evaluations()] == ["p:0"]
+        store.set_state("failed")  # the store is usable: no transaction was left open
+    finally:
+        store.close()

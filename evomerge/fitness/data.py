@@ -13,6 +13,11 @@ templates, so one file format serves every text fitness function. A file has no 
 ``hf:NAME`` or ``hf:NAME:CONFIG`` loads a Hugging Face ``datasets`` dataset (a hub name such as
 ``hf:openai/gsm8k:main``, or a local dataset directory) and renders its rows the same way; there
 ``split`` is the dataset's split, e.g. ``train[:1319]``. The ``datasets`` package is optional.
+
+Data that cannot score a candidate is refused when read, naming the file: no examples left after
+``split``, ``classes`` and ``limit``, or NaN/inf among numeric inputs and labels.
+:func:`read_examples` does it without torch, so ``evomerge validate`` and the run's plan catch it
+before any model loads; workers take the same examples as tensors from :func:`load_examples`.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import json
 import re
 from pathlib import Path
 from string import Formatter
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from evomerge.errors import ConfigError, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 DIGITS_TRAIN_FRACTION = 0.8
 
@@ -49,6 +56,13 @@ TEXT_SUFFIXES = (".jsonl", ".csv")
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(1-based row number, row) pairs; row numbers count data rows, not the CSV header or blank lines."""
+    try:
+        return _parse_rows(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:  # a directory, no permission, not UTF-8 text
+        raise ConfigError(f"{path}: cannot read it as UTF-8 {path.suffix.lstrip('.').upper()} text: {first_line(exc)}") from None
+
+
+def _parse_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             return list(enumerate(csv.DictReader(f), start=1))
@@ -175,14 +189,41 @@ def load_examples(
     target: str | None = None,
     choices: str | None = None,
     label: str | None = None,
-) -> dict[str, torch.Tensor] | list[dict[str, Any]]:
+) -> dict[str, "torch.Tensor"] | list[dict[str, Any]]:
     """Examples as ``{"inputs": float32 [N, F], "labels": int64 [N]}`` (digits, .npz), or for
     .jsonl/.csv files and ``hf:`` datasets a list of ``{"prompt", "target"?, "choices"?, "label"?}`` dicts."""
+    examples = read_examples(
+        source, split, classes, limit, base_dir, template=template, target=target, choices=choices, label=label
+    )
+    if isinstance(examples, list):
+        return examples
+    import torch
+
+    return {
+        "inputs": torch.as_tensor(examples["inputs"], dtype=torch.float32),
+        "labels": torch.as_tensor(examples["labels"], dtype=torch.long),
+    }
+
+
+def read_examples(
+    source: str,
+    split: str = "train",
+    classes: Sequence[int] | None = None,
+    limit: int | None = None,
+    base_dir: Path | None = None,
+    *,
+    template: str | None = None,
+    target: str | None = None,
+    choices: str | None = None,
+    label: str | None = None,
+) -> dict[str, np.ndarray] | list[dict[str, Any]]:
+    """The examples :func:`load_examples` returns, with numeric arrays as numpy (no torch), checked
+    to hold at least one example and only finite numbers."""
     text_options = {"template": template, "target": target, "choices": choices, "label": label}
     if source.startswith("hf:"):
         if classes is not None:
             raise ConfigError(f"fitness data '{source}': 'classes' applies to .npz and sklearn data only")
-        return _text_examples(Path(source), _hf_rows(source, split), None, limit, **text_options)
+        return _some(source, _text_examples(Path(source), _hf_rows(source, split), None, limit, **text_options))
     if source == "sklearn:digits":
         x, y = _digits(split)
     else:
@@ -196,11 +237,8 @@ def load_examples(
         if path.suffix in TEXT_SUFFIXES:
             if classes is not None:
                 raise ConfigError(f"fitness data '{source}': 'classes' applies to .npz and sklearn data only")
-            return _text_examples(path, _read_rows(path), split, limit, **text_options)
-        with np.load(path) as arrays:
-            if "inputs" not in arrays or "labels" not in arrays:
-                raise ConfigError(f"{path}: a .npz fitness file needs arrays 'inputs' and 'labels'")
-            x, y = arrays["inputs"], arrays["labels"]
+            return _some(str(path), _text_examples(path, _read_rows(path), split, limit, **text_options))
+        x, y = _npz_arrays(path)
     used = [name for name, value in text_options.items() if value is not None]
     if used:
         raise ConfigError(f"fitness data '{source}': {', '.join(used)} apply to .jsonl and .csv text data only")
@@ -209,4 +247,34 @@ def load_examples(
         x, y = x[keep], y[keep]
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    return {"inputs": torch.as_tensor(x, dtype=torch.float32), "labels": torch.as_tensor(y, dtype=torch.long)}
+    _some(source, x)
+    for name, values in (("inputs", x), ("labels", y)):
+        bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+        if len(bad):
+            raise ConfigError(
+                f"fitness data '{source}': '{name}' holds NaN or inf ({len(bad)} examples, the first at index {bad[0]})"
+            )
+    return {"inputs": x, "labels": y}
+
+
+def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``inputs`` and ``labels`` of a .npz file, numeric and one label per input."""
+    try:
+        with np.load(path) as arrays:
+            if "inputs" not in arrays or "labels" not in arrays:
+                raise ConfigError(f"{path}: a .npz fitness file needs arrays 'inputs' and 'labels'")
+            x, y = arrays["inputs"], arrays["labels"]
+    except (OSError, ValueError, EOFError) as exc:  # not a zip of arrays; pickled objects refused
+        raise ConfigError(f"{path}: not a readable .npz file of arrays 'inputs' and 'labels': {first_line(exc)}") from None
+    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
+        raise ConfigError(f"{path}: 'inputs' and 'labels' must be numeric arrays, not {x.dtype} and {y.dtype}")
+    if x.ndim == 0 or y.shape != (len(x),):
+        raise ConfigError(f"{path}: 'labels' must hold one label per row of 'inputs', got shapes {y.shape} and {x.shape}")
+    return x, y
+
+
+def _some(source: str, examples: Any) -> Any:
+    """``examples`` when there is at least one: a fitness over none cannot rank candidates."""
+    if len(examples) == 0:
+        raise ConfigError(f"fitness data '{source}' holds no examples (after its split, classes and limit)")
+    return examples

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from evomerge.errors import ModelLoadError
+from evomerge.errors import ModelLoadError, first_line
+from evomerge.models.loading import unreadable_weights
 
 ADAPTER_CONFIG = "adapter_config.json"
 WORKING_ADAPTER = "default"
@@ -56,7 +57,7 @@ def lora_config(ref: str):
     try:
         config = PeftConfig.from_pretrained(ref)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read the adapter config of '{ref}': {exc}") from None
+        raise ModelLoadError(f"cannot read the adapter config of '{ref}': {first_line(exc)}") from None
     if not isinstance(config, LoraConfig):
         raise ModelLoadError(f"'{ref}' is a {type(config).__name__} adapter; evomerge merges LoRA adapters")
     if config.rank_pattern or config.alpha_pattern:
@@ -81,13 +82,16 @@ def attach_working_adapter(model: torch.nn.Module, ref: str):
     unmerged so that every write is seen by the next forward pass.
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     try:
         with warnings.catch_warnings():  # peft asks transformers 5 for a deprecated property on every load
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             peft_model = PeftModel.from_pretrained(model, ref, adapter_name=WORKING_ADAPTER, autocast_adapter_dtype=False)
+    except SafetensorError as exc:
+        raise unreadable_weights(ref, exc) from None
     except Exception as exc:
-        raise ModelLoadError(f"cannot attach the adapter '{ref}' to the base: {exc}") from None
+        raise ModelLoadError(f"cannot attach the adapter '{ref}' to the base: {first_line(exc)}") from None
     peft_model.requires_grad_(False)
     peft_model.eval()
     return peft_model
@@ -108,11 +112,14 @@ def adapter_factors(ref: str, device: torch.device, dtype: torch.dtype, scaling:
     Only LoRA factors may be in the file: trained ``modules_to_save`` copies cannot be composed.
     """
     from peft.utils import load_peft_weights
+    from safetensors import SafetensorError
 
     try:
         weights = load_peft_weights(ref, device=str(device))
+    except SafetensorError as exc:
+        raise unreadable_weights(ref, exc) from None
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the adapter weights of '{ref}': {exc}") from None
+        raise ModelLoadError(f"cannot load the adapter weights of '{ref}': {first_line(exc)}") from None
     others = sorted(k for k in weights if not _SAVED_FACTOR.search(k))
     if others:
         raise ModelLoadError(f"'{ref}' holds tensors that are not LoRA factors (e.g. {others[0]}); they cannot be composed")

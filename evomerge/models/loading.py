@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.errors import ModelLoadError, first_line
+from evomerge.errors import ConfigError, ModelLoadError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -32,10 +32,25 @@ def register_builtin_architectures() -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
+    """``auto`` picks CUDA when present, else CPU. An explicit device this process cannot use is
+    refused here, naming ``models.device``, instead of failing at the first tensor moved to it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = (
+                "no CUDA device is visible here (a Ray worker sees GPUs only with workers.gpus_per_worker > 0)"
+                if torch.backends.cuda.is_built()
+                else "the torch installed here is built without CUDA"
+            )
+            raise ConfigError(f"models.device is '{device}' but {why}; use 'auto' or 'cpu'")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"models.device is '{device}' but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"models.device is '{device}' but MPS is not available here; use 'auto' or 'cpu'")
+    return resolved
 
 
 def _auto_class(config):
@@ -48,6 +63,11 @@ def _auto_class(config):
 def load_config(ref: str):
     from transformers import AutoConfig
 
+    path = Path(ref)
+    if path.is_file():
+        raise ModelLoadError(f"'{ref}' is a file; a model is a directory written by save_pretrained (config.json and weights)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"'{ref}' holds no config.json: not a model directory written by save_pretrained")
     register_builtin_architectures()
     quiet_transformers()
     try:
@@ -58,15 +78,35 @@ def load_config(ref: str):
 
 def load_model(ref: str, device: torch.device, dtype: torch.dtype):
     """The model at ``ref`` in eval mode on ``device``, without gradients."""
+    from safetensors import SafetensorError
+
     config = load_config(ref)
     try:
         model = _auto_class(config).from_pretrained(ref, dtype=dtype)
+    except SafetensorError as exc:
+        raise unreadable_weights(ref, exc) from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the model '{ref}': {first_line(exc)}") from None
     model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def unreadable_weights(ref: str, exc: Exception) -> ModelLoadError:
+    """A safetensors error as one line naming the file: safetensors' own message ("incomplete
+    metadata", "header too small") names none, and a model may be sharded over many files. Each
+    local file's header is read again (cheap) to find the broken one."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(ref)
+    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as broken:
+            return ModelLoadError(f"'{file}' is not a readable safetensors file (truncated or corrupt?): {first_line(broken)}")
+    return ModelLoadError(f"cannot read the weights of '{ref}': {first_line(exc)}")
 
 
 def load_tokenizer(ref: str):

@@ -20,7 +20,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import InsufficientMemoryError
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import is_adapter
-from evomerge.models.loading import parameter_shapes
+from evomerge.models.loading import parameter_shapes, unreadable_weights
 
 GIB = 1024**3
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -39,13 +39,16 @@ def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
 
 def adapter_numel(ref: str) -> int:
     """Entries of a local adapter's factors, read from its safetensors header (no weights load)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(ref) / "adapter_model.safetensors"
     if not path.exists():  # a hub adapter: small beside its base, and not downloaded to be measured
         return 0
-    with safe_open(str(path), framework="pt") as f:
-        return sum(int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return sum(int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys())
+    except SafetensorError as exc:
+        raise unreadable_weights(str(path), exc) from None
 
 
 def worker_memory(config: RunConfig) -> WorkerMemory:

@@ -1,0 +1,182 @@
+"""Inputs a user can get wrong reach the command line as one line naming what to fix, exit 2, no
+traceback; ``evomerge validate`` refuses what a run would fail on, before any model loads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import evomerge
+from evomerge.cli import main
+
+
+def refused(capsys, argv: list[str], *words: str) -> str:
+    """Run the CLI; it must exit 2 with one line holding every word (and no traceback)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], err
+    return lines[0]
+
+
+def test_a_directory_or_binary_file_as_the_config(tmp_path, capsys):
+    refused(capsys, ["validate", str(tmp_path)], str(tmp_path), "is a directory")
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x01 not text")
+    refused(capsys, ["run", str(binary)], str(binary), "not a YAML text file")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_config(tmp_path, capsys):
+    path = tmp_path / "secret.yaml"
+    path.write_text("name: x\n")
+    path.chmod(0)
+    try:
+        refused(capsys, ["validate", str(path)], str(path), "cannot read")
+    finally:
+        path.chmod(0o600)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["truncated", "empty"])
+def test_a_truncated_expert_weights_file_is_named(tmp_path, digits_config, digit_models, capsys, keep):
+    """safetensors' own "incomplete metadata" names no file; the message must."""
+    broken = tmp_path / "broken-expert"
+    shutil.copytree(digit_models["high"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: int(weights.stat().st_size * keep)])
+    path = digits_config(
+        models={"base": str(digit_models["base"]), "experts": [str(digit_models["low"]), str(broken)], "device": "cpu"}
+    )
+    refused(capsys, ["run", str(path)], str(weights), "safetensors")
+
+
+def test_an_expert_path_that_is_a_file_or_not_a_model(tmp_path, digits_config, digit_models, capsys):
+    weights = digit_models["low"] / "model.safetensors"
+    path = digits_config(models={"base": str(digit_models["base"]), "experts": [str(weights)], "device": "cpu"})
+    refused(capsys, ["run", str(path)], str(weights), "is a file")
+    path = digits_config(models={"base": str(digit_models["base"]), "experts": [str(tmp_path)], "device": "cpu"})
+    refused(capsys, ["run", str(path)], str(tmp_path), "config.json")
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_cuda_on_a_machine_without_it_names_models_device(digits_config, digit_models, monkeypatch, capsys, command):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    path = digits_config(models={"base": str(digit_models["base"]), "experts": [str(digit_models["low"])], "device": "cuda"})
+    refused(capsys, [command, str(path)], "models.device", "'cuda'")
+
+
+@pytest.mark.parametrize(
+    "section, value, words",
+    [
+        ("fitness", {"name": "classification_accuracy", "data": {"source": "sklearn:digits", "classes": [42]}},
+         ("fitness.data", "holds no examples")),
+        ("fitness", {"name": "classification_accuracy", "data": {"source": "sklearn:digits"}, "options": {"scale": float("nan")}},
+         ("fitness.options", "scale", "finite")),
+        ("merge", {"method": "task_arithmetic", "search": ["weight"], "fixed": {"lambda": float("inf")}},
+         ("merge.fixed.lambda", "finite")),
+        ("merge", {"method": "task_arithmetic", "search": ["weight"], "fixed": {"lambda": 5.0}},
+         ("merge.fixed.lambda", "[0.0, 2.0]", "merge.bounds")),
+        ("budget", {"evaluations": 6},
+         ("budget.evaluations", "6 evaluations", "10 populations", "4 of them")),
+    ],
+    ids=["no-examples", "nan-option", "inf-fixed", "fixed-out-of-bounds", "starved-populations"],
+)
+def test_runs_that_cannot_succeed_are_refused_by_validate_and_run(tmp_path, digits_config, capsys, section, value, words):
+    populations = [{"name": f"p{i}", "strategy": "random"} for i in range(10)]
+    path = digits_config(**{"budget": {"evaluations": 24}, section: value}, populations=populations)
+    refused(capsys, ["validate", str(path)], str(path), *words)
+    refused(capsys, ["run", str(path)], *words)
+    assert not (tmp_path / "run" / "run.db").exists()
+
+
+def test_nan_in_numeric_fitness_data(tmp_path, digits_config, data_file, capsys):
+    import numpy as np
+
+    with np.load(data_file) as arrays:
+        inputs, labels = arrays["inputs"].copy(), arrays["labels"]
+    inputs[7, 3] = np.nan
+    bad = tmp_path / "nan.npz"
+    np.savez(bad, inputs=inputs, labels=labels)
+    path = digits_config(fitness={"name": "classification_accuracy", "data": {"source": str(bad)}})
+    refused(capsys, ["validate", str(path)], "fitness.data", "NaN or inf", "index 7")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n\x00\x00binary"], ids=["empty", "binary"])
+def test_text_data_that_is_not_jsonl(tmp_path, digits_config, capsys, content):
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(content)
+    path = digits_config(fitness={"name": "exact_match", "data": {"source": str(data)}})
+    refused(capsys, ["validate", str(path)], "fitness.data", str(data))
+
+
+def test_a_thousand_populations_are_refused_at_once(digits_config, capsys):
+    populations = [{"name": f"p{i}", "strategy": "random"} for i in range(1000)]
+    refused(capsys, ["validate", str(digits_config(populations=populations, budget={"evaluations": 6}))], "populations", "100")
+
+
+@pytest.fixture
+def plugin_in_cwd(tmp_path, monkeypatch):
+    """A fitness module only the current directory holds; sys.path and sys.modules are restored."""
+    package = "h16_cwd_plugin"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "scores.py").write_text(textwrap.dedent("""
+        def accuracy(model, tokenizer, examples):
+            return (model(examples["inputs"]).argmax(-1) == examples["labels"]).double()
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    yield f"{package}.scores:accuracy"
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
+
+
+def test_a_fitness_plugin_in_the_working_directory_validates_and_runs(plugin_in_cwd, digits_config, tmp_path, capsys):
+    path = digits_config(fitness={"name": plugin_in_cwd, "data": {"source": "sklearn:digits"}}, budget={"evaluations": 2})
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    assert "stopped: " in capsys.readouterr().out
+
+
+TORCH_FREE_ERRORS = """
+import sys
+from evomerge.cli import main
+for argv in (["export", sys.argv[1], "--out", sys.argv[2]], ["status", sys.argv[1]], ["report", sys.argv[1]],
+             ["validate", sys.argv[3]], ["run", sys.argv[3]], ["resume", sys.argv[1]]):
+    assert main(argv) == 2, argv
+    assert "torch" not in sys.modules, f"evomerge {argv[0]} imported torch before refusing"
+"""
+
+
+def test_error_paths_that_need_no_model_import_no_torch(tmp_path):
+    """A fresh interpreter (this one holds torch already) runs each command on a missing run
+    directory or config file: each refuses without loading torch (seconds on a cold cache)."""
+    root = str(Path(evomerge.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE_ERRORS, str(tmp_path / "no-run"), str(tmp_path / "out"), str(tmp_path / "no.yaml")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("error: ") == 6
+
+
+def test_export_to_a_file_or_under_one_is_refused_before_loading(tmp_path, digits_config, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", str(digits_config(budget={"evaluations": 2})), "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    refused(capsys, ["export", str(run_dir), "--out", str(a_file)], str(a_file), "is a file")
+    refused(capsys, ["export", str(run_dir), "--out", str(a_file / "sub" / "out")], "cannot create")
