@@ -176,8 +176,10 @@ class InlineExecutor(Executor):
         return self.worker.run(job)
 
     def shutdown(self) -> None:
-        """Release the worker's models (or its API client) now, not whenever the process ends."""
-        self.worker.close()
+        """Release the worker's models (or its API client) now, not whenever the process ends;
+        after a candidate was given up, its thread still uses them, so they go with the process."""
+        if self.halted is None:
+            self.worker.close()
 
     @property
     def in_flight(self) -> int:
