@@ -160,8 +160,8 @@ def _print_summary(summary: dict) -> int:
     best = summary["best"]
     times = f"search {_duration(summary['search_seconds'])}, wall {_duration(summary['wall_seconds'])}"
     if summary["state"] == "failed":
-        print(f"error: the search could not go on: {summary['stop_reason']} ({summary['evaluations']} evaluations, {times})",
-              file=sys.stderr)
+        reason, count = summary["stop_reason"], summary["evaluations"]
+        print(f"error: the search could not go on: {reason} ({count} evaluations, {times})", file=sys.stderr)
         return EXIT_CANNOT_SUCCEED
     line = f"stopped: {summary['stop_reason']}; {summary['evaluations']} evaluations ({times})"
     if best:

@@ -304,7 +304,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             "updated": info["updated"],
             "wall_seconds": round(info["updated"] - info["created"], 3),
             "search_seconds": round(info["active_seconds"], 3),
-            "evaluations": {"total": total, "ok": total_ok, "failed": total - total_ok - cancelled, "cancelled": cancelled},
+            "evaluations": {
+                "total": total, "ok": total_ok, "failed": total - total_ok - cancelled, "cancelled": cancelled
+            },
             "budget": info["budget"],
             "best": None
             if best is None

@@ -140,7 +140,8 @@ class InlineExecutor(Executor):
                 return []
             self._running = self._start()
         running = self._running
-        limits = [t for t in (timeout, None if running.deadline is None else running.deadline - time.monotonic()) if t is not None]
+        to_deadline = None if running.deadline is None else running.deadline - time.monotonic()
+        limits = [t for t in (timeout, to_deadline) if t is not None]
         if not running.done.wait(max(0.0, min(limits)) if limits else None):
             if running.deadline is None or time.monotonic() < running.deadline:
                 return []
@@ -148,7 +149,8 @@ class InlineExecutor(Executor):
             self._halt(f"candidate {running.candidate.id} {reason}")
             duration = time.time() - running.started
             cand = running.candidate
-            return [Evaluation.failure(cand.id, reason, self.worker.worker_id, running.started, duration, cand.population)]
+            worker = self.worker.worker_id
+            return [Evaluation.failure(cand.id, reason, worker, running.started, duration, cand.population)]
         self._running = None
         if isinstance(running.outcome, BaseException):
             raise running.outcome
@@ -160,6 +162,8 @@ class InlineExecutor(Executor):
         self._queue.clear()
         if running is None:
             return []
+        if running.done.is_set() and isinstance(running.outcome, Evaluation):
+            return [running.outcome]  # it finished meanwhile: its result stands
         self._halt(f"candidate {running.candidate.id} was cancelled")
         return [cancelled(running.candidate, reason, self.worker.worker_id, running.started)]
 

@@ -270,7 +270,8 @@ class RayExecutor(Executor):
 
         waiting = {slot.ref: slot for slot in self._slots if slot.ref is not None}
         deadlines = [slot.deadline for slot in self._slots if slot.deadline is not None]
-        timeout = min([POLL_SECONDS] + [max(0.0, d - time.monotonic()) for d in deadlines] + ([most] if most is not None else []))
+        limits = [POLL_SECONDS] + [max(0.0, d - time.monotonic()) for d in deadlines]
+        timeout = min(limits + ([most] if most is not None else []))
         done, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
         if done:  # take every call that has finished by now, not just the first
             done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)

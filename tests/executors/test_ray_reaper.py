@@ -87,10 +87,12 @@ def test_a_driver_that_starts_ray_says_so_quietly_and_leaves_nothing_when_killed
         workers={"count": 1, "cpus_per_worker": 0.5},
         fitness={"name": "classification_accuracy", "data": {"source": str(data_file)}},
     )
-    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": path}
     env.pop("RAY_AUTH_MODE", None)
     driver = subprocess.Popen(
-        [sys.executable, "-c", RAY_DRIVER, str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", RAY_DRIVER, str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
         phases = [driver.stdout.readline().strip() for _ in range(2)]
