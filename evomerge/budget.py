@@ -82,3 +82,48 @@ def pin_deadline(budget: BudgetConfig) -> None:
     snapshot and a later resume keep tonight's 07:00 rather than the next one."""
     if budget.deadline is not None:
         budget.deadline = resolve_deadline(budget.deadline).isoformat(timespec="seconds")
+
+
+AUTO_FAILURES_AT_START = 8
+"""The least ``budget.max_failures_at_start: auto`` allows (it is at least two rounds of workers)."""
+
+
+def failures_at_start_limit(budget: BudgetConfig, workers: int) -> int | None:
+    """How many failures in a row, all alike and before any success, stop the run (None: never)."""
+    value = budget.max_failures_at_start
+    if value == "auto":
+        return max(AUTO_FAILURES_AT_START, 2 * workers)
+    return value or None
+
+
+@dataclass
+class FailureStreak:
+    """Stops a run that cannot succeed: its first candidates all fail with the same error.
+
+    A broken fitness plugin or a model that always gives NaN would otherwise spend the whole
+    budget failing. Only failures before the session's first success count, so a run that has
+    worked goes on through failures (they are recorded), and a resume tries afresh (the user
+    may have fixed the plugin). "The same way" is the same first line of the error.
+    """
+
+    limit: int | None
+    count: int = 0
+    error: str | None = None
+    succeeded: bool = False
+
+    def observe(self, ok: bool, error: str | None) -> str | None:
+        """Count one finished evaluation; the reason to stop the run, once the limit is reached."""
+        if self.succeeded or self.limit is None:
+            return None
+        if ok:
+            self.succeeded = True
+            return None
+        first = (error or "").strip().splitlines()[0] if (error or "").strip() else "unknown error"
+        self.count = self.count + 1 if first == self.error else 1
+        self.error = first
+        if self.count < self.limit:
+            return None
+        return (
+            f"the first {self.count} candidates all failed with: {first}"
+            " (budget.max_failures_at_start); fix the cause and resume"
+        )

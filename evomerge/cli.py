@@ -15,33 +15,72 @@ from pathlib import Path
 from typing import Sequence
 
 EXIT_USER_ERROR = 2
+EXIT_CANNOT_SUCCEED = 3
+"""The search ran but could not succeed: its first candidates all failed alike, or one hung
+where its worker could not be replaced (the reason is printed; the run can be resumed)."""
 
 
-def _progress_display():
-    """A rich progress bar: evaluations, best per population, busy workers, elapsed and time left."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
-    progress = Progress(
-        TextColumn("[bold]search"),
-        BarColumn(),
+
+def _duration(seconds: float) -> str:
+    """A run's time in a summary line: seconds while short, else h:mm:ss like the progress clock."""
+    return f"{seconds:.1f}s" if seconds < 60 else _clock(seconds)
+
+
+def _progress_display(console=None):
+    """A rich progress line that fits 80 columns: what the run is doing (starting Ray, loading
+    models, scoring the experts, searching), evaluations, the overall best, busy workers, search
+    time (the clock ``status`` and the summary report as ``search``) and time left; with several
+    populations, their bests on a second line, cut to the terminal's width.
+
+    Returns the display (a context manager), ``update(progress)`` for the controller and
+    ``phase(text)`` for the steps before the search.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.text import Text
+
+    class SearchProgress(Progress):
+        populations = ""
+
+        def get_renderables(self):
+            yield self.make_tasks_table(self.tasks)
+            if self.populations:
+                yield Text(self.populations, no_wrap=True, overflow="ellipsis")
+
+    progress = SearchProgress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=12),
         MofNCompleteColumn(),
         TextColumn("best {task.fields[best]}"),
         TextColumn("workers {task.fields[busy]}"),
-        TimeElapsedColumn(),
+        TextColumn("{task.fields[clock]}"),
         TextColumn("left {task.fields[left]}"),
+        console=console,
         transient=False,
     )
-    task = progress.add_task("search", total=None, best="-", busy="-", left="-")
+    task = progress.add_task("starting", total=None, best="-", busy="-", clock="-", left="-")
+
+    def phase(text: str) -> None:
+        progress.update(task, description=text)
 
     def update(p) -> None:
-        left = "-" if p.time_left is None else f"{int(p.time_left // 60)}:{int(p.time_left % 60):02d}"
-        if len(p.population_best) > 1:
-            best = " ".join(f"{name} {'-' if v is None else f'{v:.4f}'}" for name, v in p.population_best.items())
-        else:
-            best = "-" if p.best is None else f"{p.best:.4f}"
-        progress.update(task, completed=p.evaluations, total=p.total, best=best, busy=f"{p.busy}/{p.workers}", left=left)
+        best = "-" if p.best is None else f"{p.best:.4f}"
+        several = len(p.population_best) > 1
+        progress.populations = "  " + "  ".join(
+            f"{name} {'-' if v is None else f'{v:.4f}'}" for name, v in p.population_best.items()
+        ) if several else ""
+        progress.update(
+            task, description="searching", completed=p.evaluations, total=p.total, best=best,
+            busy=f"{p.busy}/{p.workers}", clock=_clock(p.elapsed), left=_clock(p.time_left),
+        )
 
-    return progress, update
+    return progress, update, phase
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -50,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     _override_limits(config, args)
-    progress, update = _progress_display()
+    progress, update, phase = _progress_display()
     with progress:
         summary = start_run(
             config,
@@ -58,9 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             Path(args.run_dir) if args.run_dir else None,
             on_progress=update,
             on_ready=lambda path: progress.console.print(f"run directory: {path}"),
+            on_phase=phase,
         )
-    _print_summary(summary)
-    return 0
+    return _print_summary(summary)
 
 
 def _override_limits(config, args: argparse.Namespace) -> None:
@@ -106,20 +145,29 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
 def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.runs import resume_run
 
-    progress, update = _progress_display()
+    progress, update, phase = _progress_display()
     with progress:
         progress.console.print(f"resuming {args.run_dir}")
-        summary = resume_run(Path(args.run_dir), on_progress=update, adjust=lambda config: _override_limits(config, args))
-    _print_summary(summary)
-    return 0
+        summary = resume_run(
+            Path(args.run_dir), on_progress=update, adjust=lambda config: _override_limits(config, args), on_phase=phase
+        )
+    return _print_summary(summary)
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict) -> int:
+    """One line on how the run ended; the exit status: ``EXIT_CANNOT_SUCCEED`` for a run that
+    stopped because it cannot succeed (its candidates all fail), else 0."""
     best = summary["best"]
-    line = f"stopped: {summary['stop_reason']}; {summary['evaluations']} evaluations in {summary['elapsed_seconds']:.1f}s"
+    times = f"search {_duration(summary['search_seconds'])}, wall {_duration(summary['wall_seconds'])}"
+    if summary["state"] == "failed":
+        reason, count = summary["stop_reason"], summary["evaluations"]
+        print(f"error: the search could not go on: {reason} ({count} evaluations, {times})", file=sys.stderr)
+        return EXIT_CANNOT_SUCCEED
+    line = f"stopped: {summary['stop_reason']}; {summary['evaluations']} evaluations ({times})"
     if best:
         line += f"; best {best['fitness']:.4f} ({best['candidate_id']})"
     print(line)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -132,7 +180,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     best = status["best"]
     print(f"{status['name']} [{status['state']}] {status['run_dir']}")
     ev = status["evaluations"]
-    print(f"evaluations: {ev['total']} ({ev['failed']} failed); elapsed {status['elapsed_seconds']:.1f}s")
+    cancelled = f", {ev['cancelled']} cancelled" if ev["cancelled"] else ""
+    print(f"evaluations: {ev['total']} ({ev['failed']} failed{cancelled}); search {_duration(status['search_seconds'])},"
+          f" wall {_duration(status['wall_seconds'])}")
     print("best: " + ("-" if best is None else f"{best['fitness']:.4f} {best['candidate_id']}"))
     for pop in status["populations"]:
         fit = "-" if pop["best_fitness"] is None else f"{pop['best_fitness']:.4f}"
@@ -256,10 +306,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_dir = config.run_path()
     if (run_dir / "run.db").exists():
         shutil.rmtree(run_dir)  # the demo owns its run directory; a fresh search each time
-    progress, update = _progress_display()
+    progress, update, phase = _progress_display()
     with progress:
-        summary = start_run(config, str(config_path), on_progress=update, on_ready=lambda p: progress.console.print(f"run directory: {p}"))
-    _print_summary(summary)
+        summary = start_run(
+            config, str(config_path), on_progress=update, on_phase=phase,
+            on_ready=lambda p: progress.console.print(f"run directory: {p}"),
+        )
+    code = _print_summary(summary)
+    if code:
+        return code
     store = RunStore(run_dir, readonly=True)
     try:
         bests = {p.name: best.genome for p in config.populations if (best := store.best(p.name)) is not None}
@@ -267,7 +322,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         store.close()
     if not bests:
         console.print("[red]no candidate succeeded[/red]")
-        return 1
+        return EXIT_CANNOT_SUCCEED
     table = Table(title=demo.TABLE_TITLE)
     table.add_column("model")
     table.add_column("score", justify="right")

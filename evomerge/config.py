@@ -168,8 +168,13 @@ class WorkersConfig(_Strict):
     gpus_per_worker: float = Field(default=0.0, ge=0)
     # None starts Ray on this machine (or joins RAY_ADDRESS); "auto" or "ray://host:port" joins a cluster.
     address: str | None = None
-    # A candidate still running after this long fails, and its worker is replaced.
-    timeout: Duration | None = None
+    # A candidate still running after this long fails, and its worker is replaced. "auto": a
+    # multiple of the run's own slow evaluations once some have finished (a fixed cap before);
+    # null: wait for ever.
+    timeout: Literal["auto"] | Duration | None = "auto"
+    # After a first SIGINT/SIGTERM the run stops asking and lets its evaluations finish for this
+    # long; then (or at a second signal) it cancels them, checkpoints and exits, resumable.
+    grace_period: Duration = Field(default=120.0, gt=0)
     # Re-runs of a candidate whose worker died under it, before it is recorded as failed.
     max_retries: int = Field(default=2, ge=0)
     # Worker deaths in a row, with no evaluation finishing in between, that stop the run.
@@ -293,6 +298,9 @@ class BudgetConfig(_Strict):
     requests: int | None = Field(default=None, ge=1, description="HTTP requests to the model service")
     tokens: int | None = Field(default=None, ge=1, description="prompt plus completion tokens")
     cost: float | None = Field(default=None, gt=0, description="tokens times api.price")
+    # A run whose first candidates all fail the same way (same first line of the error) stops
+    # with that reason after this many; "auto": max(8, 2 x workers); 0 or null: never.
+    max_failures_at_start: Literal["auto"] | Annotated[int, Field(ge=0)] | None = "auto"
 
     @field_validator("deadline")
     @classmethod

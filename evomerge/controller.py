@@ -4,7 +4,9 @@ It keeps the executor's slots full by asking populations in turn (the one furthe
 share of the budget first), records every candidate before it is submitted and every evaluation
 as it returns, tells the owning population, and checkpoints the strategies at a set interval and
 at the end. Budgets: evaluations (split between populations by ``share``) and wall time. SIGINT /
-SIGTERM stop the asking; work in flight finishes, a checkpoint is written, and the run ends cleanly.
+SIGTERM stop the asking; work in flight may finish for a grace period (a second signal ends it at
+once), then what still runs is cancelled, a checkpoint is written, and the run ends resumable. A
+run whose first candidates all fail the same way stops early as ``failed`` (``FailureStreak``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from evomerge import plaindata
-from evomerge.budget import Budget, BudgetState
+from evomerge.budget import Budget, BudgetState, FailureStreak
 from evomerge.errors import RunDirError
 from evomerge.executors import Executor
 from evomerge.records import Candidate, Evaluation, Status, genome_hash
@@ -30,6 +32,10 @@ from evomerge.strategies import Strategy
 from evomerge.strategies.pareto import pareto_front
 
 log = logging.getLogger(__name__)
+
+WAIT_TICK = 0.25
+"""Longest wait for the executor at a time: the loop looks at signals, limits and the progress
+display this often even while every worker is busy with a long candidate."""
 
 
 @dataclass
@@ -73,6 +79,8 @@ class Controller:
         checkpoint_every: int = 10,
         on_progress: Callable[[Progress], None] | None = None,
         migration: tuple[int, int] | None = None,
+        grace_period: float = 120.0,
+        max_failures_at_start: int | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -84,6 +92,11 @@ class Controller:
         self._usage = {"requests": 0.0, "tokens": 0.0, "cost": 0.0}
         self._best_at = 0  # evaluations counted when the best last improved
         self._stop_requested: str | None = None
+        self.grace_period = grace_period
+        self._stop_since: float | None = None  # time.monotonic() of the first stop signal
+        self._cancel_now = False  # a second signal: cancel what runs without waiting out the grace
+        self._failed = False  # the run stopped because it cannot succeed (state "failed")
+        self._streak = FailureStreak(max_failures_at_start)
         self._last_seq = 0
         self._best: float | None = None
         self._evaluations = 0
@@ -94,8 +107,29 @@ class Controller:
         self.store.log_event(kind, message)
         log.info(message, extra={"event": kind})
 
-    def request_stop(self, reason: str) -> None:
-        self._stop_requested = reason
+    def request_stop(self, reason: str, failed: bool = False) -> None:
+        """Stop asking for candidates; ``failed``: the run cannot succeed (it ends ``failed``)."""
+        if self._stop_requested is None:
+            self._stop_requested, self._failed = reason, failed
+
+    def signalled(self, name: str) -> None:
+        """A SIGINT/SIGTERM: the first stops the asking and starts the grace period in which running
+        candidates may finish; a second cancels them now."""
+        if self._stop_since is None:
+            self._stop_since = time.monotonic()
+            self.request_stop(f"signal {name}")
+        else:
+            self._cancel_now = True
+
+    def _cancel_due(self) -> str | None:
+        """Why the candidates still running should be cancelled now, or None."""
+        if self._stop_since is None:
+            return None
+        if self._cancel_now:
+            return "a second signal"
+        if time.monotonic() - self._stop_since >= self.grace_period:
+            return f"the {self.grace_period:g}s grace period (workers.grace_period)"
+        return None
 
     def _next_population(self, skip: set[str]) -> Population | None:
         ready = [p for p in self.populations.values() if p.name not in skip and p.can_ask()]
@@ -146,6 +180,12 @@ class Controller:
         self._migrate()
         if ev.status == Status.FAILED:
             self._event("candidate_failed", f"{ev.candidate_id}: {ev.error}")
+        if ev.status == Status.CANCELLED:
+            self._event("candidate_cancelled", f"{ev.candidate_id}: {ev.error}")
+            return
+        cannot_succeed = self._streak.observe(ev.usable, ev.error)
+        if cannot_succeed:
+            self.request_stop(cannot_succeed, failed=True)
 
     def _tell(self, ev: Evaluation) -> None:
         pop = self.populations[ev.population]
@@ -267,32 +307,50 @@ class Controller:
         for pop in self.populations.values():  # after a restore: what was in flight when the run stopped
             for cand in sorted(pop.strategy.outstanding(), key=lambda c: int(c.id.rsplit(":", 1)[1])):
                 self.executor.submit(cand)
-        with _graceful_signals(self.request_stop):
+        with _graceful_signals(self.signalled):
             while True:
+                if self.executor.halted is not None:
+                    self.request_stop(self.executor.halted, failed=True)
                 if not self._stop_requested:
-                    self._stop_requested = self._limit_reached(started)
+                    limit = self._limit_reached(started)
+                    if limit:
+                        self.request_stop(limit)
                 if self._stop_requested:
                     stop_reason = self._stop_requested
-                if not self._stop_requested:
+                else:
                     self._fill()
                 if self.executor.in_flight == 0:
                     if not self._stop_requested and all(p.stop_reason for p in self.populations.values()):
                         stop_reason = "all populations stopped"
                     break
-                for ev in self.executor.wait():
+                why = self._cancel_due()
+                if why is not None:
+                    stop_reason += self._cancel(why)
+                    break
+                for ev in self.executor.wait(WAIT_TICK):
                     self._record(ev)
                     since_checkpoint += 1
-                    self._progress(started)
+                self._progress(started)
                 if since_checkpoint >= self.checkpoint_every:
                     self.checkpoint(time.time() - started)
                     since_checkpoint = 0
-        self.checkpoint(time.time() - started)
-        summary = self.summary(stop_reason, time.time() - started)
+        searching = time.time() - started
+        self.checkpoint(searching)
         resumable = stop_reason.startswith("signal") or stop_reason == "deadline reached"
-        state = "interrupted" if resumable else "finished"
+        state = "failed" if self._failed else "interrupted" if resumable else "finished"
+        summary = self.summary(stop_reason, searching, state)
         self.store.set_state(state, summary)
         self._event("run_" + state, stop_reason)
         return summary
+
+    def _cancel(self, why: str) -> str:
+        """Cancel the candidates still running and record them, so a resume does not start with
+        them again (a hung one would hang again); what to add to the stop reason."""
+        evaluations = self.executor.cancel(f"cancelled: the run was stopped ({why})")
+        for ev in evaluations:
+            self._record(ev)
+        count = sum(ev.status == Status.CANCELLED for ev in evaluations)
+        return f"; {count} running evaluation(s) cancelled after {why}" if count else ""
 
     def _limit_reached(self, started: float) -> str | None:
         """Why the run should stop asking now (besides budgets and signals), or None."""
@@ -301,11 +359,16 @@ class Controller:
         reasons = self.budget.stop(state)
         return self.budget.describe(reasons, state) if reasons else None
 
-    def summary(self, stop_reason: str, elapsed: float) -> dict[str, Any]:
+    def summary(self, stop_reason: str, searching: float, state: str) -> dict[str, Any]:
+        """What the run ends with. ``search_seconds``: time in the search loop, all sessions (what
+        ``max_time`` counts); ``wall_seconds``: since the run was created (starting workers,
+        scoring the experts and pauses between sessions included)."""
         best = self.store.best()
         return {
+            "state": state,
             "stop_reason": stop_reason,
-            "elapsed_seconds": round(elapsed, 3),
+            "search_seconds": round(searching, 3),
+            "wall_seconds": round(time.time() - self.store.run_info()["created"], 3),
             "evaluations": self._evaluations,
             "best": None
             if best is None
@@ -330,7 +393,7 @@ def population_front(store: RunStore, population: str, objectives: list[str] | N
 
 
 @contextmanager
-def _graceful_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
+def _graceful_signals(signalled: Callable[[str], None]) -> Iterator[None]:
     """SIGINT/SIGTERM ask the loop to stop instead of killing it mid-write (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -338,7 +401,7 @@ def _graceful_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
     previous = {}
 
     def handler(signum, frame):
-        request_stop(f"signal {signal.Signals(signum).name}")
+        signalled(signal.Signals(signum).name)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, handler)

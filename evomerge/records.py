@@ -24,6 +24,8 @@ class Status(StrEnum):
     FAILED = "failed"
     """Its merge or fitness raised, its fitness is NaN, it timed out, or its workers kept dying."""
     CANCELLED = "cancelled"
+    """Given up while it ran, because the run was stopped (a second signal, or the grace period
+    after the first ran out). Strategies are told it like a failure; a resume does not run it again."""
 
 
 def genome_hash(genome: np.ndarray) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from evomerge import run_identity
-from evomerge.budget import Budget, pin_deadline
+from evomerge.budget import Budget, failures_at_start_limit, pin_deadline
 from evomerge.config import RunConfig, config_from_dict, load_config
 from evomerge.controller import Controller, Population, Progress, population_front
 from evomerge.errors import DiskError, RunChangedError, RunDirError
@@ -145,12 +145,13 @@ def _session(store: RunStore, executor: Executor) -> Iterator[None]:
         store.close()
 
 
-def _score_experts(store: RunStore, config: RunConfig, executor: Executor) -> None:
+def _score_experts(store: RunStore, config: RunConfig, executor: Executor, on_phase: Callable[[str], None]) -> None:
     """Record each expert's own fitness once per run (``score_experts``), before the search, so
     the report can set the best merge beside them while the run goes; a resume scores them only
     if the run has none yet."""
     if not config.score_experts or store.baselines():
         return
+    on_phase("scoring the experts")
     for ev in executor.run_once(ExpertBaselines()):
         store.add_baseline(ev.candidate_id, ev)
 
@@ -176,6 +177,8 @@ def _drive(
         checkpoint_every=config.checkpoint_every,
         on_progress=on_progress,
         migration=None if config.migration is None else (config.migration.every, config.migration.size),
+        grace_period=config.workers.grace_period,
+        max_failures_at_start=failures_at_start_limit(config.budget, executor.capacity),
     )
     with run_log(store.run_dir):
         if resume:
@@ -191,8 +194,10 @@ def start_run(
     run_dir: Path | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_ready: Callable[[Path], None] | None = None,
+    on_phase: Callable[[str], None] = lambda text: None,
 ) -> dict[str, Any]:
-    """Run a search to the end of its budget; returns the summary also stored in the run."""
+    """Run a search to the end of its budget; returns the summary also stored in the run.
+    ``on_phase`` hears what the run is doing before the search (starting Ray, loading models)."""
     if run_dir is not None:
         config.run_dir = str(Path(run_dir).resolve())
     pin_deadline(config.budget)  # "07:00" means tonight's 07:00, also after a resume
@@ -203,7 +208,7 @@ def start_run(
     # same directory is refused before either writes the run, and never writes into this one.
     store = RunStore(path, create=True)
     try:
-        executor = make_executor(config)
+        executor = make_executor(config, None, on_phase)
         try:
             space, strategies = plan.strategies(executor)
         except BaseException:
@@ -223,7 +228,7 @@ def start_run(
             )
         if on_ready is not None:
             on_ready(path)
-        _score_experts(store, config, executor)
+        _score_experts(store, config, executor, on_phase)
         return _drive(store, plan, executor, strategies, on_progress, resume=False)
 
 
@@ -231,6 +236,7 @@ def resume_run(
     run_dir: Path,
     on_progress: Callable[[Progress], None] | None = None,
     adjust: Callable[[RunConfig], None] | None = None,
+    on_phase: Callable[[str], None] = lambda text: None,
 ) -> dict[str, Any]:
     """Continue a run stopped in any way (signal, deadline, crash, SIGKILL) from its run directory.
 
@@ -253,13 +259,14 @@ def resume_run(
         pin_deadline(config.budget)
         plan = RunPlan.from_config(config, str(Path(run_dir) / "config.yaml"))
         # black-box workers start from the answers the run recorded: none is asked for twice
-        executor = make_executor(config, SeedResponses(store.api_responses()) if config.api is not None else None)
+        setup = SeedResponses(store.api_responses()) if config.api is not None else None
+        executor = make_executor(config, setup, on_phase)
     except BaseException:
         store.close()
         raise
     with _session(store, executor):
         _, strategies = plan.strategies(executor)
-        _score_experts(store, config, executor)
+        _score_experts(store, config, executor, on_phase)
         return _drive(store, plan, executor, strategies, on_progress, resume=True)
 
 
@@ -287,6 +294,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             )
         best = store.best()
         total_ok = sum(c.get("ok", 0) for c in counts.values())
+        cancelled = sum(c.get("cancelled", 0) for c in counts.values())
         total = sum(sum(c.values()) for c in counts.values())
         return {
             "run_dir": str(Path(run_dir).resolve()),
@@ -294,8 +302,11 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             "state": info["state"],
             "created": info["created"],
             "updated": info["updated"],
-            "elapsed_seconds": round(info["updated"] - info["created"], 3),
-            "evaluations": {"total": total, "ok": total_ok, "failed": total - total_ok},
+            "wall_seconds": round(info["updated"] - info["created"], 3),
+            "search_seconds": round(info["active_seconds"], 3),
+            "evaluations": {
+                "total": total, "ok": total_ok, "failed": total - total_ok - cancelled, "cancelled": cancelled
+            },
             "budget": info["budget"],
             "best": None
             if best is None

@@ -45,7 +45,7 @@ def test_status_json_for_scripts(tmp_path, digits_config, capsys):
     run_ok(["status", str(run_dir), "--json"])
     status = json.loads(capsys.readouterr().out)
     assert status["state"] == "finished"
-    assert status["evaluations"] == {"total": 24, "ok": 24, "failed": 0}
+    assert status["evaluations"] == {"total": 24, "ok": 24, "failed": 0, "cancelled": 0}
     assert status["populations"][0]["name"] == "cma"
     assert status["best"]["fitness"] == status["populations"][0]["best_fitness"]
     run_ok(["status", str(run_dir)])

@@ -7,8 +7,10 @@ Fault model of the Ray pool (the ``workers:`` section of the config):
   failed ``Evaluation`` made inside the worker; the actor lives on.
 * A ``PluginError`` (a fitness plugin returning the wrong shape) would fail every candidate alike,
   so it reaches the caller as itself and the run stops with its message.
-* A candidate still running after ``workers.timeout`` is recorded as failed ("timed out after Ns").
-  A running Python call cannot be interrupted, so its actor is killed and a new one started.
+* A candidate still running after ``workers.timeout`` (by default derived from the run's own
+  evaluation times, see ``evomerge.executors.timeouts``) is recorded as failed ("timed out after
+  Ns"). A running Python call cannot be interrupted, so its actor is killed and a new one started;
+  ``cancel`` (a stopping run's grace period is over) does the same and records it as cancelled.
 * An actor that dies (crash, OOM kill, lost node) is replaced and its candidate run again, at most
   ``workers.max_retries`` times, then recorded as failed with the last error. After
   ``workers.max_worker_failures`` deaths in a row with no evaluation finishing in between, the run
@@ -28,13 +30,15 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from evomerge.config import RunConfig, WorkersConfig
 from evomerge.errors import UserError
-from evomerge.executors.base import Executor, Job, WorkerError
+from evomerge.executors.base import Executor, Job, WorkerError, cancelled
+from evomerge.executors.ray_reaper import Reaper
+from evomerge.executors.timeouts import CandidateTimeout
 from evomerge.records import Candidate, Evaluation
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,10 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 60.0
 """Longest single ``ray.wait``. Ray may never raise for an actor it lost track of, so even a wait
 with no deadline wakes up now and then and logs what it is still waiting for."""
+
+
+RAY_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
+"""The logger of Ray's "Token authentication is enabled for this Ray cluster" notice."""
 
 
 def pool_size(settings: WorkersConfig, resources: dict[str, float]) -> int:
@@ -103,6 +111,8 @@ class _Slot:
     worker_id: str = ""
     job: _Job | None = None
     started: float = 0.0
+    limit: float | None = None
+    """The running candidate's time limit in seconds."""
 
     def failure(self, reason: str) -> Evaluation:
         """The running candidate, recorded as failed on this slot's worker."""
@@ -116,12 +126,15 @@ class RayExecutor(Executor):
 
     Uses the Ray session this process already has (tests, a program that called ``ray.init``),
     else calls ``ray.init(workers.address)`` — which also joins the cluster of ``RAY_ADDRESS``, as
-    under ``ray job submit`` — and then owns the session: ``shutdown`` ends it. The constructor
+    under ``ray job submit`` — and then owns the session: ``shutdown`` ends it. A Ray it starts
+    on this machine is watched by a ``Reaper``, so none of its processes outlives this one. The constructor
     returns once every actor has loaded its models (and run ``setup``, as every replacement does
     too), so setup errors surface there.
     """
 
-    def __init__(self, config: RunConfig, setup: Job | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, setup: Job | None = None, on_phase: Callable[[str], None] = lambda text: None
+    ) -> None:
         import ray
 
         self.config = config
@@ -137,21 +150,31 @@ class RayExecutor(Executor):
         self._finished: list[Evaluation] = []  # settled outside ``wait`` (by run_once), returned by it
         self._actors_made = 0
         self._deaths_in_a_row = 0
+        self.timeout = CandidateTimeout(self.settings.timeout)
         self._owns_ray = not ray.is_initialized()
+        self._reaper: Reaper | None = None
         self._ready = False  # set once the first pool is up: after that, a lost worker shrinks it
         started = time.perf_counter()
+        local = self.settings.address is None and "RAY_ADDRESS" not in os.environ
         if self._owns_ray:
+            on_phase(f"starting Ray ({os.cpu_count()} CPUs)" if local else "joining the Ray cluster")
+            if local:  # Ray turns token auth on for a cluster it starts and logs a notice on every run,
+                # over the progress line; the notice is silenced, the authentication stays on
+                logging.getLogger(RAY_AUTH_NOTICE).setLevel(logging.ERROR)
             try:
                 ray.init(address=self.settings.address, include_dashboard=False, logging_level=logging.WARNING)
             except ConnectionError as exc:  # "auto" with no cluster running, an unreachable ray:// address
                 where = self.settings.address or os.environ.get("RAY_ADDRESS")
                 raise WorkerError(f"cannot join the Ray cluster at {where!r} (workers.address): {exc}") from None
+            if local:  # nothing of the Ray we start may outlive this process, even killed
+                self._reaper = Reaper(ray._private.worker._global_node.get_session_dir_path())
         try:
             resources = ray.cluster_resources()
             self.capacity = pool_size(self.settings, resources)
-            if self._owns_ray and self.settings.address is None and "RAY_ADDRESS" not in os.environ:
+            if self._owns_ray and local:
                 check_fits(self.settings, self.capacity, resources)  # a Ray we started on this machine never grows
                 self._check_memory()
+            on_phase(f"loading models on {self.capacity} worker{'s' if self.capacity != 1 else ''}")
             self._slots = [self._new_slot() for _ in range(self.capacity)]
             while any(slot.stage in ("scheduling", "loading") for slot in self._slots):
                 self._step()  # no candidates yet, so nothing finishes
@@ -216,27 +239,43 @@ class RayExecutor(Executor):
             job = self._queue.popleft()
             slot.stage, slot.job, slot.started = "busy", job, time.time()
             slot.ref = slot.actor.evaluate.remote(job.candidate)
-            timeout = self.settings.timeout
-            slot.deadline = None if timeout is None else time.monotonic() + timeout
+            slot.limit = self.timeout.seconds()
+            slot.deadline = None if slot.limit is None else time.monotonic() + slot.limit
 
-    def wait(self) -> list[Evaluation]:
+    def wait(self, timeout: float | None = None) -> list[Evaluation]:
         finished, self._finished = self._finished, []
+        until = None if timeout is None else time.monotonic() + timeout
         while not finished and self.in_flight:
-            finished = self._step()
+            left = None if until is None else until - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            finished = self._step(left)
             self._dispatch()
         return finished
 
-    def _step(self) -> list[Evaluation]:
-        """One round: wait until a call finishes or a deadline passes, then settle what happened."""
+    def cancel(self, reason: str) -> list[Evaluation]:
+        """Kill the actors running candidates (a running call cannot be interrupted otherwise) and
+        start new ones; results that had already come back are returned as they are."""
+        finished, self._finished = self._finished, []
+        self._queue.clear()
+        for slot in [slot for slot in self._slots if slot.stage == "busy"]:
+            finished.append(cancelled(slot.job.candidate, reason, slot.worker_id, slot.started))
+            self._replace(slot)
+        return finished
+
+    def _step(self, most: float | None = None) -> list[Evaluation]:
+        """One round: wait until a call finishes, a deadline passes or ``most`` seconds have gone
+        by, then settle what happened."""
         import ray
 
         waiting = {slot.ref: slot for slot in self._slots if slot.ref is not None}
         deadlines = [slot.deadline for slot in self._slots if slot.deadline is not None]
-        timeout = min([POLL_SECONDS] + [max(0.0, d - time.monotonic()) for d in deadlines])
+        limits = [POLL_SECONDS] + [max(0.0, d - time.monotonic()) for d in deadlines]
+        timeout = min(limits + ([most] if most is not None else []))
         done, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
         if done:  # take every call that has finished by now, not just the first
             done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
-        elif not deadlines:
+        elif not deadlines and most is None:
             log.debug("still waiting for %d Ray calls", len(waiting))
         finished: list[Evaluation] = []
         for ref in done:
@@ -269,6 +308,7 @@ class RayExecutor(Executor):
         self._deaths_in_a_row = 0
         if value.per_example is not None:  # Ray hands back a read-only view into its object store
             value.per_example = np.array(value.per_example)
+        self.timeout.observe(value.duration)
         return [value]
 
     def _worker_died(self, slot: _Slot, err: BaseException) -> list[Evaluation]:
@@ -308,7 +348,7 @@ class RayExecutor(Executor):
                 raise WorkerError(self._unplaced_message())
             if slot.stage == "loading":
                 raise WorkerError(f"worker {slot.worker_id} did not load the models within {self.settings.load_timeout:g}s")
-            reason = f"timed out after {self.settings.timeout:g}s"
+            reason = CandidateTimeout.reason(slot.limit)
             log.warning("candidate %s %s on worker %s; replacing it", slot.job.candidate.id, reason, slot.worker_id)
             self._replace(slot)
             finished.append(slot.failure(reason))
@@ -382,3 +422,6 @@ class RayExecutor(Executor):
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+        if self._reaper is not None:
+            self._reaper.close()
+            self._reaper = None

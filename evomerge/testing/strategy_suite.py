@@ -13,8 +13,8 @@ subclassing ``StrategySuite`` in a test module and overriding the ``new_strategy
 
 The contract: candidates stay in the unit cube with unique ids; results told in any order are
 matched by id; a simple objective improves; a checkpoint (plain data, never a pickle) restores the
-exact next asks; draws depend on the seed only, never on numpy's global generator; failed and NaN
-results never become the best; telling an unknown candidate is an error.
+exact next asks; draws depend on the seed only, never on numpy's global generator; failed, cancelled and
+NaN results never become the best; telling an unknown candidate is an error.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from evomerge import plaindata
-from evomerge.records import Candidate, Evaluation
+from evomerge.records import Candidate, Evaluation, Status
 from evomerge.space.genes import GeneRange, SearchSpec
 from evomerge.strategies import STRATEGIES, Strategy, make_strategy
 
@@ -119,15 +119,17 @@ class StrategySuite:
         for x, y in zip(ga, gb):
             np.testing.assert_array_equal(x.genome, y.genome)
 
-    def test_failed_and_nan_results_never_become_best(self, make):
+    def test_failed_cancelled_and_nan_results_never_become_best(self, make):
         strategy = make()
         told = 0
         while told < 20:
             for cand in strategy.ask(4):
-                if told % 3 == 0:
+                if told % 4 == 0:
                     ev = Evaluation.failure(cand.id, "boom")
-                elif told % 3 == 1:
+                elif told % 4 == 1:
                     ev = Evaluation(cand.id, "ok", math.nan)
+                elif told % 4 == 2:  # a stopped run cancelled it: told like a failure
+                    ev = Evaluation(cand.id, Status.CANCELLED, -math.inf, error="cancelled")
                 else:
                     ev = scored(cand)
                 strategy.tell([ev])

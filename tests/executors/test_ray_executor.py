@@ -307,6 +307,24 @@ def test_timeout_fails_the_candidate_and_the_pool_keeps_its_capacity(pool_config
         executor.shutdown()
 
 
+def test_cancel_kills_the_worker_of_a_hung_candidate_and_records_it_cancelled(pool_config, control, reference):
+    executor = start_pool(pool_config())
+    try:
+        control("hang")
+        executor.submit(candidate(reference, 0, 0.5))
+        assert executor.wait(timeout=0.2) == [] and executor.in_flight == 1  # a bounded wait comes back empty
+        [ev] = executor.cancel("cancelled: the run was stopped")
+        assert (ev.candidate_id, ev.status, ev.error) == ("cma:0", "cancelled", "cancelled: the run was stopped")
+        assert executor.in_flight == 0
+
+        control("ok")
+        executor.submit(candidate(reference, 1, 0.5))
+        [ok] = collect(executor, 1)
+        assert ok.status == "ok" and ok.worker != ev.worker  # a fresh actor took the cancelled one's place
+    finally:
+        executor.shutdown()
+
+
 def test_workers_the_cluster_cannot_place_stop_with_a_clear_error(pool_config, ray_session):
     config = pool_config(fitness="classification_accuracy", count=1, cpus_per_worker=3, schedule_timeout="2s")
     with pytest.raises(WorkerError, match=r"only 0 of 1 workers could start within 2s: the cluster lacks CPUs/GPUs"):
