@@ -215,7 +215,7 @@ def start_run(
             executor.shutdown()
             raise
     except BaseException:
-        store.close()
+        store.discard()  # refused before it started: no run is left behind to resume
         raise
     with _session(store, executor):
         store.init_run(config.name, yaml.safe_dump(resolved_config_dict(plan), sort_keys=False), config.budget.model_dump())

@@ -215,6 +215,7 @@ class RunStore:
             raise RunDirError(f"{self.run_dir} is a file, not a directory; choose another --run-dir")
         if not create and not self.db_path.exists():
             raise RunDirError(f"{self.run_dir}: not an evomerge run directory (no {DB_NAME})")
+        self._new_db = create and not self.db_path.exists()  # what ``discard`` may remove
         if create:
             with disk_faults(self.run_dir):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,6 +261,19 @@ class RunStore:
         if self._lock is not None:
             self._lock.release()
 
+    def discard(self) -> None:
+        """Close a store whose run never started (refused before ``init_run``): the database this
+        store created goes, so the directory reads as free, not as a run to resume. Removed while
+        the lock is held; the lock file stays (see ``RunDirLock``)."""
+        self._db.close()
+        try:
+            if self._new_db:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{self.db_path}{suffix}").unlink(missing_ok=True)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
     def _holds_run(self) -> bool:
         return self._db.execute("SELECT 1 FROM runs").fetchone() is not None
 
@@ -297,6 +311,7 @@ class RunStore:
                 (name, SCHEMA_VERSION, now, now, json.dumps(budget)),
             )
             self._db.execute("INSERT INTO started_config (id, config_yaml) VALUES (1, ?)", (config_yaml,))
+        self._new_db = False  # a run now: ``discard`` no longer applies
 
     def record_started_config(self, config_yaml: str) -> None:
         """For a run directory written before the started config was kept: take ``config_yaml``
