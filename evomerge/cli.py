@@ -1,7 +1,8 @@
 """``evomerge run|resume|status|export|report|validate|demo`` — the command line.
 
 User errors (bad config, missing paths, a run directory in use) print one line naming what to
-fix and exit with status 2; anything else is a bug and keeps its traceback.
+fix and exit with status 2; a run that cannot succeed exits 3, one stopped by a signal before its
+search 130; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,15 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_CANNOT_SUCCEED = 3
 """The search ran but could not succeed: its first candidates all failed alike, or one hung
 where its worker could not be replaced (the reason is printed; the run can be resumed)."""
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C or SIGTERM before the search took the signal over (128 + SIGINT, as shells
+report it); a run so stopped is recorded as interrupted and can be resumed."""
 
 
 def _clock(seconds: float | None) -> str:
@@ -184,6 +190,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"evaluations: {ev['total']} ({ev['failed']} failed{cancelled}); search {_duration(status['search_seconds'])},"
           f" wall {_duration(status['wall_seconds'])}")
     print("best: " + ("-" if best is None else f"{best['fitness']:.4f} {best['candidate_id']}"))
+    if status["stop_reason"]:
+        print(f"stopped: {status['stop_reason']}")
+    if status["error"]:
+        print(f"error: {status['error']}")
     for pop in status["populations"]:
         fit = "-" if pop["best_fitness"] is None else f"{pop['best_fitness']:.4f}"
         budget = pop["budget"] if pop["budget"] is not None else "∞"
@@ -212,8 +222,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.serve:
         print(f"report: {build_report(run_dir, out)}")
         return 0
-    import threading
-
     from evomerge.report.serve import ReportServer
 
     server = ReportServer(run_dir, out, args.port).start()
@@ -291,7 +299,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from evomerge.config import load_config
     from evomerge.errors import ConfigError
     from evomerge.runs import start_run
-    from evomerge.store import RunStore
+    from evomerge.store import RunStore, clear_run_dir
 
     if args.name is not None and args.config is not None:
         raise ConfigError("give a demo name or --config PATH, not both")
@@ -305,7 +313,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo.prepare(config)
     run_dir = config.run_path()
     if (run_dir / "run.db").exists():
-        shutil.rmtree(run_dir)  # the demo owns its run directory; a fresh search each time
+        clear_run_dir(run_dir)  # the demo owns its run directory; a fresh search each time
     progress, update, phase = _progress_display()
     with progress:
         summary = start_run(
@@ -342,6 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Search for the best way to merge fine-tuned models.")
+    parser.set_defaults(own_sigterm=False)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a search from a config file")
     p.add_argument("config")
@@ -390,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-loras", type=int, help="adapters /v1/load_lora_adapter keeps loaded at once; unloading frees one (default 16)"
     )
-    p.set_defaults(fn=cmd_serve)
+    # uvicorn stops on SIGTERM and then re-raises it: the service ends as killed by SIGTERM, which
+    # is how systemd expects a stopped service to end, not with EXIT_INTERRUPTED.
+    p.set_defaults(fn=cmd_serve, own_sigterm=True)
     return parser
 
 
@@ -400,10 +411,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with nullcontext() if args.own_sigterm else _sigterm_interrupts():
+            return args.fn(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'SIGINT'})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (systemd, kill) unwinds like Ctrl-C: cleanup runs, the run is recorded as
+    interrupted and resumable, the exit is ``EXIT_INTERRUPTED``. The search and ``serve`` put
+    their own handlers over this one while they run. Main thread only: signals go there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -132,12 +132,17 @@ def run_log(run_dir: Path) -> Iterator[None]:
 
 @contextmanager
 def _session(store: RunStore, executor: Executor) -> Iterator[None]:
-    """A run's session: a failure marks the run failed (resumable); workers and store (and with it
-    the run directory's lock) are released."""
+    """A run's session: a failure marks the run failed, a signal before the search (while Ray
+    starts or experts are scored; the search handles its own) marks it interrupted, both
+    resumable; workers and store (and with it the run directory's lock) are released."""
     try:
         yield
-    except BaseException as exc:
+    except KeyboardInterrupt as exc:
         with suppress(DiskError):  # a full disk refuses this note too; the run resumes all the same
+            store.set_state("interrupted", {"stop_reason": f"signal {exc or 'SIGINT'} before the search"})
+        raise
+    except BaseException as exc:
+        with suppress(DiskError):
             store.set_state("failed", {"error": f"{type(exc).__name__}: {exc}"})
         raise
     finally:
@@ -313,6 +318,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             else {"candidate_id": best.candidate_id, "population": best.population, "fitness": best.fitness},
             "populations": populations,
             "stop_reason": (info["summary"] or {}).get("stop_reason"),
+            "error": (info["summary"] or {}).get("error"),
         }
     finally:
         store.close()

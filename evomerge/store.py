@@ -19,6 +19,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -199,6 +200,25 @@ class RunDirLock:
                 os.ftruncate(fd, 0)  # while still holding it: nobody reads a stale holder
             finally:
                 os.close(fd)  # closing the file releases the lock
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Empty a run directory for a fresh run in it (the demo owns its directory), under its lock:
+    a run or resume still writing there is refused with ``RunDirInUseError``, not wiped. The lock
+    file stays, as everywhere (see ``RunDirLock``)."""
+    run_dir = Path(run_dir)
+    lock = RunDirLock(run_dir)
+    try:
+        with disk_faults(run_dir):
+            for entry in run_dir.iterdir():
+                if entry.name == LOCK_NAME:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+    finally:
+        lock.release()
 
 
 class RunStore:

@@ -228,3 +228,39 @@ def test_signals_cancel_a_hung_candidate_and_resume_does_not_start_with_it(
     rows = statuses(run_dir)
     assert [cid for cid, _, _ in rows] == [f"cma:{i}" for i in range(6)]  # cma:2 was not scored again
     assert [status for _, status, _ in rows[3:]] == ["ok"] * 3
+
+
+@pytest.mark.parametrize("when", ["scoring the experts", "starting the workers"])
+def test_sigterm_before_the_search_unwinds_to_exit_130_and_leaves_a_resumable_run_or_none(
+    tmp_path, digits_config, monkeypatch, capsys, when
+):
+    """systemd stops a run while Ray starts or the experts are scored: cleanup runs (workers,
+    lock), the run is recorded as interrupted, not failed, and resumes; stopped before the run
+    was written, nothing is left to resume."""
+    from evomerge import runs
+    from evomerge.cli import EXIT_INTERRUPTED
+
+    target = "_score_experts" if when == "scoring the experts" else "make_executor"
+    real = getattr(runs, target)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this thread, before the next line
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs, target, terminated)
+    path = digits_config(budget={"evaluations": 4})
+    run_dir = tmp_path / "r"
+    assert main(["run", str(path), "--run-dir", str(run_dir)]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert err == "interrupted (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put back what it found
+    monkeypatch.setattr(runs, target, real)
+    if target == "make_executor":
+        assert not (run_dir / "run.db").exists()
+        return
+    info = run_info(run_dir)
+    assert info["state"] == "interrupted" and info["summary"]["stop_reason"] == "signal SIGTERM before the search"
+    assert main(["status", str(run_dir)]) == 0
+    assert "stopped: signal SIGTERM before the search" in capsys.readouterr().out
+    assert main(["resume", str(run_dir)]) == 0
+    assert [status for _, status, _ in statuses(run_dir)] == ["ok"] * 4

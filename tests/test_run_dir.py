@@ -16,7 +16,7 @@ from evomerge import runs
 from evomerge.cli import main
 from evomerge.config import load_config
 from evomerge.errors import RunDirInUseError, UserError
-from evomerge.store import RunStore
+from evomerge.store import RunStore, clear_run_dir
 
 PAST_DEADLINE = ["--deadline", "2000-01-01T07:00"]  # a run stopped before its first candidate: resumable, instant
 NO_DEADLINE = ["--deadline", "2999-01-01T07:00"]  # what its resume runs with
@@ -111,6 +111,22 @@ def test_a_killed_writer_leaves_no_lock_behind(tmp_path, digits_config, capsys):
     done = subprocess.run([sys.executable, "-c", script, str(run_dir)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 9, done.stderr
     RunStore(run_dir).close()  # the stale run.lock (with the dead pid inside) does not block
+
+
+def test_clearing_a_run_directory_another_writer_holds_is_refused_and_wipes_nothing(tmp_path, digits_config, capsys):
+    """What ``evomerge demo`` does before each fresh search: it must not wipe a run still writing."""
+    run_dir = stopped_run(digits_config, tmp_path, capsys)
+    (run_dir / "exports").mkdir()
+    holder = RunStore(run_dir)
+    try:
+        with pytest.raises(RunDirInUseError, match=f"pid {os.getpid()} on {socket.gethostname()}"):
+            clear_run_dir(run_dir)
+        assert {"run.db", "config.yaml", "exports"} <= {p.name for p in run_dir.iterdir()}
+    finally:
+        holder.close()
+    clear_run_dir(run_dir)
+    assert [p.name for p in run_dir.iterdir()] == ["run.lock"]
+    RunStore(run_dir, create=True).close()  # free for a fresh run
 
 
 # --- a resume searches what the run started with -------------------------------------------------

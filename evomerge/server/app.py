@@ -354,6 +354,8 @@ def serve(
         raise ServeError(f"set the environment variable {TOKEN_ENV} to the bearer token clients must send")
     if adapters is not None and not Path(adapters).is_dir():
         raise ServeError(f"--adapters: not a directory: {adapters}")
+    if adapters is not None and not os.access(adapters, os.R_OK | os.X_OK):
+        raise ServeError(f"--adapters: cannot list {adapters} (permission denied); make it readable to this user")
     max_loras = MAX_LORAS if max_loras is None else max_loras
     if max_loras < 0:
         raise ServeError(f"--max-loras: must be 0 or more, not {max_loras}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import struct
@@ -281,3 +282,20 @@ def test_auth_size_and_admission_are_decided_before_the_body_is_parsed(host, ser
                     break
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists directories whatever their mode")
+def test_serve_refuses_an_adapter_root_it_cannot_list_in_one_line(tiny_models, tmp_path, monkeypatch, capsys):
+    from evomerge.cli import EXIT_USER_ERROR, main
+    from evomerge.server.app import TOKEN_ENV
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    root = tmp_path / "root"
+    shutil.copytree(tiny_models["adapters"] / "addition", root / "addition")
+    root.chmod(0o300)  # writable, searchable, not listable
+    try:
+        assert main(["serve", "--model", str(tiny_models["base"]), "--adapters", str(root)]) == EXIT_USER_ERROR
+    finally:
+        root.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith("error: --adapters: cannot list") and str(root) in err and err.count("\n") == 1
