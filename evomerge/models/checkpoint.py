@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from evomerge.config import RunConfig
-from evomerge.errors import ConfigError, ModelLoadError
+from evomerge.errors import ConfigError, ModelLoadError, first_line
 from evomerge.models.adapters import is_adapter
 from evomerge.models.loading import load_config, unreadable_weights
 
@@ -25,29 +25,45 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: a recorded na
 _HUB_CACHE = re.compile(r"(?:^|/)models--([\w.-]+?)--([\w.-]+)/snapshots/[0-9a-f]+(?:/|$)")
 
 
+SINGLE_FILE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
 def local_dir(ref: str) -> Path:
     """The directory holding ``ref``'s files: itself, or its snapshot in the hub cache (where the
-    run's workers already downloaded it)."""
+    run's workers already downloaded the weights)."""
     path = Path(ref)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(ref, allow_patterns=["*.json", SINGLE_FILE, "model-*.safetensors"]))
     except Exception as exc:  # offline and not cached, or not on the hub
-        raise ModelLoadError(f"cannot read the checkpoint files of '{ref}': {exc}") from None
+        raise ModelLoadError(f"cannot read the checkpoint files of '{ref}': {first_line(exc)}") from None
+
+
+def weight_files(ref: str) -> list[Path]:
+    """The safetensors files transformers loads for ``ref``: the shards its index names, or the
+    single file (a repository may hold others, such as Mistral's ``consolidated.safetensors``)."""
+    folder = local_dir(ref)
+    if (folder / INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"'{folder / INDEX}' is not a readable safetensors index: {first_line(exc)}") from None
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    raise ModelLoadError(f"'{ref}' holds no {SINGLE_FILE} (nor a sharded {INDEX})")
 
 
 def tensor_dtypes(ref: str) -> dict[str, str]:
     """Every tensor the checkpoint stores, in file order, with its safetensors dtype (``F32``…)."""
     from safetensors import SafetensorError, safe_open
 
-    files = sorted(local_dir(ref).glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"'{ref}' holds no .safetensors weights")
     dtypes: dict[str, str] = {}
-    for file in files:
+    for file in weight_files(ref):
         try:
             with safe_open(str(file), framework="pt") as f:
                 dtypes.update((key, f.get_slice(key).get_dtype()) for key in f.keys())

@@ -10,7 +10,7 @@ import torch
 
 from evomerge.config import config_from_dict
 from evomerge.errors import ConfigError
-from evomerge.models.checkpoint import hub_id, run_dtype, stored_dtype
+from evomerge.models.checkpoint import hub_id, run_dtype, stored_dtype, tensor_dtypes
 from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 
 
@@ -57,6 +57,20 @@ def test_without_a_recorded_dtype_the_weights_say(stored, tmp_path):
     del config["dtype"]
     (folder / "config.json").write_text(json.dumps(config))
     assert stored_dtype(str(folder)) == "bfloat16"
+
+
+def test_tensors_are_those_transformers_loads(stored, tmp_path):
+    """A sharded checkpoint is read through its index; another .safetensors beside it (Mistral's
+    consolidated.safetensors) is not the model's."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    single = tensor_dtypes(str(stored / "bfloat16"))
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(stored / "bfloat16").save_pretrained(folder, max_shard_size="4KB")
+    save_file({"tok_embeddings.weight": torch.zeros(2)}, str(folder / "consolidated.safetensors"))
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    assert tensor_dtypes(str(folder)) == single and set(single.values()) == {"BF16"}
 
 
 def test_a_checkpoint_in_a_dtype_runs_do_not_hold_asks_for_models_dtype(stored, tmp_path):
