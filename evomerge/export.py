@@ -1,7 +1,8 @@
 """``evomerge export``: a run's best merge as a directory other tools load as it is.
 
 A full-model merge becomes a Hugging Face model directory (``save_pretrained``, safetensors, the
-tokenizer, chat template and generation config of ``export.tokenizer_source``); a merge of LoRA factors (``lora_compose``) becomes a peft adapter directory for the run's base. Beside
+tokenizer, chat template and generation config of ``export.tokenizer_source``); a merge of LoRA
+factors (``lora_compose``) becomes a peft adapter directory for the run's base. Beside
 the weights: ``recipe.yaml`` (what evomerge searched and found), ``README.md`` (a model card with
 the recipe and the scores) and, where mergekit can express the recipe, ``mergekit.yaml``, which
 rebuilds the same weights with ``mergekit-yaml mergekit.yaml OUT``. The directory is written under
@@ -68,7 +69,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "granularity": config.merge.granularity,
         "recipe": recipe,
     }
-    mergekit, note = _mergekit_document(plan, worker, decoded)
+    mergekit, note = _mergekit_document(plan, decoded)
     if note is not None:
         document["mergekit"] = note
     tokenizer = export_tokenizer(config, worker.models.model, worker.models.tokenizer)
@@ -100,7 +101,7 @@ def _check_out(out: Path) -> None:
         raise RunDirError(f"--out {out}: cannot create {out.parent}: {exc.strerror or exc}") from None
 
 
-def _mergekit_document(plan: RunPlan, worker, decoded) -> tuple[dict | None, str | None]:
+def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]:
     """The mergekit YAML of the best recipe (or None), and what a reader should know about it."""
     from evomerge.models.adapters import is_adapter
     from evomerge.models.checkpoint import run_dtype, tensor_dtypes
