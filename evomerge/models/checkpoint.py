@@ -18,7 +18,7 @@ from evomerge.models.adapters import is_adapter
 from evomerge.models.loading import load_config, unreadable_weights
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
-"""The dtypes a run may hold its models in, narrowest last."""
+"""The dtypes a run may hold its models in (models.dtype without auto)."""
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: a recorded name without an org may be a folder
 # A model downloaded by huggingface_hub lives in <cache>/models--<org>--<name>/snapshots/<commit>.
@@ -77,7 +77,7 @@ def stored_dtype(ref: str) -> str:
     transformers 5), else that of its floating-point tensors; float32 when neither says."""
     config = load_config(ref)
     recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if recorded is not None:
+    if recorded is not None and str(recorded) != "auto":  # "auto" records nothing
         return str(recorded).removeprefix("torch.")
     floating = {_SAFETENSORS_DTYPES[d] for d in tensor_dtypes(ref).values() if d in _SAFETENSORS_DTYPES}
     return widest(floating) if floating else "float32"
