@@ -32,6 +32,7 @@ from evomerge.models.adapters import (
     lora_scaling,
     merged_adapter_state,
 )
+from evomerge.models.checkpoint import run_dtype
 from evomerge.models.loading import load_model, load_tokenizer, resolve_device
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
@@ -56,7 +57,7 @@ class LoadedModels:
 def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     """Load the working model and every expert once; experts may be full models or LoRA adapters."""
     config = plan.config
-    dtype = DTYPES[config.models.dtype]
+    dtype = DTYPES[run_dtype(config)]
     refs = [config.model_ref(e.path) for e in config.models.experts]
     labels = [f"expert '{label}'" for label in config.models.expert_labels()]
     adapters = [is_adapter(ref) for ref in refs]
