@@ -208,6 +208,31 @@ class DataConfig(_Strict):
     label: str | None = Field(default=None, description="field holding the index of the right choice")
 
 
+class RacingConfig(_Strict):
+    """Staged evaluation ("racing"): a candidate is scored on growing seeded subsets of the fitness
+    examples and continues only while it could still matter.
+
+    After each stage (a fraction of the examples, the same seeded subset for every candidate) it
+    stops when ``mean + z * stderr`` of the scores so far is below its population's ``top_k``-th
+    best fully scored fitness; one that survives every stage is scored on all examples in one
+    call, exactly as without racing.
+    """
+
+    stages: list[float] = Field(default_factory=lambda: [0.1, 0.3], min_length=1)
+    z: float = Field(default=2.0, gt=0, description="confidence: standard errors above the mean so far")
+    top_k: int = Field(default=3, ge=1, description="the population's k-th best full score a candidate must be able to beat")
+    seed: int = 0
+
+    @field_validator("stages")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in value):
+            raise ValueError("stages are fractions of the fitness examples between 0 and 1 (the full set comes last by itself)")
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError("stages must grow: each fraction larger than the one before")
+        return value
+
+
 class FitnessConfig(_Strict):
     name: str = "classification_accuracy"
     data: DataConfig
@@ -216,6 +241,8 @@ class FitnessConfig(_Strict):
     # Named data sets scored like `data` and recorded as metrics of those names: per-task
     # objectives for nsga2 and map (`options: {objectives: [digits_low, digits_high]}`).
     tasks: dict[str, DataConfig] = Field(default_factory=dict)
+    # Off unless given: candidates that cannot matter stop after a small subset of `data`.
+    racing: RacingConfig | None = None
 
 
 def resolve_deadline(value: str, now: datetime | None = None) -> datetime:

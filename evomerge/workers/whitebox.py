@@ -20,6 +20,7 @@ import torch
 from evomerge.errors import ModelLoadError, UserError
 from evomerge.fitness import per_example_scores, resolve_fitness, with_options
 from evomerge.fitness.data import load_examples
+from evomerge.fitness.racing import Racing, count
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import (
@@ -123,6 +124,8 @@ class WhiteBoxWorker(Worker):
         self.fitness_name = config.fitness.name
         self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
         self.examples = self.load_examples(config.fitness.data)
+        racing = config.fitness.racing
+        self.racing = Racing() if racing is None else Racing(tuple(racing.stages), racing.z, racing.seed)
         entropy = None
         if plan.gradient_populations:
             from evomerge.workers.entropy_gradient import EntropyGradient
@@ -156,8 +159,7 @@ class WhiteBoxWorker(Worker):
 
     def score(self, examples) -> np.ndarray:
         raw = self.fitness_fn(self.models.model, self.models.tokenizer, examples)
-        n = len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
-        return per_example_scores(raw, n, self.fitness_name)
+        return per_example_scores(raw, count(examples), self.fitness_name)
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         """Merge and score one candidate, with the metrics its population needs besides fitness."""
@@ -168,9 +170,12 @@ class WhiteBoxWorker(Worker):
             t0 = time.perf_counter()
             self._apply(candidate, codec)
             t1 = time.perf_counter()
-            scores = self.score(self.examples)
+            raced = self.racing.race(self.score, self.examples, candidate.must_beat)
             extra = self.extra_metrics(candidate)
-            return scores, {"merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1, **extra}
+            return raced, {
+                "merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1,
+                "examples_scored": raced.examples_scored, **extra,
+            }
 
         return self.scored(candidate.id, candidate.population, merge_and_score)
 
