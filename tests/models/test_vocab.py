@@ -1,0 +1,150 @@
+"""Experts whose tokenizers add tokens merge over the union vocabulary, as mergekit's
+``tokenizer_source: union`` merges them; renumbered shared tokens are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from evomerge.cli import main
+from evomerge.models.vocab import Vocabulary, VocabularyMismatchError, plan_vocabulary
+from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
+
+ROWS = [{"prompt": "12+30=", "target": "42"}, {"prompt": "abc>", "target": "cba"}]
+
+
+def _vocab(tokens: list[str], rows: int | None = None, added: tuple[str, ...] = ()) -> Vocabulary:
+    ids = {t: i for i, t in enumerate(tokens)}
+    return Vocabulary(ids, len(tokens) if rows is None else rows, len(tokens), frozenset(added))
+
+
+def test_shared_tokens_with_different_ids_are_refused_by_name():
+    with pytest.raises(VocabularyMismatchError, match=r"expert 'x' gives token 'c' id 1 but the base model gives it id 2"):
+        plan_vocabulary(_vocab(["a", "b", "c"]), "the base model", [("expert 'x'", _vocab(["a", "c", "b"]))], True)
+
+
+def test_equal_vocabularies_need_no_alignment():
+    assert plan_vocabulary(_vocab(["a", "b"]), "the base model", [("e", _vocab(["a", "b"]))], True) is None
+
+
+def test_union_appends_new_tokens_in_expert_order_and_fills_rows_by_mergekit_rules():
+    base = _vocab(["a", "b"])
+    e0 = _vocab(["a", "b", "y"], added=("y",))
+    e1 = _vocab(["a", "b", "x", "y"], added=("x", "y"))
+    plan = plan_vocabulary(base, "the base model", [("e0", e0), ("e1", e1)], True)
+    assert plan.new_token_ids() == {"y": 2, "x": 3}
+    np.testing.assert_array_equal(plan.sources[0], [0, 1, -1, -1])
+    np.testing.assert_array_equal(plan.sources[1], [0, 1, 2, -1])
+    np.testing.assert_array_equal(plan.sources[2], [0, 1, 3, 2])
+    assert plan.fills == {2: (1, 2), 3: (2,)}  # y: mean of both experts; x: the only model with it
+
+
+def test_base_vocabulary_drops_tokens_only_experts_have():
+    plan = plan_vocabulary(_vocab(["a", "b"]), "the base model", [("e", _vocab(["a", "b", "x"]))], True, union=False)
+    assert plan.size == 2 and plan.new_tokens == []
+    np.testing.assert_array_equal(plan.sources[1], [0, 1])
+
+
+def test_padding_rows_past_a_tokenizer_are_kept_only_where_the_union_has_them():
+    base = _vocab(["a", "b"], rows=4)  # two unnamed padding rows
+    expert = _vocab(["a", "b", "x"], rows=6, added=("x",))
+    plan = plan_vocabulary(base, "the base model", [("e", expert)], True)
+    assert plan.size == 4 and plan.new_token_ids() == {"x": 2}
+    np.testing.assert_array_equal(plan.sources[0], [0, 1, -1, 3])
+    np.testing.assert_array_equal(plan.sources[1], [0, 1, 2, 3])
+
+
+# --- end to end, cross-checked with mergekit ---------------------------------------------------------
+
+
+def _perturbed(model, seed: int):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+ADDED = {  # expert name -> tokens its fine-tune added (the second is special, like a chat marker)
+    "one expert adds two tokens": {"expert1": ["<|user|>", "<|end|>"]},
+    "both add a token, one adds two": {"expert0": ["<|end|>"], "expert1": ["<|user|>", "<|end|>"]},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ADDED))
+def vocab_models(request, tmp_path_factory):
+    from tokenizers import AddedToken
+
+    root = tmp_path_factory.mktemp("vocab")
+    tokenizer = build_tokenizer()
+    tiny_llama(tokenizer, hidden=32, layers=2, heads=2, seed=0).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    for i, name in enumerate(("expert0", "expert1")):
+        own = build_tokenizer()
+        for token in ADDED[request.param].get(name, []):
+            own.add_tokens([AddedToken(token, special=token == "<|end|>")])
+        expert = tiny_llama(tokenizer, hidden=32, layers=2, heads=2, seed=0)
+        expert.resize_token_embeddings(len(own), mean_resizing=False)
+        _perturbed(expert, 10 + i).save_pretrained(root / name)
+        own.save_pretrained(root / name)
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return root, ADDED[request.param]
+
+
+def _run_and_export(root, tmp_path, merge: dict) -> object:
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "executor": "inline",
+        "models": {"base": str(root / "base"), "experts": [str(root / "expert0"), str(root / "expert1")], "device": "cpu"},
+        "merge": merge,
+        "populations": [{"name": "search", "strategy": "random"}],
+        "fitness": {"name": "negative_cross_entropy", "data": {"source": str(root / "data.jsonl")}},
+        "budget": {"evaluations": 2},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("merge", [{"method": "task_arithmetic", "granularity": "per_model"}, {"method": "linear"}], ids=["task_arithmetic", "linear"])
+def test_experts_with_added_tokens_merge_as_mergekit_union_merges_them(vocab_models, tmp_path, merge):
+    pytest.importorskip("mergekit", reason="the cross-check needs the mergekit extra: pip install 'evomerge[mergekit]'")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    root, added = vocab_models
+    out = _run_and_export(root, tmp_path, merge)
+    document = yaml.safe_load((out / "mergekit.yaml").read_text())
+    assert document["tokenizer_source"] == "union"
+    rebuilt = tmp_path / "mergekit-out"
+    run_merge(
+        MergeConfiguration.model_validate(document),
+        str(rebuilt),
+        options=MergeOptions(write_model_card=False, quiet=True),
+    )
+    ours, theirs = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(rebuilt)
+    assert ours.get_vocab() == theirs.get_vocab()
+    order = list(dict.fromkeys(t for name in ("expert0", "expert1") for t in added.get(name, [])))
+    assert {t: ours.convert_tokens_to_ids(t) for t in order} == {t: len(build_tokenizer()) + k for k, t in enumerate(order)}
+    special = {info.content: info.special for info in ours.added_tokens_decoder.values()}
+    assert special["<|end|>"] and not special["<|user|>"]
+    assert AutoConfig.from_pretrained(out).vocab_size == len(ours)
+    weights, reference = load_file(out / "model.safetensors"), load_file(rebuilt / "model.safetensors")
+    assert set(weights) == set(reference)
+    for name, tensor in weights.items():
+        torch.testing.assert_close(reference[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    expert1 = load_file(root / "expert1" / "model.safetensors")
+    user = ours.convert_tokens_to_ids("<|user|>")  # only expert1 has it: its rows, whatever the weights
+    user1 = AutoTokenizer.from_pretrained(root / "expert1").convert_tokens_to_ids("<|user|>")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(weights[name][user], expert1[name][user1])
