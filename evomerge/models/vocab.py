@@ -15,8 +15,9 @@ merge row by row once every model's vocabulary-indexed tensors (input embeddings
 - with ``models.vocabulary: base`` the union is the reference vocabulary alone (mergekit's
   ``tokenizer_source: base``): tokens only experts have are dropped.
 
-A token both the reference and an expert have must have the same id in both: renumbered shared
-tokens mean another tokenizer, whose weights would merge row by row with the wrong tokens.
+A vocabulary token (not an added one) both the reference and an expert have must have the same id
+in both: a renumbered vocabulary means another tokenizer, not an extension of the reference's.
+Added tokens (chat markers two experts added in different orders) are matched by content.
 Rows past a model's tokenizer (padding rows) are kept only where the union has an unnamed row at
 the same index.
 """
@@ -101,7 +102,7 @@ def plan_vocabulary(
     for label, vocab in experts:
         for token, i in vocab.tokens.items():
             j = reference.tokens.get(token)
-            if j is not None and j != i:
+            if j is not None and j != i and token not in vocab.added and token not in reference.added:
                 raise VocabularyMismatchError(
                     f"{label} gives token {token!r} id {i} but {reference_label} gives it id {j}: "
                     "their tokenizers number shared tokens differently; merge experts of one tokenizer family"

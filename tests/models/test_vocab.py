@@ -27,6 +27,14 @@ def test_shared_tokens_with_different_ids_are_refused_by_name():
         plan_vocabulary(_vocab(["a", "b", "c"]), "the base model", [("expert 'x'", _vocab(["a", "c", "b"]))], True)
 
 
+def test_added_tokens_are_matched_by_content_whatever_their_ids():
+    reference = _vocab(["a", "b", "<x>", "<y>"], added=("<x>", "<y>"))
+    expert = _vocab(["a", "b", "<y>", "<x>"], added=("<x>", "<y>"))
+    plan = plan_vocabulary(reference, "expert 'e0'", [("expert 'e0'", reference), ("expert 'e1'", expert)], False)
+    np.testing.assert_array_equal(plan.sources[1], [0, 1, 3, 2])
+    assert plan.fills == {}
+
+
 def test_equal_vocabularies_need_no_alignment():
     assert plan_vocabulary(_vocab(["a", "b"]), "the base model", [("e", _vocab(["a", "b"]))], True) is None
 
@@ -70,10 +78,21 @@ def _perturbed(model, seed: int):
 
 
 VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
-ADDED = {  # expert name -> tokens its fine-tune added (the second is special, like a chat marker)
-    "one expert adds two tokens": {"expert1": ["<|user|>", "<|end|>"]},
-    "both add a token, one adds two": {"expert0": ["<|end|>"], "expert1": ["<|user|>", "<|end|>"]},
+ADDED = {  # case -> (expert name -> tokens its fine-tune added; <|end|> is special), tied embeddings
+    "one expert adds two tokens": ({"expert1": ["<|user|>", "<|end|>"]}, False),
+    "both add a token, one adds two": ({"expert0": ["<|end|>"], "expert1": ["<|user|>", "<|end|>"]}, False),
+    "one expert adds two tokens, tied embeddings": ({"expert1": ["<|user|>", "<|end|>"]}, True),
 }
+
+
+def _tiny_llama(tokenizer, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = tiny_llama(tokenizer, hidden=32, layers=2, heads=2, seed=0)
+    if not tied:
+        return model
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": True}))
 
 
 @pytest.fixture(scope="module", params=sorted(ADDED))
@@ -82,25 +101,27 @@ def vocab_models(request, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vocab")
     tokenizer = build_tokenizer()
-    tiny_llama(tokenizer, hidden=32, layers=2, heads=2, seed=0).save_pretrained(root / "base")
+    added, tied = ADDED[request.param]
+    _tiny_llama(tokenizer, tied).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     for i, name in enumerate(("expert0", "expert1")):
         own = build_tokenizer()
-        for token in ADDED[request.param].get(name, []):
+        for token in added.get(name, []):
             own.add_tokens([AddedToken(token, special=token == "<|end|>")])
-        expert = tiny_llama(tokenizer, hidden=32, layers=2, heads=2, seed=0)
+        expert = _tiny_llama(tokenizer, tied)
         expert.resize_token_embeddings(len(own), mean_resizing=False)
         _perturbed(expert, 10 + i).save_pretrained(root / name)
         own.save_pretrained(root / name)
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return root, ADDED[request.param]
+    return root, added
 
 
-def _run_and_export(root, tmp_path, merge: dict) -> object:
+def _run_and_export(root, tmp_path, merge: dict, base: bool) -> object:
+    models = {"experts": [str(root / "expert0"), str(root / "expert1")], "device": "cpu"}
     config = {
         "run_dir": str(tmp_path / "run"),
         "executor": "inline",
-        "models": {"base": str(root / "base"), "experts": [str(root / "expert0"), str(root / "expert1")], "device": "cpu"},
+        "models": {"base": str(root / "base"), **models} if base else models,
         "merge": merge,
         "populations": [{"name": "search", "strategy": "random"}],
         "fitness": {"name": "negative_cross_entropy", "data": {"source": str(root / "data.jsonl")}},
@@ -114,7 +135,14 @@ def _run_and_export(root, tmp_path, merge: dict) -> object:
     return out
 
 
-@pytest.mark.parametrize("merge", [{"method": "task_arithmetic", "granularity": "per_model"}, {"method": "linear"}], ids=["task_arithmetic", "linear"])
+MERGES = {
+    "task_arithmetic": ({"method": "task_arithmetic", "granularity": "per_model"}, True),
+    "linear": ({"method": "linear"}, True),
+    "linear without base": ({"method": "linear"}, False),
+}
+
+
+@pytest.mark.parametrize("merge", sorted(MERGES))
 def test_experts_with_added_tokens_merge_as_mergekit_union_merges_them(vocab_models, tmp_path, merge):
     pytest.importorskip("mergekit", reason="the cross-check needs the mergekit extra: pip install 'evomerge[mergekit]'")
     from mergekit.config import MergeConfiguration
@@ -124,7 +152,7 @@ def test_experts_with_added_tokens_merge_as_mergekit_union_merges_them(vocab_mod
     from transformers import AutoConfig, AutoTokenizer
 
     root, added = vocab_models
-    out = _run_and_export(root, tmp_path, merge)
+    out = _run_and_export(root, tmp_path, *MERGES[merge])
     document = yaml.safe_load((out / "mergekit.yaml").read_text())
     assert document["tokenizer_source"] == "union"
     rebuilt = tmp_path / "mergekit-out"
@@ -154,5 +182,5 @@ def test_experts_with_added_tokens_merge_as_mergekit_union_merges_them(vocab_mod
     expert1 = load_file(root / "expert1" / "model.safetensors")
     user = ours.convert_tokens_to_ids("<|user|>")  # only expert1 has it: its rows, whatever the weights
     user1 = AutoTokenizer.from_pretrained(root / "expert1").convert_tokens_to_ids("<|user|>")
-    for name in VOCABULARY_TENSORS:
+    for name in [n for n in VOCABULARY_TENSORS if n in weights]:  # tied: no lm_head
         torch.testing.assert_close(weights[name][user], expert1[name][user1])
