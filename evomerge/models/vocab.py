@@ -182,6 +182,11 @@ class VocabularyAlignment:
         self.has_base = has_base
         self._rows = torch.tensor(sorted(plan.fills), dtype=torch.long)
         self._sums: dict[str, torch.Tensor] = {}
+        rows = self._rows.tolist()
+        self._contributes = [
+            torch.tensor([model in plan.fills[u] for u in rows], dtype=torch.float32) for model in range(len(plan.sources))
+        ]
+        """Per model, 1 for each filled row its own row goes into."""
 
     def align(self, model: int, state: Mapping[str, torch.Tensor], record: bool = True) -> dict[str, torch.Tensor]:
         """``state`` with its vocabulary tensors laid out over the union; ``model`` indexes
@@ -205,9 +210,8 @@ class VocabularyAlignment:
             sums = self._sums[name] = torch.zeros(
                 (len(self._rows), *aligned.shape[1:]), dtype=torch.promote_types(aligned.dtype, torch.float32)
             )
-        for k, u in enumerate(self._rows.tolist()):
-            if model in self.plan.fills[u]:
-                sums[k] += aligned[u].to(device=sums.device, dtype=sums.dtype)
+        rows = aligned[self._rows.to(aligned.device)].to(device=sums.device, dtype=sums.dtype)
+        sums += _rows_mask(self._contributes[model], rows).to(sums.dtype) * rows
 
     def fill_values(self, name: str) -> torch.Tensor:
         """The filled rows of ``name`` (one per row in ``plan.fills``, in row order)."""
