@@ -82,11 +82,6 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
         union=config.models.vocabulary == "union",
     )
     if vocab is not None:
-        if plan.method.needs_fisher:
-            raise ModelLoadError(
-                f"merge method '{plan.method.name}' cannot merge experts with different vocabularies yet; "
-                "use experts of one vocabulary or another method"
-            )
         align_working_model(model, vocab, record=has_base)
         vocab.extend_tokenizer(tokenizer)
     targets = {name: p.data for name, p in model.named_parameters()}
@@ -143,7 +138,7 @@ class WhiteBoxWorker(Worker):
             from evomerge.merge.fisher import FISHER_FLOOR
             from evomerge.workers.fisher_estimate import expert_fishers
 
-            fishers = expert_fishers(config, self.device, self.models.tensor_names)
+            fishers = expert_fishers(config, self.device, self.models.tensor_names, self.models.vocabulary)
             self.models.materializer.set_fishers(fishers, FISHER_FLOOR)
         self.fitness_name = config.fitness.name
         self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)

@@ -184,3 +184,33 @@ def test_experts_with_added_tokens_merge_as_mergekit_union_merges_them(vocab_mod
     user1 = AutoTokenizer.from_pretrained(root / "expert1").convert_tokens_to_ids("<|user|>")
     for name in [n for n in VOCABULARY_TENSORS if n in weights]:  # tied: no lm_head
         torch.testing.assert_close(weights[name][user], expert1[name][user1])
+
+
+def test_fisher_merging_aligns_the_experts_fishers_too(vocab_models, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    root, added = vocab_models
+    data = {"source": str(root / "data.jsonl")}
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "executor": "inline",
+        "models": {
+            "base": str(root / "base"),
+            "experts": [{"path": str(root / name), "data": data} for name in ("expert0", "expert1")],
+            "device": "cpu",
+        },
+        "merge": {"method": "fisher"},
+        "populations": [{"name": "search", "strategy": "random"}],
+        "fitness": {"name": "negative_cross_entropy", "data": data},
+        "budget": {"evaluations": 2},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "run.yaml")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    expert1 = load_file(root / "expert1" / "model.safetensors")
+    user = AutoTokenizer.from_pretrained(tmp_path / "merged").convert_tokens_to_ids("<|user|>")
+    user1 = AutoTokenizer.from_pretrained(root / "expert1").convert_tokens_to_ids("<|user|>")
+    assert weights["model.embed_tokens.weight"].shape[0] == len(build_tokenizer()) + len(set(sum(added.values(), [])))
+    torch.testing.assert_close(weights["model.embed_tokens.weight"][user], expert1["model.embed_tokens.weight"][user1])
