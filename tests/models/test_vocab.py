@@ -116,8 +116,8 @@ def vocab_models(request, tmp_path_factory):
     return root, added
 
 
-def _run_and_export(root, tmp_path, merge: dict, base: bool) -> object:
-    models = {"experts": [str(root / "expert0"), str(root / "expert1")], "device": "cpu"}
+def _run_and_export(root, tmp_path, merge: dict, base: bool, vocabulary: str = "union") -> object:
+    models = {"experts": [str(root / "expert0"), str(root / "expert1")], "device": "cpu", "vocabulary": vocabulary}
     config = {
         "run_dir": str(tmp_path / "run"),
         "executor": "inline",
@@ -184,6 +184,26 @@ def test_experts_with_added_tokens_merge_as_mergekit_union_merges_them(vocab_mod
     user1 = AutoTokenizer.from_pretrained(root / "expert1").convert_tokens_to_ids("<|user|>")
     for name in [n for n in VOCABULARY_TENSORS if n in weights]:  # tied: no lm_head
         torch.testing.assert_close(weights[name][user], expert1[name][user1])
+
+
+def test_base_vocabulary_merges_as_mergekit_tokenizer_source_base(vocab_models, tmp_path):
+    pytest.importorskip("mergekit", reason="the cross-check needs the mergekit extra: pip install 'evomerge[mergekit]'")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    root, _added = vocab_models
+    out = _run_and_export(root, tmp_path, *MERGES["task_arithmetic"], vocabulary="base")
+    document = yaml.safe_load((out / "mergekit.yaml").read_text())
+    assert document["tokenizer_source"] == "base"
+    run_merge(MergeConfiguration.model_validate(document), str(tmp_path / "mk"), options=MergeOptions(quiet=True))
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == build_tokenizer().get_vocab()
+    weights, reference = load_file(out / "model.safetensors"), load_file(tmp_path / "mk" / "model.safetensors")
+    assert set(weights) == set(reference)
+    for name, tensor in weights.items():
+        torch.testing.assert_close(reference[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_fisher_merging_aligns_the_experts_fishers_too(vocab_models, tmp_path):
