@@ -206,6 +206,33 @@ def test_base_vocabulary_merges_as_mergekit_tokenizer_source_base(vocab_models, 
         torch.testing.assert_close(reference[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_an_exported_tokenizer_source_must_number_tokens_as_the_union(vocab_models, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    root, added = vocab_models
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "executor": "inline",
+        "models": {"base": str(root / "base"), "experts": [str(root / "expert0"), str(root / "expert1")], "device": "cpu"},
+        "merge": {"method": "task_arithmetic"},
+        "populations": [{"name": "search", "strategy": "random"}],
+        "fitness": {"name": "negative_cross_entropy", "data": {"source": str(root / "data.jsonl")}},
+        "budget": {"evaluations": 1},
+        "export": {"tokenizer_source": "expert1"},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "run.yaml")]) == 0
+    code = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
+    order = list(dict.fromkeys(t for name in ("expert0", "expert1") for t in added.get(name, [])))
+    own = AutoTokenizer.from_pretrained(root / "expert1")
+    if [own.convert_tokens_to_ids(t) for t in order] == [len(build_tokenizer()) + k for k in range(len(order))]:
+        assert code == 0  # expert1 numbers its tokens as the union does
+        assert AutoTokenizer.from_pretrained(tmp_path / "merged").get_vocab() == own.get_vocab()
+    else:
+        assert code == 2
+        assert "export.tokenizer_source: 'expert1' gives token '<|" in capsys.readouterr().err
+
+
 def test_fisher_merging_aligns_the_experts_fishers_too(vocab_models, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
