@@ -9,7 +9,8 @@ merge row by row once every model's vocabulary-indexed tensors (input embeddings
   the tokens only experts have, plain vocabulary tokens first, then added tokens, each in the
   order of the experts and of their ids (as ``tokenizer.add_tokens`` numbers them);
 - a row a model lacks is filled before the merge: from the one model that has it, else from the
-  base when the base has it, else with the mean of the models that have it (zero if none has it);
+  base when the base has it and the method merges the base, else with the mean of the models
+  that have it (zero if none has it);
   the merge method then merges the filled rows like any other, so a token only one expert has
   keeps that expert's row under every method that returns its inputs when they agree;
 - with ``models.vocabulary: base`` the union is the reference vocabulary alone (mergekit's
