@@ -94,12 +94,13 @@ def test_multiple_choice_picks_the_choice_with_the_highest_summed_loglik(model, 
 
 def test_exact_match_scores_the_last_number_of_each_generation(model, tokenizer, monkeypatch):
     """generate is replaced: the answers are known, and the call's padding and options are checked."""
-    replies = ["so it is 4", "-7 no, 12.5", "no number here"]
+    replies = {"Q: 2+2?": "so it is 4", "x": "-7 no, 12.5", "ab": "no number here", "Q": "so it is 4", "R": "-7 no, 12.5"}
     calls = []
 
-    def generate(input_ids, attention_mask, do_sample, max_new_tokens, pad_token_id):
-        calls.append((input_ids.clone(), attention_mask.clone(), do_sample, max_new_tokens, pad_token_id))
-        new = [tokenizer(r)["input_ids"] for r in replies[: len(input_ids)]]
+    def generate(input_ids, attention_mask, do_sample, max_new_tokens, pad_token_id, eos_token_id, stopping_criteria):
+        calls.append((input_ids.clone(), attention_mask.clone(), do_sample, max_new_tokens, pad_token_id, eos_token_id))
+        prompts = [tokenizer.decode(row[keep.bool()]) for row, keep in zip(input_ids, attention_mask)]
+        new = [tokenizer(replies[p])["input_ids"] for p in prompts]
         width = max(map(len, new))
         new = torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids in new])
         return torch.cat([input_ids, new], dim=1)
@@ -107,10 +108,12 @@ def test_exact_match_scores_the_last_number_of_each_generation(model, tokenizer,
     monkeypatch.setattr(model, "generate", generate)
     examples = [{"prompt": "Q: 2+2?", "target": "4"}, {"prompt": "x", "target": " 12.5 "}, {"prompt": "ab", "target": "0"}]
     assert exact_match(model, tokenizer, examples, max_new_tokens=5).tolist() == [1.0, 1.0, 0.0]
-    ids, mask, do_sample, max_new_tokens, pad = calls[0]
-    assert (do_sample, max_new_tokens, pad) == (False, 5, tokenizer.pad_token_id)
-    assert tokenizer.decode(ids[1][-1:]) == "x" and ids[1][0].item() == pad  # left padding
-    assert mask.tolist()[1] == [0] * 6 + [1]
+    ids, mask, do_sample, max_new_tokens, pad, eos = calls[0]
+    assert (do_sample, max_new_tokens, pad, eos) == (False, 5, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    # longest prompt first, left padding
+    assert [tokenizer.decode(row, skip_special_tokens=True) for row in ids] == ["Q: 2+2?", "ab", "x"]
+    assert ids[2][0].item() == pad
+    assert mask.tolist()[2] == [0] * 6 + [1]
     # a regex with a group extracts the group
     examples = [{"prompt": "Q", "target": "is"}]
     assert exact_match(model, tokenizer, examples, answer_regex=r"it (\w+)").tolist() == [1.0]
@@ -120,7 +123,7 @@ def test_exact_match_scores_the_last_number_of_each_generation(model, tokenizer,
     assert exact_match(model, tokenizer, examples).tolist() == [0.0, 0.0]
 
     # stop strings cut the generation before the answer is searched; answer_fn replaces the regex
-    replies[:] = ["12 Q: next 7", "12.5\nQ: 3", "0"]
+    replies.update({"Q": "12 Q: next 7", "R": "12.5\nQ: 3", "S": "0"})
     examples = [{"prompt": "Q", "target": "12"}, {"prompt": "R", "target": "12.5"}, {"prompt": "S", "target": "0"}]
     assert exact_match(model, tokenizer, examples).tolist() == [0.0, 0.0, 1.0]
     assert exact_match(model, tokenizer, examples, stop=["Q:"]).tolist() == [1.0, 1.0, 1.0]
