@@ -83,9 +83,9 @@ def continuation_logprobs(
     """Log-probability of each continuation token given the prompt and the tokens before it.
 
     Pairs are packed longest first with right padding and an attention mask (``packing``), once
-    per tokenizer and set of pairs. The model computes logits only from the first scored column
-    on where its forward takes ``logits_to_keep``, and only the scored rows of those logits are
-    upcast to float32 and log-softmaxed: never the whole ``[batch, seq, vocab]``.
+    per tokenizer and set of pairs. Where the model's forward takes ``logits_to_keep``, it
+    computes logits only at the columns a batch scores; either way only the scored rows of the
+    logits are upcast to float32 and log-softmaxed, never the whole ``[batch, seq, vocab]``.
     """
     import torch
 
@@ -108,14 +108,20 @@ def continuation_logprobs(
         return pack_continuations(encoded, batch_size, pad)
 
     batches = cached(tokenizer, ("continuations", batch_size, pad, tuple(pairs)), build)
-    keep_argument = _logits_to_keep_argument(model)
+    keep = _logits_to_keep(model)
     results: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     with _inference(model) as device:
         for packed in batches:
             ids, width = packed.batch.input_ids, packed.batch.input_ids.shape[1]
-            keep = {keep_argument: width - packed.first} if keep_argument else {}
-            logits = model(input_ids=ids.to(device), attention_mask=packed.batch.attention_mask.to(device), **keep).logits
-            columns = packed.column - (width - logits.shape[1])  # the logits kept are the last ones
+            options = {}
+            if keep is not None:
+                name, takes_positions = keep
+                options[name] = packed.kept.to(device) if takes_positions else width - int(packed.kept[0])
+            logits = model(input_ids=ids.to(device), attention_mask=packed.batch.attention_mask.to(device), **options).logits
+            if keep is not None and keep[1]:
+                columns = packed.kept_index
+            else:  # the last columns, or all of them
+                columns = packed.column - (width - logits.shape[1])
             scored = logits[packed.row.to(device), columns.to(device)].float().log_softmax(-1)
             token_logprobs = scored.gather(-1, packed.target.to(device).unsqueeze(-1)).squeeze(-1).cpu()
             for i, logprobs in zip(packed.batch.rows, token_logprobs.split(packed.lengths)):
@@ -123,12 +129,16 @@ def continuation_logprobs(
     return results
 
 
-def _logits_to_keep_argument(model: torch.nn.Module) -> str | None:
-    """The forward argument that limits logits to the last positions (``num_logits_to_keep``
-    before transformers 4.50), or None: then the model computes them all and only the scored
-    ones are used."""
+def _logits_to_keep(model: torch.nn.Module) -> tuple[str, bool] | None:
+    """The forward argument that limits which logits a model computes, and whether it takes the
+    positions to keep (``logits_to_keep``, transformers ≥ 4.50) or only a count of last positions
+    (``num_logits_to_keep`` before, and models written to that convention). None: the model
+    computes them all and only the scored ones are used."""
     parameters = inspect.signature(model.forward).parameters
-    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in parameters:
+            return name, "Tensor" in str(parameters[name].annotation)
+    return None
 
 
 def multiple_choice_loglik(

@@ -87,12 +87,14 @@ class ContinuationBatch:
     after ``c`` context tokens is scored from columns ``c - 1 … c + k - 2``."""
 
     batch: Batch
-    first: int
-    """The first column any row scores: the model need only compute logits from here on."""
+    kept: torch.Tensor
+    """The columns any row scores, ascending: the only logits the model need compute."""
     row: torch.Tensor
     """Batch row of each scored token, every row's tokens in order, rows in batch order."""
     column: torch.Tensor
     """Column of the logits that predict each scored token."""
+    kept_index: torch.Tensor
+    """Where each scored token's column is in ``kept``."""
     target: torch.Tensor
     """The scored token ids."""
     lengths: list[int]
@@ -112,12 +114,15 @@ def pack_continuations(
             columns += range(len(context) - 1, len(context) - 1 + len(continuation))
             targets += continuation
             lengths.append(len(continuation))
+        column = torch.tensor(columns, dtype=torch.long)
+        kept, kept_index = column.unique(sorted=True, return_inverse=True)
         batches.append(
             ContinuationBatch(
                 batch,
-                first=min(columns),
+                kept=kept,
                 row=torch.tensor(rows, dtype=torch.long),
-                column=torch.tensor(columns, dtype=torch.long),
+                column=column,
+                kept_index=kept_index,
                 target=torch.tensor(targets, dtype=torch.long),
                 lengths=lengths,
             )
