@@ -22,7 +22,8 @@ with a 3–8 token target.
   log-softmax) over the same tokens in the same right-padded, length-sorted batches.
 
 Each figure is the best of ``--repeats`` timed passes after one untimed pass (which tokenizes and
-packs once; later passes reuse that, as a worker does for every candidate after its first). Each
+packs once; later passes reuse that, as a worker does for every candidate after its first), ours
+and the floors interleaved in every round so that load from elsewhere falls on both. Each
 ``ratio`` is ours / floor in examples per second (target ≥ 0.8 for both).
 
 Threads: ``--threads`` (default 1) sets torch's CPU threads, as a Ray worker with
@@ -39,6 +40,7 @@ import random
 import string
 import sys
 import time
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -77,15 +79,19 @@ def build_examples(n: int, seed: int = 0) -> list[dict[str, str]]:
     return examples
 
 
-def best_seconds(run: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    run()  # untimed: tokenizing and packing happen once, as for a worker's first candidate
-    best = float("inf")
+def best_seconds(runs: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Best time of each run over ``repeats`` rounds, the runs interleaved within a round so that
+    load from elsewhere on a shared machine falls on ours and the floor alike."""
+    for run in runs.values():
+        run()  # untimed: tokenizing and packing happen once, as for a worker's first candidate
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        for name, run in runs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -150,36 +156,31 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [e["prompt"] for e in examples]
     n, max_new = len(examples), args.max_new_tokens
 
-    ours_gen, new_tokens = {}, {}
+    new_tokens = {}
     for bs in BATCH_SIZES:
         steps = []  # one forward pass per generated token of a batch
         handle = model.register_forward_hook(lambda *_: steps.append(1))
         exact_match(model, tokenizer, examples, batch_size=bs, max_new_tokens=max_new, stop=STOP)
         handle.remove()
         new_tokens[bs] = len(steps) * bs / n  # an upper bound: a batch runs until its last row stops
-        ours_gen[bs] = best_seconds(
-            lambda: exact_match(model, tokenizer, examples, batch_size=bs, max_new_tokens=max_new, stop=STOP),
-            args.repeats, device,
-        )
-    floor_gen = {
-        bs: best_seconds(lambda: plain_generate(model, tokenizer, prompts, bs, max_new, device), args.repeats, device)
-        for bs in BATCH_SIZES
-    }
-    best_ours = min(ours_gen, key=ours_gen.get)
-    best_floor = min(floor_gen, key=floor_gen.get)
-
+    runs: dict[str, Callable[[], Any]] = {}
+    for bs in BATCH_SIZES:
+        runs[f"ours{bs}"] = partial(exact_match, model, tokenizer, examples, batch_size=bs, max_new_tokens=max_new, stop=STOP)
+        runs[f"floor{bs}"] = partial(plain_generate, model, tokenizer, prompts, bs, max_new, device)
     pairs = [encode_pair(tokenizer, e["prompt"], e["target"]) for e in examples]
     batches = pack_continuations(pairs, LOGLIK_BATCH, tokenizer.pad_token_id)
-    ours_ll = best_seconds(lambda: negative_cross_entropy(model, tokenizer, examples, batch_size=LOGLIK_BATCH),
-                           args.repeats, device)
-    floor_ll = best_seconds(lambda: plain_forward(model, batches, device), args.repeats, device)
+    runs["ours_loglik"] = partial(negative_cross_entropy, model, tokenizer, examples, batch_size=LOGLIK_BATCH)
+    runs["floor_loglik"] = partial(plain_forward, model, batches, device)
+    seconds = best_seconds(runs, args.repeats, device)
+    best_ours = min(BATCH_SIZES, key=lambda bs: seconds[f"ours{bs}"])
+    best_floor = min(BATCH_SIZES, key=lambda bs: seconds[f"floor{bs}"])
 
     figures = {
         "exact_match": figure(
-            n, ours_gen[best_ours], floor_gen[best_floor], batch_size=best_ours, floor_batch_size=best_floor,
+            n, seconds[f"ours{best_ours}"], seconds[f"floor{best_floor}"], batch_size=best_ours, floor_batch_size=best_floor,
             new_tokens_per_example=round(new_tokens[best_ours], 1), max_new_tokens=max_new,
         ),
-        "loglik": figure(n, ours_ll, floor_ll, batch_size=LOGLIK_BATCH),
+        "loglik": figure(n, seconds["ours_loglik"], seconds["floor_loglik"], batch_size=LOGLIK_BATCH),
         "vocab": args.vocab,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
