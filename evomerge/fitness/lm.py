@@ -245,7 +245,7 @@ def exact_match(
     prompts = tuple(e["prompt"] for e in examples)
     batches = cached(
         tokenizer, ("prompts", batch_size, pad, prompts),
-        lambda: pack(tokenizer(list(prompts))["input_ids"], batch_size, pad, left=True),
+        lambda: pack([tokenizer(p)["input_ids"] for p in prompts], batch_size, pad, left=True),
     )
     eos = _eos_ids(model, tokenizer)
     texts = [""] * len(examples)
