@@ -68,6 +68,7 @@ class RunPlan:
         self.source = source
         self.method = self._merge_method()
         self._check_models()
+        self._check_fitness_data()
         budgets = self._budgets()
         self.populations = [self._population(i, budgets) for i in range(len(config.populations))]
         self._check_blackbox()
@@ -115,6 +116,16 @@ class RunPlan:
                     f"{value} lies outside the bounds [{low}, {high}] of {method.name}'s '{name}'"
                     " (widen them in merge.bounds if you mean it)",
                 )
+
+    def _check_fitness_data(self) -> None:
+        """``fitness.data`` names the examples, unless the fitness brings its own (lm-eval tasks)."""
+        from evomerge.fitness import brings_own_examples
+
+        fitness = self.config.fitness
+        if brings_own_examples(fitness.name) and fitness.data is not None:
+            raise self._fail("fitness.data", f"fitness '{fitness.name}' scores the documents of its own tasks; remove fitness.data")
+        if not brings_own_examples(fitness.name) and fitness.data is None:
+            raise self._fail("fitness.data", f"fitness '{fitness.name}' needs examples: name their source in fitness.data")
 
     def _check_models(self) -> None:
         method, models = self.method, self.config.models
@@ -259,7 +270,7 @@ class RunPlan:
     def _data_sections(self) -> list[tuple[str, DataConfig]]:
         """(field, section) of every data set the workers read."""
         fitness, experts = self.config.fitness, self.config.models.experts
-        sections = [("fitness.data", fitness.data)]
+        sections = [("fitness.data", fitness.data)] if fitness.data is not None else []
         sections += [("fitness.test_data", fitness.test_data)] if fitness.test_data is not None else []
         sections += [(f"fitness.tasks.{name}", data) for name, data in fitness.tasks.items()]
         if self.config.api is None:  # white-box: an expert's own data feeds its Fisher estimate

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from evomerge.errors import ModelLoadError, UserError
-from evomerge.fitness import per_example_scores, resolve_fitness, with_options
+from evomerge.fitness import brings_own_examples, own_examples, per_example_scores, resolve_fitness, with_options
 from evomerge.fitness.data import load_examples
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
@@ -121,7 +121,9 @@ class WhiteBoxWorker(Worker):
             self.models.materializer.set_fishers(fishers, FISHER_FLOOR)
         self.fitness_name = config.fitness.name
         self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
-        self.examples = self.load_examples(config.fitness.data)
+        fitness = config.fitness
+        own = brings_own_examples(fitness.name)
+        self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
         entropy = None
         if plan.gradient_populations:
             from evomerge.workers.entropy_gradient import EntropyGradient
