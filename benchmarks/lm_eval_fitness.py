@@ -6,8 +6,8 @@ Usage::
 
 Built here (nothing downloaded): a random two-layer Llama (hidden 64) with the character tokenizer
 of ``evomerge.models.zoo.tiny_lm``, and the tiny local tasks of ``evomerge.testing.harness_tasks``:
-80 documents (60 multiple choice, 180 log-likelihood requests; 20 greedy generations with a regex
-filter). Before every timed call the resident model's weights are nudged in place, as a new
+100 documents (60 multiple choice, 180 log-likelihood requests; 20 greedy generations with a regex
+filter; 20 answer log-likelihoods). Before every timed call the resident model's weights are nudged in place, as a new
 candidate would be written into them. Medians over ``--repeats`` rounds; the three paths take
 turns within a round, so load on the machine falls on all of them alike.
 

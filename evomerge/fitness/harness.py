@@ -55,6 +55,8 @@ class HarnessTasks:
         except ImportError:
             raise ConfigError(MISSING_EXTRA) from None
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        # HFLM warns on every wrap of an already-built model, i.e. once per candidate here.
+        logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
         manager = self._manager(TaskManager, list(tasks), include_path)
         try:
             loaded = manager.load(list(tasks))

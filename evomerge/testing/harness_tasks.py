@@ -1,8 +1,10 @@
 """Tiny local lm-eval tasks over local JSONL files, for the lm_eval fitness's tests and suite.
 
-Two tasks about one-digit sums, in the character vocabulary of ``evomerge.models.zoo.tiny_lm``:
-``tiny_sums_mc`` (multiple choice, 60 documents, metrics acc and acc_norm) and ``tiny_sums_gen``
-(generate_until with a ``first_number`` regex filter, 20 documents, exact_match). lm-eval reads a
+Three tasks about one-digit sums, in the character vocabulary of ``evomerge.models.zoo.tiny_lm``:
+``tiny_sums_mc`` (multiple choice, 60 documents, metrics acc and acc_norm), ``tiny_sums_gen``
+(generate_until with a ``first_number`` regex filter, 20 documents, exact_match) and
+``tiny_sums_ll`` (loglikelihood of the answer on the same 20 documents: its per-document
+``perplexity`` value is that log-likelihood). lm-eval reads a
 YAML's ``data_files`` relative to the working directory, so the shipped YAML files are templates
 that :func:`tiny_task_dir` fills with the absolute path of the shipped JSONL files.
 """
@@ -14,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
-TASK_NAMES = ("tiny_sums_gen", "tiny_sums_mc")
+TASK_NAMES = ("tiny_sums_gen", "tiny_sums_ll", "tiny_sums_mc")
 """In the order the lm_eval fitness lays out their documents (alphabetical)."""
 
 

@@ -58,7 +58,7 @@ def _config(root, tmp_path, options, **fitness) -> dict:
 
 def test_documents_are_the_tasks_in_alphabetical_order_then_doc_id():
     documents = own_examples("lm_eval", tiny_harness_options())
-    assert [d.task for d in documents] == ["tiny_sums_gen"] * 20 + ["tiny_sums_mc"] * 60
+    assert [d.task for d in documents] == ["tiny_sums_gen"] * 20 + ["tiny_sums_ll"] * 20 + ["tiny_sums_mc"] * 60
     assert [d.doc_id for d in documents[18:22]] == [18, 19, 0, 1]
 
 
@@ -67,15 +67,18 @@ def test_a_subset_of_documents_scores_as_in_the_full_set():
     fitness = with_options(resolve_fitness("lm_eval"), "lm_eval", tiny_harness_options())
     documents = own_examples("lm_eval", tiny_harness_options())
     full = fitness(model, tokenizer, documents)
-    assert set(np.unique(full)) <= {0.0, 1.0}
-    picked = [5, 19, 20, 47, 79]
+    assert set(np.unique(full[:20])) | set(np.unique(full[40:])) <= {0.0, 1.0}  # exact match, accuracy
+    assert (full[20:40] < 0).all()  # the answers' log-likelihoods
+    picked = [5, 19, 20, 39, 47, 99]
     np.testing.assert_array_equal(fitness(model, tokenizer, [documents[i] for i in picked]), full[picked])
 
 
 def test_the_metric_and_filter_of_a_task_are_chosen_in_options():
     options = {**tiny_harness_options(), "metrics": {"tiny_sums_mc": "acc_norm", "tiny_sums_gen": "exact_match,first_number"}}
     tasks = harness.harness_tasks(**{k: v for k, v in options.items()})
-    assert tasks.metric == {"tiny_sums_gen": ("exact_match", "first_number"), "tiny_sums_mc": ("acc_norm", "none")}
+    assert tasks.metric == {
+        "tiny_sums_gen": ("exact_match", "first_number"), "tiny_sums_ll": ("perplexity", "none"), "tiny_sums_mc": ("acc_norm", "none"),
+    }
     with pytest.raises(ConfigError, match="task 'tiny_sums_mc' has no metric 'bleu' \\(it has acc, acc_norm\\)"):
         harness.harness_tasks(**{**tiny_harness_options(), "metrics": {"tiny_sums_mc": "bleu"}})
     with pytest.raises(ConfigError, match="task 'tiny_sums_gen' has no filter 'last'"):
@@ -145,12 +148,16 @@ def test_lm_eval_cli_on_the_export_gives_the_recorded_per_document_scores(llamas
          "--log_samples", "--output_path", str(tmp_path / "lm_eval_out")],
         check=True, capture_output=True,
     )
+    metric = {"tiny_sums_gen": "exact_match", "tiny_sums_ll": "perplexity", "tiny_sums_mc": "acc"}  # the defaults
     theirs = {}
     for file in (tmp_path / "lm_eval_out").rglob("samples_*.jsonl"):
         task = file.name.removeprefix("samples_").rsplit("_", 1)[0]
         for line in file.read_text().splitlines():
             sample = json.loads(line)
-            metric = "acc" if task == "tiny_sums_mc" else "exact_match"
-            theirs[(task, sample["doc_id"])] = float(sample[metric])
+            theirs[(task, sample["doc_id"])] = float(sample[metric[task]])
     assert len(theirs) == len(documents) == len(best.per_example)
-    np.testing.assert_array_equal(best.per_example, [theirs[(d.task, d.doc_id)] for d in documents])
+    expected = np.array([theirs[(d.task, d.doc_id)] for d in documents])
+    loglik = np.array([d.task == "tiny_sums_ll" for d in documents])
+    np.testing.assert_array_equal(best.per_example[~loglik], expected[~loglik])  # accuracy, exact match
+    np.testing.assert_allclose(best.per_example[loglik], expected[loglik], rtol=0, atol=1e-4)  # fp32 log-likelihoods
+    assert 0 < best.per_example[documents.index(harness.Document("tiny_sums_mc", 0)):].mean() < 1  # not all alike
