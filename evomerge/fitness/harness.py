@@ -13,11 +13,16 @@ Scores must not depend on what was scored before: lm-eval's request cache (``use
 is reseeded before every evaluation (lm-eval's default seed, as its CLI uses) because each
 evaluation draws from it; bootstrap resampling for standard errors is off (``bootstrap_iters=0``).
 
+Black-box runs score the same tasks through the API client (:func:`lm_eval_served`): each
+log-likelihood and generation request is sent the way lm-eval's ``local-completions`` model sends
+it, to the candidate as the service serves it.
+
 lm-eval is an optional extra, imported when the tasks are first built.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from dataclasses import dataclass
@@ -29,6 +34,8 @@ from evomerge.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
     import torch
+
+    from evomerge.fitness.blackbox import ServedModel
 
 FEWSHOT_SEED = 1234
 """lm-eval's default ``fewshot_random_seed`` (``DEFAULT_OTHER_SEED``), so scores match its CLI's."""
@@ -101,10 +108,9 @@ class HarnessTasks:
             raise ConfigError(f"fitness.options.metrics: task '{name}' has no filter '{filter_name}' (it has {', '.join(filters)})")
         return metric, filter_name
 
-    def score(self, model: torch.nn.Module, tokenizer: Any, documents: Sequence[Document], batch_size: int) -> np.ndarray:
-        """Per-document metric values of ``documents`` for the model as it is now."""
+    def score(self, lm: Any, documents: Sequence[Document]) -> np.ndarray:
+        """Per-document metric values of ``documents`` for the lm-eval model ``lm`` as it is now."""
         from lm_eval.evaluator import evaluate
-        from lm_eval.models.huggingface import HFLM
 
         wanted: dict[str, list[int]] = {}
         for doc in documents:
@@ -112,8 +118,6 @@ class HarnessTasks:
         task_dict = {"tasks": {n: t for n, t in self.tasks.items() if n in wanted}, "groups": {}, "group_map": {}}
         for task in task_dict["tasks"].values():
             task.set_fewshot_seed(seed=FEWSHOT_SEED)
-        device = next(model.parameters()).device
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
         results = evaluate(lm, task_dict, samples=wanted, log_samples=True, bootstrap_iters=0)
         values: dict[tuple[str, int], float] = {}
         for name, samples in results["samples"].items():
@@ -163,4 +167,25 @@ def lm_eval_fitness(
     batch_size: int = 16,
 ) -> np.ndarray:
     """Per-document scores of lm-eval ``tasks`` (local YAML tasks under ``include_path`` or lm-eval's own)."""
-    return harness_tasks(tasks, include_path, num_fewshot, metrics).score(model, tokenizer, examples, batch_size)
+    harness = harness_tasks(tasks, include_path, num_fewshot, metrics)
+    from lm_eval.models.huggingface import HFLM
+
+    device = str(next(model.parameters()).device)
+    return harness.score(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device), examples)
+
+
+async def lm_eval_served(
+    model: ServedModel, examples: Sequence[Document], *, tasks: Sequence[str], include_path: str | None = None,
+    num_fewshot: int | None = None, metrics: dict[str, str] | None = None,
+) -> np.ndarray:
+    """The black-box ``lm_eval``: the same tasks and scores, each request sent through the API client.
+
+    lm-eval's evaluation is synchronous, so it runs in a thread; its requests come back to this
+    event loop, where the served model answers them concurrently (and from the run's response
+    cache, keyed by the candidate's merge); ``api.concurrency`` bounds those in flight.
+    """
+    from evomerge.fitness.harness_served import ServedLM
+
+    harness = harness_tasks(tasks, include_path, num_fewshot, metrics)
+    lm = ServedLM(model, asyncio.get_running_loop())
+    return await asyncio.to_thread(harness.score, lm, examples)

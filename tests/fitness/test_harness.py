@@ -161,3 +161,33 @@ def test_lm_eval_cli_on_the_export_gives_the_recorded_per_document_scores(llamas
     np.testing.assert_array_equal(best.per_example[~loglik], expected[~loglik])  # accuracy, exact match
     np.testing.assert_allclose(best.per_example[loglik], expected[loglik], rtol=0, atol=1e-4)  # fp32 log-likelihoods
     assert 0 < best.per_example[documents.index(harness.Document("tiny_sums_mc", 0)):].mean() < 1  # not all alike
+
+
+def test_black_box_scores_equal_white_box_on_the_served_model(service, tiny_models, auth):
+    """The same tasks through the API client (local-completions requests to `evomerge serve`)."""
+    import asyncio
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.service.client import ApiClient
+    from evomerge.service.served_model import ApiServedModel
+
+    documents = own_examples("lm_eval", tiny_harness_options())
+
+    async def black_box() -> np.ndarray:
+        client = ApiClient(service, auth["Authorization"].removeprefix("Bearer "))
+
+        async def served_name() -> str:
+            return "tiny-base"
+
+        try:
+            return await harness.lm_eval_served(ApiServedModel(client, "base", None, served_name), documents, **tiny_harness_options())
+        finally:
+            await client.aclose()
+
+    served = asyncio.run(black_box())
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
+    resident = harness.lm_eval_fitness(model, AutoTokenizer.from_pretrained(tiny_models["base"]), documents, **tiny_harness_options())
+    loglik = np.array([d.task == "tiny_sums_ll" for d in documents])
+    np.testing.assert_array_equal(served[~loglik], resident[~loglik])
+    np.testing.assert_allclose(served[loglik], resident[loglik], rtol=0, atol=1e-4)
