@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from pydantic import ValidationError
 
 from evomerge.config import DataConfig, RunConfig, field_path
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, UserError
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
 from evomerge.merge.method import MergeMethod
@@ -265,7 +265,20 @@ class RunPlan:
                 )
             except ConfigError as exc:
                 raise self._fail(field_name, str(exc)) from None
+        self._check_own_examples()
         self._check_device()
+
+    def _check_own_examples(self) -> None:
+        """A fitness that brings its examples (lm-eval tasks) builds them here once, so a missing
+        task, include_path or extra is named before any model loads."""
+        from evomerge.fitness import brings_own_examples, own_examples
+
+        fitness = self.config.fitness
+        if brings_own_examples(fitness.name):
+            try:
+                own_examples(fitness.name, fitness.options)
+            except UserError as exc:
+                raise ConfigError(f"{self.source}: {exc}") from None
 
     def _data_sections(self) -> list[tuple[str, DataConfig]]:
         """(field, section) of every data set the workers read."""

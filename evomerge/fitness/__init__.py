@@ -62,7 +62,12 @@ def brings_own_examples(name: str) -> bool:
 
 def own_examples(name: str, options: dict[str, Any]) -> Any:
     """The examples a fitness brings itself, built from its options (once per process for lm_eval)."""
-    return EXAMPLE_SOURCES[name](**options)
+    source = EXAMPLE_SOURCES[name]
+    try:
+        inspect.signature(source).bind(**options)
+    except TypeError as exc:  # a missing or unknown option: one line, not a traceback
+        raise PluginError(f"fitness '{name}' options {sorted(options)}: {exc}") from None
+    return source(**options)
 
 
 def resolve_blackbox_fitness(name: str) -> Callable[..., Any]:

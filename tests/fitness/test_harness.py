@@ -191,3 +191,15 @@ def test_black_box_scores_equal_white_box_on_the_served_model(service, tiny_mode
     loglik = np.array([d.task == "tiny_sums_ll" for d in documents])
     np.testing.assert_array_equal(served[~loglik], resident[~loglik])
     np.testing.assert_allclose(served[loglik], resident[loglik], rtol=0, atol=1e-4)
+
+
+def test_validate_names_an_unknown_task_in_one_line(llamas, tmp_path, capsys):
+    options = {**tiny_harness_options(), "tasks": ["tiny_sums_typo"]}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_config(llamas, tmp_path, options)))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no lm-eval task or group 'tiny_sums_typo'" in err, err
+    path.write_text(yaml.safe_dump(_config(llamas, tmp_path, {"include_path": str(tmp_path)})))
+    assert main(["validate", str(path)]) == 2
+    assert "missing a required argument: 'tasks'" in capsys.readouterr().err
