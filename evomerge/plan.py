@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from evomerge.config import DataConfig, RunConfig, field_path
 from evomerge.errors import ConfigError, UserError
+from evomerge.fitness import brings_own_examples, own_examples
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
 from evomerge.merge.method import MergeMethod
@@ -119,11 +120,14 @@ class RunPlan:
 
     def _check_fitness_data(self) -> None:
         """``fitness.data`` names the examples, unless the fitness brings its own (lm-eval tasks)."""
-        from evomerge.fitness import brings_own_examples
-
         fitness = self.config.fitness
-        if brings_own_examples(fitness.name) and fitness.data is not None:
-            raise self._fail("fitness.data", f"fitness '{fitness.name}' scores the documents of its own tasks; remove fitness.data")
+        if brings_own_examples(fitness.name):
+            given = [name for name, value in (("data", fitness.data), ("test_data", fitness.test_data), ("tasks", fitness.tasks)) if value]
+            if given:
+                raise self._fail(
+                    f"fitness.{given[0]}",
+                    f"fitness '{fitness.name}' scores the documents of its own tasks and cannot read examples; remove fitness.{given[0]}",
+                )
         if not brings_own_examples(fitness.name) and fitness.data is None:
             raise self._fail("fitness.data", f"fitness '{fitness.name}' needs examples: name their source in fitness.data")
 
@@ -163,6 +167,12 @@ class RunPlan:
                 f"populations.{i}.strategy",
                 f"{pop.strategy} learns {' or '.join(differentiable)} coefficients by gradient descent on white-box"
                 f" workers; merge.method is '{self.method.name}'",
+            )
+        if requires.gradient and brings_own_examples(config.fitness.name):
+            raise self._fail(
+                f"populations.{i}.strategy",
+                f"{pop.strategy} descends the entropy of the model's outputs on fitness.data, which fitness"
+                f" '{config.fitness.name}' does not read; use another fitness or strategy",
             )
         searched = config.merge.search if config.merge.search is not None else [
             p for p in self.method.param_names if p not in config.merge.fixed
@@ -271,8 +281,6 @@ class RunPlan:
     def _check_own_examples(self) -> None:
         """A fitness that brings its examples (lm-eval tasks) builds them here once, so a missing
         task, include_path or extra is named before any model loads."""
-        from evomerge.fitness import brings_own_examples, own_examples
-
         fitness = self.config.fitness
         if brings_own_examples(fitness.name):
             try:

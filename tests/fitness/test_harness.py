@@ -99,10 +99,16 @@ def test_a_missing_extra_is_one_error_naming_it(monkeypatch, tmp_path):
         harness.HarnessTasks(list(TASK_NAMES), str(tiny_task_dir(tmp_path)), None, {})
 
 
-def test_fitness_data_is_refused_for_lm_eval_and_required_otherwise(llamas, tmp_path):
+def test_lm_eval_refuses_fitness_data_and_entropy_descent_and_others_need_data(llamas, tmp_path):
     data = {"source": str(tmp_path / "rows.jsonl")}
     with pytest.raises(ConfigError, match="fitness.data: fitness 'lm_eval' scores the documents of its own tasks"):
         RunPlan.from_config(config_from_dict(_config(llamas, tmp_path, tiny_harness_options(), data=data)))
+    with pytest.raises(ConfigError, match="fitness.test_data: fitness 'lm_eval' scores the documents of its own tasks"):
+        RunPlan.from_config(config_from_dict(_config(llamas, tmp_path, tiny_harness_options(), test_data=data)))
+    config = _config(llamas, tmp_path, tiny_harness_options())
+    config["populations"] = [{"name": "ada", "strategy": "adamerging"}]
+    with pytest.raises(ConfigError, match="populations.0.strategy: adamerging descends the entropy .* fitness 'lm_eval' does not read"):
+        RunPlan.from_config(config_from_dict(config))
     config = _config(llamas, tmp_path, {})
     config["fitness"] = {"name": "negative_cross_entropy"}
     with pytest.raises(ConfigError, match="fitness.data: fitness 'negative_cross_entropy' needs examples"):
