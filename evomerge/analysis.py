@@ -44,9 +44,10 @@ def load_run(path: str | Path, per_example: bool = False) -> pd.DataFrame:
     """The evaluations of the run in ``path``, in the order they were recorded.
 
     Columns: ``seq``, ``candidate_id``, ``population``, ``strategy``, ``status`` (ok / failed),
-    ``fitness`` (NaN when failed), ``worker``, ``started`` and ``finished`` (Unix seconds),
+    ``fitness`` (NaN when failed), ``fidelity`` (the fraction of the fitness examples it is the mean
+    of: below 1 when racing stopped the candidate early), ``worker``, ``started`` and ``finished`` (Unix seconds),
     ``duration``, ``elapsed`` (seconds from the run's start to the result), ``error``, and one
-    column per metric the workers recorded (``merge_seconds``, ``score_seconds``, ``traceback``,
+    column per metric the workers recorded (``merge_seconds``, ``score_seconds``, ``examples_scored``, ``traceback``,
     ``cached_from``, ``usage.cost`` …). ``per_example=True`` adds the per-example scores as
     arrays. ``df.attrs`` holds the run's ``run_dir``, ``name``, ``state``, ``created``,
     ``updated`` and ``strategies`` (population → strategy). Safe while the run writes.
@@ -81,6 +82,7 @@ def _row_record(r: Evaluation, strategies: dict[str, str], created: float, per_e
         "strategy": strategies.get(r.population, ""),
         "status": str(r.status),
         "fitness": r.fitness if math.isfinite(r.fitness) else math.nan,
+        "fidelity": r.fidelity,
         "worker": r.worker,
         "started": r.started,
         "finished": r.started + r.duration,

@@ -111,7 +111,8 @@ class ExpertRef(_Strict):
 class ModelsConfig(_Strict):
     base: str | None = None
     experts: list[ExpertRef] = Field(min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: the dtype the checkpoints are stored in (see evomerge.models.checkpoint.run_dtype)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
 
     @field_validator("experts", mode="before")
@@ -207,6 +208,31 @@ class DataConfig(_Strict):
     label: str | None = Field(default=None, description="field holding the index of the right choice")
 
 
+class RacingConfig(_Strict):
+    """Staged evaluation ("racing"): a candidate is scored on growing seeded subsets of the fitness
+    examples and continues only while it could still matter.
+
+    After each stage (a fraction of the examples, the same seeded subset for every candidate) it
+    stops when ``mean + z * stderr`` of the scores so far is below its population's ``top_k``-th
+    best fully scored fitness; one that survives every stage is scored on all examples in one
+    call, exactly as without racing.
+    """
+
+    stages: list[float] = Field(default_factory=lambda: [0.1, 0.3], min_length=1)
+    z: float = Field(default=2.0, gt=0, description="confidence: standard errors above the mean so far")
+    top_k: int = Field(default=3, ge=1, description="the population's k-th best full score a candidate must be able to beat")
+    seed: int = 0
+
+    @field_validator("stages")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in value):
+            raise ValueError("stages are fractions of the fitness examples between 0 and 1 (the full set comes last by itself)")
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError("stages must grow: each fraction larger than the one before")
+        return value
+
+
 class FitnessConfig(_Strict):
     name: str = "classification_accuracy"
     # Required unless the fitness brings its own examples (lm_eval: its tasks' documents); the plan checks it.
@@ -216,6 +242,8 @@ class FitnessConfig(_Strict):
     # Named data sets scored like `data` and recorded as metrics of those names: per-task
     # objectives for nsga2 and map (`options: {objectives: [digits_low, digits_high]}`).
     tasks: dict[str, DataConfig] = Field(default_factory=dict)
+    # Off unless given: candidates that cannot matter stop after a small subset of `data`.
+    racing: RacingConfig | None = None
 
 
 def resolve_deadline(value: str, now: datetime | None = None) -> datetime:
@@ -326,6 +354,50 @@ class MigrationConfig(_Strict):
     size: int = Field(default=1, ge=1)
 
 
+class ExportConfig(_Strict):
+    """What ``evomerge export`` carries beside the merged weights (mergekit's ``tokenizer_source``
+    and ``chat_template``): an instruct merge over a pretrained base needs an expert's chat
+    template and end-of-turn tokens, not the base's."""
+
+    # base (models.base; the first expert when there is none) or an expert's name: the model whose
+    # tokenizer, special tokens and generation config the export carries
+    tokenizer_source: str = "base"
+    # unset: the tokenizer source's own; base or an expert's name: that model's; else a Jinja template
+    chat_template: str | None = None
+    # hub ids for the model card's base_model, where the run's models are local copies
+    base_model: list[str] = Field(default_factory=list)
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("base_model")
+    @classmethod
+    def _hub_ids(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            if _looks_local(ref) or not _HUB_ID.match(ref):
+                raise ValueError(f"'{ref}' is not a hub id (org/name): the model card names models others can download")
+        return value
+
+    def check_sources(self, labels: list[str]) -> None:
+        """Refuse a source that is neither ``base`` nor exactly one expert's name."""
+        known = ", ".join(["base", *labels])
+        for field, value in (("tokenizer_source", self.tokenizer_source), ("chat_template", self.chat_template)):
+            if value is None or value == "base" or (field == "chat_template" and is_template(value)):
+                continue
+            if labels.count(value) > 1:
+                raise ValueError(f"export.{field}: two experts are named '{value}'; give them distinct models.experts[].name")
+            if value not in labels:
+                what = "base, an expert's name or a Jinja template" if field == "chat_template" else "base or an expert's name"
+                raise ValueError(f"export.{field}: '{value}' is not {what} (one of: {known})")
+
+
+def is_template(value: str) -> bool:
+    """A chat template is Jinja: it has a ``{{ … }}`` or ``{% … %}``; a model's name has neither."""
+    return "{{" in value or "{%" in value
+
+
 class RunConfig(_Strict):
     name: str = "evomerge-run"
     seed: int = 0
@@ -343,6 +415,7 @@ class RunConfig(_Strict):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     # Black-box mode: score candidates through a model service's API instead of holding the weights.
     api: ApiConfig | None = None
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     # Set by load_config, not read from YAML: where relative paths start.
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -353,6 +426,11 @@ class RunConfig(_Strict):
         duplicates = {x for x in names if names.count(x) > 1}
         if duplicates:
             raise ValueError(f"populations: duplicate name '{sorted(duplicates)[0]}'")
+        return self
+
+    @model_validator(mode="after")
+    def _export_sources(self) -> "RunConfig":
+        self.export.check_sources(self.models.expert_labels())
         return self
 
     def resolve_path(self, path: str) -> Path:

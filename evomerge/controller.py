@@ -3,7 +3,9 @@
 It keeps the executor's slots full by asking populations in turn (the one furthest behind its
 share of the budget first), records every candidate before it is submitted and every evaluation
 as it returns, tells the owning population, and checkpoints the strategies at a set interval and
-at the end. Budgets: evaluations (split between populations by ``share``) and wall time. SIGINT /
+at the end. With racing (``fitness.racing``), each candidate goes out with the fitness it must be
+able to beat to be scored in full: its population's k-th best fully scored fitness so far. Budgets:
+evaluations (split between populations by ``share``) and wall time. SIGINT /
 SIGTERM stop the asking; work in flight may finish for a grace period (a second signal ends it at
 once), then what still runs is cancelled, a checkpoint is written, and the run ends resumable. A
 run whose first candidates all fail the same way stops early as ``failed`` (``FailureStreak``).
@@ -50,9 +52,20 @@ class Population:
     finished: int = 0
     stop_reason: dict[str, Any] = field(default_factory=dict)
     best: float | None = None
+    leaders: list[float] = field(default_factory=list)
+    """The best fully scored fitnesses, best first (as many as racing's ``top_k``)."""
 
     def can_ask(self) -> bool:
         return not self.stop_reason and (self.budget is None or self.submitted < self.budget)
+
+    def must_beat(self, top_k: int | None) -> float | None:
+        """What a new candidate must be able to beat to be scored in full: the k-th best fully
+        scored fitness; None (score in full) without racing or before k members are known."""
+        return self.leaders[top_k - 1] if top_k is not None and len(self.leaders) >= top_k else None
+
+    def admit(self, fitness: float, top_k: int | None) -> None:
+        if top_k is not None:
+            self.leaders = sorted([*self.leaders, fitness], reverse=True)[:top_k]
 
 
 @dataclass
@@ -81,6 +94,7 @@ class Controller:
         migration: tuple[int, int] | None = None,
         grace_period: float = 120.0,
         max_failures_at_start: int | None = None,
+        racing_top_k: int | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -89,7 +103,8 @@ class Controller:
         self.checkpoint_every = checkpoint_every
         self.on_progress = on_progress
         self.migration = migration  # (every, size)
-        self._usage = {"requests": 0.0, "tokens": 0.0, "cost": 0.0}
+        self.racing_top_k = racing_top_k  # None: racing is off
+        self._usage = {"requests": 0.0, "tokens": 0.0, "cost": 0.0, "examples": 0.0}
         self._best_at = 0  # evaluations counted when the best last improved
         self._stop_requested: str | None = None
         self.grace_period = grace_period
@@ -154,9 +169,12 @@ class Controller:
                 pop.submitted += 1
                 cached = self._cached(pop, cand)
                 if cached is None:
-                    self.executor.submit(cand)
+                    self._submit(pop, cand)
                 else:
                     self._record(cached)
+
+    def _submit(self, pop: Population, cand: Candidate) -> None:
+        self.executor.submit(dataclasses.replace(cand, must_beat=pop.must_beat(self.racing_top_k)))
 
     def _cached(self, pop: Population, cand: Candidate) -> Evaluation | None:
         """A copy of an earlier result for the same genome: identical genomes are scored once."""
@@ -167,6 +185,8 @@ class Controller:
         metrics = {**earlier.metrics, "cached_from": earlier.candidate_id}
         if "usage" in metrics:  # a repeated candidate asks the service nothing
             metrics["usage"] = {key: 0 for key in metrics["usage"]}
+        if "examples_scored" in metrics:  # nor does it score an example
+            metrics["examples_scored"] = 0
         return dataclasses.replace(
             earlier, candidate_id=cand.id, population=cand.population, metrics=metrics, worker="cache",
             started=time.time(), duration=0.0, seq=0, genome=None,
@@ -191,15 +211,18 @@ class Controller:
         pop = self.populations[ev.population]
         pop.strategy.tell([ev])
         pop.finished += 1
-        if ev.usable and (pop.best is None or ev.fitness > pop.best):
+        if ev.fully_scored and (pop.best is None or ev.fitness > pop.best):
             pop.best = ev.fitness
+        if ev.fully_scored:
+            pop.admit(ev.fitness, self.racing_top_k)
         self._evaluations += 1
+        self._usage["examples"] += ev.metrics.get("examples_scored", 0)
         usage = ev.metrics.get("usage")
         if usage:
             self._usage["requests"] += usage.get("requests", 0)
             self._usage["tokens"] += usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
             self._usage["cost"] += usage.get("cost", 0.0)
-        if ev.usable and (self._best is None or ev.fitness > self._best):
+        if ev.fully_scored and (self._best is None or ev.fitness > self._best):
             self._best = ev.fitness
             self._best_at = self._evaluations
 
@@ -271,6 +294,8 @@ class Controller:
         for pop in self.populations.values():
             row = self.store.best(pop.name)
             pop.best = None if row is None else row.fitness
+            if self.racing_top_k is not None:  # the leaders before the checkpoint were not replayed
+                pop.leaders = [e.fitness for e in self.store.top(pop.name, self.racing_top_k, self._last_seq)]
 
     def _total_budget(self) -> int | None:
         budgets = [p.budget for p in self.populations.values()]
@@ -306,7 +331,7 @@ class Controller:
         self._event("run_started", f"populations: {', '.join(self.populations)}")
         for pop in self.populations.values():  # after a restore: what was in flight when the run stopped
             for cand in sorted(pop.strategy.outstanding(), key=lambda c: int(c.id.rsplit(":", 1)[1])):
-                self.executor.submit(cand)
+                self._submit(pop, cand)
         with _graceful_signals(self.signalled):
             while True:
                 if self.executor.halted is not None:
@@ -370,6 +395,7 @@ class Controller:
             "search_seconds": round(searching, 3),
             "wall_seconds": round(time.time() - self.store.run_info()["created"], 3),
             "evaluations": self._evaluations,
+            "examples_scored": int(self._usage["examples"]),
             "best": None
             if best is None
             else {"candidate_id": best.candidate_id, "population": best.population, "fitness": best.fitness},

@@ -1,7 +1,8 @@
 """``evomerge export``: a run's best merge as a directory other tools load as it is.
 
 A full-model merge becomes a Hugging Face model directory (``save_pretrained``, safetensors, the
-tokenizer); a merge of LoRA factors (``lora_compose``) becomes a peft adapter directory for the run's base. Beside
+tokenizer, chat template and generation config of ``export.tokenizer_source``); a merge of LoRA
+factors (``lora_compose``) becomes a peft adapter directory for the run's base. Beside
 the weights: ``recipe.yaml`` (what evomerge searched and found), ``README.md`` (a model card with
 the recipe and the scores) and, where mergekit can express the recipe, ``mergekit.yaml``, which
 rebuilds the same weights with ``mergekit-yaml mergekit.yaml OUT``. The directory is written under
@@ -17,9 +18,10 @@ from typing import Any
 
 import yaml
 
+from evomerge.config import RunConfig
 from evomerge.errors import RunDirError
 from evomerge.merge.method import LORA_FACTORS
-from evomerge.mergekit_recipe import NotExpressible, mergekit_config
+from evomerge.mergekit_recipe import NotExpressible, mergekit_config, model_reference
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
 from evomerge.space.merge_space import Recipe
@@ -46,7 +48,8 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         raise RunDirError(f"{run_dir}: no successful evaluation to export yet")
     out = Path(out)
     _check_out(out)
-    from evomerge.workers.whitebox import WhiteBoxWorker  # torch: only once there is something to export
+    from evomerge.models.tokenizer_source import export_tokenizer  # torch: only once there is something to export
+    from evomerge.workers.whitebox import WhiteBoxWorker
 
     plan = RunPlan.from_config(config)
     worker = WhiteBoxWorker(plan, worker_id="export")
@@ -67,14 +70,15 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "granularity": config.merge.granularity,
         "recipe": recipe,
     }
-    mergekit, note = _mergekit_document(plan, worker, decoded)
+    mergekit, note = _mergekit_document(plan, decoded)
     if note is not None:
         document["mergekit"] = note
+    tokenizer = export_tokenizer(config, worker.models.model, worker.models.tokenizer)
 
     tmp = out.with_name(out.name + f".tmp-{int(time.time())}")
     worker.models.model.save_pretrained(tmp, safe_serialization=True)
-    if worker.models.tokenizer is not None:
-        worker.models.tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
     if mergekit is not None:
         (tmp / MERGEKIT_NAME).write_text(yaml.safe_dump(mergekit, sort_keys=False))
@@ -98,25 +102,36 @@ def _check_out(out: Path) -> None:
         raise RunDirError(f"--out {out}: cannot create {out.parent}: {exc.strerror or exc}") from None
 
 
-def _mergekit_document(plan: RunPlan, worker, decoded) -> tuple[dict | None, str | None]:
+def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]:
     """The mergekit YAML of the best recipe (or None), and what a reader should know about it."""
+    from evomerge.models.adapters import is_adapter
+    from evomerge.models.checkpoint import run_dtype, tensor_dtypes
+
     config = plan.config
     if not isinstance(decoded, Recipe):
         return None, "not written: M2N2 seed recipes (piecewise combinations with split points) have no mergekit equivalent"
+    base = config.model_ref(config.models.base) if config.models.base else None
+    refs = [config.model_ref(e.path) for e in config.models.experts]
+    adapters = [is_adapter(ref) for ref in refs]
     try:
         document = mergekit_config(
             decoded,
             decoded.method,
-            worker.models.tensor_names,
-            config.model_ref(config.models.base) if config.models.base else None,
-            [config.model_ref(e.path) for e in config.models.experts],
-            config.models.dtype,
+            list(tensor_dtypes(plan.working_model)),
+            base,
+            [model_reference(ref, base, adapter) for ref, adapter in zip(refs, adapters)],
+            run_dtype(config),
         )
     except NotExpressible as exc:
         return None, f"not written: {exc}"
+    notes = []
+    if any(adapters):
+        notes.append("its LoRA adapter experts are named BASE+ADAPTER: run mergekit-yaml with --lora-merge-cache DIR")
     if decoded.method.name.startswith("dare"):
-        return document, "mergekit draws its own random drop masks: its merge equals ours in expectation, not entry for entry"
-    return document, None
+        notes.append("mergekit draws its own random drop masks: its merge equals ours in expectation, not entry for entry")
+    if config.export.tokenizer_source != "base" or config.export.chat_template is not None:
+        notes.append("it rebuilds the weights; the tokenizer and chat template are this directory's")
+    return document, "; ".join(notes) or None
 
 
 def model_card(
@@ -125,12 +140,12 @@ def model_card(
     """A Hugging Face model card: front matter for the hub, then the recipe and the scores."""
     config = plan.config
     adapter = plan.method.inputs == LORA_FACTORS
-    bases = [config.models.base] if config.models.base else [e.path for e in config.models.experts]
-    front = {
-        "base_model": bases,
-        "library_name": "peft" if adapter else "transformers",
-        "tags": ["merge", "evomerge", config.merge.method],
-    }
+    front: dict[str, Any] = {}
+    bases = card_base_models(config)
+    if bases:
+        front["base_model"] = bases
+    front["library_name"] = "peft" if adapter else "transformers"
+    front["tags"] = ["merge", "evomerge", config.merge.method]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {config.name}", ""]
     scored = sum(done for _asked, done in evaluations.values())
     lines.append(
@@ -151,3 +166,15 @@ def model_card(
     if "mergekit" in document:
         lines += [f"mergekit: {document['mergekit']}.", ""]
     return "\n".join(lines)
+
+
+def card_base_models(config: RunConfig) -> list[str]:
+    """The hub ids the card names as ``base_model``: ``export.base_model``, else those known for the
+    base (or, without one, the experts). A local path is never named: the hub rejects it."""
+    from evomerge.models.checkpoint import hub_id
+
+    if config.export.base_model:
+        return list(config.export.base_model)
+    refs = [config.models.base] if config.models.base else [e.path for e in config.models.experts]
+    known = (hub_id(config.model_ref(ref)) for ref in refs)
+    return [ref for ref in known if ref is not None]

@@ -5,7 +5,10 @@ mergekit is LGPL and optional: this module only writes its YAML schema (``merge_
 Values that differ between tensor groups become mergekit's conditional parameters: a list of
 ``{filter, value}`` entries, where a filter matches tensors whose name contains it. Whole
 transformer blocks are matched by their prefix (``model.layers.3.``), other tensors by their full
-name, so every tensor is matched by exactly one entry and the mergekit merge is ours.
+name, so every tensor is matched by exactly one entry and the mergekit merge is ours. The names
+are the checkpoint's (what mergekit reads), which must be the parameters the merge wrote: where
+transformers renames or fuses tensors on load, no filter could say which is which. A LoRA adapter
+expert is mergekit's ``BASE+ADAPTER`` (merged into its base by mergekit, in a ``--lora-merge-cache``).
 
 Methods mergekit does not have (seed recipes, split-point SLERP, LoRA composition, layer swaps,
 TALL, PCB, Fisher) are not expressible; the caller says so in the export instead of writing a YAML
@@ -51,6 +54,24 @@ def _group_filters(tensor_names: Sequence[str], tensor_groups: dict[str, int]) -
     return filters
 
 
+def model_reference(ref: str, base: str | None, adapter: bool) -> str:
+    """How mergekit names a model: its path or hub id, or ``BASE+ADAPTER`` for a LoRA adapter."""
+    for part in (ref, base or ""):
+        if "+" in part:
+            raise NotExpressible(f"mergekit reads '+' in a model reference as BASE+ADAPTER, and '{part}' has one")
+    return f"{base}+{ref}" if adapter else ref
+
+
+def _check_names(tensor_names: Sequence[str], tensor_groups: dict[str, int]) -> None:
+    stored = set(tensor_names)
+    for name in tensor_names:
+        if name not in tensor_groups:
+            raise NotExpressible(f"the checkpoint's tensor '{name}' is not a parameter the merge wrote (transformers renames or fuses it on load)")
+    for name in tensor_groups:
+        if name not in stored:
+            raise NotExpressible(f"the merged parameter '{name}' is stored under another name in the checkpoint mergekit reads")
+
+
 def _setting(per_group: list[float], filters: dict[int, list[str]]) -> Any:
     if len(set(per_group)) == 1:
         return float(per_group[0])
@@ -65,10 +86,16 @@ def mergekit_config(
     experts: Sequence[str],
     dtype: str,
 ) -> dict[str, Any]:
-    """The mergekit configuration that builds the same model as ``recipe``."""
+    """The mergekit configuration that builds the same model as ``recipe``.
+
+    ``tensor_names`` are the tensors the working model's checkpoint stores; ``experts`` are mergekit
+    model references (:func:`model_reference`).
+    """
     if method.mergekit_name is None:
         raise NotExpressible(f"mergekit has no equivalent of the merge method '{method.name}'")
-    filters = _group_filters(tensor_names, dict(recipe.tensor_groups))
+    groups = dict(recipe.tensor_groups)
+    _check_names(tensor_names, groups)
+    filters = _group_filters(tensor_names, groups)
     n_groups = len(recipe.group_names)
     models = [{"model": ref} for ref in experts]
     shared: dict[str, Any] = {}

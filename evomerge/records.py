@@ -42,6 +42,10 @@ class Candidate:
     genome: np.ndarray
     parent_ids: tuple[str, ...] = ()
     created: float = field(default_factory=time.time)
+    must_beat: float | None = None
+    """Racing (``fitness.racing``): the fitness this candidate must still be able to beat to be
+    scored on every example; set by the controller when it submits the candidate, never stored.
+    None: score it in full."""
 
 
 @dataclass
@@ -54,6 +58,8 @@ class Evaluation:
     ``responses`` are the answers a black-box worker got from its service for this evaluation
     (cache key → answer): workers never write the run store, so the controller stores them.
     ``seq`` (the evaluation's place in the run) and ``genome`` are filled in by the store.
+    ``fidelity`` is the fraction of the fitness examples ``fitness`` is the mean of: below 1.0 when
+    racing stopped the candidate early (``per_example`` is then NaN where it was not scored).
     """
 
     candidate_id: str
@@ -69,6 +75,7 @@ class Evaluation:
     responses: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
     genome: np.ndarray | None = None
+    fidelity: float = 1.0
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)
@@ -76,6 +83,11 @@ class Evaluation:
     @property
     def usable(self) -> bool:
         return self.status == Status.OK and math.isfinite(self.fitness)
+
+    @property
+    def fully_scored(self) -> bool:
+        """Usable and scored on every fitness example (not stopped early by racing)."""
+        return self.usable and self.fidelity >= 1.0
 
     @classmethod
     def failure(

@@ -184,6 +184,7 @@ def _drive(
         migration=None if config.migration is None else (config.migration.every, config.migration.size),
         grace_period=config.workers.grace_period,
         max_failures_at_start=failures_at_start_limit(config.budget, executor.capacity),
+        racing_top_k=None if config.fitness.racing is None else config.fitness.racing.top_k,
     )
     with run_log(store.run_dir):
         if resume:

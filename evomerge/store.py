@@ -36,9 +36,11 @@ from evomerge.errors import DiskError, RunDirError, RunDirInUseError, UserError
 DB_NAME = "run.db"
 CONFIG_NAME = "config.yaml"
 LOCK_NAME = "run.lock"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """3: ``api_responses`` (black-box answers by request); 4: ``started_config`` (the config the run
-started with). Both are added to older run directories when they are opened for writing."""
+started with); 5: ``evaluations.fidelity`` (the fraction of the fitness examples scored: racing).
+Each is added to older run directories when they are opened for writing; an evaluation recorded
+before 5 reads as fully scored (fidelity 1.0)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -80,7 +82,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     started REAL NOT NULL,
     duration REAL NOT NULL,
     error TEXT,
-    recorded REAL NOT NULL
+    recorded REAL NOT NULL,
+    fidelity REAL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     population TEXT PRIMARY KEY REFERENCES populations(name),
@@ -268,13 +271,16 @@ class RunStore:
         if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            # One transaction, so a reader never sees half a schema; new tables only: an older run
-            # directory gains them here.
+            # One transaction, so a reader never sees half a schema; new tables and columns only: an
+            # older run directory gains them here.
             with self._write():
                 for statement in _SCHEMA.split(";"):  # not executescript: it commits whatever is open
                     if statement.strip():
                         self._db.execute(statement)
+                if not self._has_fidelity():  # a run directory from before schema 5
+                    self._db.execute("ALTER TABLE evaluations ADD COLUMN fidelity REAL")
                 self._db.execute("UPDATE runs SET schema_version = ? WHERE schema_version < ?", (SCHEMA_VERSION, SCHEMA_VERSION))
+        self._fidelity_column = self._has_fidelity()
 
     def close(self) -> None:
         self._db.close()
@@ -293,6 +299,14 @@ class RunStore:
         finally:
             if self._lock is not None:
                 self._lock.release()
+
+    def _has_fidelity(self) -> bool:
+        return any(r["name"] == "fidelity" for r in self._db.execute("PRAGMA table_info(evaluations)"))
+
+    def _fully_scored(self) -> str:
+        """The SQL condition for evaluations scored on every fitness example (no condition on a
+        run directory from before racing, opened read-only: all of its evaluations were)."""
+        return " AND COALESCE(e.fidelity, 1.0) >= 1.0" if self._fidelity_column else ""
 
     def _holds_run(self) -> bool:
         return self._db.execute("SELECT 1 FROM runs").fetchone() is not None
@@ -367,8 +381,8 @@ class RunStore:
         fitness = ev.fitness if np.isfinite(ev.fitness) else None
         with self._write():
             cur = self._db.execute(
-                "INSERT INTO evaluations (candidate_id, status, fitness, per_example, n_examples, metrics_json, worker, started, duration, error, recorded)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO evaluations (candidate_id, status, fitness, per_example, n_examples, metrics_json, worker, started, duration, error, recorded, fidelity)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     ev.candidate_id,
                     ev.status,
@@ -381,6 +395,7 @@ class RunStore:
                     ev.duration,
                     ev.error,
                     time.time(),
+                    ev.fidelity,
                 ),
             )
             self._save_responses(ev.responses)
@@ -479,9 +494,11 @@ class RunStore:
             yield self._row(r, with_scores)
 
     def best(self, population: str | None = None) -> Evaluation | None:
+        """The best fully scored evaluation (of a population): a raced one stopped early is never it."""
         sql = (
             "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
             " WHERE e.status = 'ok' AND e.fitness IS NOT NULL"
+            + self._fully_scored()
             + (" AND c.population = ?" if population else "")
             + " ORDER BY e.fitness DESC, e.seq ASC LIMIT 1"
         )
@@ -489,11 +506,12 @@ class RunStore:
         return None if r is None else self._row(r, True)
 
     def top(self, population: str, n: int, max_seq: int) -> list[Evaluation]:
-        """A population's ``n`` best successful evaluations among the first ``max_seq`` recorded."""
+        """A population's ``n`` best fully scored evaluations among the first ``max_seq`` recorded."""
         rows = self._db.execute(
             "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
             " WHERE c.population = ? AND e.status = 'ok' AND e.fitness IS NOT NULL AND e.seq <= ?"
-            " ORDER BY e.fitness DESC, e.seq ASC LIMIT ?",
+            + self._fully_scored()
+            + " ORDER BY e.fitness DESC, e.seq ASC LIMIT ?",
             (population, max_seq, n),
         ).fetchall()
         return [self._row(r, True) for r in rows]
@@ -566,14 +584,16 @@ class RunStore:
         return {key: json.loads(text) for key, text in self._db.execute("SELECT key, response_json FROM api_responses")}
 
     def api_usage(self) -> dict[str, float]:
-        """API usage summed over every evaluation: requests, tokens (prompt + completion) and cost."""
+        """Usage summed over every evaluation: API requests, tokens (prompt + completion) and cost,
+        and the fitness examples white-box workers scored (``examples``: what racing saves)."""
         row = self._db.execute(
             "SELECT COALESCE(SUM(json_extract(metrics_json, '$.usage.requests')), 0),"
             " COALESCE(SUM(json_extract(metrics_json, '$.usage.prompt_tokens'))"
             " + SUM(json_extract(metrics_json, '$.usage.completion_tokens')), 0),"
-            " COALESCE(SUM(json_extract(metrics_json, '$.usage.cost')), 0) FROM evaluations"
+            " COALESCE(SUM(json_extract(metrics_json, '$.usage.cost')), 0),"
+            " COALESCE(SUM(json_extract(metrics_json, '$.examples_scored')), 0) FROM evaluations"
         ).fetchone()
-        return {"requests": row[0], "tokens": row[1], "cost": row[2]}
+        return {"requests": row[0], "tokens": row[1], "cost": row[2], "examples": row[3]}
 
     def events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db.execute("SELECT * FROM events ORDER BY seq")]
@@ -595,4 +615,5 @@ class RunStore:
             population=r["population"],
             seq=r["seq"],
             genome=np.frombuffer(r["genome"], dtype=np.float64).copy(),
+            fidelity=1.0 if "fidelity" not in r.keys() or r["fidelity"] is None else r["fidelity"],
         )

@@ -48,6 +48,9 @@ def test_valid_config_loads_and_resolves_relative_paths(tmp_path, digits_config)
         ({"merge": {"method": "linear", "init": {"weight": float("-inf")}}}, "merge.init.weight", "finite"),
         ({"populations": [{"name": "a", "share": float("inf")}]}, "populations.0.share", "finite"),
         ({"models": {"experts": ["x"], "device": "gpu"}}, "models.device", "not a device"),
+        ({"export": {"tokenizer_source": "chat"}}, "export.tokenizer_source", "one of: base, digits-0-4, digits-5-9"),
+        ({"export": {"chat_template": "digits-0"}}, "export.chat_template", "an expert's name or a Jinja template"),
+        ({"export": {"base_model": "./models/base"}}, "export.base_model", "not a hub id"),
     ],
 )
 def test_invalid_configs_name_file_and_field(digits_config, override, field, words):
@@ -58,6 +61,13 @@ def test_invalid_configs_name_file_and_field(digits_config, override, field, wor
     assert str(path) in message
     assert field in message
     assert words in message
+
+
+def test_export_sources_name_the_base_an_expert_or_a_template(digits_config):
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    config = load_config(digits_config(export={"tokenizer_source": "digits-5-9", "chat_template": template}))
+    assert config.export.tokenizer_source == "digits-5-9" and config.export.chat_template == template
+    assert load_config(digits_config()).export.tokenizer_source == "base"
 
 
 def test_method_needing_base_without_base(digits_config, digit_models):

@@ -20,10 +20,14 @@ from evomerge.config import RunConfig
 from evomerge.errors import InsufficientMemoryError
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import is_adapter
+from evomerge.models.checkpoint import run_dtype
 from evomerge.models.loading import parameter_shapes, unreadable_weights
 
 GIB = 1024**3
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+TIER = "device"
+"""The memory tier a worker holds its experts in. Only the device tier exists so far: every model
+resident on the worker's device (DESIGN.md §4 plans host-memory and memory-mapped tiers)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class WorkerMemory:
     resident: int  # bytes held for the whole run
     peak: int  # bytes while the last expert loads
     description: str  # what is resident, in words, for the error message
+    dtype: str  # the dtype the models are held in (models.dtype, resolved when auto)
 
 
 def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -55,7 +60,8 @@ def worker_memory(config: RunConfig) -> WorkerMemory:
     from evomerge.plan import RunPlan
 
     plan = RunPlan.from_config(config)
-    itemsize = ITEMSIZE[config.models.dtype]
+    dtype = run_dtype(config)
+    itemsize = ITEMSIZE[dtype]
     refs = [config.model_ref(e.path) for e in config.models.experts]
     n = len(refs)
     model = _numel(parameter_shapes(plan.working_model)) * itemsize
@@ -66,6 +72,7 @@ def worker_memory(config: RunConfig) -> WorkerMemory:
             resident=model + slot + sum(adapters),
             peak=model + slot + sum(adapters) + max(adapters),
             description=f"the base, one working adapter and {n} adapters",
+            dtype=dtype,
         )
     with_base = config.models.base is not None
     fishers = plan.method.needs_fisher  # one diagonal Fisher per expert
@@ -77,6 +84,7 @@ def worker_memory(config: RunConfig) -> WorkerMemory:
         peak=resident + loading,
         description=f"the working model, {n} experts" + (" and the base" if with_base else "")
         + (f" and {n} Fishers" if fishers else ""),
+        dtype=dtype,
     )
 
 
@@ -104,10 +112,12 @@ def check_memory(config: RunConfig, workers: int, device: torch.device) -> Worke
     have = available_bytes(device)
     if have is not None and need.peak * workers > have:
         where = f"{device} has" if device.type == "cuda" else "this machine has"
+        chosen = "models.dtype auto: the checkpoints' own" if config.models.dtype == "auto" else "models.dtype"
+        narrower = ", use models.dtype bfloat16" if need.dtype == "float32" else ""
         raise InsufficientMemoryError(
-            f"models: each worker holds {need.peak / GIB:.2f} GiB at its peak ({need.description},"
-            f" {config.models.dtype}); {workers} worker(s) need {need.peak * workers / GIB:.2f} GiB but {where}"
-            f" {have / GIB:.2f} GiB free; lower workers.count, use models.dtype bfloat16, merge fewer experts,"
-            " or use a machine with more memory"
+            f"models: each worker holds {need.peak / GIB:.2f} GiB at its peak ({need.description} in"
+            f" {need.dtype} ({chosen}), memory tier '{TIER}': all resident on {device.type});"
+            f" {workers} worker(s) need {need.peak * workers / GIB:.2f} GiB but {where} {have / GIB:.2f} GiB free;"
+            f" lower workers.count{narrower}, merge fewer experts, or use a machine with more memory"
         )
     return need

@@ -286,9 +286,10 @@ class M2N2(Strategy):
         self._consider(np.asarray(genome, dtype=np.float64), evaluation.candidate_id, fitness, evaluation)
 
     def _consider(self, genome: np.ndarray, member_id: str, fitness: float, evaluation: Evaluation) -> None:
-        """Offer a scored genome to the archive: it competes like any child."""
-        if not math.isfinite(fitness):
-            return  # a failed child never enters the archive
+        """Offer a scored genome to the archive: it competes like any child, on every example, so
+        only a fully scored one (not stopped early by racing) is offered."""
+        if not math.isfinite(fitness) or evaluation.fidelity < 1.0:
+            return  # a failed child never enters the archive, nor one whose scores are partial
         row = evaluation.per_example if evaluation.per_example is not None else np.array([fitness])
         row = np.nan_to_num(np.asarray(row, dtype=np.float64).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
         self._binary = self._binary and bool(np.all((row == 0) | (row == 1)))

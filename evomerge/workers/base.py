@@ -19,12 +19,14 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from evomerge.errors import PluginError
+from evomerge.fitness.racing import Raced
 from evomerge.records import Candidate, Evaluation
 
 T = TypeVar("T")
 
-Scored = tuple[np.ndarray, dict[str, Any]]
-"""Per-example scores and the metrics recorded beside them."""
+Scored = tuple[np.ndarray | Raced, dict[str, Any]]
+"""Per-example scores (or a candidate's raced scores: see :mod:`evomerge.fitness.racing`) and the
+metrics recorded beside them."""
 
 
 class Worker(ABC):
@@ -52,8 +54,9 @@ class Worker(ABC):
         """Hook: a candidate was scored."""
 
     def scored(self, candidate_id: str, population: str, score: Callable[[], Scored]) -> Evaluation:
-        """Run ``score`` and make its outcome an evaluation: the mean score is the fitness; an
-        exception or a non-finite fitness is a failed evaluation (a plugin's wrong shape stops the run)."""
+        """Run ``score`` and make its outcome an evaluation: the mean of the scores (of those scored,
+        when racing stopped early) is the fitness; an exception or a non-finite fitness is a failed
+        evaluation (a plugin's wrong shape stops the run)."""
         started, t0 = time.time(), time.perf_counter()
         try:
             scores, metrics = score()
@@ -68,7 +71,8 @@ class Worker(ABC):
             return ev
         self._succeeded()
         duration = time.perf_counter() - t0
-        fitness = float(np.mean(scores)) if len(scores) else math.nan
+        raced = scores if isinstance(scores, Raced) else Raced.full(scores)
+        fitness = raced.fitness
         if not math.isfinite(fitness):
             return Evaluation.failure(
                 candidate_id, "fitness is NaN or infinite", self.worker_id, started, duration, population
@@ -77,10 +81,11 @@ class Worker(ABC):
             candidate_id=candidate_id,
             status="ok",
             fitness=fitness,
-            per_example=scores,
+            per_example=raced.per_example,
             metrics=metrics,
             worker=self.worker_id,
             started=started,
             duration=duration,
             population=population,
+            fidelity=raced.fidelity,
         )

@@ -20,6 +20,7 @@ import torch
 from evomerge.errors import ModelLoadError, UserError
 from evomerge.fitness import brings_own_examples, own_examples, per_example_scores, resolve_fitness, with_options
 from evomerge.fitness.data import load_examples
+from evomerge.fitness.racing import Racing, count
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import (
@@ -32,6 +33,7 @@ from evomerge.models.adapters import (
     lora_scaling,
     merged_adapter_state,
 )
+from evomerge.models.checkpoint import run_dtype
 from evomerge.models.loading import load_model, load_tokenizer, resolve_device
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
@@ -56,7 +58,7 @@ class LoadedModels:
 def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     """Load the working model and every expert once; experts may be full models or LoRA adapters."""
     config = plan.config
-    dtype = DTYPES[config.models.dtype]
+    dtype = DTYPES[run_dtype(config)]
     refs = [config.model_ref(e.path) for e in config.models.experts]
     labels = [f"expert '{label}'" for label in config.models.expert_labels()]
     adapters = [is_adapter(ref) for ref in refs]
@@ -124,6 +126,8 @@ class WhiteBoxWorker(Worker):
         fitness = config.fitness
         own = brings_own_examples(fitness.name)
         self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
+        racing = config.fitness.racing
+        self.racing = Racing() if racing is None else Racing(tuple(racing.stages), racing.z, racing.seed)
         entropy = None
         if plan.gradient_populations:
             from evomerge.workers.entropy_gradient import EntropyGradient
@@ -157,8 +161,7 @@ class WhiteBoxWorker(Worker):
 
     def score(self, examples) -> np.ndarray:
         raw = self.fitness_fn(self.models.model, self.models.tokenizer, examples)
-        n = len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
-        return per_example_scores(raw, n, self.fitness_name)
+        return per_example_scores(raw, count(examples), self.fitness_name)
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         """Merge and score one candidate, with the metrics its population needs besides fitness."""
@@ -169,9 +172,12 @@ class WhiteBoxWorker(Worker):
             t0 = time.perf_counter()
             self._apply(candidate, codec)
             t1 = time.perf_counter()
-            scores = self.score(self.examples)
+            raced = self.racing.race(self.score, self.examples, candidate.must_beat)
             extra = self.extra_metrics(candidate)
-            return scores, {"merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1, **extra}
+            return raced, {
+                "merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1,
+                "examples_scored": raced.examples_scored, **extra,
+            }
 
         return self.scored(candidate.id, candidate.population, merge_and_score)
 

@@ -12,6 +12,7 @@ import yaml
 from evomerge.plan import RunPlan
 from evomerge.cli import main
 from evomerge.config import config_from_dict
+from evomerge.errors import InsufficientMemoryError
 from evomerge.models import memory
 from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.workers.whitebox import WhiteBoxWorker
@@ -50,7 +51,7 @@ def _config(root, dtype="float32", base=True):
     return document
 
 
-@pytest.mark.parametrize("dtype,base", [("float32", True), ("bfloat16", True), ("float32", False)])
+@pytest.mark.parametrize("dtype,base", [("float32", True), ("bfloat16", True), ("float32", False), ("auto", True)])
 def test_estimate_equals_what_the_worker_holds(llamas, dtype, base):
     config = config_from_dict(_config(llamas, dtype, base))
     estimate = memory.worker_memory(config)
@@ -75,6 +76,7 @@ def test_a_run_that_does_not_fit_is_refused_before_it_starts(llamas, tmp_path, m
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "models: each worker holds" in err and "lower workers.count" in err
+    assert "in float32 (models.dtype)" in err and "memory tier 'device'" in err
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "run.db").exists()
 
@@ -92,3 +94,42 @@ def test_fisher_merging_counts_each_experts_fisher(llamas):
         held += tensor.stack.numel() * tensor.stack.element_size()
         held += worker.models.materializer.fishers[name].numel() * worker.models.materializer.fishers[name].element_size()
     assert memory.worker_memory(config).resident == held
+
+
+@pytest.fixture(scope="module")
+def bf16_llamas(llamas, tmp_path_factory):
+    """The same models saved in bfloat16, as 7B checkpoints are."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("bf16")
+    tokenizer = build_tokenizer()
+    for name in ("base", "expert0", "expert1", "expert2"):
+        AutoModelForCausalLM.from_pretrained(llamas / name, dtype=torch.bfloat16).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    (root / "data.jsonl").write_text((llamas / "data.jsonl").read_text())
+    return root
+
+
+def test_auto_holds_bfloat16_checkpoints_in_bfloat16(bf16_llamas):
+    config = config_from_dict(_config(bf16_llamas, "auto"))
+    assert config.models.dtype == "auto"  # the default is auto too
+    worker = WhiteBoxWorker(RunPlan.from_config(config))
+    assert {p.dtype for p in worker.models.model.parameters()} == {torch.bfloat16}
+    estimate = memory.worker_memory(config)
+    assert estimate.dtype == "bfloat16"
+    held = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
+    for tensor in worker.models.materializer.tensors.values():
+        held += tensor.stack.numel() * tensor.stack.element_size() + tensor.reference.numel() * tensor.reference.element_size()
+    assert estimate.resident == held
+
+
+def test_the_refusal_names_the_dtype_auto_chose(bf16_llamas, monkeypatch):
+    document = _config(bf16_llamas, "auto")
+    del document["models"]["dtype"]
+    config = config_from_dict(document)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1)
+    with pytest.raises(InsufficientMemoryError) as info:
+        memory.check_memory(config, 1, torch.device("cpu"))
+    message = str(info.value)
+    assert "in bfloat16 (models.dtype auto: the checkpoints' own)" in message and "memory tier 'device'" in message
+    assert "use models.dtype bfloat16" not in message  # already there: not advice

@@ -326,3 +326,18 @@ def test_immigrants_compete_for_the_archive_once():
     weak = Evaluation("other:8", "ok", 0.0, per_example=np.zeros(3))
     m.immigrate(np.zeros(8), weak)
     assert "other:8" not in m._member_ids
+
+
+def test_only_fully_scored_children_enter_the_archive():
+    """Racing: a child stopped after a subset of the examples (fidelity < 1) is never archived,
+    however its partial scores compare; the same scores fully scored are."""
+    m = make_strategy("m2n2", "p", weight_spec(), 0, {"archive_size": 3})
+    seeds = m.ask(2)
+    tell(m, seeds[0], [1, 0, 0, 0])
+    tell(m, seeds[1], [0, 1, 0, 0])
+    partial, full = m.ask(2)
+    scores = np.array([np.nan, np.nan, 1.0, 1.0])  # solves what nobody solves, on half the examples
+    m.tell([Evaluation(partial.id, "ok", 1.0, per_example=scores, fidelity=0.5)])
+    assert partial.id not in m._member_ids and m.filled.tolist() == [True, True, False]
+    m.tell([Evaluation(full.id, "ok", 0.5, per_example=np.array([0.0, 0.0, 1.0, 1.0]))])
+    assert full.id in m._member_ids

@@ -1,0 +1,127 @@
+"""Staged evaluation ("racing"): score a candidate on a small seeded subset of the fitness examples
+first, and go on only while it could still matter.
+
+MERGE³ (arXiv 2502.10436) cuts the fitness computation of evolutionary merging 50× by scoring on
+reduced example sets; racing keeps the full set for the candidates that could still rank among a
+population's best. Every candidate meets the same stages: one seeded permutation of the examples,
+cut at fractions ``stages``. After each stage the rule is checked against ``must_beat`` (the
+population's k-th best fully scored fitness, which the controller sends with the candidate):
+
+    stop when  mean + z · stderr  <  must_beat,
+
+where ``stderr`` is the standard error of the mean of the ``n`` scores so far, drawn without
+replacement from ``N`` (finite-population correction ``sqrt((N − n) / (N − 1))``). A stopped
+candidate's fitness is its mean so far, so it is below ``must_beat``: it ranks below the k-th best
+(what CMA-ES's ranking and Optuna's samplers need of it) and can never be the run's best. One that
+survives every stage is scored on all ``N`` examples in one call, so its evaluation is exactly the
+one a run without racing makes (the stages only screened it, at their examples' cost).
+
+Pure numpy: examples are sliced as the fitness functions take them (a mapping of equal-length
+tensors or arrays, or a list of rows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Raced:
+    """One candidate's scores: ``per_example`` has one entry per fitness example, NaN where the
+    racing stopped before scoring it; ``examples_scored`` counts every example the fitness
+    function was called on (the screening stages of a candidate scored in full included)."""
+
+    per_example: np.ndarray
+    scored: np.ndarray
+    examples_scored: int
+
+    @classmethod
+    def full(cls, scores: np.ndarray) -> "Raced":
+        scores = np.asarray(scores, dtype=np.float64)
+        return cls(scores, np.ones(len(scores), dtype=bool), len(scores))
+
+    @property
+    def fidelity(self) -> float:
+        """The fraction of the examples the fitness is the mean of (1.0: all of them)."""
+        return float(self.scored.mean()) if len(self.scored) else 1.0
+
+    @property
+    def fitness(self) -> float:
+        """The mean over the examples scored (NaN when a score is NaN: the candidate failed)."""
+        kept = self.per_example[self.scored]
+        return float(np.mean(kept)) if len(kept) else math.nan
+
+
+def take(examples: Any, index: np.ndarray) -> Any:
+    """The examples at ``index``, in the form the fitness function takes them."""
+    if isinstance(examples, dict):
+        return {key: column[index] for key, column in examples.items()}
+    return [examples[i] for i in index]
+
+
+def count(examples: Any) -> int:
+    return len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
+
+
+def upper_bound(scores: np.ndarray, n_total: int, z: float) -> float:
+    """``mean + z · stderr`` of a without-replacement sample of ``n_total`` examples."""
+    n = len(scores)
+    if n >= n_total:
+        return float(np.mean(scores))
+    spread = float(np.std(scores, ddof=1)) if n > 1 else math.inf
+    correction = math.sqrt((n_total - n) / (n_total - 1))
+    return float(np.mean(scores)) + z * spread / math.sqrt(n) * correction
+
+
+@dataclass(frozen=True)
+class Racing:
+    """The stages and the confidence rule; ``Racing()`` (no stages) scores every candidate in full."""
+
+    stages: tuple[float, ...] = ()
+    z: float = 2.0
+    seed: int = 0
+
+    def stage_sizes(self, n_total: int) -> list[int]:
+        """Example counts of the screening stages: at least 2 (a standard error needs two), fewer
+        than all, growing; none when the examples are too few to screen."""
+        sizes: list[int] = []
+        for fraction in self.stages:
+            size = max(2, math.ceil(fraction * n_total))
+            if size < n_total and (not sizes or size > sizes[-1]):
+                sizes.append(size)
+        return sizes
+
+    def order(self, n_total: int) -> np.ndarray:
+        """The seeded order in which stages take examples: the same for every candidate."""
+        return np.random.default_rng(self.seed).permutation(n_total)
+
+    def race(self, score: Callable[[Any], np.ndarray], examples: Any, must_beat: float | None) -> Raced:
+        """Score ``examples`` with ``score`` (examples → one score per example) stage by stage.
+
+        ``must_beat`` None (the population has fewer than k fully scored members yet, or racing
+        is off): one call on all examples.
+        """
+        n_total = count(examples)
+        sizes = self.stage_sizes(n_total) if must_beat is not None else []
+        if not sizes:
+            return Raced.full(score(examples))
+        order = self.order(n_total)
+        per_example = np.full(n_total, np.nan)
+        scored = np.zeros(n_total, dtype=bool)
+        done = 0
+        for size in sizes:
+            index = order[done:size]
+            per_example[index] = score(take(examples, index))
+            scored[index] = True
+            done = size
+            so_far = per_example[order[:done]]
+            if not np.all(np.isfinite(so_far)):  # a NaN fails the candidate whatever follows
+                return Raced(per_example, scored, done)
+            if upper_bound(so_far, n_total, self.z) < must_beat:
+                return Raced(per_example, scored, done)
+        full = Raced.full(score(examples))
+        return Raced(full.per_example, full.scored, done + n_total)

@@ -1,0 +1,105 @@
+"""Staged evaluation: the stopping rule, the shared seeded stages, and full scoring of survivors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from evomerge.fitness.racing import Raced, Racing, take, upper_bound
+
+
+class Counting:
+    """A fitness over examples that *are* their scores, counting the calls and examples scored."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, examples) -> np.ndarray:
+        self.calls.append(len(examples))
+        return np.asarray(examples, dtype=np.float64)
+
+
+def test_a_candidate_that_cannot_matter_stops_after_the_first_stage():
+    examples = [0.0] * 180 + [1.0] * 20  # accuracy 0.1
+    score = Counting()
+    raced = Racing(stages=(0.1, 0.3), z=2.0, seed=0).race(score, examples, must_beat=0.8)
+    assert score.calls == [20]
+    assert raced.examples_scored == 20 and raced.fidelity == pytest.approx(0.1)
+    assert np.isnan(raced.per_example).sum() == 180
+    assert raced.fitness == pytest.approx(np.nanmean(raced.per_example)) and raced.fitness < 0.8
+
+
+def test_a_candidate_that_can_matter_is_scored_in_full_exactly_as_without_racing():
+    rng = np.random.default_rng(1)
+    examples = list(rng.uniform(0.5, 1.0, 200))
+    score = Counting()
+    raced = Racing(stages=(0.1, 0.3), z=2.0, seed=0).race(score, examples, must_beat=0.6)
+    assert score.calls == [20, 40, 200]  # two screening stages, then one call on every example
+    assert raced.fidelity == 1.0 and raced.examples_scored == 260
+    plain = Racing().race(Counting(), examples, must_beat=0.6)  # racing off
+    np.testing.assert_array_equal(raced.per_example, plain.per_example)
+    assert raced.fitness == plain.fitness == float(np.mean(examples))
+
+
+def test_a_close_call_goes_on_to_the_next_stage():
+    examples = [0.0, 1.0] * 100  # mean 0.5: stage 1's bound straddles 0.55
+    score = Counting()
+    raced = Racing(stages=(0.1, 0.5), z=2.0, seed=0).race(score, examples, must_beat=0.55)
+    assert len(score.calls) >= 2
+
+
+def test_without_a_threshold_every_example_is_scored_in_one_call():
+    score = Counting()
+    raced = Racing(stages=(0.1,), seed=0).race(score, [0.0] * 100, must_beat=None)
+    assert score.calls == [100] and raced.fidelity == 1.0
+
+
+def test_every_candidate_meets_the_same_seeded_stage():
+    examples = list(range(100))
+    seen = []
+    for _ in range(2):
+        score = Counting()
+        raced = Racing(stages=(0.2,), seed=7).race(score, examples, must_beat=1e9)
+        seen.append(set(np.flatnonzero(raced.scored)))
+    assert seen[0] == seen[1] and len(seen[0]) == 20
+    other = Racing(stages=(0.2,), seed=8).race(Counting(), examples, must_beat=1e9)
+    assert set(np.flatnonzero(other.scored)) != seen[0]
+
+
+def test_a_nan_score_stops_the_race_and_fails_the_candidate():
+    examples = [math.nan] * 100
+    score = Counting()
+    raced = Racing(stages=(0.1,), seed=0).race(score, examples, must_beat=0.0)
+    assert score.calls == [10] and math.isnan(raced.fitness)
+
+
+def test_too_few_examples_to_screen_are_scored_in_full():
+    assert Racing(stages=(0.1, 0.3)).stage_sizes(2) == []
+    assert Racing(stages=(0.1, 0.3)).stage_sizes(10) == [2, 3]
+    assert Racing(stages=(0.01, 0.02, 0.5)).stage_sizes(100) == [2, 50]
+    score = Counting()
+    assert Racing(stages=(0.1,)).race(score, [1.0, 0.0], must_beat=0.9).fidelity == 1.0
+    assert score.calls == [2]
+
+
+def test_upper_bound_narrows_to_the_mean_as_the_sample_nears_the_whole_set():
+    scores = np.array([0.0, 1.0] * 10)
+    wide, narrow = upper_bound(scores, 1000, 2.0), upper_bound(scores, 21, 2.0)
+    assert wide > narrow > 0.5
+    assert upper_bound(scores, 20, 2.0) == 0.5
+
+
+def test_take_slices_columns_and_rows_alike():
+    import torch
+
+    index = np.array([2, 0])
+    columns = take({"inputs": torch.arange(8).reshape(4, 2), "labels": torch.arange(4)}, index)
+    assert columns["labels"].tolist() == [2, 0] and columns["inputs"].tolist() == [[4, 5], [0, 1]]
+    assert take([{"a": 1}, {"a": 2}, {"a": 3}], index) == [{"a": 3}, {"a": 1}]
+
+
+def test_full_scores_read_as_fully_scored():
+    raced = Raced.full(np.array([1.0, 0.0]))
+    assert raced.fidelity == 1.0 and raced.fitness == 0.5 and raced.examples_scored == 2

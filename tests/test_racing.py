@@ -1,0 +1,160 @@
+"""Racing end to end on the inline executor: candidates that cannot matter stop early with their
+fidelity recorded, survivors score exactly as without racing, off by default, resumable, and old
+run directories read as fully scored."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+
+import numpy as np
+import pytest
+
+from evomerge.analysis import load_run
+from evomerge.cli import main
+from evomerge.config import load_config
+from evomerge.errors import ConfigError
+from evomerge.plan import RunPlan
+from evomerge.store import SCHEMA_VERSION, RunStore
+from evomerge.workers.whitebox import WhiteBoxWorker
+
+RACING = {"stages": [0.1, 0.3], "z": 2.0, "top_k": 3, "seed": 0}
+POPULATIONS = [
+    {"name": "cma", "strategy": "cmaes", "options": {"sigma0": 0.3}},
+    {"name": "m2n2", "strategy": "m2n2", "options": {"archive_size": 4}},
+]
+
+
+def fitness(racing=None) -> dict:
+    section = {"name": "classification_accuracy", "data": {"source": "sklearn:digits", "split": "train"}}
+    return section if racing is None else {**section, "racing": racing}
+
+
+def rows(run_dir):
+    store = RunStore(run_dir, readonly=True)
+    try:
+        return [(r.candidate_id, r.genome.tobytes(), r.fitness, r.fidelity) for r in store.evaluations()]
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def n_examples():
+    from evomerge.fitness.data import load_examples
+
+    return len(load_examples("sklearn:digits", "train")["labels"])
+
+
+def test_candidates_that_cannot_matter_stop_early_and_survivors_score_as_without_racing(
+    tmp_path, digits_config, n_examples
+):
+    config = digits_config(populations=POPULATIONS, fitness=fitness(RACING), budget={"evaluations": 30})
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 0
+    store = RunStore(tmp_path / "r", readonly=True)
+    evaluations = list(store.evaluations(with_scores=True))
+    partial = [e for e in evaluations if e.fidelity < 1.0]
+    full = [e for e in evaluations if e.fidelity == 1.0]
+    assert partial and full
+    for e in partial:  # stopped after a screening stage: its mean is over exactly the examples scored
+        scored = ~np.isnan(e.per_example)
+        assert e.fidelity == pytest.approx(scored.mean())
+        assert e.metrics["examples_scored"] == scored.sum() < n_examples
+        assert e.fitness == pytest.approx(float(np.mean(e.per_example[scored])), abs=1e-6)
+    for population in ("cma", "m2n2"):  # a partial mean stays below its population's 3rd best full score
+        ours = [e for e in evaluations if e.population == population]
+        third = sorted((e.fitness for e in ours if e.fidelity == 1.0), reverse=True)[2]
+        assert all(e.fitness < third for e in ours if e.fidelity < 1.0)
+    assert store.best().fidelity == 1.0
+    used = sum(e.metrics["examples_scored"] for e in evaluations)
+    assert store.api_usage()["examples"] == used  # what the savings are measured in (benchmarks/racing.py)
+    assert store.run_info()["summary"]["examples_scored"] == used
+    store.close()
+    assert (load_run(tmp_path / "r")["fidelity"] < 1.0).sum() == len(partial)
+
+    # Survivors were scored on every example in one call: exactly what a run without racing gives.
+    plain = WhiteBoxWorker(RunPlan.from_config(load_config(digits_config(populations=POPULATIONS, fitness=fitness()))), worker_id="check")
+    try:
+        for e in full[:6]:
+            from evomerge.records import Candidate
+
+            again = plain.evaluate(Candidate(e.candidate_id, e.population, e.genome))
+            assert again.fitness == e.fitness and again.fidelity == 1.0
+            np.testing.assert_array_equal(again.per_example.astype(np.float32), e.per_example.astype(np.float32))
+    finally:
+        plain.close()
+
+
+def test_racing_is_off_by_default_and_a_threshold_never_reached_changes_nothing(tmp_path, digits_config, n_examples):
+    plain = digits_config(populations=POPULATIONS, fitness=fitness(), budget={"evaluations": 12})
+    assert main(["run", str(plain), "--run-dir", str(tmp_path / "plain")]) == 0
+    never = digits_config(populations=POPULATIONS, fitness=fitness({**RACING, "top_k": 50}), budget={"evaluations": 12})
+    assert main(["run", str(never), "--run-dir", str(tmp_path / "never")]) == 0
+    history = rows(tmp_path / "plain")
+    assert all(fidelity == 1.0 for *_, fidelity in history)
+    assert rows(tmp_path / "never") == history
+    assert RunStore(tmp_path / "plain", readonly=True).api_usage()["examples"] == 12 * n_examples
+
+
+def test_an_interrupted_racing_run_resumes_to_the_same_results(tmp_path, digits_config, monkeypatch):
+    import evomerge.workers.whitebox as local
+
+    config = digits_config(populations=POPULATIONS, fitness=fitness(RACING), budget={"evaluations": 20}, checkpoint_every=50)
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "whole")]) == 0
+    original = local.WhiteBoxWorker.evaluate
+    calls = {"n": 0}
+
+    def interrupt_once(self, candidate):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, candidate)
+
+    monkeypatch.setattr(local.WhiteBoxWorker, "evaluate", interrupt_once)
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "cut")]) == 0
+    assert RunStore(tmp_path / "cut", readonly=True).run_info()["state"] == "interrupted"
+    assert main(["resume", str(tmp_path / "cut")]) == 0
+    resumed, whole = rows(tmp_path / "cut"), rows(tmp_path / "whole")
+    assert resumed == whole  # the same candidates, scores and fidelities
+    assert any(fidelity < 1.0 for *_, fidelity in resumed[11:])  # racing went on after the resume
+
+
+def test_a_run_directory_from_before_racing_reads_as_fully_scored_and_gains_the_column(tmp_path, digits_config):
+    config = digits_config(budget={"evaluations": 4})
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "old")]) == 0
+    db = sqlite3.connect(tmp_path / "old" / "run.db")
+    db.execute("ALTER TABLE evaluations DROP COLUMN fidelity")  # as schema 4 wrote it
+    db.execute("UPDATE runs SET schema_version = 4")
+    db.commit()
+    db.close()
+    old = RunStore(tmp_path / "old", readonly=True)
+    assert [e.fidelity for e in old.evaluations()] == [1.0] * 4 and old.best() is not None
+    old.close()
+    RunStore(tmp_path / "old").close()  # opened for writing, as a resume does
+    store = RunStore(tmp_path / "old", readonly=True)
+    assert store.run_info()["schema_version"] == SCHEMA_VERSION
+    assert [e.fidelity for e in store.evaluations()] == [1.0] * 4
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("racing", "message"),
+    [
+        ({"stages": [0.3, 0.1]}, "stages must grow"),
+        ({"stages": [0.5, 1.0]}, "between 0 and 1"),
+        ({"top_k": 0}, "top_k"),
+    ],
+)
+def test_racing_config_errors_name_the_field(digits_config, racing, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(digits_config(fitness=fitness(racing)))
+
+
+def test_a_black_box_run_with_racing_is_refused_by_name(digits_config):
+    config = load_config(digits_config(
+        fitness={**fitness(RACING), "name": "exact_match"},
+        merge={"method": "linear", "granularity": "per_model"},
+        api={"level": "openai", "base_url": "http://127.0.0.1:9"},
+    ))
+    with pytest.raises(ConfigError, match="fitness.racing: black-box runs"):
+        RunPlan.from_config(config)
