@@ -115,6 +115,9 @@ class HarnessTasks:
         wanted: dict[str, list[int]] = {}
         for doc in documents:
             wanted.setdefault(doc.task, []).append(doc.doc_id)
+        # Ascending, whatever order the caller's subset is in (racing draws a seeded permutation):
+        # lm-eval visits a subset in dataset order and labels the k-th visited document samples[k].
+        wanted = {task: sorted(ids) for task, ids in wanted.items()}
         task_dict = {"tasks": {n: t for n, t in self.tasks.items() if n in wanted}, "groups": {}, "group_map": {}}
         for task in task_dict["tasks"].values():
             task.set_fewshot_seed(seed=FEWSHOT_SEED)

@@ -69,7 +69,7 @@ def test_a_subset_of_documents_scores_as_in_the_full_set():
     full = fitness(model, tokenizer, documents)
     assert set(np.unique(full[:20])) | set(np.unique(full[40:])) <= {0.0, 1.0}  # exact match, accuracy
     assert (full[20:40] < 0).all()  # the answers' log-likelihoods
-    picked = [5, 19, 20, 39, 47, 99]
+    picked = [99, 5, 47, 20, 19, 39]  # in no order: a subset is scored in the order given
     np.testing.assert_array_equal(fitness(model, tokenizer, [documents[i] for i in picked]), full[picked])
 
 
@@ -209,3 +209,18 @@ def test_validate_names_an_unknown_task_in_one_line(llamas, tmp_path, capsys):
     path.write_text(yaml.safe_dump(_config(llamas, tmp_path, {"include_path": str(tmp_path)})))
     assert main(["validate", str(path)]) == 2
     assert "missing a required argument: 'tasks'" in capsys.readouterr().err
+
+
+def test_racing_screens_a_candidate_on_a_seeded_subset_of_the_documents(llamas, tmp_path):
+    """Staged scoring passes lm-eval a subset of documents; their scores are those of the full set."""
+    from evomerge.workers.whitebox import WhiteBoxWorker
+
+    config = _config(llamas, tmp_path, tiny_harness_options(), racing={"stages": [0.2], "z": 0.5})
+    raced = WhiteBoxWorker(RunPlan.from_config(config_from_dict(config)))
+    genome = np.array([0.3, 0.6, 0.5])
+    stopped = raced.evaluate(Candidate("hopeless", "search", genome, must_beat=10.0))
+    full = _worker(llamas, tmp_path).evaluate(Candidate("full", "search", genome))
+    assert stopped.status.value == "ok" and stopped.fidelity == pytest.approx(0.2)
+    scored = ~np.isnan(stopped.per_example)
+    assert scored.sum() == 20
+    np.testing.assert_allclose(stopped.per_example[scored], full.per_example[scored], rtol=0, atol=1e-5)
