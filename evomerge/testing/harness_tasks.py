@@ -4,7 +4,7 @@ Three tasks about one-digit sums, in the character vocabulary of ``evomerge.mode
 ``tiny_sums_mc`` (multiple choice, 60 documents, metrics acc and acc_norm), ``tiny_sums_gen``
 (generate_until with a ``first_number`` regex filter, 20 documents, exact_match) and
 ``tiny_sums_ll`` (loglikelihood of the answer on the same 20 documents: its per-document
-``perplexity`` value is that log-likelihood). lm-eval reads a
+``perplexity`` value is that log-likelihood), and the group ``tiny_sums`` of all three. lm-eval reads a
 YAML's ``data_files`` relative to the working directory, so the shipped YAML files are templates
 that :func:`tiny_task_dir` fills with the absolute path of the shipped JSONL files.
 """

@@ -62,6 +62,11 @@ def test_documents_are_the_tasks_in_alphabetical_order_then_doc_id():
     assert [d.doc_id for d in documents[18:22]] == [18, 19, 0, 1]
 
 
+def test_a_group_names_its_tasks():
+    options = {**tiny_harness_options(), "tasks": ["tiny_sums"]}
+    assert own_examples("lm_eval", options) == own_examples("lm_eval", tiny_harness_options())
+
+
 def test_a_subset_of_documents_scores_as_in_the_full_set():
     model, tokenizer = char_llama(seed=3)
     fitness = with_options(resolve_fitness("lm_eval"), "lm_eval", tiny_harness_options())
@@ -81,6 +86,8 @@ def test_the_metric_and_filter_of_a_task_are_chosen_in_options():
     }
     with pytest.raises(ConfigError, match="task 'tiny_sums_mc' has no metric 'bleu' \\(it has acc, acc_norm\\)"):
         harness.harness_tasks(**{**tiny_harness_options(), "metrics": {"tiny_sums_mc": "bleu"}})
+    with pytest.raises(ConfigError, match="metrics: 'tiny_sums' is not one of the tasks \\(tiny_sums_gen, tiny_sums_ll, tiny_sums_mc\\)"):
+        harness.harness_tasks(**{**tiny_harness_options(), "metrics": {"tiny_sums": "acc"}})
     with pytest.raises(ConfigError, match="task 'tiny_sums_gen' has no filter 'last'"):
         harness.harness_tasks(**{**tiny_harness_options(), "metrics": {"tiny_sums_gen": "exact_match,last"}})
 
