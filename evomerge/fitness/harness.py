@@ -1,4 +1,4 @@
-"""lm-evaluation-harness tasks as a white-box fitness: ``fitness: {name: lm_eval, options: {tasks: [...]}}``.
+"""lm-evaluation-harness tasks as fitness: ``fitness: {name: lm_eval, options: {tasks: [...]}}``.
 
 The tasks are built once per worker process (:func:`harness_tasks`, cached per options) and every
 candidate is scored on the resident model wrapped as lm-eval's ``HFLM``: no reload, no save. The
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from evomerge.errors import ConfigError, first_line
+from evomerge.fitness.lm import _inference
 
 if TYPE_CHECKING:
     import torch
@@ -173,8 +174,8 @@ def lm_eval_fitness(
     harness = harness_tasks(tasks, include_path, num_fewshot, metrics)
     from lm_eval.models.huggingface import HFLM
 
-    device = str(next(model.parameters()).device)
-    return harness.score(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device), examples)
+    with _inference(model) as device:  # HFLM switches the model to eval mode; its own mode comes back after
+        return harness.score(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device)), examples)
 
 
 async def lm_eval_served(

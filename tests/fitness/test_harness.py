@@ -231,3 +231,12 @@ def test_racing_screens_a_candidate_on_a_seeded_subset_of_the_documents(llamas, 
     scored = ~np.isnan(stopped.per_example)
     assert scored.sum() == 20
     np.testing.assert_allclose(stopped.per_example[scored], full.per_example[scored], rtol=0, atol=1e-5)
+
+
+def test_a_model_in_training_mode_is_scored_in_eval_mode_and_handed_back_training():
+    model, tokenizer = char_llama(seed=1)
+    documents = own_examples("lm_eval", tiny_harness_options())[40:50]
+    evaluated = harness.lm_eval_fitness(model, tokenizer, documents, **tiny_harness_options())
+    model.train()
+    np.testing.assert_array_equal(harness.lm_eval_fitness(model, tokenizer, documents, **tiny_harness_options()), evaluated)
+    assert all(m.training for m in model.modules())
