@@ -114,6 +114,9 @@ class ModelsConfig(_Strict):
     # auto: the dtype the checkpoints are stored in (see evomerge.models.checkpoint.run_dtype)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+    # Experts whose tokenizers add tokens: "union" keeps every token (mergekit's tokenizer_source:
+    # union), "base" keeps the base's vocabulary only; see evomerge.models.vocab.
+    vocabulary: Literal["union", "base"] = "union"
 
     @field_validator("experts", mode="before")
     @classmethod

@@ -71,6 +71,8 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "recipe": recipe,
     }
     mergekit, note = _mergekit_document(plan, decoded)
+    if mergekit is not None and worker.models.vocabulary is not None:  # mergekit aligns the same way
+        mergekit["tokenizer_source"] = config.models.vocabulary
     if note is not None:
         document["mergekit"] = note
     tokenizer = export_tokenizer(config, worker.models.model, worker.models.tokenizer)

@@ -39,10 +39,11 @@ def export_tokenizer(config: RunConfig, model: torch.nn.Module, tokenizer):
     settings = config.export
     if settings.tokenizer_source != "base":
         ref = source_ref(config, settings.tokenizer_source)
-        tokenizer = load_tokenizer(ref)
-        if tokenizer is None:
+        source = load_tokenizer(ref)
+        if source is None:
             raise ConfigError(f"export.tokenizer_source: '{settings.tokenizer_source}' ({ref}) has no tokenizer saved beside it")
-        _check_vocabulary(settings.tokenizer_source, tokenizer, model)
+        _check_vocabulary(settings.tokenizer_source, source, model, tokenizer)
+        tokenizer = source
         if not is_adapter(ref):  # an adapter shares its base's config and generation defaults
             _take_generation_settings(model, ref)
     if settings.chat_template is not None:
@@ -64,7 +65,9 @@ def chat_template(config: RunConfig, value: str) -> str:
     return template
 
 
-def _check_vocabulary(name: str, tokenizer, model: torch.nn.Module) -> None:
+def _check_vocabulary(name: str, tokenizer, model: torch.nn.Module, merged) -> None:
+    """The source must number its tokens as the merged model does (``merged``: the working
+    tokenizer, the union when experts' vocabularies were aligned)."""
     embeddings = model.get_input_embeddings()
     rows = embeddings.weight.shape[0]
     if len(tokenizer) > rows:
@@ -72,6 +75,14 @@ def _check_vocabulary(name: str, tokenizer, model: torch.nn.Module) -> None:
             f"export.tokenizer_source: '{name}' has {len(tokenizer)} tokens but the merged model's embeddings"
             f" have {rows} rows; use a source whose vocabulary the merge has"
         )
+    ids = merged.get_vocab() if merged is not None else None
+    for token, i in tokenizer.get_vocab().items() if ids is not None else ():
+        if ids.get(token) != i:
+            where = "lacks it" if token not in ids else f"has it at id {ids[token]}"
+            raise ConfigError(
+                f"export.tokenizer_source: '{name}' gives token {token!r} id {i} but the merged model {where};"
+                " export the merged vocabulary (tokenizer_source: base) and take the chat template with export.chat_template"
+            )
 
 
 def _take_generation_settings(model: torch.nn.Module, ref: str) -> None:

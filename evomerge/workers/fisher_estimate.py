@@ -25,6 +25,7 @@ from evomerge.errors import ConfigError
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.lm import encode_pair
 from evomerge.models.loading import load_model, load_tokenizer
+from evomerge.models.vocab import VocabularyAlignment
 
 FISHER_EXAMPLES = 256
 FISHER_BATCH = 32
@@ -97,8 +98,14 @@ def _lm_fisher(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]
     return {name: t / max(len(rows), 1) for name, t in total.items()}
 
 
-def expert_fishers(config: RunConfig, device: torch.device, tensor_names: list[str]) -> dict[str, torch.Tensor]:
-    """Each expert's diagonal Fisher on its own data, stacked per tensor: ``{name: [n_experts, *shape]}``."""
+def expert_fishers(
+    config: RunConfig, device: torch.device, tensor_names: list[str], vocabulary: VocabularyAlignment | None = None
+) -> dict[str, torch.Tensor]:
+    """Each expert's diagonal Fisher on its own data, stacked per tensor: ``{name: [n_experts, *shape]}``.
+
+    With experts of different vocabularies, each Fisher is laid out over the union like the
+    weights; a row an expert lacks gets zero information (the floor), as it knows nothing of it."""
+    first = 1 if config.models.base is not None else 0  # the plan's models: the base, then the experts
     per_expert: list[dict[str, torch.Tensor]] = []
     for i, expert in enumerate(config.models.experts):
         if expert.data is None:
@@ -111,7 +118,8 @@ def expert_fishers(config: RunConfig, device: torch.device, tensor_names: list[s
         ref = config.model_ref(expert.path)
         model = load_model(ref, device, torch.float32)
         tokenizer = None if isinstance(examples, Mapping) else load_tokenizer(ref)
-        per_expert.append(diagonal_fisher(model, examples, tokenizer))
+        fisher = diagonal_fisher(model, examples, tokenizer)
+        per_expert.append(fisher if vocabulary is None else vocabulary.align(first + i, fisher, record=False))
         del model
         gc.collect()
     return {name: torch.stack([f[name] for f in per_expert]) for name in tensor_names}

@@ -43,7 +43,8 @@ def _check_same_layout(
     for name, ref in reference.items():
         shape = tuple(state[name].shape)
         if shape != tuple(ref.shape):
-            hint = " (the vocabularies differ)" if "embed" in name or "lm_head" in name or "wte" in name else ""
+            vocabulary = "embed" in name or "lm_head" in name or "wte" in name
+            hint = " (the vocabularies differ: save each model's tokenizer beside it to align them)" if vocabulary else ""
             raise ModelMismatchError(
                 f"{label} has {name} of shape {shape} but {ref_label} has {tuple(ref.shape)}{hint}"
             )

@@ -35,6 +35,7 @@ from evomerge.models.adapters import (
 )
 from evomerge.models.checkpoint import run_dtype
 from evomerge.models.loading import load_model, load_tokenizer, resolve_device
+from evomerge.models.vocab import VocabularyAlignment, align_working_model, vocabulary_alignment
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
 from evomerge.space.merge_space import Space
@@ -53,6 +54,8 @@ class LoadedModels:
     tokenizer: object | None
     materializer: Materializer
     tensor_names: list[str]
+    vocabulary: VocabularyAlignment | None = None
+    """How the experts' vocabularies were aligned to the working model's, when they differ."""
 
 
 def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
@@ -69,21 +72,37 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     working_ref = plan.working_model
     model = load_model(working_ref, device, dtype)
     tokenizer = load_tokenizer(working_ref)
+    has_base = config.models.base is not None
+    vocab = vocabulary_alignment(
+        model,
+        tokenizer,
+        list(zip(labels, refs, adapters)),
+        has_base,
+        base_merged=plan.method.needs_base,
+        union=config.models.vocabulary == "union",
+    )
+    if vocab is not None:
+        align_working_model(model, vocab, record=has_base)
+        vocab.extend_tokenizer(tokenizer)
     targets = {name: p.data for name, p in model.named_parameters()}
-    base_state = targets if config.models.base else None  # the materializer clones the base first
+    base_state = targets if has_base else None  # the materializer clones the base first
 
     def expert_states():
-        for label, ref, adapter in zip(labels, refs, adapters):
+        for row, (label, ref, adapter) in enumerate(zip(labels, refs, adapters)):
             if adapter:  # base + scaling · B A, a dense expert like a full fine-tune
-                yield label, merged_adapter_state(load_model(working_ref, device, dtype), ref)
+                state = merged_adapter_state(load_model(working_ref, device, dtype), ref)
             else:
                 expert = load_model(ref, device, dtype)
-                yield label, {n: p.data for n, p in expert.named_parameters()}
+                state = {n: p.data for n, p in expert.named_parameters()}
                 del expert
+            yield label, state if vocab is None else vocab.align(row + has_base, state)
+            del state
             gc.collect()
 
     materializer = Materializer.from_state_dicts(targets, expert_states(), len(refs), base=base_state)
-    return LoadedModels(model, tokenizer, materializer, list(targets))
+    if vocab is not None:
+        vocab.fill_(materializer.tensors)
+    return LoadedModels(model, tokenizer, materializer, list(targets), vocab)
 
 
 def _load_adapter_slots(
@@ -119,7 +138,7 @@ class WhiteBoxWorker(Worker):
             from evomerge.merge.fisher import FISHER_FLOOR
             from evomerge.workers.fisher_estimate import expert_fishers
 
-            fishers = expert_fishers(config, self.device, self.models.tensor_names)
+            fishers = expert_fishers(config, self.device, self.models.tensor_names, self.models.vocabulary)
             self.models.materializer.set_fishers(fishers, FISHER_FLOOR)
         self.fitness_name = config.fitness.name
         self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
