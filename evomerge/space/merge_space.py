@@ -205,6 +205,10 @@ class Space:
         """The declared (or configured) starting values, in unit-cube coordinates."""
         return np.concatenate([np.full(g.size, g.to_unit(self.init[g.name])) for g in self.genes]) if self.genes else np.zeros(0)
 
+    def summary(self) -> dict:
+        """What the run store records of the space a population searches."""
+        return {"method": self.method.name, "granularity": self.granularity, "dim": self.dim, "groups": self.group_names}
+
     def search_spec(self) -> SearchSpec:
         """The strategies' view of this space: dimension, start and where each parameter's genes lie."""
         return SearchSpec(self.dim, self.x0(), tuple(self.genes))

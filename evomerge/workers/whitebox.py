@@ -42,6 +42,7 @@ from evomerge.space.merge_space import Space
 from evomerge.workers.base import Scored, Worker
 from evomerge.workers.extra_metrics import ExtraMetrics
 from evomerge.workers.materializer import Materializer
+from evomerge.workers.path_model import PathMaterializer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,7 +53,7 @@ class LoadedModels:
 
     model: torch.nn.Module
     tokenizer: object | None
-    materializer: Materializer
+    materializer: Materializer | PathMaterializer
     tensor_names: list[str]
     vocabulary: VocabularyAlignment | None = None
     """How the experts' vocabularies were aligned to the working model's, when they differ."""
@@ -67,6 +68,8 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     adapters = [is_adapter(ref) for ref in refs]
     if any(adapters) and config.models.base is None:
         raise ModelLoadError("models.base: LoRA adapters are merged onto their base model; name it in models.base")
+    if plan.dataflow:
+        return _load_path_sources(refs, device, dtype)
     if plan.method.inputs == LORA_FACTORS:
         return _load_adapter_slots(plan, refs, labels, adapters, device, dtype)
     working_ref = plan.working_model
@@ -105,6 +108,17 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     return LoadedModels(model, tokenizer, materializer, list(targets), vocab)
 
 
+def _load_path_sources(refs: list[str], device: torch.device, dtype: torch.dtype) -> LoadedModels:
+    """For the data-flow space: the first source is the working model; the others lend their
+    decoder layers, resident beside it (their embeddings and heads are dropped)."""
+    working = load_model(refs[0], device, dtype)
+    others = [load_model(ref, device, dtype) for ref in refs[1:]]
+    materializer = PathMaterializer.from_models(working, others)
+    del others
+    gc.collect()
+    return LoadedModels(working, load_tokenizer(refs[0]), materializer, [])
+
+
 def _load_adapter_slots(
     plan: RunPlan, refs: list[str], labels: list[str], adapters: list[bool], device: torch.device, dtype: torch.dtype
 ) -> LoadedModels:
@@ -132,7 +146,8 @@ class WhiteBoxWorker(Worker):
         self.worker_id = worker_id or f"local-{os.getpid()}"
         self.device = resolve_device(config.models.device)
         self.models = load_resident_models(plan, self.device)
-        layout = {name: tuple(t.shape) for name, t in self.models.materializer.targets.items()}
+        self.dataflow = plan.dataflow
+        layout = {} if plan.dataflow else {name: tuple(t.shape) for name, t in self.models.materializer.targets.items()}
         self.space, self.codecs = plan.codecs(layout)
         if plan.method.needs_fisher:  # estimated once, kept for the whole run
             from evomerge.merge.fisher import FISHER_FLOOR
@@ -204,13 +219,18 @@ class WhiteBoxWorker(Worker):
         """Each expert alone, scored on the fitness data (``candidate_id`` is the expert's label).
 
         An expert is the linear merge with all weight on it, so it is applied like any candidate.
+        In the data-flow space a source is the path through its own layers (in the first source's
+        embeddings and head, which is the first source exactly).
         """
         n = len(self.config.models.experts)
-        alone = Space.build(LINEAR, self.models.tensor_names, n, "per_model")
         baselines = []
         for i, label in enumerate(self.config.models.expert_labels()):
-            recipe = alone.decode(alone.encode(LINEAR.expert_alone(i, n)))
-            baselines.append(self.scored(label, "", lambda: self._apply_and_score(recipe)))
+            if self.dataflow:
+                decoded = self.space.source_alone(i)
+            else:
+                alone = Space.build(LINEAR, self.models.tensor_names, n, "per_model")
+                decoded = alone.decode(alone.encode(LINEAR.expert_alone(i, n)))
+            baselines.append(self.scored(label, "", lambda: self._apply_and_score(decoded)))
         return baselines
 
     def _apply_and_score(self, recipe) -> Scored:
