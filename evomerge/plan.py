@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from pydantic import ValidationError
 
-from evomerge.config import DataConfig, RunConfig, field_path
+from evomerge.config import DataConfig, MergeConfig, RunConfig, field_path
 from evomerge.errors import ConfigError, UserError
 from evomerge.fitness import brings_own_examples, own_examples
 from evomerge.merge import MERGE_METHODS
@@ -161,7 +161,11 @@ class RunPlan:
         """A path runs frozen layers of the experts (its sources): no merge parameters, no base,
         no service that could run it."""
         config = self.config
-        merge_fields = sorted(config.merge.model_fields_set - {"space", "dataflow"})
+        defaults = MergeConfig()  # compared by value: a run's resolved snapshot spells out every default
+        merge_fields = [
+            name for name in MergeConfig.model_fields
+            if name not in ("space", "dataflow") and getattr(config.merge, name) != getattr(defaults, name)
+        ]
         if merge_fields:
             raise self._fail(f"merge.{merge_fields[0]}", "merge parameters do not apply to merge.space 'dataflow'; remove it")
         if config.models.base is not None:
