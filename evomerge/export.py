@@ -25,6 +25,7 @@ from evomerge.mergekit_recipe import NotExpressible, mergekit_config, model_refe
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
 from evomerge.space.merge_space import Recipe
+from evomerge.space.paths import Path as DataflowPath
 from evomerge.store import RunStore
 
 RECIPE_NAME = "recipe.yaml"
@@ -56,6 +57,11 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     candidate = Candidate(best.candidate_id, best.population, best.genome)
     decoded = worker.codecs[best.population].decode(best.genome)
     recipe = worker.materialize(candidate)
+    model = worker.models.model
+    if isinstance(decoded, DataflowPath):  # a path is saved as its layers stacked, scales folded into weights
+        from evomerge.models.path_export import stacked_model
+
+        model = stacked_model(worker.models.materializer, decoded)
     scored_on = config.fitness.data.source if config.fitness.data is not None else "its tasks"
     scores: dict[str, float] = {f"fitness ({config.fitness.name} on {scored_on})": best.fitness}
     if config.fitness.test_data is not None:
@@ -67,7 +73,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "scores": scores,
         "base_model": config.models.base,
         "experts": [{"name": n, "path": e.path} for n, e in zip(config.models.expert_labels(), config.models.experts)],
-        "granularity": config.merge.granularity,
+        "granularity": "dataflow" if plan.dataflow else config.merge.granularity,
         "recipe": recipe,
     }
     mergekit, note = _mergekit_document(plan, decoded)
@@ -75,10 +81,10 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         mergekit["tokenizer_source"] = config.models.vocabulary
     if note is not None:
         document["mergekit"] = note
-    tokenizer = export_tokenizer(config, worker.models.model, worker.models.tokenizer)
+    tokenizer = export_tokenizer(config, model, worker.models.tokenizer)
 
     tmp = out.with_name(out.name + f".tmp-{int(time.time())}")
-    worker.models.model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
@@ -110,6 +116,8 @@ def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]
     from evomerge.models.checkpoint import run_dtype, tensor_dtypes
 
     config = plan.config
+    if isinstance(decoded, DataflowPath):
+        return None, "not written: data-flow paths are exported as stacked weights only"
     if not isinstance(decoded, Recipe):
         return None, "not written: M2N2 seed recipes (piecewise combinations with split points) have no mergekit equivalent"
     base = config.model_ref(config.models.base) if config.models.base else None
@@ -147,12 +155,13 @@ def model_card(
     if bases:
         front["base_model"] = bases
     front["library_name"] = "peft" if adapter else "transformers"
-    front["tags"] = ["merge", "evomerge", config.merge.method]
+    front["tags"] = ["merge", "evomerge", "dataflow" if plan.dataflow else config.merge.method]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {config.name}", ""]
     scored = sum(done for _asked, done in evaluations.values())
+    how = "a data-flow path through their layers" if plan.dataflow else f"`{config.merge.method}` ({config.merge.granularity} granularity)"
     lines.append(
         f"A {'LoRA adapter' if adapter else 'model'} merged by evomerge from {len(config.models.experts)} experts"
-        f" with `{config.merge.method}` ({config.merge.granularity} granularity): the best of {scored} evaluated"
+        f" with {how}: the best of {scored} evaluated"
         f" candidates, `{document['candidate_id']}` of population `{document['population']}`."
     )
     lines += ["", "## Experts", ""]

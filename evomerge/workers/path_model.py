@@ -83,16 +83,22 @@ class PathMaterializer:
         for position, ((source, index), scale) in enumerate(zip(path.layers, path.scales)):
             layer = at_position(self.layers[source][index], position)
             stack.append(layer if scale == 1.0 else ScaledInput(layer, scale))
-        config = copy.deepcopy(self.base_config)
-        text = config.get_text_config()
-        text.num_hidden_layers = len(stack)
-        if self.layer_types[0] is not None:
-            text.layer_types = [self._layer_type(source, index) for source, index in path.layers]
+        config = self.path_config(path)
         self.decoder.layers = nn.ModuleList(stack)
         self.model.config = config
-        self.decoder.config = text
+        self.decoder.config = config.get_text_config()
         self.path = path
 
-    def _layer_type(self, source: int, index: int) -> str:
+    def path_config(self, path: Path):
+        """Source 0's config with the path's depth (and per-layer attention types)."""
+        config = copy.deepcopy(self.base_config)
+        text = config.get_text_config()
+        text.num_hidden_layers = len(path)
+        if self.layer_types[0] is not None:
+            text.layer_types = [self.layer_type(source, index) for source, index in path.layers]
+        return config
+
+    def layer_type(self, source: int, index: int) -> str:
+        """The attention type (``layer_types`` entry) of one source layer, wherever it runs."""
         types = self.layer_types[source]
         return "full_attention" if types is None else types[index]

@@ -13,7 +13,11 @@ import torch
 from evomerge.space.paths import Path, PathSpace
 from evomerge.workers.path_model import PathMaterializer, decoder_stack
 
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1)
+SMALL = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-12
+)
+"""A norm's epsilon is the one inexactness of folding scales into weights; random embeddings (std
+0.02) make the stream so small that the default 1e-6 would show, so these models take a tiny one."""
 
 
 def _config(arch: str, layers: int):
@@ -112,3 +116,40 @@ def test_cached_greedy_generation_through_a_repeated_layer_equals_uncached(sourc
     uncached = paths.model.generate(IDS, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, stacked_model(models, path).generate(IDS, use_cache=True, **kwargs))
+
+
+@torch.no_grad()
+def test_export_stacks_the_path_with_scales_folded_and_reloads_without_custom_code(sources, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.models.path_export import stacked_model as exported
+
+    _, models = sources
+    paths = _working(models)
+    path = Path(((0, 0), (1, 2), (1, 0), (0, 0), (0, 1)), (1.0, 0.5, 1.3, 1.7, 0.8))
+    paths.apply(path)
+    expected = paths.model(IDS).logits
+    model = exported(paths, path)
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.num_hidden_layers == 5
+    torch.testing.assert_close(reloaded(IDS).logits, expected, rtol=0, atol=1e-5)
+    assert not torch.equal(reloaded(IDS).logits, stacked_model(models, Path(path.layers, (1.0,) * 5))(IDS).logits)
+
+
+def test_scales_are_refused_where_folding_is_not_exact_and_unit_scales_stack_anywhere():
+    import transformers
+
+    from evomerge.models.path_export import ScaleFoldError
+    from evomerge.models.path_export import stacked_model as exported
+
+    config = transformers.Olmo2Config(**SMALL, num_hidden_layers=2)  # norms after the sublayers, no fold declared
+    torch.manual_seed(0)
+    olmo = transformers.AutoModelForCausalLM.from_config(config).eval()
+    paths = PathMaterializer.from_models(copy.deepcopy(olmo), [])
+    with pytest.raises(ScaleFoldError, match="cannot be folded exactly into a olmo2 model"):
+        exported(paths, Path(((0, 0), (0, 1)), (1.0, 1.5)))
+    path = Path(((0, 1), (0, 0), (0, 1)), (1.0, 1.0, 1.0))
+    paths.apply(path)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(paths, path)(IDS).logits, paths.model(IDS).logits, rtol=0, atol=1e-6)
