@@ -18,6 +18,7 @@ from evomerge.config import load_config
 from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.space.paths import PathSpace
 from evomerge.store import RunStore
+from evomerge.workers.path_model import PathMaterializer
 
 ROWS = [{"prompt": "12+30=", "target": "42"}, {"prompt": "abc>", "target": "cba"}, {"prompt": "7+8=", "target": "15"}]
 
@@ -28,6 +29,7 @@ def sources(tmp_path_factory):
     tokenizer = build_tokenizer()
     for name, layers, hidden, seed in (("a", 2, 32, 0), ("b", 3, 32, 1), ("wide", 2, 48, 2)):
         model = tiny_llama(tokenizer, hidden=hidden, layers=layers, heads=2, seed=seed)
+        model.config.rms_norm_eps = 1e-12  # folded scales are exact up to the norms' epsilon: keep it out of the way
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -61,23 +63,38 @@ def recorded(run_dir):
         store.close()
 
 
-def test_cmaes_and_m2n2_search_paths_and_source_a_alone_scores_as_its_path(sources, tmp_path):
+def test_cmaes_and_m2n2_search_paths_and_the_best_exports_as_a_plain_model(sources, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.fitness.lm import negative_cross_entropy
+
     assert main(["run", write_config(sources, tmp_path)]) == 0
     evaluations, baselines = recorded(tmp_path / "run")
     space = PathSpace((2, 3), repeats=2)
     assert len(evaluations) == 8 and {e.population for e in evaluations} == {"cma", "m2n2"}
     assert all(e.genome.shape == (space.dim,) for e in evaluations)
-    paths = {space.decode(e.genome).layers for e in evaluations if e.status == "ok"}
-    assert len(paths) > 1  # the search moved off source a's own path
+    assert len({space.decode(e.genome).layers for e in evaluations if e.status == "ok"}) > 1  # it moved off a's path
     # source a alone, through the worker's path machinery, scores as the model on disk does
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.fitness.lm import negative_cross_entropy
-
-    direct = negative_cross_entropy(
-        AutoModelForCausalLM.from_pretrained(sources / "a").eval(), AutoTokenizer.from_pretrained(sources / "a"), ROWS
-    )
+    load = lambda name: AutoModelForCausalLM.from_pretrained(sources / name).eval()  # noqa: E731
+    direct = negative_cross_entropy(load("a"), AutoTokenizer.from_pretrained(sources / "a"), ROWS)
     assert baselines[0]["fitness"] == pytest.approx(float(torch.as_tensor(direct).double().mean()), abs=1e-6)
+    # the export is a plain Hugging Face model of the best path, equal to the worker's path model
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    store = RunStore(tmp_path / "run", readonly=True)
+    path = space.decode(store.best().genome)
+    store.close()
+    paths = PathMaterializer.from_models(load("a"), [load("b")])
+    paths.apply(path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.num_hidden_layers == len(path)
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "out")("12+30=")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, paths.model(ids).logits, rtol=0, atol=1e-5)
+    assert (tmp_path / "out" / "generation_config.json").exists()
+    recipe = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert [(step["source"], step["layer"]) for step in recipe["recipe"]["path"]] == [
+        (("a", "b")[s], layer) for s, layer in path.layers
+    ]
 
 
 def test_a_run_interrupted_mid_search_resumes_to_its_budget(sources, tmp_path):
