@@ -162,6 +162,8 @@ class MergeConfig(_Strict):
     def _layer_groups(self) -> "MergeConfig":
         if self.layer_groups is not None and self.granularity != "per_layer_group":
             raise ValueError("layer_groups only applies to granularity 'per_layer_group'")
+        if self.space != "dataflow" and self.dataflow != DataflowConfig():
+            raise ValueError("dataflow only applies to space 'dataflow'")
         return self
 
 

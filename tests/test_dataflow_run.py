@@ -120,6 +120,7 @@ def test_a_run_interrupted_mid_search_resumes_to_its_budget(sources, tmp_path):
         (dict(dataflow={"max_layers": 1}), "merge.dataflow: max_layers 1 is shorter than the initial path"),
         (dict(dataflow={"repeats": 0}), "merge.dataflow.repeats"),
         (dict(method="ties"), "merge.method: merge parameters do not apply to merge.space 'dataflow'"),
+        (dict(space="parameter"), "merge: dataflow only applies to space 'dataflow'"),
     ],
 )
 def test_bad_dataflow_configs_are_one_line_and_exit_2(sources, tmp_path, capsys, edit, message):
