@@ -178,6 +178,8 @@ class RunPlan:
             if any(getattr(config.budget, key) is not None for key in ("requests", "tokens", "cost")):
                 raise self._fail("budget", "requests, tokens and cost limit black-box runs; add an api section")
             return
+        if config.merge.frozen:
+            raise self._fail("merge.frozen", "black-box runs merge no weights of their own; remove merge.frozen")
         if config.fitness.racing is not None:
             raise self._fail("fitness.racing", "black-box runs (api:) score every example; remove fitness.racing")
         method, what = SERVICE_METHODS[config.api.level]
@@ -301,16 +303,16 @@ class RunPlan:
                 bounds=merge.bounds,
                 init=merge.init,
                 options=merge.options,
+                frozen=merge.frozen,
             )
         except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
             raise self._fail("merge", str(exc)) from None
 
-    def codecs(self, layout: Mapping[str, Sequence[int]]) -> tuple["Space", dict[str, "Codec"]]:
-        """The merge space over a worker's tensors (``name → shape``, model order) and one codec
-        per population: the merge space's, or seed recipes on the population's split grid."""
+    def codecs(self, space: "Space", layout: Mapping[str, Sequence[int]]) -> dict[str, "Codec"]:
+        """One codec per population over a worker's merged tensors (``name → shape``, model order):
+        the merge space's, or seed recipes on the population's split grid."""
         from evomerge.space.codec import MergeCodec, SeedRecipeCodec
 
-        space = self.space(list(layout))
         labels = tuple(self.config.models.expert_labels())
         shapes = [tuple(shape) for shape in layout.values()]
         codecs: dict[str, Codec] = {
@@ -319,7 +321,7 @@ class RunPlan:
             else MergeCodec(space)
             for p in self.populations
         }
-        return space, codecs
+        return codecs
 
     def tensor_names(self) -> list[str]:
         """The working model's parameter names, from its config alone; none in black-box runs,

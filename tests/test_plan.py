@@ -24,7 +24,8 @@ def test_one_codec_per_population_decodes_what_its_strategy_asks(digits_config):
         {"name": "m2n2", "strategy": "m2n2", "options": {"archive": "seed_recipes", "split_grid": "rows"}},
     ]
     plan = RunPlan.from_config(load_config(digits_config(populations=populations)))
-    space, codecs = plan.codecs(LAYOUT)
+    space = plan.space(list(LAYOUT))
+    codecs = plan.codecs(space, LAYOUT)
     assert isinstance(codecs["cma"], MergeCodec) and isinstance(codecs["m2n2"], SeedRecipeCodec)
     assert [p.cache_scope for p in plan.populations] == ["space", "seed_recipes:rows"]
     assert isinstance(codecs["cma"].decode(space.x0()), Recipe)

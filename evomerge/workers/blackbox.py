@@ -237,7 +237,8 @@ class BlackBoxWorker(Worker):
         fitness = resolve_blackbox_fitness(config.fitness.name)
         self.fitness = with_options(fitness, config.fitness.name, config.fitness.options)
         self.examples = self.load_examples(config.fitness.data)
-        self.space, self.codecs = plan.codecs({})  # one value per expert: no tensors to group
+        self.space = plan.space([])  # one value per expert: no tensors to group
+        self.codecs = plan.codecs(self.space, {})
         self.cache = ResponseCache()
         self._loop = asyncio.new_event_loop()
         self.client = ApiClient(

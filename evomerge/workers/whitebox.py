@@ -53,6 +53,8 @@ class LoadedModels:
     model: torch.nn.Module
     tokenizer: object | None
     materializer: Materializer
+    space: Space
+    """The merge space over the working model's parameters; its tensors are the merged ones."""
     tensor_names: list[str]
     vocabulary: VocabularyAlignment | None = None
     """How the experts' vocabularies were aligned to the working model's, when they differ."""
@@ -84,7 +86,9 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     if vocab is not None:
         align_working_model(model, vocab, record=has_base)
         vocab.extend_tokenizer(tokenizer)
-    targets = {name: p.data for name, p in model.named_parameters()}
+    space = plan.space([name for name, _ in model.named_parameters()])
+    targets = {name: p.data for name, p in model.named_parameters() if name in space.tensor_groups}
+    frozen = {name for name, _ in model.named_parameters() if name not in targets}  # merge.frozen towers
     base_state = targets if has_base else None  # the materializer clones the base first
 
     def expert_states():
@@ -95,14 +99,15 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
                 expert = load_model(ref, device, dtype)
                 state = {n: p.data for n, p in expert.named_parameters()}
                 del expert
-            yield label, state if vocab is None else vocab.align(row + has_base, state)
-            del state
+            aligned = state if vocab is None else vocab.align(row + has_base, state)
+            yield label, {name: t for name, t in aligned.items() if name not in frozen}
+            del state, aligned
             gc.collect()
 
     materializer = Materializer.from_state_dicts(targets, expert_states(), len(refs), base=base_state)
     if vocab is not None:
         vocab.fill_(materializer.tensors)
-    return LoadedModels(model, tokenizer, materializer, list(targets), vocab)
+    return LoadedModels(model, tokenizer, materializer, space, list(targets), vocab)
 
 
 def _load_adapter_slots(
@@ -120,7 +125,7 @@ def _load_adapter_slots(
     scaling = lora_scaling(lora_config(refs[0]))
     states = ((label, adapter_factors(ref, device, dtype, scaling)) for label, ref in zip(labels, refs))
     materializer = Materializer.from_state_dicts(targets, states, len(refs), base=None)
-    return LoadedModels(model, load_tokenizer(base_ref), materializer, list(targets))
+    return LoadedModels(model, load_tokenizer(base_ref), materializer, plan.space(list(targets)), list(targets))
 
 
 class WhiteBoxWorker(Worker):
@@ -133,7 +138,8 @@ class WhiteBoxWorker(Worker):
         self.device = resolve_device(config.models.device)
         self.models = load_resident_models(plan, self.device)
         layout = {name: tuple(t.shape) for name, t in self.models.materializer.targets.items()}
-        self.space, self.codecs = plan.codecs(layout)
+        self.space = self.models.space
+        self.codecs = plan.codecs(self.space, layout)
         if plan.method.needs_fisher:  # estimated once, kept for the whole run
             from evomerge.merge.fisher import FISHER_FLOOR
             from evomerge.workers.fisher_estimate import expert_fishers
