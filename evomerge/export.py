@@ -106,11 +106,13 @@ def _check_out(out: Path) -> None:
 def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]:
     """The mergekit YAML of the best recipe (or None), and what a reader should know about it."""
     from evomerge.models.adapters import is_adapter
-    from evomerge.models.checkpoint import run_dtype, tensor_dtypes
+    from evomerge.models.checkpoint import run_dtype, stored_parameters
 
     config = plan.config
     if not isinstance(decoded, Recipe):
         return None, "not written: M2N2 seed recipes (piecewise combinations with split points) have no mergekit equivalent"
+    if config.merge.frozen:
+        return None, "not written: frozen towers (merge.frozen) keep the working model's weights, and mergekit merges every tensor"
     base = config.model_ref(config.models.base) if config.models.base else None
     refs = [config.model_ref(e.path) for e in config.models.experts]
     adapters = [is_adapter(ref) for ref in refs]
@@ -118,7 +120,7 @@ def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]
         document = mergekit_config(
             decoded,
             decoded.method,
-            list(tensor_dtypes(plan.working_model)),
+            stored_parameters(plan.working_model),
             base,
             [model_reference(ref, base, adapter) for ref, adapter in zip(refs, adapters)],
             run_dtype(config),

@@ -19,17 +19,32 @@ def _recipe(method: str = "linear"):
 
 
 def test_filters_name_the_checkpoints_tensors():
-    document = mergekit_config(_recipe(), MERGE_METHODS["linear"], NAMES, None, ["a", "b"], "bfloat16")
+    stored = {name: name for name in NAMES}
+    document = mergekit_config(_recipe(), MERGE_METHODS["linear"], stored, None, ["a", "b"], "bfloat16")
     assert document["dtype"] == "bfloat16" and [m["model"] for m in document["models"]] == ["a", "b"]
     filters = {entry["filter"] for entry in document["models"][0]["parameters"]["weight"]}
     assert filters == {"model.embed_tokens.weight", "model.layers.0.", "model.layers.1.", "lm_head.weight"}
 
 
+def test_filters_use_stored_names_where_transformers_renames_on_load():
+    # as a Gemma 3 checkpoint: stored language_model.model.X loads as the parameter model.language_model.X
+    stored = {name.replace("model.", "language_model.model.", 1) if name.startswith("model.") else name: name for name in NAMES}
+    recipe = _recipe()
+    document = mergekit_config(recipe, MERGE_METHODS["linear"], stored, None, ["a", "b"], "float32")
+    entries = document["models"][0]["parameters"]["weight"]
+    assert {e["filter"] for e in entries} == {
+        "language_model.model.embed_tokens.weight", "language_model.model.layers.0.", "language_model.model.layers.1.", "lm_head.weight"
+    }
+    by_filter = {e["filter"]: e["value"] for e in entries}
+    assert by_filter["language_model.model.layers.1."] == pytest.approx(recipe.params_for("model.layers.1.mlp.weight")["weight"][0])
+
+
 @pytest.mark.parametrize(
     "stored, words",
     [
-        ([*NAMES[:3], "lm_head.linear.weight"], "checkpoint's tensor 'lm_head.linear.weight' is not a parameter"),
-        (NAMES[:3], "merged parameter 'lm_head.weight' is stored under another name"),
+        ({**{n: n for n in NAMES[:3]}, "lm_head.linear.weight": "lm_head.linear.weight"}, "checkpoint's tensor 'lm_head.linear.weight' is not a parameter"),
+        ({n: n for n in NAMES[:3]}, "merged parameter 'lm_head.weight' is not stored"),
+        ({**{n: n for n in NAMES}, "model.layers.0.mlp.packed": None}, "converts the checkpoint's tensor 'model.layers.0.mlp.packed'"),
     ],
 )
 def test_tensors_stored_under_other_names_are_not_expressible(stored, words):
