@@ -67,6 +67,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "base_model": config.models.base,
         "experts": [{"name": n, "path": e.path} for n, e in zip(config.models.expert_labels(), config.models.experts)],
         "granularity": config.merge.granularity,
+        **({"frozen": list(config.merge.frozen)} if config.merge.frozen else {}),
         "recipe": recipe,
     }
     mergekit, note = _mergekit_document(plan, decoded)
@@ -156,6 +157,9 @@ def model_card(
         f" with `{config.merge.method}` ({config.merge.granularity} granularity): the best of {scored} evaluated"
         f" candidates, `{document['candidate_id']}` of population `{document['population']}`."
     )
+    if config.merge.frozen:
+        source = "the base model" if config.models.base else "the first expert"
+        lines.append(f"Frozen towers (not merged: their weights are {source}'s): {', '.join(f'`{t}`' for t in config.merge.frozen)}.")
     lines += ["", "## Experts", ""]
     lines += [f"- {e['name']}: `{e['path']}`" for e in document["experts"]]
     lines += ["", "## Scores", "", "| model | score |", "|---|---|"]
