@@ -162,3 +162,17 @@ def test_mergekit_rebuilds_the_export_from_stored_tensor_names(gemmas, tmp_path)
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():
         torch.testing.assert_close(theirs[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_an_image_text_model_without_a_causal_lm_entry_keeps_its_head(tmp_path):
+    """LLaVA has no causal-LM Auto entry: it loads as its image-text class, lm_head included."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from evomerge.models.loading import parameter_names
+
+    text = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8)
+    LlavaConfig(text_config=text, vision_config=vision, image_token_index=63).save_pretrained(tmp_path)
+    names = parameter_names(str(tmp_path))
+    assert "lm_head.weight" in names
+    assert any(n.startswith("model.vision_tower.") for n in names) and any(n.startswith("model.language_model.layers.1.") for n in names)
