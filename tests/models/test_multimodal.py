@@ -73,7 +73,7 @@ def test_the_fixture_is_in_the_hub_layout_and_loads_as_saved(gemmas):
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
-def _run(root, tmp_path, merge: dict) -> tuple:
+def _write_config(root, tmp_path, merge: dict):
     config = {
         "run_dir": str(tmp_path / "run"),
         "executor": "inline",
@@ -86,6 +86,11 @@ def _run(root, tmp_path, merge: dict) -> tuple:
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run(root, tmp_path, merge: dict) -> tuple:
+    path = _write_config(root, tmp_path, merge)
     assert main(["run", str(path)]) == 0
     out = tmp_path / "merged"
     assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
@@ -142,6 +147,13 @@ def test_frozen_towers_run_and_export_reloads_as_the_same_model(gemmas, tmp_path
         expected = worker.models.model(**inputs).logits
         reloaded = exported(**inputs).logits
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=0)
+
+
+def test_a_frozen_name_that_is_no_tower_is_one_line_naming_the_towers(gemmas, tmp_path, capsys):
+    assert main(["run", str(_write_config(gemmas, tmp_path, {"method": "task_arithmetic", "frozen": ["vision"]}))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "merge: frozen: 'vision' is not a tower of this model" in err[0]
+    assert "(towers: vision_tower, multi_modal_projector, language_model)" in err[0]
 
 
 def test_mergekit_rebuilds_the_export_from_stored_tensor_names(gemmas, tmp_path):
