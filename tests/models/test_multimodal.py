@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
 from evomerge.config import load_config
+from evomerge.models import memory
 from evomerge.models.zoo.tiny_lm import IMAGE_TOKENS, build_tokenizer, tiny_gemma3
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
@@ -140,7 +141,13 @@ def test_frozen_towers_run_and_export_reloads_as_the_same_model(gemmas, tmp_path
     store = RunStore(tmp_path / "run", readonly=True)
     best = store.best()
     store.close()
-    worker = WhiteBoxWorker(RunPlan.from_config(load_config(config_path)), worker_id="check")
+    config = load_config(config_path)
+    worker = WhiteBoxWorker(RunPlan.from_config(config), worker_id="check")
+    held = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
+    for tensor in worker.models.materializer.tensors.values():  # the language model's only
+        assert tensor.name.startswith("model.language_model.")
+        held += (tensor.stack.numel() + tensor.reference.numel()) * tensor.stack.element_size()
+    assert memory.worker_memory(config).resident == held
     worker.materialize(Candidate(best.candidate_id, best.population, best.genome))
     inputs = _image_inputs()
     with torch.no_grad():
