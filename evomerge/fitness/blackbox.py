@@ -14,6 +14,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+from evomerge.fitness.harness import lm_eval_served
 from evomerge.fitness.lm import DEFAULT_ANSWER_REGEX, _require, extract_answer
 
 
@@ -76,4 +77,5 @@ BLACKBOX_FITNESS_FUNCTIONS: dict[str, BlackBoxFitness] = {
     "negative_cross_entropy": negative_cross_entropy,
     "multiple_choice_loglik": multiple_choice_loglik,
     "exact_match": exact_match,
+    "lm_eval": lm_eval_served,
 }

@@ -41,7 +41,7 @@ import numpy as np
 
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, UserError
-from evomerge.fitness import per_example_scores, resolve_blackbox_fitness, with_options
+from evomerge.fitness import brings_own_examples, own_examples, per_example_scores, resolve_blackbox_fitness, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
 from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
@@ -236,7 +236,9 @@ class BlackBoxWorker(Worker):
         self.fitness_name = config.fitness.name
         fitness = resolve_blackbox_fitness(config.fitness.name)
         self.fitness = with_options(fitness, config.fitness.name, config.fitness.options)
-        self.examples = self.load_examples(config.fitness.data)
+        fitness = config.fitness
+        own = brings_own_examples(fitness.name)
+        self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
         self.space = plan.space([])  # one value per expert: no tensors to group
         self.codecs = plan.codecs(self.space, {})
         self.cache = ResponseCache()
