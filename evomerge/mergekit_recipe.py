@@ -5,7 +5,9 @@ mergekit is LGPL and optional: this module only writes its YAML schema (``merge_
 Values that differ between tensor groups become mergekit's conditional parameters: a list of
 ``{filter, value}`` entries, where a filter matches tensors whose name contains it. Whole
 transformer blocks are matched by their prefix (``model.layers.3.``), other tensors by their full
-name, so every tensor is matched by exactly one entry and the mergekit merge is ours. The names
+name. mergekit gives a tensor the value of the first filter its name contains, and that must be
+its own group's for every tensor (a filter inside another group's name is refused), so the
+mergekit merge is ours. The names
 are the checkpoint's (what mergekit reads), each paired with the parameter transformers loads it
 into (renamed on load in transformers 5: Gemma 3's ``language_model.model.layers.0.`` is the
 parameter ``model.language_model.layers.0.``). Where transformers fuses or splits tensors on load,
@@ -53,6 +55,11 @@ def _group_filters(tensor_names: Sequence[str], tensor_groups: dict[str, int]) -
     for name in tensor_names:
         if _block_prefix(name) not in whole_blocks:
             filters.setdefault(tensor_groups[name], []).append(name)
+    order = [(f, g) for g in sorted(filters) for f in filters[g]]  # as _setting writes them
+    for name in tensor_names:  # mergekit takes the first filter a name contains
+        first = next(g for f, g in order if f in name)
+        if first != tensor_groups[name]:
+            raise NotExpressible(f"a filter of another tensor group is part of the name '{name}', so mergekit would give it that group's values")
     return filters
 
 

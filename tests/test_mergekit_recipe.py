@@ -52,6 +52,14 @@ def test_tensors_stored_under_other_names_are_not_expressible(stored, words):
         mergekit_config(_recipe(), MERGE_METHODS["linear"], stored, None, ["a", "b"], "float32")
 
 
+def test_a_filter_inside_another_groups_name_is_not_expressible():
+    names = ["a.weight", "b.a.weight"]  # per tensor: the filter 'a.weight' is part of 'b.a.weight'
+    space = Space.build(MERGE_METHODS["linear"], names, 2, granularity="per_tensor")
+    recipe = space.decode(np.linspace(0.1, 0.9, space.dim))
+    with pytest.raises(NotExpressible, match="part of the name 'b.a.weight'"):
+        mergekit_config(recipe, MERGE_METHODS["linear"], {n: n for n in names}, None, ["x", "y"], "float32")
+
+
 def test_adapters_are_base_plus_adapter_and_a_plus_in_a_path_is_refused():
     assert model_reference("/m/adapter", "/m/base", adapter=True) == "/m/base+/m/adapter"
     assert model_reference("/m/expert", "/m/base", adapter=False) == "/m/expert"
