@@ -157,6 +157,9 @@ class MergeConfig(_Strict):
     bounds: dict[str, Bounds] = Field(default_factory=dict)
     init: dict[str, float] = Field(default_factory=dict)
     options: dict[str, bool] = Field(default_factory=dict)
+    # Towers of a multimodal model (vision_tower, multi_modal_projector, …; see evomerge.space.towers)
+    # that keep the working model's weights instead of being merged.
+    frozen: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _layer_groups(self) -> "MergeConfig":

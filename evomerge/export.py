@@ -74,6 +74,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "base_model": config.models.base,
         "experts": [{"name": n, "path": e.path} for n, e in zip(config.models.expert_labels(), config.models.experts)],
         "granularity": "dataflow" if plan.dataflow else config.merge.granularity,
+        **({"frozen": list(config.merge.frozen)} if config.merge.frozen else {}),
         "recipe": recipe,
     }
     mergekit, note = _mergekit_document(plan, decoded)
@@ -113,13 +114,15 @@ def _check_out(out: Path) -> None:
 def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]:
     """The mergekit YAML of the best recipe (or None), and what a reader should know about it."""
     from evomerge.models.adapters import is_adapter
-    from evomerge.models.checkpoint import run_dtype, tensor_dtypes
+    from evomerge.models.checkpoint import run_dtype, stored_parameters
 
     config = plan.config
     if isinstance(decoded, DataflowPath):
         return None, "not written: data-flow paths are exported as stacked weights only"
     if not isinstance(decoded, Recipe):
         return None, "not written: M2N2 seed recipes (piecewise combinations with split points) have no mergekit equivalent"
+    if config.merge.frozen:
+        return None, "not written: frozen towers (merge.frozen) keep the working model's weights, and mergekit merges every tensor"
     base = config.model_ref(config.models.base) if config.models.base else None
     refs = [config.model_ref(e.path) for e in config.models.experts]
     adapters = [is_adapter(ref) for ref in refs]
@@ -127,7 +130,7 @@ def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]
         document = mergekit_config(
             decoded,
             decoded.method,
-            list(tensor_dtypes(plan.working_model)),
+            stored_parameters(plan.working_model),
             base,
             [model_reference(ref, base, adapter) for ref, adapter in zip(refs, adapters)],
             run_dtype(config),
@@ -164,6 +167,9 @@ def model_card(
         f" with {how}: the best of {scored} evaluated"
         f" candidates, `{document['candidate_id']}` of population `{document['population']}`."
     )
+    if config.merge.frozen:
+        source = "the base model" if config.models.base else "the first expert"
+        lines.append(f"Frozen towers (not merged: their weights are {source}'s): {', '.join(f'`{t}`' for t in config.merge.frozen)}.")
     lines += ["", "## Experts", ""]
     lines += [f"- {e['name']}: `{e['path']}`" for e in document["experts"]]
     lines += ["", "## Scores", "", "| model | score |", "|---|---|"]

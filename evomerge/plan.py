@@ -230,6 +230,8 @@ class RunPlan:
             if any(getattr(config.budget, key) is not None for key in ("requests", "tokens", "cost")):
                 raise self._fail("budget", "requests, tokens and cost limit black-box runs; add an api section")
             return
+        if config.merge.frozen:
+            raise self._fail("merge.frozen", "black-box runs merge no weights of their own; remove merge.frozen")
         if config.fitness.racing is not None:
             raise self._fail("fitness.racing", "black-box runs (api:) score every example; remove fitness.racing")
         method, what = SERVICE_METHODS[config.api.level]
@@ -366,6 +368,7 @@ class RunPlan:
                 bounds=merge.bounds,
                 init=merge.init,
                 options=merge.options,
+                frozen=merge.frozen,
             )
         except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
             raise self._fail("merge", str(exc)) from None
@@ -399,16 +402,14 @@ class RunPlan:
         except ValueError as exc:
             raise self._fail("merge.dataflow", str(exc)) from None
 
-    def codecs(self, layout: Mapping[str, Sequence[int]]) -> tuple["Space | PathSpace", dict[str, "Codec"]]:
-        """The merge space over a worker's tensors (``name → shape``, model order) and one codec
-        per population: the merge space's, or seed recipes on the population's split grid; in the
-        data-flow space, the path space's."""
+    def codecs(self, space: "Space | PathSpace", layout: Mapping[str, Sequence[int]]) -> dict[str, "Codec"]:
+        """One codec per population over a worker's space: in the data-flow space, the path
+        space's; else over its merged tensors (``name → shape``, model order), the merge space's
+        or seed recipes on the population's split grid."""
         from evomerge.space.codec import MergeCodec, PathCodec, SeedRecipeCodec
 
         if self.dataflow:
-            path_space = self.path_space()
-            return path_space, {p.name: PathCodec(path_space) for p in self.populations}
-        space = self.space(list(layout))
+            return {p.name: PathCodec(space) for p in self.populations}
         labels = tuple(self.config.models.expert_labels())
         shapes = [tuple(shape) for shape in layout.values()]
         codecs: dict[str, Codec] = {
@@ -417,7 +418,7 @@ class RunPlan:
             else MergeCodec(space)
             for p in self.populations
         }
-        return space, codecs
+        return codecs
 
     def tensor_names(self) -> list[str]:
         """The working model's parameter names, from its config alone; none in black-box runs,
