@@ -95,8 +95,10 @@ def _tiny_llama(tokenizer, tied: bool):
     return LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": True}))
 
 
-@pytest.fixture(scope="module", params=sorted(ADDED))
+@pytest.fixture(scope="module")
 def vocab_models(request, tmp_path_factory):
+    """Base and experts of one ``ADDED`` case (``request.param``): each test names the cases it
+    needs, so the suite builds and merges only those."""
     from tokenizers import AddedToken
 
     root = tmp_path_factory.mktemp("vocab")
@@ -142,7 +144,17 @@ MERGES = {
 }
 
 
-@pytest.mark.parametrize("merge", sorted(MERGES))
+# Every case and every merge, each case with a different merge: cases x merges would add a minute
+# of runs and exports to the suite for no path the pairs below leave out.
+@pytest.mark.parametrize(
+    "vocab_models, merge",
+    [
+        ("one expert adds two tokens", "task_arithmetic"),
+        ("both add a token, one adds two", "linear without base"),
+        ("one expert adds two tokens, tied embeddings", "linear"),
+    ],
+    indirect=["vocab_models"],
+)
 def test_experts_with_added_tokens_merge_as_mergekit_union_merges_them(vocab_models, tmp_path, merge):
     pytest.importorskip("mergekit", reason="the cross-check needs the mergekit extra: pip install 'evomerge[mergekit]'")
     from mergekit.config import MergeConfiguration
@@ -186,6 +198,7 @@ def test_experts_with_added_tokens_merge_as_mergekit_union_merges_them(vocab_mod
         torch.testing.assert_close(weights[name][user], expert1[name][user1])
 
 
+@pytest.mark.parametrize("vocab_models", ["both add a token, one adds two"], indirect=True)
 def test_base_vocabulary_merges_as_mergekit_tokenizer_source_base(vocab_models, tmp_path):
     pytest.importorskip("mergekit", reason="the cross-check needs the mergekit extra: pip install 'evomerge[mergekit]'")
     from mergekit.config import MergeConfiguration
@@ -206,6 +219,7 @@ def test_base_vocabulary_merges_as_mergekit_tokenizer_source_base(vocab_models, 
         torch.testing.assert_close(reference[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("vocab_models", ["both add a token, one adds two"], indirect=True)
 def test_an_exported_tokenizer_source_must_number_tokens_as_the_union(vocab_models, tmp_path, capsys):
     from transformers import AutoTokenizer
 
@@ -233,6 +247,7 @@ def test_an_exported_tokenizer_source_must_number_tokens_as_the_union(vocab_mode
         assert "export.tokenizer_source: 'expert1' gives token '<|" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("vocab_models", ["both add a token, one adds two"], indirect=True)
 def test_fisher_merging_aligns_the_experts_fishers_too(vocab_models, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
