@@ -1,4 +1,5 @@
-"""Fitness functions: ``fn(model, tokenizer, examples) -> per-example scores`` (higher is better).
+"""Fitness functions: ``fn(model, tokenizer, examples) -> per-example scores`` (higher is better),
+or a :class:`~evomerge.fitness.result.FitnessResult` when scoring costs API usage (a judge).
 
 Built-ins are named by registry key; user plugins by ``"package.module:function"`` or by name
 through the entry-point group ``evomerge.fitness``.
@@ -15,8 +16,10 @@ import numpy as np
 
 from evomerge.errors import PluginError
 from evomerge.fitness.classification import classification_accuracy
+from evomerge.fitness.judge import judge
 from evomerge.fitness.lm import exact_match, multiple_choice_loglik, negative_cross_entropy
 from evomerge.fitness.plugins import load_function
+from evomerge.fitness.result import split_result
 
 FitnessFn = Callable[[Any, Any, Any], Any]
 
@@ -25,9 +28,19 @@ FITNESS_FUNCTIONS: dict[str, FitnessFn] = {
     "multiple_choice_loglik": multiple_choice_loglik,
     "negative_cross_entropy": negative_cross_entropy,
     "exact_match": exact_match,
+    "judge": judge,
 }
 
 ENTRY_POINT_GROUP = "evomerge.fitness"
+
+API_USING_FITNESS = frozenset({"judge"})
+"""Built-ins that ask a service of their own and report its usage (``FitnessResult.metrics``)."""
+
+
+def may_spend_api_usage(name: str) -> bool:
+    """Whether fitness ``name`` can report API usage for the run's requests/tokens/cost budgets:
+    a built-in that asks a service, or a plugin (it may return a ``FitnessResult`` with usage)."""
+    return name in API_USING_FITNESS or name not in FITNESS_FUNCTIONS
 
 
 def resolve_fitness(name: str) -> FitnessFn:
@@ -83,6 +96,13 @@ def with_options(fn: FitnessFn, name: str, options: dict[str, Any]) -> FitnessFn
     return functools.partial(fn, **options)
 
 
+def scores_and_metrics(raw: Any, n_examples: int, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """A fitness function's return value as validated per-example scores and the metrics it
+    reported (a :class:`~evomerge.fitness.result.FitnessResult`'s usage; none for bare scores)."""
+    scores, metrics = split_result(raw)
+    return per_example_scores(scores, n_examples, name), metrics
+
+
 def per_example_scores(raw: Any, n_examples: int, name: str) -> np.ndarray:
     """Validate a fitness function's return value: one finite-or-NaN float per example."""
     try:
@@ -99,8 +119,10 @@ def per_example_scores(raw: Any, n_examples: int, name: str) -> np.ndarray:
 __all__ = [
     "FITNESS_FUNCTIONS",
     "FitnessFn",
+    "may_spend_api_usage",
     "per_example_scores",
     "resolve_blackbox_fitness",
     "resolve_fitness",
+    "scores_and_metrics",
     "with_options",
 ]

@@ -41,9 +41,10 @@ import numpy as np
 
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, UserError
-from evomerge.fitness import per_example_scores, resolve_blackbox_fitness, with_options
+from evomerge.fitness import resolve_blackbox_fitness, scores_and_metrics, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
+from evomerge.fitness.result import add_metrics
 from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
@@ -281,12 +282,13 @@ class BlackBoxWorker(Worker):
         if missing:
             raise ServiceUnreachable(f"the model service at {url} does not serve {', '.join(missing)} (models in the config)")
 
-    async def _score(self, tag: str, recipe: Recipe, examples: list[dict[str, Any]]) -> np.ndarray:
+    async def _score(self, tag: str, recipe: Recipe, examples: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Per-example scores and what the fitness reported besides (a judge's own API usage)."""
         for attempt in range(RECOVERY_ATTEMPTS):
             try:
                 async with self.service.model(tag, recipe) as model:
                     raw = await self.fitness(model, examples)
-                return per_example_scores(raw, len(examples), self.fitness_name)
+                return scores_and_metrics(raw, len(examples), self.fitness_name)
             except ApiError as exc:
                 if exc.status != 404 or attempt == RECOVERY_ATTEMPTS - 1:
                     raise
@@ -300,11 +302,11 @@ class BlackBoxWorker(Worker):
     def _evaluate(self, candidate_id: str, population: str, recipe: Recipe, examples: list[dict[str, Any]]) -> Evaluation:
         """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing)."""
         usage_before, hits_before = self.client.usage.copy(), self.cache.hits
-        ev = self.scored(
-            candidate_id, population, lambda: (self._loop.run_until_complete(self._score(candidate_id, recipe, examples)), {})
-        )
+        ev = self.scored(candidate_id, population, lambda: self._loop.run_until_complete(self._score(candidate_id, recipe, examples)))
         used = self.client.usage - usage_before
-        ev.metrics.update({"usage": used.metrics(), "api_retries": used.retries, "cached_responses": self.cache.hits - hits_before})
+        fitness_usage = ev.metrics.pop("usage", {})  # the judge's, added to the service's
+        ev.metrics.update({"usage": add_metrics(used.metrics(), fitness_usage), "api_retries": used.retries,
+                           "cached_responses": self.cache.hits - hits_before})
         ev.responses = self.cache.take_new()  # also a failed candidate's: they were paid for
         return ev
 

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from evomerge.errors import ModelLoadError, UserError
-from evomerge.fitness import per_example_scores, resolve_fitness, with_options
+from evomerge.fitness import resolve_fitness, scores_and_metrics, with_options
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.racing import Racing, count
+from evomerge.fitness.result import add_metrics
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import (
@@ -152,6 +153,9 @@ class WhiteBoxWorker(Worker):
             entropy = EntropyGradient(self.space, self.models, self.examples, self.device)
         tasks = {name: self.load_examples(data) for name, data in config.fitness.tasks.items()}
         self.extra_metrics = ExtraMetrics(tasks, self.score, entropy, plan.gradient_populations)
+        self.spent: dict[str, Any] = {}
+        """What the fitness function reported since the last evaluation began (a judge's API
+        usage), summed over its calls: racing's stages and ``fitness.tasks`` score more than once."""
 
     def load_examples(self, data) -> Any:
         """The examples a data section names, as the fitness function takes them."""
@@ -178,7 +182,17 @@ class WhiteBoxWorker(Worker):
 
     def score(self, examples) -> np.ndarray:
         raw = self.fitness_fn(self.models.model, self.models.tokenizer, examples)
-        return per_example_scores(raw, count(examples), self.fitness_name)
+        scores, metrics = scores_and_metrics(raw, count(examples), self.fitness_name)
+        add_metrics(self.spent, metrics)
+        return scores
+
+    def _scored_with_spending(self, candidate_id: str, population: str, score) -> Evaluation:
+        """``scored`` with what the fitness reported added to the metrics (a failed candidate's
+        too: a judge's requests before the failure were paid for)."""
+        self.spent = {}
+        ev = self.scored(candidate_id, population, score)
+        add_metrics(ev.metrics, self.spent)
+        return ev
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         """Merge and score one candidate, with the metrics its population needs besides fitness."""
@@ -196,7 +210,7 @@ class WhiteBoxWorker(Worker):
                 "examples_scored": raced.examples_scored, **extra,
             }
 
-        return self.scored(candidate.id, candidate.population, merge_and_score)
+        return self._scored_with_spending(candidate.id, candidate.population, merge_and_score)
 
     def expert_baselines(self) -> list[Evaluation]:
         """Each expert alone, scored on the fitness data (``candidate_id`` is the expert's label).
@@ -208,7 +222,7 @@ class WhiteBoxWorker(Worker):
         baselines = []
         for i, label in enumerate(self.config.models.expert_labels()):
             recipe = alone.decode(alone.encode(LINEAR.expert_alone(i, n)))
-            baselines.append(self.scored(label, "", lambda: self._apply_and_score(recipe)))
+            baselines.append(self._scored_with_spending(label, "", lambda: self._apply_and_score(recipe)))
         return baselines
 
     def _apply_and_score(self, recipe) -> Scored:
@@ -226,7 +240,9 @@ class WhiteBoxWorker(Worker):
                 self.materialize(candidate)
             return self.score(examples), {}
 
-        return self.scored("held-out" if candidate is None else candidate.id, "" if candidate is None else candidate.population, score)
+        return self._scored_with_spending(
+            "held-out" if candidate is None else candidate.id, "" if candidate is None else candidate.population, score
+        )
 
     def close(self) -> None:
         """Drop the resident models, so a long-lived process (a notebook, a test session) gets its

@@ -1,0 +1,166 @@
+"""The judge fitness against ``evomerge serve`` of an untrained tiny model as the judge: its
+replies are random text, so these tests check how replies are read, counted and paid for —
+one score per example, the same scores for the same replies, unparsable replies scored 0 and
+counted, the judge's requests and tokens in the run's budgets — never the judge's taste."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import numpy as np
+import pytest
+
+from evomerge.config import config_from_dict
+from evomerge.errors import PluginError
+from evomerge.fitness.blackbox import judge as blackbox_judge
+from evomerge.fitness.generation import greedy_answers
+from evomerge.fitness.judge import JudgeSpec, judge
+from evomerge.models.zoo.tiny_lm import skill_examples
+from evomerge.runs import start_run
+from evomerge.service.client import ApiClient
+from evomerge.service.served_model import ApiServedModel
+from evomerge.store import RunStore
+from evomerge.testing.tiny_models import char_llama
+
+SPEC = {"base_url": "http://127.0.0.1:9", "model": "m", "rubric": "Q: {prompt} A: {answer} Score:"}
+
+
+@pytest.fixture(scope="module")
+def candidate():
+    return char_llama(seed=1)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return skill_examples("addition", 5, seed=4)
+
+
+def judge_replies(url: str, options: dict, prompts: list[str]) -> list[str]:
+    """What the judge answers each rubric prompt, asked directly (greedy, as the fitness asks)."""
+    headers = {"Authorization": "Bearer test-serve-token"}
+    body = {"model": options["model"], "max_tokens": options["max_tokens"], "temperature": 0.0}
+    return [
+        httpx.post(f"{url}/v1/completions", json={**body, "prompt": p}, headers=headers).json()["choices"][0]["text"]
+        for p in prompts
+    ]
+
+
+def test_a_reply_is_read_through_the_regex_and_mapped_from_the_scale():
+    spec = JudgeSpec.parse({**SPEC, "score_regex": r"\[\[(\d+(?:\.\d+)?)\]\]"})
+    assert spec.score("Fine. Rating: [[7]] and [[2]]") == pytest.approx(6 / 9)  # the first match, 1–10 → [0, 1]
+    assert spec.score("[[10]]") == 1.0 and spec.score("[[1]]") == 0.0
+    assert spec.score("Rating: 7") is None  # no match
+    assert spec.score("[[11]]") is None  # off the scale
+    plain = JudgeSpec.parse({**SPEC, "scale": [0, 1]})
+    assert plain.score("score 0.25, not 3") == 0.25
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"temperature": 0.5}, r"options\.judge\.temperature: Extra inputs"),
+        ({"rubric": "Grade {prompt}"}, r"options\.judge\.rubric: .*must contain \{answer\}"),
+        ({"rubric": "{answer} {question}"}, r"not \{question\}"),
+        ({"rubric": "{answer} {"}, "write a literal brace"),
+        ({"score_regex": "(\\d"}, r"score_regex: .*not a regular expression"),
+        ({"scale": [10, 1]}, "the lowest score comes first"),
+        ({"model": None}, r"options\.judge\.model"),
+    ],
+)
+def test_a_wrong_judge_option_is_one_line_naming_it(change, message):
+    with pytest.raises(PluginError, match=message) as err:
+        JudgeSpec.parse({**SPEC, **change})
+    assert "\n" not in str(err.value)
+
+
+def test_a_missing_key_or_target_is_named_before_any_request(candidate, examples, monkeypatch):
+    model, tokenizer = candidate
+    monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
+    with pytest.raises(PluginError, match="set the environment variable NO_SUCH_JUDGE_KEY"):
+        judge(model, tokenizer, examples, judge={**SPEC, "api_key_env": "NO_SUCH_JUDGE_KEY"}, max_new_tokens=2)
+    with pytest.raises(PluginError, match="example 0 has no target"):
+        judge(model, tokenizer, [{"prompt": "1+2="}], judge={**SPEC, "rubric": "{answer} vs {target}"})
+
+
+def test_each_answer_is_judged_once_and_its_grade_read_from_the_reply(candidate, examples, judge_options, judge_service):
+    model, tokenizer = candidate
+    result = judge(model, tokenizer, examples, judge=judge_options, max_new_tokens=4)
+    answers = greedy_answers(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=4)
+    prompts = [f"{e['prompt']}{a}|" for e, a in zip(examples, answers)]
+    replies = judge_replies(judge_service, judge_options, prompts)
+    digits = [re.search(r"\d", r) for r in replies]
+    assert result.scores == [0.0 if d is None else int(d.group(0)) / 9 for d in digits]
+    assert result.metrics["judge_unparsable"] == sum(d is None for d in digits)
+    assert 0 < result.metrics["judge_unparsable"] < len(examples)  # read and unreadable replies both met
+    usage = result.metrics["usage"]
+    assert usage["requests"] == len(examples)
+    assert usage["prompt_tokens"] == sum(map(len, prompts))  # one token per character
+    assert 0 < usage["completion_tokens"] <= judge_options["max_tokens"] * len(examples)
+    again = judge(model, tokenizer, examples, judge=judge_options, max_new_tokens=4)
+    assert again.scores == result.scores and again.metrics == result.metrics
+
+
+def test_a_judge_that_never_grades_scores_zero_and_counts_every_reply(candidate, examples, judge_options):
+    model, tokenizer = candidate
+    never = {**judge_options, "score_regex": r"~(\d)", "prompt_token_price": 0.5}  # "~" is not in its vocabulary
+    result = judge(model, tokenizer, examples, judge=never, max_new_tokens=2)
+    assert result.scores == [0.0] * len(examples)
+    assert result.metrics["judge_unparsable"] == len(examples)
+    assert result.metrics["usage"]["cost"] == pytest.approx(0.5 * result.metrics["usage"]["prompt_tokens"])
+
+
+def test_black_box_answers_come_from_the_service_then_the_judge(examples, judge_options, judge_service):
+    async def score():
+        client = ApiClient(judge_service, "test-serve-token")
+
+        async def name() -> str:
+            return "tiny-base"
+
+        try:
+            served = ApiServedModel(client, "served:tiny-base", None, name)
+            return await blackbox_judge(served, examples, judge=judge_options, max_new_tokens=3), client.usage
+        finally:
+            await client.aclose()
+
+    result, candidate_usage = asyncio.run(score())
+    assert candidate_usage.requests == len(examples)  # the candidate's generations
+    assert result.metrics["usage"]["requests"] == len(examples)  # the judge's, counted apart
+    assert len(result.scores) == len(examples) and all(0.0 <= s <= 1.0 for s in result.scores)
+
+
+def test_a_run_counts_the_judges_requests_in_its_budget(tmp_path, examples, judge_options):
+    for name, seed in (("base", 0), ("e0", 1), ("e1", 2)):
+        model, tokenizer = char_llama(seed)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:4]))
+    config = config_from_dict(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "executor": "inline",
+            "score_experts": False,
+            "models": {"base": "base", "experts": ["e0", "e1"], "device": "cpu"},
+            "merge": {"method": "linear", "granularity": "per_model"},
+            "populations": [{"name": "random", "strategy": "random"}],
+            "fitness": {"name": "judge", "options": {"judge": judge_options, "max_new_tokens": 3},
+                        "data": {"source": "train.jsonl"}},
+            "budget": {"requests": 10},
+        },
+        "test-config",
+        tmp_path,
+    )
+    summary = start_run(config, "test-config")
+    store = RunStore(config.run_path(), readonly=True)
+    rows = list(store.evaluations(with_scores=True))
+    usage = store.api_usage()
+    store.close()
+    assert len(rows) == 3 and "requests budget reached" in json.dumps(summary)  # 4, 8, then 12 ≥ 10
+    assert all(r.status == "ok" and r.metrics["usage"]["requests"] == 4 for r in rows)
+    assert all(r.per_example.shape == (4,) and "judge_unparsable" in r.metrics for r in rows)
+    assert usage["requests"] == 12 and usage["tokens"] == sum(
+        r.metrics["usage"]["prompt_tokens"] + r.metrics["usage"]["completion_tokens"] for r in rows
+    )
+    assert np.all([np.isfinite(r.fitness) for r in rows])
