@@ -16,7 +16,7 @@ import numpy as np
 
 from evomerge.errors import PluginError
 from evomerge.fitness.classification import classification_accuracy
-from evomerge.fitness.judge import judge
+from evomerge.fitness.judge import check_options as check_judge_options, judge
 from evomerge.fitness.lm import exact_match, multiple_choice_loglik, negative_cross_entropy
 from evomerge.fitness.plugins import load_function
 from evomerge.fitness.result import split_result
@@ -32,6 +32,10 @@ FITNESS_FUNCTIONS: dict[str, FitnessFn] = {
 }
 
 ENTRY_POINT_GROUP = "evomerge.fitness"
+
+OPTION_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"judge": check_judge_options}
+"""Built-ins whose options hold more than a signature can check (the judge's spec), checked
+when the run starts and by ``evomerge validate``, in both modes (the names are shared)."""
 
 API_USING_FITNESS = frozenset({"judge"})
 """Built-ins that ask a service of their own and report its usage (``FitnessResult.metrics``)."""
@@ -84,6 +88,8 @@ def with_options(fn: FitnessFn, name: str, options: dict[str, Any]) -> FitnessFn
     Checked against the signature once, so a function that does not take an option stops the
     run with one message instead of failing every candidate with a TypeError.
     """
+    if name in OPTION_CHECKS:
+        OPTION_CHECKS[name](options)
     if not options:
         return fn
     try:

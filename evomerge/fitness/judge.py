@@ -107,6 +107,13 @@ class JudgeSpec(BaseModel):
         return (value - low) / (high - low)
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """``fitness.options`` of ``judge`` checked before a run (and by ``evomerge validate``)."""
+    if "judge" not in options:
+        raise PluginError("fitness 'judge' needs fitness.options.judge (base_url, model and rubric at least)")
+    JudgeSpec.parse(options["judge"])
+
+
 def judge_spec(options: Any, examples: Sequence[Any]) -> JudgeSpec:
     """The spec, checked against the examples: text rows with what the rubric reads."""
     spec = JudgeSpec.parse(options)

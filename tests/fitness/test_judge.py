@@ -164,3 +164,28 @@ def test_a_run_counts_the_judges_requests_in_its_budget(tmp_path, examples, judg
         r.metrics["usage"]["prompt_tokens"] + r.metrics["usage"]["completion_tokens"] for r in rows
     )
     assert np.all([np.isfinite(r.fitness) for r in rows])
+
+
+@pytest.mark.parametrize(
+    ("fitness", "budget", "words"),
+    [
+        ({"name": "judge", "options": {"judge": {**SPEC, "scale": [5, 5]}}}, {"evaluations": 4},
+         ("fitness.options.judge", "the lowest score comes first")),
+        ({"name": "judge", "options": {"max_new_tokens": 4}}, {"evaluations": 4}, ("needs fitness.options.judge",)),
+        ({"name": "exact_match"}, {"requests": 10}, ("budget", "fitness 'exact_match' has none", "api section")),
+    ],
+    ids=["bad-scale", "no-judge", "usage-budget-without-api"],
+)
+def test_validate_refuses_a_judge_config_in_one_line(tmp_path, capsys, fitness, budget, words):
+    from evomerge.cli import main
+
+    (tmp_path / "run.yaml").write_text(json.dumps({
+        "models": {"base": "base", "experts": ["e0", "e1"], "device": "cpu"},
+        "merge": {"method": "linear", "granularity": "per_model"},
+        "populations": [{"name": "random", "strategy": "random"}],
+        "fitness": {**fitness, "data": {"source": "train.jsonl"}},
+        "budget": budget,
+    }))
+    assert main(["validate", str(tmp_path / "run.yaml"), "--no-files"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), lines
