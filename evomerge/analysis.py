@@ -26,8 +26,9 @@ MEDIAN_WINDOW = 20
 its whole history (which the early, random candidates would hold down)."""
 
 USAGE_PREFIX = "usage."
-"""Black-box workers record API usage as ``metrics["usage"] = {"requests", "prompt_tokens",
-"completion_tokens", "cost"}``; flattened, those become the ``usage.*`` columns."""
+"""Black-box workers (and a fitness that asks an API: the judge) record API usage as
+``metrics["usage"] = {"requests", "prompt_tokens", "completion_tokens", "cost"}``; flattened, those
+become the ``usage.*`` columns."""
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

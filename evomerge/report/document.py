@@ -189,7 +189,7 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
     # API usage
     usage = analysis.api_usage(evaluations)
     if usage is None:
-        page.sections["usage"] = _note("not a black-box run: no API usage recorded.")
+        page.sections["usage"] = _note("not a black-box run and no judge: no API usage recorded.")
     else:
         column = "usage.cost" if "usage.cost" in evaluations else next(c for c in evaluations if c.startswith("usage."))
         page.sections["usage"] = page.image("usage", figures.usage(evaluations, column), "API usage") + _table(usage, index=True)
