@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.evomerge-installed
 # The exact versions the suite was last run with (pip constraints); pyproject.toml keeps ranges.
 LOCK := requirements/lock.txt
-EXTRAS := dev,cluster,serve,mergekit,datasets
+EXTRAS := dev,cluster,serve,mergekit,datasets,lmeval
 # A second environment with the newest releases the ranges admit (make test-latest, make lock).
 LATEST := .venv-latest
 PYTEST := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q
@@ -18,7 +18,7 @@ PYTEST := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -
 .PHONY: demo demo-lm test test-fast test-latest lock bench clean
 
 # Extras: cluster (the Ray job server the tests submit to), serve (the reference model service),
-# mergekit (the export cross-check), datasets (hf: fitness data).
+# mergekit (the export cross-check), datasets (hf: fitness data), lmeval (lm-eval tasks as fitness).
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"

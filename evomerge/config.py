@@ -238,7 +238,8 @@ class RacingConfig(_Strict):
 
 class FitnessConfig(_Strict):
     name: str = "classification_accuracy"
-    data: DataConfig
+    # Required unless the fitness brings its own examples (lm_eval: its tasks' documents); the plan checks it.
+    data: DataConfig | None = None
     test_data: DataConfig | None = None
     options: Options = Field(default_factory=dict, description="keyword arguments for the fitness function")
     # Named data sets scored like `data` and recorded as metrics of those names: per-task

@@ -56,7 +56,8 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     candidate = Candidate(best.candidate_id, best.population, best.genome)
     decoded = worker.codecs[best.population].decode(best.genome)
     recipe = worker.materialize(candidate)
-    scores: dict[str, float] = {f"fitness ({config.fitness.name} on {config.fitness.data.source})": best.fitness}
+    scored_on = config.fitness.data.source if config.fitness.data is not None else "its tasks"
+    scores: dict[str, float] = {f"fitness ({config.fitness.name} on {scored_on})": best.fitness}
     if config.fitness.test_data is not None:
         scores[f"test ({config.fitness.test_data.source})"] = worker.score_on(config.fitness.test_data).fitness
     document = {

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from pydantic import ValidationError
 
 from evomerge.config import DataConfig, RunConfig, field_path
-from evomerge.errors import ConfigError
-from evomerge.fitness import may_spend_api_usage
+from evomerge.errors import ConfigError, UserError
+from evomerge.fitness import brings_own_examples, may_spend_api_usage, own_examples
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
 from evomerge.merge.method import MergeMethod
@@ -69,6 +69,7 @@ class RunPlan:
         self.source = source
         self.method = self._merge_method()
         self._check_models()
+        self._check_fitness_data()
         budgets = self._budgets()
         self.populations = [self._population(i, budgets) for i in range(len(config.populations))]
         self._check_blackbox()
@@ -117,6 +118,19 @@ class RunPlan:
                     " (widen them in merge.bounds if you mean it)",
                 )
 
+    def _check_fitness_data(self) -> None:
+        """``fitness.data`` names the examples, unless the fitness brings its own (lm-eval tasks)."""
+        fitness = self.config.fitness
+        if brings_own_examples(fitness.name):
+            given = [name for name, value in (("data", fitness.data), ("test_data", fitness.test_data), ("tasks", fitness.tasks)) if value]
+            if given:
+                raise self._fail(
+                    f"fitness.{given[0]}",
+                    f"fitness '{fitness.name}' scores the documents of its own tasks and cannot read examples; remove fitness.{given[0]}",
+                )
+        if not brings_own_examples(fitness.name) and fitness.data is None:
+            raise self._fail("fitness.data", f"fitness '{fitness.name}' needs examples: name their source in fitness.data")
+
     def _check_models(self) -> None:
         method, models = self.method, self.config.models
         n = len(models.experts)
@@ -153,6 +167,12 @@ class RunPlan:
                 f"populations.{i}.strategy",
                 f"{pop.strategy} learns {' or '.join(differentiable)} coefficients by gradient descent on white-box"
                 f" workers; merge.method is '{self.method.name}'",
+            )
+        if requires.gradient and brings_own_examples(config.fitness.name):
+            raise self._fail(
+                f"populations.{i}.strategy",
+                f"{pop.strategy} descends the entropy of the model's outputs on fitness.data, which fitness"
+                f" '{config.fitness.name}' does not read; use another fitness or strategy",
             )
         searched = config.merge.search if config.merge.search is not None else [
             p for p in self.method.param_names if p not in config.merge.fixed
@@ -262,12 +282,23 @@ class RunPlan:
                 )
             except ConfigError as exc:
                 raise self._fail(field_name, str(exc)) from None
+        self._check_own_examples()
         self._check_device()
+
+    def _check_own_examples(self) -> None:
+        """A fitness that brings its examples (lm-eval tasks) builds them here once, so a missing
+        task, include_path or extra is named before any model loads."""
+        fitness = self.config.fitness
+        if brings_own_examples(fitness.name):
+            try:
+                own_examples(fitness.name, fitness.options)
+            except UserError as exc:
+                raise ConfigError(f"{self.source}: {exc}") from None
 
     def _data_sections(self) -> list[tuple[str, DataConfig]]:
         """(field, section) of every data set the workers read."""
         fitness, experts = self.config.fitness, self.config.models.experts
-        sections = [("fitness.data", fitness.data)]
+        sections = [("fitness.data", fitness.data)] if fitness.data is not None else []
         sections += [("fitness.test_data", fitness.test_data)] if fitness.test_data is not None else []
         sections += [(f"fitness.tasks.{name}", data) for name, data in fitness.tasks.items()]
         if self.config.api is None:  # white-box: an expert's own data feeds its Fisher estimate

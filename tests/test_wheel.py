@@ -66,6 +66,8 @@ def test_the_wheel_holds_the_whole_package_and_the_demo_configs(wheel):
     for folder in SHIPPED:
         assert any(n.startswith(folder) for n in names), f"{folder} is missing from the wheel"
     assert {"evomerge/demos/digits.yaml", "evomerge/demos/lm.yaml"} <= set(names)
+    tasks = "evomerge/testing/lm_eval_tasks/"  # the lm_eval fitness suite's tiny tasks
+    assert {tasks + "tiny_sums_mc.yaml.in", tasks + "tiny_sums_gen.yaml.in", tasks + "tiny_sums_mc.jsonl"} <= set(names)
 
 
 def test_the_installed_wheel_runs_demo_status_export_and_report_anywhere(venv, tmp_path):

@@ -2,7 +2,8 @@
 or a :class:`~evomerge.fitness.result.FitnessResult` when scoring costs API usage (a judge).
 
 Built-ins are named by registry key; user plugins by ``"package.module:function"`` or by name
-through the entry-point group ``evomerge.fitness``.
+through the entry-point group ``evomerge.fitness``. Most read their examples from ``fitness.data``;
+``lm_eval`` brings its own (the documents of its lm-eval tasks, :func:`own_examples`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from evomerge.errors import PluginError
 from evomerge.fitness.classification import classification_accuracy
+from evomerge.fitness.harness import lm_eval_documents, lm_eval_fitness
 from evomerge.fitness.judge import check_options as check_judge_options, judge
 from evomerge.fitness.lm import exact_match, multiple_choice_loglik, negative_cross_entropy
 from evomerge.fitness.plugins import load_function
@@ -29,7 +31,11 @@ FITNESS_FUNCTIONS: dict[str, FitnessFn] = {
     "negative_cross_entropy": negative_cross_entropy,
     "exact_match": exact_match,
     "judge": judge,
+    "lm_eval": lm_eval_fitness,
 }
+
+EXAMPLE_SOURCES: dict[str, Callable[..., Any]] = {"lm_eval": lm_eval_documents}
+"""Fitness functions that bring their own examples, each with ``fn(**options) -> examples``."""
 
 ENTRY_POINT_GROUP = "evomerge.fitness"
 
@@ -64,6 +70,21 @@ def resolve_fitness(name: str) -> FitnessFn:
         f"unknown fitness '{name}': use a built-in ({known}), 'package.module:function',"
         f" or an entry point in the group '{ENTRY_POINT_GROUP}'"
     )
+
+
+def brings_own_examples(name: str) -> bool:
+    """Whether the fitness ``name`` reads no ``fitness.data`` (its examples come from its options)."""
+    return name in EXAMPLE_SOURCES
+
+
+def own_examples(name: str, options: dict[str, Any]) -> Any:
+    """The examples a fitness brings itself, built from its options (once per process for lm_eval)."""
+    source = EXAMPLE_SOURCES[name]
+    try:
+        inspect.signature(source).bind(**options)
+    except TypeError as exc:  # a missing or unknown option: one line, not a traceback
+        raise PluginError(f"fitness '{name}' options {sorted(options)}: {exc}") from None
+    return source(**options)
 
 
 def resolve_blackbox_fitness(name: str) -> Callable[..., Any]:
@@ -125,7 +146,9 @@ def per_example_scores(raw: Any, n_examples: int, name: str) -> np.ndarray:
 __all__ = [
     "FITNESS_FUNCTIONS",
     "FitnessFn",
+    "brings_own_examples",
     "may_spend_api_usage",
+    "own_examples",
     "per_example_scores",
     "resolve_blackbox_fitness",
     "resolve_fitness",

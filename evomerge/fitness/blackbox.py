@@ -14,6 +14,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+from evomerge.fitness.harness import lm_eval_served
 from evomerge.fitness.judge import judge_answers, judge_spec
 from evomerge.fitness.lm import DEFAULT_ANSWER_REGEX, _require, extract_answer
 from evomerge.fitness.result import FitnessResult
@@ -93,4 +94,5 @@ BLACKBOX_FITNESS_FUNCTIONS: dict[str, BlackBoxFitness] = {
     "multiple_choice_loglik": multiple_choice_loglik,
     "exact_match": exact_match,
     "judge": judge,
+    "lm_eval": lm_eval_served,
 }

@@ -16,6 +16,7 @@ torch is imported by the functions that compute, not by the module: ``evomerge v
 
 from __future__ import annotations
 
+import inspect
 import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -81,41 +82,63 @@ def continuation_logprobs(
 ) -> list[torch.Tensor]:
     """Log-probability of each continuation token given the prompt and the tokens before it.
 
-    Pairs are batched longest first with right padding and an attention mask; with causal
-    attention the padding after a sequence cannot change its logits.
+    Pairs are packed longest first with right padding and an attention mask (``packing``), once
+    per tokenizer and set of pairs. Where the model's forward takes ``logits_to_keep``, it
+    computes logits only at the columns a batch scores; either way only the scored rows of the
+    logits are upcast to float32 and log-softmaxed, never the whole ``[batch, seq, vocab]``.
     """
     import torch
+
+    from evomerge.fitness.packing import cached, pack_continuations
 
     if tokenizer is None:
         raise PluginError(f"fitness '{fitness}' needs the model's tokenizer")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = 0 if pad is None else pad  # any id: padded positions are masked and never scored
-    encoded = []
-    for prompt, continuation in pairs:
-        context, cont = encode_pair(tokenizer, prompt, continuation)
-        if not context or not cont:
-            raise PluginError(f"fitness '{fitness}': prompt {prompt!r} or continuation {continuation!r} has no tokens")
-        encoded.append((context, cont))
-    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-    results: list[torch.Tensor] = [torch.empty(0)] * len(encoded)
+
+    def build() -> list:
+        encoded = []
+        for prompt, continuation in pairs:
+            context, cont = encode_pair(tokenizer, prompt, continuation)
+            if not context or not cont:
+                raise PluginError(
+                    f"fitness '{fitness}': prompt {prompt!r} or continuation {continuation!r} has no tokens"
+                )
+            encoded.append((context, cont))
+        return pack_continuations(encoded, batch_size, pad)
+
+    batches = cached(tokenizer, ("continuations", batch_size, pad, tuple(pairs)), build)
+    keep = _logits_to_keep(model)
+    results: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     with _inference(model) as device:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            seqs = [encoded[i][0] + encoded[i][1] for i in batch]
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logprobs = logits[:, :-1].float().log_softmax(-1)
-            token_logprobs = logprobs.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-            for row, i in enumerate(batch):
-                n_context, n_cont = len(encoded[i][0]), len(encoded[i][1])
-                # logits at position t predict token t + 1
-                results[i] = token_logprobs[row, n_context - 1 : n_context - 1 + n_cont]
+        for packed in batches:
+            ids, width = packed.batch.input_ids, packed.batch.input_ids.shape[1]
+            options = {}
+            if keep is not None:
+                name, takes_positions = keep
+                options[name] = packed.kept.to(device) if takes_positions else width - int(packed.kept[0])
+            logits = model(input_ids=ids.to(device), attention_mask=packed.batch.attention_mask.to(device), **options).logits
+            if keep is not None and keep[1]:
+                columns = packed.kept_index
+            else:  # the last columns, or all of them
+                columns = packed.column - (width - logits.shape[1])
+            scored = logits[packed.row.to(device), columns.to(device)].float().log_softmax(-1)
+            token_logprobs = scored.gather(-1, packed.target.to(device).unsqueeze(-1)).squeeze(-1).cpu()
+            for i, logprobs in zip(packed.batch.rows, token_logprobs.split(packed.lengths)):
+                results[i] = logprobs
     return results
+
+
+def _logits_to_keep(model: torch.nn.Module) -> tuple[str, bool] | None:
+    """The forward argument that limits which logits a model computes, and whether it takes the
+    positions to keep (``logits_to_keep``, transformers ≥ 4.50) or only a count of last positions
+    (``num_logits_to_keep`` before, and models written to that convention). None: the model
+    computes them all and only the scored ones are used."""
+    parameters = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in parameters:
+            return name, "Tensor" in str(parameters[name].annotation)
+    return None
 
 
 def multiple_choice_loglik(
@@ -201,38 +224,59 @@ def exact_match(
     match of ``answer_regex``, or what ``answer_fn`` (``"package.module:function"``, text → answer
     or None) returns. ``target_regex`` extracts the reference answer from targets that hold more
     than the answer (GSM8K's ``"… #### 72"``); without it the whole stripped target is the answer.
-    Prompts are left-padded so that every row's generation starts right after its prompt.
+    Generation is greedy and stops for each row at an EOS token (the model's generation config's
+    and the tokenizer's) or once its first stop string is settled; the batch ends when every row
+    has. Prompts are tokenized once per tokenizer and set of prompts, sorted by length and
+    left-padded, so that every row's generation starts right after its prompt.
     """
     import torch
+
+    from transformers import StoppingCriteriaList
+
+    from evomerge.fitness.packing import cached, pack
+    from evomerge.fitness.stopping import StopAtStrings
 
     _require(examples, ("target",), "exact_match")
     if tokenizer is None:
         raise PluginError("fitness 'exact_match' needs the model's tokenizer")
     extract = _answer_extractor(answer_regex, answer_fn)
     pad = _pad_id(tokenizer, "exact_match")
-    scores: list[float] = []
+    stop = [s for s in stop if s]
+    prompts = tuple(e["prompt"] for e in examples)
+    batches = cached(
+        tokenizer, ("prompts", batch_size, pad, prompts),
+        lambda: pack([tokenizer(p)["input_ids"] for p in prompts], batch_size, pad, left=True),
+    )
+    eos = _eos_ids(model, tokenizer)
+    texts = [""] * len(examples)
     with _inference(model) as device:
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start : start + batch_size]
-            enc = [tokenizer(e["prompt"])["input_ids"] for e in batch]
-            width = max(map(len, enc))
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for row, seq in enumerate(enc):
-                ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
+        for batch in batches:
+            width = batch.input_ids.shape[1]
             out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
+                eos_token_id=eos,
+                stopping_criteria=StoppingCriteriaList([StopAtStrings(tokenizer, stop, width)] if stop else []),
             )
-            texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
-            for example, text in zip(batch, texts):
-                answer = extract(truncate_at_stop(text, stop))
-                target = str(example["target"]).strip()
-                if target_regex is not None:
-                    target = extract_answer(target, target_regex)
-                scores.append(float(answer is not None and answer == target))
+            for i, text in zip(batch.rows, tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)):
+                texts[i] = text
+    scores = []
+    for example, text in zip(examples, texts):
+        answer = extract(truncate_at_stop(text, stop))
+        target = str(example["target"]).strip()
+        if target_regex is not None:
+            target = extract_answer(target, target_regex)
+        scores.append(float(answer is not None and answer == target))
     return torch.tensor(scores, dtype=torch.float64)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int] | None:
+    """The ids that end a generation: the model's generation config's and the tokenizer's EOS."""
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if config is None else [config] if isinstance(config, int) else list(config)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids or None

@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from evomerge.fitness import FITNESS_FUNCTIONS, FitnessFn, scores_and_metrics, with_options
+from evomerge.testing.harness_tasks import tiny_harness_options
 from evomerge.testing.tiny_models import char_llama, digits_classifier
 
 EXAMPLE_KINDS: dict[str, str] = {
@@ -41,13 +42,20 @@ EXAMPLE_KINDS: dict[str, str] = {
     "negative_cross_entropy": "text",
     "exact_match": "text",
     "judge": "text",
+    "lm_eval": "lm_eval_tasks",
 }
-"""What each registered function scores: ``features`` (tensors, as .npz and sklearn: data load) or
-``text`` (rendered rows, as .jsonl and .csv data load). A newly registered function fails the
+"""What each registered function scores: ``features`` (tensors, as .npz and sklearn: data load),
+``text`` (rendered rows, as .jsonl and .csv data load) or ``lm_eval_tasks`` (the documents of the
+tiny local lm-eval tasks of ``evomerge.testing.harness_tasks``). A newly registered function fails the
 suite until it is declared here."""
 
-OPTIONS: dict[str, dict[str, Any]] = {"exact_match": {"max_new_tokens": 4}, "judge": {"max_new_tokens": 4}}
-"""Options that keep a registered function's check fast (a few generated tokens, not 32)."""
+OPTIONS: dict[str, Callable[[], dict[str, Any]]] = {
+    "exact_match": lambda: {"max_new_tokens": 4},
+    "judge": lambda: {"max_new_tokens": 4},
+    "lm_eval": tiny_harness_options,
+}
+"""Options that keep a registered function's check fast (a few generated tokens, not 32) or that
+it needs (the tiny lm-eval tasks)."""
 
 JUDGED = frozenset({"judge"})
 """Functions that ask a judge model: their ``judge`` option comes from the fixture ``judge_options``
@@ -95,7 +103,19 @@ def text_inputs(n: int = 8, seed: int = 0) -> FitnessInputs:
     return FitnessInputs(model, tokenizer, rows)
 
 
-INPUT_BUILDERS: dict[str, Callable[[], FitnessInputs]] = {"features": features_inputs, "text": text_inputs}
+def harness_inputs(seed: int = 0) -> FitnessInputs:
+    """An untrained character Llama and the documents of the tiny lm-eval tasks."""
+    from evomerge.fitness import own_examples
+
+    model, tokenizer = char_llama(seed)
+    return FitnessInputs(model, tokenizer, own_examples("lm_eval", tiny_harness_options()))
+
+
+INPUT_BUILDERS: dict[str, Callable[[], FitnessInputs]] = {
+    "features": features_inputs,
+    "text": text_inputs,
+    "lm_eval_tasks": harness_inputs,
+}
 
 
 def _scores(fitness: FitnessFn, inputs: FitnessInputs) -> np.ndarray:
@@ -136,7 +156,7 @@ class RegisteredFitness(FitnessSuite):
 
     @pytest.fixture
     def fitness(self, fitness_name, request) -> FitnessFn:
-        options = OPTIONS.get(fitness_name, {})
+        options = OPTIONS[fitness_name]() if fitness_name in OPTIONS else {}
         if fitness_name in JUDGED:
             options = {**options, "judge": request.getfixturevalue("judge_options")}
         return with_options(FITNESS_FUNCTIONS[fitness_name], fitness_name, options)

@@ -41,7 +41,7 @@ import numpy as np
 
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, UserError
-from evomerge.fitness import resolve_blackbox_fitness, scores_and_metrics, with_options
+from evomerge.fitness import brings_own_examples, own_examples, resolve_blackbox_fitness, scores_and_metrics, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.result import add_metrics
@@ -237,7 +237,9 @@ class BlackBoxWorker(Worker):
         self.fitness_name = config.fitness.name
         fitness = resolve_blackbox_fitness(config.fitness.name)
         self.fitness = with_options(fitness, config.fitness.name, config.fitness.options)
-        self.examples = self.load_examples(config.fitness.data)
+        fitness = config.fitness
+        own = brings_own_examples(fitness.name)
+        self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
         self.space, self.codecs = plan.codecs({})  # one value per expert: no tensors to group
         self.cache = ResponseCache()
         self._loop = asyncio.new_event_loop()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from evomerge.errors import ModelLoadError, UserError
-from evomerge.fitness import resolve_fitness, scores_and_metrics, with_options
+from evomerge.fitness import brings_own_examples, own_examples, resolve_fitness, scores_and_metrics, with_options
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.racing import Racing, count
 from evomerge.fitness.result import add_metrics
@@ -143,7 +143,9 @@ class WhiteBoxWorker(Worker):
             self.models.materializer.set_fishers(fishers, FISHER_FLOOR)
         self.fitness_name = config.fitness.name
         self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
-        self.examples = self.load_examples(config.fitness.data)
+        fitness = config.fitness
+        own = brings_own_examples(fitness.name)
+        self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
         racing = config.fitness.racing
         self.racing = Racing() if racing is None else Racing(tuple(racing.stages), racing.z, racing.seed)
         entropy = None

@@ -15,7 +15,14 @@ from evomerge.config import config_from_dict
 from evomerge.errors import ConfigError, PluginError
 from evomerge.fitness import FITNESS_FUNCTIONS, with_options
 from evomerge.fitness.data import load_examples
-from evomerge.fitness.lm import exact_match, extract_answer, multiple_choice_loglik, negative_cross_entropy
+from evomerge.fitness.lm import (
+    encode_pair,
+    exact_match,
+    extract_answer,
+    multiple_choice_loglik,
+    negative_cross_entropy,
+    truncate_at_stop,
+)
 
 # One token per printable character: 103 ids, within the tiny Llama's vocabulary of 128.
 VOCAB = ["<unk>", "<pad>", "<eos>"] + list(string.printable)
@@ -94,12 +101,13 @@ def test_multiple_choice_picks_the_choice_with_the_highest_summed_loglik(model, 
 
 def test_exact_match_scores_the_last_number_of_each_generation(model, tokenizer, monkeypatch):
     """generate is replaced: the answers are known, and the call's padding and options are checked."""
-    replies = ["so it is 4", "-7 no, 12.5", "no number here"]
+    replies = {"Q: 2+2?": "so it is 4", "x": "-7 no, 12.5", "ab": "no number here", "Q": "so it is 4", "R": "-7 no, 12.5"}
     calls = []
 
-    def generate(input_ids, attention_mask, do_sample, max_new_tokens, pad_token_id):
-        calls.append((input_ids.clone(), attention_mask.clone(), do_sample, max_new_tokens, pad_token_id))
-        new = [tokenizer(r)["input_ids"] for r in replies[: len(input_ids)]]
+    def generate(input_ids, attention_mask, do_sample, max_new_tokens, pad_token_id, eos_token_id, stopping_criteria):
+        calls.append((input_ids.clone(), attention_mask.clone(), do_sample, max_new_tokens, pad_token_id, eos_token_id))
+        prompts = [tokenizer.decode(row[keep.bool()]) for row, keep in zip(input_ids, attention_mask)]
+        new = [tokenizer(replies[p])["input_ids"] for p in prompts]
         width = max(map(len, new))
         new = torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids in new])
         return torch.cat([input_ids, new], dim=1)
@@ -107,10 +115,12 @@ def test_exact_match_scores_the_last_number_of_each_generation(model, tokenizer,
     monkeypatch.setattr(model, "generate", generate)
     examples = [{"prompt": "Q: 2+2?", "target": "4"}, {"prompt": "x", "target": " 12.5 "}, {"prompt": "ab", "target": "0"}]
     assert exact_match(model, tokenizer, examples, max_new_tokens=5).tolist() == [1.0, 1.0, 0.0]
-    ids, mask, do_sample, max_new_tokens, pad = calls[0]
-    assert (do_sample, max_new_tokens, pad) == (False, 5, tokenizer.pad_token_id)
-    assert tokenizer.decode(ids[1][-1:]) == "x" and ids[1][0].item() == pad  # left padding
-    assert mask.tolist()[1] == [0] * 6 + [1]
+    ids, mask, do_sample, max_new_tokens, pad, eos = calls[0]
+    assert (do_sample, max_new_tokens, pad, eos) == (False, 5, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    # longest prompt first, left padding
+    assert [tokenizer.decode(row, skip_special_tokens=True) for row in ids] == ["Q: 2+2?", "ab", "x"]
+    assert ids[2][0].item() == pad
+    assert mask.tolist()[2] == [0] * 6 + [1]
     # a regex with a group extracts the group
     examples = [{"prompt": "Q", "target": "is"}]
     assert exact_match(model, tokenizer, examples, answer_regex=r"it (\w+)").tolist() == [1.0]
@@ -120,7 +130,7 @@ def test_exact_match_scores_the_last_number_of_each_generation(model, tokenizer,
     assert exact_match(model, tokenizer, examples).tolist() == [0.0, 0.0]
 
     # stop strings cut the generation before the answer is searched; answer_fn replaces the regex
-    replies[:] = ["12 Q: next 7", "12.5\nQ: 3", "0"]
+    replies.update({"Q": "12 Q: next 7", "R": "12.5\nQ: 3", "S": "0"})
     examples = [{"prompt": "Q", "target": "12"}, {"prompt": "R", "target": "12.5"}, {"prompt": "S", "target": "0"}]
     assert exact_match(model, tokenizer, examples).tolist() == [0.0, 0.0, 1.0]
     assert exact_match(model, tokenizer, examples, stop=["Q:"]).tolist() == [1.0, 1.0, 1.0]
@@ -151,6 +161,165 @@ def test_batched_greedy_generation_matches_unbatched(model, tokenizer):
     examples = [{"prompt": p, "target": t if i % 2 == 0 else t + "#"} for i, (p, t) in enumerate(zip(PROMPTS, texts))]
     scores = exact_match(model, tokenizer, examples, batch_size=4, max_new_tokens=6, answer_regex=whole)
     assert scores.tolist() == [1.0, 0.0] * 3
+
+
+WHOLE = r"(?s)\A(.*)\Z"  # the whole (cut) generated text is the answer
+MORE_PROMPTS = PROMPTS + ["Q: 7*6?\nA:", "z", "hello there, how are", "0 1 0 1 0 1 0 1 0 1 0"]
+
+
+def old_exact_match_texts(model, tokenizer, prompts, batch_size, max_new_tokens, stop):
+    """exact_match's texts as computed before length sorting and early stopping: batches in the
+    examples' order, every row generated for max_new_tokens, then cut at its first stop string."""
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        enc = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
+        width = max(map(len, enc))
+        ids = torch.full((len(enc), width), 1, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for row, seq in enumerate(enc):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=1
+            )
+        texts += [truncate_at_stop(t, stop) for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+    return texts
+
+
+def test_exact_match_scores_equal_the_unsorted_full_length_reference(model, tokenizer):
+    full = old_exact_match_texts(model, tokenizer, MORE_PROMPTS, 4, 12, [])
+    # stop strings the generations hold: some rows are cut early, some run to the end
+    stop = [full[0][3], full[2][4:6], "\n\n"]
+    cut = old_exact_match_texts(model, tokenizer, MORE_PROMPTS, 4, 12, stop)
+    assert 0 < sum(c != f for c, f in zip(cut, full)) < len(full)
+    assert len(set(cut)) == len(cut)  # every row's text differs: a row scored against another's fails
+    examples = [{"prompt": p, "target": t if i % 3 else t + "#"} for i, (p, t) in enumerate(zip(MORE_PROMPTS, cut))]
+    expected = [0.0 if i % 3 == 0 else 1.0 for i in range(len(examples))]
+    for batch_size in (1, 3, 4, 16):
+        scores = exact_match(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=12,
+                             stop=stop, answer_regex=WHOLE)
+        assert scores.tolist() == expected, batch_size
+
+
+def count_forward_calls(model):
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def generated_ids(model, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([build_tokenizer()(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=1)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_generation_stops_at_eos_without_running_max_new_tokens(tokenizer):
+    """One forward pass per generated token: an EOS early in the row ends its generation there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, eos_token_id=2, pad_token_id=1)).eval()
+    limit = 16
+    ids = generated_ids(model, PROMPTS[0], limit)
+    at = next(k for k in range(2, limit) if ids[k] not in ids[:k] and ids[k] != 2)
+    model.generation_config.eos_token_id = ids[at]  # the model's EOS, early in its generation
+    calls, handle = count_forward_calls(model)
+    exact_match(model, tokenizer, [{"prompt": PROMPTS[0], "target": "x"}], max_new_tokens=limit)
+    handle.remove()
+    assert len(calls) == at + 1 < limit
+
+
+def test_each_row_stops_at_its_settled_stop_string_and_the_batch_when_all_have(model, tokenizer):
+    from evomerge.fitness.stopping import first_stop_is_settled
+
+    limit = 16
+    prompts = [PROMPTS[2], PROMPTS[3]]  # one batch, longest first
+    full = old_exact_match_texts(model, tokenizer, prompts, 2, limit, [])
+    ids = [generated_ids(model, p, limit) for p in prompts]
+
+    def stops_after(row: int, stop: list[str]) -> int:
+        """Forward passes until the row's stop is settled (limit if never)."""
+        return next((n for n in range(1, limit + 1)
+                     if first_stop_is_settled(tokenizer.decode(ids[row][:n], skip_special_tokens=True), stop)), limit)
+
+    # a stop string only the first row generates, early: the second row still runs to the end
+    only_first = next(c for c in full[0][2:] if c not in full[1] and stops_after(0, [c]) < limit)
+    examples = [{"prompt": p, "target": t} for p, t in zip(prompts, [full[0].split(only_first)[0], full[1]])]
+    calls, handle = count_forward_calls(model)
+    assert exact_match(model, tokenizer, examples, batch_size=2, max_new_tokens=limit, stop=[only_first],
+                       answer_regex=WHOLE).tolist() == [1.0, 1.0]
+    assert len(calls) == limit
+    # a stop for each row: the batch ends when the later one is settled
+    second = next(c for c in full[1][2:] if stops_after(1, [only_first, c]) < limit)
+    stop = [only_first, second]
+    calls.clear()
+    exact_match(model, tokenizer, examples, batch_size=2, max_new_tokens=limit, stop=stop)
+    handle.remove()
+    assert len(calls) == max(stops_after(0, stop), stops_after(1, stop)) < limit
+
+
+def test_prompts_are_tokenized_once_across_candidates_and_never_stale(model, tokenizer, monkeypatch):
+    from evomerge.fitness import packing
+
+    packed = []
+    real_pack = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda *a, **k: packed.append(1) or real_pack(*a, **k))
+    full = old_exact_match_texts(model, tokenizer, PROMPTS, 16, 6, [])
+    examples = [{"prompt": p, "target": t} for p, t in zip(PROMPTS, full)]
+    for _ in range(3):  # three candidates
+        assert exact_match(model, tokenizer, examples, max_new_tokens=6, answer_regex=WHOLE).tolist() == [1.0] * 6
+    assert len(packed) == 1
+    examples[1] = {"prompt": PROMPTS[0], "target": full[0]}  # the same list, another prompt
+    assert exact_match(model, tokenizer, examples, max_new_tokens=6, answer_regex=WHOLE).tolist() == [1.0] * 6
+    assert len(packed) == 2
+
+
+def old_continuation_logprobs(model, tokenizer, pairs, batch_size):
+    """continuation_logprobs as computed before: the whole [batch, seq, vocab] log-softmaxed."""
+    encoded = [encode_pair(tokenizer, p, c) for p, c in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+    results = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        seqs = [encoded[i][0] + encoded[i][1] for i in batch]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), 1, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        with torch.no_grad():
+            logprobs = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        token_logprobs = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for row, i in enumerate(batch):
+            n_context, n_cont = len(encoded[i][0]), len(encoded[i][1])
+            results[i] = token_logprobs[row, n_context - 1 : n_context - 1 + n_cont]
+    return results
+
+
+def test_continuation_logprobs_equal_the_full_log_softmax_from_the_scored_positions_only(model, tokenizer):
+    from evomerge.fitness.lm import continuation_logprobs
+
+    pairs = [(p, t) for p, t in zip(MORE_PROMPTS, TARGETS * 2)] + [("a long prompt " * 3, " and a longer target")]
+    widths = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: widths.append(out.shape[1]))
+    for batch_size in (1, 3, 16):
+        expected = old_continuation_logprobs(model, tokenizer, pairs, batch_size)
+        widths.clear()
+        got = continuation_logprobs(model, tokenizer, pairs, batch_size, "test")
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            np.testing.assert_allclose(g.numpy(), e.numpy(), atol=1e-5, rtol=0)
+        if batch_size == 16:  # one batch: logits only at the columns some row scores
+            columns = set()
+            for p, c in pairs:
+                context, cont = encode_pair(tokenizer, p, c)
+                columns.update(range(len(context) - 1, len(context) - 1 + len(cont)))
+            assert widths == [len(columns)]
+            assert widths[0] < max(len(tokenizer(p + c)["input_ids"]) for p, c in pairs)
+    handle.remove()
 
 
 def test_extract_answer():

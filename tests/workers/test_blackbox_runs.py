@@ -9,6 +9,7 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evomerge.plan import RunPlan
@@ -319,3 +320,20 @@ def test_black_box_workers_run_in_the_ray_pool(service, make_config):
     assert summary["evaluations"] == 4 and all(r.status == "ok" for r in rows), [r.error for r in rows]
     assert all(r.worker.startswith("ray-") for r in rows)
     assert all(r.metrics["usage"]["requests"] >= 16 for r in rows)
+
+
+def test_lm_eval_tasks_score_black_box_candidates_through_the_client(service, make_config):
+    from evomerge.testing.harness_tasks import tiny_harness_options
+
+    fitness = {"name": "lm_eval", "options": tiny_harness_options(), "data": None, "test_data": None}
+    make, _ = make_config
+    worker = BlackBoxWorker(RunPlan.from_config(make(service, fitness=fitness)), "lm-eval")
+    try:
+        candidate = Candidate("c0", "random", np.linspace(0.2, 0.8, worker.space.dim))
+        first, again = worker.evaluate(candidate), worker.evaluate(candidate)
+    finally:
+        worker.close()
+    assert first.status == "ok", first.error
+    assert first.per_example.shape == (100,) and first.metrics["usage"]["requests"] > 0
+    assert again.metrics["usage"]["requests"] == 0  # every answer from the response cache of this merge
+    np.testing.assert_array_equal(first.per_example, again.per_example)
