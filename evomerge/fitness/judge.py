@@ -2,7 +2,7 @@
 
 Model Swarms (arXiv 2410.11163) and AC/DC score merged models with a judge where no reference
 answer can be matched exactly (open-ended instructions, "human interests"). Here the candidate
-answers greedily (white-box: :func:`evomerge.fitness.generation.greedy_answers`; black-box: the
+answers greedily (white-box: :func:`evomerge.fitness.lm.greedy_generations`, as ``exact_match``; black-box: the
 service's completions), each answer is put into the ``rubric`` with its prompt and target, and
 the judge's greedy reply is read through ``score_regex``: the first match (its first group when
 it has one) is a number on the rubric's ``scale``, mapped linearly to [0, 1]. A reply without a
@@ -175,11 +175,12 @@ def judge(
     stop: Sequence[str] = (),
 ) -> FitnessResult:
     """The candidate's greedy answers, each graded by the judge (see the module docstring)."""
-    from evomerge.fitness.generation import greedy_answers
+    from evomerge.fitness.lm import greedy_generations
 
     spec = judge_spec(judge, examples)
-    answers = greedy_answers(
-        model, tokenizer, [e["prompt"] for e in examples], batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop
+    answers = greedy_generations(
+        model, tokenizer, [e["prompt"] for e in examples], batch_size=batch_size, max_new_tokens=max_new_tokens,
+        stop=stop, fitness="judge",
     )
     return _run(judge_answers(spec, examples, answers))
 

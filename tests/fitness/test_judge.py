@@ -16,8 +16,8 @@ import pytest
 from evomerge.config import config_from_dict
 from evomerge.errors import PluginError
 from evomerge.fitness.blackbox import judge as blackbox_judge
-from evomerge.fitness.generation import greedy_answers
 from evomerge.fitness.judge import JudgeSpec, judge
+from evomerge.fitness.lm import greedy_generations
 from evomerge.models.zoo.tiny_lm import skill_examples
 from evomerge.runs import start_run
 from evomerge.service.client import ApiClient
@@ -88,7 +88,9 @@ def test_a_missing_key_or_target_is_named_before_any_request(candidate, examples
 def test_each_answer_is_judged_once_and_its_grade_read_from_the_reply(candidate, examples, judge_options, judge_service):
     model, tokenizer = candidate
     result = judge(model, tokenizer, examples, judge=judge_options, max_new_tokens=4)
-    answers = greedy_answers(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=4)
+    answers = greedy_generations(
+        model, tokenizer, [e["prompt"] for e in examples], batch_size=16, max_new_tokens=4, stop=(), fitness="judge"
+    )
     prompts = [f"{e['prompt']}{a}|" for e, a in zip(examples, answers)]
     replies = judge_replies(judge_service, judge_options, prompts)
     digits = [re.search(r"\d", r) for r in replies]
