@@ -38,3 +38,37 @@ def add_metrics(total: dict[str, Any], more: Mapping[str, Any]) -> dict[str, Any
         else:
             total[key] = total.get(key, 0) + value
     return total
+
+
+
+def task_of(example: Any) -> str | None:
+    """The task an example belongs to: a text row's ``task`` field, an lm-eval document's task."""
+    if isinstance(example, dict):
+        task = example.get("task")
+    else:
+        task = getattr(example, "task", None)
+    return None if task is None else str(task)
+
+
+def task_means(examples: Any, per_example: Any) -> dict[str, float]:
+    """The mean score of each task, for examples that name theirs (rows with a ``task`` field,
+    lm-eval documents); racing's unscored (NaN) examples are left out. Empty when none names one.
+
+    What the report divides per task (best merge over each expert), so that one weak benchmark
+    is not hidden in the mean of several."""
+    import numpy as np
+
+    if isinstance(examples, dict):  # tensors: no rows to name a task
+        return {}
+    by_task: dict[str, list[float]] = {}
+    for example, score in zip(examples, np.asarray(per_example, dtype=np.float64)):
+        task = task_of(example)
+        if task is not None and not np.isnan(score):
+            by_task.setdefault(task, []).append(float(score))
+    return {task: float(np.mean(values)) for task, values in by_task.items()}
+
+
+def per_task_metrics(examples: Any, per_example: Any) -> dict[str, Any]:
+    """``{"per_task": {task: mean}}`` for an evaluation's metrics, or nothing when no example names a task."""
+    means = task_means(examples, per_example)
+    return {"per_task": means} if means else {}

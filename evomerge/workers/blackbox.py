@@ -44,7 +44,7 @@ from evomerge.errors import ConfigError, UserError
 from evomerge.fitness import brings_own_examples, own_examples, resolve_blackbox_fitness, scores_and_metrics, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
-from evomerge.fitness.result import add_metrics
+from evomerge.fitness.result import add_metrics, per_task_metrics
 from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
@@ -309,6 +309,8 @@ class BlackBoxWorker(Worker):
         fitness_usage = ev.metrics.pop("usage", {})  # the judge's, added to the service's
         ev.metrics.update({"usage": add_metrics(used.metrics(), fitness_usage), "api_retries": used.retries,
                            "cached_responses": self.cache.hits - hits_before})
+        if ev.per_example is not None:
+            ev.metrics.update(per_task_metrics(examples, ev.per_example))
         ev.responses = self.cache.take_new()  # also a failed candidate's: they were paid for
         return ev
 
@@ -333,10 +335,12 @@ class BlackBoxWorker(Worker):
         reproduce one expert (α = 1 with a one-hot β is exactly the adapter, a one-hot weight
         exactly the served model)."""
         n = len(self.config.models.experts)
-        return [
-            self._evaluate(label, "", self.space.recipe(self.space.method.expert_alone(i, n)), self.examples)
-            for i, label in enumerate(self.config.models.expert_labels())
-        ]
+        baselines = []
+        for i, label in enumerate(self.config.models.expert_labels()):
+            ev = self._evaluate(label, "", self.space.recipe(self.space.method.expert_alone(i, n)), self.examples)
+            ev.metrics["baseline"] = "expert"
+            baselines.append(ev)
+        return baselines
 
     def score_on(self, data, candidate: Candidate | None = None) -> Evaluation:
         """A candidate scored on other data of the same kind (held-out examples)."""

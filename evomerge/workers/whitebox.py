@@ -8,11 +8,13 @@ place, scored by the fitness function, and never written to disk.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from evomerge.errors import ModelLoadError, UserError
 from evomerge.fitness import brings_own_examples, own_examples, resolve_fitness, scores_and_metrics, with_options
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.racing import Racing, count
-from evomerge.fitness.result import add_metrics
+from evomerge.fitness.result import add_metrics, per_task_metrics
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import (
@@ -209,27 +211,35 @@ class WhiteBoxWorker(Worker):
             extra = self.extra_metrics(candidate)
             return raced, {
                 "merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1,
-                "examples_scored": raced.examples_scored, **extra,
+                "examples_scored": raced.examples_scored, **per_task_metrics(self.examples, raced.per_example), **extra,
             }
 
         return self._scored_with_spending(candidate.id, candidate.population, merge_and_score)
 
     def expert_baselines(self) -> list[Evaluation]:
-        """Each expert alone, scored on the fitness data (``candidate_id`` is the expert's label).
+        """The base (when the run has one) and each expert alone, scored on the fitness data and
+        on ``fitness.tasks``, with the per-task means (``candidate_id`` is the model's label;
+        ``metrics["baseline"]`` says ``base`` or ``expert``).
 
-        An expert is the linear merge with all weight on it, so it is applied like any candidate.
+        An expert is the linear merge with all weight on it, so it is applied like any candidate;
+        the base is the reference the experts' task vectors are taken from.
         """
         n = len(self.config.models.experts)
         alone = Space.build(LINEAR, self.models.tensor_names, n, "per_model")
         baselines = []
+        if self.models.materializer.has_base:
+            label = Path(self.config.models.base).name or self.config.models.base
+            baselines.append(self._scored_with_spending(label, "", lambda: self._alone(self.models.materializer.apply_base, "base")))
         for i, label in enumerate(self.config.models.expert_labels()):
             recipe = alone.decode(alone.encode(LINEAR.expert_alone(i, n)))
-            baselines.append(self._scored_with_spending(label, "", lambda: self._apply_and_score(recipe)))
+            apply = functools.partial(self.models.materializer.apply, recipe)
+            baselines.append(self._scored_with_spending(label, "", lambda: self._alone(apply, "expert")))
         return baselines
 
-    def _apply_and_score(self, recipe) -> Scored:
-        self.models.materializer.apply(recipe)
-        return self.score(self.examples), {}
+    def _alone(self, apply: Callable[[], None], role: str) -> Scored:
+        apply()
+        scores = self.score(self.examples)
+        return scores, {"baseline": role, **per_task_metrics(self.examples, scores), **self.extra_metrics.task_metrics()}
 
     def score_on(self, data, candidate: Candidate | None = None) -> Evaluation:
         """A candidate (None: the model as it is now) scored on other data, e.g. ``fitness.test_data``."""
