@@ -331,11 +331,17 @@ class BlackBoxWorker(Worker):
             ) from None
 
     def expert_baselines(self) -> list[Evaluation]:
-        """Each expert alone on the fitness data, through the values its merge method declares
-        reproduce one expert (α = 1 with a one-hot β is exactly the adapter, a one-hot weight
-        exactly the served model)."""
+        """The base (when the method declares values that give it: every β 0) and each expert
+        alone on the fitness data, through the values its merge method declares reproduce one
+        expert (α = 1 with a one-hot β is exactly the adapter, a one-hot weight exactly the
+        served model)."""
         n = len(self.config.models.experts)
         baselines = []
+        method = self.space.method
+        if method.base_alone and self.config.models.base is not None:  # the served base, no adapter weight
+            ev = self._evaluate(self.config.models.base, "", self.space.recipe(method.base_values(n)), self.examples)
+            ev.metrics["baseline"] = "base"
+            baselines.append(ev)
         for i, label in enumerate(self.config.models.expert_labels()):
             ev = self._evaluate(label, "", self.space.recipe(self.space.method.expert_alone(i, n)), self.examples)
             ev.metrics["baseline"] = "expert"
