@@ -12,7 +12,8 @@ wanders off its rubric lowers a candidate's fitness, it never fails the candidat
 The judge is asked through the house client (:mod:`evomerge.service.client`: concurrency,
 retries, usage), one request per example, at most ``concurrency`` at once. Its requests, tokens
 and cost come back in the result's ``usage``, so the run's budgets count them as they count a
-black-box run's own requests.
+black-box run's own requests; a judge that fails after its retries fails the candidate, its
+requests still counted (:class:`~evomerge.fitness.result.FitnessFailed`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import PluginError, UserError
-from evomerge.fitness.result import FitnessResult
-from evomerge.service.client import ApiClient, api_key_from_env
+from evomerge.fitness.result import FitnessFailed, FitnessResult
+from evomerge.service.client import ApiClient, ApiError, api_key_from_env
 
 RUBRIC_FIELDS = frozenset({"prompt", "answer", "target"})
 DEFAULT_SCORE_REGEX = r"-?\d+(?:\.\d+)?"
@@ -152,10 +153,17 @@ async def judge_answers(spec: JudgeSpec, examples: Sequence[dict[str, Any]], ans
         payload = {"model": spec.model, "prompt": prompt, "max_tokens": spec.max_tokens, "temperature": 0.0}
         return spec.score((await client.completions(payload)).choices[0].text)
 
-    try:
-        grades = await asyncio.gather(*(grade(e, a) for e, a in zip(examples, answers)))
+    try:  # every request runs to its end, so what a failing judge was asked is counted whole
+        outcomes = await asyncio.gather(*(grade(e, a) for e, a in zip(examples, answers)), return_exceptions=True)
     finally:
         await client.aclose()
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        if not isinstance(failures[0], ApiError):
+            raise failures[0]
+        spent = {"usage": client.usage.metrics(), "judge_retries": client.usage.retries}
+        raise FitnessFailed(f"the judge at {spec.base_url} failed: {failures[0]}", spent) from None
+    grades: list[float | None] = outcomes  # type: ignore[assignment]
     metrics = {
         "usage": client.usage.metrics(),
         "judge_unparsable": sum(g is None for g in grades),

@@ -23,6 +23,15 @@ class FitnessResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+class FitnessFailed(Exception):
+    """A fitness function's failure that carries what it spent before failing (``metrics``, as a
+    :class:`FitnessResult`'s): a judge that stopped answering was still paid for its requests."""
+
+    def __init__(self, message: str, metrics: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+
+
 def split_result(raw: Any) -> tuple[Any, dict[str, Any]]:
     """(the scores, the metrics) of a fitness function's return value; bare scores have none."""
     if isinstance(raw, FitnessResult):

@@ -44,14 +44,14 @@ from evomerge.errors import ConfigError, UserError
 from evomerge.fitness import brings_own_examples, own_examples, resolve_blackbox_fitness, scores_and_metrics, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
-from evomerge.fitness.result import add_metrics, per_task_metrics
+from evomerge.fitness.result import FitnessFailed, add_metrics, per_task_metrics
 from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
 from evomerge.service.response_cache import ResponseCache
 from evomerge.service.served_model import ApiServedModel
 from evomerge.space.merge_space import Recipe
-from evomerge.workers.base import Worker
+from evomerge.workers.base import Scored, Worker
 
 RECOVERY_ATTEMPTS = 3
 """Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
@@ -304,7 +304,17 @@ class BlackBoxWorker(Worker):
     def _evaluate(self, candidate_id: str, population: str, recipe: Recipe, examples: list[dict[str, Any]]) -> Evaluation:
         """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing)."""
         usage_before, hits_before = self.client.usage.copy(), self.cache.hits
-        ev = self.scored(candidate_id, population, lambda: self._loop.run_until_complete(self._score(candidate_id, recipe, examples)))
+        failed_spending: dict[str, Any] = {}
+
+        def score() -> Scored:
+            try:
+                return self._loop.run_until_complete(self._score(candidate_id, recipe, examples))
+            except FitnessFailed as exc:
+                failed_spending.update(exc.metrics)
+                raise
+
+        ev = self.scored(candidate_id, population, score)
+        add_metrics(ev.metrics, failed_spending)
         used = self.client.usage - usage_before
         fitness_usage = ev.metrics.pop("usage", {})  # the judge's, added to the service's
         ev.metrics.update({"usage": add_metrics(used.metrics(), fitness_usage), "api_retries": used.retries,

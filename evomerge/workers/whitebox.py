@@ -23,7 +23,7 @@ from evomerge.errors import ModelLoadError, UserError
 from evomerge.fitness import brings_own_examples, own_examples, resolve_fitness, scores_and_metrics, with_options
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.racing import Racing, count
-from evomerge.fitness.result import add_metrics, per_task_metrics
+from evomerge.fitness.result import FitnessFailed, add_metrics, per_task_metrics
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import (
@@ -185,7 +185,11 @@ class WhiteBoxWorker(Worker):
         return decoded.to_dict()
 
     def score(self, examples) -> np.ndarray:
-        raw = self.fitness_fn(self.models.model, self.models.tokenizer, examples)
+        try:
+            raw = self.fitness_fn(self.models.model, self.models.tokenizer, examples)
+        except FitnessFailed as exc:
+            add_metrics(self.spent, exc.metrics)
+            raise
         scores, metrics = scores_and_metrics(raw, count(examples), self.fitness_name)
         add_metrics(self.spent, metrics)
         return scores

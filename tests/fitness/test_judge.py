@@ -24,6 +24,7 @@ from evomerge.service.client import ApiClient
 from evomerge.service.served_model import ApiServedModel
 from evomerge.store import RunStore
 from evomerge.testing.tiny_models import char_llama
+from fixtures_service import free_port
 
 SPEC = {"base_url": "http://127.0.0.1:9", "model": "m", "rubric": "Q: {prompt} A: {answer} Score:"}
 
@@ -133,27 +134,37 @@ def test_black_box_answers_come_from_the_service_then_the_judge(examples, judge_
     assert len(result.scores) == len(examples) and all(0.0 <= s <= 1.0 for s in result.scores)
 
 
-def test_a_run_counts_the_judges_requests_in_its_budget(tmp_path, examples, judge_options):
+@pytest.fixture
+def run_config(tmp_path, examples, judge_options):
+    """A white-box run over three tiny character Llamas scored by the loopback judge."""
     for name, seed in (("base", 0), ("e0", 1), ("e1", 2)):
         model, tokenizer = char_llama(seed)
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:4]))
-    config = config_from_dict(
-        {
-            "run_dir": str(tmp_path / "run"),
-            "executor": "inline",
-            "score_experts": False,
-            "models": {"base": "base", "experts": ["e0", "e1"], "device": "cpu"},
-            "merge": {"method": "linear", "granularity": "per_model"},
-            "populations": [{"name": "random", "strategy": "random"}],
-            "fitness": {"name": "judge", "options": {"judge": judge_options, "max_new_tokens": 3},
-                        "data": {"source": "train.jsonl"}},
-            "budget": {"requests": 10},
-        },
-        "test-config",
-        tmp_path,
-    )
+
+    def make(**judge):
+        return config_from_dict(
+            {
+                "run_dir": str(tmp_path / "run"),
+                "executor": "inline",
+                "score_experts": False,
+                "models": {"base": "base", "experts": ["e0", "e1"], "device": "cpu"},
+                "merge": {"method": "linear", "granularity": "per_model"},
+                "populations": [{"name": "random", "strategy": "random"}],
+                "fitness": {"name": "judge", "options": {"judge": {**judge_options, **judge}, "max_new_tokens": 3},
+                            "data": {"source": "train.jsonl"}},
+                "budget": {"requests": 10},
+            },
+            "test-config",
+            tmp_path,
+        )
+
+    return make
+
+
+def test_a_run_counts_the_judges_requests_in_its_budget(run_config):
+    config = run_config()
     summary = start_run(config, "test-config")
     store = RunStore(config.run_path(), readonly=True)
     rows = list(store.evaluations(with_scores=True))
@@ -166,6 +177,19 @@ def test_a_run_counts_the_judges_requests_in_its_budget(tmp_path, examples, judg
         r.metrics["usage"]["prompt_tokens"] + r.metrics["usage"]["completion_tokens"] for r in rows
     )
     assert np.all([np.isfinite(r.fitness) for r in rows])
+
+
+def test_a_judge_that_cannot_be_reached_fails_the_candidate_with_its_requests_counted(run_config):
+    from evomerge.plan import RunPlan
+    from evomerge.records import Candidate
+    from evomerge.workers.whitebox import WhiteBoxWorker
+
+    config = run_config(base_url=f"http://127.0.0.1:{free_port()}", max_retries=1)  # nothing listens there
+    worker = WhiteBoxWorker(RunPlan.from_config(config))
+    ev = worker.evaluate(Candidate("c", "random", np.full(worker.space.dim, 0.5)))
+    worker.close()
+    assert ev.status == "failed" and "the judge at http://127.0.0.1:" in ev.error
+    assert ev.metrics["usage"]["requests"] == 4 * 2 and ev.metrics["judge_retries"] == 4  # each example tried twice
 
 
 @pytest.mark.parametrize(
