@@ -215,3 +215,33 @@ def test_validate_refuses_a_judge_config_in_one_line(tmp_path, capsys, fitness, 
     assert main(["validate", str(tmp_path / "run.yaml"), "--no-files"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+
+
+@pytest.mark.parametrize("reachable", [True, False], ids=["judge-up", "judge-down"])
+def test_a_black_box_evaluation_adds_the_judges_usage_to_the_candidates(tmp_path, examples, judge_options, judge_service, reachable):
+    from evomerge.plan import RunPlan
+    from evomerge.records import Candidate
+    from evomerge.workers.blackbox import BlackBoxWorker
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    judge_at = judge_options if reachable else {**judge_options, "base_url": f"http://127.0.0.1:{free_port()}", "max_retries": 0}
+    config = config_from_dict(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "executor": "inline",
+            "models": {"experts": ["tiny-base", "tiny-base"]},  # the served model, as a plain hosted one
+            "merge": {"method": "linear", "granularity": "per_model"},
+            "populations": [{"name": "random", "strategy": "random"}],
+            "fitness": {"name": "judge", "options": {"judge": judge_at, "max_new_tokens": 3}, "data": {"source": "train.jsonl"}},
+            "budget": {"requests": 100},
+            "api": {"level": "openai", "base_url": judge_service, "api_key_env": judge_options["api_key_env"]},
+        },
+        "test-config",
+        tmp_path,
+    )
+    worker = BlackBoxWorker(RunPlan.from_config(config))
+    ev = worker.evaluate(Candidate("c", "random", worker.space.encode({"weight": [1.0, 0.0]})))
+    worker.close()
+    n = len(examples)
+    assert ev.metrics["usage"]["requests"] == n + n  # the candidate's generations, then the judge's grades
+    assert (ev.status == "ok") is reachable
