@@ -259,13 +259,14 @@ def best_recipe(path: str | Path) -> BestRecipe | None:
         return None
     plan = RunPlan.from_config(config)
     shapes = parameter_shapes(plan.working_model)
+    space = plan.space(list(shapes))
     labels = config.models.expert_labels()
     population = next(p for p in plan.populations if p.name == best.population)
     grid = population.requires.split_grid
-    if grid is not None:
-        tables = {"weight": _seed_recipe_table(best.genome, shapes, grid, labels)}
+    if grid is not None:  # seed recipes cover the merged tensors (frozen towers' are left out)
+        merged = {name: shape for name, shape in shapes.items() if name in space.tensor_groups}
+        tables = {"weight": _seed_recipe_table(best.genome, merged, grid, labels)}
         return BestRecipe(best.candidate_id, best.population, float(best.fitness), tables, {})
-    space = plan.space(list(shapes))
     recipe = space.decode(best.genome)
     tables = {}
     for gene in space.genes:

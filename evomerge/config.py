@@ -136,7 +136,19 @@ class ModelsConfig(_Strict):
         return [e.name or Path(e.path).name or e.path for e in self.experts]
 
 
+class DataflowConfig(_Strict):
+    """The data-flow space (``merge.space: dataflow``): the experts are the sources whose frozen
+    layers a path visits; the first supplies the embeddings, the final norm and the head."""
+
+    repeats: int = Field(default=3, ge=1, description="times the sources' layers are laid out: the paper's r")
+    scaling: Literal["per_slot", "none"] = "per_slot"
+    scale_bounds: Bounds = (0.5, 2.0)
+    max_layers: int | None = Field(default=None, ge=1, description="longest path a candidate may take")
+
+
 class MergeConfig(_Strict):
+    space: Literal["parameter", "dataflow"] = "parameter"
+    dataflow: DataflowConfig = Field(default_factory=DataflowConfig)
     method: str = "linear"
     granularity: Literal["global", "per_model", "per_layer_group", "per_tensor"] = "per_model"
     layer_groups: int | None = Field(default=None, ge=1)
@@ -145,11 +157,16 @@ class MergeConfig(_Strict):
     bounds: dict[str, Bounds] = Field(default_factory=dict)
     init: dict[str, float] = Field(default_factory=dict)
     options: dict[str, bool] = Field(default_factory=dict)
+    # Towers of a multimodal model (vision_tower, multi_modal_projector, …; see evomerge.space.towers)
+    # that keep the working model's weights instead of being merged.
+    frozen: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _layer_groups(self) -> "MergeConfig":
         if self.layer_groups is not None and self.granularity != "per_layer_group":
             raise ValueError("layer_groups only applies to granularity 'per_layer_group'")
+        if self.space != "dataflow" and self.dataflow != DataflowConfig():
+            raise ValueError("dataflow only applies to space 'dataflow'")
         return self
 
 

@@ -25,6 +25,7 @@ from evomerge.mergekit_recipe import NotExpressible, mergekit_config, model_refe
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
 from evomerge.space.merge_space import Recipe
+from evomerge.space.paths import Path as DataflowPath
 from evomerge.store import RunStore
 
 RECIPE_NAME = "recipe.yaml"
@@ -56,6 +57,11 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     candidate = Candidate(best.candidate_id, best.population, best.genome)
     decoded = worker.codecs[best.population].decode(best.genome)
     recipe = worker.materialize(candidate)
+    model = worker.models.model
+    if isinstance(decoded, DataflowPath):  # a path is saved as its layers stacked, scales folded into weights
+        from evomerge.models.path_export import stacked_model
+
+        model = stacked_model(worker.models.materializer, decoded)
     scored_on = config.fitness.data.source if config.fitness.data is not None else "its tasks"
     scores: dict[str, float] = {f"fitness ({config.fitness.name} on {scored_on})": best.fitness}
     if config.fitness.test_data is not None:
@@ -67,7 +73,8 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "scores": scores,
         "base_model": config.models.base,
         "experts": [{"name": n, "path": e.path} for n, e in zip(config.models.expert_labels(), config.models.experts)],
-        "granularity": config.merge.granularity,
+        "granularity": "dataflow" if plan.dataflow else config.merge.granularity,
+        **({"frozen": list(config.merge.frozen)} if config.merge.frozen else {}),
         "recipe": recipe,
     }
     mergekit, note = _mergekit_document(plan, decoded)
@@ -75,10 +82,10 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         mergekit["tokenizer_source"] = config.models.vocabulary
     if note is not None:
         document["mergekit"] = note
-    tokenizer = export_tokenizer(config, worker.models.model, worker.models.tokenizer)
+    tokenizer = export_tokenizer(config, model, worker.models.tokenizer)
 
     tmp = out.with_name(out.name + f".tmp-{int(time.time())}")
-    worker.models.model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
@@ -107,11 +114,15 @@ def _check_out(out: Path) -> None:
 def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]:
     """The mergekit YAML of the best recipe (or None), and what a reader should know about it."""
     from evomerge.models.adapters import is_adapter
-    from evomerge.models.checkpoint import run_dtype, tensor_dtypes
+    from evomerge.models.checkpoint import run_dtype, stored_parameters
 
     config = plan.config
+    if isinstance(decoded, DataflowPath):
+        return None, "not written: data-flow paths are exported as stacked weights only"
     if not isinstance(decoded, Recipe):
         return None, "not written: M2N2 seed recipes (piecewise combinations with split points) have no mergekit equivalent"
+    if config.merge.frozen:
+        return None, "not written: frozen towers (merge.frozen) keep the working model's weights, and mergekit merges every tensor"
     base = config.model_ref(config.models.base) if config.models.base else None
     refs = [config.model_ref(e.path) for e in config.models.experts]
     adapters = [is_adapter(ref) for ref in refs]
@@ -119,7 +130,7 @@ def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]
         document = mergekit_config(
             decoded,
             decoded.method,
-            list(tensor_dtypes(plan.working_model)),
+            stored_parameters(plan.working_model),
             base,
             [model_reference(ref, base, adapter) for ref, adapter in zip(refs, adapters)],
             run_dtype(config),
@@ -147,14 +158,18 @@ def model_card(
     if bases:
         front["base_model"] = bases
     front["library_name"] = "peft" if adapter else "transformers"
-    front["tags"] = ["merge", "evomerge", config.merge.method]
+    front["tags"] = ["merge", "evomerge", "dataflow" if plan.dataflow else config.merge.method]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {config.name}", ""]
     scored = sum(done for _asked, done in evaluations.values())
+    how = "a data-flow path through their layers" if plan.dataflow else f"`{config.merge.method}` ({config.merge.granularity} granularity)"
     lines.append(
         f"A {'LoRA adapter' if adapter else 'model'} merged by evomerge from {len(config.models.experts)} experts"
-        f" with `{config.merge.method}` ({config.merge.granularity} granularity): the best of {scored} evaluated"
+        f" with {how}: the best of {scored} evaluated"
         f" candidates, `{document['candidate_id']}` of population `{document['population']}`."
     )
+    if config.merge.frozen:
+        source = "the base model" if config.models.base else "the first expert"
+        lines.append(f"Frozen towers (not merged: their weights are {source}'s): {', '.join(f'`{t}`' for t in config.merge.frozen)}.")
     lines += ["", "## Experts", ""]
     lines += [f"- {e['name']}: `{e['path']}`" for e in document["experts"]]
     lines += ["", "## Scores", "", "| model | score |", "|---|---|"]

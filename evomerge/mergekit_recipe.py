@@ -5,9 +5,13 @@ mergekit is LGPL and optional: this module only writes its YAML schema (``merge_
 Values that differ between tensor groups become mergekit's conditional parameters: a list of
 ``{filter, value}`` entries, where a filter matches tensors whose name contains it. Whole
 transformer blocks are matched by their prefix (``model.layers.3.``), other tensors by their full
-name, so every tensor is matched by exactly one entry and the mergekit merge is ours. The names
-are the checkpoint's (what mergekit reads), which must be the parameters the merge wrote: where
-transformers renames or fuses tensors on load, no filter could say which is which. A LoRA adapter
+name. mergekit gives a tensor the value of the first filter its name contains, and that must be
+its own group's for every tensor (a filter inside another group's name is refused), so the
+mergekit merge is ours. The names
+are the checkpoint's (what mergekit reads), each paired with the parameter transformers loads it
+into (renamed on load in transformers 5: Gemma 3's ``language_model.model.layers.0.`` is the
+parameter ``model.language_model.layers.0.``). Where transformers fuses or splits tensors on load,
+no filter could say which is which, and the recipe is not expressible. A LoRA adapter
 expert is mergekit's ``BASE+ADAPTER`` (merged into its base by mergekit, in a ``--lora-merge-cache``).
 
 Methods mergekit does not have (seed recipes, split-point SLERP, LoRA composition, layer swaps,
@@ -18,7 +22,7 @@ that would build a different model.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from evomerge.merge import MergeMethod
 from evomerge.space.merge_space import Recipe
@@ -51,6 +55,11 @@ def _group_filters(tensor_names: Sequence[str], tensor_groups: dict[str, int]) -
     for name in tensor_names:
         if _block_prefix(name) not in whole_blocks:
             filters.setdefault(tensor_groups[name], []).append(name)
+    order = [(f, g) for g in sorted(filters) for f in filters[g]]  # as _setting writes them
+    for name in tensor_names:  # mergekit takes the first filter a name contains
+        first = next(g for f, g in order if f in name)
+        if first != tensor_groups[name]:
+            raise NotExpressible(f"a filter of another tensor group is part of the name '{name}', so mergekit would give it that group's values")
     return filters
 
 
@@ -62,14 +71,20 @@ def model_reference(ref: str, base: str | None, adapter: bool) -> str:
     return f"{base}+{ref}" if adapter else ref
 
 
-def _check_names(tensor_names: Sequence[str], tensor_groups: dict[str, int]) -> None:
-    stored = set(tensor_names)
-    for name in tensor_names:
-        if name not in tensor_groups:
-            raise NotExpressible(f"the checkpoint's tensor '{name}' is not a parameter the merge wrote (transformers renames or fuses it on load)")
+def _stored_groups(stored: Mapping[str, str | None], tensor_groups: Mapping[str, int]) -> dict[str, int]:
+    """The group of every stored tensor, by the merged parameter it loads into."""
+    groups: dict[str, int] = {}
+    for key, parameter in stored.items():
+        if parameter is None:
+            raise NotExpressible(f"transformers converts the checkpoint's tensor '{key}' on load (fuses, splits or reshapes it)")
+        if parameter not in tensor_groups:
+            raise NotExpressible(f"the checkpoint's tensor '{key}' is not a parameter the merge wrote")
+        groups[key] = tensor_groups[parameter]
+    loaded = set(stored.values())
     for name in tensor_groups:
-        if name not in stored:
-            raise NotExpressible(f"the merged parameter '{name}' is stored under another name in the checkpoint mergekit reads")
+        if name not in loaded:
+            raise NotExpressible(f"the merged parameter '{name}' is not stored in the checkpoint mergekit reads")
+    return groups
 
 
 def _setting(per_group: list[float], filters: dict[int, list[str]]) -> Any:
@@ -81,21 +96,21 @@ def _setting(per_group: list[float], filters: dict[int, list[str]]) -> Any:
 def mergekit_config(
     recipe: Recipe,
     method: MergeMethod,
-    tensor_names: Sequence[str],
+    stored: Mapping[str, str | None],
     base: str | None,
     experts: Sequence[str],
     dtype: str,
 ) -> dict[str, Any]:
     """The mergekit configuration that builds the same model as ``recipe``.
 
-    ``tensor_names`` are the tensors the working model's checkpoint stores; ``experts`` are mergekit
-    model references (:func:`model_reference`).
+    ``stored`` maps the tensors the working model's checkpoint stores to the parameters they load
+    into (:func:`evomerge.models.checkpoint.stored_parameters`); ``experts`` are mergekit model
+    references (:func:`model_reference`).
     """
     if method.mergekit_name is None:
         raise NotExpressible(f"mergekit has no equivalent of the merge method '{method.name}'")
-    groups = dict(recipe.tensor_groups)
-    _check_names(tensor_names, groups)
-    filters = _group_filters(tensor_names, groups)
+    groups = _stored_groups(stored, recipe.tensor_groups)
+    filters = _group_filters(list(groups), groups)
     n_groups = len(recipe.group_names)
     models = [{"model": ref} for ref in experts]
     shared: dict[str, Any] = {}

@@ -18,19 +18,20 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from pydantic import ValidationError
 
-from evomerge.config import DataConfig, RunConfig, field_path
+from evomerge.config import DataConfig, MergeConfig, RunConfig, field_path
 from evomerge.errors import ConfigError, UserError
 from evomerge.fitness import brings_own_examples, may_spend_api_usage, own_examples
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
 from evomerge.merge.method import MergeMethod
 from evomerge.strategies import STRATEGIES
-from evomerge.strategies.base import SEED_RECIPES, Requirements, Strategy, StrategyOptions
+from evomerge.strategies.base import MERGE_SPACE, SEED_RECIPES, Requirements, Strategy, StrategyOptions
 
 if TYPE_CHECKING:
     from evomerge.executors import Executor
     from evomerge.space.codec import Codec
     from evomerge.space.merge_space import Space
+    from evomerge.space.paths import PathSpace
 
 SERVICE_METHODS: dict[str, tuple[MergeMethod, str]] = {
     "merge_service": (LORA_COMPOSE, "merges LoRA adapters by per-adapter alpha and beta"),
@@ -68,11 +69,19 @@ class RunPlan:
         self.config = config
         self.source = source
         self.method = self._merge_method()
-        self._check_models()
+        if self.dataflow:
+            self._check_dataflow()
+        else:
+            self._check_models()
         self._check_fitness_data()
         budgets = self._budgets()
         self.populations = [self._population(i, budgets) for i in range(len(config.populations))]
         self._check_blackbox()
+
+    @property
+    def dataflow(self) -> bool:
+        """The run searches the data-flow space (layer paths through frozen sources), not merges."""
+        return self.config.merge.space == "dataflow"
 
     @classmethod
     def from_config(cls, config: RunConfig, source: str = "<config>") -> "RunPlan":
@@ -148,6 +157,22 @@ class RunPlan:
                         " data; give every expert a data source",
                     )
 
+    def _check_dataflow(self) -> None:
+        """A path runs frozen layers of the experts (its sources): no merge parameters, no base,
+        no service that could run it."""
+        config = self.config
+        defaults = MergeConfig()  # compared by value: a run's resolved snapshot spells out every default
+        merge_fields = [
+            name for name in MergeConfig.model_fields
+            if name not in ("space", "dataflow") and getattr(config.merge, name) != getattr(defaults, name)
+        ]
+        if merge_fields:
+            raise self._fail(f"merge.{merge_fields[0]}", "merge parameters do not apply to merge.space 'dataflow'; remove it")
+        if config.models.base is not None:
+            raise self._fail("models.base", "the data-flow space runs the experts' own layers (the first supplies the head); remove models.base")
+        if config.api is not None:
+            raise self._fail("merge.space", "a data-flow path runs on white-box workers; remove the api section")
+
     def _population(self, i: int, budgets: Mapping[str, int | None]) -> PopulationPlan:
         pop, config = self.config.populations[i], self.config
         if pop.strategy not in STRATEGIES:
@@ -161,6 +186,12 @@ class RunPlan:
             where = field_path(first["loc"])
             raise self._fail(f"populations.{i}.options{'.' + where if where else ''}", msg) from None
         requires = strategy.requires(options)
+        if self.dataflow and (requires.gradient or requires.genes or requires.space != MERGE_SPACE):
+            raise self._fail(
+                f"populations.{i}.strategy",
+                f"{pop.strategy} with these options searches merge parameters or weights; merge.space 'dataflow'"
+                " is searched by cmaes, m2n2 (archive: genomes), ga, random and the optuna samplers",
+            )
         if requires.gradient and not self.method.differentiable:
             differentiable = sorted(name for name, m in MERGE_METHODS.items() if m.differentiable)
             raise self._fail(
@@ -204,6 +235,8 @@ class RunPlan:
                     " add an api section (black-box run) or score with a judge (fitness.name: judge)",
                 )
             return
+        if config.merge.frozen:
+            raise self._fail("merge.frozen", "black-box runs merge no weights of their own; remove merge.frozen")
         if config.fitness.racing is not None:
             raise self._fail("fitness.racing", "black-box runs (api:) score every example; remove fitness.racing")
         method, what = SERVICE_METHODS[config.api.level]
@@ -270,6 +303,8 @@ class RunPlan:
             resolved = config.model_ref(ref)
             if Path(resolved).is_absolute() and not Path(resolved).exists():
                 raise self._fail(field_name, f"model directory not found: {resolved}")
+        if self.dataflow:
+            self.path_space()
         for field_name, data in self._data_sections():
             if data.source.startswith("hf:"):  # a hub dataset is fetched by the workers, not here
                 continue
@@ -338,16 +373,48 @@ class RunPlan:
                 bounds=merge.bounds,
                 init=merge.init,
                 options=merge.options,
+                frozen=merge.frozen,
             )
         except ValueError as exc:  # e.g. per_layer_group on a model without numbered layers
             raise self._fail("merge", str(exc)) from None
 
-    def codecs(self, layout: Mapping[str, Sequence[int]]) -> tuple["Space", dict[str, "Codec"]]:
-        """The merge space over a worker's tensors (``name → shape``, model order) and one codec
-        per population: the merge space's, or seed recipes on the population's split grid."""
-        from evomerge.space.codec import MergeCodec, SeedRecipeCodec
+    def path_space(self) -> "PathSpace":
+        """The data-flow space over the experts' layers, from their configs alone: sources must
+        share a hidden size (a hidden state passes from one's layer to another's)."""
+        from evomerge.models.loading import load_config
+        from evomerge.space.paths import PathSpace
 
-        space = self.space(list(layout))
+        config, flow = self.config, self.config.merge.dataflow
+        counts, first_hidden = [], None
+        for i, expert in enumerate(config.models.experts):
+            model_config = load_config(config.model_ref(expert.path))
+            text = model_config.get_text_config()
+            hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
+            if hidden is None or layers is None:
+                raise self._fail(f"models.experts.{i}.path", f"a {model_config.model_type} model has no numbered decoder layers to route through")
+            if first_hidden is not None and hidden != first_hidden:
+                raise self._fail(
+                    f"models.experts.{i}.path",
+                    f"hidden size {hidden} differs from the first source's {first_hidden}; a path passes one hidden state through every source",
+                )
+            first_hidden = hidden
+            counts.append(int(layers))
+        try:
+            return PathSpace(
+                tuple(counts), flow.repeats, flow.scaling, tuple(flow.scale_bounds), flow.max_layers,
+                tuple(config.models.expert_labels()),
+            )
+        except ValueError as exc:
+            raise self._fail("merge.dataflow", str(exc)) from None
+
+    def codecs(self, space: "Space | PathSpace", layout: Mapping[str, Sequence[int]]) -> dict[str, "Codec"]:
+        """One codec per population over a worker's space: in the data-flow space, the path
+        space's; else over its merged tensors (``name → shape``, model order), the merge space's
+        or seed recipes on the population's split grid."""
+        from evomerge.space.codec import MergeCodec, PathCodec, SeedRecipeCodec
+
+        if self.dataflow:
+            return {p.name: PathCodec(space) for p in self.populations}
         labels = tuple(self.config.models.expert_labels())
         shapes = [tuple(shape) for shape in layout.values()]
         codecs: dict[str, Codec] = {
@@ -356,7 +423,7 @@ class RunPlan:
             else MergeCodec(space)
             for p in self.populations
         }
-        return space, codecs
+        return codecs
 
     def tensor_names(self) -> list[str]:
         """The working model's parameter names, from its config alone; none in black-box runs,
@@ -367,7 +434,7 @@ class RunPlan:
 
         return parameter_names(self.working_model)
 
-    def strategies(self, executor: "Executor") -> tuple["Space", list[Strategy]]:
+    def strategies(self, executor: "Executor") -> tuple["Space | PathSpace", list[Strategy]]:
         """The run's space and one fresh strategy per population (a resume builds the same ones).
 
         A seed-recipe population needs the experts' per-block Gram matrices, which only a worker
@@ -377,7 +444,7 @@ class RunPlan:
         from evomerge.space.seed_recipes import SeedGram
         from evomerge.workers.jobs import BlockGrams
 
-        space = self.space(self.tensor_names())
+        space = self.path_space() if self.dataflow else self.space(self.tensor_names())
         strategies = []
         for i, pop in enumerate(self.populations):
             if pop.requires.space == SEED_RECIPES:

@@ -230,7 +230,7 @@ def start_run(
                 p.name,
                 p.strategy,
                 pop.budget,
-                {"method": space.method.name, "granularity": space.granularity, "dim": space.dim, "groups": space.group_names},
+                space.summary(),
             )
         if on_ready is not None:
             on_ready(path)

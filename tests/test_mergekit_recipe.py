@@ -19,22 +19,45 @@ def _recipe(method: str = "linear"):
 
 
 def test_filters_name_the_checkpoints_tensors():
-    document = mergekit_config(_recipe(), MERGE_METHODS["linear"], NAMES, None, ["a", "b"], "bfloat16")
+    stored = {name: name for name in NAMES}
+    document = mergekit_config(_recipe(), MERGE_METHODS["linear"], stored, None, ["a", "b"], "bfloat16")
     assert document["dtype"] == "bfloat16" and [m["model"] for m in document["models"]] == ["a", "b"]
     filters = {entry["filter"] for entry in document["models"][0]["parameters"]["weight"]}
     assert filters == {"model.embed_tokens.weight", "model.layers.0.", "model.layers.1.", "lm_head.weight"}
 
 
+def test_filters_use_stored_names_where_transformers_renames_on_load():
+    # as a Gemma 3 checkpoint: stored language_model.model.X loads as the parameter model.language_model.X
+    stored = {name.replace("model.", "language_model.model.", 1) if name.startswith("model.") else name: name for name in NAMES}
+    recipe = _recipe()
+    document = mergekit_config(recipe, MERGE_METHODS["linear"], stored, None, ["a", "b"], "float32")
+    entries = document["models"][0]["parameters"]["weight"]
+    assert {e["filter"] for e in entries} == {
+        "language_model.model.embed_tokens.weight", "language_model.model.layers.0.", "language_model.model.layers.1.", "lm_head.weight"
+    }
+    by_filter = {e["filter"]: e["value"] for e in entries}
+    assert by_filter["language_model.model.layers.1."] == pytest.approx(recipe.params_for("model.layers.1.mlp.weight")["weight"][0])
+
+
 @pytest.mark.parametrize(
     "stored, words",
     [
-        ([*NAMES[:3], "lm_head.linear.weight"], "checkpoint's tensor 'lm_head.linear.weight' is not a parameter"),
-        (NAMES[:3], "merged parameter 'lm_head.weight' is stored under another name"),
+        ({**{n: n for n in NAMES[:3]}, "lm_head.linear.weight": "lm_head.linear.weight"}, "checkpoint's tensor 'lm_head.linear.weight' is not a parameter"),
+        ({n: n for n in NAMES[:3]}, "merged parameter 'lm_head.weight' is not stored"),
+        ({**{n: n for n in NAMES}, "model.layers.0.mlp.packed": None}, "converts the checkpoint's tensor 'model.layers.0.mlp.packed'"),
     ],
 )
 def test_tensors_stored_under_other_names_are_not_expressible(stored, words):
     with pytest.raises(NotExpressible, match=words):
         mergekit_config(_recipe(), MERGE_METHODS["linear"], stored, None, ["a", "b"], "float32")
+
+
+def test_a_filter_inside_another_groups_name_is_not_expressible():
+    names = ["a.weight", "b.a.weight"]  # per tensor: the filter 'a.weight' is part of 'b.a.weight'
+    space = Space.build(MERGE_METHODS["linear"], names, 2, granularity="per_tensor")
+    recipe = space.decode(np.linspace(0.1, 0.9, space.dim))
+    with pytest.raises(NotExpressible, match="part of the name 'b.a.weight'"):
+        mergekit_config(recipe, MERGE_METHODS["linear"], {n: n for n in names}, None, ["x", "y"], "float32")
 
 
 def test_adapters_are_base_plus_adapter_and_a_plus_in_a_path_is_refused():

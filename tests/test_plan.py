@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from evomerge.budget import Budget, BudgetState
-from evomerge.config import BudgetConfig, load_config
+from evomerge.config import BudgetConfig, config_from_dict, load_config
 from evomerge.errors import ConfigError
 from evomerge.plan import RunPlan
 from evomerge.space.codec import MergeCodec, SeedRecipeCodec
@@ -24,7 +24,8 @@ def test_one_codec_per_population_decodes_what_its_strategy_asks(digits_config):
         {"name": "m2n2", "strategy": "m2n2", "options": {"archive": "seed_recipes", "split_grid": "rows"}},
     ]
     plan = RunPlan.from_config(load_config(digits_config(populations=populations)))
-    space, codecs = plan.codecs(LAYOUT)
+    space = plan.space(list(LAYOUT))
+    codecs = plan.codecs(space, LAYOUT)
     assert isinstance(codecs["cma"], MergeCodec) and isinstance(codecs["m2n2"], SeedRecipeCodec)
     assert [p.cache_scope for p in plan.populations] == ["space", "seed_recipes:rows"]
     assert isinstance(codecs["cma"].decode(space.x0()), Recipe)
@@ -50,3 +51,16 @@ def test_budget_stop_says_which_limits_are_reached():
     assert reasons == {"max_time": 10.0, "target_fitness": 0.9, "requests": 100}
     assert budget.describe(reasons, state) == "max_time reached"
     assert budget.stop(BudgetState(1.0, 0.0, 5, 0.5, 4, {"requests": 1})) == {}
+
+
+def test_black_box_runs_cannot_freeze_towers(tmp_path):
+    data = {
+        "models": {"base": "tiny-base", "experts": ["a", "b"]},
+        "merge": {"method": "lora_compose", "granularity": "per_model", "frozen": ["vision_tower"]},
+        "fitness": {"name": "negative_cross_entropy", "data": {"source": "train.jsonl"}},
+        "populations": [{"name": "p", "strategy": "random"}],
+        "budget": {"evaluations": 2},
+        "api": {"level": "merge_service", "base_url": "http://127.0.0.1:1"},
+    }
+    with pytest.raises(ConfigError, match="merge.frozen: black-box runs merge no weights"):
+        RunPlan.from_config(config_from_dict(data, "bb.yaml", tmp_path), "bb.yaml")

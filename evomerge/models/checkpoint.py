@@ -3,7 +3,7 @@
 The safetensors headers name every stored tensor and its dtype, and ``config.json`` the dtype the
 model was saved in: enough to pick the run's dtype (``models.dtype: auto``), to write a mergekit
 YAML whose filters match the tensors mergekit reads (the checkpoint's names, which need not be the
-loaded module's parameter names), and to name a hub id in a model card instead of a local path.
+loaded module's parameter names: ``stored_parameters`` pairs them), and to name a hub id in a model card instead of a local path.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, ModelLoadError, first_line
 from evomerge.models.adapters import is_adapter
-from evomerge.models.loading import load_config, unreadable_weights
+from evomerge.models.loading import load_config, loaded_names, unreadable_weights
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 """The dtypes a run may hold its models in (models.dtype without auto)."""
@@ -70,6 +70,13 @@ def tensor_dtypes(ref: str) -> dict[str, str]:
         except (SafetensorError, OSError) as exc:
             raise unreadable_weights(str(file), exc) from None
     return dtypes
+
+
+def stored_parameters(ref: str) -> dict[str, str | None]:
+    """Every tensor the checkpoint stores, in file order, with the parameter it loads into (None
+    where transformers converts rather than renames it): what a mergekit filter, which matches
+    stored names, must say to reach a merged parameter."""
+    return loaded_names(ref, list(tensor_dtypes(ref)))
 
 
 def stored_dtype(ref: str) -> str:

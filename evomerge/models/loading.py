@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -54,10 +55,20 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _auto_class(config):
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """The Auto class that builds a checkpoint with its head: a causal LM, else an image-text model
+    (LLaVA and Qwen2-VL have no causal-LM entry, and the bare ``AutoModel`` would drop their
+    ``lm_head``), else the bare model (classifiers of the zoo)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
-    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModel
 
 
 def load_config(ref: str):
@@ -130,7 +141,41 @@ def parameter_names(ref: str) -> list[str]:
 
 def parameter_shapes(ref: str) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes in model order, from the config alone (no weights are read)."""
+    return {name: tuple(p.shape) for name, p in _meta_model(ref).named_parameters()}
+
+
+def _meta_model(ref: str):
+    """The model ``ref``'s config describes, without storage (no weights are read)."""
     config = load_config(ref)
     with torch.device("meta"):
-        model = _auto_class(config).from_config(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+        return _auto_class(config).from_config(config)
+
+
+def loaded_names(ref: str, stored: Sequence[str]) -> dict[str, str | None]:
+    """What ``from_pretrained`` makes of each stored tensor name: the parameter (or buffer) it is
+    renamed to, or None where transformers converts the tensor (fuses, splits or reshapes it).
+
+    Transformers 5 renames checkpoint keys on load by the model's conversion mapping: Gemma 3
+    stores ``language_model.model.layers.0.…``, which loads as ``model.language_model.layers.0.…``.
+    The renaming is the one ``from_pretrained`` applies, so it holds for whatever layout the
+    checkpoint has (the hub's, or the one ``save_pretrained`` writes). Before transformers 5 names
+    load as they are stored.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {key: key for key in stored}
+    model = _meta_model(ref)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    prefix = model.base_model_prefix
+    names: dict[str, str | None] = {}
+    for key in stored:
+        renamed, converted = rename_source_key(key, renamings, converters, prefix, state)
+        if renamed not in state and key in state:  # as from_pretrained: a key it should not have renamed
+            renamed, converted = rename_source_key(key, [], [], prefix, state)
+        names[key] = None if converted is not None else renamed
+    return names

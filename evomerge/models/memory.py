@@ -64,7 +64,8 @@ def worker_memory(config: RunConfig) -> WorkerMemory:
     itemsize = ITEMSIZE[dtype]
     refs = [config.model_ref(e.path) for e in config.models.experts]
     n = len(refs)
-    model = _numel(parameter_shapes(plan.working_model)) * itemsize
+    shapes = parameter_shapes(plan.working_model)
+    model = _numel(shapes) * itemsize
     if plan.method.inputs == LORA_FACTORS:
         adapters = [adapter_numel(ref) * itemsize for ref in refs]
         slot = adapters[0]
@@ -76,13 +77,16 @@ def worker_memory(config: RunConfig) -> WorkerMemory:
         )
     with_base = config.models.base is not None
     fishers = plan.method.needs_fisher  # one diagonal Fisher per expert
-    resident = model * (n + 1 + with_base + n * fishers)
+    merged_names = plan.space(list(shapes)).tensor_groups  # frozen towers have no resident copies
+    merged = _numel({name: shape for name, shape in shapes.items() if name in merged_names}) * itemsize
+    resident = model + merged * (n + with_base + n * fishers)
     # An adapter expert is built as a dense model on a fresh copy of the base.
     loading = model * (1 + any(is_adapter(ref) for ref in refs))
     return WorkerMemory(
         resident=resident,
         peak=resident + loading,
         description=f"the working model, {n} experts" + (" and the base" if with_base else "")
+        + (" (their unfrozen towers)" if merged < model else "")
         + (f" and {n} Fishers" if fishers else ""),
         dtype=dtype,
     )

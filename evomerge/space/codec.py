@@ -14,11 +14,12 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from evomerge.space.merge_space import Recipe, Space
+from evomerge.space.paths import Path, PathSpace
 from evomerge.space.seed_recipes import PiecewiseRecipe, SeedRecipe, split_grid_edges
 
 
 class Codec(Protocol):
-    def decode(self, genome: np.ndarray) -> Recipe | PiecewiseRecipe:
+    def decode(self, genome: np.ndarray) -> Recipe | PiecewiseRecipe | Path:
         """What a worker applies for this genome."""
 
 
@@ -54,3 +55,13 @@ class SeedRecipeCodec:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_edges": None}
+
+
+@dataclass(frozen=True)
+class PathCodec:
+    """Unit-cube genomes of the data-flow space: a path through the sources' frozen layers."""
+
+    space: PathSpace
+
+    def decode(self, genome: np.ndarray) -> Path:
+        return self.space.decode(genome)

@@ -11,11 +11,14 @@ parameters — never from a hand-kept table — at one of four granularities:
   (tensors outside the layers join the first group if they come before them, the last otherwise,
   as mergekit plans embeddings and heads);
 * ``per_tensor``: separately for every tensor.
+
+In a model of several towers (an image-text model: language model, vision tower, projector; see
+``towers``) layer groups are formed per stack of layers, and ``frozen`` towers keep the working
+model's weights: the merge leaves their tensors out, whatever the granularity.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -24,36 +27,81 @@ import numpy as np
 from evomerge.merge.method import MergeMethod
 from evomerge.records import genome_hash
 from evomerge.space.genes import GeneRange, SearchSpec
+from evomerge.space.towers import Towers, stack_position
 
 GRANULARITIES = ("global", "per_model", "per_layer_group", "per_tensor")
-_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 def layer_index(tensor_name: str) -> int | None:
     """The transformer-block index in a parameter name (``model.layers.7.mlp…`` → 7)."""
-    match = _LAYER_INDEX.search(tensor_name)
-    return int(match.group(1)) if match else None
+    position = stack_position(tensor_name)
+    return position[1] if position else None
+
+
+def _contiguous(n_layers: int, k: int) -> list[int]:
+    """The group of each of ``n_layers`` layers split into ``k`` groups of consecutive layers."""
+    return [layer * k // n_layers for layer in range(n_layers)]
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"{layers[0]}"
 
 
 def group_tensors(
-    tensor_names: Sequence[str], granularity: str, layer_groups: int | None
-) -> tuple[list[str], list[int]]:
-    """Group names and, per tensor (in model order), the index of its group."""
+    tensor_names: Sequence[str], granularity: str, layer_groups: int | None, frozen: Sequence[str] = ()
+) -> tuple[list[str], list[int | None]]:
+    """Group names and, per tensor (in model order), the index of its group; None for a tensor of
+    a frozen tower (see :mod:`evomerge.space.towers`), which keeps the working model's weights."""
+    towers = Towers.of(tensor_names)
+    merged = _merged(tensor_names, towers, frozen)
     if granularity in ("global", "per_model"):
-        return ["all"], [0] * len(tensor_names)
+        return ["all"], [0 if keep else None for keep in merged]
     if granularity == "per_tensor":
-        return list(tensor_names), list(range(len(tensor_names)))
+        kept = [n for n, keep in zip(tensor_names, merged) if keep]
+        index = {n: i for i, n in enumerate(kept)}
+        return kept, [index.get(n) if keep else None for n, keep in zip(tensor_names, merged)]
+    if towers is None:
+        return _single_stack_groups(tensor_names, layer_groups)
+    labels = _tower_group_labels(tensor_names, towers, layer_groups)
+    kept_labels = [label for label, keep in zip(labels, merged) if keep]
+    names = list(dict.fromkeys(kept_labels))
+    index = {name: i for i, name in enumerate(names)}
+    return names, [index[label] if keep else None for label, keep in zip(labels, merged)]
+
+
+def _merged(tensor_names: Sequence[str], towers: Towers | None, frozen: Sequence[str]) -> list[bool]:
+    """Per tensor, whether the merge writes it (its tower is not frozen)."""
+    if not frozen:
+        return [True] * len(tensor_names)
+    if towers is None:
+        raise ValueError("frozen: this model has a single stack of numbered layers, no towers to freeze")
+    known = towers.names(tensor_names)
+    for name in frozen:
+        if name not in known:
+            raise ValueError(f"frozen: '{name}' is not a tower of this model (towers: {', '.join(known)})")
+    if set(known) <= set(frozen):
+        raise ValueError("frozen: every tower of the model is frozen, which leaves nothing to merge")
+    return [towers.tower(n) not in frozen for n in tensor_names]
+
+
+def _layer_count(k: int | None, n_layers: int) -> int:
+    if k is not None and not 1 <= k <= n_layers:
+        raise ValueError(f"layer_groups must be between 1 and the model's {n_layers} layers, got {k}")
+    return n_layers if k is None else k
+
+
+def _single_stack_groups(tensor_names: Sequence[str], layer_groups: int | None) -> tuple[list[str], list[int | None]]:
+    """k groups of consecutive layers; tensors outside the layers join the first group if they
+    come before them, the last otherwise."""
     layers = [layer_index(n) for n in tensor_names]
     found = sorted({i for i in layers if i is not None})
     if not found:
         raise ValueError("granularity per_layer_group: no numbered layers found in the model's tensor names")
     n_layers = found[-1] + 1
-    k = n_layers if layer_groups is None else layer_groups
-    if not 1 <= k <= n_layers:
-        raise ValueError(f"layer_groups must be between 1 and the model's {n_layers} layers, got {k}")
-    group_of_layer = [layer * k // n_layers for layer in range(n_layers)]
+    k = _layer_count(layer_groups, n_layers)
+    group_of_layer = _contiguous(n_layers, k)
     first_layer_pos = next(i for i, layer in enumerate(layers) if layer is not None)
-    groups: list[int] = []
+    groups: list[int | None] = []
     for pos, layer in enumerate(layers):
         if layer is not None:
             groups.append(group_of_layer[layer])
@@ -62,8 +110,43 @@ def group_tensors(
     names = []
     for g in range(k):
         members = [layer for layer in range(n_layers) if group_of_layer[layer] == g]
-        names.append(f"layers {members[0]}-{members[-1]}" if len(members) > 1 else f"layer {members[0]}")
+        names.append(f"layers {_span(members)}" if len(members) > 1 else f"layer {members[0]}")
     return names, groups
+
+
+def _tower_group_labels(tensor_names: Sequence[str], towers: Towers, layer_groups: int | None) -> list[str]:
+    """Per tensor, the name of its layer group in a model of several towers.
+
+    Each stack is split into ``layer_groups`` groups of consecutive layers (a stack with fewer
+    layers: one group per layer), named by the stack and its layers (``vision_tower.encoder.layers.0-1``).
+    A tower's tensors outside its stacks join its first group if they come before its layers, its
+    last group otherwise; a tower without layers (a projector) is one group of its own name.
+    """
+    positions = [stack_position(n) for n in tensor_names]
+    depth = {stack: 1 + max(p[1] for p in positions if p is not None and p[0] == stack) for stack in towers.stacks}
+    _layer_count(layer_groups, max(depth.values()))
+    labels_of_stack = {}
+    for stack, n_layers in depth.items():
+        k = n_layers if layer_groups is None else min(layer_groups, n_layers)
+        group_of_layer = _contiguous(n_layers, k)
+        spans = {g: _span([layer for layer in range(n_layers) if group_of_layer[layer] == g]) for g in range(k)}
+        labels_of_stack[stack] = [f"{towers.stack_name(stack)}.{spans[g]}" for g in group_of_layer]
+    layered: dict[str, list[int]] = {}  # per tower, the positions of its tensors inside stacks
+    for pos, (name, position) in enumerate(zip(tensor_names, positions)):
+        if position is not None:
+            layered.setdefault(towers.tower(name), []).append(pos)
+    labels = []
+    for pos, (name, position) in enumerate(zip(tensor_names, positions)):
+        tower = towers.tower(name)
+        if position is not None:
+            labels.append(labels_of_stack[position[0]][position[1]])
+        elif tower not in layered:
+            labels.append(tower)
+        else:
+            neighbour = layered[tower][0] if pos < layered[tower][0] else layered[tower][-1]
+            stack, layer = positions[neighbour]  # type: ignore[misc]
+            labels.append(labels_of_stack[stack][layer])
+    return labels
 
 
 @dataclass
@@ -118,6 +201,7 @@ class Space:
     granularity: str
     group_names: list[str]
     tensor_groups: dict[str, int]
+    """The group of every tensor the merge writes, in model order (frozen towers' are left out)."""
     genes: list[GeneRange]
     init: dict[str, float]
     """The starting value of each searched parameter (its declared default unless configured)."""
@@ -137,6 +221,7 @@ class Space:
         bounds: Mapping[str, tuple[float, float]] | None = None,
         init: Mapping[str, float] | None = None,
         options: Mapping[str, bool] | None = None,
+        frozen: Sequence[str] = (),
     ) -> "Space":
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got '{granularity}'")
@@ -152,7 +237,7 @@ class Space:
             method.param(name)
             if name in fixed:
                 raise ValueError(f"parameter '{name}' is both searched and fixed")
-        group_names, groups = group_tensors(tensor_names, granularity, layer_groups)
+        group_names, groups = group_tensors(tensor_names, granularity, layer_groups, frozen)
         genes: list[GeneRange] = []
         starts: dict[str, float] = {}
         offset = 0
@@ -190,7 +275,7 @@ class Space:
             n_models=n_models,
             granularity=granularity,
             group_names=group_names,
-            tensor_groups=dict(zip(tensor_names, groups)),
+            tensor_groups={name: g for name, g in zip(tensor_names, groups) if g is not None},
             genes=genes,
             init=starts,
             fixed=fixed,
@@ -204,6 +289,10 @@ class Space:
     def x0(self) -> np.ndarray:
         """The declared (or configured) starting values, in unit-cube coordinates."""
         return np.concatenate([np.full(g.size, g.to_unit(self.init[g.name])) for g in self.genes]) if self.genes else np.zeros(0)
+
+    def summary(self) -> dict:
+        """What the run store records of the space a population searches."""
+        return {"method": self.method.name, "granularity": self.granularity, "dim": self.dim, "groups": self.group_names}
 
     def search_spec(self) -> SearchSpec:
         """The strategies' view of this space: dimension, start and where each parameter's genes lie."""

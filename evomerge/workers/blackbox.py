@@ -240,7 +240,8 @@ class BlackBoxWorker(Worker):
         fitness = config.fitness
         own = brings_own_examples(fitness.name)
         self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
-        self.space, self.codecs = plan.codecs({})  # one value per expert: no tensors to group
+        self.space = plan.space([])  # one value per expert: no tensors to group
+        self.codecs = plan.codecs(self.space, {})
         self.cache = ResponseCache()
         self._loop = asyncio.new_event_loop()
         self.client = ApiClient(

@@ -42,9 +42,11 @@ from evomerge.models.vocab import VocabularyAlignment, align_working_model, voca
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
 from evomerge.space.merge_space import Space
+from evomerge.space.paths import PathSpace
 from evomerge.workers.base import Scored, Worker
 from evomerge.workers.extra_metrics import ExtraMetrics
 from evomerge.workers.materializer import Materializer
+from evomerge.workers.path_model import PathMaterializer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +57,10 @@ class LoadedModels:
 
     model: torch.nn.Module
     tokenizer: object | None
-    materializer: Materializer
+    materializer: Materializer | PathMaterializer
+    space: Space | PathSpace
+    """The space candidates are decoded in: the merge space over the working model's parameters
+    (its tensors are the merged ones), or the data-flow space over the sources' layers."""
     tensor_names: list[str]
     vocabulary: VocabularyAlignment | None = None
     """How the experts' vocabularies were aligned to the working model's, when they differ."""
@@ -70,6 +75,8 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     adapters = [is_adapter(ref) for ref in refs]
     if any(adapters) and config.models.base is None:
         raise ModelLoadError("models.base: LoRA adapters are merged onto their base model; name it in models.base")
+    if plan.dataflow:
+        return _load_path_sources(plan, refs, device, dtype)
     if plan.method.inputs == LORA_FACTORS:
         return _load_adapter_slots(plan, refs, labels, adapters, device, dtype)
     working_ref = plan.working_model
@@ -87,7 +94,9 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     if vocab is not None:
         align_working_model(model, vocab, record=has_base)
         vocab.extend_tokenizer(tokenizer)
-    targets = {name: p.data for name, p in model.named_parameters()}
+    space = plan.space([name for name, _ in model.named_parameters()])
+    targets = {name: p.data for name, p in model.named_parameters() if name in space.tensor_groups}
+    frozen = {name for name, _ in model.named_parameters() if name not in targets}  # merge.frozen towers
     base_state = targets if has_base else None  # the materializer clones the base first
 
     def expert_states():
@@ -98,14 +107,26 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
                 expert = load_model(ref, device, dtype)
                 state = {n: p.data for n, p in expert.named_parameters()}
                 del expert
-            yield label, state if vocab is None else vocab.align(row + has_base, state)
-            del state
+            aligned = state if vocab is None else vocab.align(row + has_base, state)
+            yield label, {name: t for name, t in aligned.items() if name not in frozen}
+            del state, aligned
             gc.collect()
 
     materializer = Materializer.from_state_dicts(targets, expert_states(), len(refs), base=base_state)
     if vocab is not None:
         vocab.fill_(materializer.tensors)
-    return LoadedModels(model, tokenizer, materializer, list(targets), vocab)
+    return LoadedModels(model, tokenizer, materializer, space, list(targets), vocab)
+
+
+def _load_path_sources(plan: RunPlan, refs: list[str], device: torch.device, dtype: torch.dtype) -> LoadedModels:
+    """For the data-flow space: the first source is the working model; the others lend their
+    decoder layers, resident beside it (their embeddings and heads are dropped)."""
+    working = load_model(refs[0], device, dtype)
+    others = [load_model(ref, device, dtype) for ref in refs[1:]]
+    materializer = PathMaterializer.from_models(working, others)
+    del others
+    gc.collect()
+    return LoadedModels(working, load_tokenizer(refs[0]), materializer, plan.path_space(), [])
 
 
 def _load_adapter_slots(
@@ -123,7 +144,7 @@ def _load_adapter_slots(
     scaling = lora_scaling(lora_config(refs[0]))
     states = ((label, adapter_factors(ref, device, dtype, scaling)) for label, ref in zip(labels, refs))
     materializer = Materializer.from_state_dicts(targets, states, len(refs), base=None)
-    return LoadedModels(model, load_tokenizer(base_ref), materializer, list(targets))
+    return LoadedModels(model, load_tokenizer(base_ref), materializer, plan.space(list(targets)), list(targets))
 
 
 class WhiteBoxWorker(Worker):
@@ -135,8 +156,10 @@ class WhiteBoxWorker(Worker):
         self.worker_id = worker_id or f"local-{os.getpid()}"
         self.device = resolve_device(config.models.device)
         self.models = load_resident_models(plan, self.device)
-        layout = {name: tuple(t.shape) for name, t in self.models.materializer.targets.items()}
-        self.space, self.codecs = plan.codecs(layout)
+        self.dataflow = plan.dataflow
+        layout = {} if plan.dataflow else {name: tuple(t.shape) for name, t in self.models.materializer.targets.items()}
+        self.space = self.models.space
+        self.codecs = plan.codecs(self.space, layout)
         if plan.method.needs_fisher:  # estimated once, kept for the whole run
             from evomerge.merge.fisher import FISHER_FLOOR
             from evomerge.workers.fisher_estimate import expert_fishers
@@ -226,17 +249,22 @@ class WhiteBoxWorker(Worker):
         ``metrics["baseline"]`` says ``base`` or ``expert``).
 
         An expert is the linear merge with all weight on it, so it is applied like any candidate;
-        the base is the reference the experts' task vectors are taken from.
+        the base is the reference the experts' task vectors are taken from. In the data-flow space a
+        source is the path through its own layers (in the first source's embeddings and head, which
+        is the first source exactly), and no base is scored alone.
         """
         n = len(self.config.models.experts)
-        alone = Space.build(LINEAR, self.models.tensor_names, n, "per_model")
         baselines = []
-        if self.models.materializer.has_base:
+        if not self.dataflow and self.models.materializer.has_base:
             label = Path(self.config.models.base).name or self.config.models.base
             baselines.append(self._scored_with_spending(label, "", lambda: self._alone(self.models.materializer.apply_base, "base")))
         for i, label in enumerate(self.config.models.expert_labels()):
-            recipe = alone.decode(alone.encode(LINEAR.expert_alone(i, n)))
-            apply = functools.partial(self.models.materializer.apply, recipe)
+            if self.dataflow:
+                decoded = self.space.source_alone(i)
+            else:
+                alone = Space.build(LINEAR, self.models.tensor_names, n, "per_model")
+                decoded = alone.decode(alone.encode(LINEAR.expert_alone(i, n)))
+            apply = functools.partial(self.models.materializer.apply, decoded)
             baselines.append(self._scored_with_spending(label, "", lambda: self._alone(apply, "expert")))
         return baselines
 

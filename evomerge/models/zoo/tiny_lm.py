@@ -1,7 +1,7 @@
 """Tiny causal language models built and trained on this machine, for the LM demo and the tests.
 
 Nothing is downloaded: the tokenizer is character-level and built in memory, the model is a small
-Llama-architecture ``LlamaForCausalLM``, and the data are synthetic skills (two-digit addition,
+Llama-architecture ``LlamaForCausalLM`` (or an image-text Gemma 3 for multimodal tests), and the data are synthetic skills (two-digit addition,
 string reversal, …) generated from a seed. Models and tokenizers save with ``save_pretrained``, so
 the rest of evomerge loads them exactly as it loads users' models.
 """
@@ -63,6 +63,34 @@ def tiny_llama(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+IMAGE_TOKENS = 4
+"""Soft tokens a tiny Gemma 3 spends on one image (its vision tower sees 32×32 pixels in 8×8 patches)."""
+
+
+def tiny_gemma3(tokenizer, *, hidden: int = 32, layers: int = 4, vision_layers: int = 3, seed: int = 0):
+    """A randomly initialised image-text Gemma 3 (``Gemma3ForConditionalGeneration``: language
+    model, SigLIP vision tower, projector) whose text vocabulary is the tokenizer's plus the three
+    image tokens (begin, end, image) after it."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    n = len(tokenizer)
+    text = dict(
+        vocab_size=n + 3, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=128,
+        sliding_window=16, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    vision = dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_layers, num_attention_heads=2,
+        image_size=32, patch_size=8, vision_use_head=False,
+    )
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=IMAGE_TOKENS,
+        boi_token_index=n, eoi_token_index=n + 1, image_token_index=n + 2,
+    )
+    torch.manual_seed(seed)
+    return Gemma3ForConditionalGeneration(config)
 
 
 # --- synthetic skills: (prompt, target) pairs from a seeded generator -------------------------------

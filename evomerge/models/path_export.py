@@ -1,0 +1,84 @@
+"""A data-flow path as a standard model: its layers stacked in order, its scales folded into weights.
+
+A scale c_k on the hidden state entering position k multiplies the residual stream from there on,
+so the stream after k is C_k = c_1 · … · c_k times that of a model without scales whose every
+sublayer writes 1/C_k of its output. In a pre-norm transformer (Llama, Mistral, Qwen2) each
+sublayer reads the stream through a norm, which does not see the factor (exact up to the norm's
+epsilon), and writes it through its output projection: dividing ``o_proj`` and ``down_proj`` by
+C_k folds the scales away, and the final norm removes the last C. Gemma2/3 put a norm after each
+sublayer, so their output is scaled by those norms' weights instead (a Gemma norm multiplies by
+1 + w). An architecture with no declaration here is refused when a scale differs from 1; with all
+scales 1 any architecture stacks exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from evomerge.errors import UserError
+from evomerge.space.paths import Path
+from evomerge.workers.path_model import PathMaterializer, decoder_stack
+
+Fold = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+def _divide(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    return tensor / factor
+
+
+def _divide_gemma_norm(weight: torch.Tensor, factor: float) -> torch.Tensor:
+    return (1.0 + weight.double()) / factor - 1.0
+
+
+_LINEAR_OUT = {"self_attn.o_proj.weight": _divide, "self_attn.o_proj.bias": _divide, "mlp.down_proj.weight": _divide, "mlp.down_proj.bias": _divide}
+_GEMMA_POST_NORMS = {"post_attention_layernorm.weight": _divide_gemma_norm, "post_feedforward_layernorm.weight": _divide_gemma_norm}
+
+SCALE_FOLDS: dict[str, dict[str, Fold]] = {
+    "llama": _LINEAR_OUT,
+    "mistral": _LINEAR_OUT,
+    "qwen2": _LINEAR_OUT,
+    "qwen3": _LINEAR_OUT,
+    "gemma2": _GEMMA_POST_NORMS,
+    "gemma3_text": _GEMMA_POST_NORMS,
+}
+"""Per ``model_type``: the tensors of a layer (name within the layer) that write its output to the
+residual stream, and how dividing that output by a factor changes each."""
+
+
+class ScaleFoldError(UserError):
+    """The path's scales cannot be folded exactly into this architecture's weights."""
+
+
+def stacked_model(paths: PathMaterializer, path: Path) -> nn.Module:
+    """A fresh model of ``len(path)`` layers equal to the worker's path model, scales folded in."""
+    working = paths.model
+    config = paths.path_config(path)
+    text = config.get_text_config()
+    folds = SCALE_FOLDS.get(text.model_type)
+    if folds is None and any(scale != 1.0 for scale in path.scales):
+        raise ScaleFoldError(
+            f"scales cannot be folded exactly into a {text.model_type} model's weights (known: {', '.join(sorted(SCALE_FOLDS))});"
+            " search it with merge.dataflow.scaling: none to export it"
+        )
+    prefix, cumulative = _layers_prefix(working), 1.0
+    state = {name: tensor for name, tensor in working.state_dict().items() if not name.startswith(prefix)}
+    for position, ((source, index), scale) in enumerate(zip(path.layers, path.scales)):
+        cumulative *= scale
+        for name, tensor in paths.layers[source][index].state_dict().items():
+            fold = (folds or {}).get(name)
+            value = tensor if fold is None or cumulative == 1.0 else fold(tensor, cumulative).to(tensor.dtype)
+            state[f"{prefix}{position}.{name}"] = value.clone()
+    model = type(working)(config).to(device=working.device, dtype=working.dtype)
+    model.load_state_dict(state, strict=True)
+    model.generation_config = copy.deepcopy(working.generation_config)
+    return model.eval()
+
+
+def _layers_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the decoder layers (``model.layers.``)."""
+    layers = decoder_stack(model).layers
+    return next(f"{name}." for name, module in model.named_modules() if module is layers)
