@@ -26,8 +26,9 @@ MEDIAN_WINDOW = 20
 its whole history (which the early, random candidates would hold down)."""
 
 USAGE_PREFIX = "usage."
-"""Black-box workers record API usage as ``metrics["usage"] = {"requests", "prompt_tokens",
-"completion_tokens", "cost"}``; flattened, those become the ``usage.*`` columns."""
+"""Black-box workers (and a fitness that asks an API: the judge) record API usage as
+``metrics["usage"] = {"requests", "prompt_tokens", "completion_tokens", "cost"}``; flattened, those
+become the ``usage.*`` columns."""
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -297,7 +298,7 @@ def _seed_recipe_table(genome: np.ndarray, shapes: dict[str, tuple[int, ...]], g
 
 # --- the experts beside the best merge ---------------------------------------------------------
 def expert_comparison(path: str | Path) -> pd.DataFrame:
-    """The best merge and each expert on the fitness data (the experts are scored once when the
+    """The best merge, the base and each expert on the fitness data (scored alone once when the
     run starts, ``score_experts``): mean fitness, and on how many examples the best merge scores
     above, below or the same as the expert. Empty when the run did not score its experts."""
     store = RunStore(Path(path), readonly=True)
@@ -314,7 +315,7 @@ def expert_comparison(path: str | Path) -> pd.DataFrame:
         rows.append({"model": f"best merge ({best.candidate_id})", "fitness": best.fitness})
     merged = None if best is None else best.per_example
     for b in baselines:
-        row: dict[str, Any] = {"model": f"expert {b['name']}", "fitness": b["fitness"] if b["status"] == "ok" else math.nan}
+        row: dict[str, Any] = {"model": f"{b['role']} {b['name']}", "fitness": b["fitness"] if b["status"] == "ok" else math.nan}
         theirs = b["per_example"]
         if merged is not None and theirs is not None and len(theirs) == len(merged):
             row.update(
@@ -324,3 +325,37 @@ def expert_comparison(path: str | Path) -> pd.DataFrame:
             )
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
+
+
+def task_ratios(path: str | Path) -> pd.DataFrame:
+    """Per task, the best merge's score and its ratio to the base's and each expert's (scored alone
+    when the run started): ``fitness`` (the mean over ``fitness.data``), each task its examples
+    name (``per_task``: a ``task`` field, lm-eval's tasks) and each data set of ``fitness.tasks``.
+
+    A ratio is merged / reference, so 1.0 means the merge keeps that model's score on the task;
+    it is NaN where the reference scores 0 or below (negative log-likelihoods, an expert with no
+    right answer), where a ratio does not say better or worse. Empty when the run scored no
+    baselines or has no fully scored candidate."""
+    from evomerge.runs import load_run_config
+
+    store = RunStore(Path(path), readonly=True)
+    try:
+        baselines = [b for b in store.baselines() if b["status"] == "ok"]
+        best = store.best()
+        config = load_run_config(store) if baselines and best is not None else None
+    finally:
+        store.close()
+    if config is None or best is None:
+        return pd.DataFrame()
+
+    def scores(fitness: float, metrics: dict[str, Any]) -> dict[str, float]:
+        named = {name: metrics[name] for name in config.fitness.tasks if isinstance(metrics.get(name), (int, float))}
+        return {"fitness": fitness, **metrics.get("per_task", {}), **named}
+
+    merged = scores(best.fitness, best.metrics)
+    table = pd.DataFrame({"best merge": pd.Series(merged, dtype=float)})
+    for b in baselines:
+        theirs = pd.Series(scores(b["fitness"], b["metrics"]), dtype=float).reindex(table.index)
+        table[f"÷ {b['role']} {b['name']}"] = (table["best merge"] / theirs).where(theirs > 0)
+    table.index.name = "task"
+    return table

@@ -176,7 +176,7 @@ def model_card(
     lines += [f"| merged: {name} | {value:.4f} |" for name, value in document["scores"].items()]
     for row in baselines:
         value = "failed" if row.get("fitness") is None or row.get("status") != "ok" else f"{row['fitness']:.4f}"
-        lines.append(f"| expert {row['name']}: fitness | {value} |")
+        lines.append(f"| {row['role']} {row['name']}: fitness | {value} |")
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(document["recipe"], sort_keys=False).strip(), "```", ""]
     if has_mergekit:
         lines += [f"`{MERGEKIT_NAME}` rebuilds these weights with mergekit: `mergekit-yaml {MERGEKIT_NAME} OUT`.", ""]

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from evomerge.config import DataConfig, MergeConfig, RunConfig, field_path
 from evomerge.errors import ConfigError, UserError
-from evomerge.fitness import brings_own_examples, own_examples
+from evomerge.fitness import brings_own_examples, may_spend_api_usage, own_examples
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
 from evomerge.merge.method import MergeMethod
@@ -227,8 +227,13 @@ class RunPlan:
         """What a black-box run can search: one value per expert of its service's method, no weights."""
         config = self.config
         if config.api is None:
-            if any(getattr(config.budget, key) is not None for key in ("requests", "tokens", "cost")):
-                raise self._fail("budget", "requests, tokens and cost limit black-box runs; add an api section")
+            usage_limited = any(getattr(config.budget, key) is not None for key in ("requests", "tokens", "cost"))
+            if usage_limited and not may_spend_api_usage(config.fitness.name):
+                raise self._fail(
+                    "budget",
+                    f"requests, tokens and cost limit API usage, which fitness '{config.fitness.name}' has none of;"
+                    " add an api section (black-box run) or score with a judge (fitness.name: judge)",
+                )
             return
         if config.merge.frozen:
             raise self._fail("merge.frozen", "black-box runs merge no weights of their own; remove merge.frozen")

@@ -112,7 +112,8 @@ CREATE TABLE IF NOT EXISTS baselines (
     fitness REAL,
     per_example BLOB,
     error TEXT,
-    recorded REAL NOT NULL
+    recorded REAL NOT NULL,
+    metrics_json TEXT
 );
 """
 
@@ -279,6 +280,8 @@ class RunStore:
                         self._db.execute(statement)
                 if not self._has_fidelity():  # a run directory from before schema 5
                     self._db.execute("ALTER TABLE evaluations ADD COLUMN fidelity REAL")
+                if not self._has_column("baselines", "metrics_json"):  # from before the baselines' metrics
+                    self._db.execute("ALTER TABLE baselines ADD COLUMN metrics_json TEXT")
                 self._db.execute("UPDATE runs SET schema_version = ? WHERE schema_version < ?", (SCHEMA_VERSION, SCHEMA_VERSION))
         self._fidelity_column = self._has_fidelity()
 
@@ -301,7 +304,10 @@ class RunStore:
                 self._lock.release()
 
     def _has_fidelity(self) -> bool:
-        return any(r["name"] == "fidelity" for r in self._db.execute("PRAGMA table_info(evaluations)"))
+        return self._has_column("evaluations", "fidelity")
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return any(r["name"] == column for r in self._db.execute(f"PRAGMA table_info({table})"))
 
     def _fully_scored(self) -> str:
         """The SQL condition for evaluations scored on every fitness example (no condition on a
@@ -424,13 +430,14 @@ class RunStore:
         )
 
     def add_baseline(self, expert: str, ev: Evaluation) -> None:
-        """An expert scored alone on the fitness data (what the report compares the best merge
-        with), and the service answers it brought."""
+        """An expert (or the base) scored alone on the fitness data, with its metrics (per-task
+        means: what the report compares the best merge with), and the service answers it brought."""
         fitness = ev.fitness if np.isfinite(ev.fitness) else None
         with self._write():
             self._db.execute(
-                "INSERT OR REPLACE INTO baselines (name, status, fitness, per_example, error, recorded) VALUES (?, ?, ?, ?, ?, ?)",
-                (expert, ev.status, fitness, _pack_scores(ev.per_example), ev.error, time.time()),
+                "INSERT OR REPLACE INTO baselines (name, status, fitness, per_example, error, recorded, metrics_json)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (expert, ev.status, fitness, _pack_scores(ev.per_example), ev.error, time.time(), json.dumps(ev.metrics)),
             )
             self._save_responses(ev.responses)
 
@@ -571,12 +578,19 @@ class RunStore:
         return {p: (asked.get(p, 0), done.get(p, 0)) for p in set(asked) | set(done)}
 
     def baselines(self) -> list[dict[str, Any]]:
-        """The experts scored alone, in the order recorded (none in runs that did not score them)."""
+        """The base and the experts scored alone, in the order recorded (none in runs that did not
+        score them); ``role`` is ``base`` or ``expert``, and ``metrics`` is empty for run directories
+        from before they were kept."""
         try:
             rows = self._db.execute("SELECT * FROM baselines ORDER BY rowid").fetchall()
         except sqlite3.OperationalError:  # a run directory written before baselines were recorded
             return []
-        return [{**dict(r), "per_example": _unpack_scores(r["per_example"])} for r in rows]
+        baselines = []
+        for r in rows:
+            metrics = json.loads(dict(r).get("metrics_json") or "{}")
+            role = metrics.get("baseline", "expert")
+            baselines.append({**dict(r), "per_example": _unpack_scores(r["per_example"]), "metrics": metrics, "role": role})
+        return baselines
 
     def api_responses(self) -> dict[str, Any]:
         """Every black-box answer the run recorded, by cache key (``evomerge.service.response_cache``):

@@ -59,12 +59,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @contextmanager
-def serve_process(base: Path, adapters: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+def serve_process(base: Path, adapters: Path | None, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """``evomerge serve`` in a child process on 127.0.0.1; yields (base URL, process) once healthy."""
     port = port or free_port()
     env = {**os.environ, "EVOMERGE_SERVE_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "evomerge.cli", "serve", "--model", str(base), "--adapters", str(adapters),
-               "--port", str(port), "--served-model-name", "tiny-base"]
+    command = [sys.executable, "-m", "evomerge.cli", "serve", "--model", str(base), "--port", str(port),
+               "--served-model-name", "tiny-base"] + (["--adapters", str(adapters)] if adapters is not None else [])
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -96,6 +96,33 @@ def service(tiny_models) -> Iterator[str]:
     """One reference service for the session's tests (they only add and remove their own adapters)."""
     with serve_process(tiny_models["base"], tiny_models["adapters"]) as (url, _):
         yield url
+
+
+JUDGE_KEY_ENV = "EVOMERGE_TEST_JUDGE_KEY"
+
+
+@pytest.fixture(scope="session")
+def judge_service(tmp_path_factory) -> Iterator[str]:
+    """``evomerge serve`` over an untrained character Llama, as a judge: its replies are random
+    text, but greedy, so the same rubric prompt always gets the same reply."""
+    from evomerge.testing.tiny_models import char_llama
+
+    root = tmp_path_factory.mktemp("judge-model")
+    model, tokenizer = char_llama(seed=3)
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    with serve_process(root, None) as (url, _):
+        yield url
+
+
+@pytest.fixture
+def judge_options(judge_service, monkeypatch) -> dict:
+    """``fitness.options.judge`` for the loopback judge: a digit in its reply is the grade (0–9)."""
+    monkeypatch.setenv(JUDGE_KEY_ENV, TOKEN)
+    return {
+        "base_url": judge_service, "model": "tiny-base", "api_key_env": JUDGE_KEY_ENV,
+        "rubric": "{prompt}{answer}|", "score_regex": r"(\d)", "scale": [0, 9], "max_tokens": 4,
+    }
 
 
 @contextmanager

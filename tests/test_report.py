@@ -20,21 +20,22 @@ import pytest
 import yaml
 
 import evomerge
-from evomerge.analysis import api_usage, archive_history
+from evomerge.analysis import api_usage, archive_history, task_ratios
 from evomerge.cli import main
 from evomerge.report import SECTIONS, render_report
 from evomerge.store import RunStore
 
 SCREENSHOT = Path("/tmp/evomerge-report-screenshot.png")
 
-# Scores like the built-in accuracy, but every 7th call fails: the failures section has content.
+# Scores like the built-in accuracy, but the 8th, 15th, 22nd … calls fail (every 7th after the base
+# alone): the failures section has content.
 FLAKY_PLUGIN = """
 from evomerge.fitness.classification import classification_accuracy
 CALLS = {"n": 0}
 
 def flaky_accuracy(model, tokenizer, examples):
     CALLS["n"] += 1
-    if CALLS["n"] % 7 == 0:
+    if CALLS["n"] % 7 == 1 and CALLS["n"] > 1:
         raise RuntimeError("pretend out of memory")
     return classification_accuracy(model, tokenizer, examples)
 """
@@ -100,6 +101,7 @@ def test_report_has_every_section_and_plot(finished_run, tmp_path):
     assert "pretend out of memory" in page and "RuntimeError" in page  # failures, with the traceback
     assert "not a black-box run" in page
     assert "expert digits 0-4" in page and "expert digits 5-9" in page and "best merge (" in page
+    assert "base base" in page and "÷ expert digits 5-9" in page  # the per-task ratios
     assert 'http-equiv="refresh"' not in page  # only a live page reloads itself
 
 
@@ -111,15 +113,26 @@ def test_report_data_match_the_store(finished_run):
     store.close()
     assert len(frame) == len(rows) == 24 and list(frame["candidate_id"]) == [r.candidate_id for r in rows]
     assert (frame["status"] == "failed").sum() == sum(r.status == "failed" for r in rows) > 0
-    assert [b["name"] for b in baselines] == ["digits 0-4", "digits 5-9"]  # scored before the search
+    assert [(b["role"], b["name"]) for b in baselines] == [("base", "base"), ("expert", "digits 0-4"), ("expert", "digits 5-9")]
     history = archive_history(finished_run)
     m2n2 = frame[frame["population"] == "m2n2"]
     assert len(history) == len(m2n2)
     assert history["coverage"].between(0, 1).all() and (history["members"] <= 4).all()
     # the first two M2N2 candidates are the experts themselves: coverage of the two is the union
-    low, high = (b["per_example"] for b in baselines)
-    assert m2n2.iloc[:2]["status"].eq("ok").all()  # the 7th, 14th … fitness calls fail, not these
+    low, high = (b["per_example"] for b in baselines[1:])
+    assert m2n2.iloc[:2]["status"].eq("ok").all()  # the 8th, 15th … fitness calls fail, not these
     assert history["coverage"].iloc[1] == pytest.approx(np.mean(np.maximum(low, high) > 0))
+
+
+def test_task_ratios_divide_the_best_merge_by_the_base_and_each_expert(finished_run):
+    table = task_ratios(finished_run)
+    store = RunStore(finished_run, readonly=True)
+    best, baselines = store.best(), store.baselines()
+    store.close()
+    assert list(table.index) == ["fitness"]  # digits rows name no task
+    assert table.loc["fitness", "best merge"] == pytest.approx(best.fitness)
+    for b in baselines:
+        assert table.loc["fitness", f"÷ {b['role']} {b['name']}"] == pytest.approx(best.fitness / b["fitness"])
 
 
 def test_api_usage_table_sums_black_box_metrics():
@@ -230,6 +243,6 @@ def test_report_of_a_resumed_run(tmp_path, digit_models, data_file, monkeypatch)
     page = render_report(run_dir).html
     assert re.search(r"resumed 1×", page) and "14 evaluations" in page and ">finished<" in page
     store = RunStore(run_dir, readonly=True)
-    assert [b["name"] for b in store.baselines()] == ["digits 0-4", "digits 5-9"]  # scored once, kept
+    assert [b["name"] for b in store.baselines()] == ["base", "digits 0-4", "digits 5-9"]  # scored once, kept
     store.close()
     assert len(archive_history(run_dir)) == 7

@@ -1,4 +1,5 @@
-"""Fitness functions: ``fn(model, tokenizer, examples) -> per-example scores`` (higher is better).
+"""Fitness functions: ``fn(model, tokenizer, examples) -> per-example scores`` (higher is better),
+or a :class:`~evomerge.fitness.result.FitnessResult` when scoring costs API usage (a judge).
 
 Built-ins are named by registry key; user plugins by ``"package.module:function"`` or by name
 through the entry-point group ``evomerge.fitness``. Most read their examples from ``fitness.data``;
@@ -17,8 +18,10 @@ import numpy as np
 from evomerge.errors import PluginError
 from evomerge.fitness.classification import classification_accuracy
 from evomerge.fitness.harness import lm_eval_documents, lm_eval_fitness
+from evomerge.fitness.judge import check_options as check_judge_options, judge
 from evomerge.fitness.lm import exact_match, multiple_choice_loglik, negative_cross_entropy
 from evomerge.fitness.plugins import load_function
+from evomerge.fitness.result import split_result
 
 FitnessFn = Callable[[Any, Any, Any], Any]
 
@@ -27,6 +30,7 @@ FITNESS_FUNCTIONS: dict[str, FitnessFn] = {
     "multiple_choice_loglik": multiple_choice_loglik,
     "negative_cross_entropy": negative_cross_entropy,
     "exact_match": exact_match,
+    "judge": judge,
     "lm_eval": lm_eval_fitness,
 }
 
@@ -34,6 +38,19 @@ EXAMPLE_SOURCES: dict[str, Callable[..., Any]] = {"lm_eval": lm_eval_documents}
 """Fitness functions that bring their own examples, each with ``fn(**options) -> examples``."""
 
 ENTRY_POINT_GROUP = "evomerge.fitness"
+
+OPTION_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"judge": check_judge_options}
+"""Built-ins whose options hold more than a signature can check (the judge's spec), checked
+when the run starts and by ``evomerge validate``, in both modes (the names are shared)."""
+
+API_USING_FITNESS = frozenset({"judge"})
+"""Built-ins that ask a service of their own and report its usage (``FitnessResult.metrics``)."""
+
+
+def may_spend_api_usage(name: str) -> bool:
+    """Whether fitness ``name`` can report API usage for the run's requests/tokens/cost budgets:
+    a built-in that asks a service, or a plugin (it may return a ``FitnessResult`` with usage)."""
+    return name in API_USING_FITNESS or name not in FITNESS_FUNCTIONS
 
 
 def resolve_fitness(name: str) -> FitnessFn:
@@ -92,6 +109,8 @@ def with_options(fn: FitnessFn, name: str, options: dict[str, Any]) -> FitnessFn
     Checked against the signature once, so a function that does not take an option stops the
     run with one message instead of failing every candidate with a TypeError.
     """
+    if name in OPTION_CHECKS:
+        OPTION_CHECKS[name](options)
     if not options:
         return fn
     try:
@@ -102,6 +121,13 @@ def with_options(fn: FitnessFn, name: str, options: dict[str, Any]) -> FitnessFn
     except ValueError:  # no signature to check (some builtins): let the call decide
         pass
     return functools.partial(fn, **options)
+
+
+def scores_and_metrics(raw: Any, n_examples: int, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """A fitness function's return value as validated per-example scores and the metrics it
+    reported (a :class:`~evomerge.fitness.result.FitnessResult`'s usage; none for bare scores)."""
+    scores, metrics = split_result(raw)
+    return per_example_scores(scores, n_examples, name), metrics
 
 
 def per_example_scores(raw: Any, n_examples: int, name: str) -> np.ndarray:
@@ -121,9 +147,11 @@ __all__ = [
     "FITNESS_FUNCTIONS",
     "FitnessFn",
     "brings_own_examples",
+    "may_spend_api_usage",
     "own_examples",
     "per_example_scores",
     "resolve_blackbox_fitness",
     "resolve_fitness",
+    "scores_and_metrics",
     "with_options",
 ]

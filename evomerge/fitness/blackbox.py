@@ -4,7 +4,7 @@
 two ways an OpenAI-compatible completions API can score text — the log-likelihood of a
 continuation given a context (``/v1/completions`` with ``echo`` and ``logprobs``, lm-eval's
 convention) and generation — and nothing else, so these functions never see weights, HTTP or
-retries. They mirror the white-box functions of ``lm.py`` under the same names and options, so a
+retries (``judge`` asks its judge through the house client, as the white-box judge does). They mirror the white-box functions of ``lm.py`` under the same names and options, so a
 config's ``fitness`` works in both modes; examples are the same rendered text rows.
 """
 
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 from evomerge.fitness.harness import lm_eval_served
+from evomerge.fitness.judge import judge_answers, judge_spec
 from evomerge.fitness.lm import DEFAULT_ANSWER_REGEX, _require, extract_answer
+from evomerge.fitness.result import FitnessResult
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class ServedModel(Protocol):
     async def generate(self, prompt: str, *, max_tokens: int, stop: Sequence[str] = ()) -> str: ...
 
 
-BlackBoxFitness = Callable[[ServedModel, Sequence[dict[str, Any]]], Awaitable[Sequence[float]]]
+BlackBoxFitness = Callable[[ServedModel, Sequence[dict[str, Any]]], Awaitable[Sequence[float] | FitnessResult]]
 
 
 async def negative_cross_entropy(model: ServedModel, examples: Sequence[dict[str, Any]]) -> list[float]:
@@ -73,9 +75,24 @@ async def exact_match(
     ]
 
 
+async def judge(
+    model: ServedModel,
+    examples: Sequence[dict[str, Any]],
+    *,
+    judge: dict[str, Any],
+    max_new_tokens: int = 32,
+    stop: Sequence[str] = (),
+) -> FitnessResult:
+    """The candidate's greedy generations, each graded by a judge model (``evomerge.fitness.judge``)."""
+    spec = judge_spec(judge, examples)
+    answers = await asyncio.gather(*(model.generate(e["prompt"], max_tokens=max_new_tokens, stop=stop) for e in examples))
+    return await judge_answers(spec, examples, answers)
+
+
 BLACKBOX_FITNESS_FUNCTIONS: dict[str, BlackBoxFitness] = {
     "negative_cross_entropy": negative_cross_entropy,
     "multiple_choice_loglik": multiple_choice_loglik,
     "exact_match": exact_match,
+    "judge": judge,
     "lm_eval": lm_eval_served,
 }

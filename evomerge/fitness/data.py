@@ -143,7 +143,8 @@ def _text_examples(
 
     Unset fields default to the row's own ``prompt`` (required), ``target``, ``choices`` and
     ``label`` fields (each taken when present); set fields are required in every row. ``target``
-    is a field name, or a template when it contains ``{``.
+    is a field name, or a template when it contains ``{``. A row's ``task`` field is kept: the
+    evaluations record a mean per task.
     """
     if split is not None and any("split" in row for _, row in rows):
         rows = [(n, row) for n, row in rows if row.get("split") == split]
@@ -174,6 +175,8 @@ def _text_examples(
                 raise ConfigError(
                     f"{path}: row {number}: label {example['label']} is outside its {len(example['choices'])} choices"
                 )
+        if "task" in row:  # several benchmarks in one file: the report compares per task
+            example["task"] = str(row["task"])
         examples.append(example)
     return examples
 

@@ -224,31 +224,60 @@ def exact_match(
     match of ``answer_regex``, or what ``answer_fn`` (``"package.module:function"``, text → answer
     or None) returns. ``target_regex`` extracts the reference answer from targets that hold more
     than the answer (GSM8K's ``"… #### 72"``); without it the whole stripped target is the answer.
-    Generation is greedy and stops for each row at an EOS token (the model's generation config's
-    and the tokenizer's) or once its first stop string is settled; the batch ends when every row
-    has. Prompts are tokenized once per tokenizer and set of prompts, sorted by length and
-    left-padded, so that every row's generation starts right after its prompt.
+    Generation is :func:`greedy_generations`.
     """
     import torch
 
+    _require(examples, ("target",), "exact_match")
+    extract = _answer_extractor(answer_regex, answer_fn)
+    texts = greedy_generations(
+        model, tokenizer, [e["prompt"] for e in examples], batch_size=batch_size, max_new_tokens=max_new_tokens,
+        stop=stop, fitness="exact_match",
+    )
+    scores = []
+    for example, text in zip(examples, texts):
+        answer = extract(text)
+        target = str(example["target"]).strip()
+        if target_regex is not None:
+            target = extract_answer(target, target_regex)
+        scores.append(float(answer is not None and answer == target))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+def greedy_generations(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop: Sequence[str],
+    fitness: str,
+) -> list[str]:
+    """Each prompt's greedy generation (special tokens dropped), cut at its first ``stop`` string:
+    what ``exact_match`` extracts its answer from and what the judge fitness has graded.
+
+    Generation stops for each row at an EOS token (the model's generation config's and the
+    tokenizer's) or once its first stop string is settled; the batch ends when every row has.
+    Prompts are tokenized once per tokenizer and set of prompts, sorted by length and left-padded,
+    so that every row's generation starts right after its prompt.
+    """
     from transformers import StoppingCriteriaList
 
     from evomerge.fitness.packing import cached, pack
     from evomerge.fitness.stopping import StopAtStrings
 
-    _require(examples, ("target",), "exact_match")
     if tokenizer is None:
-        raise PluginError("fitness 'exact_match' needs the model's tokenizer")
-    extract = _answer_extractor(answer_regex, answer_fn)
-    pad = _pad_id(tokenizer, "exact_match")
+        raise PluginError(f"fitness '{fitness}' needs the model's tokenizer")
+    pad = _pad_id(tokenizer, fitness)
     stop = [s for s in stop if s]
-    prompts = tuple(e["prompt"] for e in examples)
+    prompts = tuple(prompts)
     batches = cached(
         tokenizer, ("prompts", batch_size, pad, prompts),
         lambda: pack([tokenizer(p)["input_ids"] for p in prompts], batch_size, pad, left=True),
     )
     eos = _eos_ids(model, tokenizer)
-    texts = [""] * len(examples)
+    texts = [""] * len(prompts)
     with _inference(model) as device:
         for batch in batches:
             width = batch.input_ids.shape[1]
@@ -262,15 +291,8 @@ def exact_match(
                 stopping_criteria=StoppingCriteriaList([StopAtStrings(tokenizer, stop, width)] if stop else []),
             )
             for i, text in zip(batch.rows, tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)):
-                texts[i] = text
-    scores = []
-    for example, text in zip(examples, texts):
-        answer = extract(truncate_at_stop(text, stop))
-        target = str(example["target"]).strip()
-        if target_regex is not None:
-            target = extract_answer(target, target_regex)
-        scores.append(float(answer is not None and answer == target))
-    return torch.tensor(scores, dtype=torch.float64)
+                texts[i] = truncate_at_stop(text, stop)
+    return texts
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int] | None:

@@ -125,6 +125,7 @@ LORA_COMPOSE = MergeMethod(
     doc="Evo-Merging: sparsify LoRA-A by magnitude, scale A and B by signed β, sum.",
     inputs=LORA_FACTORS,
     alone=(("alpha", 1.0), ("beta", None)),
+    base_alone=(("alpha", 1.0), ("beta", 0.0)),
 )
 
 PCB = MergeMethod(

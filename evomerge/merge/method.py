@@ -80,6 +80,8 @@ class MergeMethod:
     ``alone``: parameter values that give one expert unchanged, ``(name, value)``; a value of
     ``None`` means 1 for that expert and 0 for the others (a one-hot weight). Empty when no values
     do; a black-box run scores each expert alone through it.
+    ``base_alone``: parameter values (the same for every expert) that give the base unchanged, for
+    methods whose black-box services merge onto a base (``lora_compose``: every β 0). Empty when none do.
     ``kernel_ref``: the kernel as ``"module:function"``, imported by :attr:`kernel` on first use.
     """
 
@@ -98,6 +100,7 @@ class MergeMethod:
     inputs: str = WEIGHTS
     differentiable: bool = False
     alone: tuple[tuple[str, float | None], ...] = ()
+    base_alone: tuple[tuple[str, float], ...] = ()
 
     def __reduce__(self):
         """Pickled as its registry key: spaces and recipes travel to workers as plain data."""
@@ -117,6 +120,12 @@ class MergeMethod:
             raise ValueError(f"merge method '{self.name}' cannot reproduce one expert alone")
         one_hot = [float(i == index) for i in range(n_models)]
         return {name: one_hot if value is None else [value] * n_models for name, value in self.alone}
+
+    def base_values(self, n_models: int) -> dict[str, list[float]]:
+        """Per-expert values of the :attr:`base_alone` parameters that reproduce the base."""
+        if not self.base_alone:
+            raise ValueError(f"merge method '{self.name}' cannot reproduce the base alone")
+        return {name: [value] * n_models for name, value in self.base_alone}
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:

@@ -29,7 +29,7 @@ SECTIONS = {
     "workers": "Worker utilisation",
     "failures": "Failures",
     "usage": "API usage and cost",
-    "experts": "Best merge and the experts on the fitness data",
+    "experts": "Best merge, the base and the experts on the fitness data, per task",
 }
 """Section ids (the HTML anchors) and titles, in page order."""
 
@@ -189,7 +189,7 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
     # API usage
     usage = analysis.api_usage(evaluations)
     if usage is None:
-        page.sections["usage"] = _note("not a black-box run: no API usage recorded.")
+        page.sections["usage"] = _note("not a black-box run and no judge: no API usage recorded.")
     else:
         column = "usage.cost" if "usage.cost" in evaluations else next(c for c in evaluations if c.startswith("usage."))
         page.sections["usage"] = page.image("usage", figures.usage(evaluations, column), "API usage") + _table(usage, index=True)
@@ -202,6 +202,12 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
         page.sections["experts"] = page.image("experts", figures.experts(comparison), "best merge and experts") + _table(
             comparison
         ) + _note("merge_better / merge_worse / same: examples on which the best merge scores above, below or level with the expert.")
+        ratios = analysis.task_ratios(run_dir)
+        if not ratios.empty:
+            page.sections["experts"] += _table(ratios, index=True) + _note(
+                "per task: the best merge's score and its ratio to each model alone (1 keeps that model's score;"
+                " – where the model scores 0 or below)."
+            )
 
     return Report(_assemble(info, evaluations, best, page.sections, live), page.plots)
 

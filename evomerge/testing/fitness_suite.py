@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.fitness import FITNESS_FUNCTIONS, FitnessFn, per_example_scores, with_options
+from evomerge.fitness import FITNESS_FUNCTIONS, FitnessFn, scores_and_metrics, with_options
 from evomerge.testing.harness_tasks import tiny_harness_options
 from evomerge.testing.tiny_models import char_llama, digits_classifier
 
@@ -41,6 +41,7 @@ EXAMPLE_KINDS: dict[str, str] = {
     "multiple_choice_loglik": "text",
     "negative_cross_entropy": "text",
     "exact_match": "text",
+    "judge": "text",
     "lm_eval": "lm_eval_tasks",
 }
 """What each registered function scores: ``features`` (tensors, as .npz and sklearn: data load),
@@ -50,10 +51,15 @@ suite until it is declared here."""
 
 OPTIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "exact_match": lambda: {"max_new_tokens": 4},
+    "judge": lambda: {"max_new_tokens": 4},
     "lm_eval": tiny_harness_options,
 }
 """Options that keep a registered function's check fast (a few generated tokens, not 32) or that
 it needs (the tiny lm-eval tasks)."""
+
+JUDGED = frozenset({"judge"})
+"""Functions that ask a judge model: their ``judge`` option comes from the fixture ``judge_options``
+(the suite's user provides it: a judge served on loopback, e.g. ``evomerge serve``)."""
 
 
 @dataclass
@@ -114,7 +120,7 @@ INPUT_BUILDERS: dict[str, Callable[[], FitnessInputs]] = {
 
 def _scores(fitness: FitnessFn, inputs: FitnessInputs) -> np.ndarray:
     name = getattr(fitness, "__name__", "fitness")  # a partial with options bound has none
-    return per_example_scores(fitness(inputs.model, inputs.tokenizer, inputs.examples), len(inputs), name)
+    return scores_and_metrics(fitness(inputs.model, inputs.tokenizer, inputs.examples), len(inputs), name)[0]
 
 
 class FitnessSuite:
@@ -149,8 +155,10 @@ class RegisteredFitness(FitnessSuite):
         return request.param
 
     @pytest.fixture
-    def fitness(self, fitness_name) -> FitnessFn:
+    def fitness(self, fitness_name, request) -> FitnessFn:
         options = OPTIONS[fitness_name]() if fitness_name in OPTIONS else {}
+        if fitness_name in JUDGED:
+            options = {**options, "judge": request.getfixturevalue("judge_options")}
         return with_options(FITNESS_FUNCTIONS[fitness_name], fitness_name, options)
 
     @pytest.fixture

@@ -41,16 +41,17 @@ import numpy as np
 
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, UserError
-from evomerge.fitness import brings_own_examples, own_examples, per_example_scores, resolve_blackbox_fitness, with_options
+from evomerge.fitness import brings_own_examples, own_examples, resolve_blackbox_fitness, scores_and_metrics, with_options
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
+from evomerge.fitness.result import FitnessFailed, add_metrics, per_task_metrics
 from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
 from evomerge.service.response_cache import ResponseCache
 from evomerge.service.served_model import ApiServedModel
 from evomerge.space.merge_space import Recipe
-from evomerge.workers.base import Worker
+from evomerge.workers.base import Scored, Worker
 
 RECOVERY_ATTEMPTS = 3
 """Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
@@ -284,12 +285,13 @@ class BlackBoxWorker(Worker):
         if missing:
             raise ServiceUnreachable(f"the model service at {url} does not serve {', '.join(missing)} (models in the config)")
 
-    async def _score(self, tag: str, recipe: Recipe, examples: list[dict[str, Any]]) -> np.ndarray:
+    async def _score(self, tag: str, recipe: Recipe, examples: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Per-example scores and what the fitness reported besides (a judge's own API usage)."""
         for attempt in range(RECOVERY_ATTEMPTS):
             try:
                 async with self.service.model(tag, recipe) as model:
                     raw = await self.fitness(model, examples)
-                return per_example_scores(raw, len(examples), self.fitness_name)
+                return scores_and_metrics(raw, len(examples), self.fitness_name)
             except ApiError as exc:
                 if exc.status != 404 or attempt == RECOVERY_ATTEMPTS - 1:
                     raise
@@ -303,11 +305,23 @@ class BlackBoxWorker(Worker):
     def _evaluate(self, candidate_id: str, population: str, recipe: Recipe, examples: list[dict[str, Any]]) -> Evaluation:
         """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing)."""
         usage_before, hits_before = self.client.usage.copy(), self.cache.hits
-        ev = self.scored(
-            candidate_id, population, lambda: (self._loop.run_until_complete(self._score(candidate_id, recipe, examples)), {})
-        )
+        failed_spending: dict[str, Any] = {}
+
+        def score() -> Scored:
+            try:
+                return self._loop.run_until_complete(self._score(candidate_id, recipe, examples))
+            except FitnessFailed as exc:
+                failed_spending.update(exc.metrics)
+                raise
+
+        ev = self.scored(candidate_id, population, score)
+        add_metrics(ev.metrics, failed_spending)
         used = self.client.usage - usage_before
-        ev.metrics.update({"usage": used.metrics(), "api_retries": used.retries, "cached_responses": self.cache.hits - hits_before})
+        fitness_usage = ev.metrics.pop("usage", {})  # the judge's, added to the service's
+        ev.metrics.update({"usage": add_metrics(used.metrics(), fitness_usage), "api_retries": used.retries,
+                           "cached_responses": self.cache.hits - hits_before})
+        if ev.per_example is not None:
+            ev.metrics.update(per_task_metrics(examples, ev.per_example))
         ev.responses = self.cache.take_new()  # also a failed candidate's: they were paid for
         return ev
 
@@ -328,14 +342,22 @@ class BlackBoxWorker(Worker):
             ) from None
 
     def expert_baselines(self) -> list[Evaluation]:
-        """Each expert alone on the fitness data, through the values its merge method declares
-        reproduce one expert (α = 1 with a one-hot β is exactly the adapter, a one-hot weight
-        exactly the served model)."""
+        """The base (when the method declares values that give it: every β 0) and each expert
+        alone on the fitness data, through the values its merge method declares reproduce one
+        expert (α = 1 with a one-hot β is exactly the adapter, a one-hot weight exactly the
+        served model)."""
         n = len(self.config.models.experts)
-        return [
-            self._evaluate(label, "", self.space.recipe(self.space.method.expert_alone(i, n)), self.examples)
-            for i, label in enumerate(self.config.models.expert_labels())
-        ]
+        baselines = []
+        method = self.space.method
+        if method.base_alone and self.config.models.base is not None:  # the served base, no adapter weight
+            ev = self._evaluate(self.config.models.base, "", self.space.recipe(method.base_values(n)), self.examples)
+            ev.metrics["baseline"] = "base"
+            baselines.append(ev)
+        for i, label in enumerate(self.config.models.expert_labels()):
+            ev = self._evaluate(label, "", self.space.recipe(self.space.method.expert_alone(i, n)), self.examples)
+            ev.metrics["baseline"] = "expert"
+            baselines.append(ev)
+        return baselines
 
     def score_on(self, data, candidate: Candidate | None = None) -> Evaluation:
         """A candidate scored on other data of the same kind (held-out examples)."""

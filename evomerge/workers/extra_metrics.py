@@ -32,8 +32,12 @@ class ExtraMetrics:
         self.gradient = gradient
         self.gradient_populations = frozenset(gradient_populations)
 
+    def task_metrics(self) -> dict[str, Any]:
+        """Each ``fitness.tasks`` data set's mean score for the model as it is now."""
+        return {name: float(np.mean(self.score(examples))) for name, examples in self.tasks.items()}
+
     def __call__(self, candidate: Candidate) -> dict[str, Any]:
-        metrics: dict[str, Any] = {name: float(np.mean(self.score(examples))) for name, examples in self.tasks.items()}
+        metrics = self.task_metrics()
         if self.gradient is not None and candidate.population in self.gradient_populations:
             metrics.update(self.gradient(candidate.genome))
         return metrics

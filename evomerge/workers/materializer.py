@@ -161,6 +161,15 @@ class Materializer:
             self._flat_gram = sum(t.gram(self._scratch) for t in self.tensors.values())  # type: ignore[assignment]
         return self._flat_gram  # type: ignore[return-value]
 
+    @torch.no_grad()
+    def apply_base(self) -> None:
+        """Write the base itself (the reference the experts' task vectors are taken from) into every
+        target tensor: the base scored alone, beside the experts."""
+        if not self.has_base:
+            raise ValueError("the experts were loaded without a base model")
+        for name, out in self.targets.items():
+            combine_(out, self.tensors[name], [0.0] * self.n_models, self.chunk, ref_coef=1.0)
+
     def apply(self, decoded: Recipe | PiecewiseRecipe) -> None:
         """Write what a codec decoded into every target tensor: a merge recipe, or pieces."""
         if isinstance(decoded, PiecewiseRecipe):

@@ -8,19 +8,22 @@ place, scored by the fitness function, and never written to disk.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from evomerge.errors import ModelLoadError, UserError
-from evomerge.fitness import brings_own_examples, own_examples, per_example_scores, resolve_fitness, with_options
+from evomerge.fitness import brings_own_examples, own_examples, resolve_fitness, scores_and_metrics, with_options
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.racing import Racing, count
+from evomerge.fitness.result import FitnessFailed, add_metrics, per_task_metrics
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import (
@@ -177,6 +180,9 @@ class WhiteBoxWorker(Worker):
             entropy = EntropyGradient(self.space, self.models, self.examples, self.device)
         tasks = {name: self.load_examples(data) for name, data in config.fitness.tasks.items()}
         self.extra_metrics = ExtraMetrics(tasks, self.score, entropy, plan.gradient_populations)
+        self.spent: dict[str, Any] = {}
+        """What the fitness function reported since the last evaluation began (a judge's API
+        usage), summed over its calls: racing's stages and ``fitness.tasks`` score more than once."""
 
     def load_examples(self, data) -> Any:
         """The examples a data section names, as the fitness function takes them."""
@@ -202,8 +208,22 @@ class WhiteBoxWorker(Worker):
         return decoded.to_dict()
 
     def score(self, examples) -> np.ndarray:
-        raw = self.fitness_fn(self.models.model, self.models.tokenizer, examples)
-        return per_example_scores(raw, count(examples), self.fitness_name)
+        try:
+            raw = self.fitness_fn(self.models.model, self.models.tokenizer, examples)
+        except FitnessFailed as exc:
+            add_metrics(self.spent, exc.metrics)
+            raise
+        scores, metrics = scores_and_metrics(raw, count(examples), self.fitness_name)
+        add_metrics(self.spent, metrics)
+        return scores
+
+    def _scored_with_spending(self, candidate_id: str, population: str, score) -> Evaluation:
+        """``scored`` with what the fitness reported added to the metrics (a failed candidate's
+        too: a judge's requests before the failure were paid for)."""
+        self.spent = {}
+        ev = self.scored(candidate_id, population, score)
+        add_metrics(ev.metrics, self.spent)
+        return ev
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         """Merge and score one candidate, with the metrics its population needs besides fitness."""
@@ -218,32 +238,40 @@ class WhiteBoxWorker(Worker):
             extra = self.extra_metrics(candidate)
             return raced, {
                 "merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1,
-                "examples_scored": raced.examples_scored, **extra,
+                "examples_scored": raced.examples_scored, **per_task_metrics(self.examples, raced.per_example), **extra,
             }
 
-        return self.scored(candidate.id, candidate.population, merge_and_score)
+        return self._scored_with_spending(candidate.id, candidate.population, merge_and_score)
 
     def expert_baselines(self) -> list[Evaluation]:
-        """Each expert alone, scored on the fitness data (``candidate_id`` is the expert's label).
+        """The base (when the run has one) and each expert alone, scored on the fitness data and
+        on ``fitness.tasks``, with the per-task means (``candidate_id`` is the model's label;
+        ``metrics["baseline"]`` says ``base`` or ``expert``).
 
-        An expert is the linear merge with all weight on it, so it is applied like any candidate.
-        In the data-flow space a source is the path through its own layers (in the first source's
-        embeddings and head, which is the first source exactly).
+        An expert is the linear merge with all weight on it, so it is applied like any candidate;
+        the base is the reference the experts' task vectors are taken from. In the data-flow space a
+        source is the path through its own layers (in the first source's embeddings and head, which
+        is the first source exactly), and no base is scored alone.
         """
         n = len(self.config.models.experts)
         baselines = []
+        if not self.dataflow and self.models.materializer.has_base:
+            label = Path(self.config.models.base).name or self.config.models.base
+            baselines.append(self._scored_with_spending(label, "", lambda: self._alone(self.models.materializer.apply_base, "base")))
         for i, label in enumerate(self.config.models.expert_labels()):
             if self.dataflow:
                 decoded = self.space.source_alone(i)
             else:
                 alone = Space.build(LINEAR, self.models.tensor_names, n, "per_model")
                 decoded = alone.decode(alone.encode(LINEAR.expert_alone(i, n)))
-            baselines.append(self.scored(label, "", lambda: self._apply_and_score(decoded)))
+            apply = functools.partial(self.models.materializer.apply, decoded)
+            baselines.append(self._scored_with_spending(label, "", lambda: self._alone(apply, "expert")))
         return baselines
 
-    def _apply_and_score(self, recipe) -> Scored:
-        self.models.materializer.apply(recipe)
-        return self.score(self.examples), {}
+    def _alone(self, apply: Callable[[], None], role: str) -> Scored:
+        apply()
+        scores = self.score(self.examples)
+        return scores, {"baseline": role, **per_task_metrics(self.examples, scores), **self.extra_metrics.task_metrics()}
 
     def score_on(self, data, candidate: Candidate | None = None) -> Evaluation:
         """A candidate (None: the model as it is now) scored on other data, e.g. ``fitness.test_data``."""
@@ -256,7 +284,9 @@ class WhiteBoxWorker(Worker):
                 self.materialize(candidate)
             return self.score(examples), {}
 
-        return self.scored("held-out" if candidate is None else candidate.id, "" if candidate is None else candidate.population, score)
+        return self._scored_with_spending(
+            "held-out" if candidate is None else candidate.id, "" if candidate is None else candidate.population, score
+        )
 
     def close(self) -> None:
         """Drop the resident models, so a long-lived process (a notebook, a test session) gets its

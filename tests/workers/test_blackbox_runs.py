@@ -117,6 +117,24 @@ def test_evo_merging_and_m2n2_beat_the_uniform_composition(service, make_config)
             assert key.encode() not in path.read_bytes(), path
 
 
+def test_the_base_alone_is_the_served_base_beside_each_expert(service, make_config):
+    make, _ = make_config
+    config = make(service)
+    worker = BlackBoxWorker(RunPlan.from_config(config), "references")
+    base, *experts = worker.expert_baselines()  # merge_service: every β 0 is the base itself
+    worker.close()
+    assert [(b.candidate_id, b.metrics["baseline"]) for b in (base, *experts)] == [
+        ("tiny-base", "base"), *((e, "expert") for e in EXPERTS)
+    ]
+    plain = make(service, merge={"method": "linear", "granularity": "per_model"}, api={"level": "openai"},
+                 models={"experts": ["tiny-base", "addition"]})
+    worker = BlackBoxWorker(RunPlan.from_config(plain), "plain")
+    served = worker.evaluate(Candidate("plain", plain.populations[0].name, worker.space.encode({"weight": [1.0, 0.0]})))
+    worker.close()
+    assert base.fitness == pytest.approx(served.fitness, abs=1e-4)
+    assert base.fitness < experts[0].fitness  # the addition adapter knows the skill scored, the base does not
+
+
 def test_runtime_lora_level_loads_each_merge_and_unloads_it(service, make_config, tiny_models):
     make, _ = make_config
     adapters = tiny_models["adapters"]
