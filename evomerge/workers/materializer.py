@@ -30,6 +30,16 @@ every kernel, as per-op dispatch costs about as much as 2^16 elements of work); 
 where launches dominate."""
 
 
+def default_chunk(device_type: str, total: int, n_models: int) -> int:
+    """Elements per kernel step for ``total`` parameters and ``n_models`` experts on a device type.
+
+    Kernels keep a few chunk-sized work buffers per expert; on small models the chunk is capped so
+    that they stay well under the size of one model (the memory budget's one spare).
+    """
+    cap = 1 << max(12, (total // (4 * (n_models + 2))).bit_length() - 1)
+    return min(DEFAULT_CHUNK.get(device_type, 1 << 20), cap)
+
+
 def _check_same_layout(
     label: str, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], ref_label: str
 ) -> None:
@@ -67,12 +77,7 @@ class Materializer:
         self.total = total
         first = next(iter(self.targets.values()))
         self.device = first.device
-        if chunk is None:
-            # Kernels keep a few chunk-sized work buffers per expert; on small models cap the chunk
-            # so that they stay well under the size of one model (the memory budget's one spare).
-            cap = 1 << max(12, (total // (4 * (tier.n_models + 2))).bit_length() - 1)
-            chunk = min(DEFAULT_CHUNK.get(self.device.type, 1 << 20), cap)
-        self.chunk = chunk
+        self.chunk = default_chunk(self.device.type, total, tier.n_models) if chunk is None else chunk
         self._flat_gram: torch.Tensor | None = None
         self._scratch = Scratch()
         self.fishers: dict[str, torch.Tensor] | None = None
