@@ -62,17 +62,18 @@ class LoadedModels:
     """How the experts' vocabularies were aligned to the working model's, when they differ."""
 
 
-def load_resident_models(plan: RunPlan, device: torch.device, residency: str = "device") -> LoadedModels:
-    """Load the working model, and every expert once into memory tier ``residency`` (``TIERS``);
-    experts may be full models or LoRA adapters."""
+def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
+    """Load the working model, and every expert once into the memory tier the run uses
+    (``models.residency``, resolved by the memory check when auto); experts may be full models or
+    LoRA adapters."""
     config = plan.config
-    tier = TIER_CLASSES[residency]
     dtype = DTYPES[run_dtype(config)]
     refs = [config.model_ref(e.path) for e in config.models.experts]
     labels = [f"expert '{label}'" for label in config.models.expert_labels()]
     adapters = [is_adapter(ref) for ref in refs]
     if any(adapters) and config.models.base is None:
         raise ModelLoadError("models.base: LoRA adapters are merged onto their base model; name it in models.base")
+    tier = TIER_CLASSES[worker_tier(config, device)]
     if plan.method.inputs == LORA_FACTORS:
         return _load_adapter_slots(plan, refs, labels, adapters, device, dtype, tier)
     working_ref = plan.working_model
@@ -155,7 +156,7 @@ class WhiteBoxWorker(Worker):
         self.config = config
         self.worker_id = worker_id or f"local-{os.getpid()}"
         self.device = resolve_device(config.models.device)
-        self.models = load_resident_models(plan, self.device, worker_tier(config, self.device))
+        self.models = load_resident_models(plan, self.device)
         layout = {name: tuple(t.shape) for name, t in self.models.materializer.targets.items()}
         self.space, self.codecs = plan.codecs(layout)
         if plan.method.needs_fisher:  # estimated once, kept for the whole run
