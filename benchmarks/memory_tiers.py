@@ -16,7 +16,8 @@ the way a worker does (``load_resident_models`` with ``models.residency`` set to
 Per tier:
 
 * ``seconds``: median per-candidate merge (decode + write into the working model).
-* ``floor_seconds``: the bytes the candidate must move at bandwidths measured in the same run.
+* ``floor_seconds``: the bytes the candidate must move at bandwidths measured in the tier's own
+  process right after its merges (so under the same load).
   Every tier pays the in-place kernel: reading the task vectors and the base and writing the
   output, ``itemsize · N · (experts + 2)`` at the copy bandwidth (``dst.copy_(src)`` on 256 MiB,
   best of 5, ``2 · bytes / time``). The streaming tiers also read ``itemsize · N · (experts + 1)``
@@ -30,7 +31,8 @@ Per tier:
   value after imports (``baseline_anon_bytes``: the interpreter, torch, transformers). Pages of the
   mapped files are the page cache's, not the worker's, and are not anonymous.
 * ``estimate_bytes``: the memory check's peak for that tier (``evomerge.models.memory.tier_memory``;
-  on a CPU, device and host together).
+  on a CPU, device and host together); ``estimate_over_peak`` = ``estimate_bytes / peak_anon_bytes``.
+* ``mmap_peak_over_working_model``: the mapped tier's ``peak_anon_bytes`` over ``working_model_bytes``.
 
 Targets: the mmap tier's peak anonymous memory ≤ the working model + 10 %; the host tier within 2×
 of its floor; each estimate within 10 % of the measured peak.
@@ -152,13 +154,29 @@ def child(root: Path, args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = sampler.stop()
+    # the floor's bandwidths, measured in this process right after its merges (after the peak)
+    numel = sum(t.numel() for t in loaded.materializer.targets.values())
+    floor = ITEMSIZE * numel * (args.experts + 2) / copy_bandwidth(device)  # the in-place kernel
+    streamed = ITEMSIZE * numel * (args.experts + 1)
+    if args.child == "host":
+        floor += streamed / host_to_device_bandwidth(device)
+    elif args.child == "mmap":
+        floor += streamed / mapped_file_bandwidth(model_files(root, args))
+    seconds = statistics.median(times)
     return {
-        "seconds": statistics.median(times),
+        "seconds": seconds,
+        "floor_seconds": floor,
+        "ratio": seconds / floor,
         "peak_anon_bytes": peak - baseline,
-        "baseline_anon_bytes": baseline,
         "estimate_bytes": estimate,
-        "numel": sum(t.numel() for t in loaded.materializer.targets.values()),
+        "estimate_over_peak": estimate / (peak - baseline),
+        "baseline_anon_bytes": baseline,
+        "numel": numel,
     }
+
+
+def model_files(root: Path, args) -> list[Path]:
+    return [root / "base" / "model.safetensors"] + [root / f"expert{i}" / "model.safetensors" for i in range(args.experts)]
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -247,17 +265,9 @@ def main() -> None:
             if done.returncode:
                 sys.exit(f"tier {tier} failed:\n{done.stderr}")
             tiers[tier] = json.loads(done.stdout.strip().splitlines()[-1])
-        files = [root / "base" / "model.safetensors"] + [root / f"expert{i}" / "model.safetensors" for i in range(args.experts)]
-        copy, transfer, mapped = copy_bandwidth(device), host_to_device_bandwidth(device), mapped_file_bandwidth(files)
-    numel = tiers["device"].pop("numel")
-    kernel_floor = ITEMSIZE * numel * (args.experts + 2) / copy
-    streamed = ITEMSIZE * numel * (args.experts + 1)
-    floors = {"device": kernel_floor, "host": kernel_floor + streamed / transfer, "mmap": kernel_floor + streamed / mapped}
-    for tier, figures in tiers.items():
-        figures.pop("numel", None)
-        figures["floor_seconds"] = floors[tier]
-        figures["ratio"] = figures["seconds"] / floors[tier]
-        figures["estimate_ratio"] = figures["estimate_bytes"] / figures["peak_anon_bytes"]
+    numel = tiers["device"]["numel"]
+    for figures in tiers.values():
+        del figures["numel"]
     working = ITEMSIZE * numel
     with open("/proc/loadavg") as f:
         load_after = f.read().split()[0]
@@ -265,7 +275,6 @@ def main() -> None:
         "working_model_bytes": working,
         **tiers,
         "mmap_peak_over_working_model": tiers["mmap"]["peak_anon_bytes"] / working,
-        "bandwidth_bytes_per_second": {"copy": copy, "host_to_device": transfer, "mapped_file": mapped},
         "parameters": numel, "experts": args.experts, "worker_device": str(device), "threads": args.threads,
         "loadavg_before_after": [load_before, load_after],
     }

@@ -107,9 +107,10 @@ class InlineExecutor(Executor):
         from evomerge.workers import make_worker
 
         if config.api is None:  # a black-box worker holds no weights
-            need = check_memory(config, 1, resolve_device(config.models.device))
-            log.info("loading models: %s", summary(need))
-            on_phase(f"loading models ({summary(need)})")
+            device = resolve_device(config.models.device)
+            need = check_memory(config, 1, device)
+            log.info("loading models: %s", summary(need, device))
+            on_phase(f"loading models ({summary(need, device)})")
             config = with_residency(config, need.tier)
         else:
             on_phase("loading models")

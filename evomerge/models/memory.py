@@ -6,7 +6,9 @@ and the base; with Fisher merging, each expert's diagonal Fisher too) in one mem
 (``evomerge.workers.tiers``): on the device, in host memory (copied to the device tensor by
 tensor), or mapped from the checkpoints' safetensors files (read tensor by tensor, nothing kept).
 The streaming tiers add a few buffers as large as the largest parameter tensor, one per model read,
-and every tier a few kernel work buffers; loading a held tier briefly holds one more expert. For a
+and every tier a few kernel work buffers. Loading a held tier briefly holds one more expert where
+it is built: on a GPU, or when its checkpoint must be converted to the run's dtype or is an adapter
+merged into the base (a checkpoint read on the CPU in its own dtype stays in the page cache). For a
 method over LoRA factors the experts are adapters: the base plus one adapter-sized slot per expert.
 
 The check takes the fastest tier that fits (``models.residency: auto``) or the one the config
@@ -26,7 +28,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, InsufficientMemoryError
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import is_adapter
-from evomerge.models.checkpoint import run_dtype
+from evomerge.models.checkpoint import run_dtype, stored_dtype
 from evomerge.models.loading import parameter_shapes, unreadable_weights
 from evomerge.workers.materializer import default_chunk
 from evomerge.workers.tiers import TIERS, refused_tiers
@@ -35,8 +37,6 @@ GIB = 1024**3
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 WORK_ITEMSIZE = 8
 """Bytes per element of the kernels' chunk-sized work buffers, at their widest (float64 sums)."""
-READ_ITEMSIZE = 4
-"""Bytes per element of the buffer a mapped tensor is read into before conversion, at its widest."""
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,15 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         rows = n + with_base + n * fishers  # model-sized rows the experts take in a held tier
         largest = max(int(torch.Size(s).numel()) for s in shapes.values()) * itemsize
         work = (n + 2) * default_chunk(device.type, numel, n) * WORK_ITEMSIZE
-        # An adapter expert is built as a dense model on a fresh copy of the base.
-        loading = model * (1 + any(is_adapter(ref) for ref in refs))
+        # an expert is built in memory when converted to the run's dtype or an adapter (merged on a
+        # fresh copy of the base); else loading reads its file through the page cache
+        built = any(is_adapter(ref) or stored_dtype(ref) != dtype for ref in refs)
+        loading = model * (built or device.type == "cuda")  # on the device
         held = model * (1 + rows)
         figures = {
             "device": (held + max(loading, work), 0, held),
-            "host": (model + largest * rows + work, model * rows + loading, held),
-            "mmap": (model + largest * (n + with_base) + work, largest // itemsize * READ_ITEMSIZE, model),
+            "host": (model + largest * rows + work, model * rows + model * built, held),
+            "mmap": (model + largest * (n + with_base) + work, 0, model),
         }
         experts = f"{n} experts" + (" and the base" if with_base else "") + (f" and {n} Fishers" if fishers else "")
     return {
@@ -206,10 +208,13 @@ def check_memory(
     )
 
 
-def summary(need: WorkerMemory) -> str:
+def summary(need: WorkerMemory, device: torch.device) -> str:
     """The chosen tier and its figures, for the run's phase line and log."""
-    where = f"{size(need.device_peak)} on the device + {size(need.host_peak)} host" if need.host_peak else f"{size(need.device_peak)}"
-    return f"memory tier {need.tier}: {need.description}, {where} per worker at its peak"
+    if device.type == "cuda":
+        figures = f"{size(need.device_peak)} of {device.type} and {size(need.host_peak)} of host memory"
+    else:
+        figures = size(need.peak)
+    return f"memory tier {need.tier}: {need.description}, {figures} per worker at its peak"
 
 
 def worker_tier(config: RunConfig, device: torch.device) -> str:

@@ -207,3 +207,17 @@ def test_a_worker_merges_identically_in_every_tier(llamas, residency):
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_the_phase_line_names_the_chosen_tier(llamas):
+    from evomerge.executors.base import InlineExecutor
+
+    document = _config(llamas)
+    document["models"]["residency"] = "mmap"
+    phases: list[str] = []
+    executor = InlineExecutor(config_from_dict(document), on_phase=phases.append)
+    assert phases == [
+        "loading models (memory tier mmap: the working model on cpu, 3 experts and the base mapped from their"
+        f" files, {memory.size(memory.tier_memory(config_from_dict(document), CPU)['mmap'].peak)} per worker at its peak)"
+    ]
+    assert executor.worker.models.materializer.tier.name == "mmap"
