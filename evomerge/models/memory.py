@@ -5,8 +5,9 @@ A worker keeps one working model on its device and the experts (with a base, the
 and the base; with Fisher merging, each expert's diagonal Fisher too) in one memory tier
 (``evomerge.workers.tiers``): on the device, in host memory (copied to the device tensor by
 tensor), or mapped from the checkpoints' safetensors files (read tensor by tensor, nothing kept).
-The streaming tiers add a few buffers as large as the largest parameter tensor, one per model read,
-and every tier a few kernel work buffers. Loading a held tier briefly holds one more expert where
+The streaming tiers add one buffer per model read as large as the largest parameter tensor, or for
+an elementwise method (a linear combination) as large as the largest block of rows they read it in
+(``STREAM_BUFFER_SHARE`` of the model in all), and every tier a few kernel work buffers. Loading a held tier briefly holds one more expert where
 it is built: on a GPU, or when its checkpoint must be converted to the run's dtype or is an adapter
 merged into the base (a checkpoint read on the CPU in its own dtype stays in the page cache). For a
 method over LoRA factors the experts are adapters: the base plus one adapter-sized slot per expert.
@@ -30,7 +31,7 @@ from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import is_adapter
 from evomerge.models.checkpoint import run_dtype, stored_dtype
 from evomerge.models.loading import parameter_shapes, unreadable_weights
-from evomerge.workers.materializer import default_chunk
+from evomerge.workers.materializer import block_numel, default_chunk, stream_budget
 from evomerge.workers.tiers import TIERS, refused_tiers
 
 GIB = 1024**3
@@ -114,8 +115,12 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         with_base = config.models.base is not None
         fishers = plan.method.needs_fisher
         rows = n + with_base + n * fishers  # model-sized rows the experts take in a held tier
-        largest = max(int(torch.Size(s).numel()) for s in shapes.values()) * itemsize
-        work = (n + 2) * default_chunk(device.type, numel, n) * WORK_ITEMSIZE
+        chunk = default_chunk(device.type, numel, n)
+        # M2N2's seed recipes start from Gram matrices of whole tensors; others stream in blocks
+        blocked = plan.method.elementwise and not plan.seed_recipe_populations
+        budget = stream_budget(model, n, with_base) if blocked else model
+        largest = max(block_numel(s, chunk, itemsize, budget) for s in shapes.values()) * itemsize
+        work = (n + 2) * chunk * WORK_ITEMSIZE
         # an expert is built in memory when converted to the run's dtype or an adapter (merged on a
         # fresh copy of the base); else loading reads its file through the page cache
         built = any(is_adapter(ref) or stored_dtype(ref) != dtype for ref in refs)

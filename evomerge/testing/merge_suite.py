@@ -36,7 +36,7 @@ from evomerge.merge import MERGE_METHODS, MergeMethod
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.space.merge_space import GRANULARITIES, Space
 from evomerge.testing.tiny_models import LAYOUT, LORA_LAYOUT, random_state
-from evomerge.workers.materializer import Materializer
+from evomerge.workers.materializer import STREAM_BUFFER_SHARE, Materializer
 from evomerge.workers.tiers import TIER_CLASSES, MappedTier, method_refusals
 
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
@@ -87,15 +87,16 @@ class MergeSetup:
         chunk: int | None = None,
         tier: str = "device",
         folder: Path | None = None,
+        stream_share: float = STREAM_BUFFER_SHARE,
     ) -> Materializer:
         """A fresh materializer with the experts in memory ``tier``; the mmap tier maps them from
-        safetensors files written to ``folder``."""
+        safetensors files written to ``folder``; ``stream_share`` sizes streamed blocks."""
         targets = self.targets() if targets is None else targets
         tier_class = TIER_CLASSES[tier]
         if tier_class.maps_files:
             if folder is None:
                 raise ValueError("the mmap tier reads the experts from files: pass a folder to write them to")
-            materializer = Materializer(targets, MappedTier(targets, *self.save(folder)), chunk=chunk)
+            materializer = Materializer(targets, MappedTier(targets, *self.save(folder)), chunk, stream_share)
         else:
             materializer = Materializer.from_state_dicts(
                 targets,
@@ -104,6 +105,7 @@ class MergeSetup:
                 base=self.base,
                 chunk=chunk,
                 tier=tier_class,
+                stream_share=stream_share,
             )
         if self.method.needs_fisher:  # what a worker estimates on each expert's data: here random
             materializer.set_fishers(self.fishers(), floor=1e-8)
@@ -156,10 +158,15 @@ def _genome(space: Space, seed: int = 0) -> np.ndarray:
 
 
 def _merged(
-    setup: MergeSetup, recipe, chunk: int | None = None, tier: str = "device", folder: Path | None = None
+    setup: MergeSetup,
+    recipe,
+    chunk: int | None = None,
+    tier: str = "device",
+    folder: Path | None = None,
+    stream_share: float = STREAM_BUFFER_SHARE,
 ) -> dict[str, torch.Tensor]:
     targets = setup.targets()
-    setup.materializer(targets, chunk=chunk, tier=tier, folder=folder).apply(recipe)
+    setup.materializer(targets, chunk, tier, folder, stream_share).apply(recipe)
     return {n: t.clone() for n, t in targets.items()}
 
 
@@ -293,14 +300,17 @@ class MergeMethodSuite:
         granularity = "global" if setup.method.global_only else "per_tensor"
         space = _space(setup, granularity)
         recipe = space.decode(_genome(space, 9))
-        want = _merged(setup, recipe)
+        chunk = 4  # small, so that a tiny share streams these small tensors in blocks of rows
+        want = _merged(setup, recipe, chunk)
         refused = method_refusals(setup.method)
         for tier in TIER_CLASSES:
             if tier in refused:
                 continue
-            got = _merged(setup, recipe, tier=tier, folder=tmp_path / tier)
-            for name in want:
-                assert torch.equal(got[name], want[name]), f"{tier}: {name}"
+            # a tiny share streams an elementwise method's tensors a row or a few at a time
+            for share in (STREAM_BUFFER_SHARE, 1e-4):
+                got = _merged(setup, recipe, chunk, tier, tmp_path / tier, share)
+                for name in want:
+                    assert torch.equal(got[name], want[name]), f"{tier} (blocks of {share}): {name}"
 
 
 class RegisteredMergeMethods(MergeMethodSuite):

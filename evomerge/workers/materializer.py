@@ -9,6 +9,8 @@ needs the memory of the result plus one expert, never all experts twice.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -28,6 +30,36 @@ DEFAULT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
 """Elements per kernel step: L3-sized on CPUs (measured on 2 EPYC cores: 2^20 beats 2^17–2^19 for
 every kernel, as per-op dispatch costs about as much as 2^16 elements of work); large on GPUs,
 where launches dominate."""
+
+
+STREAM_BUFFER_SHARE = 0.05
+"""For an elementwise method, the share of the working model's size that the blocks a streaming
+tier reads for one merge step may take together (one block per expert, and the base's)."""
+
+
+def block_rows(shape: tuple[int, ...], chunk: int, itemsize: int, budget: int) -> int:
+    """Rows of a tensor of ``shape`` per streamed block: as many as fit in ``budget`` bytes, in
+    whole multiples of the fewest rows that end on a ``chunk`` boundary (at least those).
+
+    A block then splits the kernels' chunked passes exactly where the whole tensor's do, so every
+    op sees the same elements at the same positions and the merge is bit for bit the same (half
+    types round differently in vectorised loops and their scalar tails: any other split point
+    could change a result).
+    """
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    unit = chunk // math.gcd(chunk, row)  # rows of the shortest block that is a whole number of chunks
+    return unit * max(1, budget // (itemsize * row * unit))
+
+
+def block_numel(shape: tuple[int, ...], chunk: int, itemsize: int, budget: int) -> int:
+    """Elements of the largest block a tensor of ``shape`` is streamed in (its size when whole)."""
+    numel = math.prod(shape)
+    return min(numel, block_rows(shape, chunk, itemsize, budget) * (numel // shape[0])) if shape else numel
+
+
+def stream_budget(model_bytes: int, n_models: int, has_base: bool, share: float = STREAM_BUFFER_SHARE) -> int:
+    """Bytes one streamed block may take, so that one per model read stays within ``share`` of the model."""
+    return int(model_bytes * share) // (n_models + has_base)
 
 
 def default_chunk(device_type: str, total: int, n_models: int) -> int:
@@ -65,7 +97,14 @@ def _check_same_layout(
 class Materializer:
     """Experts in a memory tier for one model layout, writing merges into ``targets`` in place."""
 
-    def __init__(self, targets: Mapping[str, torch.Tensor], tier: ExpertTier, chunk: int | None = None) -> None:
+    def __init__(
+        self,
+        targets: Mapping[str, torch.Tensor],
+        tier: ExpertTier,
+        chunk: int | None = None,
+        stream_share: float = STREAM_BUFFER_SHARE,
+    ) -> None:
+        """``stream_share``: see :data:`STREAM_BUFFER_SHARE` (a test passes a small one to force blocks)."""
         self.targets = dict(targets)
         self.tier = tier
         names = list(self.targets)
@@ -78,6 +117,8 @@ class Materializer:
         first = next(iter(self.targets.values()))
         self.device = first.device
         self.chunk = default_chunk(self.device.type, total, tier.n_models) if chunk is None else chunk
+        self.itemsize = first.element_size()
+        self.block_budget = stream_budget(total * self.itemsize, tier.n_models, tier.has_base, stream_share)
         self._flat_gram: torch.Tensor | None = None
         self._scratch = Scratch()
         self.fishers: dict[str, torch.Tensor] | None = None
@@ -93,6 +134,7 @@ class Materializer:
         base: Mapping[str, torch.Tensor] | None = None,
         chunk: int | None = None,
         tier: type[HeldTier] = DeviceTier,
+        stream_share: float = STREAM_BUFFER_SHARE,
     ) -> "Materializer":
         """Build a held ``tier`` from ``(label, state_dict)`` pairs consumed one at a time.
 
@@ -129,7 +171,7 @@ class Materializer:
             name: ResidentTensor(name=name, stack=stack, reference=None if references is None else references[name])
             for name, stack in stacks.items()
         }
-        return cls(targets, tier(tensors, device), chunk=chunk)
+        return cls(targets, tier(tensors, device), chunk=chunk, stream_share=stream_share)
 
     @property
     def tensors(self) -> dict[str, ResidentTensor]:
@@ -208,8 +250,22 @@ class Materializer:
             )
             if method.needs_fisher and self.fishers is not None:
                 ctx.fisher = self.tier.stream(self.fishers[name], "tier_fisher", self._scratch)
-            with self.tier.tensor(name, self._scratch) as resident:
-                method.kernel(out, resident, recipe.params_for(name), recipe.options, ctx)
+            params = recipe.params_for(name)
+            for rows in self._blocks(name) if method.elementwise else [None]:
+                block = out if rows is None else out[rows[0] : rows[1]]
+                at = ctx if rows is None else dataclasses.replace(ctx, offset=ctx.offset + rows[0] * (out.numel() // len(out)))
+                with self.tier.tensor(name, self._scratch, rows) as resident:
+                    method.kernel(block, resident, params, recipe.options, at)
+
+    def _blocks(self, name: str) -> list[tuple[int, int] | None]:
+        """The row blocks a streaming tier reads tensor ``name`` in for an elementwise method."""
+        shape = tuple(self.targets[name].shape)
+        if not self.tier.streams or not shape:
+            return [None]
+        step = block_rows(shape, self.chunk, self.itemsize, self.block_budget)
+        if step >= shape[0]:
+            return [None]
+        return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
 
     def block_edges(self, grid: str) -> np.ndarray:
         """Element offsets of the blocks of a split grid over the flattened parameters."""
@@ -261,14 +317,19 @@ class Materializer:
                 f"pieces must cover the {self.total} parameters with {self.n_models} coefficients each"
             )
         for name, out in self.targets.items():
-            start, end = self.offsets[name], self.offsets[name] + out.numel()
-            first = int(np.searchsorted(edges, start, side="right")) - 1
-            last = int(np.searchsorted(edges, end, side="left"))
-            for k in range(first, last):
-                lo, hi = max(int(edges[k]), start) - start, min(int(edges[k + 1]), end) - start
-                if lo < hi:
-                    with self.tier.tensor(name, self._scratch) as resident:
-                        combine_(out, resident, coefficients[k].tolist(), self.chunk, segment=(lo, hi))
+            start = self.offsets[name]
+            row = out.numel() // len(out) if out.dim() else 1
+            for rows in self._blocks(name):  # a linear combination: streamed in blocks of rows
+                lo_block, hi_block = (0, out.numel()) if rows is None else (rows[0] * row, rows[1] * row)
+                block = out if rows is None else out[rows[0] : rows[1]]
+                first = int(np.searchsorted(edges, start + lo_block, side="right")) - 1
+                last = int(np.searchsorted(edges, start + hi_block, side="left"))
+                with self.tier.tensor(name, self._scratch, rows) as resident:
+                    for k in range(first, last):
+                        lo = max(int(edges[k]) - start, lo_block) - lo_block
+                        hi = min(int(edges[k + 1]) - start, hi_block) - lo_block
+                        if lo < hi:
+                            combine_(block, resident, coefficients[k].tolist(), self.chunk, segment=(lo, hi))
 
 
 def _held(tensor: torch.Tensor, storage: torch.device, pin: bool) -> torch.Tensor:

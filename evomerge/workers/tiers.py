@@ -9,10 +9,11 @@ DESIGN.md §4. Three tiers, fastest first:
   safetensors' memory map: the page cache, not the worker's own memory) when a merge reaches it.
 
 A tier hands the materializer one parameter tensor of every expert at a time as a
-:class:`ResidentTensor` on the working device (``with tier.tensor(name, scratch) as resident``).
-Streaming tiers fill reusable ``scratch`` buffers, so a worker's peak is the working model, the
-tier's own holdings and a few tensor-sized buffers. Every tier hands the kernels the same numbers,
-so a merge gives identical results in each.
+:class:`ResidentTensor` on the working device (``with tier.tensor(name, scratch) as resident``),
+or a block of its rows (``rows=(start, end)``; the materializer asks streaming tiers for blocks
+when the method is elementwise). Streaming tiers fill reusable ``scratch`` buffers, so a worker's
+peak is the working model, the tier's own holdings and a few tensor- or block-sized buffers. Every
+tier hands the kernels the same numbers, so a merge gives identical results in each.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from evomerge.merge.resident import ResidentTensor, Scratch, TensorSummaries
 if TYPE_CHECKING:
     from evomerge.plan import RunPlan
 
+Rows = tuple[int, int] | None
+"""A block ``[start, end)`` of a tensor's first dimension, or None for the whole tensor."""
+
 TIERS = ("device", "host", "mmap")
 """Tier names, fastest first: the memory check takes the first that fits (``models.residency: auto``)."""
 
@@ -39,6 +43,7 @@ class HeldTier:
 
     name = "device"
     maps_files = False
+    streams = False  # whether each merge copies the experts in (then worth doing in blocks of rows)
 
     def __init__(self, tensors: Mapping[str, ResidentTensor], device: torch.device) -> None:
         self.tensors = dict(tensors)
@@ -58,9 +63,15 @@ class HeldTier:
         return next(iter(self.tensors.values())).reference is not None
 
     @contextmanager
-    def tensor(self, name: str, scratch: Scratch) -> Iterator[ResidentTensor]:
-        """Tensor ``name`` of every expert, on the working device, for the duration of the scope."""
-        yield self.tensors[name]
+    def tensor(self, name: str, scratch: Scratch, rows: Rows = None) -> Iterator[ResidentTensor]:
+        """Tensor ``name`` of every expert (or a block of its ``rows``), on the working device, for
+        the duration of the scope."""
+        held = self.tensors[name]
+        if rows is None:
+            yield held
+        else:  # a block has summaries of its own: the tensor's describe the whole tensor
+            lo, hi = rows
+            yield ResidentTensor(name, held.stack[:, lo:hi], None if held.reference is None else held.reference[lo:hi])
 
     def hold(self, tensor: torch.Tensor) -> torch.Tensor:
         """Keep a per-tensor input computed at load time (an expert's Fisher) in this tier."""
@@ -81,6 +92,7 @@ class HostTier(HeldTier):
     """Stacks in host memory, copied tensor by tensor into device buffers reused across tensors."""
 
     name = "host"
+    streams = True
 
     @staticmethod
     def storage(device: torch.device) -> tuple[torch.device, bool]:
@@ -93,11 +105,11 @@ class HostTier(HeldTier):
         return buffer
 
     @contextmanager
-    def tensor(self, name: str, scratch: Scratch) -> Iterator[ResidentTensor]:
-        held = self.tensors[name]
-        stack = self.stream(held.stack, "tier_stack", scratch)
-        reference = None if held.reference is None else self.stream(held.reference, "tier_reference", scratch)
-        yield ResidentTensor(name=name, stack=stack, reference=reference, summaries=held.summaries)
+    def tensor(self, name: str, scratch: Scratch, rows: Rows = None) -> Iterator[ResidentTensor]:
+        with super().tensor(name, scratch, rows) as held:
+            stack = self.stream(held.stack, "tier_stack", scratch)
+            reference = None if held.reference is None else self.stream(held.reference, "tier_reference", scratch)
+            yield ResidentTensor(name=name, stack=stack, reference=reference, summaries=held.summaries)
 
 
 class MappedTier:
@@ -107,6 +119,7 @@ class MappedTier:
 
     name = "mmap"
     maps_files = True
+    streams = True
 
     def __init__(
         self,
@@ -153,22 +166,27 @@ class MappedTier:
     def has_base(self) -> bool:
         return self._base is not None
 
-    def _read(self, where: Mapping[str, object], name: str, out: torch.Tensor) -> None:
-        out.copy_(where[name].get_tensor(name))  # type: ignore[attr-defined]
+    @staticmethod
+    def _read(where: Mapping[str, object], name: str, rows: Rows, out: torch.Tensor) -> None:
+        if rows is None:
+            out.copy_(where[name].get_tensor(name))  # type: ignore[attr-defined]
+        else:  # only the block's bytes are read
+            out.copy_(where[name].get_slice(name)[rows[0] : rows[1]])  # type: ignore[attr-defined]
 
     @contextmanager
-    def tensor(self, name: str, scratch: Scratch) -> Iterator[ResidentTensor]:
-        shape = self.shapes[name]
+    def tensor(self, name: str, scratch: Scratch, rows: Rows = None) -> Iterator[ResidentTensor]:
+        shape = self.shapes[name] if rows is None else (rows[1] - rows[0], *self.shapes[name][1:])
         stack = scratch.get("tier_stack", (self.n_models, *shape), self.dtype, self.device)
         reference = None
         if self._base is not None:
             reference = scratch.get("tier_reference", shape, self.dtype, self.device)
-            self._read(self._base, name, reference)
+            self._read(self._base, name, rows, reference)
         for row, where in enumerate(self._experts):
-            self._read(where, name, stack[row])
+            self._read(where, name, rows, stack[row])
             if reference is not None:
                 stack[row].sub_(reference)
-        yield ResidentTensor(name=name, stack=stack, reference=reference, summaries=self._summaries[name])
+        summaries = self._summaries[name] if rows is None else TensorSummaries()
+        yield ResidentTensor(name=name, stack=stack, reference=reference, summaries=summaries)
 
     def hold(self, tensor: torch.Tensor) -> torch.Tensor:
         raise ValueError("the mmap tier holds nothing computed at load time (refused at plan time)")
