@@ -135,15 +135,13 @@ class MappedTier:
         self.device, self.dtype = first.device, first.dtype
         self.shapes = {name: tuple(t.shape) for name, t in targets.items()}
         self._summaries = {name: TensorSummaries() for name in targets}
-        self._handles = []  # open for the worker's life: safetensors maps each file once
 
         def files_of(label: str, files: Sequence[Path]) -> dict[str, object]:
+            """Tensor name -> the open file holding it (open for the worker's life: each file is mapped once)."""
             where: dict[str, object] = {}
             for file in files:
                 handle = safe_open(str(file), framework="pt", device="cpu")
-                self._handles.append(handle)
                 where.update((key, handle) for key in handle.keys())
-            ref_label = "the working model"
             for name, shape in self.shapes.items():
                 if name not in where:
                     raise ModelMismatchError(
@@ -152,7 +150,7 @@ class MappedTier:
                     )
                 stored = tuple(where[name].get_slice(name).get_shape())  # type: ignore[attr-defined]
                 if stored != shape:
-                    raise ModelMismatchError(f"{label} has {name} of shape {stored} but {ref_label} has {shape}")
+                    raise ModelMismatchError(f"{label} has {name} of shape {stored} but the working model has {shape}")
             return where
 
         self._experts = [files_of(label, files) for label, files in experts]
