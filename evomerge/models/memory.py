@@ -6,7 +6,7 @@ and the base; with Fisher merging, each expert's diagonal Fisher too) in one mem
 (``evomerge.workers.tiers``): on the device, in host memory (copied to the device tensor by
 tensor), or mapped from the checkpoints' safetensors files (read tensor by tensor, nothing kept).
 The streaming tiers add one buffer per model read as large as the largest parameter tensor, or for
-an elementwise method (a linear combination) as large as the largest block of rows they read it in
+an elementwise method (a linear combination) as large as the blocks of elements they read it in
 (``STREAM_BUFFER_SHARE`` of the model in all), and every tier a few kernel work buffers. Loading a held tier briefly holds one more expert where
 it is built: on a GPU, or when its checkpoint must be converted to the run's dtype or is an adapter
 merged into the base (a checkpoint read on the CPU in its own dtype stays in the page cache). For a
@@ -31,7 +31,7 @@ from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import is_adapter
 from evomerge.models.checkpoint import run_dtype, stored_dtype
 from evomerge.models.loading import parameter_shapes, unreadable_weights
-from evomerge.workers.materializer import block_numel, default_chunk, stream_budget
+from evomerge.workers.materializer import block_elements, default_chunk, stream_budget
 from evomerge.workers.tiers import TIERS, refused_tiers
 
 GIB = 1024**3
@@ -118,8 +118,10 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         chunk = default_chunk(device.type, numel, n)
         # M2N2's seed recipes start from Gram matrices of whole tensors; others stream in blocks
         blocked = plan.method.elementwise and not plan.seed_recipe_populations
-        budget = stream_budget(model, n, with_base) if blocked else model
-        largest = max(block_numel(s, chunk, itemsize, budget) for s in shapes.values()) * itemsize
+        largest = max(int(torch.Size(s).numel()) for s in shapes.values())
+        if blocked:
+            largest = min(largest, block_elements(chunk, itemsize, stream_budget(model, n, with_base)))
+        largest *= itemsize
         work = (n + 2) * chunk * WORK_ITEMSIZE
         # an expert is built in memory when converted to the run's dtype or an adapter (merged on a
         # fresh copy of the base); else loading reads its file through the page cache

@@ -300,13 +300,13 @@ class MergeMethodSuite:
         granularity = "global" if setup.method.global_only else "per_tensor"
         space = _space(setup, granularity)
         recipe = space.decode(_genome(space, 9))
-        chunk = 4  # small, so that a tiny share streams these small tensors in blocks of rows
+        chunk = 4  # small, so that a tiny share streams these small tensors in blocks
         want = _merged(setup, recipe, chunk)
         refused = method_refusals(setup.method)
         for tier in TIER_CLASSES:
             if tier in refused:
                 continue
-            # a tiny share streams an elementwise method's tensors a row or a few at a time
+            # a tiny share streams an elementwise method's tensors a few elements at a time
             for share in (STREAM_BUFFER_SHARE, 1e-4):
                 got = _merged(setup, recipe, chunk, tier, tmp_path / tier, share)
                 for name in want:

@@ -10,7 +10,6 @@ needs the memory of the result plus one expert, never all experts twice.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -37,24 +36,15 @@ STREAM_BUFFER_SHARE = 0.05
 tier reads for one merge step may take together (one block per expert, and the base's)."""
 
 
-def block_rows(shape: tuple[int, ...], chunk: int, itemsize: int, budget: int) -> int:
-    """Rows of a tensor of ``shape`` per streamed block: as many as fit in ``budget`` bytes, in
-    whole multiples of the fewest rows that end on a ``chunk`` boundary (at least those).
+def block_elements(chunk: int, itemsize: int, budget: int) -> int:
+    """Elements per streamed block: as many whole chunks as fit in ``budget`` bytes (at least one).
 
     A block then splits the kernels' chunked passes exactly where the whole tensor's do, so every
     op sees the same elements at the same positions and the merge is bit for bit the same (half
     types round differently in vectorised loops and their scalar tails: any other split point
     could change a result).
     """
-    row = math.prod(shape[1:]) if len(shape) > 1 else 1
-    unit = chunk // math.gcd(chunk, row)  # rows of the shortest block that is a whole number of chunks
-    return unit * max(1, budget // (itemsize * row * unit))
-
-
-def block_numel(shape: tuple[int, ...], chunk: int, itemsize: int, budget: int) -> int:
-    """Elements of the largest block a tensor of ``shape`` is streamed in (its size when whole)."""
-    numel = math.prod(shape)
-    return min(numel, block_rows(shape, chunk, itemsize, budget) * (numel // shape[0])) if shape else numel
+    return chunk * max(1, budget // (chunk * itemsize))
 
 
 def stream_budget(model_bytes: int, n_models: int, has_base: bool, share: float = STREAM_BUFFER_SHARE) -> int:
@@ -251,21 +241,19 @@ class Materializer:
             if method.needs_fisher and self.fishers is not None:
                 ctx.fisher = self.tier.stream(self.fishers[name], "tier_fisher", self._scratch)
             params = recipe.params_for(name)
-            for rows in self._blocks(name) if method.elementwise else [None]:
-                block = out if rows is None else out[rows[0] : rows[1]]
-                at = ctx if rows is None else dataclasses.replace(ctx, offset=ctx.offset + rows[0] * (out.numel() // len(out)))
-                with self.tier.tensor(name, self._scratch, rows) as resident:
+            for span in self._blocks(name) if method.elementwise else [None]:
+                block = out if span is None else out.view(-1)[span[0] : span[1]]
+                at = ctx if span is None else dataclasses.replace(ctx, offset=ctx.offset + span[0])
+                with self.tier.tensor(name, self._scratch, span) as resident:
                     method.kernel(block, resident, params, recipe.options, at)
 
     def _blocks(self, name: str) -> list[tuple[int, int] | None]:
-        """The row blocks a streaming tier reads tensor ``name`` in for an elementwise method."""
-        shape = tuple(self.targets[name].shape)
-        if not self.tier.streams or not shape:
+        """The blocks of elements a streaming tier reads tensor ``name`` in for an elementwise method."""
+        numel = self.targets[name].numel()
+        step = block_elements(self.chunk, self.itemsize, self.block_budget)
+        if not self.tier.streams or step >= numel:
             return [None]
-        step = block_rows(shape, self.chunk, self.itemsize, self.block_budget)
-        if step >= shape[0]:
-            return [None]
-        return [(lo, min(lo + step, shape[0])) for lo in range(0, shape[0], step)]
+        return [(lo, min(lo + step, numel)) for lo in range(0, numel, step)]
 
     def block_edges(self, grid: str) -> np.ndarray:
         """Element offsets of the blocks of a split grid over the flattened parameters."""
@@ -318,13 +306,12 @@ class Materializer:
             )
         for name, out in self.targets.items():
             start = self.offsets[name]
-            row = out.numel() // len(out) if out.dim() else 1
-            for rows in self._blocks(name):  # a linear combination: streamed in blocks of rows
-                lo_block, hi_block = (0, out.numel()) if rows is None else (rows[0] * row, rows[1] * row)
-                block = out if rows is None else out[rows[0] : rows[1]]
+            for span in self._blocks(name):  # a linear combination: streamed in blocks
+                lo_block, hi_block = (0, out.numel()) if span is None else span
+                block = out if span is None else out.view(-1)[lo_block:hi_block]
                 first = int(np.searchsorted(edges, start + lo_block, side="right")) - 1
                 last = int(np.searchsorted(edges, start + hi_block, side="left"))
-                with self.tier.tensor(name, self._scratch, rows) as resident:
+                with self.tier.tensor(name, self._scratch, span) as resident:
                     for k in range(first, last):
                         lo = max(int(edges[k]) - start, lo_block) - lo_block
                         hi = min(int(edges[k + 1]) - start, hi_block) - lo_block

@@ -5,20 +5,26 @@ DESIGN.md §4. Three tiers, fastest first:
 - ``device``: every expert's stack (and the base) resident on the working model's device;
 - ``host``: the same stacks in host memory (pinned when the device is a GPU), copied to the device
   one tensor at a time, just before the kernel reads it;
-- ``mmap``: nothing resident; each tensor of each expert is read from its safetensors file (through
-  safetensors' memory map: the page cache, not the worker's own memory) when a merge reaches it.
+- ``mmap``: nothing resident; each tensor of each expert is read from its safetensors file, mapped
+  into memory (the page cache, not the worker's own memory), when a merge reaches it.
 
 A tier hands the materializer one parameter tensor of every expert at a time as a
 :class:`ResidentTensor` on the working device (``with tier.tensor(name, scratch) as resident``),
-or a block of its rows (``rows=(start, end)``; the materializer asks streaming tiers for blocks
-when the method is elementwise). Streaming tiers fill reusable ``scratch`` buffers, so a worker's
-peak is the working model, the tier's own holdings and a few tensor- or block-sized buffers. Every
+or a block of its elements (``span=(start, end)`` of the flattened tensor; the materializer asks
+streaming tiers for blocks when the method is elementwise). Streaming tiers fill reusable
+``scratch`` buffers, so a worker's peak is the working model, the tier's own holdings and a few
+tensor- or block-sized buffers. Every
 tier hands the kernels the same numbers, so a merge gives identical results in each.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import mmap
+import struct
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
@@ -31,8 +37,8 @@ from evomerge.merge.resident import ResidentTensor, Scratch, TensorSummaries
 if TYPE_CHECKING:
     from evomerge.plan import RunPlan
 
-Rows = tuple[int, int] | None
-"""A block ``[start, end)`` of a tensor's first dimension, or None for the whole tensor."""
+Span = tuple[int, int] | None
+"""A block ``[start, end)`` of a flattened tensor's elements, or None for the whole tensor."""
 
 TIERS = ("device", "host", "mmap")
 """Tier names, fastest first: the memory check takes the first that fits (``models.residency: auto``)."""
@@ -43,7 +49,7 @@ class HeldTier:
 
     name = "device"
     maps_files = False
-    streams = False  # whether each merge copies the experts in (then worth doing in blocks of rows)
+    streams = False  # whether each merge copies the experts in (then worth doing in blocks)
 
     def __init__(self, tensors: Mapping[str, ResidentTensor], device: torch.device) -> None:
         self.tensors = dict(tensors)
@@ -63,15 +69,16 @@ class HeldTier:
         return next(iter(self.tensors.values())).reference is not None
 
     @contextmanager
-    def tensor(self, name: str, scratch: Scratch, rows: Rows = None) -> Iterator[ResidentTensor]:
-        """Tensor ``name`` of every expert (or a block of its ``rows``), on the working device, for
-        the duration of the scope."""
+    def tensor(self, name: str, scratch: Scratch, span: Span = None) -> Iterator[ResidentTensor]:
+        """Tensor ``name`` of every expert (or the block ``span`` of its elements, flattened), on
+        the working device, for the duration of the scope."""
         held = self.tensors[name]
-        if rows is None:
+        if span is None:
             yield held
         else:  # a block has summaries of its own: the tensor's describe the whole tensor
-            lo, hi = rows
-            yield ResidentTensor(name, held.stack[:, lo:hi], None if held.reference is None else held.reference[lo:hi])
+            lo, hi = span
+            reference = held.flat_reference()
+            yield ResidentTensor(name, held.flat_stack()[:, lo:hi], None if reference is None else reference[lo:hi])
 
     def hold(self, tensor: torch.Tensor) -> torch.Tensor:
         """Keep a per-tensor input computed at load time (an expert's Fisher) in this tier."""
@@ -105,8 +112,8 @@ class HostTier(HeldTier):
         return buffer
 
     @contextmanager
-    def tensor(self, name: str, scratch: Scratch, rows: Rows = None) -> Iterator[ResidentTensor]:
-        with super().tensor(name, scratch, rows) as held:
+    def tensor(self, name: str, scratch: Scratch, span: Span = None) -> Iterator[ResidentTensor]:
+        with super().tensor(name, scratch, span) as held:
             stack = self.stream(held.stack, "tier_stack", scratch)
             reference = None if held.reference is None else self.stream(held.reference, "tier_reference", scratch)
             yield ResidentTensor(name=name, stack=stack, reference=reference, summaries=held.summaries)
@@ -115,7 +122,11 @@ class HostTier(HeldTier):
 class MappedTier:
     """Nothing resident: each merge reads every tensor of every expert (and the base) from its
     safetensors files into device buffers, converted to the working dtype; with a base the task
-    vectors ``expert − base`` are formed there, as the held tiers form them at load time."""
+    vectors ``expert − base`` are formed there, as the held tiers form them at load time.
+
+    Each file is mapped once, copy-on-write and never written, so its pages stay the page cache's;
+    a tensor (or a block of its elements) is read straight from the mapping into the buffer.
+    """
 
     name = "mmap"
     maps_files = True
@@ -129,32 +140,27 @@ class MappedTier:
     ) -> None:
         """``experts`` and ``base`` are ``(label, safetensors files)``; ``targets`` the working
         model's parameters, whose names the files must store with the same shapes."""
-        from safetensors import safe_open
-
         first = next(iter(targets.values()))
         self.device, self.dtype = first.device, first.dtype
         self.shapes = {name: tuple(t.shape) for name, t in targets.items()}
         self._summaries = {name: TensorSummaries() for name in targets}
+        self._experts = [self._locate(label, files) for label, files in experts]
+        self._base = None if base is None else self._locate(*base)
 
-        def files_of(label: str, files: Sequence[Path]) -> dict[str, object]:
-            """Tensor name -> the open file holding it (open for the worker's life: each file is mapped once)."""
-            where: dict[str, object] = {}
-            for file in files:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-                where.update((key, handle) for key in handle.keys())
-            for name, shape in self.shapes.items():
-                if name not in where:
-                    raise ModelMismatchError(
-                        f"{label} stores no tensor named {name} (its checkpoint's names differ from the"
-                        f" loaded model's), so it cannot be memory-mapped; use models.residency host"
-                    )
-                stored = tuple(where[name].get_slice(name).get_shape())  # type: ignore[attr-defined]
-                if stored != shape:
-                    raise ModelMismatchError(f"{label} has {name} of shape {stored} but the working model has {shape}")
-            return where
-
-        self._experts = [files_of(label, files) for label, files in experts]
-        self._base = None if base is None else files_of(*base)
+    def _locate(self, label: str, files: Sequence[Path]) -> dict[str, _Stored]:
+        """Where each of the working model's tensors lies in ``label``'s files."""
+        stored: dict[str, _Stored] = {}
+        for file in files:
+            stored.update(_stored_tensors(file))
+        for name, shape in self.shapes.items():
+            if name not in stored:
+                raise ModelMismatchError(
+                    f"{label} stores no tensor named {name} (its checkpoint's names differ from the"
+                    f" loaded model's), so it cannot be memory-mapped; use models.residency host"
+                )
+            if stored[name].shape != shape:
+                raise ModelMismatchError(f"{label} has {name} of shape {stored[name].shape} but the working model has {shape}")
+        return stored
 
     @property
     def n_models(self) -> int:
@@ -164,26 +170,21 @@ class MappedTier:
     def has_base(self) -> bool:
         return self._base is not None
 
-    @staticmethod
-    def _read(where: Mapping[str, object], name: str, rows: Rows, out: torch.Tensor) -> None:
-        if rows is None:
-            out.copy_(where[name].get_tensor(name))  # type: ignore[attr-defined]
-        else:  # only the block's bytes are read
-            out.copy_(where[name].get_slice(name)[rows[0] : rows[1]])  # type: ignore[attr-defined]
-
     @contextmanager
-    def tensor(self, name: str, scratch: Scratch, rows: Rows = None) -> Iterator[ResidentTensor]:
-        shape = self.shapes[name] if rows is None else (rows[1] - rows[0], *self.shapes[name][1:])
+    def tensor(self, name: str, scratch: Scratch, span: Span = None) -> Iterator[ResidentTensor]:
+        whole = span is None
+        lo, hi = (0, math.prod(self.shapes[name])) if whole else span
+        shape = self.shapes[name] if whole else (hi - lo,)
         stack = scratch.get("tier_stack", (self.n_models, *shape), self.dtype, self.device)
         reference = None
         if self._base is not None:
             reference = scratch.get("tier_reference", shape, self.dtype, self.device)
-            self._read(self._base, name, rows, reference)
-        for row, where in enumerate(self._experts):
-            self._read(where, name, rows, stack[row])
+            reference.view(-1).copy_(self._base[name].read(lo, hi))
+        for row, stored in enumerate(self._experts):
+            stack[row].view(-1).copy_(stored[name].read(lo, hi))
             if reference is not None:
                 stack[row].sub_(reference)
-        summaries = self._summaries[name] if rows is None else TensorSummaries()
+        summaries = self._summaries[name] if whole else TensorSummaries()
         yield ResidentTensor(name=name, stack=stack, reference=reference, summaries=summaries)
 
     def hold(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -191,6 +192,43 @@ class MappedTier:
 
     def stream(self, held: torch.Tensor, purpose: str, scratch: Scratch) -> torch.Tensor:
         raise ValueError("the mmap tier holds nothing computed at load time (refused at plan time)")
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One tensor in a mapped safetensors file: its bytes start at ``offset`` of ``mapping``."""
+
+    mapping: mmap.mmap
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of the flattened tensor: a view of the mapped file, no copy."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return torch.frombuffer(self.mapping, dtype=self.dtype, count=end - start, offset=self.offset + start * itemsize)
+
+
+def _stored_tensors(file: Path) -> dict[str, _Stored]:
+    """Every floating-point tensor of a safetensors file (an 8-byte header length, a JSON header
+    of names, dtypes, shapes and byte ranges, then the data), mapped once."""
+    from evomerge.errors import ModelLoadError
+
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for torch, never written
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelLoadError(f"'{file}' is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    return {
+        name: _Stored(mapping, 8 + length + int(info["data_offsets"][0]), _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]))
+        for name, info in header.items()
+        if name != "__metadata__" and info["dtype"] in _SAFETENSORS_DTYPES
+    }
 
 
 ExpertTier = HeldTier | MappedTier

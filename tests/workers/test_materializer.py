@@ -200,7 +200,7 @@ SEED_SHAPES = {"w": (3, 4), "b": (4,), "t": (2, 3, 2), "s": ()}
 
 
 def _seed_setup(with_base: bool, dtype=torch.float64, tier: str = "device", folder=None):
-    """Three experts (and a base) of ``SEED_SHAPES``; a streaming tier reads them a row or two at a
+    """Three experts (and a base) of ``SEED_SHAPES``; a streaming tier reads them two elements at a
     time (a tiny chunk and block share), the mmap tier from files written to ``folder``."""
     from safetensors.torch import save_file
 
