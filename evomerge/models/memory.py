@@ -7,7 +7,8 @@ and the base; with Fisher merging, each expert's diagonal Fisher too) in one mem
 tensor), or mapped from the checkpoints' safetensors files (read tensor by tensor, nothing kept).
 The streaming tiers add one buffer per model read as large as the largest parameter tensor, or for
 an elementwise method (a linear combination) as large as the blocks of elements they read it in
-(``STREAM_BUFFER_SHARE`` of the model in all), and every tier a few kernel work buffers. Loading a held tier briefly holds one more expert where
+(``STREAM_BUFFER_SHARE`` of the model in all); kernels other than linear combinations add a few
+chunk-sized work buffers in every tier. Loading a held tier briefly holds one more expert where
 it is built: on a GPU, or when its checkpoint must be converted to the run's dtype or is an adapter
 merged into the base (a checkpoint read on the CPU in its own dtype stays in the page cache). For a
 method over LoRA factors the experts are adapters: the base plus one adapter-sized slot per expert.
@@ -122,7 +123,8 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         if blocked:
             largest = min(largest, block_elements(chunk, itemsize, stream_budget(model, n, with_base)))
         largest *= itemsize
-        work = (n + 2) * chunk * WORK_ITEMSIZE
+        # a linear combination is written in place, one op per expert and chunk: no work buffers
+        work = 0 if plan.method.elementwise else (n + 2) * chunk * WORK_ITEMSIZE
         # an expert is built in memory when converted to the run's dtype or an adapter (merged on a
         # fresh copy of the base); else loading reads its file through the page cache
         built = any(is_adapter(ref) or stored_dtype(ref) != dtype for ref in refs)

@@ -66,7 +66,8 @@ def test_estimate_equals_what_the_worker_holds(llamas, dtype, base):
         if tensor.reference is not None:
             held += tensor.reference.numel() * tensor.reference.element_size()
     assert estimate.resident == held
-    assert estimate.peak > estimate.resident
+    # float32 checkpoints load through the page cache; converted to bfloat16, each is built in memory
+    assert (estimate.peak > estimate.resident) == (dtype == "bfloat16")
 
 
 def test_a_run_that_fits_no_tier_is_refused_before_it_starts(llamas, tmp_path, monkeypatch, capsys):
