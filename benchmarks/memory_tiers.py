@@ -11,7 +11,8 @@ experts ``base + 0.01 · noise``, saved in float32 with ``save_pretrained`` (saf
 temporary directory. Each tier runs in a fresh process (so peaks do not mix) that loads the models
 the way a worker does (``load_resident_models`` with ``models.residency`` set to the tier) for a
 ``task_arithmetic`` search with one weight per expert per layer, merges one warm-up candidate, then
-``--repeats`` fresh genomes.
+``--repeats`` fresh genomes. Task arithmetic is a linear combination of the experts, so the
+streaming tiers read it in blocks of whole kernel chunks (README, "Memory tiers").
 
 Per tier:
 
