@@ -13,8 +13,8 @@ A tier hands the materializer one parameter tensor of every expert at a time as 
 or a block of its elements (``span=(start, end)`` of the flattened tensor; the materializer asks
 streaming tiers for blocks when the method is elementwise). Streaming tiers fill reusable
 ``scratch`` buffers, so a worker's peak is the working model, the tier's own holdings and a few
-tensor- or block-sized buffers. Every
-tier hands the kernels the same numbers, so a merge gives identical results in each.
+tensor- or block-sized buffers. Every tier hands the kernels the same numbers, so a merge gives
+identical results in each.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
 
-from evomerge.errors import ModelMismatchError
+from evomerge.errors import ModelLoadError, ModelMismatchError
 from evomerge.merge.method import LORA_FACTORS, MergeMethod
 from evomerge.merge.resident import ResidentTensor, Scratch, TensorSummaries
 
@@ -215,8 +215,6 @@ class _Stored:
 def _stored_tensors(file: Path) -> dict[str, _Stored]:
     """Every floating-point tensor of a safetensors file (an 8-byte header length, a JSON header
     of names, dtypes, shapes and byte ranges, then the data), mapped once."""
-    from evomerge.errors import ModelLoadError
-
     try:
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
