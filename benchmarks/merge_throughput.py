@@ -91,6 +91,7 @@ from evomerge.merge import MERGE_METHODS  # noqa: E402
 from evomerge.merge.resident import ResidentTensor  # noqa: E402
 from evomerge.workers.materializer import Materializer  # noqa: E402
 from evomerge.space.merge_space import Space  # noqa: E402
+from evomerge.workers.tiers import DeviceTier  # noqa: E402
 
 N_EXPERTS = 3
 LLAMA_LAYERS = 12
@@ -189,7 +190,7 @@ def first_two(mat: Materializer) -> Materializer:
         name: ResidentTensor(name=name, stack=t.stack[:2], reference=t.reference)
         for name, t in mat.tensors.items()
     }
-    return Materializer(mat.targets, tensors, chunk=mat.chunk)
+    return Materializer(mat.targets, DeviceTier(tensors, mat.device), chunk=mat.chunk)
 
 
 # ----------------------------------------------------------------------------- measuring

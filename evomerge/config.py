@@ -117,6 +117,8 @@ class ModelsConfig(_Strict):
     # Experts whose tokenizers add tokens: "union" keeps every token (mergekit's tokenizer_source:
     # union), "base" keeps the base's vocabulary only; see evomerge.models.vocab.
     vocabulary: Literal["union", "base"] = "union"
+    # Where workers keep the experts: auto takes the fastest tier that fits (see evomerge.models.memory).
+    residency: Literal["auto", "device", "host", "mmap"] = "auto"
 
     @field_validator("experts", mode="before")
     @classmethod

@@ -274,6 +274,11 @@ class RunPlan:
         return {p.name: p.budget for p in self.populations}
 
     @property
+    def seed_recipe_populations(self) -> frozenset[str]:
+        """Populations that search M2N2's seed recipes (their codecs need the experts' block Grams)."""
+        return frozenset(p.name for p in self.populations if p.requires.space == SEED_RECIPES)
+
+    @property
     def gradient_populations(self) -> frozenset[str]:
         """Populations whose evaluations must carry the entropy gradient (white-box workers)."""
         return frozenset(p.name for p in self.populations if p.requires.gradient)

@@ -10,6 +10,7 @@ boundary like any other value.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -22,6 +23,8 @@ from evomerge.config import RunConfig
 from evomerge.errors import UserError
 from evomerge.executors.timeouts import CandidateTimeout
 from evomerge.records import Candidate, Evaluation, Status
+
+log = logging.getLogger(__name__)
 
 Job = Callable[[Any], Any]
 """One-off work: called with a worker, on that worker (in its process), returns a picklable value."""
@@ -100,12 +103,17 @@ class InlineExecutor(Executor):
         self, config: RunConfig, setup: Job | None = None, on_phase: Callable[[str], None] = lambda text: None
     ) -> None:
         from evomerge.models.loading import resolve_device
-        from evomerge.models.memory import check_memory
+        from evomerge.models.memory import check_memory, summary, with_residency
         from evomerge.workers import make_worker
 
-        on_phase("loading models")
         if config.api is None:  # a black-box worker holds no weights
-            check_memory(config, 1, resolve_device(config.models.device))
+            device = resolve_device(config.models.device)
+            need = check_memory(config, 1, device)
+            log.info("loading models: %s", summary(need, device))
+            on_phase(f"loading models ({summary(need, device)})")
+            config = with_residency(config, need.tier)
+        else:
+            on_phase("loading models")
         self.worker = make_worker(config, "inline")
         if setup is not None:
             self.worker.run(setup)

@@ -192,14 +192,17 @@ class RayExecutor(Executor):
         if self.config.api is not None:
             return
 
-        from evomerge.models.memory import check_memory
+        from evomerge.models.memory import check_memory, summary, with_residency
 
         on_gpu = self.settings.gpus_per_worker > 0 and torch.cuda.is_available() and self.config.models.device != "cpu"
+        device = torch.device("cuda" if on_gpu else "cpu")
         if on_gpu:
             per_gpu = max(1, math.floor(1 / self.settings.gpus_per_worker + 1e-9))
-            check_memory(self.config, min(self.capacity, per_gpu), torch.device("cuda"))
+            need = check_memory(self.config, min(self.capacity, per_gpu), device)
         else:
-            check_memory(self.config, self.capacity, torch.device("cpu"))
+            need = check_memory(self.config, self.capacity, device)
+        log.info("workers hold the models in %s", summary(need, device))
+        self.config = with_residency(self.config, need.tier)  # the tier every worker this pool starts uses
 
     def _new_slot(self, placement_timeout: float | None = None) -> _Slot:
         from evomerge.executors.ray_actor import EvaluationActor

@@ -102,6 +102,13 @@ class MergeMethod:
     alone: tuple[tuple[str, float | None], ...] = ()
     base_alone: tuple[tuple[str, float], ...] = ()
 
+    @property
+    def elementwise(self) -> bool:
+        """Whether each output element depends only on the experts' elements at the same position:
+        true of a linear combination of the experts (``differentiable``), so a memory tier that
+        streams the experts in may hand the kernel a tensor in blocks of rows."""
+        return self.differentiable
+
     def __reduce__(self):
         """Pickled as its registry key: spaces and recipes travel to workers as plain data."""
         from evomerge.merge import get_merge_method

@@ -87,6 +87,18 @@ _INTERVAL_BLOCKS = FusedKernel(_interval_blocks)
 
 
 @dataclass
+class TensorSummaries:
+    """What :class:`ResidentTensor` computes once per tensor and keeps (a few kilobytes).
+
+    Kept apart from the weights so that a memory tier that streams a tensor's weights in for each
+    merge hands every streamed copy the same summaries: they are computed on the first merge only.
+    """
+
+    gram: torch.Tensor | None = None
+    magnitudes: dict[int, _MagnitudeIndex] = field(default_factory=dict)
+
+
+@dataclass
 class ResidentTensor:
     """One parameter tensor of every expert, stacked.
 
@@ -98,8 +110,7 @@ class ResidentTensor:
     name: str
     stack: torch.Tensor
     reference: torch.Tensor | None = None
-    _gram: torch.Tensor | None = field(default=None, repr=False)
-    _magnitudes: dict[int, _MagnitudeIndex] = field(default_factory=dict, repr=False)
+    summaries: TensorSummaries = field(default_factory=TensorSummaries, repr=False)
 
     @property
     def n_models(self) -> int:
@@ -126,7 +137,7 @@ class ResidentTensor:
         ``<x_i, x_j>`` follows from this matrix without touching the weights again. The rows are
         widened to float64 ``GRAM_CHUNK`` columns at a time, in a ``scratch`` buffer if given.
         """
-        if self._gram is None:
+        if self.summaries.gram is None:
             rows = self.flat_stack()
             ref = self.flat_reference()
             k = self.n_models + (ref is not None)
@@ -139,8 +150,8 @@ class ResidentTensor:
                     b[0].copy_(ref[s:e])
                 b[k - self.n_models :].copy_(rows[:, s:e])
                 gram.addmm_(b, b.T)
-            self._gram = gram.cpu()
-        return self._gram
+            self.summaries.gram = gram.cpu()
+        return self.summaries.gram
 
     def model_basis(self) -> torch.Tensor:
         """Rows of coefficients expressing each expert over the rows of :meth:`gram`."""
@@ -245,7 +256,7 @@ class ResidentTensor:
         return found
 
     def _magnitude_index(self, row: int, scratch: Scratch | None = None) -> _MagnitudeIndex:
-        index = self._magnitudes.get(row)
+        index = self.summaries.magnitudes.get(row)
         if index is None:
             flat = self.flat_stack()[row]
             if flat.numel() <= MAGNITUDE_SAMPLE:
@@ -253,7 +264,7 @@ class ResidentTensor:
                 index = _MagnitudeIndex(sorted_values=flat.abs().to(wide).sort().values.cpu().numpy())
             else:
                 index = _histogram_index(flat, scratch or Scratch())
-            self._magnitudes[row] = index
+            self.summaries.magnitudes[row] = index
         return index
 
 

@@ -1,10 +1,20 @@
-"""What a white-box worker will hold in memory, computed from model configs before any weight loads.
+"""What a white-box worker will hold in memory, per memory tier, computed from model configs before
+any weight loads; and the check that picks the tier a run uses.
 
-A worker keeps one working model, a copy of the base (the reference its task vectors are taken
-from) and every expert resident for the whole run (with Fisher merging, each expert's diagonal
-Fisher too); loading briefly holds one more expert. For a
-method over LoRA factors the experts are adapters: the base plus one adapter-sized slot per expert. A run
-whose workers cannot hold that is refused before it starts, with the figures, instead of dying
+A worker keeps one working model on its device and the experts (with a base, their task vectors
+and the base; with Fisher merging, each expert's diagonal Fisher too) in one memory tier
+(``evomerge.workers.tiers``): on the device, in host memory (copied to the device tensor by
+tensor), or mapped from the checkpoints' safetensors files (read tensor by tensor, nothing kept).
+The streaming tiers add one buffer per model read as large as the largest parameter tensor, or for
+an elementwise method (a linear combination) as large as the blocks of elements they read it in
+(``STREAM_BUFFER_SHARE`` of the model in all); kernels other than linear combinations add a few
+chunk-sized work buffers in every tier. Loading a held tier briefly holds one more expert where
+it is built: on a GPU, or when its checkpoint must be converted to the run's dtype or is an adapter
+merged into the base (a checkpoint read on the CPU in its own dtype stays in the page cache). For a
+method over LoRA factors the experts are adapters: the base plus one adapter-sized slot per expert.
+
+The check takes the fastest tier that fits (``models.residency: auto``) or the one the config
+names, and refuses a run that fits none before anything loads, with the figures, instead of dying
 halfway through loading (or swapping a machine to a halt).
 """
 
@@ -17,25 +27,47 @@ from pathlib import Path
 import torch
 
 from evomerge.config import RunConfig
-from evomerge.errors import InsufficientMemoryError
+from evomerge.errors import ConfigError, InsufficientMemoryError
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import is_adapter
-from evomerge.models.checkpoint import run_dtype
+from evomerge.models.checkpoint import run_dtype, stored_dtype
 from evomerge.models.loading import parameter_shapes, unreadable_weights
+from evomerge.workers.materializer import block_elements, default_chunk, stream_budget
+from evomerge.workers.tiers import TIERS, refused_tiers
 
 GIB = 1024**3
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-TIER = "device"
-"""The memory tier a worker holds its experts in. Only the device tier exists so far: every model
-resident on the worker's device (DESIGN.md §4 plans host-memory and memory-mapped tiers)."""
+WORK_ITEMSIZE = 8
+"""Bytes per element of the kernels' chunk-sized work buffers, at their widest (float64 sums)."""
 
 
 @dataclass(frozen=True)
 class WorkerMemory:
-    resident: int  # bytes held for the whole run
-    peak: int  # bytes while the last expert loads
-    description: str  # what is resident, in words, for the error message
+    tier: str  # the memory tier the experts are held in
+    device_peak: int  # bytes on the worker's device at its peak
+    host_peak: int  # bytes of host memory besides the device's at its peak (the same memory on a CPU)
+    resident: int  # bytes held for the whole run, device and host together
+    description: str  # what is held where, in words, for messages
     dtype: str  # the dtype the models are held in (models.dtype, resolved when auto)
+
+    @property
+    def peak(self) -> int:
+        """Device and host peaks together: what a worker on a CPU needs of the machine's memory."""
+        return self.device_peak + self.host_peak
+
+
+@dataclass(frozen=True)
+class FreeMemory:
+    """What a worker may use: free bytes on its device and host memory available (None: unknown).
+    On a CPU both are the machine's memory."""
+
+    device: int | None
+    host: int | None
+
+    @classmethod
+    def measure(cls, device: torch.device) -> "FreeMemory":
+        host = available_bytes(torch.device("cpu"))
+        return cls(available_bytes(device) if device.type == "cuda" else host, host)
 
 
 def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -56,7 +88,8 @@ def adapter_numel(ref: str) -> int:
         raise unreadable_weights(str(path), exc) from None
 
 
-def worker_memory(config: RunConfig) -> WorkerMemory:
+def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemory]:
+    """A worker's memory in every tier the run may use, fastest first."""
     from evomerge.plan import RunPlan
 
     plan = RunPlan.from_config(config)
@@ -65,31 +98,61 @@ def worker_memory(config: RunConfig) -> WorkerMemory:
     refs = [config.model_ref(e.path) for e in config.models.experts]
     n = len(refs)
     shapes = parameter_shapes(plan.working_model)
-    model = _numel(shapes) * itemsize
+    numel = _numel(shapes)
+    model = numel * itemsize
+    refused = refused_tiers(plan)
+    where = {"device": f"on {device.type}", "host": "in host memory", "mmap": "mapped from their files"}
+    # per tier: (device peak, host peak, held for the whole run)
     if plan.method.inputs == LORA_FACTORS:
         adapters = [adapter_numel(ref) * itemsize for ref in refs]
-        slot = adapters[0]
-        return WorkerMemory(
-            resident=model + slot + sum(adapters),
-            peak=model + slot + sum(adapters) + max(adapters),
-            description=f"the base, one working adapter and {n} adapters",
+        base_and_slot = model + adapters[0]  # the base and one working adapter
+        slots = sum(adapters)
+        figures = {
+            "device": (base_and_slot + slots + max(adapters), 0, base_and_slot + slots),
+            "host": (base_and_slot + max(adapters), slots + max(adapters), base_and_slot + slots),
+        }
+        experts = f"{n} adapters"
+    else:
+        with_base = config.models.base is not None
+        fishers = plan.method.needs_fisher
+        rows = n + with_base + n * fishers  # model-sized rows the experts take in a held tier
+        chunk = default_chunk(device.type, numel, n)
+        # M2N2's seed recipes start from Gram matrices of whole tensors; others stream in blocks
+        blocked = plan.method.elementwise and not plan.seed_recipe_populations
+        largest = max(int(torch.Size(s).numel()) for s in shapes.values())
+        if blocked:
+            largest = min(largest, block_elements(chunk, itemsize, stream_budget(model, n, with_base)))
+        largest *= itemsize
+        # a linear combination is written in place, one op per expert and chunk: no work buffers
+        work = 0 if plan.method.elementwise else (n + 2) * chunk * WORK_ITEMSIZE
+        # an expert is built in memory when converted to the run's dtype or an adapter (merged on a
+        # fresh copy of the base); else loading reads its file through the page cache
+        built = any(is_adapter(ref) or stored_dtype(ref) != dtype for ref in refs)
+        loading = model * (built or device.type == "cuda")  # on the device
+        merged_names = plan.space(list(shapes)).tensor_groups  # frozen towers have no expert copies
+        merged = _numel({name: shape for name, shape in shapes.items() if name in merged_names}) * itemsize
+        held = model + merged * rows
+        figures = {
+            "device": (held + max(loading, work), 0, held),
+            "host": (model + largest * rows + work, merged * rows + model * built, held),
+            "mmap": (model + largest * (n + with_base) + work, 0, model),
+        }
+        experts = (
+            f"{n} experts" + (" and the base" if with_base else "") + (" (their unfrozen towers)" if merged < model else "")
+            + (f" and {n} Fishers" if fishers else "")
+        )
+    return {
+        tier: WorkerMemory(
+            tier=tier,
+            device_peak=figures[tier][0],
+            host_peak=figures[tier][1],
+            resident=figures[tier][2],
+            description=f"the working model on {device.type}, {experts} {where[tier]}",
             dtype=dtype,
         )
-    with_base = config.models.base is not None
-    fishers = plan.method.needs_fisher  # one diagonal Fisher per expert
-    merged_names = plan.space(list(shapes)).tensor_groups  # frozen towers have no resident copies
-    merged = _numel({name: shape for name, shape in shapes.items() if name in merged_names}) * itemsize
-    resident = model + merged * (n + with_base + n * fishers)
-    # An adapter expert is built as a dense model on a fresh copy of the base.
-    loading = model * (1 + any(is_adapter(ref) for ref in refs))
-    return WorkerMemory(
-        resident=resident,
-        peak=resident + loading,
-        description=f"the working model, {n} experts" + (" and the base" if with_base else "")
-        + (" (their unfrozen towers)" if merged < model else "")
-        + (f" and {n} Fishers" if fishers else ""),
-        dtype=dtype,
-    )
+        for tier in TIERS
+        if tier in figures and tier not in refused
+    }
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -110,18 +173,72 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(config: RunConfig, workers: int, device: torch.device) -> WorkerMemory:
-    """Refuse a run whose ``workers`` (sharing ``device``, or this machine's RAM) cannot hold the models."""
-    need = worker_memory(config)
-    have = available_bytes(device)
-    if have is not None and need.peak * workers > have:
-        where = f"{device} has" if device.type == "cuda" else "this machine has"
-        chosen = "models.dtype auto: the checkpoints' own" if config.models.dtype == "auto" else "models.dtype"
-        narrower = ", use models.dtype bfloat16" if need.dtype == "float32" else ""
-        raise InsufficientMemoryError(
-            f"models: each worker holds {need.peak / GIB:.2f} GiB at its peak ({need.description} in"
-            f" {need.dtype} ({chosen}), memory tier '{TIER}': all resident on {device.type});"
-            f" {workers} worker(s) need {need.peak * workers / GIB:.2f} GiB but {where} {have / GIB:.2f} GiB free;"
-            f" lower workers.count{narrower}, merge fewer experts, or use a machine with more memory"
-        )
-    return need
+def size(n_bytes: int) -> str:
+    """A memory figure for messages: GiB, or MiB below one GiB (small models would read 0.00 GiB)."""
+    return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def _shortfall(need: WorkerMemory, workers: int, device: torch.device, free: FreeMemory) -> str | None:
+    """Why ``workers`` such workers do not fit in ``free`` (None: they fit, or it is unknown)."""
+    if device.type != "cuda":
+        if free.host is not None and need.peak * workers > free.host:
+            return f"{size(need.peak * workers)} but this machine has {size(free.host)} free"
+        return None
+    if free.device is not None and need.device_peak * workers > free.device:
+        return f"{size(need.device_peak * workers)} of {device} but it has {size(free.device)} free"
+    if free.host is not None and need.host_peak * workers > free.host:
+        return f"{size(need.host_peak * workers)} of host memory but {size(free.host)} is available"
+    return None
+
+
+def check_memory(
+    config: RunConfig, workers: int, device: torch.device, free: FreeMemory | None = None
+) -> WorkerMemory:
+    """The memory tier ``workers`` workers (sharing ``device``, or this machine's RAM) hold the
+    experts in, with its figures: ``models.residency``, or with ``auto`` the fastest that fits in
+    ``free`` (measured when not given). A run that fits no tier is refused with the figures."""
+    tiers = tier_memory(config, device)
+    residency = config.models.residency
+    if residency != "auto" and residency not in tiers:
+        from evomerge.plan import RunPlan
+
+        why = refused_tiers(RunPlan.from_config(config))[residency]
+        raise ConfigError(f"models.residency is {residency} but {why}; use {' or '.join(tiers)}")
+    candidates = list(tiers.values()) if residency == "auto" else [tiers[residency]]
+    free = FreeMemory.measure(device) if free is None else free
+    shortfalls = []
+    for need in candidates:
+        short = _shortfall(need, workers, device, free)
+        if short is None:
+            return need
+        shortfalls.append(f"memory tier '{need.tier}' ({need.description}) needs {short}")
+    dtype = candidates[0].dtype
+    chosen = "models.dtype auto: the checkpoints' own" if config.models.dtype == "auto" else "models.dtype"
+    narrower = ", use models.dtype bfloat16" if dtype == "float32" else ""
+    raise InsufficientMemoryError(
+        f"models: {workers} worker(s) holding the models in {dtype} ({chosen}) fit no memory tier"
+        f" (models.residency {residency}): {'; '.join(shortfalls)};"
+        f" lower workers.count{narrower}, merge fewer experts, or use a machine with more memory"
+    )
+
+
+def summary(need: WorkerMemory, device: torch.device) -> str:
+    """The chosen tier and its figures, for the run's phase line and log."""
+    if device.type == "cuda":
+        figures = f"{size(need.device_peak)} of {device.type} and {size(need.host_peak)} of host memory"
+    else:
+        figures = size(need.peak)
+    return f"memory tier {need.tier}: {need.description}, {figures} per worker at its peak"
+
+
+def worker_tier(config: RunConfig, device: torch.device) -> str:
+    """The tier a worker holds the experts in: the one its config names (an executor writes the
+    tier its check chose there), or for ``auto`` the check's choice for this worker alone."""
+    if config.models.residency != "auto":
+        return config.models.residency
+    return check_memory(config, 1, device).tier
+
+
+def with_residency(config: RunConfig, tier: str) -> RunConfig:
+    """``config`` with ``models.residency`` set to the tier the check chose, as workers are handed it."""
+    return config.model_copy(update={"models": config.models.model_copy(update={"residency": tier})})

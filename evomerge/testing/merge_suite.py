@@ -19,10 +19,14 @@ test runs::
 The properties: every element is written in place and finite at every granularity; the same recipe
 gives the same result; the seed matters only to methods declared random; chunk size never changes
 the result; identical models merge to themselves; genomes round-trip through encode and decode;
-the space's start decodes to the declared defaults; bfloat16 and float64 agree with float32.
+the space's start decodes to the declared defaults; bfloat16 and float64 agree with float32; every
+memory tier the method accepts (experts on the device, in host memory, mapped from safetensors
+files) gives identical results.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +36,8 @@ from evomerge.merge import MERGE_METHODS, MergeMethod
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.space.merge_space import GRANULARITIES, Space
 from evomerge.testing.tiny_models import LAYOUT, LORA_LAYOUT, random_state
-from evomerge.workers.materializer import Materializer
+from evomerge.workers.materializer import STREAM_BUFFER_SHARE, Materializer
+from evomerge.workers.tiers import TIER_CLASSES, MappedTier, method_refusals
 
 RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
 """Registered methods whose result depends on the recipe's seed."""
@@ -76,17 +81,50 @@ class MergeSetup:
     def targets(self, fill: float = float("nan")) -> dict[str, torch.Tensor]:
         return {n: torch.full(s, fill, dtype=self.dtype) for n, s in self.layout.items()}
 
-    def materializer(self, targets: dict[str, torch.Tensor] | None = None, chunk: int | None = None) -> Materializer:
-        materializer = Materializer.from_state_dicts(
-            self.targets() if targets is None else targets,
-            ((f"expert {i}", e) for i, e in enumerate(self.experts)),
-            n_models=self.n_models,
-            base=self.base,
-            chunk=chunk,
-        )
+    def materializer(
+        self,
+        targets: dict[str, torch.Tensor] | None = None,
+        chunk: int | None = None,
+        tier: str = "device",
+        folder: Path | None = None,
+        stream_share: float = STREAM_BUFFER_SHARE,
+    ) -> Materializer:
+        """A fresh materializer with the experts in memory ``tier``; the mmap tier maps them from
+        safetensors files written to ``folder``; ``stream_share`` sizes streamed blocks."""
+        targets = self.targets() if targets is None else targets
+        tier_class = TIER_CLASSES[tier]
+        if tier_class.maps_files:
+            if folder is None:
+                raise ValueError("the mmap tier reads the experts from files: pass a folder to write them to")
+            materializer = Materializer(targets, MappedTier(targets, *self.save(folder)), chunk, stream_share)
+        else:
+            materializer = Materializer.from_state_dicts(
+                targets,
+                ((f"expert {i}", e) for i, e in enumerate(self.experts)),
+                n_models=self.n_models,
+                base=self.base,
+                chunk=chunk,
+                tier=tier_class,
+                stream_share=stream_share,
+            )
         if self.method.needs_fisher:  # what a worker estimates on each expert's data: here random
             materializer.set_fishers(self.fishers(), floor=1e-8)
         return materializer
+
+    def save(self, folder: Path) -> tuple[list[tuple[str, list[Path]]], tuple[str, list[Path]] | None]:
+        """Write the experts (and the base) as safetensors files: ``(experts, base)`` as
+        :class:`MappedTier` takes them."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def write(label: str, state: dict[str, torch.Tensor]) -> tuple[str, list[Path]]:
+            path = folder / f"{label.replace(' ', '_')}.safetensors"
+            save_file({n: t.contiguous() for n, t in state.items()}, str(path))
+            return label, [path]
+
+        experts = [write(f"expert {i}", e) for i, e in enumerate(self.experts)]
+        return experts, None if self.base is None else write("base", self.base)
 
     def fishers(self) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(300)
@@ -119,9 +157,16 @@ def _genome(space: Space, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0.05, 0.95, space.dim)
 
 
-def _merged(setup: MergeSetup, recipe, chunk: int | None = None) -> dict[str, torch.Tensor]:
+def _merged(
+    setup: MergeSetup,
+    recipe,
+    chunk: int | None = None,
+    tier: str = "device",
+    folder: Path | None = None,
+    stream_share: float = STREAM_BUFFER_SHARE,
+) -> dict[str, torch.Tensor]:
     targets = setup.targets()
-    setup.materializer(targets, chunk=chunk).apply(recipe)
+    setup.materializer(targets, chunk, tier, folder, stream_share).apply(recipe)
     return {n: t.clone() for n, t in targets.items()}
 
 
@@ -246,6 +291,26 @@ class MergeMethodSuite:
             assert got[name].dtype == dtype
             error = (got[name].double() - want[name].double()).norm() / want[name].double().norm()
             assert error < (0.1 if dtype == torch.bfloat16 else 1e-5), name
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_every_memory_tier_gives_identical_results(self, merge_case, dtype, tmp_path):
+        # Experts stored in float32 and merged in bfloat16 are converted as they are read: the
+        # streaming tiers must round exactly as loading does.
+        setup = self.build_setup(merge_case, dtype)
+        granularity = "global" if setup.method.global_only else "per_tensor"
+        space = _space(setup, granularity)
+        recipe = space.decode(_genome(space, 9))
+        chunk = 4  # small, so that a tiny share streams these small tensors in blocks
+        want = _merged(setup, recipe, chunk)
+        refused = method_refusals(setup.method)
+        for tier in TIER_CLASSES:
+            if tier in refused:
+                continue
+            # a tiny share streams an elementwise method's tensors a few elements at a time
+            for share in (STREAM_BUFFER_SHARE, 1e-4):
+                got = _merged(setup, recipe, chunk, tier, tmp_path / tier, share)
+                for name in want:
+                    assert torch.equal(got[name], want[name]), f"{tier} (blocks of {share}): {name}"
 
 
 class RegisteredMergeMethods(MergeMethodSuite):

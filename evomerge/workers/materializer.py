@@ -1,13 +1,15 @@
 """Apply a decoded genome to a resident model: the thin layer between merge kernels and a worker's model.
 
-The materializer owns, per parameter tensor, the experts' weights in resident form (see
-``resident.py``) and writes each candidate straight into the working model's parameters — no
-temporary model, no disk. Expert state dicts are consumed one at a time, so building it needs
-the memory of the result plus one expert, never all experts twice.
+The materializer reads, per parameter tensor, the experts' weights in resident form (see
+``resident.py``) from its memory tier (``tiers.py``: on the device, in host memory, or mapped
+from the checkpoints) and writes each candidate straight into the working model's parameters — no
+temporary model, no disk. Expert state dicts are consumed one at a time, so building a held tier
+needs the memory of the result plus one expert, never all experts twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -19,6 +21,7 @@ from evomerge.merge.kernel import TensorContext
 from evomerge.merge.resident import ResidentTensor, Scratch, combine_
 from evomerge.space.merge_space import Recipe
 from evomerge.space.seed_recipes import PiecewiseRecipe, check_split_grid, split_grid_edges
+from evomerge.workers.tiers import DeviceTier, ExpertTier, HeldTier
 
 GRAM_ROW_CHUNK = 1 << 20
 
@@ -26,6 +29,37 @@ DEFAULT_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
 """Elements per kernel step: L3-sized on CPUs (measured on 2 EPYC cores: 2^20 beats 2^17–2^19 for
 every kernel, as per-op dispatch costs about as much as 2^16 elements of work); large on GPUs,
 where launches dominate."""
+
+
+STREAM_BUFFER_SHARE = 0.05
+"""For an elementwise method, the share of the working model's size that the blocks a streaming
+tier reads for one merge step may take together (one block per expert, and the base's)."""
+
+
+def block_elements(chunk: int, itemsize: int, budget: int) -> int:
+    """Elements per streamed block: as many whole chunks as fit in ``budget`` bytes (at least one).
+
+    A block then splits the kernels' chunked passes exactly where the whole tensor's do, so every
+    op sees the same elements at the same positions and the merge is bit for bit the same (half
+    types round differently in vectorised loops and their scalar tails: any other split point
+    could change a result).
+    """
+    return chunk * max(1, budget // (chunk * itemsize))
+
+
+def stream_budget(model_bytes: int, n_models: int, has_base: bool, share: float = STREAM_BUFFER_SHARE) -> int:
+    """Bytes one streamed block may take, so that one per model read stays within ``share`` of the model."""
+    return int(model_bytes * share) // (n_models + has_base)
+
+
+def default_chunk(device_type: str, total: int, n_models: int) -> int:
+    """Elements per kernel step for ``total`` parameters and ``n_models`` experts on a device type.
+
+    Kernels keep a few chunk-sized work buffers per expert; on small models the chunk is capped so
+    that they stay well under the size of one model (the memory budget's one spare).
+    """
+    cap = 1 << max(12, (total // (4 * (n_models + 2))).bit_length() - 1)
+    return min(DEFAULT_CHUNK.get(device_type, 1 << 20), cap)
 
 
 def _check_same_layout(
@@ -51,16 +85,18 @@ def _check_same_layout(
 
 
 class Materializer:
-    """Resident experts for one model layout, writing merges into ``targets`` in place."""
+    """Experts in a memory tier for one model layout, writing merges into ``targets`` in place."""
 
     def __init__(
         self,
         targets: Mapping[str, torch.Tensor],
-        tensors: Mapping[str, ResidentTensor],
+        tier: ExpertTier,
         chunk: int | None = None,
+        stream_share: float = STREAM_BUFFER_SHARE,
     ) -> None:
+        """``stream_share``: see :data:`STREAM_BUFFER_SHARE` (a test passes a small one to force blocks)."""
         self.targets = dict(targets)
-        self.tensors = dict(tensors)
+        self.tier = tier
         names = list(self.targets)
         self.offsets: dict[str, int] = {}
         total = 0
@@ -70,13 +106,9 @@ class Materializer:
         self.total = total
         first = next(iter(self.targets.values()))
         self.device = first.device
-        if chunk is None:
-            # Kernels keep a few chunk-sized work buffers per expert; on small models cap the chunk
-            # so that they stay well under the size of one model (the memory budget's one spare).
-            n_models = next(iter(self.tensors.values())).n_models if self.tensors else 1
-            cap = 1 << max(12, (total // (4 * (n_models + 2))).bit_length() - 1)
-            chunk = min(DEFAULT_CHUNK.get(self.device.type, 1 << 20), cap)
-        self.chunk = chunk
+        self.chunk = default_chunk(self.device.type, total, tier.n_models) if chunk is None else chunk
+        self.itemsize = first.element_size()
+        self.block_budget = stream_budget(total * self.itemsize, tier.n_models, tier.has_base, stream_share)
         self._flat_gram: torch.Tensor | None = None
         self._scratch = Scratch()
         self.fishers: dict[str, torch.Tensor] | None = None
@@ -91,21 +123,25 @@ class Materializer:
         n_models: int,
         base: Mapping[str, torch.Tensor] | None = None,
         chunk: int | None = None,
+        tier: type[HeldTier] = DeviceTier,
+        stream_share: float = STREAM_BUFFER_SHARE,
     ) -> "Materializer":
-        """Build from ``(label, state_dict)`` pairs consumed one at a time.
+        """Build a held ``tier`` from ``(label, state_dict)`` pairs consumed one at a time.
 
         With a ``base``, rows hold task vectors ``expert − base``; without, the raw weights.
-        ``targets`` are the working model's parameters; their device and dtype are used for the
-        resident copies.
+        ``targets`` are the working model's parameters; the resident copies take their dtype, and
+        their device or host memory as the tier says.
         """
+        device = next(iter(targets.values())).device
+        storage, pin = tier.storage(device)
         if base is not None:
             _check_same_layout("the base model", base, targets, "the working model")
         stacks = {
-            name: torch.empty((n_models, *t.shape), dtype=t.dtype, device=t.device)
+            name: torch.empty((n_models, *t.shape), dtype=t.dtype, device=storage, pin_memory=pin)
             for name, t in targets.items()
         }
         references = (
-            {name: base[name].to(device=t.device, dtype=t.dtype).clone() for name, t in targets.items()}
+            {name: _held(base[name].to(dtype=t.dtype), storage, pin) for name, t in targets.items()}
             if base is not None
             else None
         )
@@ -125,15 +161,23 @@ class Materializer:
             name: ResidentTensor(name=name, stack=stack, reference=None if references is None else references[name])
             for name, stack in stacks.items()
         }
-        return cls(targets, tensors, chunk=chunk)
+        return cls(targets, tier(tensors, device), chunk=chunk, stream_share=stream_share)
+
+    @property
+    def tensors(self) -> dict[str, ResidentTensor]:
+        """The resident tensors a held tier keeps (vocabulary fills and gradients write or read
+        them whole); a mapped tier keeps none."""
+        if not isinstance(self.tier, HeldTier):
+            raise ValueError(f"the {self.tier.name} memory tier holds no resident tensors")
+        return self.tier.tensors
 
     @property
     def n_models(self) -> int:
-        return next(iter(self.tensors.values())).n_models
+        return self.tier.n_models
 
     @property
     def has_base(self) -> bool:
-        return next(iter(self.tensors.values())).reference is not None
+        return self.tier.has_base
 
     def check_method(self, method: MergeMethod) -> None:
         if method.needs_base and not self.has_base:
@@ -149,16 +193,16 @@ class Materializer:
             raise ValueError(f"merge method '{method.name}' needs the experts' Fisher information (set_fishers)")
 
     def set_fishers(self, fishers: Mapping[str, torch.Tensor], floor: float) -> None:
-        """Keep the experts' diagonal Fishers, stacked per tensor, on the working device and dtype,
-        floored at ``floor`` (computed once per worker, e.g. by ``evomerge.workers.fisher_estimate``)."""
+        """Keep the experts' diagonal Fishers, stacked per tensor, in the working dtype and the memory
+        tier, floored at ``floor`` (computed once per worker, e.g. by ``evomerge.workers.fisher_estimate``)."""
         self.fishers = {
-            name: fishers[name].to(device=t.device, dtype=t.dtype).clamp_min(floor) for name, t in self.targets.items()
+            name: self.tier.hold(fishers[name].to(dtype=t.dtype).clamp_min(floor)) for name, t in self.targets.items()
         }
 
     def flat_gram(self) -> torch.Tensor:
         """Gram matrix of the experts over the whole flattened parameter set (computed once)."""
         if self._flat_gram is None:
-            self._flat_gram = sum(t.gram(self._scratch) for t in self.tensors.values())  # type: ignore[assignment]
+            self._flat_gram = sum(self._each_tensor(lambda t: t.gram(self._scratch)))  # type: ignore[assignment]
         return self._flat_gram  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -168,7 +212,16 @@ class Materializer:
         if not self.has_base:
             raise ValueError("the experts were loaded without a base model")
         for name, out in self.targets.items():
-            combine_(out, self.tensors[name], [0.0] * self.n_models, self.chunk, ref_coef=1.0)
+            with self.tier.tensor(name, self._scratch) as resident:
+                combine_(out, resident, [0.0] * self.n_models, self.chunk, ref_coef=1.0)
+
+    def _each_tensor(self, summary) -> list:
+        """``summary(resident)`` for every tensor in order, each read from the tier in its own scope."""
+        results = []
+        for name in self.targets:
+            with self.tier.tensor(name, self._scratch) as resident:
+                results.append(summary(resident))
+        return results
 
     def apply(self, decoded: Recipe | PiecewiseRecipe) -> None:
         """Write what a codec decoded into every target tensor: a merge recipe, or pieces."""
@@ -194,9 +247,23 @@ class Materializer:
                 chunk=self.chunk,
                 flat_gram=flat_gram,
                 scratch=self._scratch,
-                fisher=self.fishers[name] if method.needs_fisher and self.fishers is not None else None,
             )
-            method.kernel(out, self.tensors[name], recipe.params_for(name), recipe.options, ctx)
+            if method.needs_fisher and self.fishers is not None:
+                ctx.fisher = self.tier.stream(self.fishers[name], "tier_fisher", self._scratch)
+            params = recipe.params_for(name)
+            for span in self._blocks(name) if method.elementwise else [None]:
+                block = out if span is None else out.view(-1)[span[0] : span[1]]
+                at = ctx if span is None else dataclasses.replace(ctx, offset=ctx.offset + span[0])
+                with self.tier.tensor(name, self._scratch, span) as resident:
+                    method.kernel(block, resident, params, recipe.options, at)
+
+    def _blocks(self, name: str) -> list[tuple[int, int] | None]:
+        """The blocks of elements a streaming tier reads tensor ``name`` in for an elementwise method."""
+        numel = self.targets[name].numel()
+        step = block_elements(self.chunk, self.itemsize, self.block_budget)
+        if not self.tier.streams or step >= numel:
+            return [None]
+        return [(lo, min(lo + step, numel)) for lo in range(0, numel, step)]
 
     def block_edges(self, grid: str) -> np.ndarray:
         """Element offsets of the blocks of a split grid over the flattened parameters."""
@@ -211,23 +278,28 @@ class Materializer:
         seed recipes combine the models themselves. Computed once per run, on the worker's device.
         """
         edges = self.block_edges(grid)
+        per_tensor = self._each_tensor(lambda tensor: self._row_grams(tensor, grid))
+        return edges, np.concatenate([gram for grams in per_tensor for gram in grams])
+
+    @staticmethod
+    def _row_grams(tensor: ResidentTensor, grid: str) -> list[np.ndarray]:
+        """The Gram matrices of one tensor's blocks of ``grid``, in order."""
         grams = []
-        for name, tensor in self.tensors.items():
-            if grid == "elements":
-                width = 1
-            else:  # as block_edges: a matrix's rows, or a vector or scalar whole
-                width = tensor.numel // tensor.shape[0] if len(tensor.shape) > 1 else tensor.numel
-            n_rows = tensor.numel // width
-            flat = tensor.flat_stack().view(tensor.n_models, n_rows, width)
-            ref = tensor.flat_reference()
-            ref_rows = None if ref is None else ref.view(n_rows, width)
-            step = max(1, GRAM_ROW_CHUNK // width)
-            for lo in range(0, n_rows, step):
-                block = flat[:, lo : lo + step].to(torch.float64, copy=True)  # never alias the resident rows
-                if ref_rows is not None:
-                    block += ref_rows[lo : lo + step]
-                grams.append(torch.einsum("srw,trw->rst", block, block).cpu().numpy())
-        return edges, np.concatenate(grams)
+        if grid == "elements":
+            width = 1
+        else:  # as block_edges: a matrix's rows, or a vector or scalar whole
+            width = tensor.numel // tensor.shape[0] if len(tensor.shape) > 1 else tensor.numel
+        n_rows = tensor.numel // width
+        flat = tensor.flat_stack().view(tensor.n_models, n_rows, width)
+        ref = tensor.flat_reference()
+        ref_rows = None if ref is None else ref.view(n_rows, width)
+        step = max(1, GRAM_ROW_CHUNK // width)
+        for lo in range(0, n_rows, step):
+            block = flat[:, lo : lo + step].to(torch.float64, copy=True)  # never alias the resident rows
+            if ref_rows is not None:
+                block += ref_rows[lo : lo + step]
+            grams.append(torch.einsum("srw,trw->rst", block, block).cpu().numpy())
+        return grams
 
     @torch.no_grad()
     def _apply_pieces(self, edges: np.ndarray, coefficients: np.ndarray) -> None:
@@ -243,10 +315,21 @@ class Materializer:
                 f"pieces must cover the {self.total} parameters with {self.n_models} coefficients each"
             )
         for name, out in self.targets.items():
-            start, end = self.offsets[name], self.offsets[name] + out.numel()
-            first = int(np.searchsorted(edges, start, side="right")) - 1
-            last = int(np.searchsorted(edges, end, side="left"))
-            for k in range(first, last):
-                lo, hi = max(int(edges[k]), start) - start, min(int(edges[k + 1]), end) - start
-                if lo < hi:
-                    combine_(out, self.tensors[name], coefficients[k].tolist(), self.chunk, segment=(lo, hi))
+            start = self.offsets[name]
+            for span in self._blocks(name):  # a linear combination: streamed in blocks
+                lo_block, hi_block = (0, out.numel()) if span is None else span
+                block = out if span is None else out.view(-1)[lo_block:hi_block]
+                first = int(np.searchsorted(edges, start + lo_block, side="right")) - 1
+                last = int(np.searchsorted(edges, start + hi_block, side="left"))
+                with self.tier.tensor(name, self._scratch, span) as resident:
+                    for k in range(first, last):
+                        lo = max(int(edges[k]) - start, lo_block) - lo_block
+                        hi = min(int(edges[k + 1]) - start, hi_block) - lo_block
+                        if lo < hi:
+                            combine_(block, resident, coefficients[k].tolist(), self.chunk, segment=(lo, hi))
+
+
+def _held(tensor: torch.Tensor, storage: torch.device, pin: bool) -> torch.Tensor:
+    """A copy of ``tensor`` of its own on ``storage`` (pinned if asked)."""
+    held = torch.empty(tensor.shape, dtype=tensor.dtype, device=storage, pin_memory=pin)
+    return held.copy_(tensor)

@@ -1,9 +1,11 @@
-"""The white-box worker: holds the base and the experts on its device, merges in place, scores.
+"""The white-box worker: holds the working model on its device and the experts in a memory tier,
+merges in place, scores.
 
 It loads every model once. The base (or the first expert when the run has none) becomes the one
-working model; experts are read one at a time into the resident stacks, so memory is the working
-model plus the resident inputs. A candidate is applied to the working model's parameters in
-place, scored by the fitness function, and never written to disk.
+working model; experts are read one at a time into the resident stacks of a held tier (on the
+device or in host memory), or left in their safetensors files for the mmap tier, so memory is the
+working model plus the tier's holdings. A candidate is applied to the working model's parameters
+in place, scored by the fitness function, and never written to disk.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from evomerge.errors import ModelLoadError, UserError
+from evomerge.errors import ConfigError, ModelLoadError, UserError
 from evomerge.fitness import brings_own_examples, own_examples, resolve_fitness, scores_and_metrics, with_options
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.racing import Racing, count
@@ -36,8 +38,9 @@ from evomerge.models.adapters import (
     lora_scaling,
     merged_adapter_state,
 )
-from evomerge.models.checkpoint import run_dtype
+from evomerge.models.checkpoint import run_dtype, weight_files
 from evomerge.models.loading import load_model, load_tokenizer, resolve_device
+from evomerge.models.memory import worker_tier
 from evomerge.models.vocab import VocabularyAlignment, align_working_model, vocabulary_alignment
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
@@ -47,6 +50,7 @@ from evomerge.workers.base import Scored, Worker
 from evomerge.workers.extra_metrics import ExtraMetrics
 from evomerge.workers.materializer import Materializer
 from evomerge.workers.path_model import PathMaterializer
+from evomerge.workers.tiers import TIER_CLASSES, HeldTier, MappedTier
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,7 +71,9 @@ class LoadedModels:
 
 
 def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
-    """Load the working model and every expert once; experts may be full models or LoRA adapters."""
+    """Load the working model, and every expert once into the memory tier the run uses
+    (``models.residency``, resolved by the memory check when auto); experts may be full models or
+    LoRA adapters."""
     config = plan.config
     dtype = DTYPES[run_dtype(config)]
     refs = [config.model_ref(e.path) for e in config.models.experts]
@@ -77,8 +83,9 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
         raise ModelLoadError("models.base: LoRA adapters are merged onto their base model; name it in models.base")
     if plan.dataflow:
         return _load_path_sources(plan, refs, device, dtype)
+    tier = TIER_CLASSES[worker_tier(config, device)]
     if plan.method.inputs == LORA_FACTORS:
-        return _load_adapter_slots(plan, refs, labels, adapters, device, dtype)
+        return _load_adapter_slots(plan, refs, labels, adapters, device, dtype, tier)
     working_ref = plan.working_model
     model = load_model(working_ref, device, dtype)
     tokenizer = load_tokenizer(working_ref)
@@ -97,14 +104,25 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     space = plan.space([name for name, _ in model.named_parameters()])
     targets = {name: p.data for name, p in model.named_parameters() if name in space.tensor_groups}
     frozen = {name for name, _ in model.named_parameters() if name not in targets}  # merge.frozen towers
+    if tier.maps_files:
+        if vocab is not None:
+            raise ConfigError(
+                "models.residency mmap: the experts' vocabularies differ and are aligned to the union at load"
+                " time, which their files do not hold; use models.residency host or device"
+            )
+        base = ("the base model", weight_files(config.model_ref(config.models.base))) if has_base else None
+        mapped = MappedTier(targets, [(label, weight_files(ref)) for label, ref in zip(labels, refs)], base)
+        return LoadedModels(model, tokenizer, Materializer(targets, mapped), space, list(targets), vocab)
+    assert issubclass(tier, HeldTier)
+    storage, _ = tier.storage(device)  # experts load where the tier holds them
     base_state = targets if has_base else None  # the materializer clones the base first
 
     def expert_states():
         for row, (label, ref, adapter) in enumerate(zip(labels, refs, adapters)):
             if adapter:  # base + scaling · B A, a dense expert like a full fine-tune
-                state = merged_adapter_state(load_model(working_ref, device, dtype), ref)
+                state = merged_adapter_state(load_model(working_ref, storage, dtype), ref)
             else:
-                expert = load_model(ref, device, dtype)
+                expert = load_model(ref, storage, dtype)
                 state = {n: p.data for n, p in expert.named_parameters()}
                 del expert
             aligned = state if vocab is None else vocab.align(row + has_base, state)
@@ -112,7 +130,7 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
             del state, aligned
             gc.collect()
 
-    materializer = Materializer.from_state_dicts(targets, expert_states(), len(refs), base=base_state)
+    materializer = Materializer.from_state_dicts(targets, expert_states(), len(refs), base=base_state, tier=tier)
     if vocab is not None:
         vocab.fill_(materializer.tensors)
     return LoadedModels(model, tokenizer, materializer, space, list(targets), vocab)
@@ -130,7 +148,13 @@ def _load_path_sources(plan: RunPlan, refs: list[str], device: torch.device, dty
 
 
 def _load_adapter_slots(
-    plan: RunPlan, refs: list[str], labels: list[str], adapters: list[bool], device: torch.device, dtype: torch.dtype
+    plan: RunPlan,
+    refs: list[str],
+    labels: list[str],
+    adapters: list[bool],
+    device: torch.device,
+    dtype: torch.dtype,
+    tier: type[HeldTier] | type[MappedTier],
 ) -> LoadedModels:
     """For a method over LoRA factors: the base with one resident adapter whose factors candidates overwrite."""
     for label, adapter in zip(labels, adapters):
@@ -143,7 +167,8 @@ def _load_adapter_slots(
     targets = lora_parameters(model)  # in the base's dtype: the adapter is attached without upcasting
     scaling = lora_scaling(lora_config(refs[0]))
     states = ((label, adapter_factors(ref, device, dtype, scaling)) for label, ref in zip(labels, refs))
-    materializer = Materializer.from_state_dicts(targets, states, len(refs), base=None)
+    assert issubclass(tier, HeldTier)  # the mmap tier is refused for LoRA factors at plan time
+    materializer = Materializer.from_state_dicts(targets, states, len(refs), base=None, tier=tier)
     return LoadedModels(model, load_tokenizer(base_ref), materializer, plan.space(list(targets)), list(targets))
 
 

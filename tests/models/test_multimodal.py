@@ -147,7 +147,7 @@ def test_frozen_towers_run_and_export_reloads_as_the_same_model(gemmas, tmp_path
     for tensor in worker.models.materializer.tensors.values():  # the language model's only
         assert tensor.name.startswith("model.language_model.")
         held += (tensor.stack.numel() + tensor.reference.numel()) * tensor.stack.element_size()
-    assert memory.worker_memory(config).resident == held
+    assert memory.tier_memory(config, torch.device("cpu"))["device"].resident == held
     worker.materialize(Candidate(best.candidate_id, best.population, best.genome))
     inputs = _image_inputs()
     with torch.no_grad():

@@ -276,3 +276,24 @@ def test_fisher_merging_aligns_the_experts_fishers_too(vocab_models, tmp_path):
     user1 = AutoTokenizer.from_pretrained(root / "expert1").convert_tokens_to_ids("<|user|>")
     assert weights["model.embed_tokens.weight"].shape[0] == len(build_tokenizer()) + len(set(sum(added.values(), [])))
     torch.testing.assert_close(weights["model.embed_tokens.weight"][user], expert1["model.embed_tokens.weight"][user1])
+
+
+@pytest.mark.parametrize("vocab_models", ["one expert adds two tokens"], indirect=True)
+def test_the_mmap_tier_refuses_experts_whose_vocabularies_are_aligned(vocab_models, tmp_path):
+    from evomerge.config import config_from_dict
+    from evomerge.errors import ConfigError
+    from evomerge.plan import RunPlan
+    from evomerge.workers.whitebox import WhiteBoxWorker
+
+    root, _ = vocab_models
+    document = {
+        "run_dir": str(tmp_path / "run"),
+        "models": {"base": str(root / "base"), "experts": [str(root / "expert0"), str(root / "expert1")],
+                   "device": "cpu", "residency": "mmap"},
+        "merge": {"method": "task_arithmetic"},
+        "populations": [{"name": "search", "strategy": "random"}],
+        "fitness": {"name": "negative_cross_entropy", "data": {"source": str(root / "data.jsonl")}},
+        "budget": {"evaluations": 2},
+    }
+    with pytest.raises(ConfigError, match="models.residency mmap: the experts' vocabularies differ"):
+        WhiteBoxWorker(RunPlan.from_config(config_from_dict(document)))

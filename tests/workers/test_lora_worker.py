@@ -142,11 +142,11 @@ def test_lora_compose_refuses_full_models_and_adapters_need_a_base(lora_models):
 
 
 def test_memory_estimate_of_a_lora_compose_worker_is_what_it_holds(lora_models):
-    from evomerge.models.memory import worker_memory
+    from evomerge.models.memory import tier_memory
 
     root, adapters = lora_models
     config = _config(root, adapters, "lora_compose")
     worker = WhiteBoxWorker(RunPlan.from_config(config))
     held = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
     held += sum(t.stack.numel() * t.stack.element_size() for t in worker.models.materializer.tensors.values())
-    assert worker_memory(config).resident == held
+    assert tier_memory(config, torch.device("cpu"))["device"].resident == held

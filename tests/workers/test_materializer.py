@@ -199,22 +199,40 @@ def test_dare_masks_differ_between_tensors(make_setup):
 SEED_SHAPES = {"w": (3, 4), "b": (4,), "t": (2, 3, 2), "s": ()}
 
 
-def _seed_setup(with_base: bool, dtype=torch.float64):
+def _seed_setup(with_base: bool, dtype=torch.float64, tier: str = "device", folder=None):
+    """Three experts (and a base) of ``SEED_SHAPES``; a streaming tier reads them two elements at a
+    time (a tiny chunk and block share), the mmap tier from files written to ``folder``."""
+    from safetensors.torch import save_file
+
+    from evomerge.workers.tiers import TIER_CLASSES, MappedTier
+
     gen = torch.Generator().manual_seed(5)
     experts = [{n: torch.randn(s, generator=gen, dtype=dtype) for n, s in SEED_SHAPES.items()} for _ in range(3)]
     base = {n: torch.randn(s, generator=gen, dtype=dtype) for n, s in SEED_SHAPES.items()} if with_base else None
     targets = {n: torch.empty(s, dtype=dtype) for n, s in SEED_SHAPES.items()}
-    mat = Materializer.from_state_dicts(targets, ((f"e{i}", e) for i, e in enumerate(experts)), 3, base=base)
+    if TIER_CLASSES[tier].maps_files:
+        def saved(label, state):
+            save_file(state, str(folder / f"{label}.safetensors"))
+            return label, [folder / f"{label}.safetensors"]
+
+        mapped = MappedTier(targets, [saved(f"e{i}", e) for i, e in enumerate(experts)], base and saved("base", base))
+        mat = Materializer(targets, mapped, chunk=2, stream_share=1e-6)
+    else:
+        mat = Materializer.from_state_dicts(
+            targets, ((f"e{i}", e) for i, e in enumerate(experts)), 3, base=base,
+            chunk=2, tier=TIER_CLASSES[tier], stream_share=1e-6,
+        )
     flat = np.stack([np.concatenate([e[n].reshape(-1).numpy() for n in SEED_SHAPES]) for e in experts])
     return mat, targets, flat
 
 
+@pytest.mark.parametrize("tier", ["device", "host", "mmap"])
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("grid", ["rows", "elements"])
-def test_block_grams_and_pieces_match_the_flat_experts(with_base, grid):
+def test_block_grams_and_pieces_match_the_flat_experts(with_base, grid, tier, tmp_path):
     from evomerge.space.seed_recipes import PiecewiseRecipe, SeedGram, SeedRecipe
 
-    mat, targets, flat = _seed_setup(with_base)
+    mat, targets, flat = _seed_setup(with_base, tier=tier, folder=tmp_path)
     edges, grams = mat.block_grams(grid)
     if grid == "rows":  # rows of the matrix, the vector and the scalar whole, rows of the 3-D tensor
         assert edges.tolist() == [0, 4, 8, 12, 16, 22, 28, 29]
@@ -238,3 +256,14 @@ def test_pieces_must_cover_the_model(monkeypatch):
     monkeypatch.setattr(seed_recipes, "ELEMENT_GRID_LIMIT", 10)
     with pytest.raises(ValueError, match="rows"):
         mat.block_edges("elements")
+
+
+def test_the_mmap_tier_refuses_a_checkpoint_without_a_parameter(tmp_path):
+    from safetensors.torch import save_file
+
+    from evomerge.workers.tiers import MappedTier
+
+    targets = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    save_file({"w": torch.ones(2, 3)}, str(tmp_path / "e.safetensors"))
+    with pytest.raises(ModelMismatchError, match="expert 'e' stores no tensor named b .*models.residency host"):
+        MappedTier(targets, [("expert 'e'", [tmp_path / "e.safetensors"])])
