@@ -94,18 +94,31 @@ Options = Annotated[dict[str, Any], AfterValidator(_finite_options)]
 """Keyword arguments passed through to a function or a strategy; numbers in them must be finite."""
 
 
+CONFIG_NAME = "config.yaml"
+"""The config snapshot a run directory holds beside its run.db."""
+
+
 class _Strict(BaseModel):
     # No float in a config means NaN or infinity: refuse them where they are written.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ExpertRef(_Strict):
-    """An expert model: a local directory or a hub id, with an optional display name."""
+    """An expert model: a local directory or a hub id, with an optional display name. In the
+    data-flow space a source may instead be ``run``: a parameter-space run directory whose best
+    merge the workers materialize once at start (PS+DFS)."""
 
-    path: str
+    path: str | None = None
+    run: str | None = None
     name: str | None = None
     # The expert's own task data: Fisher merging estimates the expert's Fisher information on it.
     data: DataConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ExpertRef":
+        if (self.path is None) == (self.run is None):
+            raise ValueError("give an expert either path (a model) or run (a run directory's best merge)")
+        return self
 
 
 class ModelsConfig(_Strict):
@@ -135,7 +148,7 @@ class ModelsConfig(_Strict):
         return value
 
     def expert_labels(self) -> list[str]:
-        return [e.name or Path(e.path).name or e.path for e in self.experts]
+        return [e.name or Path(e.path or e.run or "").name or e.path or e.run or "" for e in self.experts]
 
 
 class DataflowConfig(_Strict):
@@ -467,6 +480,15 @@ class RunConfig(_Strict):
 
     def run_path(self) -> Path:
         return self.resolve_path(self.run_dir)
+
+    def expert_model(self, expert: ExpertRef) -> str:
+        """The model an expert's weights have the layout, dtype and tokenizer of: its path, or for
+        a run source the working model of that run's config (its merges are written into it)."""
+        if expert.path is not None:
+            return self.model_ref(expert.path)
+        run_dir = self.resolve_path(expert.run or "")
+        source = load_config(run_dir / CONFIG_NAME)
+        return source.model_ref(source.models.base or source.expert_model(source.models.experts[0]))
 
 
 def _looks_local(path: str) -> bool:

@@ -72,7 +72,7 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "fitness": best.fitness,
         "scores": scores,
         "base_model": config.models.base,
-        "experts": [{"name": n, "path": e.path} for n, e in zip(config.models.expert_labels(), config.models.experts)],
+        "experts": [{"name": n, **e.model_dump(include={"path", "run"}, exclude_none=True)} for n, e in zip(config.models.expert_labels(), config.models.experts)],
         "granularity": "dataflow" if plan.dataflow else config.merge.granularity,
         **({"frozen": list(config.merge.frozen)} if config.merge.frozen else {}),
         "recipe": recipe,
@@ -124,7 +124,7 @@ def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]
     if config.merge.frozen:
         return None, "not written: frozen towers (merge.frozen) keep the working model's weights, and mergekit merges every tensor"
     base = config.model_ref(config.models.base) if config.models.base else None
-    refs = [config.model_ref(e.path) for e in config.models.experts]
+    refs = [config.expert_model(e) for e in config.models.experts]
     adapters = [is_adapter(ref) for ref in refs]
     try:
         document = mergekit_config(
@@ -171,7 +171,10 @@ def model_card(
         source = "the base model" if config.models.base else "the first expert"
         lines.append(f"Frozen towers (not merged: their weights are {source}'s): {', '.join(f'`{t}`' for t in config.merge.frozen)}.")
     lines += ["", "## Experts", ""]
-    lines += [f"- {e['name']}: `{e['path']}`" for e in document["experts"]]
+    lines += [
+        f"- {e['name']}: `{e['path']}`" if "path" in e else f"- {e['name']}: the best merge of run `{e['run']}`"
+        for e in document["experts"]
+    ]
     lines += ["", "## Scores", "", "| model | score |", "|---|---|"]
     lines += [f"| merged: {name} | {value:.4f} |" for name, value in document["scores"].items()]
     for row in baselines:
@@ -192,6 +195,6 @@ def card_base_models(config: RunConfig) -> list[str]:
 
     if config.export.base_model:
         return list(config.export.base_model)
-    refs = [config.models.base] if config.models.base else [e.path for e in config.models.experts]
-    known = (hub_id(config.model_ref(ref)) for ref in refs)
+    refs = [config.model_ref(config.models.base)] if config.models.base else [config.expert_model(e) for e in config.models.experts]
+    known = (hub_id(ref) for ref in refs)
     return [ref for ref in known if ref is not None]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from pydantic import ValidationError
 
-from evomerge.config import DataConfig, MergeConfig, RunConfig, field_path
+from evomerge.config import CONFIG_NAME, DataConfig, MergeConfig, RunConfig, field_path
 from evomerge.errors import ConfigError, UserError
 from evomerge.fitness import brings_own_examples, may_spend_api_usage, own_examples
 from evomerge.merge import MERGE_METHODS
@@ -143,6 +143,9 @@ class RunPlan:
     def _check_models(self) -> None:
         method, models = self.method, self.config.models
         n = len(models.experts)
+        for i, expert in enumerate(models.experts):
+            if expert.run is not None:
+                raise self._fail(f"models.experts.{i}.run", "a run's best merge is a source of merge.space 'dataflow' only; give a model path")
         if method.needs_base and models.base is None:
             raise self._fail("merge.method", f"'{method.name}' combines task vectors and needs models.base")
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
@@ -172,6 +175,29 @@ class RunPlan:
             raise self._fail("models.base", "the data-flow space runs the experts' own layers (the first supplies the head); remove models.base")
         if config.api is not None:
             raise self._fail("merge.space", "a data-flow path runs on white-box workers; remove the api section")
+
+    def _check_source_runs(self) -> None:
+        """A run source must hold a best merge the workers can rebuild: a parameter-space run
+        with at least one successful evaluation."""
+        from evomerge.runs import load_run_config
+        from evomerge.store import RunStore
+
+        config = self.config
+        for i, expert in enumerate(config.models.experts):
+            if expert.run is None:
+                continue
+            where, run_dir = f"models.experts.{i}.run", config.resolve_path(expert.run)
+            if not (run_dir / CONFIG_NAME).is_file():
+                raise self._fail(where, f"{run_dir} is not a run directory (no {CONFIG_NAME})")
+            store = RunStore(run_dir, readonly=True)
+            try:
+                best, source = store.best(), load_run_config(store)
+            finally:
+                store.close()
+            if best is None:
+                raise self._fail(where, f"run {run_dir} has no successful evaluation yet; run it first")
+            if source.merge.space != "parameter":
+                raise self._fail(where, f"run {run_dir} searched merge.space '{source.merge.space}'; a source run must merge parameters")
 
     def _population(self, i: int, budgets: Mapping[str, int | None]) -> PopulationPlan:
         pop, config = self.config.populations[i], self.config
@@ -287,7 +313,7 @@ class RunPlan:
     def working_model(self) -> str:
         """The model whose parameters merges are written into: the base, else the first expert."""
         config = self.config
-        return config.model_ref(config.models.base or config.models.experts[0].path)
+        return (config.model_ref(config.models.base) if config.models.base else config.expert_model(config.models.experts[0]))
 
     def local_models(self) -> list[tuple[str, str]]:
         """(field, reference) of the models this machine reads: all of them in white-box runs; in
@@ -296,7 +322,7 @@ class RunPlan:
         config = self.config
         refs = [("models.base", config.models.base)] if config.models.base and config.api is None else []
         if config.api is None or config.api.level == "runtime_lora":
-            refs += [(f"models.experts.{i}.path", e.path) for i, e in enumerate(config.models.experts)]
+            refs += [(f"models.experts.{i}.path", e.path) for i, e in enumerate(config.models.experts) if e.path is not None]
         return refs  # type: ignore[return-value]
 
     def check_files(self) -> None:
@@ -309,6 +335,7 @@ class RunPlan:
             if Path(resolved).is_absolute() and not Path(resolved).exists():
                 raise self._fail(field_name, f"model directory not found: {resolved}")
         if self.dataflow:
+            self._check_source_runs()
             self.path_space()
         for field_name, data in self._data_sections():
             if data.source.startswith("hf:"):  # a hub dataset is fetched by the workers, not here
@@ -392,7 +419,7 @@ class RunPlan:
         config, flow = self.config, self.config.merge.dataflow
         counts, first_hidden = [], None
         for i, expert in enumerate(config.models.experts):
-            model_config = load_config(config.model_ref(expert.path))
+            model_config = load_config(config.expert_model(expert))
             text = model_config.get_text_config()
             hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
             if hidden is None or layers is None:

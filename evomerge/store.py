@@ -30,11 +30,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from evomerge.config import CONFIG_NAME
 from evomerge.records import Candidate, Evaluation, Status, genome_hash
 from evomerge.errors import DiskError, RunDirError, RunDirInUseError, UserError
 
 DB_NAME = "run.db"
-CONFIG_NAME = "config.yaml"
 LOCK_NAME = "run.lock"
 SCHEMA_VERSION = 5
 """3: ``api_responses`` (black-box answers by request); 4: ``started_config`` (the config the run

@@ -105,7 +105,7 @@ def run_dtype(config: RunConfig) -> str:
     if config.models.dtype != "auto":
         return config.models.dtype
     refs = [config.model_ref(config.models.base)] if config.models.base else []
-    refs += [ref for ref in (config.model_ref(e.path) for e in config.models.experts) if not is_adapter(ref)]
+    refs += [ref for ref in (config.expert_model(e) for e in config.models.experts) if not is_adapter(ref)]
     stored = {ref: stored_dtype(ref) for ref in refs}
     for ref, dtype in stored.items():
         if dtype not in MERGE_DTYPES:

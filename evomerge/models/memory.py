@@ -95,7 +95,7 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
     plan = RunPlan.from_config(config)
     dtype = run_dtype(config)
     itemsize = ITEMSIZE[dtype]
-    refs = [config.model_ref(e.path) for e in config.models.experts]
+    refs = [config.expert_model(e) for e in config.models.experts]
     n = len(refs)
     shapes = parameter_shapes(plan.working_model)
     numel = _numel(shapes)

@@ -24,9 +24,9 @@ SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 def source_ref(config: RunConfig, name: str) -> str:
     """The model ``base`` or an expert's name refers to (names are checked when the config loads)."""
     if name == "base":
-        return config.model_ref(config.models.base or config.models.experts[0].path)
+        return (config.model_ref(config.models.base) if config.models.base else config.expert_model(config.models.experts[0]))
     expert = config.models.experts[config.models.expert_labels().index(name)]
-    return config.model_ref(expert.path)
+    return config.expert_model(expert)
 
 
 def export_tokenizer(config: RunConfig, model: torch.nn.Module, tokenizer):

@@ -115,7 +115,7 @@ def expert_fishers(
             data.source, data.split, data.classes, data.limit, config.base_dir,
             template=data.template, target=data.target, choices=data.choices, label=data.label,
         )
-        ref = config.model_ref(expert.path)
+        ref = config.expert_model(expert)
         model = load_model(ref, device, torch.float32)
         tokenizer = None if isinstance(examples, Mapping) else load_tokenizer(ref)
         fisher = diagonal_fisher(model, examples, tokenizer)

@@ -76,13 +76,13 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     LoRA adapters."""
     config = plan.config
     dtype = DTYPES[run_dtype(config)]
-    refs = [config.model_ref(e.path) for e in config.models.experts]
+    refs = [config.expert_model(e) for e in config.models.experts]
     labels = [f"expert '{label}'" for label in config.models.expert_labels()]
     adapters = [is_adapter(ref) for ref in refs]
     if any(adapters) and config.models.base is None:
         raise ModelLoadError("models.base: LoRA adapters are merged onto their base model; name it in models.base")
     if plan.dataflow:
-        return _load_path_sources(plan, refs, device, dtype)
+        return _load_path_sources(plan, device, dtype)
     tier = TIER_CLASSES[worker_tier(config, device)]
     if plan.method.inputs == LORA_FACTORS:
         return _load_adapter_slots(plan, refs, labels, adapters, device, dtype, tier)
@@ -136,15 +136,26 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     return LoadedModels(model, tokenizer, materializer, space, list(targets), vocab)
 
 
-def _load_path_sources(plan: RunPlan, refs: list[str], device: torch.device, dtype: torch.dtype) -> LoadedModels:
+def _load_path_sources(plan: RunPlan, device: torch.device, dtype: torch.dtype) -> LoadedModels:
     """For the data-flow space: the first source is the working model; the others lend their
-    decoder layers, resident beside it (their embeddings and heads are dropped)."""
-    working = load_model(refs[0], device, dtype)
-    others = [load_model(ref, device, dtype) for ref in refs[1:]]
+    decoder layers, resident beside it (their embeddings and heads are dropped). A run source is
+    that run's best merge, materialized here once."""
+    from evomerge.workers.run_source import best_merge
+
+    config = plan.config
+
+    def source(expert) -> tuple[torch.nn.Module, object | None]:
+        if expert.run is not None:
+            return best_merge(config.resolve_path(expert.run), device, dtype)
+        ref = config.model_ref(expert.path)
+        return load_model(ref, device, dtype), load_tokenizer(ref)
+
+    working, tokenizer = source(config.models.experts[0])
+    others = [source(expert)[0] for expert in config.models.experts[1:]]
     materializer = PathMaterializer.from_models(working, others)
     del others
     gc.collect()
-    return LoadedModels(working, load_tokenizer(refs[0]), materializer, plan.path_space(), [])
+    return LoadedModels(working, tokenizer, materializer, plan.path_space(), [])
 
 
 def _load_adapter_slots(

@@ -1,0 +1,112 @@
+"""PS+DFS end to end: a parameter-space run's best merge becomes a data-flow source (``run:``),
+materialized once on the worker, and its layers are exactly that merge's weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from evomerge.cli import main
+from evomerge.config import load_config
+from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
+from evomerge.plan import RunPlan
+from evomerge.store import RunStore
+from evomerge.workers.whitebox import WhiteBoxWorker
+
+ROWS = [{"prompt": "12+30=", "target": "42"}, {"prompt": "abc>", "target": "cba"}]
+
+
+@pytest.fixture(scope="module")
+def ps_run(tmp_path_factory):
+    """Two tiny Llamas of one shape, a third of another depth, and a finished linear PS run over the first two."""
+    root = tmp_path_factory.mktemp("ps-dfs")
+    tokenizer = build_tokenizer()
+    for name, layers, seed in (("a", 2, 0), ("b", 2, 1), ("c", 3, 2)):
+        tiny_llama(tokenizer, hidden=32, layers=layers, heads=2, seed=seed).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    config = {
+        "run_dir": "ps",
+        "executor": "inline",
+        "models": {"experts": ["./a", "./b"], "device": "cpu"},
+        "merge": {"method": "linear", "init": {"weight": 0.5}},
+        "populations": [{"name": "cma", "strategy": "cmaes", "options": {"sigma0": 0.3, "popsize": 4}}],
+        "fitness": {"name": "negative_cross_entropy", "data": {"source": "data.jsonl"}},
+        "budget": {"evaluations": 4},
+    }
+    (root / "ps.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(root / "ps.yaml")]) == 0
+    return root
+
+
+def dfs_config(root, name: str, experts: list, **extra) -> str:
+    config = {
+        "run_dir": name,
+        "executor": "inline",
+        "models": {"experts": experts, "device": "cpu"},
+        "merge": {"space": "dataflow", "dataflow": {"repeats": 1}},
+        "populations": [{"name": "cma", "strategy": "cmaes", "options": {"sigma0": 0.3, "popsize": 4}}],
+        "fitness": {"name": "negative_cross_entropy", "data": {"source": "data.jsonl"}},
+        "budget": {"evaluations": 4},
+        **extra,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_ps_runs_best_is_a_dataflow_source_with_its_merged_weights(ps_run):
+    from transformers import AutoModelForCausalLM
+
+    path = dfs_config(ps_run, "dfs", [{"run": "ps", "name": "ps-best"}, "./c"])
+    assert main(["run", path]) == 0
+    stores = {name: RunStore(ps_run / name, readonly=True) for name in ("ps", "dfs")}
+    baselines = stores["dfs"].baselines()
+    assert [b["name"] for b in baselines] == ["ps-best", "c"] and stores["dfs"].best() is not None
+    # the source alone scores what the PS run recorded for its best
+    assert baselines[0]["fitness"] == pytest.approx(stores["ps"].best().fitness, abs=1e-6)
+    for store in stores.values():
+        store.close()
+    # the PS best's weights by hand: linear with normalize, the recorded weights of its best genome
+    assert main(["export", str(ps_run / "ps"), "--out", str(ps_run / "ps-out")]) == 0
+    weights = yaml.safe_load((ps_run / "ps-out" / "recipe.yaml").read_text())["recipe"]["groups"][0]["weight"]
+    a, b = (AutoModelForCausalLM.from_pretrained(ps_run / n).state_dict() for n in ("a", "b"))
+    merged = {k: (weights[0] * a[k] + weights[1] * b[k]) / sum(weights) for k in a}
+    worker = WhiteBoxWorker(RunPlan.from_config(load_config(path)))
+    try:
+        source = worker.models.materializer.layers[0]
+        assert len(source) == 2
+        for index, layer in enumerate(source):
+            for name, tensor in layer.state_dict().items():
+                torch.testing.assert_close(tensor, merged[f"model.layers.{index}.{name}"], rtol=0, atol=1e-6)
+        embed = worker.models.model.get_input_embeddings().weight
+        torch.testing.assert_close(embed, merged["model.embed_tokens.weight"], rtol=0, atol=1e-6)
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize(
+    "experts, extra, message",
+    [
+        ([{"run": "nowhere"}, "./c"], {}, "models.experts.0.run: "),
+        ([{"run": "ps", "path": "./a"}], {}, "models.experts.0: give an expert either path"),
+        ([{"run": "dfs-src"}, "./c"], {}, "a source run must merge parameters"),
+    ],
+)
+def test_bad_run_sources_are_one_line_and_exit_2(ps_run, capsys, experts, extra, message):
+    if experts[0].get("run") == "dfs-src" and not (ps_run / "dfs-src").exists():
+        assert main(["run", dfs_config(ps_run, "dfs-src", ["./a", "./c"])]) == 0
+    assert main(["validate", dfs_config(ps_run, "bad", experts, **extra)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_run_source_outside_the_dataflow_space_is_refused(ps_run, capsys):
+    config = yaml.safe_load((ps_run / "ps.yaml").read_text())
+    config["models"]["experts"] = [{"run": "ps"}, "./b"]
+    (ps_run / "ps-src.yaml").write_text(yaml.safe_dump(config))
+    assert main(["validate", str(ps_run / "ps-src.yaml")]) == 2
+    assert "models.experts.0.run: a run's best merge is a source of merge.space 'dataflow' only" in capsys.readouterr().err
