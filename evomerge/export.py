@@ -21,7 +21,7 @@ import yaml
 from evomerge.config import RunConfig
 from evomerge.errors import RunDirError
 from evomerge.merge.method import LORA_FACTORS
-from evomerge.mergekit_recipe import NotExpressible, mergekit_config, model_reference
+from evomerge.mergekit_recipe import NotExpressible, mergekit_config, model_reference, passthrough_config
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
 from evomerge.space.merge_space import Recipe
@@ -118,7 +118,11 @@ def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]
 
     config = plan.config
     if isinstance(decoded, DataflowPath):
-        return None, "not written: data-flow paths are exported as stacked weights only"
+        sources = [None if e.run is not None else config.expert_model(e) for e in config.models.experts]
+        try:
+            return passthrough_config(decoded, sources, run_dtype(config)), None
+        except NotExpressible as exc:
+            return None, f"not written: {exc}"
     if not isinstance(decoded, Recipe):
         return None, "not written: M2N2 seed recipes (piecewise combinations with split points) have no mergekit equivalent"
     if config.merge.frozen:

@@ -14,7 +14,8 @@ parameter ``model.language_model.layers.0.``). Where transformers fuses or split
 no filter could say which is which, and the recipe is not expressible. A LoRA adapter
 expert is mergekit's ``BASE+ADAPTER`` (merged into its base by mergekit, in a ``--lora-merge-cache``).
 
-Methods mergekit does not have (seed recipes, split-point SLERP, LoRA composition, layer swaps,
+A data-flow path with every scale 1 is mergekit's ``passthrough`` over slices of the sources'
+layers. Methods mergekit does not have (seed recipes, split-point SLERP, LoRA composition, layer swaps,
 TALL, PCB, Fisher) are not expressible; the caller says so in the export instead of writing a YAML
 that would build a different model.
 """
@@ -26,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 from evomerge.merge import MergeMethod
 from evomerge.space.merge_space import Recipe
+from evomerge.space.paths import Path
 
 # Everything up to and including the first numbered segment: the block index space.layer_index reads.
 _BLOCK_PREFIX = re.compile(r"^(?:.*?\.)?\d+\.")
@@ -134,3 +136,32 @@ def mergekit_config(
         config["parameters"] = shared
     config["dtype"] = dtype
     return config
+
+
+def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str) -> dict[str, Any]:
+    """The mergekit ``passthrough`` configuration that stacks the layers of a data-flow ``path``.
+
+    Runs of consecutive layers of one source become one slice (``layer_range`` is half-open), and
+    a slice may repeat layers another already took. mergekit takes the embeddings from the first
+    slice's model and the final norm and head from the last one's; ours are the first source's,
+    so an empty slice of it opens or closes the list where a path starts or ends elsewhere.
+    ``sources`` are the model references, None for a source mergekit cannot read (a run's best).
+    """
+    if any(scale != 1.0 for scale in path.scales):
+        raise NotExpressible("passthrough copies layers unscaled and this path scales the hidden state")
+    used = {source for source, _ in path.layers} | {0}
+    missing = [i for i in sorted(used) if sources[i] is None]
+    if missing:
+        raise NotExpressible(f"source {missing[0]} is a run's best merge, not a model mergekit can read (export that run first)")
+    runs: list[list[int]] = []  # [source, start, stop]
+    for source, layer in path.layers:
+        if runs and runs[-1][0] == source and runs[-1][2] == layer:
+            runs[-1][2] += 1
+        else:
+            runs.append([source, layer, layer + 1])
+    if runs[0][0] != 0:
+        runs.insert(0, [0, 0, 0])
+    if runs[-1][0] != 0:
+        runs.append([0, 0, 0])
+    slices = [{"sources": [{"model": sources[s], "layer_range": [start, stop]}]} for s, start, stop in runs]
+    return {"slices": slices, "merge_method": "passthrough", "dtype": dtype}

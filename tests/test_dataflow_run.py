@@ -127,3 +127,58 @@ def test_bad_dataflow_configs_are_one_line_and_exit_2(sources, tmp_path, capsys,
     assert main(["validate", write_config(sources, tmp_path, **edit)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def _mergekit_rebuild(document: dict, out) -> dict:
+    """The tensors mergekit writes for ``document`` (in-process, as ``mergekit-yaml`` would)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
+    run_merge(MergeConfiguration.model_validate(document), str(out), options=options)
+    return load_file(out / "model.safetensors")
+
+
+def test_mergekit_passthrough_rebuilds_a_path_that_repeats_layers_and_starts_and_ends_elsewhere(sources, tmp_path):
+    pytest.importorskip("mergekit", reason="the cross-check needs the mergekit extra: pip install 'evomerge[mergekit]'")
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.mergekit_recipe import passthrough_config
+    from evomerge.models.path_export import stacked_model
+    from evomerge.space.paths import Path
+
+    load = lambda name: AutoModelForCausalLM.from_pretrained(sources / name).eval()  # noqa: E731
+    path = Path(((1, 1), (0, 0), (0, 1), (0, 1), (1, 2)), (1.0,) * 5)
+    paths = PathMaterializer.from_models(load("a"), [load("b")])
+    ours = stacked_model(paths, path).state_dict()
+    document = passthrough_config(path, [str(sources / "a"), str(sources / "b")], "float32")
+    assert [s["sources"][0]["layer_range"] for s in document["slices"]] == [[0, 0], [1, 2], [0, 2], [1, 2], [2, 3], [0, 0]]
+    theirs = _mergekit_rebuild(document, tmp_path / "mk")
+    assert set(theirs) == set(ours)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(theirs[name], tensor, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_an_unscaled_runs_export_writes_a_mergekit_yaml_and_a_scaled_one_says_why_not(sources, tmp_path):
+    pytest.importorskip("mergekit", reason="the cross-check needs the mergekit extra: pip install 'evomerge[mergekit]'")
+    from safetensors.torch import load_file
+
+    assert main(["run", write_config(sources, tmp_path, dataflow={"scaling": "none"}, evaluations=4)]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    document = yaml.safe_load((tmp_path / "out" / "mergekit.yaml").read_text())
+    assert document["merge_method"] == "passthrough"
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    theirs = _mergekit_rebuild(document, tmp_path / "mk")
+    assert set(theirs) == set(ours)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(theirs[name], tensor, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    # a path with scales other than 1 has no passthrough YAML, and the recipe says why
+    from evomerge.export import _mergekit_document
+    from evomerge.plan import RunPlan
+    from evomerge.space.paths import Path
+
+    plan = RunPlan.from_config(load_config(write_config(sources, tmp_path)))
+    written, note = _mergekit_document(plan, Path(((0, 0), (0, 1)), (1.0, 1.5)))
+    assert written is None and "scales the hidden state" in note
