@@ -156,7 +156,7 @@ class DataflowConfig(_Strict):
     layers a path visits; the first supplies the embeddings, the final norm and the head."""
 
     repeats: int = Field(default=3, ge=1, description="times the sources' layers are laid out: the paper's r")
-    scaling: Literal["per_slot", "none"] = "per_slot"
+    scaling: Literal["per_slot", "matrix", "none"] = "per_slot"
     scale_bounds: Bounds = (0.5, 2.0)
     max_layers: int | None = Field(default=None, ge=1, description="longest path a candidate may take")
 

@@ -97,6 +97,14 @@ def test_cmaes_and_m2n2_search_paths_and_the_best_exports_as_a_plain_model(sourc
     ]
 
 
+def test_matrix_scaling_runs_with_the_papers_w_genes(sources, tmp_path):
+    assert main(["run", write_config(sources, tmp_path, dataflow={"scaling": "matrix"}, evaluations=4)]) == 0
+    evaluations, _ = recorded(tmp_path / "run")
+    space = PathSpace((2, 3), repeats=2, scaling="matrix")
+    assert space.dim == 10 + 6 * 5 and all(e.genome.shape == (space.dim,) for e in evaluations)
+    assert all(e.status == "ok" for e in evaluations)
+
+
 def test_a_run_interrupted_mid_search_resumes_to_its_budget(sources, tmp_path):
     config = load_config(write_config(sources, tmp_path, evaluations=10))
 

@@ -6,8 +6,10 @@ The layers of the sources are laid out in order (every layer of source 0, then o
 and the sequence is repeated ``repeats`` times: T slots. A slot's indicator gene says whether the
 path passes through it (the paper's 2^T space: a gene of two levels, cut at 0.5); the path is the
 slots switched on, in slot order. A slot's scale gene multiplies the hidden state entering its
-layer (granularity ``per_slot``), or no scale is searched (``none``, the paper's ablation that
-costs it more than 20 %). Scales are searched on a log scale, so the unit cube's centre of the
+layer (granularity ``per_slot``); or, as the paper's W (``matrix``), one scale per transition
+(from layer i to layer j of the M laid-out layers, and from the embeddings to layer j: an
+(M + 1) × M matrix), so a transition taken twice is scaled the same both times; or no scale is
+searched (``none``, the paper's ablation that costs it more than 20 %). Scales are searched on a log scale, so the unit cube's centre of the
 default bounds [1/2, 2] is exactly 1 and halving weighs as much as doubling.
 
 The initial genome switches on the first repetition of source 0's layers only, so it decodes to
@@ -24,7 +26,7 @@ import numpy as np
 
 from evomerge.space.genes import GeneRange, SearchSpec
 
-SCALINGS = ("per_slot", "none")
+SCALINGS = ("per_slot", "matrix", "none")
 INDICATOR = "indicator"
 LOG_SCALE = "log_scale"
 
@@ -91,13 +93,28 @@ class PathSpace:
         return one * self.repeats
 
     @property
+    def layer_total(self) -> int:
+        """M: the sources' layers laid out once."""
+        return sum(self.layer_counts)
+
+    def layer_id(self, source: int, layer: int) -> int:
+        """A source layer's index among the M laid-out layers (a row/column of the matrix W)."""
+        return sum(self.layer_counts[:source]) + layer
+
+    @property
     def genes(self) -> tuple[GeneRange, ...]:
         t = len(self.slots)
         genes = [GeneRange(INDICATOR, 0, t, 0.0, 1.0, levels=2)]
-        if self.scaling == "per_slot":
+        scales = {"per_slot": t, "matrix": (self.layer_total + 1) * self.layer_total, "none": 0}[self.scaling]
+        if scales:
             low, high = self.scale_bounds
-            genes.append(GeneRange(LOG_SCALE, t, 2 * t, math.log(low), math.log(high)))
+            genes.append(GeneRange(LOG_SCALE, t, t + scales, math.log(low), math.log(high)))
         return tuple(genes)
+
+    def transition(self, previous: tuple[int, int] | None, layer: tuple[int, int]) -> int:
+        """The entry of W (row-major, row 0 the embeddings) scaling ``layer``'s input after ``previous``."""
+        row = 0 if previous is None else self.layer_id(*previous) + 1
+        return row * self.layer_total + self.layer_id(*layer)
 
     @property
     def dim(self) -> int:
@@ -113,18 +130,26 @@ class PathSpace:
         if len(scales) != len(layers):
             raise ValueError(f"{len(layers)} layers but {len(scales)} scales")
         slots, on, slot_scale = self.slots, np.zeros(len(self.slots)), np.ones(len(self.slots))
-        pos = 0
+        matrix: dict[int, float] = {}
+        pos, previous = 0, None
         for want, scale in zip(layers, scales):
             while pos < len(slots) and slots[pos] != tuple(want):
                 pos += 1
             if pos == len(slots):
                 raise ValueError(f"the path cannot be laid out in {self.repeats} repeats of the sources' layers at {want}")
             on[pos], slot_scale[pos] = 1, scale
-            pos += 1
+            entry = self.transition(previous, slots[pos])
+            if matrix.setdefault(entry, scale) != scale:
+                raise ValueError(f"the transition into {slots[pos]} is taken twice with different scales; scaling 'matrix' has one per transition")
+            pos, previous = pos + 1, slots[pos]
         indicator = self.genes[0]
         parts = [indicator.centre(on.astype(np.int64))]
         if self.scaling == "per_slot":
             parts.append(self.genes[1].to_unit(np.log(slot_scale)))
+        elif self.scaling == "matrix":
+            w = np.ones(self.genes[1].size)
+            w[list(matrix)] = list(matrix.values())
+            parts.append(self.genes[1].to_unit(np.log(w)))
         return np.concatenate(parts)
 
     def x0(self) -> np.ndarray:
@@ -140,19 +165,21 @@ class PathSpace:
             raise ValueError(f"genome has shape {genome.shape}, the data-flow space expects ({self.dim},)")
         unit = np.clip(genome, 0.0, 1.0)
         on = self.genes[0].level(unit).astype(bool)
-        if self.scaling == "per_slot":
-            scales = np.exp(self.genes[1].to_real(unit[self.genes[1].start : self.genes[1].stop]))
-        else:
-            scales = np.ones(len(on))
         chosen = np.flatnonzero(on)
         if chosen.size == 0:
             raise PathError("the genome switches every slot off: the path is empty")
         if self.max_layers is not None and chosen.size > self.max_layers:
             raise PathError(f"the path has {chosen.size} layers, more than merge.dataflow.max_layers ({self.max_layers})")
-        slots = self.slots
-        return Path(
-            tuple(slots[i] for i in chosen), tuple(float(scales[i]) for i in chosen), tuple(self.source_labels)
-        )
+        layers = tuple(self.slots[i] for i in chosen)
+        if self.scaling == "none":
+            return Path(layers, (1.0,) * len(layers), tuple(self.source_labels))
+        scale_gene = self.genes[1]
+        scales = np.exp(scale_gene.to_real(unit[scale_gene.start : scale_gene.stop]))
+        if self.scaling == "per_slot":
+            picked = [scales[i] for i in chosen]
+        else:
+            picked = [scales[self.transition(prev, layer)] for prev, layer in zip((None, *layers[:-1]), layers)]
+        return Path(layers, tuple(float(x) for x in picked), tuple(self.source_labels))
 
     def source_alone(self, source: int) -> Path:
         """The path through every layer of one source, in order, at scale 1."""

@@ -54,3 +54,21 @@ def test_empty_and_overlong_paths_are_failed_candidates_and_bad_spaces_are_refus
 def test_discrete_indicators_snap_so_equal_paths_share_a_genome():
     spec = PathSpace((2, 1), repeats=1, scaling="none").search_spec()
     assert np.array_equal(spec.snap(np.array([0.1, 0.7, 0.9])), spec.snap(np.array([0.4, 0.6, 0.55])))
+
+
+def test_matrix_scaling_has_one_scale_per_transition_shared_wherever_it_is_taken():
+    space = PathSpace((2, 1), repeats=3, scaling="matrix")
+    assert space.dim == 9 + 4 * 3  # 9 slots; W over M = 3 layers with a row for the embeddings
+    path = space.decode(space.x0())
+    assert path.layers == ((0, 0), (0, 1)) and path.scales == (1.0, 1.0)
+    # (0,1) -> (0,0) is taken twice: both times at W's one entry for it
+    layers = [(0, 0), (0, 1), (0, 0), (0, 1), (0, 0), (1, 0)]
+    scales = [0.5, 2.0, 1.5, 2.0, 1.5, 0.75]
+    path = space.decode(space.encode(layers, scales))
+    assert list(path.layers) == layers and path.scales == pytest.approx(scales)
+    genome = space.encode(layers, scales)
+    w = space.genes[1]
+    genome[w.start + space.transition((0, 1), (0, 0))] = 1.0  # W[(0,1) -> (0,0)] at the upper bound
+    assert space.decode(genome).scales == pytest.approx((0.5, 2.0, 2.0, 2.0, 2.0, 0.75))
+    with pytest.raises(ValueError, match="taken twice with different scales"):
+        space.encode([(0, 0), (0, 1), (0, 0), (0, 1), (0, 0)], [1.0, 1.0, 1.0, 1.0, 2.0])
