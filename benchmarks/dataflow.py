@@ -3,7 +3,7 @@ ordering: PS+DFS ≥ PS > DFS alone).
 
 Usage::
 
-    python benchmarks/dataflow.py --json [--evaluations 40] [--seeds 0 1 2] [--models DIR] [--threads 1]
+    python benchmarks/dataflow.py --json [--evaluations 100] [--seeds 0 1 2] [--models DIR] [--threads 1]
 
 The models are the LM demo's (``evomerge/demos/lm.yaml``: a tiny Llama base of 2 layers, hidden
 128, and an addition and a reversal specialist fine-tuned from it), trained here once into
@@ -110,7 +110,7 @@ def specialist_score(base: dict[str, Any], name: str, models: Path, root: Path) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--evaluations", type=int, default=40)
+    parser.add_argument("--evaluations", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-dataflow-bench-models")
     parser.add_argument("--threads", type=int, default=1)

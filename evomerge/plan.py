@@ -179,8 +179,7 @@ class RunPlan:
     def _check_source_runs(self) -> None:
         """A run source must hold a best merge the workers can rebuild: a parameter-space run
         with at least one successful evaluation."""
-        from evomerge.runs import load_run_config
-        from evomerge.store import RunStore
+        from evomerge.runs import recorded_best
 
         config = self.config
         for i, expert in enumerate(config.models.experts):
@@ -189,11 +188,7 @@ class RunPlan:
             where, run_dir = f"models.experts.{i}.run", config.resolve_path(expert.run)
             if not (run_dir / CONFIG_NAME).is_file():
                 raise self._fail(where, f"{run_dir} is not a run directory (no {CONFIG_NAME})")
-            store = RunStore(run_dir, readonly=True)
-            try:
-                best, source = store.best(), load_run_config(store)
-            finally:
-                store.close()
+            best, source = recorded_best(run_dir)
             if best is None:
                 raise self._fail(where, f"run {run_dir} has no successful evaluation yet; run it first")
             if source.merge.space != "parameter":

@@ -23,6 +23,7 @@ from evomerge.controller import Controller, Population, Progress, population_fro
 from evomerge.errors import DiskError, RunChangedError, RunDirError
 from evomerge.executors import Executor, make_executor
 from evomerge.plan import RunPlan
+from evomerge.records import Evaluation
 from evomerge.store import CONFIG_NAME, RunStore, disk_faults
 from evomerge.workers.jobs import ExpertBaselines, SeedResponses
 
@@ -56,6 +57,16 @@ def load_run_config(store: RunStore) -> RunConfig:
     if started is None:
         return load_config(store.run_dir / CONFIG_NAME)
     return config_from_dict(yaml.safe_load(started), f"{store.db_path} (the config the run started with)", store.run_dir)
+
+
+def recorded_best(run_dir: Path) -> tuple[Evaluation | None, RunConfig]:
+    """A run's best evaluation (None before any succeeded) and the config it started with, read
+    without writing: how a data-flow run finds a parameter-space run's best merge (PS+DFS)."""
+    store = RunStore(run_dir, readonly=True)
+    try:
+        return store.best(), load_run_config(store)
+    finally:
+        store.close()
 
 
 def _config_to_resume(store: RunStore) -> RunConfig:

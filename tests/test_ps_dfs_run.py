@@ -12,6 +12,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.config import load_config
 from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
+from evomerge.models.memory import tier_memory
 from evomerge.plan import RunPlan
 from evomerge.store import RunStore
 from evomerge.workers.whitebox import WhiteBoxWorker
@@ -75,6 +76,10 @@ def test_a_ps_runs_best_is_a_dataflow_source_with_its_merged_weights(ps_run):
     weights = yaml.safe_load((ps_run / "ps-out" / "recipe.yaml").read_text())["recipe"]["groups"][0]["weight"]
     a, b = (AutoModelForCausalLM.from_pretrained(ps_run / n).state_dict() for n in ("a", "b"))
     merged = {k: (weights[0] * a[k] + weights[1] * b[k]) / sum(weights) for k in a}
+    # starting, the worker first holds what the PS run's worker held (more than the merge and c together)
+    cpu = torch.device("cpu")
+    fastest = lambda config: next(iter(tier_memory(config, cpu).values()))  # noqa: E731
+    assert fastest(load_config(path)).peak == fastest(load_config(ps_run / "ps.yaml")).peak
     worker = WhiteBoxWorker(RunPlan.from_config(load_config(path)))
     try:
         source = worker.models.materializer.layers[0]

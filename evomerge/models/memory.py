@@ -95,6 +95,8 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
     plan = RunPlan.from_config(config)
     dtype = run_dtype(config)
     itemsize = ITEMSIZE[dtype]
+    if plan.dataflow:
+        return {"device": _dataflow_memory(config, device, dtype)}
     refs = [config.expert_model(e) for e in config.models.experts]
     n = len(refs)
     shapes = parameter_shapes(plan.working_model)
@@ -153,6 +155,37 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         for tier in TIERS
         if tier in figures and tier not in refused
     }
+
+
+def _dataflow_memory(config: RunConfig, device: torch.device, dtype: str) -> WorkerMemory:
+    """A data-flow worker holds the first source whole and the other sources' decoder layers on its
+    device; a path points at them and copies nothing, so its length adds no weights. Sources load
+    whole, one after another, before the others' embeddings and heads are dropped; a run source is
+    first rebuilt by that run's own worker (its fastest tier's peak, then its merged model)."""
+    from evomerge.runs import recorded_best
+    from evomerge.space.merge_space import layer_index
+
+    itemsize = ITEMSIZE[dtype]
+    resident, device_peak, host_peak, loaded = 0, 0, 0, 0
+    for i, expert in enumerate(config.models.experts):
+        shapes = parameter_shapes(config.expert_model(expert))
+        whole = _numel(shapes) * itemsize
+        if expert.run is None:
+            device_peak = max(device_peak, loaded + whole)
+        else:
+            rebuilt = next(iter(tier_memory(recorded_best(config.resolve_path(expert.run))[1], device).values()))
+            device_peak, host_peak = max(device_peak, loaded + rebuilt.device_peak), max(host_peak, rebuilt.host_peak)
+        loaded += whole
+        resident += whole if i == 0 else _numel({k: v for k, v in shapes.items() if layer_index(k) is not None}) * itemsize
+    n = len(config.models.experts)
+    return WorkerMemory(
+        tier="device",
+        device_peak=max(device_peak, resident),
+        host_peak=host_peak,
+        resident=resident,
+        description=f"the first source and the decoder layers of {n - 1} more on {device.type}",
+        dtype=dtype,
+    )
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -20,15 +20,10 @@ from evomerge.records import Candidate
 def best_merge(run_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, object | None]:
     """The best merge of the run in ``run_dir`` on ``device`` in ``dtype``, and its tokenizer."""
     from evomerge.plan import RunPlan
-    from evomerge.runs import load_run_config
-    from evomerge.store import RunStore
+    from evomerge.runs import recorded_best
     from evomerge.workers.whitebox import WhiteBoxWorker
 
-    store = RunStore(run_dir, readonly=True)
-    try:
-        best, config = store.best(), load_run_config(store)
-    finally:
-        store.close()
+    best, config = recorded_best(run_dir)
     if best is None:
         raise RunDirError(f"{run_dir}: no successful evaluation to use as a source yet")
     here = config.models.model_copy(update={"device": str(device)})

@@ -254,7 +254,10 @@ def refused_tiers(plan: "RunPlan") -> dict[str, str]:
         refused.update(host=why, mmap=why)
     for tier, why in method_refusals(plan.method).items():
         refused.setdefault(tier, why)
-    adapters = [e.path for e in config.models.experts if is_adapter(config.model_ref(e.path))]
+    if plan.dataflow:
+        why = "a data-flow worker runs the sources' own layers, held on its device"
+        refused.update(host=why, mmap=why)
+    adapters = [e.path or e.run for e in config.models.experts if is_adapter(config.expert_model(e))]
     if adapters:
         refused.setdefault("mmap", f"expert '{adapters[0]}' is a LoRA adapter merged into the base at load time; only full checkpoints map")
     return refused

@@ -222,3 +222,18 @@ def test_the_phase_line_names_the_chosen_tier(llamas):
         f" files, {memory.size(memory.tier_memory(config_from_dict(document), CPU)['mmap'].peak)} per worker at its peak)"
     ]
     assert executor.worker.models.materializer.tier.name == "mmap"
+
+
+def test_a_dataflow_estimate_equals_what_its_worker_holds(llamas):
+    document = _config(llamas, base=False)
+    document["merge"] = {"space": "dataflow", "dataflow": {"repeats": 2}}
+    config = config_from_dict(document)
+    assert list(memory.tier_memory(config, CPU)) == ["device"]
+    estimate = memory.tier_memory(config, CPU)["device"]
+    worker = WhiteBoxWorker(RunPlan.from_config(config))
+    held = {p.data_ptr(): p.numel() * p.element_size() for p in worker.models.model.parameters()}
+    for source in worker.models.materializer.layers:
+        held.update({p.data_ptr(): p.numel() * p.element_size() for layer in source for p in layer.parameters()})
+    whole = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
+    assert estimate.resident == sum(held.values())
+    assert estimate.peak == 3 * whole  # the three sources load whole before the others' heads go
