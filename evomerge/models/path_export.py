@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from evomerge.errors import UserError
+from evomerge.errors import InsufficientMemoryError, UserError
 from evomerge.space.paths import Path
 from evomerge.workers.path_model import PathMaterializer, decoder_stack
 
@@ -66,6 +66,7 @@ def stacked_model(paths: PathMaterializer, path: Path) -> nn.Module:
         )
     prefix, cumulative = _layers_prefix(working), 1.0
     state = {name: tensor for name, tensor in working.state_dict().items() if not name.startswith(prefix)}
+    check_stacking_memory(paths, path, state)
     for position, ((source, index), scale) in enumerate(zip(path.layers, path.scales)):
         cumulative *= scale
         for name, tensor in paths.layers[source][index].state_dict().items():
@@ -76,6 +77,27 @@ def stacked_model(paths: PathMaterializer, path: Path) -> nn.Module:
     model.load_state_dict(state, strict=True)
     model.generation_config = copy.deepcopy(working.generation_config)
     return model.eval()
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_stacking_memory(paths: PathMaterializer, path: Path, outside_layers: dict[str, torch.Tensor]) -> None:
+    """Refuse a path too long for memory: the worker shares its layers, but the stacked model holds
+    a copy of every position's layer (twice while the copies are loaded into it) and its own
+    embeddings and head, beside the sources."""
+    from evomerge.models.memory import GIB, available_bytes
+
+    layers = sum(_nbytes(paths.layers[source][index].state_dict().values()) for source, index in path.layers)
+    need = 2 * layers + _nbytes(outside_layers.values())
+    have = available_bytes(paths.model.device)
+    if have is not None and need > have:
+        raise InsufficientMemoryError(
+            f"the path has {len(path)} layers: stacking them into a model needs {need / GIB:.2f} GiB beside the sources,"
+            f" but {have / GIB:.2f} GiB are free; export on a machine with more memory, or search shorter paths"
+            " (merge.dataflow.max_layers)"
+        )
 
 
 def _layers_prefix(model: nn.Module) -> str:

@@ -153,3 +153,21 @@ def test_scales_are_refused_where_folding_is_not_exact_and_unit_scales_stack_any
     paths.apply(path)
     with torch.no_grad():
         torch.testing.assert_close(exported(paths, path)(IDS).logits, paths.model(IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_a_path_too_long_for_memory_is_refused_before_its_layers_are_copied(monkeypatch):
+    from evomerge.errors import InsufficientMemoryError
+    from evomerge.models import memory
+    from evomerge.models.path_export import stacked_model as exported
+
+    source = _model("llama", 2, seed=1)
+    layer = sum(p.numel() * p.element_size() for p in source.model.layers[0].parameters())
+    outside = sum(p.numel() * p.element_size() for n, p in source.named_parameters() if ".layers." not in n)
+    paths = PathMaterializer.from_models(source, [])
+    path = Path(((0, 0), (0, 1)) * 3, (1.0,) * 6)
+    need = 2 * 6 * layer + outside  # six layer copies, loaded into a model of its own embeddings and head
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
+    with pytest.raises(InsufficientMemoryError, match="the path has 6 layers: stacking them"):
+        exported(paths, path)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need)
+    assert exported(paths, path).config.num_hidden_layers == 6
