@@ -120,6 +120,11 @@ class ExpertRef(_Strict):
             raise ValueError("give an expert either path (a model) or run (a run directory's best merge)")
         return self
 
+    @property
+    def source(self) -> str:
+        """The path or run directory, as written."""
+        return self.path if self.path is not None else str(self.run)
+
 
 class ModelsConfig(_Strict):
     base: str | None = None
@@ -148,7 +153,7 @@ class ModelsConfig(_Strict):
         return value
 
     def expert_labels(self) -> list[str]:
-        return [e.name or Path(e.path or e.run or "").name or e.path or e.run or "" for e in self.experts]
+        return [e.name or Path(e.source).name or e.source for e in self.experts]
 
 
 class DataflowConfig(_Strict):

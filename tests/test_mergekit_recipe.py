@@ -65,3 +65,17 @@ def test_adapters_are_base_plus_adapter_and_a_plus_in_a_path_is_refused():
     assert model_reference("/m/expert", "/m/base", adapter=False) == "/m/expert"
     with pytest.raises(NotExpressible, match="'/m/c\\+\\+' has one"):
         model_reference("/m/c++", None, adapter=False)
+
+
+def test_a_passthrough_names_only_models_mergekit_can_read_and_no_scales():
+    from evomerge.mergekit_recipe import passthrough_config
+    from evomerge.space.paths import Path
+
+    path = Path(((0, 0), (0, 1), (0, 1)), (1.0, 1.0, 1.0))
+    document = passthrough_config(path, ["a", None], "bfloat16")  # source 1 (a run) is not on the path
+    assert document["slices"] == [{"sources": [{"model": "a", "layer_range": [0, 2]}]}, {"sources": [{"model": "a", "layer_range": [1, 2]}]}]
+    assert document["merge_method"] == "passthrough" and document["dtype"] == "bfloat16"
+    with pytest.raises(NotExpressible, match="source 0 is a run's best merge"):
+        passthrough_config(path, [None, "b"], "float32")
+    with pytest.raises(NotExpressible, match="scales the hidden state"):
+        passthrough_config(Path(path.layers, (1.0, 0.5, 1.0)), ["a", "b"], "float32")
