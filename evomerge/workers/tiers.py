@@ -257,7 +257,7 @@ def refused_tiers(plan: "RunPlan") -> dict[str, str]:
     if plan.dataflow:
         why = "a data-flow worker runs the sources' own layers, held on its device"
         refused.update(host=why, mmap=why)
-    adapters = [e.path or e.run for e in config.models.experts if is_adapter(config.expert_model(e))]
+    adapters = [e.source for e in config.models.experts if is_adapter(config.expert_model(e))]
     if adapters:
         refused.setdefault("mmap", f"expert '{adapters[0]}' is a LoRA adapter merged into the base at load time; only full checkpoints map")
     return refused
