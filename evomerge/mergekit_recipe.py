@@ -152,7 +152,8 @@ def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str) ->
     used = {source for source, _ in path.layers} | {0}
     missing = [i for i in sorted(used) if sources[i] is None]
     if missing:
-        raise NotExpressible(f"source {missing[0]} is a run's best merge, not a model mergekit can read (export that run first)")
+        name = path.source_labels[missing[0]] if path.source_labels else str(missing[0])
+        raise NotExpressible(f"source '{name}' is a run's best merge, not a model mergekit can read (export that run first)")
     runs: list[list[int]] = []  # [source, start, stop]
     for source, layer in path.layers:
         if runs and runs[-1][0] == source and runs[-1][2] == layer:

@@ -75,7 +75,7 @@ def test_a_ps_runs_best_is_a_dataflow_source_with_its_merged_weights(ps_run):
     assert main(["export", str(ps_run / "dfs"), "--out", str(ps_run / "dfs-out")]) == 0
     recipe = yaml.safe_load((ps_run / "dfs-out" / "recipe.yaml").read_text())
     assert recipe["experts"][0] == {"name": "ps-best", "run": str(ps_run / "ps")}
-    assert "is a run's best merge" in recipe["mergekit"] or "scales the hidden state" in recipe["mergekit"]
+    assert "source 'ps-best' is a run's best merge" in recipe["mergekit"] or "scales the hidden state" in recipe["mergekit"]
     # the PS best's weights by hand: linear with normalize, the recorded weights of its best genome
     assert main(["export", str(ps_run / "ps"), "--out", str(ps_run / "ps-out")]) == 0
     weights = yaml.safe_load((ps_run / "ps-out" / "recipe.yaml").read_text())["recipe"]["groups"][0]["weight"]
