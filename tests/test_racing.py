@@ -143,6 +143,7 @@ def test_a_run_directory_from_before_racing_reads_as_fully_scored_and_gains_the_
         ({"stages": [0.3, 0.1]}, "stages must grow"),
         ({"stages": [0.5, 1.0]}, "between 0 and 1"),
         ({"top_k": 0}, "top_k"),
+        ({"scores": [1, 0]}, "scores is the range"),
     ],
 )
 def test_racing_config_errors_name_the_field(digits_config, racing, message):

@@ -161,7 +161,7 @@ class WhiteBoxWorker(Worker):
         own = brings_own_examples(fitness.name)
         self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
         racing = config.fitness.racing
-        self.racing = Racing() if racing is None else Racing(tuple(racing.stages), racing.z, racing.seed)
+        self.racing = Racing() if racing is None else Racing(tuple(racing.stages), racing.z, racing.seed, racing.scores)
         entropy = None
         if plan.gradient_populations:
             from evomerge.workers.entropy_gradient import EntropyGradient
