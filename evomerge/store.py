@@ -484,6 +484,12 @@ class RunStore:
             out.setdefault(r["population"], {})[r["status"]] = r["n"]
         return out
 
+    def stopped_early(self) -> int:
+        """Successful evaluations that racing stopped before every fitness example was scored."""
+        if not self._fidelity_column:
+            return 0
+        return self._db.execute("SELECT COUNT(*) FROM evaluations WHERE status = 'ok' AND fidelity < 1.0").fetchone()[0]
+
     def evaluations(self, population: str | None = None, with_scores: bool = False) -> Iterator[Evaluation]:
         sql = (
             "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"

@@ -16,6 +16,8 @@ from evomerge.cli import main
 from evomerge.config import load_config
 from evomerge.errors import ConfigError
 from evomerge.plan import RunPlan
+from evomerge.report import render_report
+from evomerge.runs import run_status
 from evomerge.store import SCHEMA_VERSION, RunStore
 from evomerge.workers.whitebox import WhiteBoxWorker
 
@@ -47,7 +49,7 @@ def n_examples():
 
 
 def test_candidates_that_cannot_matter_stop_early_and_survivors_score_as_without_racing(
-    tmp_path, digits_config, n_examples
+    tmp_path, digits_config, n_examples, capsys
 ):
     config = digits_config(populations=POPULATIONS, fitness=fitness(RACING), budget={"evaluations": 30})
     assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 0
@@ -71,6 +73,14 @@ def test_candidates_that_cannot_matter_stop_early_and_survivors_score_as_without
     assert store.run_info()["summary"]["examples_scored"] == used
     store.close()
     assert (load_run(tmp_path / "r")["fidelity"] < 1.0).sum() == len(partial)
+
+    # Reports and status see the fidelity: partial means stay out of best and median, and are counted.
+    page = render_report(tmp_path / "r").html
+    assert f"{len(partial)} evaluations were stopped early by racing" in page
+    status = run_status(tmp_path / "r")
+    assert status["examples_scored"] == used and status["stopped_early"] == len(partial)
+    assert main(["status", str(tmp_path / "r")]) == 0
+    assert f"examples scored: {used} ({len(partial)} evaluations stopped early by racing)" in capsys.readouterr().out
 
     # Survivors were scored on every example in one call: exactly what a run without racing gives.
     plain = WhiteBoxWorker(RunPlan.from_config(load_config(digits_config(populations=POPULATIONS, fitness=fitness()))), worker_id="check")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import evomerge
-from evomerge.analysis import api_usage, archive_history
+from evomerge.analysis import api_usage, archive_history, progress_curves
 from evomerge.cli import main
 from evomerge.report import SECTIONS, render_report
 from evomerge.store import RunStore
@@ -120,6 +120,21 @@ def test_report_data_match_the_store(finished_run):
     low, high = (b["per_example"] for b in baselines)
     assert m2n2.iloc[:2]["status"].eq("ok").all()  # the 7th, 14th … fitness calls fail, not these
     assert history["coverage"].iloc[1] == pytest.approx(np.mean(np.maximum(low, high) > 0))
+
+
+def test_progress_curves_leave_out_evaluations_racing_stopped_early():
+    """A partial mean (over 10 % of the examples) is not a full score: it never enters best or median."""
+    frame = pd.DataFrame({
+        "seq": [1, 2, 3, 4, 5],
+        "population": ["cma"] * 5,
+        "elapsed": [1.0, 2.0, 3.0, 4.0, 5.0],
+        "fitness": [0.5, 0.9, 0.6, float("nan"), 0.1],
+        "fidelity": [1.0, 0.1, 1.0, 1.0, 0.1],
+    })
+    curves = progress_curves(frame, window=3)
+    assert list(curves["best"]) == [0.5, 0.5, 0.6, 0.6, 0.6]
+    assert list(curves["median"]) == [0.5, 0.5, 0.55, 0.6, 0.6]
+    assert list(curves["evaluation"]) == [1, 2, 3, 4, 5]  # still counted as evaluations
 
 
 def test_api_usage_table_sums_black_box_metrics():
