@@ -230,8 +230,6 @@ class RunPlan:
             if any(getattr(config.budget, key) is not None for key in ("requests", "tokens", "cost")):
                 raise self._fail("budget", "requests, tokens and cost limit black-box runs; add an api section")
             return
-        if config.fitness.racing is not None:
-            raise self._fail("fitness.racing", "black-box runs (api:) score every example; remove fitness.racing")
         method, what = SERVICE_METHODS[config.api.level]
         if self.method is not method or config.merge.granularity not in SERVICE_GRANULARITIES:
             raise self._fail(

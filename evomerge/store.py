@@ -591,7 +591,7 @@ class RunStore:
 
     def api_usage(self) -> dict[str, float]:
         """Usage summed over every evaluation: API requests, tokens (prompt + completion) and cost,
-        and the fitness examples white-box workers scored (``examples``: what racing saves)."""
+        and the fitness examples workers scored (``examples``: what racing saves)."""
         row = self._db.execute(
             "SELECT COALESCE(SUM(json_extract(metrics_json, '$.usage.requests')), 0),"
             " COALESCE(SUM(json_extract(metrics_json, '$.usage.prompt_tokens'))"

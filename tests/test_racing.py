@@ -159,13 +159,3 @@ def test_a_run_directory_from_before_racing_reads_as_fully_scored_and_gains_the_
 def test_racing_config_errors_name_the_field(digits_config, racing, message):
     with pytest.raises(ConfigError, match=message):
         load_config(digits_config(fitness=fitness(racing)))
-
-
-def test_a_black_box_run_with_racing_is_refused_by_name(digits_config):
-    config = load_config(digits_config(
-        fitness={**fitness(RACING), "name": "exact_match"},
-        merge={"method": "linear", "granularity": "per_model"},
-        api={"level": "openai", "base_url": "http://127.0.0.1:9"},
-    ))
-    with pytest.raises(ConfigError, match="fitness.racing: black-box runs"):
-        RunPlan.from_config(config)

@@ -50,7 +50,7 @@ from evomerge.records import Candidate, Evaluation
 from evomerge.service.response_cache import ResponseCache
 from evomerge.service.served_model import ApiServedModel
 from evomerge.space.merge_space import Recipe
-from evomerge.workers.base import Worker
+from evomerge.workers.base import Scored, Worker, racing_of
 
 RECOVERY_ATTEMPTS = 3
 """Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
@@ -239,6 +239,7 @@ class BlackBoxWorker(Worker):
         fitness = config.fitness
         own = brings_own_examples(fitness.name)
         self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
+        self.racing = racing_of(config)
         self.space, self.codecs = plan.codecs({})  # one value per expert: no tensors to group
         self.cache = ResponseCache()
         self._loop = asyncio.new_event_loop()
@@ -297,14 +298,27 @@ class BlackBoxWorker(Worker):
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         recipe = self.codecs[candidate.population].decode(candidate.genome)
-        return self._evaluate(candidate.id, candidate.population, recipe, self.examples)
+        return self._evaluate(candidate.id, candidate.population, recipe, self.examples, candidate.must_beat)
 
-    def _evaluate(self, candidate_id: str, population: str, recipe: Recipe, examples: list[dict[str, Any]]) -> Evaluation:
-        """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing)."""
+    def _evaluate(
+        self, candidate_id: str, population: str, recipe: Recipe, examples: list[dict[str, Any]], must_beat: float | None = None
+    ) -> Evaluation:
+        """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing).
+
+        Racing (``must_beat`` set) scores it stage by stage, each stage a call on the service with
+        the merge prepared afresh; a survivor's full call finds the stages' answers in the response
+        cache, so its requests and cost are those of a run without racing.
+        """
         usage_before, hits_before = self.client.usage.copy(), self.cache.hits
-        ev = self.scored(
-            candidate_id, population, lambda: (self._loop.run_until_complete(self._score(candidate_id, recipe, examples)), {})
-        )
+
+        def score(subset: list[dict[str, Any]]) -> np.ndarray:
+            return self._loop.run_until_complete(self._score(candidate_id, recipe, subset))
+
+        def race() -> Scored:
+            raced = self.racing.race(score, examples, must_beat)
+            return raced, {"examples_scored": raced.examples_scored}
+
+        ev = self.scored(candidate_id, population, race)
         used = self.client.usage - usage_before
         ev.metrics.update({"usage": used.metrics(), "api_retries": used.retries, "cached_responses": self.cache.hits - hits_before})
         ev.responses = self.cache.take_new()  # also a failed candidate's: they were paid for

@@ -20,7 +20,7 @@ import torch
 from evomerge.errors import ModelLoadError, UserError
 from evomerge.fitness import brings_own_examples, own_examples, per_example_scores, resolve_fitness, with_options
 from evomerge.fitness.data import load_examples
-from evomerge.fitness.racing import Racing, count
+from evomerge.fitness.racing import count
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import (
@@ -39,7 +39,7 @@ from evomerge.models.vocab import VocabularyAlignment, align_working_model, voca
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
 from evomerge.space.merge_space import Space
-from evomerge.workers.base import Scored, Worker
+from evomerge.workers.base import Scored, Worker, racing_of
 from evomerge.workers.extra_metrics import ExtraMetrics
 from evomerge.workers.materializer import Materializer
 from evomerge.workers.path_model import PathMaterializer
@@ -160,8 +160,7 @@ class WhiteBoxWorker(Worker):
         fitness = config.fitness
         own = brings_own_examples(fitness.name)
         self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
-        racing = config.fitness.racing
-        self.racing = Racing() if racing is None else Racing(tuple(racing.stages), racing.z, racing.seed, racing.scores)
+        self.racing = racing_of(config)
         entropy = None
         if plan.gradient_populations:
             from evomerge.workers.entropy_gradient import EntropyGradient
