@@ -139,7 +139,9 @@ def test_a_run_directory_from_before_racing_reads_as_fully_scored_and_gains_the_
     db.close()
     old = RunStore(tmp_path / "old", readonly=True)
     assert [e.fidelity for e in old.evaluations()] == [1.0] * 4 and old.best() is not None
+    assert old.stopped_early() == 0
     old.close()
+    assert render_report(tmp_path / "old").html.count("stopped early by racing") == 0  # reports it as before
     RunStore(tmp_path / "old").close()  # opened for writing, as a resume does
     store = RunStore(tmp_path / "old", readonly=True)
     assert store.run_info()["schema_version"] == SCHEMA_VERSION
