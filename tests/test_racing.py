@@ -161,3 +161,10 @@ def test_a_run_directory_from_before_racing_reads_as_fully_scored_and_gains_the_
 def test_racing_config_errors_name_the_field(digits_config, racing, message):
     with pytest.raises(ConfigError, match=message):
         load_config(digits_config(fitness=fitness(racing)))
+
+
+def test_scores_outside_the_stated_range_stop_the_run_with_what_to_fix(tmp_path, digits_config, capsys):
+    """Accuracy is 0 or 1 per example: a stated range of [0.5, 1] is wrong, and racing's bound with it."""
+    config = digits_config(fitness=fitness({**RACING, "top_k": 1, "scores": [0.5, 1.0]}), budget={"evaluations": 6})
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "fitness.racing.scores: the fitness gave a score of 0, outside [0.5, 1]" in capsys.readouterr().err
