@@ -101,11 +101,14 @@ def progress_curves(evaluations: pd.DataFrame, window: int = MEDIAN_WINDOW) -> p
     """Per population and evaluation: the best fitness so far and the median of the last ``window``.
 
     Columns ``population``, ``evaluation`` (1, 2, … within the population), ``elapsed``,
-    ``fitness``, ``best``, ``median``; failed evaluations count as evaluations but not as values.
+    ``fitness``, ``best``, ``median``; failed evaluations, and those racing stopped early (their
+    fitness is a mean over part of the examples, not comparable with full scores), count as
+    evaluations but not as values of ``best`` and ``median``.
     """
     parts = []
     for population, group in evaluations.sort_values("seq").groupby("population", sort=False):
         fitness = group["fitness"]
+        full = fitness.where(group["fidelity"] >= 1.0)
         parts.append(
             pd.DataFrame(
                 {
@@ -113,8 +116,8 @@ def progress_curves(evaluations: pd.DataFrame, window: int = MEDIAN_WINDOW) -> p
                     "evaluation": np.arange(1, len(group) + 1),
                     "elapsed": group["elapsed"].to_numpy(),
                     "fitness": fitness.to_numpy(),
-                    "best": fitness.cummax().ffill().to_numpy(),
-                    "median": fitness.rolling(window, min_periods=1).median().to_numpy(),
+                    "best": full.cummax().ffill().to_numpy(),
+                    "median": full.rolling(window, min_periods=1).median().to_numpy(),
                 }
             )
         )

@@ -190,6 +190,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"evaluations: {ev['total']} ({ev['failed']} failed{cancelled}); search {_duration(status['search_seconds'])},"
           f" wall {_duration(status['wall_seconds'])}")
     print("best: " + ("-" if best is None else f"{best['fitness']:.4f} {best['candidate_id']}"))
+    if status["examples_scored"]:  # what racing saves on; none before the first evaluation
+        print(f"examples scored: {status['examples_scored']} ({status['stopped_early']} evaluations stopped early by racing)")
     if status["stop_reason"]:
         print(f"stopped: {status['stop_reason']}")
     if status["error"]:

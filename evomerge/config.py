@@ -253,15 +253,27 @@ class RacingConfig(_Strict):
     examples and continues only while it could still matter.
 
     After each stage (a fraction of the examples, the same seeded subset for every candidate) it
-    stops when ``mean + z * stderr`` of the scores so far is below its population's ``top_k``-th
-    best fully scored fitness; one that survives every stage is scored on all examples in one
-    call, exactly as without racing.
+    stops when a ``z``-standard-error upper bound on its mean over all examples is below its
+    population's ``top_k``-th best fully scored fitness (Wilson's bound for per-example scores in
+    the range ``scores``, the normal one when ``scores`` is null: :mod:`evomerge.fitness.racing`);
+    one that survives every stage is scored on all examples in one call, exactly as without racing.
     """
 
-    stages: list[float] = Field(default_factory=lambda: [0.1, 0.3], min_length=1)
+    # Defaults measured best of those tried on both demos (benchmarks/README.md, racing.py).
+    stages: list[float] = Field(default_factory=lambda: [0.05, 0.2], min_length=1)
     z: float = Field(default=2.0, gt=0, description="confidence: standard errors above the mean so far")
-    top_k: int = Field(default=3, ge=1, description="the population's k-th best full score a candidate must be able to beat")
+    top_k: int = Field(default=1, ge=1, description="the population's k-th best full score a candidate must be able to beat")
     seed: int = 0
+    scores: tuple[float, float] | None = Field(
+        default=(0.0, 1.0), description="the range every per-example score lies in; null: unbounded (negative cross-entropy)"
+    )
+
+    @field_validator("scores")
+    @classmethod
+    def _range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not value[0] < value[1]:
+            raise ValueError("scores is the range [low, high] of the per-example scores, low below high")
+        return value
 
     @field_validator("stages")
     @classmethod

@@ -258,8 +258,6 @@ class RunPlan:
             return
         if config.merge.frozen:
             raise self._fail("merge.frozen", "black-box runs merge no weights of their own; remove merge.frozen")
-        if config.fitness.racing is not None:
-            raise self._fail("fitness.racing", "black-box runs (api:) score every example; remove fitness.racing")
         method, what = SERVICE_METHODS[config.api.level]
         if self.method is not method or config.merge.granularity not in SERVICE_GRANULARITIES:
             raise self._fail(

@@ -327,6 +327,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
                 "total": total, "ok": total_ok, "failed": total - total_ok - cancelled, "cancelled": cancelled
             },
             "budget": info["budget"],
+            "examples_scored": store.api_usage()["examples"],
+            "stopped_early": store.stopped_early(),
             "best": None
             if best is None
             else {"candidate_id": best.candidate_id, "population": best.population, "fitness": best.fitness},

@@ -491,6 +491,12 @@ class RunStore:
             out.setdefault(r["population"], {})[r["status"]] = r["n"]
         return out
 
+    def stopped_early(self) -> int:
+        """Successful evaluations that racing stopped before every fitness example was scored."""
+        if not self._fidelity_column:
+            return 0
+        return self._db.execute("SELECT COUNT(*) FROM evaluations WHERE status = 'ok' AND fidelity < 1.0").fetchone()[0]
+
     def evaluations(self, population: str | None = None, with_scores: bool = False) -> Iterator[Evaluation]:
         sql = (
             "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
@@ -599,7 +605,7 @@ class RunStore:
 
     def api_usage(self) -> dict[str, float]:
         """Usage summed over every evaluation: API requests, tokens (prompt + completion) and cost,
-        and the fitness examples white-box workers scored (``examples``: what racing saves)."""
+        and the fitness examples workers scored (``examples``: what racing saves)."""
         row = self._db.execute(
             "SELECT COALESCE(SUM(json_extract(metrics_json, '$.usage.requests')), 0),"
             " COALESCE(SUM(json_extract(metrics_json, '$.usage.prompt_tokens'))"

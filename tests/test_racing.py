@@ -16,6 +16,8 @@ from evomerge.cli import main
 from evomerge.config import load_config
 from evomerge.errors import ConfigError
 from evomerge.plan import RunPlan
+from evomerge.report import render_report
+from evomerge.runs import run_status
 from evomerge.store import SCHEMA_VERSION, RunStore
 from evomerge.workers.whitebox import WhiteBoxWorker
 
@@ -47,7 +49,7 @@ def n_examples():
 
 
 def test_candidates_that_cannot_matter_stop_early_and_survivors_score_as_without_racing(
-    tmp_path, digits_config, n_examples
+    tmp_path, digits_config, n_examples, capsys
 ):
     config = digits_config(populations=POPULATIONS, fitness=fitness(RACING), budget={"evaluations": 30})
     assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 0
@@ -71,6 +73,14 @@ def test_candidates_that_cannot_matter_stop_early_and_survivors_score_as_without
     assert store.run_info()["summary"]["examples_scored"] == used
     store.close()
     assert (load_run(tmp_path / "r")["fidelity"] < 1.0).sum() == len(partial)
+
+    # Reports and status see the fidelity: partial means stay out of best and median, and are counted.
+    page = render_report(tmp_path / "r").html
+    assert f"{len(partial)} evaluations were stopped early by racing" in page
+    status = run_status(tmp_path / "r")
+    assert status["examples_scored"] == used and status["stopped_early"] == len(partial)
+    assert main(["status", str(tmp_path / "r")]) == 0
+    assert f"examples scored: {used} ({len(partial)} evaluations stopped early by racing)" in capsys.readouterr().out
 
     # Survivors were scored on every example in one call: exactly what a run without racing gives.
     plain = WhiteBoxWorker(RunPlan.from_config(load_config(digits_config(populations=POPULATIONS, fitness=fitness()))), worker_id="check")
@@ -129,7 +139,9 @@ def test_a_run_directory_from_before_racing_reads_as_fully_scored_and_gains_the_
     db.close()
     old = RunStore(tmp_path / "old", readonly=True)
     assert [e.fidelity for e in old.evaluations()] == [1.0] * 4 and old.best() is not None
+    assert old.stopped_early() == 0
     old.close()
+    assert render_report(tmp_path / "old").html.count("stopped early by racing") == 0  # reports it as before
     RunStore(tmp_path / "old").close()  # opened for writing, as a resume does
     store = RunStore(tmp_path / "old", readonly=True)
     assert store.run_info()["schema_version"] == SCHEMA_VERSION
@@ -143,6 +155,7 @@ def test_a_run_directory_from_before_racing_reads_as_fully_scored_and_gains_the_
         ({"stages": [0.3, 0.1]}, "stages must grow"),
         ({"stages": [0.5, 1.0]}, "between 0 and 1"),
         ({"top_k": 0}, "top_k"),
+        ({"scores": [1, 0]}, "scores is the range"),
     ],
 )
 def test_racing_config_errors_name_the_field(digits_config, racing, message):
@@ -150,11 +163,8 @@ def test_racing_config_errors_name_the_field(digits_config, racing, message):
         load_config(digits_config(fitness=fitness(racing)))
 
 
-def test_a_black_box_run_with_racing_is_refused_by_name(digits_config):
-    config = load_config(digits_config(
-        fitness={**fitness(RACING), "name": "exact_match"},
-        merge={"method": "linear", "granularity": "per_model"},
-        api={"level": "openai", "base_url": "http://127.0.0.1:9"},
-    ))
-    with pytest.raises(ConfigError, match="fitness.racing: black-box runs"):
-        RunPlan.from_config(config)
+def test_scores_outside_the_stated_range_stop_the_run_with_what_to_fix(tmp_path, digits_config, capsys):
+    """Accuracy is 0 or 1 per example: a stated range of [0.5, 1] is wrong, and racing's bound with it."""
+    config = digits_config(fitness=fitness({**RACING, "top_k": 1, "scores": [0.5, 1.0]}), budget={"evaluations": 6})
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "fitness.racing.scores: the fitness gave a score of 0, outside [0.5, 1]" in capsys.readouterr().err

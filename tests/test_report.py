@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import evomerge
-from evomerge.analysis import api_usage, archive_history, task_ratios
+from evomerge.analysis import api_usage, archive_history, progress_curves, task_ratios
 from evomerge.cli import main
 from evomerge.report import SECTIONS, render_report
 from evomerge.store import RunStore
@@ -133,6 +133,21 @@ def test_task_ratios_divide_the_best_merge_by_the_base_and_each_expert(finished_
     assert table.loc["fitness", "best merge"] == pytest.approx(best.fitness)
     for b in baselines:
         assert table.loc["fitness", f"÷ {b['role']} {b['name']}"] == pytest.approx(best.fitness / b["fitness"])
+
+
+def test_progress_curves_leave_out_evaluations_racing_stopped_early():
+    """A partial mean (over 10 % of the examples) is not a full score: it never enters best or median."""
+    frame = pd.DataFrame({
+        "seq": [1, 2, 3, 4, 5],
+        "population": ["cma"] * 5,
+        "elapsed": [1.0, 2.0, 3.0, 4.0, 5.0],
+        "fitness": [0.5, 0.9, 0.6, float("nan"), 0.1],
+        "fidelity": [1.0, 0.1, 1.0, 1.0, 0.1],
+    })
+    curves = progress_curves(frame, window=3)
+    assert list(curves["best"]) == [0.5, 0.5, 0.6, 0.6, 0.6]
+    assert list(curves["median"]) == [0.5, 0.5, 0.55, 0.6, 0.6]
+    assert list(curves["evaluation"]) == [1, 2, 3, 4, 5]  # still counted as evaluations
 
 
 def test_api_usage_table_sums_black_box_metrics():

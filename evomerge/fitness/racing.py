@@ -7,11 +7,21 @@ population's best. Every candidate meets the same stages: one seeded permutation
 cut at fractions ``stages``. After each stage the rule is checked against ``must_beat`` (the
 population's k-th best fully scored fitness, which the controller sends with the candidate):
 
-    stop when  mean + z · stderr  <  must_beat,
+    stop when  upper  <  must_beat,
 
-where ``stderr`` is the standard error of the mean of the ``n`` scores so far, drawn without
-replacement from ``N`` (finite-population correction ``sqrt((N − n) / (N − 1))``). A stopped
-candidate's fitness is its mean so far, so it is below ``must_beat``: it ranks below the k-th best
+where ``upper`` is a one-sided confidence bound (``z`` standard errors) on the mean over all ``N``
+examples, from the ``n`` scored so far, drawn without replacement (finite-population correction
+``f = (N − n) / (N − 1)`` on the variance). For scores in a known range ``[lo, hi]`` (``bounds``;
+accuracies and exact match: ``[0, 1]``) it is the Wilson score bound: the largest ``μ`` with
+
+    (μ − mean)²  ≤  z² · f / n · (μ − lo)(hi − μ),
+
+the variance a score in ``[lo, hi]`` with mean ``μ`` can at most have. A stage that is all wrong
+has no spread, yet the bound stays above ``lo`` (on 20 of 200 examples at z = 2: 0.15), so it
+stops only a candidate that even that much could not save; the normal bound ``mean + z·stderr``
+would read it as certain. For scores of no known range (``bounds`` None: negative cross-entropy)
+it is that normal bound, with the sample standard deviation. A stopped candidate's fitness is
+its mean so far, so it is below ``must_beat``: it ranks below the k-th best
 (what CMA-ES's ranking and Optuna's samplers need of it) and can never be the run's best. One that
 survives every stage is scored on all ``N`` examples in one call, so its evaluation is exactly the
 one a run without racing makes (the stages only screened it, at their examples' cost).
@@ -27,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+
+from evomerge.errors import PluginError
 
 
 @dataclass(frozen=True)
@@ -67,23 +79,34 @@ def count(examples: Any) -> int:
     return len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
 
 
-def upper_bound(scores: np.ndarray, n_total: int, z: float) -> float:
-    """``mean + z · stderr`` of a without-replacement sample of ``n_total`` examples."""
+def upper_bound(scores: np.ndarray, n_total: int, z: float, bounds: tuple[float, float] | None = None) -> float:
+    """The one-sided bound on the mean of all ``n_total`` examples (see the module docstring):
+    Wilson's within ``bounds``, ``mean + z · stderr`` without."""
     n = len(scores)
+    mean = float(np.mean(scores))
     if n >= n_total:
-        return float(np.mean(scores))
-    spread = float(np.std(scores, ddof=1)) if n > 1 else math.inf
-    correction = math.sqrt((n_total - n) / (n_total - 1))
-    return float(np.mean(scores)) + z * spread / math.sqrt(n) * correction
+        return mean
+    shrink = z * z * (n_total - n) / (n_total - 1) / n  # z² · f / n
+    if bounds is None:
+        spread = float(np.var(scores, ddof=1)) if n > 1 else math.inf
+        return mean + math.sqrt(shrink * spread)
+    lo, hi = bounds
+    p = (mean - lo) / (hi - lo)
+    if p >= 1.0:  # the formula gives 1 here, less rounding: a perfect stage always goes on
+        return hi
+    upper = (p + shrink / 2 + math.sqrt(shrink * p * (1 - p) + shrink * shrink / 4)) / (1 + shrink)
+    return lo + (hi - lo) * min(1.0, upper)
 
 
 @dataclass(frozen=True)
 class Racing:
-    """The stages and the confidence rule; ``Racing()`` (no stages) scores every candidate in full."""
+    """The stages and the confidence rule; ``Racing()`` (no stages) scores every candidate in full.
+    ``bounds``: the range every per-example score lies in (None: not known)."""
 
     stages: tuple[float, ...] = ()
     z: float = 2.0
     seed: int = 0
+    bounds: tuple[float, float] | None = (0.0, 1.0)
 
     def stage_sizes(self, n_total: int) -> list[int]:
         """Example counts of the screening stages: at least 2 (a standard error needs two), fewer
@@ -121,7 +144,20 @@ class Racing:
             so_far = per_example[order[:done]]
             if not np.all(np.isfinite(so_far)):  # a NaN fails the candidate whatever follows
                 return Raced(per_example, scored, done)
-            if upper_bound(so_far, n_total, self.z) < must_beat:
+            self._check_range(so_far)
+            if upper_bound(so_far, n_total, self.z, self.bounds) < must_beat:
                 return Raced(per_example, scored, done)
         full = Raced.full(score(examples))
         return Raced(full.per_example, full.scored, done + n_total)
+
+    def _check_range(self, scores: np.ndarray) -> None:
+        """A score outside ``bounds`` would make the bound unsound: the run stops with what to fix."""
+        if self.bounds is None:
+            return
+        lo, hi = self.bounds
+        outside = scores[(scores < lo) | (scores > hi)]
+        if len(outside):
+            raise PluginError(
+                f"fitness.racing.scores: the fitness gave a score of {outside[0]:g}, outside [{lo:g}, {hi:g}];"
+                " set scores to the range its per-example scores lie in, or null for an unbounded score"
+            )

@@ -111,12 +111,13 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
         store.close()
     page = _Page()
     ok = evaluations[evaluations["status"] == "ok"]
+    full = ok[ok["fidelity"] >= 1.0]  # racing: a partial mean is not comparable with full scores
 
     # overview
     rows = []
     for pop in populations:
         c = counts.get(pop["name"], {})
-        mine = ok[ok["population"] == pop["name"]]
+        mine = full[full["population"] == pop["name"]]
         rows.append({
             "population": pop["name"],
             "strategy": pop["strategy"],
@@ -125,6 +126,7 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
             "failed": c.get("failed", 0),
             "best": mine["fitness"].max() if len(mine) else float("nan"),
             "median": mine["fitness"].median() if len(mine) else float("nan"),
+            "stopped early": int((ok["population"] == pop["name"]).sum()) - len(mine),
         })
     resumes = sum(e["kind"] == "run_resumed" for e in events)
     stop = (info["summary"] or {}).get("stop_reason")
@@ -142,6 +144,7 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
     if curves["best"].notna().any():
         page.sections["progress"] = page.image("progress", figures.progress(curves), "fitness per population") + _note(
             f"solid: best so far; dashed: median of the last {analysis.MEDIAN_WINDOW} evaluations."
+            + _stopped_early_note(len(ok) - len(full))
         )
     else:
         page.sections["progress"] = _note("no successful evaluation yet.")
@@ -210,6 +213,14 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
             )
 
     return Report(_assemble(info, evaluations, best, page.sections, live), page.plots)
+
+
+def _stopped_early_note(stopped: int) -> str:
+    """Why the curves and the overview's best and median leave some evaluations out (racing)."""
+    if not stopped:
+        return ""
+    return (f" Best and median are over fully scored evaluations only: {stopped} evaluations were stopped early by"
+            " racing (fitness.racing), their fitness a mean over part of the examples.")
 
 
 def _clock(timestamp: float) -> str:

@@ -14,19 +14,28 @@ import math
 import time
 import traceback
 from abc import ABC, abstractmethod
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 
 from evomerge.errors import PluginError
-from evomerge.fitness.racing import Raced
+from evomerge.fitness.racing import Raced, Racing
 from evomerge.records import Candidate, Evaluation
+
+if TYPE_CHECKING:
+    from evomerge.config import RunConfig
 
 T = TypeVar("T")
 
 Scored = tuple[np.ndarray | Raced, dict[str, Any]]
 """Per-example scores (or a candidate's raced scores: see :mod:`evomerge.fitness.racing`) and the
 metrics recorded beside them."""
+
+
+def racing_of(config: "RunConfig") -> Racing:
+    """The run's staged evaluation (``fitness.racing``); ``Racing()`` scores every candidate in full."""
+    block = config.fitness.racing
+    return Racing() if block is None else Racing(tuple(block.stages), block.z, block.seed, block.scores)
 
 
 class Worker(ABC):

@@ -51,7 +51,7 @@ from evomerge.records import Candidate, Evaluation
 from evomerge.service.response_cache import ResponseCache
 from evomerge.service.served_model import ApiServedModel
 from evomerge.space.merge_space import Recipe
-from evomerge.workers.base import Scored, Worker
+from evomerge.workers.base import Scored, Worker, racing_of
 
 RECOVERY_ATTEMPTS = 3
 """Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
@@ -240,6 +240,7 @@ class BlackBoxWorker(Worker):
         fitness = config.fitness
         own = brings_own_examples(fitness.name)
         self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
+        self.racing = racing_of(config)
         self.space = plan.space([])  # one value per expert: no tensors to group
         self.codecs = plan.codecs(self.space, {})
         self.cache = ResponseCache()
@@ -300,22 +301,35 @@ class BlackBoxWorker(Worker):
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         recipe = self.codecs[candidate.population].decode(candidate.genome)
-        return self._evaluate(candidate.id, candidate.population, recipe, self.examples)
+        return self._evaluate(candidate.id, candidate.population, recipe, self.examples, candidate.must_beat)
 
-    def _evaluate(self, candidate_id: str, population: str, recipe: Recipe, examples: list[dict[str, Any]]) -> Evaluation:
-        """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing)."""
+    def _evaluate(
+        self, candidate_id: str, population: str, recipe: Recipe, examples: list[dict[str, Any]], must_beat: float | None = None
+    ) -> Evaluation:
+        """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing).
+
+        Racing (``must_beat`` set) scores it stage by stage, each stage a call on the service with
+        the merge prepared afresh; a survivor's full call finds the stages' answers in the response
+        cache, so its requests and cost are those of a run without racing.
+        """
         usage_before, hits_before = self.client.usage.copy(), self.cache.hits
-        failed_spending: dict[str, Any] = {}
+        spent: dict[str, Any] = {}  # what the fitness reported (a judge's usage), over racing's stages
 
-        def score() -> Scored:
+        def score(subset: list[dict[str, Any]]) -> np.ndarray:
             try:
-                return self._loop.run_until_complete(self._score(candidate_id, recipe, examples))
-            except FitnessFailed as exc:
-                failed_spending.update(exc.metrics)
+                scores, metrics = self._loop.run_until_complete(self._score(candidate_id, recipe, subset))
+            except FitnessFailed as exc:  # a judge's requests before the failure were paid for
+                add_metrics(spent, exc.metrics)
                 raise
+            add_metrics(spent, metrics)
+            return scores
 
-        ev = self.scored(candidate_id, population, score)
-        add_metrics(ev.metrics, failed_spending)
+        def race() -> Scored:
+            raced = self.racing.race(score, examples, must_beat)
+            return raced, {"examples_scored": raced.examples_scored}
+
+        ev = self.scored(candidate_id, population, race)
+        add_metrics(ev.metrics, spent)
         used = self.client.usage - usage_before
         fitness_usage = ev.metrics.pop("usage", {})  # the judge's, added to the service's
         ev.metrics.update({"usage": add_metrics(used.metrics(), fitness_usage), "api_retries": used.retries,

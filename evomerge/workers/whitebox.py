@@ -24,7 +24,7 @@ import torch
 from evomerge.errors import ConfigError, ModelLoadError, UserError
 from evomerge.fitness import brings_own_examples, own_examples, resolve_fitness, scores_and_metrics, with_options
 from evomerge.fitness.data import load_examples
-from evomerge.fitness.racing import Racing, count
+from evomerge.fitness.racing import count
 from evomerge.fitness.result import FitnessFailed, add_metrics, per_task_metrics
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
@@ -46,7 +46,7 @@ from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
 from evomerge.space.merge_space import Space
 from evomerge.space.paths import PathSpace
-from evomerge.workers.base import Scored, Worker
+from evomerge.workers.base import Scored, Worker, racing_of
 from evomerge.workers.extra_metrics import ExtraMetrics
 from evomerge.workers.materializer import Materializer
 from evomerge.workers.path_model import PathMaterializer
@@ -207,8 +207,7 @@ class WhiteBoxWorker(Worker):
         fitness = config.fitness
         own = brings_own_examples(fitness.name)
         self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)
-        racing = config.fitness.racing
-        self.racing = Racing() if racing is None else Racing(tuple(racing.stages), racing.z, racing.seed)
+        self.racing = racing_of(config)
         entropy = None
         if plan.gradient_populations:
             from evomerge.workers.entropy_gradient import EntropyGradient

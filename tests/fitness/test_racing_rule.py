@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from evomerge.errors import PluginError
 from evomerge.fitness.racing import Raced, Racing, take, upper_bound
 
 
@@ -61,10 +62,10 @@ def test_every_candidate_meets_the_same_seeded_stage():
     seen = []
     for _ in range(2):
         score = Counting()
-        raced = Racing(stages=(0.2,), seed=7).race(score, examples, must_beat=1e9)
+        raced = Racing(stages=(0.2,), seed=7, bounds=None).race(score, examples, must_beat=1e9)
         seen.append(set(np.flatnonzero(raced.scored)))
     assert seen[0] == seen[1] and len(seen[0]) == 20
-    other = Racing(stages=(0.2,), seed=8).race(Counting(), examples, must_beat=1e9)
+    other = Racing(stages=(0.2,), seed=8, bounds=None).race(Counting(), examples, must_beat=1e9)
     assert set(np.flatnonzero(other.scored)) != seen[0]
 
 
@@ -86,9 +87,46 @@ def test_too_few_examples_to_screen_are_scored_in_full():
 
 def test_upper_bound_narrows_to_the_mean_as_the_sample_nears_the_whole_set():
     scores = np.array([0.0, 1.0] * 10)
-    wide, narrow = upper_bound(scores, 1000, 2.0), upper_bound(scores, 21, 2.0)
-    assert wide > narrow > 0.5
-    assert upper_bound(scores, 20, 2.0) == 0.5
+    for bounds in ((0.0, 1.0), None):
+        wide, narrow = upper_bound(scores, 1000, 2.0, bounds), upper_bound(scores, 21, 2.0, bounds)
+        assert wide > narrow > 0.5
+        assert upper_bound(scores, 20, 2.0, bounds) == 0.5
+
+
+def test_an_all_wrong_stage_still_leaves_room_for_the_examples_not_scored():
+    """No spread in the stage: the normal bound reads the mean as certain, Wilson's does not."""
+    order = Racing(stages=(0.1,), seed=0).order(200)
+    examples = [1.0] * 200
+    for i in order[:20]:
+        examples[i] = 0.0  # the first stage sees only zeros; the whole set's mean is 0.9
+    bound = upper_bound(np.zeros(20), 200, 2.0, (0.0, 1.0))
+    assert 0.1 < bound < 0.2  # the module docstring's 0.15
+    sound = Racing(stages=(0.1,), z=2.0, seed=0).race(Counting(), examples, must_beat=0.12)
+    assert sound.fidelity == 1.0 and sound.fitness == pytest.approx(0.9)  # went on, and was the best
+    normal = Racing(stages=(0.1,), z=2.0, seed=0, bounds=None).race(Counting(), examples, must_beat=0.12)
+    assert normal.fidelity == pytest.approx(0.1)  # stopped a candidate at 0.9 for a threshold of 0.12
+    hopeless = Racing(stages=(0.1,), z=2.0, seed=0).race(Counting(), examples, must_beat=0.5)
+    assert hopeless.fidelity == pytest.approx(0.1)  # even Wilson's room cannot reach 0.5
+
+
+def test_an_all_right_stage_is_never_stopped():
+    score = Counting()
+    raced = Racing(stages=(0.1, 0.3), z=1.0, seed=0).race(score, [1.0] * 100, must_beat=1.0)
+    assert score.calls == [10, 20, 100] and raced.fidelity == 1.0
+    assert upper_bound(np.ones(10), 100, 1.0, (0.0, 1.0)) == 1.0
+
+
+def test_bounds_rescale_to_the_scores_range():
+    scores = np.array([2.0, 4.0, 4.0, 2.0, 3.0])
+    unit = upper_bound((scores - 2.0) / 2.0, 50, 2.0, (0.0, 1.0))
+    assert upper_bound(scores, 50, 2.0, (2.0, 4.0)) == pytest.approx(2.0 + 2.0 * unit)
+
+
+def test_a_score_outside_the_stated_range_stops_the_run_with_what_to_fix():
+    with pytest.raises(PluginError, match=r"fitness.racing.scores: .* -2\.5, outside \[0, 1\]"):
+        Racing(stages=(0.1,), seed=0).race(Counting(), [-2.5] * 100, must_beat=0.0)
+    raced = Racing(stages=(0.1,), seed=0, bounds=None).race(Counting(), [-2.5] * 100, must_beat=0.0)
+    assert raced.fidelity == pytest.approx(0.1)  # unbounded scores: the normal bound
 
 
 def test_take_slices_columns_and_rows_alike():

@@ -167,6 +167,33 @@ def test_a_request_budget_stops_the_run_cleanly(service, make_config):
     assert state == "finished"
 
 
+def test_racing_screens_black_box_candidates_and_survivors_score_as_without_it(service, make_config):
+    """Stopped candidates pay for their stages' requests only; a survivor's full call finds the
+    stages' answers in the response cache and scores exactly what a run without racing scores."""
+    make, _ = make_config
+    racing = {"stages": [0.25, 0.5], "z": 2.0, "top_k": 1, "seed": 0, "scores": None}  # cross-entropy: unbounded
+    config = make(service, fitness={"racing": racing}, budget={"evaluations": 10})
+    assert start_run(config, "test-config")["evaluations"] == 10
+    store = RunStore(config.run_path(), readonly=True)
+    rows = list(store.evaluations())
+    store.close()
+    assert all(r.status == "ok" for r in rows), [r.error for r in rows]
+    first, stopped = rows[0], [r for r in rows if r.fidelity < 1.0]
+    survivors = [r for r in rows if r.metrics["examples_scored"] == 8 + 16]  # both stages, then every example
+    assert first.fidelity == 1.0 and first.metrics["examples_scored"] == 16  # no threshold yet: one full call
+    assert survivors and len(stopped) + len(survivors) + sum(r.metrics["examples_scored"] == 16 for r in rows) == 10
+    assert stopped and all(r.metrics["examples_scored"] in (4, 8) for r in stopped)
+    assert all(r.metrics["usage"]["requests"] < first.metrics["usage"]["requests"] for r in stopped)
+    plain = BlackBoxWorker(RunPlan.from_config(make(service, run_dir=str(config.run_path()) + "-plain")), "plain")
+    try:
+        for r in survivors:
+            assert r.fidelity == 1.0 and r.metrics["cached_responses"] >= 8
+            again = plain.evaluate(Candidate(r.candidate_id, r.population, r.genome))
+            assert again.fitness == pytest.approx(r.fitness, abs=1e-6) and again.fidelity == 1.0
+    finally:
+        plain.close()
+
+
 def test_an_unreachable_service_is_a_user_error_naming_the_setting(make_config):
     make, _ = make_config
     config = make("http://127.0.0.1:9", api={"max_retries": 0})
