@@ -222,7 +222,8 @@ def test_racing_screens_a_candidate_on_a_seeded_subset_of_the_documents(llamas, 
     """Staged scoring passes lm-eval a subset of documents; their scores are those of the full set."""
     from evomerge.workers.whitebox import WhiteBoxWorker
 
-    config = _config(llamas, tmp_path, tiny_harness_options(), racing={"stages": [0.2], "z": 0.5})
+    racing = {"stages": [0.2], "z": 0.5, "scores": None}  # the log-likelihood task's scores are unbounded
+    config = _config(llamas, tmp_path, tiny_harness_options(), racing=racing)
     raced = WhiteBoxWorker(RunPlan.from_config(config_from_dict(config)))
     genome = np.array([0.3, 0.6, 0.5])
     stopped = raced.evaluate(Candidate("hopeless", "search", genome, must_beat=10.0))
