@@ -264,14 +264,16 @@ class RacingConfig(_Strict):
     z: float = Field(default=2.0, gt=0, description="confidence: standard errors above the mean so far")
     top_k: int = Field(default=1, ge=1, description="the population's k-th best full score a candidate must be able to beat")
     seed: int = 0
-    scores: tuple[float, float] | None = Field(
-        default=(0.0, 1.0), description="the range every per-example score lies in; null: unbounded (negative cross-entropy)"
+    scores: tuple[float, float] | None | Literal["auto"] = Field(
+        default="auto",
+        description="the range every per-example score lies in; null: unbounded (negative cross-entropy);"
+        " auto: what the fitness declares (a plugin: [0, 1])",
     )
 
     @field_validator("scores")
     @classmethod
-    def _range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not value[0] < value[1]:
+    def _range(cls, value: tuple[float, float] | None | str) -> tuple[float, float] | None | str:
+        if isinstance(value, tuple) and not value[0] < value[1]:
             raise ValueError("scores is the range [low, high] of the per-example scores, low below high")
         return value
 

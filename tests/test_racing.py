@@ -168,3 +168,18 @@ def test_scores_outside_the_stated_range_stop_the_run_with_what_to_fix(tmp_path,
     config = digits_config(fitness=fitness({**RACING, "top_k": 1, "scores": [0.5, 1.0]}), budget={"evaluations": 6})
     assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 2
     assert "fitness.racing.scores: the fitness gave a score of 0, outside [0.5, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, bounds",
+    [("classification_accuracy", (0.0, 1.0)), ("negative_cross_entropy", None), ("my_pkg.fitness:score", (0.0, 1.0))],
+)
+def test_racing_bounds_default_to_the_range_the_fitness_declares(tmp_path, digits_config, name, bounds):
+    """An unbounded built-in is raced with the normal bound, not stopped as out of [0, 1]."""
+    from evomerge.workers.base import racing_of
+
+    config = load_config(digits_config(fitness={**fitness(RACING), "name": name}))
+    assert config.fitness.racing.scores == "auto"
+    assert racing_of(config).bounds == bounds
+    explicit = load_config(digits_config(fitness={**fitness({**RACING, "scores": [-5, 0]}), "name": name}))
+    assert racing_of(explicit).bounds == (-5.0, 0.0)

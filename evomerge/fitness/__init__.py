@@ -43,6 +43,27 @@ OPTION_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"judge": check_jud
 """Built-ins whose options hold more than a signature can check (the judge's spec), checked
 when the run starts and by ``evomerge validate``, in both modes (the names are shared)."""
 
+SCORE_RANGES: dict[str, tuple[float, float] | None] = {
+    "classification_accuracy": (0.0, 1.0),
+    "multiple_choice_loglik": (0.0, 1.0),
+    "exact_match": (0.0, 1.0),
+    "judge": (0.0, 1.0),
+    "negative_cross_entropy": None,
+    "lm_eval": None,  # acc and exact match are 0/1, log-likelihoods are not: the metric decides
+}
+"""The range every per-example score of a built-in lies in (None: unbounded), which racing's
+bound uses unless ``fitness.racing.scores`` says otherwise."""
+
+PLUGIN_SCORE_RANGE = (0.0, 1.0)
+"""A plugin's assumed range (accuracies, pass rates); a score outside it stops the run naming
+``fitness.racing.scores``."""
+
+
+def score_range(name: str) -> tuple[float, float] | None:
+    """The per-example score range fitness ``name`` declares (``fitness.racing.scores: auto``)."""
+    return SCORE_RANGES[name] if name in FITNESS_FUNCTIONS else PLUGIN_SCORE_RANGE
+
+
 API_USING_FITNESS = frozenset({"judge"})
 """Built-ins that ask a service of their own and report its usage (``FitnessResult.metrics``)."""
 

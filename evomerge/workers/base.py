@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import numpy as np
 
 from evomerge.errors import PluginError
+from evomerge.fitness import score_range
 from evomerge.fitness.racing import Raced, Racing
 from evomerge.records import Candidate, Evaluation
 
@@ -35,7 +36,10 @@ metrics recorded beside them."""
 def racing_of(config: "RunConfig") -> Racing:
     """The run's staged evaluation (``fitness.racing``); ``Racing()`` scores every candidate in full."""
     block = config.fitness.racing
-    return Racing() if block is None else Racing(tuple(block.stages), block.z, block.seed, block.scores)
+    if block is None:
+        return Racing()
+    bounds = score_range(config.fitness.name) if block.scores == "auto" else block.scores
+    return Racing(tuple(block.stages), block.z, block.seed, bounds)
 
 
 class Worker(ABC):
