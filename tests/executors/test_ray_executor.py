@@ -23,7 +23,6 @@ from evomerge.config import RunConfig, WorkersConfig, load_config
 from evomerge.errors import ConfigError, PluginError, UserError
 from evomerge.executors import InlineExecutor, RayExecutor, WorkerError, make_executor
 from evomerge.executors.ray import check_fits, pool_size
-from evomerge.workers.jobs import BlockGrams
 from evomerge.workers.whitebox import WhiteBoxWorker
 
 PLUGIN = "evomerge_ray_test_plugin"

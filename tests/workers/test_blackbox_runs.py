@@ -17,7 +17,6 @@ from evomerge.records import Candidate
 from evomerge.config import config_from_dict
 from evomerge.errors import RunDirError
 from evomerge.models.zoo.tiny_lm import skill_examples
-from evomerge.records import Candidate
 from evomerge.runs import start_run
 from evomerge.store import RunStore
 from evomerge.workers.blackbox import BlackBoxWorker, ServiceUnreachable

@@ -10,7 +10,6 @@ import torch
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
 
-from evomerge.records import Candidate
 
 SKILLS = ("addition", "reversal")
 

@@ -11,7 +11,6 @@ import torch
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
 from evomerge.config import config_from_dict
-from evomerge.records import Candidate
 from evomerge.errors import ModelLoadError, ModelMismatchError
 from evomerge.workers.materializer import Materializer
 from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
