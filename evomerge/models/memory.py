@@ -15,7 +15,9 @@ method over LoRA factors the experts are adapters: the base plus one adapter-siz
 
 The check takes the fastest tier that fits (``models.residency: auto``) or the one the config
 names, and refuses a run that fits none before anything loads, with the figures, instead of dying
-halfway through loading (or swapping a machine to a halt).
+halfway through loading (or swapping a machine to a halt). A worker spanning several devices
+(``models.devices``) holds the working model shard by shard (``evomerge.models.sharding``), so
+each device is asked for its shard and what the tier keeps beside it, by the same arithmetic.
 """
 
 from __future__ import annotations
@@ -265,6 +267,7 @@ def check_memory(
     candidates = list(tiers.values()) if residency == "auto" else [tiers[residency]]
     spans = config.models.devices
     free = FreeMemory.measure(device, spans) if free is None else free
+    assert spans == 1 or len(free.shards) == spans, "FreeMemory.shards: one figure per device a worker spans"
     units = working_units(config) if spans > 1 else []
     shortfalls = []
     for need in candidates:

@@ -100,6 +100,7 @@ def test_the_plan_keeps_layers_whole_in_order_within_each_device(llamas):
         assert need.shards.peaks[d] == shard * (1 + EXPERTS + 1) <= capacity
     assert need.device_peak == max(need.shards.peaks)
     assert "on 4 cuda devices" in need.description and "beside its shards" in need.description
+    assert ", ".join(memory.size(p) for p in need.shards.peaks) + " of its 4 cuda devices" in memory.summary(need, CUDA)
 
 
 def test_the_plan_makes_the_largest_device_as_small_as_it_can_be(llamas):
@@ -110,6 +111,9 @@ def test_the_plan_makes_the_largest_device_as_small_as_it_can_be(llamas):
     assert memory.check_memory(config, 1, CUDA, _free(max(best.peaks))).shards == best
     with pytest.raises(InsufficientMemoryError):  # a byte less and no split of whole layers fits
         memory.check_memory(config, 1, CUDA, _free(max(best.peaks) - 1))
+    document["models"]["residency"] = "auto"  # then the experts stream from host memory, shard by shard
+    streamed = memory.check_memory(config_from_dict(document), 1, CUDA, _free(max(best.peaks) - 1))
+    assert streamed.tier == "host" and max(streamed.shards.peaks) < max(best.peaks)
 
 
 def test_a_device_with_less_free_memory_takes_a_smaller_shard(llamas):
