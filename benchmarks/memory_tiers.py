@@ -128,6 +128,7 @@ def child(root: Path, args) -> dict:
     from evomerge.config import config_from_dict
     from evomerge.models.loading import resolve_device
     from evomerge.models.memory import tier_memory
+    from evomerge.models.sharding import Placement
     from evomerge.plan import RunPlan
     from evomerge.workers.whitebox import load_resident_models
 
@@ -139,9 +140,10 @@ def child(root: Path, args) -> dict:
     baseline = rss_anon()
     sampler = PeakSampler()
     sampler.start()
-    loaded = load_resident_models(plan, device)
+    loaded = load_resident_models(plan, Placement((device,)), args.child)
     layout = {name: tuple(t.shape) for name, t in loaded.materializer.targets.items()}
-    space, codecs = plan.codecs(layout)
+    space = loaded.space
+    codecs = plan.codecs(space, layout)
     rng = np.random.default_rng(0)
     loaded.materializer.apply(codecs["p"].decode(rng.uniform(0.2, 0.8, space.dim)))  # warm-up
     times = []

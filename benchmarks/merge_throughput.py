@@ -190,7 +190,8 @@ def first_two(mat: Materializer) -> Materializer:
         name: ResidentTensor(name=name, stack=t.stack[:2], reference=t.reference)
         for name, t in mat.tensors.items()
     }
-    return Materializer(mat.targets, DeviceTier(tensors, mat.device), chunk=mat.chunk)
+    devices = {name: t.device for name, t in mat.targets.items()}
+    return Materializer(mat.targets, DeviceTier(tensors, devices), chunk=mat.chunk)
 
 
 # ----------------------------------------------------------------------------- measuring

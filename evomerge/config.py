@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -132,6 +133,9 @@ class ModelsConfig(_Strict):
     # auto: the dtype the checkpoints are stored in (see evomerge.models.checkpoint.run_dtype)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+    # Devices one worker spans (a model larger than one GPU): the working model is sharded over
+    # cuda:0 to cuda:N-1 of the GPUs the worker sees (see evomerge.models.sharding).
+    devices: int = Field(default=1, ge=1)
     # Experts whose tokenizers add tokens: "union" keeps every token (mergekit's tokenizer_source:
     # union), "base" keeps the base's vocabulary only; see evomerge.models.vocab.
     vocabulary: Literal["union", "base"] = "union"
@@ -150,6 +154,18 @@ class ModelsConfig(_Strict):
     def _device(cls, value: str) -> str:
         if not _DEVICE.match(value):
             raise ValueError(f"'{value}' is not a device (use auto, cpu, cuda, cuda:N or mps)")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: int, info: ValidationInfo) -> int:
+        device = info.data.get("device")
+        if value > 1 and device not in (None, "auto", "cuda"):
+            one = "a CPU is one device" if device == "cpu" else f"'{device}' names one device"
+            raise ValueError(
+                f"a worker spanning {value} devices shards the model over CUDA GPUs, but models.device is"
+                f" '{device}' ({one}); set models.device to cuda, or models.devices to 1"
+            )
         return value
 
     def expert_labels(self) -> list[str]:
@@ -480,6 +496,16 @@ class RunConfig(_Strict):
         duplicates = {x for x in names if names.count(x) > 1}
         if duplicates:
             raise ValueError(f"populations: duplicate name '{sorted(duplicates)[0]}'")
+        return self
+
+    @model_validator(mode="after")
+    def _gpus_of_a_spanning_worker(self) -> "RunConfig":
+        devices, gpus = self.models.devices, self.workers.gpus_per_worker
+        if devices > 1 and gpus not in (0, devices):
+            raise ValueError(
+                f"workers.gpus_per_worker is {gpus:g} but models.devices is {devices}: a worker spanning"
+                f" {devices} devices is given {devices} GPUs; leave workers.gpus_per_worker out"
+            )
         return self
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from evomerge.errors import ConfigError, UserError
 from evomerge.fitness import brings_own_examples, may_spend_api_usage, own_examples
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
-from evomerge.merge.method import MergeMethod
+from evomerge.merge.method import LORA_FACTORS, MergeMethod
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import MERGE_SPACE, SEED_RECIPES, Requirements, Strategy, StrategyOptions
 
@@ -77,6 +77,7 @@ class RunPlan:
         budgets = self._budgets()
         self.populations = [self._population(i, budgets) for i in range(len(config.populations))]
         self._check_blackbox()
+        self._check_spanned_devices()
 
     @property
     def dataflow(self) -> bool:
@@ -268,6 +269,26 @@ class RunPlan:
             if pop.requires.space == SEED_RECIPES:
                 raise self._fail(f"populations.{i}.options.archive", "seed recipes need the weights; black-box runs cannot use them")
 
+    def _check_spanned_devices(self) -> None:
+        """A worker spanning several devices merges full models tensor by tensor, each on its own
+        shard's device; a run whose workers need more of their models on one device is refused."""
+        if self.config.models.devices == 1:
+            return
+        method = self.method
+        if self.config.api is not None:
+            why = "black-box workers hold no weights"
+        elif self.dataflow:
+            why = "a data-flow worker runs the sources' own layers on one device"
+        elif method.inputs == LORA_FACTORS:
+            why = f"{method.name} merges LoRA factors into an adapter slot on one device"
+        elif method.needs_fisher:
+            why = f"{method.name} estimates each expert's Fisher information with backward passes on one device"
+        elif self.gradient_populations:
+            why = "adamerging's entropy gradient differentiates through every expert on one device"
+        else:
+            return
+        raise self._fail("models.devices", f"{why}; use models.devices 1")
+
     def _budgets(self) -> dict[str, int | None]:
         """Evaluations per population, split by ``share`` (None: limited by time only)."""
         config = self.config
@@ -368,16 +389,18 @@ class RunPlan:
     def _check_device(self) -> None:
         """An explicit ``models.device`` must exist here when the workers run on this machine (the
         inline executor, or Ray started locally); a cluster's workers check it on their own node.
-        ``auto`` and ``cpu`` always exist, so only an explicit accelerator imports torch."""
+        ``auto`` and ``cpu`` always exist, so only an explicit accelerator, or a worker spanning
+        several devices, imports torch."""
         config = self.config
-        if config.api is not None or config.models.device in ("auto", "cpu"):
+        models = config.models
+        if config.api is not None or (models.device in ("auto", "cpu") and models.devices == 1):
             return
         if config.executor == "ray" and (config.workers.address or os.environ.get("RAY_ADDRESS")):
             return
-        from evomerge.models.loading import resolve_device
+        from evomerge.models.loading import resolve_devices
 
         try:
-            resolve_device(config.models.device)
+            resolve_devices(models.device, models.devices)
         except ConfigError as exc:
             raise ConfigError(f"{self.source}: {exc}") from None
 

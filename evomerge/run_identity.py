@@ -23,6 +23,7 @@ HARMLESS_FIELDS = (
     "score_experts",
     "budget",
     "models.device",
+    "models.devices",
     "api.api_key_env",
     "api.concurrency",
     "api.requests_per_second",
@@ -33,10 +34,11 @@ HARMLESS_FIELDS = (
 )
 """Dotted config fields a resume may change, because they say how long, where and how fast the
 search runs, never what it searches or how a candidate is scored: the budget and its limits (a
-new night's deadline), the executor and workers (another cluster), the device, how often
-checkpoints are taken (the log after the last one is replayed), whether the experts are scored
-alone (a report figure), the run's label and directory (a moved run), and how the model service
-is called (concurrency, rate, timeouts, retries, the key's variable), not which service answers."""
+new night's deadline), the executor and workers (another cluster), the device and how many of
+them a worker spans, how often checkpoints are taken (the log after the last one is replayed),
+whether the experts are scored alone (a report figure), the run's label and directory (a moved
+run), and how the model service is called (concurrency, rate, timeouts, retries, the key's
+variable), not which service answers."""
 
 
 def identity(config: RunConfig) -> dict[str, Any]:

@@ -102,12 +102,12 @@ class InlineExecutor(Executor):
     def __init__(
         self, config: RunConfig, setup: Job | None = None, on_phase: Callable[[str], None] = lambda text: None
     ) -> None:
-        from evomerge.models.loading import resolve_device
+        from evomerge.models.loading import resolve_devices
         from evomerge.models.memory import check_memory, summary, with_residency
         from evomerge.workers import make_worker
 
         if config.api is None:  # a black-box worker holds no weights
-            device = resolve_device(config.models.device)
+            device = resolve_devices(config.models.device, config.models.devices)[0]  # the first, if it spans several
             need = check_memory(config, 1, device)
             log.info("loading models: %s", summary(need, device))
             on_phase(f"loading models ({summary(need, device)})")

@@ -52,29 +52,46 @@ RAY_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 """The logger of Ray's "Token authentication is enabled for this Ray cluster" notice."""
 
 
-def pool_size(settings: WorkersConfig, resources: dict[str, float]) -> int:
-    """Workers to start: ``count``, else as many as the cluster's CPUs (GPUs for GPU workers) hold."""
+def worker_gpus(settings: WorkersConfig, devices: int = 1) -> float:
+    """GPUs each worker is given: ``models.devices`` when a worker spans several (the config then
+    allows no other ``workers.gpus_per_worker``), else ``workers.gpus_per_worker``."""
+    return float(devices) if devices > 1 else settings.gpus_per_worker
+
+
+def _gpu_field(devices: int) -> str:
+    """The config field that sets the GPUs a worker asks for."""
+    return "models.devices" if devices > 1 else "workers.gpus_per_worker"
+
+
+def pool_size(settings: WorkersConfig, resources: dict[str, float], devices: int = 1) -> int:
+    """Workers to start: ``count``, else as many as the cluster's CPUs (GPUs for GPU workers) hold;
+    ``devices`` is ``models.devices``."""
     if settings.count is not None:
         return settings.count
-    gpu = settings.gpus_per_worker > 0
-    kind, per_worker = ("GPU", settings.gpus_per_worker) if gpu else ("CPU", settings.cpus_per_worker)
+    gpus = worker_gpus(settings, devices)
+    kind, per_worker = ("GPU", gpus) if gpus > 0 else ("CPU", settings.cpus_per_worker)
     count = math.floor(resources.get(kind, 0.0) / per_worker + 1e-9)
     if count < 1:
+        advice = ""
+        if gpus > 0:
+            advice = "; lower models.devices" if devices > 1 else "; set workers.gpus_per_worker to 0 to run on CPU"
         raise WorkerError(
-            f"workers: each worker needs {per_worker:g} {kind} but the Ray cluster has {resources.get(kind, 0.0):g}"
-            + ("; set workers.gpus_per_worker to 0 to run on CPU" if gpu else "")
+            f"workers: each worker needs {per_worker:g} {kind} but the Ray cluster has {resources.get(kind, 0.0):g}{advice}"
         )
     return count
 
 
-def check_fits(settings: WorkersConfig, count: int, resources: dict[str, float]) -> None:
+def check_fits(settings: WorkersConfig, count: int, resources: dict[str, float], devices: int = 1) -> None:
     """Refuse a pool a fixed-size cluster cannot hold, instead of waiting for resources that never come."""
-    for kind, per_worker in (("CPU", settings.cpus_per_worker), ("GPU", settings.gpus_per_worker)):
+    for kind, per_worker, field in (
+        ("CPU", settings.cpus_per_worker, "workers.cpus_per_worker"),
+        ("GPU", worker_gpus(settings, devices), _gpu_field(devices)),
+    ):
         have = resources.get(kind, 0.0)
         if count * per_worker > have + 1e-9:
             raise WorkerError(
                 f"workers: {count} workers of {per_worker:g} {kind} each need {count * per_worker:g} {kind},"
-                f" but this machine has {have:g}; lower workers.count or workers.{kind.lower()}s_per_worker"
+                f" but this machine has {have:g}; lower workers.count or {field}"
             )
 
 
@@ -139,6 +156,7 @@ class RayExecutor(Executor):
 
         self.config = config
         self.settings = config.workers
+        self.gpus = worker_gpus(self.settings, config.models.devices)
         self.setup = setup
         self._deaths = (
             ray.exceptions.RayActorError,
@@ -170,9 +188,9 @@ class RayExecutor(Executor):
                 self._reaper = Reaper(ray._private.worker._global_node.get_session_dir_path())
         try:
             resources = ray.cluster_resources()
-            self.capacity = pool_size(self.settings, resources)
-            if self._owns_ray and local:
-                check_fits(self.settings, self.capacity, resources)  # a Ray we started on this machine never grows
+            self.capacity = pool_size(self.settings, resources, config.models.devices)
+            if self._owns_ray and local:  # a Ray we started on this machine never grows
+                check_fits(self.settings, self.capacity, resources, config.models.devices)
                 self._check_memory()
             on_phase(f"loading models on {self.capacity} worker{'s' if self.capacity != 1 else ''}")
             self._slots = [self._new_slot() for _ in range(self.capacity)]
@@ -186,7 +204,8 @@ class RayExecutor(Executor):
 
     def _check_memory(self) -> None:
         """Workers on this machine share its RAM, or a GPU when they ask for GPUs (those that
-        request none see no CUDA device and run on the CPU). Black-box workers hold no weights."""
+        request none see no CUDA device and run on the CPU); a worker spanning several GPUs has
+        them to itself. Black-box workers hold no weights."""
         import torch
 
         if self.config.api is not None:
@@ -194,10 +213,10 @@ class RayExecutor(Executor):
 
         from evomerge.models.memory import check_memory, summary, with_residency
 
-        on_gpu = self.settings.gpus_per_worker > 0 and torch.cuda.is_available() and self.config.models.device != "cpu"
+        on_gpu = self.gpus > 0 and torch.cuda.is_available() and self.config.models.device != "cpu"
         device = torch.device("cuda" if on_gpu else "cpu")
         if on_gpu:
-            per_gpu = max(1, math.floor(1 / self.settings.gpus_per_worker + 1e-9))
+            per_gpu = max(1, math.floor(1 / self.gpus + 1e-9))
             need = check_memory(self.config, min(self.capacity, per_gpu), device)
         else:
             need = check_memory(self.config, self.capacity, device)
@@ -205,11 +224,20 @@ class RayExecutor(Executor):
         self.config = with_residency(self.config, need.tier)  # the tier every worker this pool starts uses
 
     def _new_slot(self, placement_timeout: float | None = None) -> _Slot:
+        """A new actor, asking for its CPUs and GPUs.
+
+        A worker spanning N devices (``models.devices``) asks for ``num_gpus=N`` rather than a
+        placement group with one bundle of N GPUs: Ray always places one actor's resources on one
+        node and hands it N GPUs of its own, visible as cuda:0 to cuda:N-1 (``CUDA_VISIBLE_DEVICES``),
+        which is all a one-bundle STRICT_PACK group would guarantee for one process. A group would
+        add a second thing to place, wait for with a deadline (Ray waits for ever) and remove
+        whenever its actor is replaced or the pool shuts down, or it keeps its GPUs from the cluster.
+        """
         from evomerge.executors.ray_actor import EvaluationActor
 
         actor = EvaluationActor.options(
             num_cpus=self.settings.cpus_per_worker,
-            num_gpus=self.settings.gpus_per_worker,
+            num_gpus=self.gpus,
             scheduling_strategy="SPREAD",
         ).remote(self.config, self._actors_made)
         self._actors_made += 1
@@ -379,8 +407,8 @@ class RayExecutor(Executor):
         placed = sum(slot.stage != "scheduling" for slot in self._slots)
         resources = ray.cluster_resources()
         each = f"{self.settings.cpus_per_worker:g} CPU"
-        if self.settings.gpus_per_worker:
-            each += f" and {self.settings.gpus_per_worker:g} GPU"
+        if self.gpus:
+            each += f" and {self.gpus:g} GPU"
         return (
             f"only {placed} of {len(self._slots)} workers could start within {self.settings.schedule_timeout:g}s: the cluster"
             f" lacks CPUs/GPUs for {len(self._slots)} workers of {each} each (it has {resources.get('CPU', 0):g} CPUs"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -54,6 +54,21 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def resolve_devices(device: str, count: int) -> tuple[torch.device, ...]:
+    """The devices a worker uses: ``models.device`` alone, or for a worker spanning ``count``
+    devices the first ``count`` CUDA devices it sees (a Ray worker sees the GPUs it was given as
+    cuda:0 onwards). The config allows ``count`` > 1 only with models.device cuda or auto."""
+    if count == 1:
+        return (resolve_device(device),)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < count:
+        raise ConfigError(
+            f"models.devices is {count} but {visible} CUDA device(s) are visible here;"
+            " lower models.devices, or run where each worker sees that many GPUs"
+        )
+    return tuple(torch.device("cuda", i) for i in range(count))
+
+
 def _auto_class(config):
     """The Auto class that builds a checkpoint with its head: a causal LM, else an image-text model
     (LLaVA and Qwen2-VL have no causal-LM entry, and the bare ``AutoModel`` would drop their
@@ -87,18 +102,22 @@ def load_config(ref: str):
         raise ModelLoadError(f"cannot load the model config of '{ref}': {first_line(exc)}") from None
 
 
-def load_model(ref: str, device: torch.device, dtype: torch.dtype):
-    """The model at ``ref`` in eval mode on ``device``, without gradients."""
+def load_model(ref: str, device: torch.device | Mapping[str, str], dtype: torch.dtype):
+    """The model at ``ref`` in eval mode, without gradients, on ``device`` or sharded by a device
+    map (module name → device, see ``evomerge.models.sharding``): transformers loads each module
+    onto its device and, over several devices, moves activations between them in forward passes."""
     from safetensors import SafetensorError
 
     config = load_config(ref)
+    sharded = not isinstance(device, torch.device)
     try:
-        model = _auto_class(config).from_pretrained(ref, dtype=dtype)
+        model = _auto_class(config).from_pretrained(ref, dtype=dtype, device_map=dict(device) if sharded else None)
     except SafetensorError as exc:
         raise unreadable_weights(ref, exc) from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the model '{ref}': {first_line(exc)}") from None
-    model.to(device)
+    if not sharded:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -141,11 +160,12 @@ def parameter_names(ref: str) -> list[str]:
 
 def parameter_shapes(ref: str) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes in model order, from the config alone (no weights are read)."""
-    return {name: tuple(p.shape) for name, p in _meta_model(ref).named_parameters()}
+    return {name: tuple(p.shape) for name, p in meta_model(ref).named_parameters()}
 
 
-def _meta_model(ref: str):
-    """The model ``ref``'s config describes, without storage (no weights are read)."""
+def meta_model(ref: str):
+    """The model ``ref``'s config describes, without storage (no weights are read): its parameter
+    names, shapes and module tree."""
     config = load_config(ref)
     with torch.device("meta"):
         return _auto_class(config).from_config(config)
@@ -166,7 +186,7 @@ def loaded_names(ref: str, stored: Sequence[str]) -> dict[str, str | None]:
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:
         return {key: key for key in stored}
-    model = _meta_model(ref)
+    model = meta_model(ref)
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]

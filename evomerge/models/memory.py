@@ -15,14 +15,17 @@ method over LoRA factors the experts are adapters: the base plus one adapter-siz
 
 The check takes the fastest tier that fits (``models.residency: auto``) or the one the config
 names, and refuses a run that fits none before anything loads, with the figures, instead of dying
-halfway through loading (or swapping a machine to a halt).
+halfway through loading (or swapping a machine to a halt). A worker spanning several devices
+(``models.devices``) holds the working model shard by shard (``evomerge.models.sharding``), so
+each device is asked for its shard and what the tier keeps beside it, by the same arithmetic.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -31,7 +34,8 @@ from evomerge.errors import ConfigError, InsufficientMemoryError
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import is_adapter
 from evomerge.models.checkpoint import run_dtype, stored_dtype
-from evomerge.models.loading import parameter_shapes, unreadable_weights
+from evomerge.models.loading import meta_model, parameter_shapes, resolve_devices, unreadable_weights
+from evomerge.models.sharding import Placement, ShardCost, ShardPlan, Unit, model_units, plan_shards
 from evomerge.workers.materializer import block_elements, default_chunk, stream_budget
 from evomerge.workers.tiers import TIERS, refused_tiers
 
@@ -49,6 +53,12 @@ class WorkerMemory:
     resident: int  # bytes held for the whole run, device and host together
     description: str  # what is held where, in words, for messages
     dtype: str  # the dtype the models are held in (models.dtype, resolved when auto)
+    cost: ShardCost | None = None
+    """How the device figure grows with the weights one device holds (None: a worker that cannot
+    span devices: a data-flow worker, adapter slots)."""
+    shards: ShardPlan | None = None
+    """For a worker spanning several devices: the module of each and every device's peak
+    (``device_peak`` is the largest)."""
 
     @property
     def peak(self) -> int:
@@ -63,10 +73,17 @@ class FreeMemory:
 
     device: int | None
     host: int | None
+    shards: tuple[int | None, ...] = ()
+    """Free bytes on each device a worker spans (``models.devices`` > 1), the first one first."""
 
     @classmethod
-    def measure(cls, device: torch.device) -> "FreeMemory":
+    def measure(cls, device: torch.device, devices: int = 1) -> "FreeMemory":
+        """Free memory now; a worker spanning ``devices`` devices uses the first ones of
+        ``device``'s type that it sees."""
         host = available_bytes(torch.device("cpu"))
+        if devices > 1:
+            shards = tuple(available_bytes(torch.device(device.type, i)) for i in range(devices))
+            return cls(shards[0], host, shards)
         return cls(available_bytes(device) if device.type == "cuda" else host, host)
 
 
@@ -103,7 +120,11 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
     numel = _numel(shapes)
     model = numel * itemsize
     refused = refused_tiers(plan)
-    where = {"device": f"on {device.type}", "host": "in host memory", "mmap": "mapped from their files"}
+    spans = config.models.devices
+    on = f"on {device.type}" if spans == 1 else f"on {spans} {device.type} devices"
+    beside = f"on {device.type}" if spans == 1 else "beside its shards"
+    where = {"device": beside, "host": "in host memory", "mmap": "mapped from their files"}
+    costs: dict[str, ShardCost] = {}  # none for adapters: a worker spanning devices merges full models
     # per tier: (device peak, host peak, held for the whole run)
     if plan.method.inputs == LORA_FACTORS:
         adapters = [adapter_numel(ref) * itemsize for ref in refs]
@@ -121,23 +142,25 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         chunk = default_chunk(device.type, numel, n)
         # M2N2's seed recipes start from Gram matrices of whole tensors; others stream in blocks
         blocked = plan.method.elementwise and not plan.seed_recipe_populations
-        largest = max(int(torch.Size(s).numel()) for s in shapes.values())
-        if blocked:
-            largest = min(largest, block_elements(chunk, itemsize, stream_budget(model, n, with_base)))
-        largest *= itemsize
+        largest = max(int(torch.Size(s).numel()) for s in shapes.values()) * itemsize
+        block = block_elements(chunk, itemsize, stream_budget(model, n, with_base)) * itemsize if blocked else None
         # a linear combination is written in place, one op per expert and chunk: no work buffers
         work = 0 if plan.method.elementwise else (n + 2) * chunk * WORK_ITEMSIZE
         # an expert is built in memory when converted to the run's dtype or an adapter (merged on a
         # fresh copy of the base); else loading reads its file through the page cache
         built = any(is_adapter(ref) or stored_dtype(ref) != dtype for ref in refs)
-        loading = model * (built or device.type == "cuda")  # on the device
         merged_names = plan.space(list(shapes)).tensor_groups  # frozen towers have no expert copies
         merged = _numel({name: shape for name, shape in shapes.items() if name in merged_names}) * itemsize
         held = model + merged * rows
+        costs = {  # what a device needs for the weights it holds (all of them, on one device)
+            "device": ShardCost(held_rows=rows, work=work, loading=built or device.type == "cuda"),
+            "host": ShardCost(stream_rows=rows, stream_cap=block, work=work),
+            "mmap": ShardCost(stream_rows=n + with_base, stream_cap=block, work=work),
+        }
         figures = {
-            "device": (held + max(loading, work), 0, held),
-            "host": (model + largest * rows + work, merged * rows + model * built, held),
-            "mmap": (model + largest * (n + with_base) + work, 0, model),
+            "device": (costs["device"].need(model, merged, largest), 0, held),
+            "host": (costs["host"].need(model, merged, largest), merged * rows + model * built, held),
+            "mmap": (costs["mmap"].need(model, merged, largest), 0, model),
         }
         experts = (
             f"{n} experts" + (" and the base" if with_base else "") + (" (their unfrozen towers)" if merged < model else "")
@@ -149,8 +172,9 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
             device_peak=figures[tier][0],
             host_peak=figures[tier][1],
             resident=figures[tier][2],
-            description=f"the working model on {device.type}, {experts} {where[tier]}",
+            description=f"the working model {on}, {experts} {where[tier]}",
             dtype=dtype,
+            cost=costs.get(tier),
         )
         for tier in TIERS
         if tier in figures and tier not in refused
@@ -229,7 +253,10 @@ def check_memory(
 ) -> WorkerMemory:
     """The memory tier ``workers`` workers (sharing ``device``, or this machine's RAM) hold the
     experts in, with its figures: ``models.residency``, or with ``auto`` the fastest that fits in
-    ``free`` (measured when not given). A run that fits no tier is refused with the figures."""
+    ``free`` (measured when not given). A worker spanning several devices (``models.devices``) is
+    checked device by device, each holding its shard of the working model and what the tier keeps
+    beside it; the figures then carry its shard plan. A run that fits no tier is refused with the
+    figures."""
     tiers = tier_memory(config, device)
     residency = config.models.residency
     if residency != "auto" and residency not in tiers:
@@ -238,38 +265,88 @@ def check_memory(
         why = refused_tiers(RunPlan.from_config(config))[residency]
         raise ConfigError(f"models.residency is {residency} but {why}; use {' or '.join(tiers)}")
     candidates = list(tiers.values()) if residency == "auto" else [tiers[residency]]
-    free = FreeMemory.measure(device) if free is None else free
+    spans = config.models.devices
+    free = FreeMemory.measure(device, spans) if free is None else free
+    assert spans == 1 or len(free.shards) == spans, "FreeMemory.shards: one figure per device a worker spans"
+    units = working_units(config) if spans > 1 else []
     shortfalls = []
     for need in candidates:
-        short = _shortfall(need, workers, device, free)
+        if spans > 1:
+            need, short = _sharded(need, units, workers, device, free)
+        else:
+            short = _shortfall(need, workers, device, free)
         if short is None:
             return need
         shortfalls.append(f"memory tier '{need.tier}' ({need.description}) needs {short}")
     dtype = candidates[0].dtype
     chosen = "models.dtype auto: the checkpoints' own" if config.models.dtype == "auto" else "models.dtype"
     narrower = ", use models.dtype bfloat16" if dtype == "float32" else ""
+    fewer = "raise models.devices" if spans > 1 else "lower workers.count"
     raise InsufficientMemoryError(
         f"models: {workers} worker(s) holding the models in {dtype} ({chosen}) fit no memory tier"
         f" (models.residency {residency}): {'; '.join(shortfalls)};"
-        f" lower workers.count{narrower}, merge fewer experts, or use a machine with more memory"
+        f" {fewer}{narrower}, merge fewer experts, or use a machine with more memory"
     )
+
+
+def working_units(config: RunConfig) -> list[Unit]:
+    """The working model's units a worker spanning devices places whole (decoder layers, leaf
+    modules), with their sizes in the run's dtype; from the config alone (no weights are read)."""
+    from evomerge.plan import RunPlan
+
+    plan = RunPlan.from_config(config)
+    model = meta_model(plan.working_model)
+    merged = plan.space([name for name, _ in model.named_parameters()]).tensor_groups
+    return model_units(model, ITEMSIZE[run_dtype(config)], set(merged))
+
+
+def _sharded(
+    need: WorkerMemory, units: list[Unit], workers: int, device: torch.device, free: FreeMemory
+) -> tuple[WorkerMemory, str | None]:
+    """``need`` for a worker spanning ``len(free.shards)`` devices: its shard plan within their free
+    memory, or (with why it does not fit) the balanced plan they would need."""
+    assert need.cost is not None, "the plan refuses models.devices for workers that cannot span devices"
+    plan = plan_shards(units, need.cost, free.shards)
+    best = plan or plan_shards(units, need.cost, [None] * len(free.shards))
+    assert best is not None  # unbounded devices hold anything
+    sharded = replace(need, device_peak=max(best.peaks), shards=best)
+    names = f"{device.type}:0 to {device.type}:{len(free.shards) - 1}"
+    if plan is None:
+        return sharded, (
+            f"{_sizes(best.peaks)} of {names} at best (decoder layers whole)"
+            f" but they have {_sizes(free.shards)} free"
+        )
+    if free.host is not None and need.host_peak * workers > free.host:
+        return sharded, f"{size(need.host_peak * workers)} of host memory but {size(free.host)} is available"
+    return sharded, None
+
+
+def _sizes(figures: Sequence[int | None]) -> str:
+    return ", ".join("unknown" if f is None else size(f) for f in figures)
 
 
 def summary(need: WorkerMemory, device: torch.device) -> str:
     """The chosen tier and its figures, for the run's phase line and log."""
-    if device.type == "cuda":
+    if need.shards is not None:
+        devices = f"{len(need.shards.peaks)} {device.type} devices"
+        figures = f"{_sizes(need.shards.peaks)} of its {devices} and {size(need.host_peak)} of host memory"
+    elif device.type == "cuda":
         figures = f"{size(need.device_peak)} of {device.type} and {size(need.host_peak)} of host memory"
     else:
         figures = size(need.peak)
     return f"memory tier {need.tier}: {need.description}, {figures} per worker at its peak"
 
 
-def worker_tier(config: RunConfig, device: torch.device) -> str:
-    """The tier a worker holds the experts in: the one its config names (an executor writes the
-    tier its check chose there), or for ``auto`` the check's choice for this worker alone."""
-    if config.models.residency != "auto":
-        return config.models.residency
-    return check_memory(config, 1, device).tier
+def worker_placement(config: RunConfig) -> tuple[str, Placement]:
+    """The tier a worker holds the experts in, and where its working model lives. The tier is the
+    one its config names (an executor writes the tier its check chose there), or for ``auto`` the
+    check's choice for this worker alone; a worker spanning devices plans its shards for the free
+    memory of the devices it sees now."""
+    devices = resolve_devices(config.models.device, config.models.devices)
+    if len(devices) == 1 and config.models.residency != "auto":
+        return config.models.residency, Placement(devices)
+    need = check_memory(config, 1, devices[0])
+    return need.tier, Placement(devices, None if need.shards is None else need.shards.device_map)
 
 
 def with_residency(config: RunConfig, tier: str) -> RunConfig:

@@ -105,7 +105,7 @@ class Materializer:
             total += self.targets[name].numel()
         self.total = total
         first = next(iter(self.targets.values()))
-        self.device = first.device
+        self.device = first.device  # the first shard's, where candidates' random generators live
         self.chunk = default_chunk(self.device.type, total, tier.n_models) if chunk is None else chunk
         self.itemsize = first.element_size()
         self.block_budget = stream_budget(total * self.itemsize, tier.n_models, tier.has_base, stream_share)
@@ -130,18 +130,18 @@ class Materializer:
 
         With a ``base``, rows hold task vectors ``expert − base``; without, the raw weights.
         ``targets`` are the working model's parameters; the resident copies take their dtype, and
-        their device or host memory as the tier says.
+        their device (each target's own, when the working model spans several) or host memory as
+        the tier says.
         """
-        device = next(iter(targets.values())).device
-        storage, pin = tier.storage(device)
+        placed = {name: tier.storage(t.device) for name, t in targets.items()}
         if base is not None:
             _check_same_layout("the base model", base, targets, "the working model")
         stacks = {
-            name: torch.empty((n_models, *t.shape), dtype=t.dtype, device=storage, pin_memory=pin)
+            name: torch.empty((n_models, *t.shape), dtype=t.dtype, device=placed[name][0], pin_memory=placed[name][1])
             for name, t in targets.items()
         }
         references = (
-            {name: _held(base[name].to(dtype=t.dtype), storage, pin) for name, t in targets.items()}
+            {name: _held(base[name].to(dtype=t.dtype), *placed[name]) for name, t in targets.items()}
             if base is not None
             else None
         )
@@ -161,7 +161,8 @@ class Materializer:
             name: ResidentTensor(name=name, stack=stack, reference=None if references is None else references[name])
             for name, stack in stacks.items()
         }
-        return cls(targets, tier(tensors, device), chunk=chunk, stream_share=stream_share)
+        devices = {name: t.device for name, t in targets.items()}
+        return cls(targets, tier(tensors, devices), chunk=chunk, stream_share=stream_share)
 
     @property
     def tensors(self) -> dict[str, ResidentTensor]:
@@ -196,7 +197,8 @@ class Materializer:
         """Keep the experts' diagonal Fishers, stacked per tensor, in the working dtype and the memory
         tier, floored at ``floor`` (computed once per worker, e.g. by ``evomerge.workers.fisher_estimate``)."""
         self.fishers = {
-            name: self.tier.hold(fishers[name].to(dtype=t.dtype).clamp_min(floor)) for name, t in self.targets.items()
+            name: self.tier.hold(name, fishers[name].to(dtype=t.dtype).clamp_min(floor))
+            for name, t in self.targets.items()
         }
 
     def flat_gram(self) -> torch.Tensor:
@@ -249,7 +251,7 @@ class Materializer:
                 scratch=self._scratch,
             )
             if method.needs_fisher and self.fishers is not None:
-                ctx.fisher = self.tier.stream(self.fishers[name], "tier_fisher", self._scratch)
+                ctx.fisher = self.tier.stream(name, self.fishers[name], "tier_fisher", self._scratch)
             params = recipe.params_for(name)
             for span in self._blocks(name) if method.elementwise else [None]:
                 block = out if span is None else out.view(-1)[span[0] : span[1]]

@@ -26,7 +26,7 @@ def best_merge(run_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple
     best, config = recorded_best(run_dir)
     if best is None:
         raise RunDirError(f"{run_dir}: no successful evaluation to use as a source yet")
-    here = config.models.model_copy(update={"device": str(device)})
+    here = config.models.model_copy(update={"device": str(device), "devices": 1})  # where the data-flow worker runs
     worker = WhiteBoxWorker(RunPlan.from_config(config.model_copy(update={"models": here})), worker_id="run-source")
     worker.materialize(Candidate(best.candidate_id, best.population, best.genome))
     model, tokenizer = worker.models.model, worker.models.tokenizer

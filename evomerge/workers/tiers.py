@@ -11,7 +11,9 @@ DESIGN.md §4. Three tiers, fastest first:
 A tier hands the materializer one parameter tensor of every expert at a time as a
 :class:`ResidentTensor` on the working device (``with tier.tensor(name, scratch) as resident``),
 or a block of its elements (``span=(start, end)`` of the flattened tensor; the materializer asks
-streaming tiers for blocks when the method is elementwise). Streaming tiers fill reusable
+streaming tiers for blocks when the method is elementwise). The working device is the target
+tensor's own: a worker spanning several devices keeps (or streams) each expert tensor on the
+device of the shard it merges into. Streaming tiers fill reusable
 ``scratch`` buffers, so a worker's peak is the working model, the tier's own holdings and a few
 tensor- or block-sized buffers. Every tier hands the kernels the same numbers, so a merge gives
 identical results in each.
@@ -51,9 +53,10 @@ class HeldTier:
     maps_files = False
     streams = False  # whether each merge copies the experts in (then worth doing in blocks)
 
-    def __init__(self, tensors: Mapping[str, ResidentTensor], device: torch.device) -> None:
+    def __init__(self, tensors: Mapping[str, ResidentTensor], devices: Mapping[str, torch.device]) -> None:
+        """``devices``: the device of each of the working model's tensors (its shard's)."""
         self.tensors = dict(tensors)
-        self.device = device  # the working model's
+        self.devices = dict(devices)
 
     @staticmethod
     def storage(device: torch.device) -> tuple[torch.device, bool]:
@@ -80,14 +83,14 @@ class HeldTier:
             reference = held.flat_reference()
             yield ResidentTensor(name, held.flat_stack()[:, lo:hi], None if reference is None else reference[lo:hi])
 
-    def hold(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Keep a per-tensor input computed at load time (an expert's Fisher) in this tier."""
-        storage, pin = self.storage(self.device)
+    def hold(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Keep a per-tensor input of tensor ``name`` computed at load time (an expert's Fisher) in this tier."""
+        storage, pin = self.storage(self.devices[name])
         held = tensor.to(storage)
         return held.pin_memory() if pin else held
 
-    def stream(self, held: torch.Tensor, purpose: str, scratch: Scratch) -> torch.Tensor:
-        """A held tensor as the kernel reads it, on the working device."""
+    def stream(self, name: str, held: torch.Tensor, purpose: str, scratch: Scratch) -> torch.Tensor:
+        """A held input of tensor ``name`` as the kernel reads it, on that tensor's device."""
         return held
 
 
@@ -105,8 +108,8 @@ class HostTier(HeldTier):
     def storage(device: torch.device) -> tuple[torch.device, bool]:
         return torch.device("cpu"), device.type == "cuda"
 
-    def stream(self, held: torch.Tensor, purpose: str, scratch: Scratch) -> torch.Tensor:
-        buffer = scratch.get(purpose, tuple(held.shape), held.dtype, self.device)
+    def stream(self, name: str, held: torch.Tensor, purpose: str, scratch: Scratch) -> torch.Tensor:
+        buffer = scratch.get(purpose, tuple(held.shape), held.dtype, self.devices[name])
         # From pinned memory the copy is asynchronous; the kernel that reads it follows on the same stream.
         buffer.copy_(held, non_blocking=held.is_pinned())
         return buffer
@@ -114,8 +117,8 @@ class HostTier(HeldTier):
     @contextmanager
     def tensor(self, name: str, scratch: Scratch, span: Span = None) -> Iterator[ResidentTensor]:
         with super().tensor(name, scratch, span) as held:
-            stack = self.stream(held.stack, "tier_stack", scratch)
-            reference = None if held.reference is None else self.stream(held.reference, "tier_reference", scratch)
+            stack = self.stream(name, held.stack, "tier_stack", scratch)
+            reference = None if held.reference is None else self.stream(name, held.reference, "tier_reference", scratch)
             yield ResidentTensor(name=name, stack=stack, reference=reference, summaries=held.summaries)
 
 
@@ -140,8 +143,8 @@ class MappedTier:
     ) -> None:
         """``experts`` and ``base`` are ``(label, safetensors files)``; ``targets`` the working
         model's parameters, whose names the files must store with the same shapes."""
-        first = next(iter(targets.values()))
-        self.device, self.dtype = first.device, first.dtype
+        self.dtype = next(iter(targets.values())).dtype
+        self.devices = {name: t.device for name, t in targets.items()}
         self.shapes = {name: tuple(t.shape) for name, t in targets.items()}
         self._summaries = {name: TensorSummaries() for name in targets}
         self._experts = [self._locate(label, files) for label, files in experts]
@@ -175,10 +178,11 @@ class MappedTier:
         whole = span is None
         lo, hi = (0, math.prod(self.shapes[name])) if whole else span
         shape = self.shapes[name] if whole else (hi - lo,)
-        stack = scratch.get("tier_stack", (self.n_models, *shape), self.dtype, self.device)
+        device = self.devices[name]
+        stack = scratch.get("tier_stack", (self.n_models, *shape), self.dtype, device)
         reference = None
         if self._base is not None:
-            reference = scratch.get("tier_reference", shape, self.dtype, self.device)
+            reference = scratch.get("tier_reference", shape, self.dtype, device)
             reference.view(-1).copy_(self._base[name].read(lo, hi))
         for row, stored in enumerate(self._experts):
             stack[row].view(-1).copy_(stored[name].read(lo, hi))
@@ -187,10 +191,10 @@ class MappedTier:
         summaries = self._summaries[name] if whole else TensorSummaries()
         yield ResidentTensor(name=name, stack=stack, reference=reference, summaries=summaries)
 
-    def hold(self, tensor: torch.Tensor) -> torch.Tensor:
+    def hold(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         raise ValueError("the mmap tier holds nothing computed at load time (refused at plan time)")
 
-    def stream(self, held: torch.Tensor, purpose: str, scratch: Scratch) -> torch.Tensor:
+    def stream(self, name: str, held: torch.Tensor, purpose: str, scratch: Scratch) -> torch.Tensor:
         raise ValueError("the mmap tier holds nothing computed at load time (refused at plan time)")
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, ModelLoadError, UserError
 from evomerge.fitness import brings_own_examples, own_examples, resolve_fitness, scores_and_metrics, with_options
 from evomerge.fitness.data import load_examples
@@ -39,8 +40,9 @@ from evomerge.models.adapters import (
     merged_adapter_state,
 )
 from evomerge.models.checkpoint import run_dtype, weight_files
-from evomerge.models.loading import load_model, load_tokenizer, resolve_device
-from evomerge.models.memory import worker_tier
+from evomerge.models.loading import load_model, load_tokenizer
+from evomerge.models.memory import worker_placement
+from evomerge.models.sharding import Placement
 from evomerge.models.vocab import VocabularyAlignment, align_working_model, vocabulary_alignment
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
@@ -70,24 +72,29 @@ class LoadedModels:
     """How the experts' vocabularies were aligned to the working model's, when they differ."""
 
 
-def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
-    """Load the working model, and every expert once into the memory tier the run uses
-    (``models.residency``, resolved by the memory check when auto); experts may be full models or
-    LoRA adapters."""
+def check_adapters_have_a_base(config: RunConfig) -> None:
+    """LoRA adapters are merged onto a base, which the memory check and loading read first."""
+    if config.models.base is None and any(is_adapter(config.expert_model(e)) for e in config.models.experts):
+        raise ModelLoadError("models.base: LoRA adapters are merged onto their base model; name it in models.base")
+
+
+def load_resident_models(plan: RunPlan, placement: Placement, tier_name: str) -> LoadedModels:
+    """Load the working model where ``placement`` says (one device, or sharded over several), and
+    every expert once into the memory tier ``tier_name``, each tensor beside the working tensor it
+    merges into; experts may be full models or LoRA adapters."""
     config = plan.config
     dtype = DTYPES[run_dtype(config)]
     refs = [config.expert_model(e) for e in config.models.experts]
     labels = [f"expert '{label}'" for label in config.models.expert_labels()]
     adapters = [is_adapter(ref) for ref in refs]
-    if any(adapters) and config.models.base is None:
-        raise ModelLoadError("models.base: LoRA adapters are merged onto their base model; name it in models.base")
+    device = placement.primary  # a data-flow worker and adapter slots never span devices (the plan refuses them)
     if plan.dataflow:
         return _load_path_sources(plan, device, dtype)
-    tier = TIER_CLASSES[worker_tier(config, device)]
+    tier = TIER_CLASSES[tier_name]
     if plan.method.inputs == LORA_FACTORS:
         return _load_adapter_slots(plan, refs, labels, adapters, device, dtype, tier)
     working_ref = plan.working_model
-    model = load_model(working_ref, device, dtype)
+    model = load_model(working_ref, placement.modules(), dtype)
     tokenizer = load_tokenizer(working_ref)
     has_base = config.models.base is not None
     vocab = vocabulary_alignment(
@@ -99,6 +106,11 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
         union=config.models.vocabulary == "union",
     )
     if vocab is not None:
+        if placement.device_map is not None:  # resizing would replace modules the device map placed
+            raise ConfigError(
+                "models.devices: the experts' vocabularies differ and are aligned by resizing the working model"
+                " at load time, which a worker spanning devices cannot do; use models.devices 1"
+            )
         align_working_model(model, vocab, record=has_base)
         vocab.extend_tokenizer(tokenizer)
     space = plan.space([name for name, _ in model.named_parameters()])
@@ -114,7 +126,7 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
         mapped = MappedTier(targets, [(label, weight_files(ref)) for label, ref in zip(labels, refs)], base)
         return LoadedModels(model, tokenizer, Materializer(targets, mapped), space, list(targets), vocab)
     assert issubclass(tier, HeldTier)
-    storage, _ = tier.storage(device)  # experts load where the tier holds them
+    storage = placement.modules(lambda d: tier.storage(d)[0])  # experts load where the tier holds them
     base_state = targets if has_base else None  # the materializer clones the base first
 
     def expert_states():
@@ -190,8 +202,10 @@ class WhiteBoxWorker(Worker):
         config = plan.config
         self.config = config
         self.worker_id = worker_id or f"local-{os.getpid()}"
-        self.device = resolve_device(config.models.device)
-        self.models = load_resident_models(plan, self.device)
+        check_adapters_have_a_base(config)
+        tier, self.placement = worker_placement(config)
+        self.device = self.placement.primary
+        self.models = load_resident_models(plan, self.placement, tier)
         self.dataflow = plan.dataflow
         layout = {} if plan.dataflow else {name: tuple(t.shape) for name, t in self.models.materializer.targets.items()}
         self.space = self.models.space

@@ -22,7 +22,7 @@ from evomerge.records import Candidate, Evaluation
 from evomerge.config import RunConfig, WorkersConfig, load_config
 from evomerge.errors import ConfigError, PluginError, UserError
 from evomerge.executors import InlineExecutor, RayExecutor, WorkerError, make_executor
-from evomerge.executors.ray import check_fits, pool_size
+from evomerge.executors.ray import check_fits, pool_size, worker_gpus
 from evomerge.workers.whitebox import WhiteBoxWorker
 
 PLUGIN = "evomerge_ray_test_plugin"
@@ -187,6 +187,16 @@ def test_pool_size_fills_the_cluster_and_refuses_what_cannot_fit():
         check_fits(WorkersConfig(), 3, {"CPU": 2.0})
     with pytest.raises(WorkerError, match="need 2 GPU, but this machine has 1"):
         check_fits(WorkersConfig(gpus_per_worker=1), 2, {"CPU": 4.0, "GPU": 1.0})
+
+
+def test_a_worker_spanning_devices_is_given_that_many_gpus():
+    assert worker_gpus(WorkersConfig(gpus_per_worker=0.5)) == 0.5
+    assert worker_gpus(WorkersConfig(), devices=4) == 4.0
+    assert pool_size(WorkersConfig(), {"CPU": 16.0, "GPU": 8.0}, devices=4) == 2
+    with pytest.raises(WorkerError, match="each worker needs 4 GPU but the Ray cluster has 2; lower models.devices"):
+        pool_size(WorkersConfig(), {"CPU": 16.0, "GPU": 2.0}, devices=4)
+    with pytest.raises(WorkerError, match="need 6 GPU, but this machine has 4; lower workers.count or models.devices"):
+        check_fits(WorkersConfig(), 3, {"CPU": 16.0, "GPU": 4.0}, devices=2)
 
 
 def test_make_executor_follows_config(digits_config):
