@@ -105,25 +105,36 @@ class _Strict(BaseModel):
 
 class ExpertRef(_Strict):
     """An expert model: a local directory or a hub id, with an optional display name. In the
-    data-flow space a source may instead be ``run``: a parameter-space run directory whose best
-    merge the workers materialize once at start (PS+DFS)."""
+    data-flow space a source may instead be a parameter-space merge the workers materialize once
+    at start (PS+DFS): ``run``, a run directory's best, or ``recipe``, the ``recipe.yaml`` an
+    export of one wrote."""
 
     path: str | None = None
     run: str | None = None
+    recipe: str | None = None
     name: str | None = None
     # The expert's own task data: Fisher merging estimates the expert's Fisher information on it.
     data: DataConfig | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "ExpertRef":
-        if (self.path is None) == (self.run is None):
-            raise ValueError("give an expert either path (a model) or run (a run directory's best merge)")
+        if sum(value is not None for value in (self.path, self.run, self.recipe)) != 1:
+            raise ValueError(
+                "give an expert exactly one of path (a model), run (a run directory's best merge) or recipe"
+                " (an export's recipe.yaml)"
+            )
         return self
 
     @property
     def source(self) -> str:
-        """The path or run directory, as written."""
-        return self.path if self.path is not None else str(self.run)
+        """The path, run directory or recipe file, as written."""
+        return next(value for value in (self.path, self.run, self.recipe) if value is not None)
+
+    @property
+    def label(self) -> str:
+        """The expert's name, else its directory's (for a recipe, the export directory holding it)."""
+        named = Path(self.recipe).parent.name if self.recipe is not None else Path(self.source).name
+        return self.name or named or self.source
 
 
 class ModelsConfig(_Strict):
@@ -153,7 +164,7 @@ class ModelsConfig(_Strict):
         return value
 
     def expert_labels(self) -> list[str]:
-        return [e.name or Path(e.source).name or e.source for e in self.experts]
+        return [e.label for e in self.experts]
 
 
 class DataflowConfig(_Strict):
@@ -502,11 +513,16 @@ class RunConfig(_Strict):
 
     def expert_model(self, expert: ExpertRef) -> str:
         """The model an expert's weights have the layout, dtype and tokenizer of: its path, or for
-        a run source the working model of that run's config (its merges are written into it)."""
+        a run or recipe source the working model of the config that merged it (its merges are
+        written into it)."""
         if expert.path is not None:
             return self.model_ref(expert.path)
-        run_dir = self.resolve_path(expert.run or "")
-        source = load_config(run_dir / CONFIG_NAME)
+        if expert.run is not None:
+            source = load_config(self.resolve_path(expert.run) / CONFIG_NAME)
+        else:
+            from evomerge.source_merges import read_recipe
+
+            source = read_recipe(self.resolve_path(expert.recipe or "")).config
         return source.model_ref(source.models.base or source.expert_model(source.models.experts[0]))
 
 

@@ -145,7 +145,8 @@ def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str) ->
     a slice may repeat layers another already took. mergekit takes the embeddings from the first
     slice's model and the final norm and head from the last one's; ours are the first source's,
     so an empty slice of it opens or closes the list where a path starts or ends elsewhere.
-    ``sources`` are the model references, None for a source mergekit cannot read (a run's best).
+    ``sources`` are the model references, None for a source mergekit cannot read (a recorded
+    merge: a run's best or an export's recipe).
     """
     if any(scale != 1.0 for scale in path.scales):
         raise NotExpressible("passthrough copies layers unscaled and this path scales the hidden state")
@@ -153,7 +154,9 @@ def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str) ->
     missing = [i for i in sorted(used) if sources[i] is None]
     if missing:
         name = path.source_labels[missing[0]] if path.source_labels else str(missing[0])
-        raise NotExpressible(f"source '{name}' is a run's best merge, not a model mergekit can read (export that run first)")
+        raise NotExpressible(
+            f"source '{name}' is a recorded merge (run or recipe), not a model mergekit can read (name its export's directory as path)"
+        )
     runs: list[list[int]] = []  # [source, start, stop]
     for source, layer in path.layers:
         if runs and runs[-1][0] == source and runs[-1][2] == layer:

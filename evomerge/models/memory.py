@@ -161,8 +161,9 @@ def _dataflow_memory(config: RunConfig, device: torch.device, dtype: str) -> Wor
     """A data-flow worker holds the first source whole and the other sources' decoder layers on its
     device; a path points at them and copies nothing, so its length adds no weights. Sources load
     whole, one after another, before the others' embeddings and heads are dropped; a run source is
-    first rebuilt by that run's own worker (its fastest tier's peak, then its merged model)."""
-    from evomerge.runs import recorded_best
+    first rebuilt by that run's own worker (its fastest tier's peak, then its merged model), and so
+    is a recipe source by the worker of the config its recipe recorded."""
+    from evomerge.source_merges import recorded_merge
     from evomerge.space.merge_space import layer_index
 
     itemsize = ITEMSIZE[dtype]
@@ -170,10 +171,10 @@ def _dataflow_memory(config: RunConfig, device: torch.device, dtype: str) -> Wor
     for i, expert in enumerate(config.models.experts):
         shapes = parameter_shapes(config.expert_model(expert))
         whole = _numel(shapes) * itemsize
-        if expert.run is None:
+        if expert.path is not None:
             device_peak = max(device_peak, loaded + whole)
         else:
-            rebuilt = next(iter(tier_memory(recorded_best(config.resolve_path(expert.run))[1], device).values()))
+            rebuilt = next(iter(tier_memory(recorded_merge(config, expert).config, device).values()))
             device_peak, host_peak = max(device_peak, loaded + rebuilt.device_peak), max(host_peak, rebuilt.host_peak)
         loaded += whole
         resident += whole if i == 0 else _numel({k: v for k, v in shapes.items() if layer_index(k) is not None}) * itemsize

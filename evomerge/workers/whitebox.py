@@ -44,6 +44,7 @@ from evomerge.models.memory import worker_tier
 from evomerge.models.vocab import VocabularyAlignment, align_working_model, vocabulary_alignment
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
+from evomerge.space.codec import Codec
 from evomerge.space.merge_space import Space
 from evomerge.space.paths import PathSpace
 from evomerge.workers.base import Scored, Worker, racing_of
@@ -136,17 +137,33 @@ def load_resident_models(plan: RunPlan, device: torch.device) -> LoadedModels:
     return LoadedModels(model, tokenizer, materializer, space, list(targets), vocab)
 
 
+def merge_ready(plan: RunPlan, device: torch.device) -> tuple[LoadedModels, dict[str, Codec]]:
+    """Everything a candidate's merge needs, loaded once: the resident models, one codec per
+    population, and with Fisher merging each expert's Fisher (estimated on its own data)."""
+    models = load_resident_models(plan, device)
+    layout = {} if plan.dataflow else {name: tuple(t.shape) for name, t in models.materializer.targets.items()}
+    codecs = plan.codecs(models.space, layout)
+    if plan.method.needs_fisher:  # estimated once, kept for the whole run
+        from evomerge.merge.fisher import FISHER_FLOOR
+        from evomerge.workers.fisher_estimate import expert_fishers
+
+        fishers = expert_fishers(plan.config, device, models.tensor_names, models.vocabulary)
+        models.materializer.set_fishers(fishers, FISHER_FLOOR)
+    return models, codecs
+
+
 def _load_path_sources(plan: RunPlan, device: torch.device, dtype: torch.dtype) -> LoadedModels:
     """For the data-flow space: the first source is the working model; the others lend their
-    decoder layers, resident beside it (their embeddings and heads are dropped). A run source is
-    that run's best merge, materialized here once."""
-    from evomerge.workers.run_source import best_merge
+    decoder layers, resident beside it (their embeddings and heads are dropped). A run or recipe
+    source is a recorded parameter-space merge, materialized here once."""
+    from evomerge.source_merges import recorded_merge
+    from evomerge.workers.merge_source import materialize_merge
 
     config = plan.config
 
     def source(expert) -> tuple[torch.nn.Module, object | None]:
-        if expert.run is not None:
-            return best_merge(config.resolve_path(expert.run), device, dtype)
+        if expert.path is None:
+            return materialize_merge(recorded_merge(config, expert), device, dtype)
         ref = config.model_ref(expert.path)
         return load_model(ref, device, dtype), load_tokenizer(ref)
 
@@ -191,17 +208,9 @@ class WhiteBoxWorker(Worker):
         self.config = config
         self.worker_id = worker_id or f"local-{os.getpid()}"
         self.device = resolve_device(config.models.device)
-        self.models = load_resident_models(plan, self.device)
+        self.models, self.codecs = merge_ready(plan, self.device)
         self.dataflow = plan.dataflow
-        layout = {} if plan.dataflow else {name: tuple(t.shape) for name, t in self.models.materializer.targets.items()}
         self.space = self.models.space
-        self.codecs = plan.codecs(self.space, layout)
-        if plan.method.needs_fisher:  # estimated once, kept for the whole run
-            from evomerge.merge.fisher import FISHER_FLOOR
-            from evomerge.workers.fisher_estimate import expert_fishers
-
-            fishers = expert_fishers(config, self.device, self.models.tensor_names, self.models.vocabulary)
-            self.models.materializer.set_fishers(fishers, FISHER_FLOOR)
         self.fitness_name = config.fitness.name
         self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
         fitness = config.fitness
