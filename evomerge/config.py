@@ -169,12 +169,29 @@ class ModelsConfig(_Strict):
 
 class DataflowConfig(_Strict):
     """The data-flow space (``merge.space: dataflow``): the experts are the sources whose frozen
-    layers a path visits; the first supplies the embeddings, the final norm and the head."""
+    layers a path visits; the head source (the first unless ``head_source`` names another)
+    supplies the embeddings, the final norm and the head, and the search starts from its own path."""
 
     repeats: int = Field(default=3, ge=1, description="times the sources' layers are laid out: the paper's r")
     scaling: Literal["per_slot", "matrix", "none"] = "per_slot"
     scale_bounds: Bounds = (0.5, 2.0)
     max_layers: int | None = Field(default=None, ge=1, description="longest path a candidate may take")
+    head_source: str | int | None = Field(default=None, description="a source's name or index; unset: the first")
+
+    def head_index(self, labels: list[str]) -> int:
+        """The index of the head source among sources of these labels (ValueError naming the field)."""
+        value = self.head_source
+        if value is None:
+            return 0
+        if isinstance(value, int):
+            if not 0 <= value < len(labels):
+                raise ValueError(f"merge.dataflow.head_source: {value} is not a source's index (0 to {len(labels) - 1})")
+            return value
+        if labels.count(value) > 1:
+            raise ValueError(f"merge.dataflow.head_source: two sources are named '{value}'; give them distinct models.experts[].name")
+        if value not in labels:
+            raise ValueError(f"merge.dataflow.head_source: '{value}' is not a source's name (one of: {', '.join(labels)}) or index")
+        return labels.index(value)
 
 
 class MergeConfig(_Strict):
@@ -497,6 +514,17 @@ class RunConfig(_Strict):
     def _export_sources(self) -> "RunConfig":
         self.export.check_sources(self.models.expert_labels())
         return self
+
+    @model_validator(mode="after")
+    def _head_source(self) -> "RunConfig":
+        self.merge.dataflow.head_index(self.models.expert_labels())
+        return self
+
+    @property
+    def head(self) -> int:
+        """The expert whose model the run writes into or runs paths in, when there is no base: the
+        first, or in the data-flow space the head source (``merge.dataflow.head_source``)."""
+        return self.merge.dataflow.head_index(self.models.expert_labels())
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()

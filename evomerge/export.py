@@ -126,7 +126,7 @@ def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]
     if isinstance(decoded, DataflowPath):
         sources = [None if e.path is None else config.expert_model(e) for e in config.models.experts]
         try:
-            return passthrough_config(decoded, sources, run_dtype(config)), None
+            return passthrough_config(decoded, sources, run_dtype(config), config.head), None
         except NotExpressible as exc:
             return None, f"not written: {exc}"
     if not isinstance(decoded, Recipe):

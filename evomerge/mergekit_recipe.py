@@ -138,19 +138,19 @@ def mergekit_config(
     return config
 
 
-def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str) -> dict[str, Any]:
+def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str, head: int = 0) -> dict[str, Any]:
     """The mergekit ``passthrough`` configuration that stacks the layers of a data-flow ``path``.
 
     Runs of consecutive layers of one source become one slice (``layer_range`` is half-open), and
     a slice may repeat layers another already took. mergekit takes the embeddings from the first
-    slice's model and the final norm and head from the last one's; ours are the first source's,
+    slice's model and the final norm and head from the last one's; ours are the head source's,
     so an empty slice of it opens or closes the list where a path starts or ends elsewhere.
     ``sources`` are the model references, None for a source mergekit cannot read (a recorded
     merge: a run's best or an export's recipe).
     """
     if any(scale != 1.0 for scale in path.scales):
         raise NotExpressible("passthrough copies layers unscaled and this path scales the hidden state")
-    used = {source for source, _ in path.layers} | {0}
+    used = {source for source, _ in path.layers} | {head}
     missing = [i for i in sorted(used) if sources[i] is None]
     if missing:
         name = path.source_labels[missing[0]] if path.source_labels else str(missing[0])
@@ -163,9 +163,9 @@ def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str) ->
             runs[-1][2] += 1
         else:
             runs.append([source, layer, layer + 1])
-    if runs[0][0] != 0:
-        runs.insert(0, [0, 0, 0])
-    if runs[-1][0] != 0:
-        runs.append([0, 0, 0])
+    if runs[0][0] != head:
+        runs.insert(0, [head, 0, 0])
+    if runs[-1][0] != head:
+        runs.append([head, 0, 0])
     slices = [{"sources": [{"model": sources[s], "layer_range": [start, stop]}]} for s, start, stop in runs]
     return {"slices": slices, "merge_method": "passthrough", "dtype": dtype}

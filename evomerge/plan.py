@@ -176,7 +176,9 @@ class RunPlan:
         if merge_fields:
             raise self._fail(f"merge.{merge_fields[0]}", "merge parameters do not apply to merge.space 'dataflow'; remove it")
         if config.models.base is not None:
-            raise self._fail("models.base", "the data-flow space runs the experts' own layers (the first supplies the head); remove models.base")
+            raise self._fail(
+                "models.base", "the data-flow space runs the experts' own layers (the head source supplies the head); remove models.base"
+            )
         if config.api is not None:
             raise self._fail("merge.space", "a data-flow path runs on white-box workers; remove the api section")
 
@@ -323,9 +325,10 @@ class RunPlan:
 
     @property
     def working_model(self) -> str:
-        """The model whose parameters merges are written into: the base, else the first expert."""
+        """The model whose parameters merges are written into: the base, else the first expert (in
+        the data-flow space, the head source a path runs in)."""
         config = self.config
-        return (config.model_ref(config.models.base) if config.models.base else config.expert_model(config.models.experts[0]))
+        return config.model_ref(config.models.base) if config.models.base else config.expert_model(config.models.experts[config.head])
 
     def local_models(self) -> list[tuple[str, str]]:
         """(field, reference) of the models this machine reads: all of them in white-box runs; in
@@ -446,7 +449,7 @@ class RunPlan:
         try:
             return PathSpace(
                 tuple(counts), flow.repeats, flow.scaling, tuple(flow.scale_bounds), flow.max_layers,
-                tuple(config.models.expert_labels()),
+                tuple(config.models.expert_labels()), config.head,
             )
         except ValueError as exc:
             raise self._fail("merge.dataflow", str(exc)) from None

@@ -158,7 +158,7 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
 
 
 def _dataflow_memory(config: RunConfig, device: torch.device, dtype: str) -> WorkerMemory:
-    """A data-flow worker holds the first source whole and the other sources' decoder layers on its
+    """A data-flow worker holds the head source whole and the other sources' decoder layers on its
     device; a path points at them and copies nothing, so its length adds no weights. Sources load
     whole, one after another, before the others' embeddings and heads are dropped; a run source is
     first rebuilt by that run's own worker (its fastest tier's peak, then its merged model), and so
@@ -168,6 +168,7 @@ def _dataflow_memory(config: RunConfig, device: torch.device, dtype: str) -> Wor
 
     itemsize = ITEMSIZE[dtype]
     resident, device_peak, host_peak, loaded = 0, 0, 0, 0
+    head = config.head
     for i, expert in enumerate(config.models.experts):
         shapes = parameter_shapes(config.expert_model(expert))
         whole = _numel(shapes) * itemsize
@@ -177,14 +178,14 @@ def _dataflow_memory(config: RunConfig, device: torch.device, dtype: str) -> Wor
             rebuilt = next(iter(tier_memory(recorded_merge(config, expert).config, device).values()))
             device_peak, host_peak = max(device_peak, loaded + rebuilt.device_peak), max(host_peak, rebuilt.host_peak)
         loaded += whole
-        resident += whole if i == 0 else _numel({k: v for k, v in shapes.items() if layer_index(k) is not None}) * itemsize
+        resident += whole if i == head else _numel({k: v for k, v in shapes.items() if layer_index(k) is not None}) * itemsize
     n = len(config.models.experts)
     return WorkerMemory(
         tier="device",
         device_peak=max(device_peak, resident),
         host_peak=host_peak,
         resident=resident,
-        description=f"the first source and the decoder layers of {n - 1} more on {device.type}",
+        description=f"the head source and the decoder layers of {n - 1} more on {device.type}",
         dtype=dtype,
     )
 

@@ -153,9 +153,9 @@ def merge_ready(plan: RunPlan, device: torch.device) -> tuple[LoadedModels, dict
 
 
 def _load_path_sources(plan: RunPlan, device: torch.device, dtype: torch.dtype) -> LoadedModels:
-    """For the data-flow space: the first source is the working model; the others lend their
-    decoder layers, resident beside it (their embeddings and heads are dropped). A run or recipe
-    source is a recorded parameter-space merge, materialized here once."""
+    """For the data-flow space: the head source (``merge.dataflow.head_source``) is the working
+    model; the others lend their decoder layers, resident beside it (their embeddings and heads are
+    dropped). A run or recipe source is a recorded parameter-space merge, materialized here once."""
     from evomerge.source_merges import recorded_merge
     from evomerge.workers.merge_source import materialize_merge
 
@@ -167,10 +167,10 @@ def _load_path_sources(plan: RunPlan, device: torch.device, dtype: torch.dtype) 
         ref = config.model_ref(expert.path)
         return load_model(ref, device, dtype), load_tokenizer(ref)
 
-    working, tokenizer = source(config.models.experts[0])
-    others = [source(expert)[0] for expert in config.models.experts[1:]]
-    materializer = PathMaterializer.from_models(working, others)
-    del others
+    loaded = [source(expert) for expert in config.models.experts]
+    working, tokenizer = loaded[config.head]
+    materializer = PathMaterializer.from_models([model for model, _ in loaded], config.head)
+    del loaded
     gc.collect()
     return LoadedModels(working, tokenizer, materializer, plan.path_space(), [])
 
@@ -294,8 +294,8 @@ class WhiteBoxWorker(Worker):
 
         An expert is the linear merge with all weight on it, so it is applied like any candidate;
         the base is the reference the experts' task vectors are taken from. In the data-flow space a
-        source is the path through its own layers (in the first source's embeddings and head, which
-        is the first source exactly), and no base is scored alone.
+        source is the path through its own layers (in the head source's embeddings and head, which
+        is the head source exactly), and no base is scored alone.
         """
         n = len(self.config.models.experts)
         baselines = []
