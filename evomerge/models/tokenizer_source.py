@@ -1,9 +1,9 @@
 """The tokenizer, chat template, special tokens and generation config an export carries.
 
 The merged weights live in the working model (the base, or the first expert without one; a
-data-flow path runs in its head source), so by default everything else comes from it too. An instruct merge over a pretrained base needs the
-experts' instead: their chat template, their end-of-turn token as ``eos_token_id``, their
-generation defaults. ``export.tokenizer_source`` names the model they come from and
+data-flow path runs in its head source), so by default everything else comes from it too. An
+instruct merge over a pretrained base needs the experts' instead: their chat template, their
+end-of-turn token as ``eos_token_id``, their generation defaults. ``export.tokenizer_source`` names the model they come from and
 ``export.chat_template`` the template (mergekit's options of the same names).
 """
 
