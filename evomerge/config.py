@@ -106,25 +106,36 @@ class _Strict(BaseModel):
 
 class ExpertRef(_Strict):
     """An expert model: a local directory or a hub id, with an optional display name. In the
-    data-flow space a source may instead be ``run``: a parameter-space run directory whose best
-    merge the workers materialize once at start (PS+DFS)."""
+    data-flow space a source may instead be a parameter-space merge the workers materialize once
+    at start (PS+DFS): ``run``, a run directory's best, or ``recipe``, the ``recipe.yaml`` an
+    export of one wrote."""
 
     path: str | None = None
     run: str | None = None
+    recipe: str | None = None
     name: str | None = None
     # The expert's own task data: Fisher merging estimates the expert's Fisher information on it.
     data: DataConfig | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "ExpertRef":
-        if (self.path is None) == (self.run is None):
-            raise ValueError("give an expert either path (a model) or run (a run directory's best merge)")
+        if sum(value is not None for value in (self.path, self.run, self.recipe)) != 1:
+            raise ValueError(
+                "give an expert exactly one of path (a model), run (a run directory's best merge) or recipe"
+                " (an export's recipe.yaml)"
+            )
         return self
 
     @property
     def source(self) -> str:
-        """The path or run directory, as written."""
-        return self.path if self.path is not None else str(self.run)
+        """The path, run directory or recipe file, as written."""
+        return next(value for value in (self.path, self.run, self.recipe) if value is not None)
+
+    @property
+    def label(self) -> str:
+        """The expert's name, else its directory's (for a recipe, the export directory holding it)."""
+        named = Path(self.recipe).parent.name if self.recipe is not None else Path(self.source).name
+        return self.name or named or self.source
 
 
 class ModelsConfig(_Strict):
@@ -169,17 +180,34 @@ class ModelsConfig(_Strict):
         return value
 
     def expert_labels(self) -> list[str]:
-        return [e.name or Path(e.source).name or e.source for e in self.experts]
+        return [e.label for e in self.experts]
 
 
 class DataflowConfig(_Strict):
     """The data-flow space (``merge.space: dataflow``): the experts are the sources whose frozen
-    layers a path visits; the first supplies the embeddings, the final norm and the head."""
+    layers a path visits; the head source (the first unless ``head_source`` names another)
+    supplies the embeddings, the final norm and the head, and the search starts from its own path."""
 
     repeats: int = Field(default=3, ge=1, description="times the sources' layers are laid out: the paper's r")
     scaling: Literal["per_slot", "matrix", "none"] = "per_slot"
     scale_bounds: Bounds = (0.5, 2.0)
     max_layers: int | None = Field(default=None, ge=1, description="longest path a candidate may take")
+    head_source: str | int | None = Field(default=None, description="a source's name or index; unset: the first")
+
+    def head_index(self, labels: list[str]) -> int:
+        """The index of the head source among sources of these labels (ValueError naming the field)."""
+        value = self.head_source
+        if value is None:
+            return 0
+        if isinstance(value, int):
+            if not 0 <= value < len(labels):
+                raise ValueError(f"merge.dataflow.head_source: {value} is not a source's index (0 to {len(labels) - 1})")
+            return value
+        if labels.count(value) > 1:
+            raise ValueError(f"merge.dataflow.head_source: two sources are named '{value}'; give them distinct models.experts[].name")
+        if value not in labels:
+            raise ValueError(f"merge.dataflow.head_source: '{value}' is not a source's name (one of: {', '.join(labels)}) or index")
+        return labels.index(value)
 
 
 class MergeConfig(_Strict):
@@ -513,6 +541,17 @@ class RunConfig(_Strict):
         self.export.check_sources(self.models.expert_labels())
         return self
 
+    @model_validator(mode="after")
+    def _head_source(self) -> "RunConfig":
+        self.merge.dataflow.head_index(self.models.expert_labels())
+        return self
+
+    @property
+    def head(self) -> int:
+        """The expert whose model the run writes into or runs paths in, when there is no base: the
+        first, or in the data-flow space the head source (``merge.dataflow.head_source``)."""
+        return self.merge.dataflow.head_index(self.models.expert_labels())
+
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.base_dir / p).resolve()
@@ -528,11 +567,16 @@ class RunConfig(_Strict):
 
     def expert_model(self, expert: ExpertRef) -> str:
         """The model an expert's weights have the layout, dtype and tokenizer of: its path, or for
-        a run source the working model of that run's config (its merges are written into it)."""
+        a run or recipe source the working model of the config that merged it (its merges are
+        written into it)."""
         if expert.path is not None:
             return self.model_ref(expert.path)
-        run_dir = self.resolve_path(expert.run or "")
-        source = load_config(run_dir / CONFIG_NAME)
+        if expert.run is not None:
+            source = load_config(self.resolve_path(expert.run) / CONFIG_NAME)
+        else:
+            from evomerge.source_merges import read_recipe
+
+            source = read_recipe(self.resolve_path(expert.recipe or "")).config
         return source.model_ref(source.models.base or source.expert_model(source.models.experts[0]))
 
 

@@ -3,7 +3,9 @@
 A full-model merge becomes a Hugging Face model directory (``save_pretrained``, safetensors, the
 tokenizer, chat template and generation config of ``export.tokenizer_source``); a merge of LoRA
 factors (``lora_compose``) becomes a peft adapter directory for the run's base. Beside
-the weights: ``recipe.yaml`` (what evomerge searched and found), ``README.md`` (a model card with
+the weights: ``recipe.yaml`` (what evomerge searched and found, with the run's config and the
+best genome, from which a data-flow run rebuilds the merge as a ``recipe:`` source; see
+:mod:`evomerge.source_merges`), ``README.md`` (a model card with
 the recipe and the scores) and, where mergekit can express the recipe, ``mergekit.yaml``, which
 rebuilds the same weights with ``mergekit-yaml mergekit.yaml OUT``. The directory is written under
 a temporary name and moved into place, so an interrupted export leaves nothing half-written.
@@ -24,18 +26,18 @@ from evomerge.merge.method import LORA_FACTORS
 from evomerge.mergekit_recipe import NotExpressible, mergekit_config, model_reference, passthrough_config
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
+from evomerge.source_merges import RECIPE_NAME, rebuild_fields
 from evomerge.space.merge_space import Recipe
 from evomerge.space.paths import Path as DataflowPath
 from evomerge.store import RunStore
 
-RECIPE_NAME = "recipe.yaml"
 MERGEKIT_NAME = "mergekit.yaml"
 CARD_NAME = "README.md"
 
 
 def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     """Save the best candidate of the run in ``run_dir`` to ``out`` (created; must be empty)."""
-    from evomerge.runs import load_run_config
+    from evomerge.runs import load_run_config, resolved_config_dict
 
     store = RunStore(run_dir, readonly=True)
     try:
@@ -72,10 +74,14 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "fitness": best.fitness,
         "scores": scores,
         "base_model": config.models.base,
-        "experts": [{"name": n, **e.model_dump(include={"path", "run"}, exclude_none=True)} for n, e in zip(config.models.expert_labels(), config.models.experts)],
+        "experts": [
+            {"name": n, **e.model_dump(include={"path", "run", "recipe"}, exclude_none=True)}
+            for n, e in zip(config.models.expert_labels(), config.models.experts)
+        ],
         "granularity": "dataflow" if plan.dataflow else config.merge.granularity,
         **({"frozen": list(config.merge.frozen)} if config.merge.frozen else {}),
         "recipe": recipe,
+        **rebuild_fields(resolved_config_dict(plan), best.candidate_id, best.population, best.genome),
     }
     mergekit, note = _mergekit_document(plan, decoded)
     if mergekit is not None and worker.models.vocabulary is not None:  # mergekit aligns the same way
@@ -118,9 +124,9 @@ def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]
 
     config = plan.config
     if isinstance(decoded, DataflowPath):
-        sources = [None if e.run is not None else config.expert_model(e) for e in config.models.experts]
+        sources = [None if e.path is None else config.expert_model(e) for e in config.models.experts]
         try:
-            return passthrough_config(decoded, sources, run_dtype(config)), None
+            return passthrough_config(decoded, sources, run_dtype(config), config.head), None
         except NotExpressible as exc:
             return None, f"not written: {exc}"
     if not isinstance(decoded, Recipe):
@@ -175,10 +181,7 @@ def model_card(
         source = "the base model" if config.models.base else "the first expert"
         lines.append(f"Frozen towers (not merged: their weights are {source}'s): {', '.join(f'`{t}`' for t in config.merge.frozen)}.")
     lines += ["", "## Experts", ""]
-    lines += [
-        f"- {e['name']}: `{e['path']}`" if "path" in e else f"- {e['name']}: the best merge of run `{e['run']}`"
-        for e in document["experts"]
-    ]
+    lines += [_card_expert(e) for e in document["experts"]]
     lines += ["", "## Scores", "", "| model | score |", "|---|---|"]
     lines += [f"| merged: {name} | {value:.4f} |" for name, value in document["scores"].items()]
     for row in baselines:
@@ -190,6 +193,15 @@ def model_card(
     if "mergekit" in document:
         lines += [f"mergekit: {document['mergekit']}.", ""]
     return "\n".join(lines)
+
+
+def _card_expert(expert: dict) -> str:
+    """An expert's line in the card: a model, or a recorded merge (a data-flow source)."""
+    if "path" in expert:
+        return f"- {expert['name']}: `{expert['path']}`"
+    if "run" in expert:
+        return f"- {expert['name']}: the best merge of run `{expert['run']}`"
+    return f"- {expert['name']}: the merge of recipe `{expert['recipe']}`"
 
 
 def card_base_models(config: RunConfig) -> list[str]:

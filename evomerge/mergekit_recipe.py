@@ -138,31 +138,34 @@ def mergekit_config(
     return config
 
 
-def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str) -> dict[str, Any]:
+def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str, head: int = 0) -> dict[str, Any]:
     """The mergekit ``passthrough`` configuration that stacks the layers of a data-flow ``path``.
 
     Runs of consecutive layers of one source become one slice (``layer_range`` is half-open), and
     a slice may repeat layers another already took. mergekit takes the embeddings from the first
-    slice's model and the final norm and head from the last one's; ours are the first source's,
+    slice's model and the final norm and head from the last one's; ours are the head source's,
     so an empty slice of it opens or closes the list where a path starts or ends elsewhere.
-    ``sources`` are the model references, None for a source mergekit cannot read (a run's best).
+    ``sources`` are the model references, None for a source mergekit cannot read (a recorded
+    merge: a run's best or an export's recipe).
     """
     if any(scale != 1.0 for scale in path.scales):
         raise NotExpressible("passthrough copies layers unscaled and this path scales the hidden state")
-    used = {source for source, _ in path.layers} | {0}
+    used = {source for source, _ in path.layers} | {head}
     missing = [i for i in sorted(used) if sources[i] is None]
     if missing:
         name = path.source_labels[missing[0]] if path.source_labels else str(missing[0])
-        raise NotExpressible(f"source '{name}' is a run's best merge, not a model mergekit can read (export that run first)")
+        raise NotExpressible(
+            f"source '{name}' is a recorded merge (run or recipe), not a model mergekit can read (name its export's directory as path)"
+        )
     runs: list[list[int]] = []  # [source, start, stop]
     for source, layer in path.layers:
         if runs and runs[-1][0] == source and runs[-1][2] == layer:
             runs[-1][2] += 1
         else:
             runs.append([source, layer, layer + 1])
-    if runs[0][0] != 0:
-        runs.insert(0, [0, 0, 0])
-    if runs[-1][0] != 0:
-        runs.append([0, 0, 0])
+    if runs[0][0] != head:
+        runs.insert(0, [head, 0, 0])
+    if runs[-1][0] != head:
+        runs.append([head, 0, 0])
     slices = [{"sources": [{"model": sources[s], "layer_range": [start, stop]}]} for s, start, stop in runs]
     return {"slices": slices, "merge_method": "passthrough", "dtype": dtype}

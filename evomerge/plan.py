@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from pydantic import ValidationError
 
 from evomerge.config import CONFIG_NAME, DataConfig, MergeConfig, RunConfig, field_path
-from evomerge.errors import ConfigError, UserError
+from evomerge.errors import ConfigError, RunDirError, UserError
 from evomerge.fitness import brings_own_examples, may_spend_api_usage, own_examples
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
@@ -145,8 +145,12 @@ class RunPlan:
         method, models = self.method, self.config.models
         n = len(models.experts)
         for i, expert in enumerate(models.experts):
-            if expert.run is not None:
-                raise self._fail(f"models.experts.{i}.run", "a run's best merge is a source of merge.space 'dataflow' only; give a model path")
+            for field_name in ("run", "recipe"):
+                if getattr(expert, field_name) is not None:
+                    raise self._fail(
+                        f"models.experts.{i}.{field_name}",
+                        f"a recorded merge ({field_name}) is a source of merge.space 'dataflow' only; give a model path",
+                    )
         if method.needs_base and models.base is None:
             raise self._fail("merge.method", f"'{method.name}' combines task vectors and needs models.base")
         if n < method.min_models or (method.max_models is not None and n > method.max_models):
@@ -173,27 +177,44 @@ class RunPlan:
         if merge_fields:
             raise self._fail(f"merge.{merge_fields[0]}", "merge parameters do not apply to merge.space 'dataflow'; remove it")
         if config.models.base is not None:
-            raise self._fail("models.base", "the data-flow space runs the experts' own layers (the first supplies the head); remove models.base")
+            raise self._fail(
+                "models.base", "the data-flow space runs the experts' own layers (the head source supplies the head); remove models.base"
+            )
         if config.api is not None:
             raise self._fail("merge.space", "a data-flow path runs on white-box workers; remove the api section")
 
-    def _check_source_runs(self) -> None:
-        """A run source must hold a best merge the workers can rebuild: a parameter-space run
-        with at least one successful evaluation."""
-        from evomerge.runs import recorded_best
+    def _check_merge_sources(self) -> None:
+        """A run or recipe source must name a merge the workers can rebuild: a parameter-space
+        run's successful candidate, over models this machine holds."""
+        from evomerge.source_merges import RecipeFileError, recorded_merge
 
         config = self.config
         for i, expert in enumerate(config.models.experts):
-            if expert.run is None:
+            if expert.path is not None:
                 continue
-            where, run_dir = f"models.experts.{i}.run", config.resolve_path(expert.run)
-            if not (run_dir / CONFIG_NAME).is_file():
-                raise self._fail(where, f"{run_dir} is not a run directory (no {CONFIG_NAME})")
-            best, source = recorded_best(run_dir)
-            if best is None:
-                raise self._fail(where, f"run {run_dir} has no successful evaluation yet; run it first")
+            field_name = "run" if expert.run is not None else "recipe"
+            where, named = f"models.experts.{i}.{field_name}", config.resolve_path(expert.source)
+            if expert.run is not None and not (named / CONFIG_NAME).is_file():
+                raise self._fail(where, f"{named} is not a run directory (no {CONFIG_NAME})")
+            try:
+                merge = recorded_merge(config, expert)
+            except RecipeFileError as exc:
+                raise self._fail(where, str(exc)) from None
+            except RunDirError:
+                raise self._fail(where, f"run {named} has no successful evaluation yet; run it first") from None
+            source = merge.config
             if source.merge.space != "parameter":
-                raise self._fail(where, f"run {run_dir} searched merge.space '{source.merge.space}'; a source run must merge parameters")
+                raise self._fail(where, f"{field_name} {named} searched merge.space '{source.merge.space}'; a source must merge parameters")
+            if merge.population not in [p.name for p in source.populations]:
+                raise self._fail(where, f"{named}: its config has no population '{merge.population}' to decode the genome in")
+            try:
+                models = RunPlan.from_config(source, f"{named} (its config)").local_models()
+            except ConfigError as exc:
+                raise self._fail(where, str(exc)) from None
+            for model_field, ref in models:
+                resolved = source.model_ref(ref)
+                if Path(resolved).is_absolute() and not Path(resolved).exists():
+                    raise self._fail(where, f"{named} merges {resolved} ({model_field}), which is not on this machine")
 
     def _population(self, i: int, budgets: Mapping[str, int | None]) -> PopulationPlan:
         pop, config = self.config.populations[i], self.config
@@ -325,9 +346,10 @@ class RunPlan:
 
     @property
     def working_model(self) -> str:
-        """The model whose parameters merges are written into: the base, else the first expert."""
+        """The model whose parameters merges are written into: the base, else the first expert (in
+        the data-flow space, the head source a path runs in)."""
         config = self.config
-        return (config.model_ref(config.models.base) if config.models.base else config.expert_model(config.models.experts[0]))
+        return config.model_ref(config.models.base) if config.models.base else config.expert_model(config.models.experts[config.head])
 
     def local_models(self) -> list[tuple[str, str]]:
         """(field, reference) of the models this machine reads: all of them in white-box runs; in
@@ -349,7 +371,7 @@ class RunPlan:
             if Path(resolved).is_absolute() and not Path(resolved).exists():
                 raise self._fail(field_name, f"model directory not found: {resolved}")
         if self.dataflow:
-            self._check_source_runs()
+            self._check_merge_sources()
             self.path_space()
         for field_name, data in self._data_sections():
             if data.source.startswith("hf:"):  # a hub dataset is fetched by the workers, not here
@@ -450,7 +472,7 @@ class RunPlan:
         try:
             return PathSpace(
                 tuple(counts), flow.repeats, flow.scaling, tuple(flow.scale_bounds), flow.max_layers,
-                tuple(config.models.expert_labels()),
+                tuple(config.models.expert_labels()), config.head,
             )
         except ValueError as exc:
             raise self._fail("merge.dataflow", str(exc)) from None

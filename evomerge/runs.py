@@ -39,8 +39,9 @@ def resolved_config_dict(plan: RunPlan) -> dict[str, Any]:
     for expert in models["experts"]:
         if expert["path"] in local:
             expert["path"] = config.model_ref(expert["path"])
-        if expert["run"] is not None:  # a run source (data-flow space): the run directory
-            expert["run"] = str(config.resolve_path(expert["run"]))
+        for recorded in ("run", "recipe"):  # a recorded merge (data-flow source): its directory or file
+            if expert[recorded] is not None:
+                expert[recorded] = str(config.resolve_path(expert[recorded]))
     if config.api is not None and config.api.adapter_dir is not None:
         data["api"]["adapter_dir"] = str(config.resolve_path(config.api.adapter_dir))
     for key in ("data", "test_data"):

@@ -83,7 +83,7 @@ def test_cmaes_and_m2n2_search_paths_and_the_best_exports_as_a_plain_model(sourc
     store = RunStore(tmp_path / "run", readonly=True)
     path = space.decode(store.best().genome)
     store.close()
-    paths = PathMaterializer.from_models(load("a"), [load("b")])
+    paths = PathMaterializer.from_models([load("a"), load("b")])
     paths.apply(path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert reloaded.config.num_hidden_layers == len(path)
@@ -95,6 +95,40 @@ def test_cmaes_and_m2n2_search_paths_and_the_best_exports_as_a_plain_model(sourc
     assert [(step["source"], step["layer"]) for step in recipe["recipe"]["path"]] == [
         (("a", "b")[s], layer) for s, layer in path.layers
     ]
+
+
+def test_a_head_source_starts_from_its_own_model_and_exports_in_its_embeddings_and_head(sources, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.plan import RunPlan
+    from evomerge.records import Candidate
+    from evomerge.workers.whitebox import WhiteBoxWorker
+
+    config_path = write_config(sources, tmp_path, dataflow={"head_source": "b"}, evaluations=6)
+    load = lambda name: AutoModelForCausalLM.from_pretrained(sources / name).eval()  # noqa: E731
+    ids = torch.tensor([AutoTokenizer.from_pretrained(sources / "b")("12+30=")["input_ids"]])
+    worker = WhiteBoxWorker(RunPlan.from_config(load_config(config_path)))
+    try:
+        x0 = worker.space.search_spec().x0
+        assert worker.space.decode(x0).layers == ((1, 0), (1, 1), (1, 2))
+        worker.materialize(Candidate("x0", "cma", x0))
+        with torch.no_grad():
+            torch.testing.assert_close(worker.models.model(ids).logits, load("b")(ids).logits, rtol=0, atol=0)
+    finally:
+        worker.close()
+    assert main(["run", config_path]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    store = RunStore(tmp_path / "run", readonly=True)
+    path = PathSpace((2, 3), repeats=2, head=1).decode(store.best().genome)
+    store.close()
+    paths = PathMaterializer.from_models([load("a"), load("b")], head=1)
+    paths.apply(path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, paths.model(ids).logits, rtol=0, atol=1e-5)
+    head = load("b").lm_head.weight
+    assert torch.equal(reloaded.lm_head.weight, head) and not torch.equal(load("a").lm_head.weight, head)
+    assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["recipe"]["head"] == "b"
 
 
 def test_matrix_scaling_runs_with_the_papers_w_genes(sources, tmp_path):
@@ -129,6 +163,8 @@ def test_a_run_interrupted_mid_search_resumes_to_its_budget(sources, tmp_path):
         (dict(dataflow={"repeats": 0}), "merge.dataflow.repeats"),
         (dict(method="ties"), "merge.method: merge parameters do not apply to merge.space 'dataflow'"),
         (dict(space="parameter"), "merge: dataflow only applies to space 'dataflow'"),
+        (dict(dataflow={"head_source": "c"}), "merge.dataflow.head_source: 'c' is not a source's name (one of: a, b)"),
+        (dict(dataflow={"head_source": 2}), "merge.dataflow.head_source: 2 is not a source's index (0 to 1)"),
     ],
 )
 def test_bad_dataflow_configs_are_one_line_and_exit_2(sources, tmp_path, capsys, edit, message):
@@ -159,7 +195,7 @@ def test_mergekit_passthrough_rebuilds_a_path_that_repeats_layers_and_starts_and
 
     load = lambda name: AutoModelForCausalLM.from_pretrained(sources / name).eval()  # noqa: E731
     path = Path(((1, 1), (0, 0), (0, 1), (0, 1), (1, 2)), (1.0,) * 5)
-    paths = PathMaterializer.from_models(load("a"), [load("b")])
+    paths = PathMaterializer.from_models([load("a"), load("b")])
     ours = stacked_model(paths, path).state_dict()
     document = passthrough_config(path, [str(sources / "a"), str(sources / "b")], "float32")
     assert [s["sources"][0]["layer_range"] for s in document["slices"]] == [[0, 0], [1, 2], [0, 2], [1, 2], [2, 3], [0, 0]]

@@ -75,7 +75,12 @@ def test_a_passthrough_names_only_models_mergekit_can_read_and_no_scales():
     document = passthrough_config(path, ["a", None], "bfloat16")  # source 1 (a run) is not on the path
     assert document["slices"] == [{"sources": [{"model": "a", "layer_range": [0, 2]}]}, {"sources": [{"model": "a", "layer_range": [1, 2]}]}]
     assert document["merge_method"] == "passthrough" and document["dtype"] == "bfloat16"
-    with pytest.raises(NotExpressible, match="source '0' is a run's best merge"):
+    with pytest.raises(NotExpressible, match="source '0' is a recorded merge"):
         passthrough_config(path, [None, "b"], "float32")
     with pytest.raises(NotExpressible, match="scales the hidden state"):
         passthrough_config(Path(path.layers, (1.0, 0.5, 1.0)), ["a", "b"], "float32")
+    # with the head source b, mergekit must take the embeddings and the head from b: empty slices of it
+    headed = passthrough_config(path, ["a", "b"], "float32", head=1)
+    assert [(s["sources"][0]["model"], s["sources"][0]["layer_range"]) for s in headed["slices"]] == [
+        ("b", [0, 0]), ("a", [0, 2]), ("a", [1, 2]), ("b", [0, 0])
+    ]

@@ -75,7 +75,7 @@ def test_a_ps_runs_best_is_a_dataflow_source_with_its_merged_weights(ps_run):
     assert main(["export", str(ps_run / "dfs"), "--out", str(ps_run / "dfs-out")]) == 0
     recipe = yaml.safe_load((ps_run / "dfs-out" / "recipe.yaml").read_text())
     assert recipe["experts"][0] == {"name": "ps-best", "run": str(ps_run / "ps")}
-    assert "source 'ps-best' is a run's best merge" in recipe["mergekit"] or "scales the hidden state" in recipe["mergekit"]
+    assert "source 'ps-best' is a recorded merge" in recipe["mergekit"] or "scales the hidden state" in recipe["mergekit"]
     # the PS best's weights by hand: linear with normalize, the recorded weights of its best genome
     assert main(["export", str(ps_run / "ps"), "--out", str(ps_run / "ps-out")]) == 0
     weights = yaml.safe_load((ps_run / "ps-out" / "recipe.yaml").read_text())["recipe"]["groups"][0]["weight"]
@@ -98,12 +98,47 @@ def test_a_ps_runs_best_is_a_dataflow_source_with_its_merged_weights(ps_run):
         worker.close()
 
 
+def test_an_exported_recipe_is_a_source_equal_to_its_runs_best(ps_run):
+    from evomerge.config import ExpertRef
+    from evomerge.source_merges import recorded_merge
+    from evomerge.workers.merge_source import materialize_merge
+
+    assert main(["export", str(ps_run / "ps"), "--out", str(ps_run / "ps-export")]) == 0
+    # the recipe travels alone: nothing of the run directory it came from is read
+    document = yaml.safe_load((ps_run / "ps-export" / "recipe.yaml").read_text())
+    document["config"]["run_dir"] = str(ps_run / "gone")
+    (ps_run / "moved").mkdir()
+    (ps_run / "moved" / "recipe.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    path = dfs_config(ps_run, "dfs-recipe", [{"recipe": "moved/recipe.yaml"}, "./c"])
+    assert main(["run", path]) == 0
+    store = RunStore(ps_run / "dfs-recipe", readonly=True)
+    try:
+        assert [b["name"] for b in store.baselines()] == ["moved", "c"] and store.best() is not None
+    finally:
+        store.close()
+    config, cpu = load_config(path), torch.device("cpu")
+    # the worker starts as a run source's does: the PS run's worker first, then the merge
+    fastest = lambda config: next(iter(tier_memory(config, cpu).values()))  # noqa: E731
+    assert fastest(config).peak == fastest(load_config(ps_run / "ps.yaml")).peak
+    by_recipe, _ = materialize_merge(recorded_merge(config, config.models.experts[0]), cpu, torch.float32)
+    by_run, _ = materialize_merge(recorded_merge(config, ExpertRef(run="ps")), cpu, torch.float32)
+    ours, theirs = by_recipe.state_dict(), by_run.state_dict()
+    assert set(ours) == set(theirs)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize(
     "experts, extra, message",
     [
         ([{"run": "nowhere"}, "./c"], {}, "models.experts.0.run: "),
-        ([{"run": "ps", "path": "./a"}], {}, "models.experts.0: give an expert either path"),
-        ([{"run": "dfs-src"}, "./c"], {}, "a source run must merge parameters"),
+        ([{"recipe": "nowhere.yaml"}, "./c"], {}, "models.experts.0.recipe: recipe file not found"),
+        ([{"recipe": "a"}, "./c"], {}, "is a directory; give the recipe.yaml an export wrote inside it"),
+        ([{"recipe": "data.jsonl"}, "./c"], {}, "not a YAML recipe file as evomerge export writes it"),
+        ([{"recipe": "ps.yaml"}, "./c"], {}, "the recipe has no candidate_id to rebuild its merge from"),
+        ([{"recipe": "ps.yaml", "run": "ps"}], {}, "models.experts.0: give an expert exactly one of path"),
+        ([{"run": "ps", "path": "./a"}], {}, "models.experts.0: give an expert exactly one of path"),
+        ([{"run": "dfs-src"}, "./c"], {}, "a source must merge parameters"),
     ],
 )
 def test_bad_run_sources_are_one_line_and_exit_2(ps_run, capsys, experts, extra, message):
@@ -119,4 +154,4 @@ def test_a_run_source_outside_the_dataflow_space_is_refused(ps_run, capsys):
     config["models"]["experts"] = [{"run": "ps"}, "./b"]
     (ps_run / "ps-src.yaml").write_text(yaml.safe_dump(config))
     assert main(["validate", str(ps_run / "ps-src.yaml")]) == 2
-    assert "models.experts.0.run: a run's best merge is a source of merge.space 'dataflow' only" in capsys.readouterr().err
+    assert "models.experts.0.run: a recorded merge (run) is a source of merge.space 'dataflow' only" in capsys.readouterr().err

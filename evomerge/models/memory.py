@@ -13,6 +13,10 @@ it is built: on a GPU, or when its checkpoint must be converted to the run's dty
 merged into the base (a checkpoint read on the CPU in its own dtype stays in the page cache). For a
 method over LoRA factors the experts are adapters: the base plus one adapter-sized slot per expert.
 
+A data-flow worker holds its sources' layers and, per position of the longest path it may score,
+a KV cache (:mod:`evomerge.models.path_memory`); a path length that cannot fit is refused naming
+``merge.dataflow.max_layers`` and the longest that can.
+
 The check takes the fastest tier that fits (``models.residency: auto``) or the one the config
 names, and refuses a run that fits none before anything loads, with the figures, instead of dying
 halfway through loading (or swapping a machine to a halt). A worker spanning several devices
@@ -46,6 +50,18 @@ WORK_ITEMSIZE = 8
 
 
 @dataclass(frozen=True)
+class PathMemory:
+    """What a data-flow path adds to a worker's memory (see :mod:`evomerge.models.path_memory`)."""
+
+    per_position: int  # bytes of KV cache one path position holds for the largest batch
+    positions: int  # the longest path counted: merge.dataflow.max_layers, else every slot
+    shortest: int  # the head source's own depth: the initial path
+    loading_peak: int  # bytes on the device while the sources load, before any path runs
+    batch: str  # the batch the KV cache is counted for, in words
+    bounded: bool  # merge.dataflow.max_layers is set (else every slot counts)
+
+
+@dataclass(frozen=True)
 class WorkerMemory:
     tier: str  # the memory tier the experts are held in
     device_peak: int  # bytes on the worker's device at its peak
@@ -59,6 +75,7 @@ class WorkerMemory:
     shards: ShardPlan | None = None
     """For a worker spanning several devices: the module of each and every device's peak
     (``device_peak`` is the largest)."""
+    path: PathMemory | None = None  # the data-flow space: what the path's length adds
 
     @property
     def peak(self) -> int:
@@ -87,7 +104,7 @@ class FreeMemory:
         return cls(available_bytes(device) if device.type == "cuda" else host, host)
 
 
-def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
+def total_numel(shapes: dict[str, tuple[int, ...]]) -> int:
     return sum(int(torch.Size(s).numel()) for s in shapes.values())
 
 
@@ -113,11 +130,13 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
     dtype = run_dtype(config)
     itemsize = ITEMSIZE[dtype]
     if plan.dataflow:
-        return {"device": _dataflow_memory(config, device, dtype)}
+        from evomerge.models.path_memory import dataflow_memory
+
+        return {"device": dataflow_memory(config, device, dtype)}
     refs = [config.expert_model(e) for e in config.models.experts]
     n = len(refs)
     shapes = parameter_shapes(plan.working_model)
-    numel = _numel(shapes)
+    numel = total_numel(shapes)
     model = numel * itemsize
     refused = refused_tiers(plan)
     spans = config.models.devices
@@ -150,7 +169,7 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         # fresh copy of the base); else loading reads its file through the page cache
         built = any(is_adapter(ref) or stored_dtype(ref) != dtype for ref in refs)
         merged_names = plan.space(list(shapes)).tensor_groups  # frozen towers have no expert copies
-        merged = _numel({name: shape for name, shape in shapes.items() if name in merged_names}) * itemsize
+        merged = total_numel({name: shape for name, shape in shapes.items() if name in merged_names}) * itemsize
         held = model + merged * rows
         costs = {  # what a device needs for the weights it holds (all of them, on one device)
             "device": ShardCost(held_rows=rows, work=work, loading=built or device.type == "cuda"),
@@ -179,37 +198,6 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         for tier in TIERS
         if tier in figures and tier not in refused
     }
-
-
-def _dataflow_memory(config: RunConfig, device: torch.device, dtype: str) -> WorkerMemory:
-    """A data-flow worker holds the first source whole and the other sources' decoder layers on its
-    device; a path points at them and copies nothing, so its length adds no weights. Sources load
-    whole, one after another, before the others' embeddings and heads are dropped; a run source is
-    first rebuilt by that run's own worker (its fastest tier's peak, then its merged model)."""
-    from evomerge.runs import recorded_best
-    from evomerge.space.merge_space import layer_index
-
-    itemsize = ITEMSIZE[dtype]
-    resident, device_peak, host_peak, loaded = 0, 0, 0, 0
-    for i, expert in enumerate(config.models.experts):
-        shapes = parameter_shapes(config.expert_model(expert))
-        whole = _numel(shapes) * itemsize
-        if expert.run is None:
-            device_peak = max(device_peak, loaded + whole)
-        else:
-            rebuilt = next(iter(tier_memory(recorded_best(config.resolve_path(expert.run))[1], device).values()))
-            device_peak, host_peak = max(device_peak, loaded + rebuilt.device_peak), max(host_peak, rebuilt.host_peak)
-        loaded += whole
-        resident += whole if i == 0 else _numel({k: v for k, v in shapes.items() if layer_index(k) is not None}) * itemsize
-    n = len(config.models.experts)
-    return WorkerMemory(
-        tier="device",
-        device_peak=max(device_peak, resident),
-        host_peak=host_peak,
-        resident=resident,
-        description=f"the first source and the decoder layers of {n - 1} more on {device.type}",
-        dtype=dtype,
-    )
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -278,6 +266,8 @@ def check_memory(
         if short is None:
             return need
         shortfalls.append(f"memory tier '{need.tier}' ({need.description}) needs {short}")
+    if candidates[0].path is not None:
+        _refuse_path_length(candidates[0], workers, device, free)
     dtype = candidates[0].dtype
     chosen = "models.dtype auto: the checkpoints' own" if config.models.dtype == "auto" else "models.dtype"
     narrower = ", use models.dtype bfloat16" if dtype == "float32" else ""
@@ -323,6 +313,26 @@ def _sharded(
 
 def _sizes(figures: Sequence[int | None]) -> str:
     return ", ".join("unknown" if f is None else size(f) for f in figures)
+
+
+def _refuse_path_length(need: WorkerMemory, workers: int, device: torch.device, free: FreeMemory) -> None:
+    """A data-flow run whose sources fit but whose longest paths' KV cache does not is refused
+    naming ``merge.dataflow.max_layers`` and the longest paths that fit; returns where even the
+    sources alone do not (the general refusal says so)."""
+    from evomerge.models.path_memory import with_path_length
+
+    path = need.path
+    assert path is not None
+    fitting = [n for n in range(path.shortest, path.positions) if _shortfall(with_path_length(need, n), workers, device, free) is None]
+    if not fitting:
+        return
+    counted = "merge.dataflow.max_layers" if path.bounded else "every slot, as merge.dataflow.max_layers is unset"
+    raise InsufficientMemoryError(
+        f"merge.dataflow.max_layers: {workers} worker(s) scoring paths of up to {path.positions} layers ({counted}) need"
+        f" {_shortfall(need, workers, device, free)}: {size(need.resident)} of weights and {size(path.per_position)} of KV"
+        f" cache per path layer ({path.batch}); set merge.dataflow.max_layers to {fitting[-1]} or less, or lower"
+        " fitness.options.batch_size"
+    )
 
 
 def summary(need: WorkerMemory, device: torch.device) -> str:

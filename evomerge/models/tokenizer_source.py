@@ -1,9 +1,9 @@
 """The tokenizer, chat template, special tokens and generation config an export carries.
 
-The merged weights live in the working model (the base, or the first expert without one), so by
-default everything else comes from it too. An instruct merge over a pretrained base needs the
-experts' instead: their chat template, their end-of-turn token as ``eos_token_id``, their
-generation defaults. ``export.tokenizer_source`` names the model they come from and
+The merged weights live in the working model (the base, or the first expert without one; a
+data-flow path runs in its head source), so by default everything else comes from it too. An
+instruct merge over a pretrained base needs the experts' instead: their chat template, their
+end-of-turn token as ``eos_token_id``, their generation defaults. ``export.tokenizer_source`` names the model they come from and
 ``export.chat_template`` the template (mergekit's options of the same names).
 """
 
@@ -24,7 +24,7 @@ SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 def source_ref(config: RunConfig, name: str) -> str:
     """The model ``base`` or an expert's name refers to (names are checked when the config loads)."""
     if name == "base":
-        return (config.model_ref(config.models.base) if config.models.base else config.expert_model(config.models.experts[0]))
+        return config.model_ref(config.models.base) if config.models.base else config.expert_model(config.models.experts[config.head])
     expert = config.models.experts[config.models.expert_labels().index(name)]
     return config.expert_model(expert)
 

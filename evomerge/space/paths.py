@@ -12,8 +12,10 @@ layer (granularity ``per_slot``); or, as the paper's W (``matrix``), one scale p
 searched (``none``, the paper's ablation that costs it more than 20 %). Scales are searched on a log scale, so the unit cube's centre of the
 default bounds [1/2, 2] is exactly 1 and halving weighs as much as doubling.
 
-The initial genome switches on the first repetition of source 0's layers only, so it decodes to
-source 0's own path at scale 1: the search starts from a model it reproduces exactly.
+The path runs in the embeddings, final norm and head of one source, the head source (the first
+unless ``merge.dataflow.head_source`` names another). The initial genome switches on the first
+repetition of the head source's layers only, so it decodes to that source's own path at scale 1:
+the search starts from a model it reproduces exactly.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ class PathError(ValueError):
 @dataclass(frozen=True)
 class Path:
     """A decoded genome: the layers a token passes through, in order, as (source, layer) pairs,
-    and the scale applied to the hidden state entering each."""
+    and the scale applied to the hidden state entering each, in the head source's embeddings and
+    head."""
 
     layers: tuple[tuple[int, int], ...]
     scales: tuple[float, ...]
     source_labels: tuple[str, ...] = ()
+    head: int = 0
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -52,6 +56,7 @@ class Path:
         label = (lambda s: self.source_labels[s]) if self.source_labels else str
         return {
             "space": "dataflow",
+            "head": label(self.head),
             "path": [{"source": label(s), "layer": layer, "scale": scale} for (s, layer), scale in zip(self.layers, self.scales)],
         }
 
@@ -66,10 +71,13 @@ class PathSpace:
     scale_bounds: tuple[float, float] = (0.5, 2.0)
     max_layers: int | None = None
     source_labels: tuple[str, ...] = ()
+    head: int = 0
 
     def __post_init__(self) -> None:
         if not self.layer_counts or min(self.layer_counts) < 1:
             raise ValueError("a data-flow space needs at least one source with layers")
+        if not 0 <= self.head < len(self.layer_counts):
+            raise ValueError(f"head source {self.head} is not one of the {len(self.layer_counts)} sources")
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {self.repeats}")
         if self.scaling not in SCALINGS:
@@ -79,10 +87,10 @@ class PathSpace:
             raise ValueError(f"scale bounds must satisfy 0 < low < high, got [{low}, {high}]")
         if not low <= 1.0 <= high:
             raise ValueError(f"scale bounds [{low}, {high}] must contain 1, the initial path's scale")
-        if self.max_layers is not None and self.max_layers < self.layer_counts[0]:
+        if self.max_layers is not None and self.max_layers < self.layer_counts[self.head]:
             raise ValueError(
-                f"max_layers {self.max_layers} is shorter than the initial path (the first source's"
-                f" {self.layer_counts[0]} layers)"
+                f"max_layers {self.max_layers} is shorter than the initial path (the head source's"
+                f" {self.layer_counts[self.head]} layers)"
             )
 
     # --- layout ----------------------------------------------------------------------------------
@@ -122,10 +130,10 @@ class PathSpace:
 
     # --- genomes ---------------------------------------------------------------------------------
     def encode(self, layers: Sequence[tuple[int, int]] | None = None, scales: Sequence[float] | None = None) -> np.ndarray:
-        """The genome of a path given as slots switched on in order (default: source 0's own path)
+        """The genome of a path given as slots switched on in order (default: the head source's own path)
         and their scales (default 1). A path must visit the slots in slot order: ``layers`` are
         matched greedily to the first free slot after the previous one."""
-        layers = [(0, layer) for layer in range(self.layer_counts[0])] if layers is None else list(layers)
+        layers = [(self.head, layer) for layer in range(self.layer_counts[self.head])] if layers is None else list(layers)
         scales = [1.0] * len(layers) if scales is None else list(scales)
         if len(scales) != len(layers):
             raise ValueError(f"{len(layers)} layers but {len(scales)} scales")
@@ -156,7 +164,7 @@ class PathSpace:
         return self.encode()
 
     def search_spec(self) -> SearchSpec:
-        """The strategies' view: the unit cube, starting at source 0's own path."""
+        """The strategies' view: the unit cube, starting at the head source's own path."""
         return SearchSpec(self.dim, self.x0(), self.genes)
 
     def decode(self, genome: np.ndarray) -> Path:
@@ -172,19 +180,19 @@ class PathSpace:
             raise PathError(f"the path has {chosen.size} layers, more than merge.dataflow.max_layers ({self.max_layers})")
         layers = tuple(self.slots[i] for i in chosen)
         if self.scaling == "none":
-            return Path(layers, (1.0,) * len(layers), tuple(self.source_labels))
+            return Path(layers, (1.0,) * len(layers), tuple(self.source_labels), self.head)
         scale_gene = self.genes[1]
         scales = np.exp(scale_gene.to_real(unit[scale_gene.start : scale_gene.stop]))
         if self.scaling == "per_slot":
             picked = [scales[i] for i in chosen]
         else:
             picked = [scales[self.transition(prev, layer)] for prev, layer in zip((None, *layers[:-1]), layers)]
-        return Path(layers, tuple(float(x) for x in picked), tuple(self.source_labels))
+        return Path(layers, tuple(float(x) for x in picked), tuple(self.source_labels), self.head)
 
     def source_alone(self, source: int) -> Path:
         """The path through every layer of one source, in order, at scale 1."""
         n = self.layer_counts[source]
-        return Path(tuple((source, layer) for layer in range(n)), (1.0,) * n, tuple(self.source_labels))
+        return Path(tuple((source, layer) for layer in range(n)), (1.0,) * n, tuple(self.source_labels), self.head)
 
     def summary(self) -> dict:
         """What the run store records of the space a population searches."""

@@ -3,7 +3,8 @@
 No weight is copied. A candidate's path becomes a new ``ModuleList`` over the sources' own decoder
 layers; a layer that appears at several positions is a shallow copy sharing its parameters, with
 its own ``layer_idx`` so each position keeps its own slot in the KV cache. A scale other than 1 is
-applied to the hidden state entering its layer by a thin wrapper. The working model's config is
+applied to the hidden state entering its layer by a thin wrapper. The working model is the head
+source (its embeddings, final norm and head; ``merge.dataflow.head_source``), and its config is
 its own copy whose ``num_hidden_layers`` (and ``layer_types``, for models that mix sliding and full
 attention) follow the path, which is what transformers reads to run the layers and size the cache.
 Switching candidates therefore costs a list of shallow copies, never a tensor.
@@ -58,24 +59,26 @@ def at_position(layer: nn.Module, position: int) -> nn.Module:
 
 
 class PathMaterializer:
-    """Holds every source's decoder layers and points the working model (source 0) at a path."""
+    """Holds every source's decoder layers and points the working model (the head source) at a path."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[Sequence[nn.Module]], layer_types: Sequence[Sequence[str] | None]) -> None:
+    def __init__(
+        self, model: nn.Module, layers: Sequence[Sequence[nn.Module]], layer_types: Sequence[Sequence[str] | None], head: int = 0
+    ) -> None:
         self.model = model
         self.decoder = decoder_stack(model)
         self.layers = [list(source) for source in layers]
         self.layer_types = [None if t is None else list(t) for t in layer_types]
+        self.head = head
         self.base_config = copy.deepcopy(model.config)
         self.path: Path | None = None
 
     @classmethod
-    def from_models(cls, working: nn.Module, others: Sequence[nn.Module]) -> "PathMaterializer":
-        """Source 0 is the working model itself (embeddings, final norm, head); of the others only
-        their decoder layers are kept."""
-        models = [working, *others]
+    def from_models(cls, models: Sequence[nn.Module], head: int = 0) -> "PathMaterializer":
+        """``models[head]`` becomes the working model itself (embeddings, final norm, head); of the
+        others only their decoder layers are kept."""
         layers = [list(decoder_stack(m).layers) for m in models]
         types = [getattr(m.config.get_text_config(), "layer_types", None) for m in models]
-        return cls(working, layers, types)
+        return cls(models[head], layers, types, head)
 
     def apply(self, path: Path) -> None:
         """Re-point the working model's layers at ``path`` (no weight is copied)."""
@@ -90,11 +93,11 @@ class PathMaterializer:
         self.path = path
 
     def path_config(self, path: Path):
-        """Source 0's config with the path's depth (and per-layer attention types)."""
+        """The head source's config with the path's depth (and per-layer attention types)."""
         config = copy.deepcopy(self.base_config)
         text = config.get_text_config()
         text.num_hidden_layers = len(path)
-        if self.layer_types[0] is not None:
+        if self.layer_types[self.head] is not None:
             text.layer_types = [self.layer_type(source, index) for source, index in path.layers]
         return config
 

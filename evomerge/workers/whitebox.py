@@ -46,6 +46,7 @@ from evomerge.models.sharding import Placement
 from evomerge.models.vocab import VocabularyAlignment, align_working_model, vocabulary_alignment
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
+from evomerge.space.codec import Codec
 from evomerge.space.merge_space import Space
 from evomerge.space.paths import PathSpace
 from evomerge.workers.base import Scored, Worker, racing_of
@@ -148,24 +149,44 @@ def load_resident_models(plan: RunPlan, placement: Placement, tier_name: str) ->
     return LoadedModels(model, tokenizer, materializer, space, list(targets), vocab)
 
 
+def merge_ready(plan: RunPlan) -> tuple[LoadedModels, dict[str, Codec], Placement]:
+    """Everything a candidate's merge needs, loaded once: the resident models (in the memory tier
+    and on the devices the memory check chose), one codec per population, and with Fisher merging
+    each expert's Fisher (estimated on its own data)."""
+    check_adapters_have_a_base(plan.config)
+    tier, placement = worker_placement(plan.config)
+    device = placement.primary
+    models = load_resident_models(plan, placement, tier)
+    layout = {} if plan.dataflow else {name: tuple(t.shape) for name, t in models.materializer.targets.items()}
+    codecs = plan.codecs(models.space, layout)
+    if plan.method.needs_fisher:  # estimated once, kept for the whole run
+        from evomerge.merge.fisher import FISHER_FLOOR
+        from evomerge.workers.fisher_estimate import expert_fishers
+
+        fishers = expert_fishers(plan.config, device, models.tensor_names, models.vocabulary)
+        models.materializer.set_fishers(fishers, FISHER_FLOOR)
+    return models, codecs, placement
+
+
 def _load_path_sources(plan: RunPlan, device: torch.device, dtype: torch.dtype) -> LoadedModels:
-    """For the data-flow space: the first source is the working model; the others lend their
-    decoder layers, resident beside it (their embeddings and heads are dropped). A run source is
-    that run's best merge, materialized here once."""
-    from evomerge.workers.run_source import best_merge
+    """For the data-flow space: the head source (``merge.dataflow.head_source``) is the working
+    model; the others lend their decoder layers, resident beside it (their embeddings and heads are
+    dropped). A run or recipe source is a recorded parameter-space merge, materialized here once."""
+    from evomerge.source_merges import recorded_merge
+    from evomerge.workers.merge_source import materialize_merge
 
     config = plan.config
 
     def source(expert) -> tuple[torch.nn.Module, object | None]:
-        if expert.run is not None:
-            return best_merge(config.resolve_path(expert.run), device, dtype)
+        if expert.path is None:
+            return materialize_merge(recorded_merge(config, expert), device, dtype)
         ref = config.model_ref(expert.path)
         return load_model(ref, device, dtype), load_tokenizer(ref)
 
-    working, tokenizer = source(config.models.experts[0])
-    others = [source(expert)[0] for expert in config.models.experts[1:]]
-    materializer = PathMaterializer.from_models(working, others)
-    del others
+    loaded = [source(expert) for expert in config.models.experts]
+    working, tokenizer = loaded[config.head]
+    materializer = PathMaterializer.from_models([model for model, _ in loaded], config.head)
+    del loaded
     gc.collect()
     return LoadedModels(working, tokenizer, materializer, plan.path_space(), [])
 
@@ -202,20 +223,10 @@ class WhiteBoxWorker(Worker):
         config = plan.config
         self.config = config
         self.worker_id = worker_id or f"local-{os.getpid()}"
-        check_adapters_have_a_base(config)
-        tier, self.placement = worker_placement(config)
+        self.models, self.codecs, self.placement = merge_ready(plan)
         self.device = self.placement.primary
-        self.models = load_resident_models(plan, self.placement, tier)
         self.dataflow = plan.dataflow
-        layout = {} if plan.dataflow else {name: tuple(t.shape) for name, t in self.models.materializer.targets.items()}
         self.space = self.models.space
-        self.codecs = plan.codecs(self.space, layout)
-        if plan.method.needs_fisher:  # estimated once, kept for the whole run
-            from evomerge.merge.fisher import FISHER_FLOOR
-            from evomerge.workers.fisher_estimate import expert_fishers
-
-            fishers = expert_fishers(config, self.device, self.models.tensor_names, self.models.vocabulary)
-            self.models.materializer.set_fishers(fishers, FISHER_FLOOR)
         self.fitness_name = config.fitness.name
         self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
         fitness = config.fitness
@@ -299,8 +310,8 @@ class WhiteBoxWorker(Worker):
 
         An expert is the linear merge with all weight on it, so it is applied like any candidate;
         the base is the reference the experts' task vectors are taken from. In the data-flow space a
-        source is the path through its own layers (in the first source's embeddings and head, which
-        is the first source exactly), and no base is scored alone.
+        source is the path through its own layers (in the head source's embeddings and head, which
+        is the head source exactly), and no base is scored alone.
         """
         n = len(self.config.models.experts)
         baselines = []

@@ -241,3 +241,25 @@ def test_a_model_in_training_mode_is_scored_in_eval_mode_and_handed_back_trainin
     model.train()
     np.testing.assert_array_equal(harness.lm_eval_fitness(model, tokenizer, documents, **tiny_harness_options()), evaluated)
     assert all(m.training for m in model.modules())
+
+
+def test_lm_eval_scores_a_data_flow_path_and_the_initial_path_as_its_head_source(llamas, tmp_path):
+    """A path model is scored per document as a merge is; the initial genome is the first source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.workers.whitebox import WhiteBoxWorker
+
+    config = _config(llamas, tmp_path, tiny_harness_options())
+    config["models"] = {"experts": [str(llamas / "expert0"), str(llamas / "expert1")], "device": "cpu"}
+    config["merge"] = {"space": "dataflow", "dataflow": {"repeats": 1}}
+    worker = WhiteBoxWorker(RunPlan.from_config(config_from_dict(config)))
+    space = worker.space
+    initial = worker.evaluate(Candidate("initial", "search", space.x0()))
+    crossed = worker.evaluate(Candidate("crossed", "search", space.encode([(0, 0), (1, 0), (1, 1)], [1.0, 1.5, 1.0])))
+    documents = own_examples("lm_eval", tiny_harness_options())
+    model = AutoModelForCausalLM.from_pretrained(llamas / "expert0").eval()
+    alone = harness.lm_eval_fitness(model, AutoTokenizer.from_pretrained(llamas / "expert0"), documents, **tiny_harness_options())
+    assert initial.status.value == crossed.status.value == "ok", crossed.error
+    np.testing.assert_array_equal(initial.per_example, alone)
+    assert crossed.per_example.shape == (len(documents),) and np.isfinite(crossed.per_example).all()
+    assert not np.array_equal(crossed.per_example, initial.per_example)  # the path changed what is scored

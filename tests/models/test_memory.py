@@ -237,3 +237,61 @@ def test_a_dataflow_estimate_equals_what_its_worker_holds(llamas):
     whole = sum(p.numel() * p.element_size() for p in worker.models.model.parameters())
     assert estimate.resident == sum(held.values())
     assert estimate.peak == 3 * whole  # the three sources load whole before the others' heads go
+
+
+def _long_rows_dataflow(llamas, tmp_path, **dataflow) -> dict:
+    """A data-flow run over the three 2-layer llamas scoring long rows: the KV cache of a long path
+    outweighs these tiny models."""
+    rows = [{"prompt": "1234567890+" * (4 + i), "target": "42" * (i + 1)} for i in range(3)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    document = _config(llamas, base=False)
+    document["run_dir"] = str(tmp_path / "run")
+    document["merge"] = {"space": "dataflow", "dataflow": {"repeats": 2, **dataflow}}
+    document["fitness"] = {"name": "negative_cross_entropy", "data": {"source": str(tmp_path / "long.jsonl")}, "options": {"batch_size": 2}}
+    return document
+
+
+def test_a_dataflow_estimate_counts_the_kv_cache_a_path_position_holds(llamas, tmp_path):
+    from evomerge.models.path_memory import with_path_length
+    from evomerge.space.paths import Path
+
+    config = config_from_dict(_long_rows_dataflow(llamas, tmp_path))
+    need = memory.tier_memory(config, CPU)["device"]
+    assert need.path.positions == 12 and need.path.shortest == 2  # 2 repeats of 3 × 2 layers; the head's depth
+    worker = WhiteBoxWorker(RunPlan.from_config(config))
+    try:
+        tokenizer = worker.models.tokenizer
+        longest = "1234567890+" * 6 + "42" * 3  # the longest row: two of its size fill a batch
+        ids = torch.tensor([tokenizer(longest)["input_ids"]] * 2)
+        path = Path(((0, 0), (1, 1), (2, 0), (0, 0), (1, 1)), (1.0,) * 5)
+        worker.models.materializer.apply(path)
+        with torch.no_grad():
+            cache = worker.models.model(ids, use_cache=True).past_key_values
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    finally:
+        worker.close()
+    assert held == 5 * need.path.per_position
+    assert with_path_length(need, 5).device_peak == max(need.path.loading_peak, need.resident + held)
+
+
+def test_a_path_too_long_for_memory_is_refused_naming_max_layers(llamas, tmp_path, monkeypatch, capsys):
+    from evomerge.models.path_memory import with_path_length
+
+    document = _long_rows_dataflow(llamas, tmp_path)
+    need = memory.tier_memory(config_from_dict(document), CPU)["device"]
+    room = with_path_length(need, 7).peak  # paths of 7 layers fit, 8 do not
+    assert need.path.loading_peak < room < need.peak  # the sources fit: what does not is the longest paths' cache
+    monkeypatch.setattr(memory, "available_bytes", lambda device: room)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "merge.dataflow.max_layers: 1 worker(s) scoring paths of up to 12 layers (every slot" in err
+    assert "set merge.dataflow.max_layers to 7 or less" in err and "batches of 2 × " in err
+    assert not (tmp_path / "run" / "run.db").exists()
+    # bounded there, the run fits; bounded higher, it is refused the same way
+    fits = config_from_dict(_long_rows_dataflow(llamas, tmp_path, max_layers=7))
+    assert memory.check_memory(fits, 1, CPU).path.positions == 7
+    with pytest.raises(InsufficientMemoryError, match=r"up to 9 layers \(merge.dataflow.max_layers\).*to 7 or less"):
+        memory.check_memory(config_from_dict(_long_rows_dataflow(llamas, tmp_path, max_layers=9)), 1, CPU)

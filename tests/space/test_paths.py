@@ -47,6 +47,9 @@ def test_empty_and_overlong_paths_are_failed_candidates_and_bad_spaces_are_refus
         space.decode(np.ones(space.dim))
     with pytest.raises(ValueError, match="shorter than the initial path"):
         PathSpace((4, 2), max_layers=3)
+    PathSpace((4, 2), max_layers=3, head=1)  # the initial path is the head source's: 2 layers
+    with pytest.raises(ValueError, match="the head source's 4 layers"):
+        PathSpace((2, 4), max_layers=3, head=1)
     with pytest.raises(ValueError, match="must contain 1"):
         PathSpace((2,), scale_bounds=(1.5, 2.0))
 

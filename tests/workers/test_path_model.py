@@ -76,7 +76,7 @@ def sources(request):
 def _working(sources):
     """A path materializer over deep copies (the working model's layer list is re-pointed)."""
     first, second = copy.deepcopy(sources[0]), copy.deepcopy(sources[1])
-    return PathMaterializer.from_models(first, [second])
+    return PathMaterializer.from_models([first, second])
 
 
 @torch.no_grad()
@@ -146,7 +146,7 @@ def test_scales_are_refused_where_folding_is_not_exact_and_unit_scales_stack_any
     config = transformers.Olmo2Config(**SMALL, num_hidden_layers=2)  # norms after the sublayers, no fold declared
     torch.manual_seed(0)
     olmo = transformers.AutoModelForCausalLM.from_config(config).eval()
-    paths = PathMaterializer.from_models(copy.deepcopy(olmo), [])
+    paths = PathMaterializer.from_models([copy.deepcopy(olmo)])
     with pytest.raises(ScaleFoldError, match="cannot be folded exactly into a olmo2 model"):
         exported(paths, Path(((0, 0), (0, 1)), (1.0, 1.5)))
     path = Path(((0, 1), (0, 0), (0, 1)), (1.0, 1.0, 1.0))
@@ -163,7 +163,7 @@ def test_a_path_too_long_for_memory_is_refused_before_its_layers_are_copied(monk
     source = _model("llama", 2, seed=1)
     layer = sum(p.numel() * p.element_size() for p in source.model.layers[0].parameters())
     outside = sum(p.numel() * p.element_size() for n, p in source.named_parameters() if ".layers." not in n)
-    paths = PathMaterializer.from_models(source, [])
+    paths = PathMaterializer.from_models([source])
     path = Path(((0, 0), (0, 1)) * 3, (1.0,) * 6)
     need = 2 * 6 * layer + outside  # six layer copies, loaded into a model of its own embeddings and head
     monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
