@@ -22,6 +22,7 @@ from evomerge.config import RunConfig, config_from_dict, load_config
 from evomerge.controller import Controller, Population, Progress, population_front
 from evomerge.errors import DiskError, RunChangedError, RunDirError
 from evomerge.executors import Executor, make_executor
+from evomerge.fitness.data import DATA_SCHEMES
 from evomerge.plan import RunPlan
 from evomerge.records import Evaluation
 from evomerge.store import CONFIG_NAME, RunStore, disk_faults
@@ -44,9 +45,11 @@ def resolved_config_dict(plan: RunPlan) -> dict[str, Any]:
                 expert[recorded] = str(config.resolve_path(expert[recorded]))
     if config.api is not None and config.api.adapter_dir is not None:
         data["api"]["adapter_dir"] = str(config.resolve_path(config.api.adapter_dir))
-    for key in ("data", "test_data"):
-        spec = data["fitness"].get(key)
-        if spec and not spec["source"].startswith("sklearn:"):
+    fitness = data["fitness"]
+    sections = [fitness[key] for key in ("data", "test_data")] + list(fitness["tasks"].values())
+    sections += [expert["data"] for expert in models["experts"]]
+    for spec in sections:
+        if spec is not None and not spec["source"].startswith(DATA_SCHEMES):
             spec["source"] = str(config.resolve_path(spec["source"]))
     data["run_dir"] = str(config.run_path())
     return data

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from evomerge.cli import main
-from evomerge.config import load_config, parse_duration
+from evomerge.config import DataConfig, load_config, parse_duration
 from evomerge.errors import ConfigError
 from evomerge.plan import RunPlan
 
@@ -196,3 +196,22 @@ def test_validate_imports_no_torch(tmp_path, case):
     )
     assert done.returncode == 0, done.stderr
     assert ": ok (" in done.stdout
+
+
+def test_the_snapshot_makes_every_data_file_absolute_and_keeps_dataset_names(digits_config, tmp_path):
+    """What resume and a recipe rebuild read: relative files resolved against the config's
+    directory (fitness data, per-task data, an expert's own data), dataset names unchanged."""
+    from evomerge.runs import resolved_config_dict
+
+    config = load_config(digits_config())
+    fitness = config.fitness.model_copy(update={
+        "test_data": DataConfig(source="hf:openai/gsm8k:main", split="test"),
+        "tasks": {"low": DataConfig(source="tasks/low.jsonl")},
+    })
+    experts = [e.model_copy(update={"data": DataConfig(source="own/data.npz")}) for e in config.models.experts]
+    config = config.model_copy(update={"fitness": fitness, "models": config.models.model_copy(update={"experts": experts})})
+    snapshot = resolved_config_dict(RunPlan(config))
+    assert snapshot["fitness"]["data"]["source"] == "sklearn:digits"
+    assert snapshot["fitness"]["test_data"]["source"] == "hf:openai/gsm8k:main"
+    assert snapshot["fitness"]["tasks"]["low"]["source"] == str(config.base_dir.resolve() / "tasks" / "low.jsonl")
+    assert {e["data"]["source"] for e in snapshot["models"]["experts"]} == {str(config.base_dir.resolve() / "own" / "data.npz")}

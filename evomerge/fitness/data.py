@@ -52,6 +52,8 @@ def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 TEXT_SUFFIXES = (".jsonl", ".csv")
+DATA_SCHEMES = ("sklearn:", "hf:")
+"""Sources that name a bundled or hub dataset rather than a file: never resolved as paths."""
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
