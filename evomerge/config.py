@@ -300,7 +300,8 @@ class RacingConfig(_Strict):
     stops when a ``z``-standard-error upper bound on its mean over all examples is below its
     population's ``top_k``-th best fully scored fitness (Wilson's bound for per-example scores in
     the range ``scores``, the normal one when ``scores`` is null: :mod:`evomerge.fitness.racing`);
-    one that survives every stage is scored on all examples in one call, exactly as without racing.
+    one that survives every stage is then scored on the examples the stages left, so it costs each
+    example once and records the per-example scores a run without racing records.
     """
 
     # Defaults measured best of those tried on both demos (benchmarks/README.md, racing.py).

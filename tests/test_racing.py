@@ -1,5 +1,5 @@
 """Racing end to end on the inline executor: candidates that cannot matter stop early with their
-fidelity recorded, survivors score exactly as without racing, off by default, resumable, and old
+fidelity recorded, survivors score exactly as without racing at the same cost, off by default, resumable, and old
 run directories read as fully scored."""
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def test_candidates_that_cannot_matter_stop_early_and_survivors_score_as_without
         assert e.fidelity == pytest.approx(scored.mean())
         assert e.metrics["examples_scored"] == scored.sum() < n_examples
         assert e.fitness == pytest.approx(float(np.mean(e.per_example[scored])), abs=1e-6)
+    for e in full:  # screened or not, a survivor scored each example once: what a run without racing pays
+        assert e.metrics["examples_scored"] == n_examples
     for population in ("cma", "m2n2"):  # a partial mean stays below its population's 3rd best full score
         ours = [e for e in evaluations if e.population == population]
         third = sorted((e.fitness for e in ours if e.fidelity == 1.0), reverse=True)[2]
@@ -82,7 +84,7 @@ def test_candidates_that_cannot_matter_stop_early_and_survivors_score_as_without
     assert main(["status", str(tmp_path / "r")]) == 0
     assert f"examples scored: {used} ({len(partial)} evaluations stopped early by racing)" in capsys.readouterr().out
 
-    # Survivors were scored on every example in one call: exactly what a run without racing gives.
+    # Survivors' stages and the rest put together: exactly what one call on every example gives.
     plain = WhiteBoxWorker(RunPlan.from_config(load_config(digits_config(populations=POPULATIONS, fitness=fitness()))), worker_id="check")
     try:
         for e in full[:6]:

@@ -22,9 +22,17 @@ stops only a candidate that even that much could not save; the normal bound ``me
 would read it as certain. For scores of no known range (``bounds`` None: negative cross-entropy)
 it is that normal bound, with the sample standard deviation. A stopped candidate's fitness is
 its mean so far, so it is below ``must_beat``: it ranks below the k-th best
-(what CMA-ES's ranking and Optuna's samplers need of it) and can never be the run's best. One that
-survives every stage is scored on all ``N`` examples in one call, so its evaluation is exactly the
-one a run without racing makes (the stages only screened it, at their examples' cost).
+(what CMA-ES's ranking and Optuna's samplers need of it) and can never be the run's best.
+
+The stages are nested prefixes of the permutation and the last step is the whole set, so each
+step scores only the examples the steps before it have not: every example is scored at most once,
+and a candidate that survives every stage costs ``N`` examples, as without racing. Its per-example
+scores are put together by index into the vector one call on all ``N`` returns, each step's
+examples handed to the fitness in data order. The values are that call's as far as the fitness
+scores an example independently of the others in its call: exactly when it scores each alone (a
+service's requests) or row by row; the built-in LM fitnesses pad a batch to its longest row, so
+there greedy answers and argmax choices are the same unless a near-tie flips, and log-likelihoods
+agree to float rounding (``tests/fitness/test_lm.py`` checks batch sizes 1 to 16 to 1e-5).
 
 Pure numpy: examples are sliced as the fitness functions take them (a mapping of equal-length
 tensors or arrays, or a list of rows).
@@ -44,8 +52,8 @@ from evomerge.errors import PluginError
 @dataclass(frozen=True)
 class Raced:
     """One candidate's scores: ``per_example`` has one entry per fitness example, NaN where the
-    racing stopped before scoring it; ``examples_scored`` counts every example the fitness
-    function was called on (the screening stages of a candidate scored in full included)."""
+    racing stopped before scoring it; ``examples_scored`` counts the examples the fitness function
+    was called on (each at most once: ``N`` for a candidate scored in full)."""
 
     per_example: np.ndarray
     scored: np.ndarray
@@ -136,19 +144,20 @@ class Racing:
         per_example = np.full(n_total, np.nan)
         scored = np.zeros(n_total, dtype=bool)
         done = 0
-        for size in sizes:
-            index = order[done:size]
+        for size in [*sizes, n_total]:  # the last step scores the rest: the survivor's whole set
+            index = np.sort(order[done:size])  # in data order, as a call on all of them takes them
             per_example[index] = score(take(examples, index))
             scored[index] = True
             done = size
+            if done == n_total:
+                break
             so_far = per_example[order[:done]]
             if not np.all(np.isfinite(so_far)):  # a NaN fails the candidate whatever follows
-                return Raced(per_example, scored, done)
+                break
             self._check_range(so_far)
             if upper_bound(so_far, n_total, self.z, self.bounds) < must_beat:
-                return Raced(per_example, scored, done)
-        full = Raced.full(score(examples))
-        return Raced(full.per_example, full.scored, done + n_total)
+                break
+        return Raced(per_example, scored, done)
 
     def _check_range(self, scores: np.ndarray) -> None:
         """A score outside ``bounds`` would make the bound unsound: the run stops with what to fix."""

@@ -309,8 +309,8 @@ class BlackBoxWorker(Worker):
         """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing).
 
         Racing (``must_beat`` set) scores it stage by stage, each stage a call on the service with
-        the merge prepared afresh; a survivor's full call finds the stages' answers in the response
-        cache, so its requests and cost are those of a run without racing.
+        the merge prepared afresh, and a survivor's last call asks only for the examples the stages
+        left, so its requests and cost are those of a run without racing.
         """
         usage_before, hits_before = self.client.usage.copy(), self.cache.hits
         spent: dict[str, Any] = {}  # what the fitness reported (a judge's usage), over racing's stages

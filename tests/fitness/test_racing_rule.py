@@ -1,4 +1,4 @@
-"""Staged evaluation: the stopping rule, the shared seeded stages, and full scoring of survivors."""
+"""Staged evaluation: the stopping rule, the shared seeded nested stages, and survivors scored once per example."""
 
 from __future__ import annotations
 
@@ -32,15 +32,30 @@ def test_a_candidate_that_cannot_matter_stops_after_the_first_stage():
     assert raced.fitness == pytest.approx(np.nanmean(raced.per_example)) and raced.fitness < 0.8
 
 
-def test_a_candidate_that_can_matter_is_scored_in_full_exactly_as_without_racing():
+class Seen(Counting):
+    """Also records which examples (by value: each is unique) each call scored, in call order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[float]] = []
+
+    def __call__(self, examples) -> np.ndarray:
+        self.seen.append(list(examples))
+        return super().__call__(examples)
+
+
+def test_a_survivor_scores_each_example_once_and_records_what_one_full_call_gives():
     rng = np.random.default_rng(1)
     examples = list(rng.uniform(0.5, 1.0, 200))
-    score = Counting()
+    score = Seen()
     raced = Racing(stages=(0.1, 0.3), z=2.0, seed=0).race(score, examples, must_beat=0.6)
-    assert score.calls == [20, 40, 200]  # two screening stages, then one call on every example
-    assert raced.fidelity == 1.0 and raced.examples_scored == 260
-    plain = Racing().race(Counting(), examples, must_beat=0.6)  # racing off
-    np.testing.assert_array_equal(raced.per_example, plain.per_example)
+    assert score.calls == [20, 40, 140]  # two screening stages, then only the examples not yet scored
+    assert sorted(v for call in score.seen for v in call) == sorted(examples)  # each exactly once
+    for call in score.seen:  # each step takes its examples in data order, as a full call does
+        assert call == sorted(call, key=examples.index)
+    assert raced.fidelity == 1.0 and raced.examples_scored == 200
+    plain = Racing().race(Counting(), examples, must_beat=0.6)  # racing off: one call on all
+    np.testing.assert_array_equal(raced.per_example, plain.per_example)  # same order, same values
     assert raced.fitness == plain.fitness == float(np.mean(examples))
 
 
@@ -112,7 +127,7 @@ def test_an_all_wrong_stage_still_leaves_room_for_the_examples_not_scored():
 def test_an_all_right_stage_is_never_stopped():
     score = Counting()
     raced = Racing(stages=(0.1, 0.3), z=1.0, seed=0).race(score, [1.0] * 100, must_beat=1.0)
-    assert score.calls == [10, 20, 100] and raced.fidelity == 1.0
+    assert score.calls == [10, 20, 70] and raced.fidelity == 1.0 and raced.examples_scored == 100
     assert upper_bound(np.ones(10), 100, 1.0, (0.0, 1.0)) == 1.0
 
 

@@ -167,28 +167,33 @@ def test_a_request_budget_stops_the_run_cleanly(service, make_config):
 
 
 def test_racing_screens_black_box_candidates_and_survivors_score_as_without_it(service, make_config):
-    """Stopped candidates pay for their stages' requests only; a survivor's full call finds the
-    stages' answers in the response cache and scores exactly what a run without racing scores."""
+    """Stopped candidates pay for their stages' requests only; a survivor's last call asks only for
+    the examples its stages left, and it scores exactly what a run without racing scores."""
     make, _ = make_config
     racing = {"stages": [0.25, 0.5], "z": 2.0, "top_k": 1, "seed": 0, "scores": None}  # cross-entropy: unbounded
     config = make(service, fitness={"racing": racing}, budget={"evaluations": 10})
     assert start_run(config, "test-config")["evaluations"] == 10
     store = RunStore(config.run_path(), readonly=True)
-    rows = list(store.evaluations())
+    rows = list(store.evaluations(with_scores=True))
     store.close()
     assert all(r.status == "ok" for r in rows), [r.error for r in rows]
     first, stopped = rows[0], [r for r in rows if r.fidelity < 1.0]
-    survivors = [r for r in rows if r.metrics["examples_scored"] == 8 + 16]  # both stages, then every example
-    assert first.fidelity == 1.0 and first.metrics["examples_scored"] == 16  # no threshold yet: one full call
-    assert survivors and len(stopped) + len(survivors) + sum(r.metrics["examples_scored"] == 16 for r in rows) == 10
+    full = [r for r in rows if r.fidelity == 1.0]
+    one_call = first.metrics["usage"]["requests"]  # no threshold yet: one call, a request per example and the setup
+    assert first.fidelity == 1.0 and first.metrics["examples_scored"] == 16
+    # Screened or not, a fully scored candidate asked for each example once; a survivor of both
+    # stages made three calls, each setting the merge up on the service again.
+    assert all(r.metrics["examples_scored"] == 16 for r in full)
+    survivors = [r for r in full if r.metrics["usage"]["requests"] == one_call + 2]
+    assert survivors and len(survivors) + sum(r.metrics["usage"]["requests"] == one_call for r in full) == len(full)
     assert stopped and all(r.metrics["examples_scored"] in (4, 8) for r in stopped)
-    assert all(r.metrics["usage"]["requests"] < first.metrics["usage"]["requests"] for r in stopped)
+    assert all(r.metrics["usage"]["requests"] < one_call for r in stopped)
     plain = BlackBoxWorker(RunPlan.from_config(make(service, run_dir=str(config.run_path()) + "-plain")), "plain")
     try:
         for r in survivors:
-            assert r.fidelity == 1.0 and r.metrics["cached_responses"] >= 8
             again = plain.evaluate(Candidate(r.candidate_id, r.population, r.genome))
             assert again.fitness == pytest.approx(r.fitness, abs=1e-6) and again.fidelity == 1.0
+            np.testing.assert_allclose(again.per_example, r.per_example, atol=1e-6)
     finally:
         plain.close()
 
