@@ -18,7 +18,7 @@ a loaded one) and are the same for every seed and setting: ``--models DIR`` keep
 data files there and reuses them.
 
     python benchmarks/racing.py --json                # both tasks, seeds 0 1 2
-    python benchmarks/racing.py --tasks digits --candidates 200 --json
+    python benchmarks/racing.py --tasks digits --candidates 200 --no-paired --json
     python benchmarks/racing.py --tasks tiny_lm --lm-rows 160 --models ~/.cache/racing-bench --json
 """
 
@@ -121,7 +121,7 @@ def examples_to_reach(curve: list[tuple[int, float]], target: float, tolerance: 
 
 def run_task(task: str, args: argparse.Namespace, root: Path, models: Path) -> dict[str, Any]:
     _, base = SETUPS[task](models / task, args)
-    racing = {"stages": args.stages, "z": args.z, "top_k": args.top_k, "seed": 0}
+    racing = {"stages": args.stages, "z": args.z, "top_k": args.top_k, "paired": args.paired, "seed": 0}
     totals = {"full": 0, "racing": 0, "racing_all": 0}
     per_seed, not_reached = [], []
     held = {"full": [], "racing": []}
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", type=float, default=defaults.stages)
     parser.add_argument("--z", type=float, default=defaults.z)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--paired", action=argparse.BooleanOptionalAction, default=defaults.paired,
+                        help="the paired rule (--no-paired: the unpaired one)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="1 point of accuracy / exact match")
     parser.add_argument("--lm-rows", type=int, default=LM_FITNESS_ROWS, help="tiny-LM fitness examples")
     parser.add_argument("--models", type=Path, help="keep the demos' trained models here and reuse them (default: a temporary directory)")

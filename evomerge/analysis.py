@@ -45,8 +45,8 @@ def load_run(path: str | Path, per_example: bool = False) -> pd.DataFrame:
     """The evaluations of the run in ``path``, in the order they were recorded.
 
     Columns: ``seq``, ``candidate_id``, ``population``, ``strategy``, ``status`` (ok / failed),
-    ``fitness`` (NaN when failed), ``fidelity`` (the fraction of the fitness examples it is the mean
-    of: below 1 when racing stopped the candidate early), ``worker``, ``started`` and ``finished`` (Unix seconds),
+    ``fitness`` (NaN when failed), ``fidelity`` (the fraction of the fitness examples scored: below 1
+    when racing stopped the candidate early, its fitness then an estimate from those), ``worker``, ``started`` and ``finished`` (Unix seconds),
     ``duration``, ``elapsed`` (seconds from the run's start to the result), ``error``, and one
     column per metric the workers recorded (``merge_seconds``, ``score_seconds``, ``examples_scored``, ``traceback``,
     ``cached_from``, ``usage.cost`` …). ``per_example=True`` adds the per-example scores as

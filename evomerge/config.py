@@ -297,11 +297,13 @@ class RacingConfig(_Strict):
     examples and continues only while it could still matter.
 
     After each stage (a fraction of the examples, the same seeded subset for every candidate) it
-    stops when a ``z``-standard-error upper bound on its mean over all examples is below its
-    population's ``top_k``-th best fully scored fitness (Wilson's bound for per-example scores in
-    the range ``scores``, the normal one when ``scores`` is null: :mod:`evomerge.fitness.racing`);
-    one that survives every stage is then scored on the examples the stages left, so it costs each
-    example once and records the per-example scores a run without racing records.
+    stops when it can no longer beat its population's ``top_k``-th best fully scored member, at
+    ``z`` standard errors: ``paired``, when a bound on its mean difference from that member on the
+    same examples is below 0; unpaired, when a bound on its own mean is below that member's
+    fitness (Wilson's bound for per-example scores in the range ``scores``, the normal one when
+    ``scores`` is null): :mod:`evomerge.fitness.racing`. One that survives every stage is then
+    scored on the examples the stages left, so it costs each example once and records the
+    per-example scores a run without racing records.
     """
 
     # Defaults measured best of those tried on both demos (benchmarks/README.md, racing.py).
@@ -309,6 +311,10 @@ class RacingConfig(_Strict):
     z: float = Field(default=2.0, gt=0, description="confidence: standard errors above the mean so far")
     top_k: int = Field(default=1, ge=1, description="the population's k-th best full score a candidate must be able to beat")
     seed: int = 0
+    paired: bool = Field(
+        default=True,
+        description="compare a candidate with the k-th best member example by example (false: its own mean against that member's fitness)",
+    )
     scores: tuple[float, float] | None | Literal["auto"] = Field(
         default="auto",
         description="the range every per-example score lies in; null: unbounded (negative cross-entropy);"

@@ -52,20 +52,20 @@ class Population:
     finished: int = 0
     stop_reason: dict[str, Any] = field(default_factory=dict)
     best: float | None = None
-    leaders: list[float] = field(default_factory=list)
-    """The best fully scored fitnesses, best first (as many as racing's ``top_k``)."""
+    leaders: list[Evaluation] = field(default_factory=list)
+    """The best fully scored evaluations, best first (as many as racing's ``top_k``)."""
 
     def can_ask(self) -> bool:
         return not self.stop_reason and (self.budget is None or self.submitted < self.budget)
 
-    def must_beat(self, top_k: int | None) -> float | None:
+    def rival(self, top_k: int | None) -> Evaluation | None:
         """What a new candidate must be able to beat to be scored in full: the k-th best fully
-        scored fitness; None (score in full) without racing or before k members are known."""
+        scored member; None (score in full) without racing or before k members are known."""
         return self.leaders[top_k - 1] if top_k is not None and len(self.leaders) >= top_k else None
 
-    def admit(self, fitness: float, top_k: int | None) -> None:
-        if top_k is not None:
-            self.leaders = sorted([*self.leaders, fitness], reverse=True)[:top_k]
+    def admit(self, ev: Evaluation, top_k: int | None) -> None:
+        if top_k is not None:  # sorted is stable: of equal fitnesses the earlier stays ahead
+            self.leaders = sorted([*self.leaders, ev], key=lambda e: e.fitness, reverse=True)[:top_k]
 
 
 @dataclass
@@ -174,7 +174,10 @@ class Controller:
                     self._record(cached)
 
     def _submit(self, pop: Population, cand: Candidate) -> None:
-        self.executor.submit(dataclasses.replace(cand, must_beat=pop.must_beat(self.racing_top_k)))
+        rival = pop.rival(self.racing_top_k)
+        if rival is not None:
+            cand = dataclasses.replace(cand, must_beat=rival.fitness, rival=rival.per_example)
+        self.executor.submit(cand)
 
     def _cached(self, pop: Population, cand: Candidate) -> Evaluation | None:
         """A copy of an earlier result for the same genome: identical genomes are scored once."""
@@ -214,7 +217,7 @@ class Controller:
         if ev.fully_scored and (pop.best is None or ev.fitness > pop.best):
             pop.best = ev.fitness
         if ev.fully_scored:
-            pop.admit(ev.fitness, self.racing_top_k)
+            pop.admit(ev, self.racing_top_k)
         self._evaluations += 1
         self._usage["examples"] += ev.metrics.get("examples_scored", 0)
         usage = ev.metrics.get("usage")
@@ -295,7 +298,7 @@ class Controller:
             row = self.store.best(pop.name)
             pop.best = None if row is None else row.fitness
             if self.racing_top_k is not None:  # the leaders before the checkpoint were not replayed
-                pop.leaders = [e.fitness for e in self.store.top(pop.name, self.racing_top_k, self._last_seq)]
+                pop.leaders = self.store.top(pop.name, self.racing_top_k, self._last_seq)
 
     def _total_budget(self) -> int | None:
         budgets = [p.budget for p in self.populations.values()]

@@ -46,6 +46,9 @@ class Candidate:
     """Racing (``fitness.racing``): the fitness this candidate must still be able to beat to be
     scored on every example; set by the controller when it submits the candidate, never stored.
     None: score it in full."""
+    rival: np.ndarray | None = None
+    """Racing: the per-example scores of the member whose fitness ``must_beat`` is, for the paired
+    rule (:mod:`evomerge.fitness.racing`); set and kept like ``must_beat``."""
 
 
 @dataclass
@@ -58,8 +61,9 @@ class Evaluation:
     ``responses`` are the answers a black-box worker got from its service for this evaluation
     (cache key → answer): workers never write the run store, so the controller stores them.
     ``seq`` (the evaluation's place in the run) and ``genome`` are filled in by the store.
-    ``fidelity`` is the fraction of the fitness examples ``fitness`` is the mean of: below 1.0 when
-    racing stopped the candidate early (``per_example`` is then NaN where it was not scored).
+    ``fidelity`` is the fraction of the fitness examples scored: below 1.0 when racing stopped the
+    candidate early (``per_example`` is then NaN where it was not scored, and ``fitness`` is its
+    estimate from those, below its population's k-th best: :mod:`evomerge.fitness.racing`).
     """
 
     candidate_id: str

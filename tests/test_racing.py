@@ -58,11 +58,17 @@ def test_candidates_that_cannot_matter_stop_early_and_survivors_score_as_without
     partial = [e for e in evaluations if e.fidelity < 1.0]
     full = [e for e in evaluations if e.fidelity == 1.0]
     assert partial and full
-    for e in partial:  # stopped after a screening stage: its mean is over exactly the examples scored
+    paired_stops = 0
+    for e in partial:  # stopped after a screening stage: its fitness is its own mean there, or the paired estimate
         scored = ~np.isnan(e.per_example)
         assert e.fidelity == pytest.approx(scored.mean())
         assert e.metrics["examples_scored"] == scored.sum() < n_examples
-        assert e.fitness == pytest.approx(float(np.mean(e.per_example[scored])), abs=1e-6)
+        rivals = [r for r in full if r.population == e.population and r.seq < e.seq]
+        estimates = [r.fitness + float(np.mean(e.per_example[scored] - r.per_example[scored])) for r in rivals]
+        paired = any(abs(e.fitness - x) < 1e-6 for x in estimates)  # a rival's fitness + the mean difference
+        assert paired or e.fitness == pytest.approx(float(np.mean(e.per_example[scored])), abs=1e-6)
+        paired_stops += paired
+    assert paired_stops  # the controller sent the rival's scores along
     for e in full:  # screened or not, a survivor scored each example once: what a run without racing pays
         assert e.metrics["examples_scored"] == n_examples
     for population in ("cma", "m2n2"):  # a partial mean stays below its population's 3rd best full score

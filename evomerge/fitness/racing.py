@@ -4,15 +4,33 @@ first, and go on only while it could still matter.
 MERGE³ (arXiv 2502.10436) cuts the fitness computation of evolutionary merging 50× by scoring on
 reduced example sets; racing keeps the full set for the candidates that could still rank among a
 population's best. Every candidate meets the same stages: one seeded permutation of the examples,
-cut at fractions ``stages``. After each stage the rule is checked against ``must_beat`` (the
-population's k-th best fully scored fitness, which the controller sends with the candidate):
+cut at fractions ``stages``. After each stage the rule asks whether the candidate could still beat
+the population's k-th best fully scored member (the *rival*, which the controller sends with the
+candidate: its fitness ``must_beat`` and its per-example scores). Two rules ask it; the candidate
+stops when either says no.
+
+**Paired** (the rival's per-example scores given, and ``paired`` on: the default): the candidate
+and the rival were scored on the same examples, so the question is whether the mean over all
+``N`` examples of the differences ``d = score − rival`` could still be above 0:
+
+    stop when  mean(d) + z · sqrt(f · var(d) / n)  <  0,
+
+with ``n`` the examples scored so far, ``var`` their sample variance, and ``f = (N − n) / (N − 1)``
+the finite-population correction (they are drawn without replacement). This is the blocking of
+F-race (Birattari et al., GECCO 2002) and of irace's paired t-test: the examples both models get
+right or wrong alike (most of them, for a candidate near the rival) cancel, so a candidate a few
+points worse stops after a stage whose unpaired bound still spans ten points. A stage on which the
+two agree everywhere has ``var(d) = 0`` and bound 0: it never stops a candidate.
+
+**Unpaired** (always): a one-sided bound on the candidate's own mean over all ``N`` examples is
+compared with ``must_beat``. It is the sharper of the two for a candidate unlike the rival, whose
+differences vary more than its own scores do:
 
     stop when  upper  <  must_beat,
 
-where ``upper`` is a one-sided confidence bound (``z`` standard errors) on the mean over all ``N``
-examples, from the ``n`` scored so far, drawn without replacement (finite-population correction
-``f = (N − n) / (N − 1)`` on the variance). For scores in a known range ``[lo, hi]`` (``bounds``;
-accuracies and exact match: ``[0, 1]``) it is the Wilson score bound: the largest ``μ`` with
+where ``upper`` is ``z`` standard errors above the mean so far, with the same ``f``. For scores in
+a known range ``[lo, hi]`` (``bounds``; accuracies and exact match: ``[0, 1]``) it is the Wilson
+score bound: the largest ``μ`` with
 
     (μ − mean)²  ≤  z² · f / n · (μ − lo)(hi − μ),
 
@@ -20,9 +38,14 @@ the variance a score in ``[lo, hi]`` with mean ``μ`` can at most have. A stage 
 has no spread, yet the bound stays above ``lo`` (on 20 of 200 examples at z = 2: 0.15), so it
 stops only a candidate that even that much could not save; the normal bound ``mean + z·stderr``
 would read it as certain. For scores of no known range (``bounds`` None: negative cross-entropy)
-it is that normal bound, with the sample standard deviation. A stopped candidate's fitness is
-its mean so far, so it is below ``must_beat``: it ranks below the k-th best
-(what CMA-ES's ranking and Optuna's samplers need of it) and can never be the run's best.
+it is that normal bound, with the sample standard deviation.
+
+Each rule alone wrongly stops a candidate that could in truth beat the rival with chance at most
+about ``Φ(−z)`` (2.3 % at z = 2), so the two together at most twice that. A stopped candidate's
+fitness is below the rival's: the paired estimate ``must_beat + mean(d)`` when the paired rule
+stopped it (see :attr:`Raced.fitness`), its mean so far when the unpaired one did. It ranks below
+the k-th best (what CMA-ES's ranking and Optuna's samplers need of it) and can never be the
+run's best.
 
 The stages are nested prefixes of the permutation and the last step is the whole set, so each
 step scores only the examples the steps before it have not: every example is scored at most once,
@@ -53,11 +76,13 @@ from evomerge.errors import PluginError
 class Raced:
     """One candidate's scores: ``per_example`` has one entry per fitness example, NaN where the
     racing stopped before scoring it; ``examples_scored`` counts the examples the fitness function
-    was called on (each at most once: ``N`` for a candidate scored in full)."""
+    was called on (each at most once: ``N`` for a candidate scored in full). ``estimate``: the
+    fitness of a candidate the paired rule stopped (see :attr:`fitness`)."""
 
     per_example: np.ndarray
     scored: np.ndarray
     examples_scored: int
+    estimate: float | None = None
 
     @classmethod
     def full(cls, scores: np.ndarray) -> "Raced":
@@ -71,7 +96,12 @@ class Raced:
 
     @property
     def fitness(self) -> float:
-        """The mean over the examples scored (NaN when a score is NaN: the candidate failed)."""
+        """The mean over the examples scored (NaN when a score is NaN: the candidate failed). For a
+        candidate the paired rule stopped: the rival's fitness plus the mean difference so far, the
+        estimate of its full mean that uses the rival's scores as a control variate. Its raw partial
+        mean could sit above the rival's fitness when the first stages happen to be easy ones."""
+        if self.estimate is not None:
+            return self.estimate
         kept = self.per_example[self.scored]
         return float(np.mean(kept)) if len(kept) else math.nan
 
@@ -109,12 +139,14 @@ def upper_bound(scores: np.ndarray, n_total: int, z: float, bounds: tuple[float,
 @dataclass(frozen=True)
 class Racing:
     """The stages and the confidence rule; ``Racing()`` (no stages) scores every candidate in full.
-    ``bounds``: the range every per-example score lies in (None: not known)."""
+    ``bounds``: the range every per-example score lies in (None: not known); ``paired``: compare
+    with the rival's per-example scores when the controller sends them (the module docstring)."""
 
     stages: tuple[float, ...] = ()
     z: float = 2.0
     seed: int = 0
     bounds: tuple[float, float] | None = (0.0, 1.0)
+    paired: bool = True
 
     def stage_sizes(self, n_total: int) -> list[int]:
         """Example counts of the screening stages: at least 2 (a standard error needs two), fewer
@@ -130,16 +162,20 @@ class Racing:
         """The seeded order in which stages take examples: the same for every candidate."""
         return np.random.default_rng(self.seed).permutation(n_total)
 
-    def race(self, score: Callable[[Any], np.ndarray], examples: Any, must_beat: float | None) -> Raced:
+    def race(
+        self, score: Callable[[Any], np.ndarray], examples: Any, must_beat: float | None, rival: np.ndarray | None = None
+    ) -> Raced:
         """Score ``examples`` with ``score`` (examples → one score per example) stage by stage.
 
         ``must_beat`` None (the population has fewer than k fully scored members yet, or racing
-        is off): one call on all examples.
+        is off): one call on all examples. ``rival``: the per-example scores of the member whose
+        fitness ``must_beat`` is; with ``paired`` the rule compares the candidate with them.
         """
         n_total = count(examples)
         sizes = self.stage_sizes(n_total) if must_beat is not None else []
         if not sizes:
             return Raced.full(score(examples))
+        rival = self._pairable(rival, n_total)
         order = self.order(n_total)
         per_example = np.full(n_total, np.nan)
         scored = np.zeros(n_total, dtype=bool)
@@ -155,9 +191,22 @@ class Racing:
             if not np.all(np.isfinite(so_far)):  # a NaN fails the candidate whatever follows
                 break
             self._check_range(so_far)
+            if rival is not None:
+                # the rival's scores went through the run store's float32: so do these, and a
+                # candidate that scores exactly as the rival does differs by exactly 0
+                differences = so_far.astype(np.float32).astype(np.float64) - rival[order[:done]]
+                if upper_bound(differences, n_total, self.z) < 0:
+                    return Raced(per_example, scored, done, estimate=must_beat + float(np.mean(differences)))
             if upper_bound(so_far, n_total, self.z, self.bounds) < must_beat:
                 break
         return Raced(per_example, scored, done)
+
+    def _pairable(self, rival: np.ndarray | None, n_total: int) -> np.ndarray | None:
+        """The rival's scores when the paired rule applies: ``paired`` on, one finite score per example."""
+        if not self.paired or rival is None:
+            return None
+        rival = np.asarray(rival, dtype=np.float64)
+        return rival if rival.shape == (n_total,) and np.all(np.isfinite(rival)) else None
 
     def _check_range(self, scores: np.ndarray) -> None:
         """A score outside ``bounds`` would make the bound unsound: the run stops with what to fix."""

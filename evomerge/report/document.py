@@ -111,7 +111,7 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
         store.close()
     page = _Page()
     ok = evaluations[evaluations["status"] == "ok"]
-    full = ok[ok["fidelity"] >= 1.0]  # racing: a partial mean is not comparable with full scores
+    full = ok[ok["fidelity"] >= 1.0]  # racing: an estimate from a few examples is not comparable with full scores
 
     # overview
     rows = []

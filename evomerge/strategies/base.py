@@ -154,7 +154,7 @@ class Strategy(ABC):
     @abstractmethod
     def _tell(self, candidate: Candidate, tag: Any, fitness: float, evaluation: Evaluation) -> None:
         """``fitness`` is -inf for failed or NaN evaluations. With racing, an evaluation stopped
-        early (``evaluation.fidelity < 1``) carries the mean of the examples it was scored on,
+        early (``evaluation.fidelity < 1``) carries an estimate from the examples it was scored on,
         which is below its population's k-th best: right for ranking it low; a strategy that keeps
         per-example scores (an archive) must not take it as a full row."""
 

@@ -39,7 +39,7 @@ def racing_of(config: "RunConfig") -> Racing:
     if block is None:
         return Racing()
     bounds = score_range(config.fitness.name) if block.scores == "auto" else block.scores
-    return Racing(tuple(block.stages), block.z, block.seed, bounds)
+    return Racing(tuple(block.stages), block.z, block.seed, bounds, block.paired)
 
 
 class Worker(ABC):

@@ -301,14 +301,20 @@ class BlackBoxWorker(Worker):
 
     def evaluate(self, candidate: Candidate) -> Evaluation:
         recipe = self.codecs[candidate.population].decode(candidate.genome)
-        return self._evaluate(candidate.id, candidate.population, recipe, self.examples, candidate.must_beat)
+        return self._evaluate(candidate.id, candidate.population, recipe, self.examples, candidate.must_beat, candidate.rival)
 
     def _evaluate(
-        self, candidate_id: str, population: str, recipe: Recipe, examples: list[dict[str, Any]], must_beat: float | None = None
+        self,
+        candidate_id: str,
+        population: str,
+        recipe: Recipe,
+        examples: list[dict[str, Any]],
+        must_beat: float | None = None,
+        rival: np.ndarray | None = None,
     ) -> Evaluation:
         """Score one merge, with the requests, tokens and cost it took (a cached answer costs nothing).
 
-        Racing (``must_beat`` set) scores it stage by stage, each stage a call on the service with
+        Racing (``must_beat`` set, with the ``rival``'s scores) scores it stage by stage, each stage a call on the service with
         the merge prepared afresh, and a survivor's last call asks only for the examples the stages
         left, so its requests and cost are those of a run without racing.
         """
@@ -325,7 +331,7 @@ class BlackBoxWorker(Worker):
             return scores
 
         def race() -> Scored:
-            raced = self.racing.race(score, examples, must_beat)
+            raced = self.racing.race(score, examples, must_beat, rival)
             return raced, {"examples_scored": raced.examples_scored}
 
         ev = self.scored(candidate_id, population, race)

@@ -294,7 +294,7 @@ class WhiteBoxWorker(Worker):
             t0 = time.perf_counter()
             self._apply(candidate, codec)
             t1 = time.perf_counter()
-            raced = self.racing.race(self.score, self.examples, candidate.must_beat)
+            raced = self.racing.race(self.score, self.examples, candidate.must_beat, candidate.rival)
             extra = self.extra_metrics(candidate)
             return raced, {
                 "merge_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1,

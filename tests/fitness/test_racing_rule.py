@@ -156,3 +156,73 @@ def test_take_slices_columns_and_rows_alike():
 def test_full_scores_read_as_fully_scored():
     raced = Raced.full(np.array([1.0, 0.0]))
     assert raced.fidelity == 1.0 and raced.fitness == 0.5 and raced.examples_scored == 2
+
+
+def _near_rival(losses: int, n: int = 1000, seed: int = 3) -> tuple[np.ndarray, list[float]]:
+    """A rival at accuracy ~0.8 and a candidate that matches it except on ``losses`` examples it
+    gets wrong where the rival was right (spread over the whole set)."""
+    rng = np.random.default_rng(seed)
+    rival = (rng.uniform(size=n) < 0.8).astype(np.float64)
+    candidate = rival.copy()
+    right = np.flatnonzero(rival == 1.0)
+    candidate[rng.choice(right, losses, replace=False)] = 0.0
+    return rival, list(candidate)
+
+
+def test_paired_stops_a_slightly_worse_candidate_the_unpaired_bound_cannot():
+    rival, examples = _near_rival(losses=30)  # 3 points below the rival, same examples right otherwise
+    must_beat = float(rival.mean())
+    paired = Racing(stages=(0.05, 0.2, 0.5), seed=0).race(Counting(), examples, must_beat, rival)
+    unpaired = Racing(stages=(0.05, 0.2, 0.5), seed=0, paired=False).race(Counting(), examples, must_beat, rival)
+    assert paired.fidelity < 1.0 and unpaired.fidelity == 1.0
+    assert paired.examples_scored < unpaired.examples_scored
+
+
+def test_paired_never_stops_a_candidate_that_scores_as_the_rival_does():
+    rival, _ = _near_rival(losses=0)
+    score = Counting()
+    raced = Racing(stages=(0.05, 0.2, 0.5), seed=0).race(score, list(rival), float(rival.mean()), rival)
+    assert raced.fidelity == 1.0 and len(score.calls) == 4
+    assert raced.fitness == pytest.approx(float(rival.mean()))
+    assert upper_bound(np.zeros(50), 1000, 0.1) == 0.0  # no difference: never below 0, whatever z
+
+
+def test_a_paired_stop_estimates_the_full_mean_below_the_rival_even_on_an_easy_first_stage():
+    """The first stage holds only examples both get right but a few: the candidate's raw mean there
+    is far above the rival's fitness; its estimate is the rival's fitness less the gap."""
+    racing = Racing(stages=(0.1,), seed=0)
+    first = racing.order(200)[:20]
+    rival = np.zeros(200)
+    rival[first] = 1.0  # the rival: right on the first stage only (fitness 0.1)
+    candidate = rival.copy()
+    candidate[first[:8]] = 0.0  # wrong on 8 of the 20 the rival got right
+    raced = racing.race(Counting(), list(candidate), must_beat=0.1, rival=rival)
+    assert raced.fidelity == pytest.approx(0.1)
+    assert np.nanmean(raced.per_example) == pytest.approx(0.6)  # above 0.1: no use for ranking
+    assert raced.fitness == pytest.approx(0.1 - 8 / 20) and raced.fitness < 0.1
+
+
+def test_the_unpaired_rule_still_stops_a_candidate_unlike_the_rival():
+    """On the first stage the candidate is right exactly where the rival (fitness 0.7) is wrong:
+    8 of 20 against 12. The differences spread so wide that the paired bound stays above 0; its
+    own mean, 0.4, is too far below 0.7 for Wilson's bound to reach."""
+    racing = Racing(stages=(0.05,), seed=0)
+    order = racing.order(400)
+    rival, candidate = np.zeros(400), np.zeros(400)
+    rival[order[:12]] = 1.0
+    candidate[order[12:20]] = 1.0
+    rival[order[20:288]] = 1.0  # 280 of 400
+    first = order[:20]
+    assert upper_bound(candidate[first] - rival[first], 400, 2.0) > 0  # the paired rule alone goes on
+    raced = racing.race(Counting(), list(candidate), float(rival.mean()), rival)
+    assert raced.fidelity == pytest.approx(0.05)
+    assert raced.fitness == pytest.approx(0.4)  # its own mean: the unpaired rule stopped it
+
+
+def test_rival_scores_that_cannot_be_paired_fall_back_to_the_unpaired_rule():
+    rival, examples = _near_rival(losses=60)
+    must_beat = float(rival.mean())
+    unpaired = Racing(stages=(0.05, 0.2, 0.5), seed=0, paired=False).race(Counting(), examples, must_beat)
+    for unusable in (None, rival[:-1], np.where(np.arange(1000) == 5, np.nan, rival)):
+        raced = Racing(stages=(0.05, 0.2, 0.5), seed=0).race(Counting(), examples, must_beat, unusable)
+        assert raced.examples_scored == unpaired.examples_scored
