@@ -13,14 +13,17 @@ stops when either says no.
 and the rival were scored on the same examples, so the question is whether the mean over all
 ``N`` examples of the differences ``d = score − rival`` could still be above 0:
 
-    stop when  mean(d) + z · sqrt(f · var(d) / n)  <  0,
+    stop when  mean(d) + z · sqrt(f · mean(d²) / n)  <  0,
 
-with ``n`` the examples scored so far, ``var`` their sample variance, and ``f = (N − n) / (N − 1)``
-the finite-population correction (they are drawn without replacement). This is the blocking of
-F-race (Birattari et al., GECCO 2002) and of irace's paired t-test: the examples both models get
-right or wrong alike (most of them, for a candidate near the rival) cancel, so a candidate a few
-points worse stops after a stage whose unpaired bound still spans ten points. A stage on which the
-two agree everywhere has ``var(d) = 0`` and bound 0: it never stops a candidate.
+with ``n`` the examples scored so far and ``f = (N − n) / (N − 1)`` the finite-population
+correction (they are drawn without replacement). This is the blocking of F-race (Birattari et
+al., GECCO 2002) and irace's paired tests: the examples both models get right or wrong alike
+(most of them, for a candidate near the rival) cancel, so a candidate a few points worse stops
+after a stage whose unpaired bound still spans ten points. ``mean(d²)`` is the variance of ``d``
+when its mean is 0, the boundary the test guards (the score test; for 0/1 scores McNemar's,
+``(wins − losses) / sqrt(wins + losses)`` against ``z``): unlike the sample variance it is 0 only
+when the two agree on every example so far, which never stops a candidate, and a candidate that
+lost every example so far stops only after more than ``z²`` of them (5 at z = 2).
 
 **Unpaired** (always): a one-sided bound on the candidate's own mean over all ``N`` examples is
 compared with ``must_beat``. It is the sharper of the two for a candidate unlike the rival, whose
@@ -136,6 +139,16 @@ def upper_bound(scores: np.ndarray, n_total: int, z: float, bounds: tuple[float,
     return lo + (hi - lo) * min(1.0, upper)
 
 
+def paired_upper_bound(differences: np.ndarray, n_total: int, z: float) -> float:
+    """The one-sided bound on the mean difference over all ``n_total`` examples from the paired
+    rule's score test (see the module docstring): ``mean(d) + z · sqrt(f · mean(d²) / n)``."""
+    n = len(differences)
+    mean = float(np.mean(differences))
+    if n >= n_total:
+        return mean
+    return mean + z * math.sqrt((n_total - n) / (n_total - 1) * float(np.mean(np.square(differences))) / n)
+
+
 @dataclass(frozen=True)
 class Racing:
     """The stages and the confidence rule; ``Racing()`` (no stages) scores every candidate in full.
@@ -195,7 +208,7 @@ class Racing:
                 # the rival's scores went through the run store's float32: so do these, and a
                 # candidate that scores exactly as the rival does differs by exactly 0
                 differences = so_far.astype(np.float32).astype(np.float64) - rival[order[:done]]
-                if upper_bound(differences, n_total, self.z) < 0:
+                if paired_upper_bound(differences, n_total, self.z) < 0:
                     return Raced(per_example, scored, done, estimate=must_beat + float(np.mean(differences)))
             if upper_bound(so_far, n_total, self.z, self.bounds) < must_beat:
                 break

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from evomerge.errors import PluginError
-from evomerge.fitness.racing import Raced, Racing, take, upper_bound
+from evomerge.fitness.racing import Raced, Racing, paired_upper_bound, take, upper_bound
 
 
 class Counting:
@@ -184,7 +184,7 @@ def test_paired_never_stops_a_candidate_that_scores_as_the_rival_does():
     raced = Racing(stages=(0.05, 0.2, 0.5), seed=0).race(score, list(rival), float(rival.mean()), rival)
     assert raced.fidelity == 1.0 and len(score.calls) == 4
     assert raced.fitness == pytest.approx(float(rival.mean()))
-    assert upper_bound(np.zeros(50), 1000, 0.1) == 0.0  # no difference: never below 0, whatever z
+    assert paired_upper_bound(np.zeros(50), 1000, 0.1) == 0.0  # no difference: never below 0, whatever z
 
 
 def test_a_paired_stop_estimates_the_full_mean_below_the_rival_even_on_an_easy_first_stage():
@@ -213,7 +213,7 @@ def test_the_unpaired_rule_still_stops_a_candidate_unlike_the_rival():
     candidate[order[12:20]] = 1.0
     rival[order[20:288]] = 1.0  # 280 of 400
     first = order[:20]
-    assert upper_bound(candidate[first] - rival[first], 400, 2.0) > 0  # the paired rule alone goes on
+    assert paired_upper_bound(candidate[first] - rival[first], 400, 2.0) > 0  # the paired rule alone goes on
     raced = racing.race(Counting(), list(candidate), float(rival.mean()), rival)
     assert raced.fidelity == pytest.approx(0.05)
     assert raced.fitness == pytest.approx(0.4)  # its own mean: the unpaired rule stopped it
@@ -226,3 +226,14 @@ def test_rival_scores_that_cannot_be_paired_fall_back_to_the_unpaired_rule():
     for unusable in (None, rival[:-1], np.where(np.arange(1000) == 5, np.nan, rival)):
         raced = Racing(stages=(0.05, 0.2, 0.5), seed=0).race(Counting(), examples, must_beat, unusable)
         assert raced.examples_scored == unpaired.examples_scored
+
+
+def test_a_paired_stop_needs_more_than_z_squared_straight_losses():
+    """Lost on every example so far: the sample variance is 0, yet the score test's ``mean(d²)``
+    is 1, so 3 losses (z = 2) leave room and 5 stop it. McNemar's statistic agrees."""
+    assert paired_upper_bound(-np.ones(3), 10_000, 2.0) > 0 > paired_upper_bound(-np.ones(5), 10_000, 2.0)
+    wins, losses, n = 3, 12, 100
+    d = np.array([1.0] * wins + [-1.0] * losses + [0.0] * (n - wins - losses))
+    mcnemar = (wins - losses) / math.sqrt(wins + losses)
+    for z in (2.0, 2.5):  # infinite population: the bound is below 0 exactly when McNemar's statistic is below -z
+        assert (paired_upper_bound(d, 10**12, z) < 0) == (mcnemar < -z)
