@@ -24,19 +24,26 @@ Per tier:
   best of 5, ``2 · bytes / time``). The streaming tiers also read ``itemsize · N · (experts + 1)``
   from where they keep the models: host memory at the host → device copy rate (one-way bytes per
   second; on a CPU the same memcpy), or the safetensors files at the rate a plain loop copies a
-  memory-mapped file (warm in the page cache) into a buffer. On a CPU one memory bus serves both,
-  so the floor is their sum.
+  memory-mapped file (warm in the page cache) into a buffer (on a GPU, at the slower of that and
+  the host → device rate: the bytes cross to the device too, pipelined with the reads). On a CPU
+  one memory bus serves both, so the floor is their sum.
 * ``ratio`` = ``seconds / floor_seconds``.
 * ``peak_anon_bytes``: the process's peak anonymous resident memory (``RssAnon`` of
   ``/proc/self/status``, sampled every millisecond by a thread) over loading and merging, less its
   value after imports (``baseline_anon_bytes``: the interpreter, torch, transformers). Pages of the
   mapped files are the page cache's, not the worker's, and are not anonymous.
 * ``estimate_bytes``: the memory check's peak for that tier (``evomerge.models.memory.tier_memory``;
-  on a CPU, device and host together); ``estimate_over_peak`` = ``estimate_bytes / peak_anon_bytes``.
+  on a CPU, device and host together; on a GPU, its host figure); ``estimate_over_peak`` =
+  ``estimate_bytes / peak_anon_bytes``. On a GPU the CUDA context is created before the baseline.
+* On a GPU only: ``device_peak_bytes``, the most the worker had allocated on the device
+  (``torch.cuda.max_memory_allocated`` less what was allocated before it loaded), against the check's
+  device figure ``device_estimate_bytes``; ``device_estimate_over_peak`` is their ratio.
 * ``mmap_peak_over_working_model``: the mapped tier's ``peak_anon_bytes`` over ``working_model_bytes``.
 
 Targets: the mmap tier's peak anonymous memory ≤ the working model + 10 %; the host tier within 2×
-of its floor; each estimate within 10 % of the measured peak.
+of its floor; each estimate within 10 % of the measured peak (on a GPU, the device's).
+
+On a GPU every timed region starts and ends with ``torch.cuda.synchronize``.
 """
 
 from __future__ import annotations
@@ -136,7 +143,14 @@ def child(root: Path, args) -> dict:
     config = config_from_dict(run_config(root, args, args.child))
     device = resolve_device(args.device)
     plan = RunPlan.from_config(config)
-    estimate = tier_memory(config, device)[args.child].peak
+    need = tier_memory(config, device)[args.child]
+    on_gpu = device.type == "cuda"
+    estimate = need.host_peak if on_gpu else need.peak
+    if on_gpu:  # the CUDA context's host memory is the process's, not the worker's: made before the baseline
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize(device)
+        device_before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     baseline = rss_anon()
     sampler = PeakSampler()
     sampler.start()
@@ -149,14 +163,15 @@ def child(root: Path, args) -> dict:
     times = []
     for _ in range(args.repeats):
         decoded = codecs["p"].decode(rng.uniform(0.2, 0.8, space.dim))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        if on_gpu:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         loaded.materializer.apply(decoded)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        if on_gpu:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     peak = sampler.stop()
+    device_peak = torch.cuda.max_memory_allocated(device) - device_before if on_gpu else None
     # the floor's bandwidths, measured in this process right after its merges (after the peak)
     numel = sum(t.numel() for t in loaded.materializer.targets.values())
     floor = ITEMSIZE * numel * (args.experts + 2) / copy_bandwidth(device)  # the in-place kernel
@@ -164,9 +179,10 @@ def child(root: Path, args) -> dict:
     if args.child == "host":
         floor += streamed / host_to_device_bandwidth(device)
     elif args.child == "mmap":
-        floor += streamed / mapped_file_bandwidth(model_files(root, args))
+        rate = mapped_file_bandwidth(model_files(root, args))
+        floor += streamed / (min(rate, host_to_device_bandwidth(device)) if on_gpu else rate)
     seconds = statistics.median(times)
-    return {
+    figures = {
         "seconds": seconds,
         "floor_seconds": floor,
         "ratio": seconds / floor,
@@ -176,6 +192,12 @@ def child(root: Path, args) -> dict:
         "baseline_anon_bytes": baseline,
         "numel": numel,
     }
+    if device_peak is not None:
+        figures.update(
+            device_peak_bytes=device_peak, device_estimate_bytes=need.device_peak,
+            device_estimate_over_peak=need.device_peak / device_peak,
+        )
+    return figures
 
 
 def model_files(root: Path, args) -> list[Path]:
@@ -183,18 +205,22 @@ def model_files(root: Path, args) -> list[Path]:
 
 
 def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second read and written by ``dst.copy_(src)`` on the device (best of 5)."""
+    """Bytes per second read and written by ``dst.copy_(src)`` on the device (best of 5; on a GPU
+    each timing spans 20 copies, as one takes about as long as a synchronization)."""
     src = torch.ones(64 << 20, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
+    copies = 20 if device.type == "cuda" else 1
+    dst.copy_(src)  # untimed: first use
     best = float("inf")
     for _ in range(5):
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        dst.copy_(src)
+        for _ in range(copies):
+            dst.copy_(src)
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / copies)
     return 2 * src.numel() * 4 / best
 
 
@@ -202,12 +228,15 @@ def host_to_device_bandwidth(device: torch.device) -> float:
     """Bytes per second carried from (pinned, on a GPU) host memory to the device (best of 5)."""
     src = torch.ones(64 << 20, dtype=torch.float32, pin_memory=device.type == "cuda")
     dst = torch.empty(src.shape, dtype=src.dtype, device=device)
+    dst.copy_(src)  # untimed: first use
     best = float("inf")
     for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         dst.copy_(src)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return src.numel() * 4 / best
 

@@ -18,6 +18,21 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 pytest_plugins = ["fixtures_service", "fixtures_merge"]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``cuda`` skip, in one place and with one reason, where torch sees no GPU (this
+    box and CI); on a GPU machine ``pytest -m cuda`` runs them."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digit_models(tmp_path_factory) -> dict[str, Path]:
     """Base + two digit specialists (0-4, 5-9) saved with save_pretrained, trained once."""

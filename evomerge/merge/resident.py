@@ -36,8 +36,9 @@ class Scratch:
     """Reusable kernel buffers, so that chunked passes allocate nothing per chunk.
 
     A buffer is named by its purpose and grows to the largest size asked for; views of it are
-    returned. A materializer keeps one for all its tensors and candidates, so a candidate's merge
-    allocates (and page-faults) nothing after the first. Buffers with different names never alias.
+    returned, for use until the next ``get`` of that purpose. A materializer keeps one for all its
+    tensors and candidates, so a candidate's merge allocates (and page-faults) nothing after the
+    first. Buffers with different names never alias.
     """
 
     def __init__(self) -> None:
@@ -48,6 +49,10 @@ class Scratch:
         slot = (name, dtype, torch.device(device))
         buffer = self._buffers.get(slot)
         if buffer is None or buffer.numel() < numel:
+            # the smaller one goes first (callers keep no view of a buffer past a kernel call), so
+            # growing peaks at the larger buffer alone, not both
+            self._buffers.pop(slot, None)
+            del buffer
             buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[slot] = buffer
         return buffer[:numel].view(shape)

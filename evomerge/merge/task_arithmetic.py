@@ -75,7 +75,9 @@ def _xorshift_right(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _dare_keys(m: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """One key per expert from the candidate's generator (keys and counters stay below 2³⁰)."""
+    """One key per expert from the candidate's generator (keys and counters stay below 2³⁰); the
+    materializer's is a CPU generator, so the keys, and with them the masks, are the same on every
+    device."""
     keys = torch.randint(0, 1 << 30, (m,), generator=generator, device=generator.device, dtype=torch.int32)
     return keys.to(device)
 

@@ -86,7 +86,7 @@ class Placement:
 
     @property
     def primary(self) -> torch.device:
-        """The device inputs enter on (the embeddings'), and random generators live on."""
+        """The device inputs enter on (the embeddings')."""
         return self.devices[0]
 
     def modules(self, storage: Callable[[torch.device], torch.device] = lambda d: d) -> torch.device | dict[str, str]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from evomerge.errors import ConfigError
+from evomerge.fitness.classification import features_for
 from evomerge.merge.linear import WEIGHT_SUM_EPS
 from evomerge.space.merge_space import Space
 
@@ -61,9 +62,10 @@ def merged_parameters(space: Space, tensors: dict[str, Any], unit: torch.Tensor)
             total = weights.sum()
             weights = weights / torch.where(total.abs() < WEIGHT_SUM_EPS, torch.ones_like(total), total)
         stack = tensor.stack
-        coefs = weights.to(stack.dtype)
+        # the genes live on the CPU (a float64 genome); the experts on the worker's device
+        coefs = weights.to(device=stack.device, dtype=stack.dtype)
         if "lambda" in values:  # task arithmetic's scale of the combined task vector
-            coefs = coefs * values["lambda"][g][0].to(stack.dtype)
+            coefs = coefs * values["lambda"][g][0].to(device=stack.device, dtype=stack.dtype)
         combined = torch.tensordot(coefs, stack, dims=1)
         if tensor.reference is not None:
             # task arithmetic (needs a base): base + Σ c_i τ_i; linear over task vectors: the base weighs Σ c_i
@@ -92,7 +94,7 @@ class EntropyGradient:
         self.model = models.model
         self.tensors = models.materializer.tensors
         if isinstance(examples, dict) and "inputs" in examples:  # a classifier's inputs
-            self.args: tuple = (examples["inputs"][:ADAMERGING_INPUTS].to(device),)
+            self.args: tuple = (features_for(self.model, examples["inputs"][:ADAMERGING_INPUTS]),)
             self.kwargs, self.mask = {}, None
         else:  # a causal LM's prompts, right-padded
             tokenizer = models.tokenizer

@@ -10,7 +10,7 @@ needs the memory of the result plus one expert, never all experts twice.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from evomerge.merge.resident import ResidentTensor, Scratch, combine_
 from evomerge.space.merge_space import Recipe
 from evomerge.space.seed_recipes import PiecewiseRecipe, check_split_grid, split_grid_edges
 from evomerge.workers.tiers import DeviceTier, ExpertTier, HeldTier
+
+T = TypeVar("T")
 
 GRAM_ROW_CHUNK = 1 << 20
 
@@ -105,8 +107,7 @@ class Materializer:
             total += self.targets[name].numel()
         self.total = total
         first = next(iter(self.targets.values()))
-        self.device = first.device  # the first shard's, where candidates' random generators live
-        self.chunk = default_chunk(self.device.type, total, tier.n_models) if chunk is None else chunk
+        self.chunk = default_chunk(first.device.type, total, tier.n_models) if chunk is None else chunk
         self.itemsize = first.element_size()
         self.block_budget = stream_budget(total * self.itemsize, tier.n_models, tier.has_base, stream_share)
         self._flat_gram: torch.Tensor | None = None
@@ -146,15 +147,18 @@ class Materializer:
             else None
         )
         count = 0
-        for row, (label, state) in enumerate(experts):
-            if row >= n_models:
+        for label, state in experts:  # not enumerate(): it holds the last item while the next one loads
+            if count >= n_models:
                 raise ValueError(f"more than the announced {n_models} experts")
             _check_same_layout(label, state, targets, "the base model" if base is not None else "the first expert")
             for name, dest in stacks.items():
-                dest[row].copy_(state[name])
+                dest[count].copy_(state[name])
                 if references is not None:
-                    dest[row].sub_(references[name])
+                    dest[count].sub_(references[name])
             count += 1
+            # gone before the next expert loads: loading holds one expert at a time, as the memory
+            # estimate counts (on a GPU each expert is built on the device)
+            del state
         if count != n_models:
             raise ValueError(f"expected {n_models} experts, got {count}")
         tensors = {
@@ -214,16 +218,22 @@ class Materializer:
         if not self.has_base:
             raise ValueError("the experts were loaded without a base model")
         for name, out in self.targets.items():
-            with self.tier.tensor(name, self._scratch) as resident:
-                combine_(out, resident, [0.0] * self.n_models, self.chunk, ref_coef=1.0)
+            self._read(name, None, lambda resident: combine_(out, resident, [0.0] * self.n_models, self.chunk, ref_coef=1.0))
 
     def _each_tensor(self, summary) -> list:
         """``summary(resident)`` for every tensor in order, each read from the tier in its own scope."""
-        results = []
-        for name in self.targets:
-            with self.tier.tensor(name, self._scratch) as resident:
-                results.append(summary(resident))
-        return results
+        return [self._read(name, None, summary) for name in self.targets]
+
+    def _read(self, name: str, span: tuple[int, int] | None, use: Callable[[ResidentTensor], T]) -> T:
+        """``use(resident)`` on tensor ``name`` (or the block ``span`` of it) as the tier hands it over.
+
+        Nothing read outlives the call (a ``with … as resident`` in a loop would keep the last
+        tensor bound while the next is read), so a streaming tier's buffer, when it grows for a
+        larger tensor, is released before the larger one is allocated: the peak is one buffer of the
+        largest size, as the memory estimate counts, not two.
+        """
+        with self.tier.tensor(name, self._scratch, span) as resident:
+            return use(resident)
 
     def apply(self, decoded: Recipe | PiecewiseRecipe) -> None:
         """Write what a codec decoded into every target tensor: a merge recipe, or pieces."""
@@ -239,7 +249,9 @@ class Materializer:
         self.check_method(method)
         flat_gram = self.flat_gram() if method.needs_flat_gram else None
         for index, (name, out) in enumerate(self.targets.items()):
-            generator = torch.Generator(device=self.device)
+            # on the CPU whatever the device: a CUDA generator draws other numbers from the same seed,
+            # and a recipe (DARE's drop masks) must merge the same on a GPU worker and at export on a laptop
+            generator = torch.Generator()
             generator.manual_seed((recipe.seed + 0x9E3779B97F4A7C15 * (index + 1)) % (1 << 63))
             ctx = TensorContext(
                 name=name,
@@ -256,8 +268,7 @@ class Materializer:
             for span in self._blocks(name) if method.elementwise else [None]:
                 block = out if span is None else out.view(-1)[span[0] : span[1]]
                 at = ctx if span is None else dataclasses.replace(ctx, offset=ctx.offset + span[0])
-                with self.tier.tensor(name, self._scratch, span) as resident:
-                    method.kernel(block, resident, params, recipe.options, at)
+                self._read(name, span, lambda resident: method.kernel(block, resident, params, recipe.options, at))
 
     def _blocks(self, name: str) -> list[tuple[int, int] | None]:
         """The blocks of elements a streaming tier reads tensor ``name`` in for an elementwise method."""
@@ -323,12 +334,15 @@ class Materializer:
                 block = out if span is None else out.view(-1)[lo_block:hi_block]
                 first = int(np.searchsorted(edges, start + lo_block, side="right")) - 1
                 last = int(np.searchsorted(edges, start + hi_block, side="left"))
-                with self.tier.tensor(name, self._scratch, span) as resident:
+
+                def write(resident: ResidentTensor) -> None:  # called at once: the loop's values are current
                     for k in range(first, last):
                         lo = max(int(edges[k]) - start, lo_block) - lo_block
                         hi = min(int(edges[k + 1]) - start, hi_block) - lo_block
                         if lo < hi:
                             combine_(block, resident, coefficients[k].tolist(), self.chunk, segment=(lo, hi))
+
+                self._read(name, span, write)
 
 
 def _held(tensor: torch.Tensor, storage: torch.device, pin: bool) -> torch.Tensor:

@@ -36,6 +36,21 @@ class TestAPluginFunction(FitnessSuite):
         return features_inputs()
 
 
+class TestClassificationOnABfloat16Model(FitnessSuite):
+    """A classifier held in bfloat16 (models.dtype, or auto on bfloat16 checkpoints) scores the
+    float32 feature rows data loads as."""
+
+    @pytest.fixture
+    def fitness(self):
+        return FITNESS_FUNCTIONS["classification_accuracy"]
+
+    @pytest.fixture
+    def inputs(self):
+        inputs = features_inputs()
+        inputs.model.to(torch.bfloat16)
+        return inputs
+
+
 def test_the_suite_catches_a_function_that_returns_one_score_for_all():
     def mean_accuracy(model, tokenizer, examples):
         return (model(examples["inputs"]).argmax(-1) == examples["labels"]).float().mean()

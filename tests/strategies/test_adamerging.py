@@ -42,6 +42,19 @@ def test_adamerging_lowers_the_entropy_on_digit_experts(digits_config):
     assert entropies[-1] < 0.8 * entropies[0]
 
 
+def test_a_bfloat16_classifier_gets_its_entropy_gradient(digits_config, digit_models):
+    from evomerge.config import load_config
+    from evomerge.workers.whitebox import WhiteBoxWorker
+
+    models = {"base": str(digit_models["base"]), "experts": [str(digit_models["low"]), str(digit_models["high"])],
+              "device": "cpu", "dtype": "bfloat16"}
+    path = digits_config(models=models, populations=[{"name": "ada", "strategy": "adamerging"}])
+    worker = WhiteBoxWorker(RunPlan.from_config(load_config(path)))
+    result = worker.extra_metrics.gradient(np.full(worker.space.dim, 0.4))
+    assert np.isfinite(result["loss"]) and result["loss"] > 0
+    assert len(result["loss_gradient"]) == worker.space.dim and np.isfinite(result["loss_gradient"]).all()
+
+
 def test_the_gradient_matches_finite_differences(digits_config):
     from evomerge.config import load_config
     from evomerge.workers.whitebox import WhiteBoxWorker

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +169,24 @@ def test_expert_count_must_match(make_setup):
         Materializer.from_state_dicts(setup.targets(), enumerate(setup.experts), n_models=3)
     with pytest.raises(ValueError, match="more than the announced 1"):
         Materializer.from_state_dicts(setup.targets(), enumerate(setup.experts), n_models=1)
+
+
+def test_loading_holds_one_expert_at_a_time(make_setup):
+    # a worker's experts stream in one by one (on a GPU each is built on the device): when the
+    # next one loads, nothing may still hold the last, or the load peaks at two experts, not one
+    setup = make_setup("linear", 3, False)
+    loaded: list[weakref.ref] = []
+
+    def experts():
+        for i, expert in enumerate(setup.experts):
+            assert all(ref() is None for ref in loaded), f"expert {i - 1} is still held while expert {i} loads"
+            state = {n: t.clone() for n, t in expert.items()}
+            loaded.append(weakref.ref(state["lm_head.weight"]))
+            yield f"expert {i}", state
+            del state
+
+    Materializer.from_state_dicts(setup.targets(), experts(), n_models=3)
+    assert len(loaded) == 3
 
 
 def test_method_requirements_are_checked(make_setup):
