@@ -120,6 +120,11 @@ def count(examples: Any) -> int:
     return len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
 
 
+def _shrink(n: int, n_total: int, z: float) -> float:
+    """``z² · f / n``: what both bounds scale a variance by, for ``n`` of ``n_total`` examples."""
+    return z * z * (n_total - n) / (n_total - 1) / n
+
+
 def upper_bound(scores: np.ndarray, n_total: int, z: float, bounds: tuple[float, float] | None = None) -> float:
     """The one-sided bound on the mean of all ``n_total`` examples (see the module docstring):
     Wilson's within ``bounds``, ``mean + z · stderr`` without."""
@@ -127,7 +132,7 @@ def upper_bound(scores: np.ndarray, n_total: int, z: float, bounds: tuple[float,
     mean = float(np.mean(scores))
     if n >= n_total:
         return mean
-    shrink = z * z * (n_total - n) / (n_total - 1) / n  # z² · f / n
+    shrink = _shrink(n, n_total, z)
     if bounds is None:
         spread = float(np.var(scores, ddof=1)) if n > 1 else math.inf
         return mean + math.sqrt(shrink * spread)
@@ -146,7 +151,7 @@ def paired_upper_bound(differences: np.ndarray, n_total: int, z: float) -> float
     mean = float(np.mean(differences))
     if n >= n_total:
         return mean
-    return mean + z * math.sqrt((n_total - n) / (n_total - 1) * float(np.mean(np.square(differences))) / n)
+    return mean + math.sqrt(_shrink(n, n_total, z) * float(np.mean(np.square(differences))))
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ def vocabulary_parameters(model: torch.nn.Module) -> list[str]:
     output projection), or none for models without token embeddings."""
     try:
         inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
+    except (AttributeError, NotImplementedError):  # not a transformers model / one with no token embeddings
         return []
     weights = [m.weight for m in (inputs, outputs) if m is not None and getattr(m, "weight", None) is not None]
     return [name for name, p in model.named_parameters() if any(p is w for w in weights)]
