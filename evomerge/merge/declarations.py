@@ -41,6 +41,7 @@ def _family(name: str, sparsify: str | None, consensus: bool, normalize: bool, r
         needs_base=True,
         doc=doc,
         mergekit_name=name,
+        magnitude_ranks=sparsify == "magnitude",
         differentiable=sparsify is None and not consensus,  # base + λ Σ w τ: linear
     )
 
@@ -81,6 +82,7 @@ def _consensus(inner: MergeMethod, doc: str) -> MergeMethod:
         params=(*inner.params, _MASK_LAMBDA, _K),
         options=inner.options,
         needs_base=True,
+        magnitude_ranks=inner.magnitude_ranks,
         doc=doc,
     )
 
@@ -124,6 +126,7 @@ LORA_COMPOSE = MergeMethod(
     ),
     doc="Evo-Merging: sparsify LoRA-A by magnitude, scale A and B by signed β, sum.",
     inputs=LORA_FACTORS,
+    magnitude_ranks=True,
     alone=(("alpha", 1.0), ("beta", None)),
     base_alone=(("alpha", 1.0), ("beta", 0.0)),
 )

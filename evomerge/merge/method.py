@@ -75,6 +75,9 @@ class MergeMethod:
     worker estimates once on each expert's own data (``models.experts[i].data``).
     ``inputs``: what the kernel combines, :data:`WEIGHTS` or :data:`LORA_FACTORS`; loading, the
     memory check and export follow from it.
+    ``magnitude_ranks``: the kernel finds each expert's k-th largest magnitude per tensor (TIES'
+    trim, LoRA-A sparsification), from a magnitude histogram built once per tensor and expert in
+    reusable buffers the memory check counts.
     ``differentiable``: the merge is a linear combination of the experts, written again in torch by
     ``evomerge.workers.entropy_gradient`` so gradient strategies (AdaMerging) can learn its genes.
     ``alone``: parameter values that give one expert unchanged, ``(name, value)``; a value of
@@ -98,6 +101,7 @@ class MergeMethod:
     doc: str = ""
     mergekit_name: str | None = None
     inputs: str = WEIGHTS
+    magnitude_ranks: bool = False
     differentiable: bool = False
     alone: tuple[tuple[str, float | None], ...] = ()
     base_alone: tuple[tuple[str, float], ...] = ()

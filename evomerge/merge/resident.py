@@ -30,6 +30,8 @@ GRAM_CHUNK = 1 << 20
 # Magnitude histograms bin the bit patterns of |x| (monotone in |x|): the top bits kept per dtype.
 _MAGNITUDE_BITS = {torch.float32: (torch.int32, 31, 20), torch.float64: (torch.int64, 63, 22)}
 _HALF_BITS = (torch.int16, 15, 15)
+HISTOGRAM_STEP = 1 << 20
+"""Elements binned per step of a histogram build."""
 
 
 class Scratch:
@@ -290,7 +292,7 @@ def _histogram_index(flat: torch.Tensor, scratch: Scratch) -> _MagnitudeIndex:
     n = flat.numel()
     shift = magnitude_bits - kept
     bins = 1 << kept
-    step = min(n, 1 << 20)
+    step = min(n, HISTOGRAM_STEP)
     counts = scratch.get("histogram_counts", (bins,), torch.int64, flat.device)
     counts.zero_()
     bits = scratch.get("histogram_bits", (step,), torch.int64, flat.device)
@@ -313,6 +315,15 @@ def _histogram_index(flat: torch.Tensor, scratch: Scratch) -> _MagnitudeIndex:
     edges = (edge_bins << shift).to(int_dtype).view(flat.dtype).to(torch.float64).cpu().numpy()
     below = np.concatenate([below_edges.cpu().numpy(), [n]])
     return _MagnitudeIndex(edges=edges, below=below)
+
+
+def histogram_bytes(dtype: torch.dtype, largest: int) -> int:
+    """Bytes of the reusable buffers :func:`_histogram_index` builds a magnitude histogram in, for
+    tensors of up to ``largest`` elements: two int64 rows of one per bin, two of one step."""
+    if largest <= MAGNITUDE_SAMPLE:
+        return 0  # small rows are sorted, not binned
+    kept = _MAGNITUDE_BITS[dtype][2] if dtype in _MAGNITUDE_BITS else _HALF_BITS[2]
+    return 2 * 8 * ((1 << kept) + min(largest, HISTOGRAM_STEP))
 
 
 def work_step(chunk: int, rows: int) -> int:

@@ -8,9 +8,10 @@ tensor), or mapped from the checkpoints' safetensors files (read tensor by tenso
 The streaming tiers add one buffer per model read as large as the largest parameter tensor, or for
 an elementwise method (a linear combination) as large as the blocks of elements they read it in
 (``STREAM_BUFFER_SHARE`` of the model in all); kernels other than linear combinations add a few
-chunk-sized work buffers in every tier. Loading a held tier briefly holds one more expert where
-it is built: on a GPU, or when its checkpoint must be converted to the run's dtype or is an adapter
-merged into the base (a checkpoint read on the CPU in its own dtype stays in the page cache). For a
+chunk-sized work buffers in every tier, and those that rank magnitudes (TIES) a histogram's
+buffers. Loading a held tier briefly holds one more expert where it is built: on a GPU, or when its
+checkpoint must be converted to the run's dtype or is an adapter merged into the base (a
+checkpoint read on the CPU in its own dtype stays in the page cache). For a
 method over LoRA factors the experts are adapters: the base plus one adapter-sized slot per expert.
 
 A data-flow worker holds its sources' layers and, per position of the longest path it may score,
@@ -36,6 +37,7 @@ import torch
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, InsufficientMemoryError
 from evomerge.merge.method import LORA_FACTORS
+from evomerge.merge.resident import histogram_bytes
 from evomerge.models.adapters import is_adapter
 from evomerge.models.checkpoint import run_dtype, stored_dtype
 from evomerge.models.loading import meta_model, parameter_shapes, resolve_devices, unreadable_weights
@@ -139,6 +141,8 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
     numel = total_numel(shapes)
     model = numel * itemsize
     refused = refused_tiers(plan)
+    largest_numel = max(int(torch.Size(s).numel()) for s in shapes.values())
+    histogram = histogram_bytes(getattr(torch, dtype), largest_numel) if plan.method.magnitude_ranks else 0
     spans = config.models.devices
     on = f"on {device.type}" if spans == 1 else f"on {spans} {device.type} devices"
     beside = f"on {device.type}" if spans == 1 else "beside its shards"
@@ -150,8 +154,8 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         base_and_slot = model + adapters[0]  # the base and one working adapter
         slots = sum(adapters)
         figures = {
-            "device": (base_and_slot + slots + max(adapters), 0, base_and_slot + slots),
-            "host": (base_and_slot + max(adapters), slots + max(adapters), base_and_slot + slots),
+            "device": (base_and_slot + slots + max(adapters) + histogram, 0, base_and_slot + slots),
+            "host": (base_and_slot + max(adapters) + histogram, slots + max(adapters), base_and_slot + slots),
         }
         experts = f"{n} adapters"
     else:
@@ -161,10 +165,10 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         chunk = default_chunk(device.type, numel, n)
         # M2N2's seed recipes start from Gram matrices of whole tensors; others stream in blocks
         blocked = plan.method.elementwise and not plan.seed_recipe_populations
-        largest = max(int(torch.Size(s).numel()) for s in shapes.values()) * itemsize
+        largest = largest_numel * itemsize
         block = block_elements(chunk, itemsize, stream_budget(model, n, with_base)) * itemsize if blocked else None
         # a linear combination is written in place, one op per expert and chunk: no work buffers
-        work = 0 if plan.method.elementwise else (n + 2) * chunk * WORK_ITEMSIZE
+        work = (0 if plan.method.elementwise else (n + 2) * chunk * WORK_ITEMSIZE) + histogram
         # an expert is built in memory when converted to the run's dtype or an adapter (merged on a
         # fresh copy of the base); else loading reads its file through the page cache
         built = any(is_adapter(ref) or stored_dtype(ref) != dtype for ref in refs)

@@ -17,6 +17,7 @@ from evomerge.config import config_from_dict
 from evomerge.errors import ConfigError, InsufficientMemoryError
 from evomerge.models import memory
 from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
+from evomerge.records import Candidate
 from evomerge.workers.whitebox import WhiteBoxWorker
 
 CPU = torch.device("cpu")
@@ -192,7 +193,6 @@ def test_a_tier_the_method_cannot_use_is_refused_with_the_reason(llamas):
 @pytest.mark.parametrize("residency", ["host", "mmap"])
 def test_a_worker_merges_identically_in_every_tier(llamas, residency):
     """Real checkpoints: the mapped tier finds every parameter under its name in the files."""
-    from evomerge.records import Candidate
 
     def merged(tier: str) -> dict[str, torch.Tensor]:
         document = _config(llamas)
@@ -295,3 +295,34 @@ def test_a_path_too_long_for_memory_is_refused_naming_max_layers(llamas, tmp_pat
     assert memory.check_memory(fits, 1, CPU).path.positions == 7
     with pytest.raises(InsufficientMemoryError, match=r"up to 9 layers \(merge.dataflow.max_layers\).*to 7 or less"):
         memory.check_memory(config_from_dict(_long_rows_dataflow(llamas, tmp_path, max_layers=9)), 1, CPU)
+
+
+def test_a_ties_estimate_counts_the_magnitude_histogram_it_builds(tmp_path):
+    """TIES ranks each task vector's magnitudes from a histogram built in reusable buffers (32 MiB
+    in float32 whatever the model's size): the estimate's work term holds them and every other
+    buffer the merge kept."""
+    tokenizer = build_tokenizer()
+    base = tiny_llama(tokenizer, hidden=128, layers=1, heads=2, seed=0)  # 128 × 512 MLP rows: binned, not sorted
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    for i in range(2):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        base.save_pretrained(tmp_path / f"expert{i}")
+        tokenizer.save_pretrained(tmp_path / f"expert{i}")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": "12+30=", "target": "42"}) + "\n")
+    document = _config(tmp_path)
+    document["models"]["experts"] = [str(tmp_path / f"expert{i}") for i in range(2)]
+    document["merge"] = {"method": "ties"}
+    config = config_from_dict(document)
+    estimate = memory.tier_memory(config, CPU)["device"]
+    worker = WhiteBoxWorker(RunPlan.from_config(config))
+    try:
+        worker.materialize(Candidate(id="p:1", population="p", genome=np.full(worker.space.dim, 0.5)))
+        buffers = {name: b.numel() * b.element_size() for (name, _, _), b in worker.models.materializer._scratch._buffers.items()}
+    finally:
+        worker.close()
+    assert sum(v for name, v in buffers.items() if name.startswith("histogram")) > 0  # the merge did bin magnitudes
+    assert sum(buffers.values()) <= estimate.peak - estimate.resident  # float32 loads through the page cache: the rest is work
