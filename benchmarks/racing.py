@@ -1,8 +1,9 @@
 """Racing's figure: fitness examples scored to reach full scoring's held-out quality.
 
 For each task (the digits demo, the tiny-LM demo) and seed, the same search (CMA-ES and M2N2, the
-demo configs' populations) runs twice with the same number of candidates: once scoring every
-candidate on every fitness example, once with ``fitness.racing``. Along each run, the held-out
+demo configs' populations) runs twice with the same number of candidates (the demo config's
+budget unless ``--candidates``): once scoring every candidate on every fitness example, once with
+``fitness.racing``. Along each run, the held-out
 score (the test split the search never sees) of its best fully scored candidate so far is
 measured. ``held_out_full`` is what full scoring's best reaches with all its candidates, at the
 cost of ``full_examples``; ``racing_examples`` are the examples the racing run's workers had
@@ -50,6 +51,9 @@ DEMOS = Path(__file__).resolve().parents[1] / "evomerge" / "demos"
 LM_FITNESS_ROWS = 1000
 """The demo's 60 are too few to screen on; same generator, as many rows as an LM benchmark task
 (GSM8K's test split has 1319, ARC-Challenge's 1172, MGSM 250 per language)."""
+LM_TEST_ROWS = 2000
+"""The demo's 200 held-out rows measure exact match to ±2.7 points (one standard error at 0.83),
+too coarse for a 1-point tolerance; 2000 distinct rows none of which is a fitness row: ±0.85."""
 
 
 def digits_setup(root: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
@@ -80,6 +84,14 @@ def tiny_lm_setup(root: Path, args: argparse.Namespace) -> tuple[Path, dict[str,
     rows = [r for s in demo_lm.SKILLS for r in skill_examples(s, args.lm_rows // 2, 1000)]
     demo_lm._write_jsonl(fitness, rows)
     data["fitness"]["data"] = {"source": str(fitness)}
+    test = models / "data" / f"test-{args.lm_test_rows}.jsonl"
+    seen = {r["prompt"] for r in rows}
+    held_out = []
+    for skill in demo_lm.SKILLS:  # the demo's test seed, fitness prompts and repeats left out
+        fresh = [r for r in skill_examples(skill, 4 * args.lm_test_rows, 2000) if not (r["prompt"] in seen or seen.add(r["prompt"]))]
+        held_out += fresh[: args.lm_test_rows // 2]
+    demo_lm._write_jsonl(test, held_out)
+    data["fitness"]["test_data"] = {"source": str(test)}
     return models, data
 
 
@@ -98,9 +110,9 @@ def search(base: dict[str, Any], racing: dict[str, Any] | None, seed: int, candi
     return run_dir
 
 
-def held_out_curve(run_dir: Path, worker: WhiteBoxWorker, test_data) -> list[tuple[int, float]]:
-    """(examples scored so far, held-out score of the best fully scored candidate so far) after
-    each evaluation that brought a new best."""
+def held_out_curve(run_dir: Path, worker: WhiteBoxWorker, test_data) -> list[tuple[int, float, float]]:
+    """(examples scored so far, held-out score and fitness of the best fully scored candidate so
+    far) after each evaluation that brought a new best."""
     store = RunStore(run_dir, readonly=True)
     try:
         curve, used, best = [], 0, None
@@ -109,18 +121,19 @@ def held_out_curve(run_dir: Path, worker: WhiteBoxWorker, test_data) -> list[tup
             if ev.fully_scored and (best is None or ev.fitness > best):
                 best = ev.fitness
                 held_out = worker.score_on(test_data, Candidate(ev.candidate_id, ev.population, ev.genome)).fitness
-                curve.append((used, held_out))
-        return curve + [(used, curve[-1][1])]
+                curve.append((used, held_out, best))
+        return curve + [(used, *curve[-1][1:])]
     finally:
         store.close()
 
 
-def examples_to_reach(curve: list[tuple[int, float]], target: float, tolerance: float) -> int | None:
-    return next((used for used, held_out in curve if held_out >= target - tolerance), None)
+def examples_to_reach(curve: list[tuple[int, float, float]], target: float, tolerance: float) -> int | None:
+    return next((used for used, held_out, _ in curve if held_out >= target - tolerance), None)
 
 
 def run_task(task: str, args: argparse.Namespace, root: Path, models: Path) -> dict[str, Any]:
     _, base = SETUPS[task](models / task, args)
+    candidates = args.candidates or base["budget"]["evaluations"]
     racing = {"stages": args.stages, "z": args.z, "top_k": args.top_k, "paired": args.paired, "seed": 0}
     totals = {"full": 0, "racing": 0, "racing_all": 0}
     per_seed, not_reached = [], []
@@ -129,7 +142,7 @@ def run_task(task: str, args: argparse.Namespace, root: Path, models: Path) -> d
     for seed in args.seeds:
         curves = {}
         for kind, block in (("full", None), ("racing", racing)):
-            run_dir = search(base, block, seed, args.candidates, root / task / f"{kind}-{seed}")
+            run_dir = search(base, block, seed, candidates, root / task / f"{kind}-{seed}")
             plan = RunPlan.from_config(config_from_dict({**base, "run_dir": str(run_dir), "fitness": base["fitness"]}, task))
             worker = WhiteBoxWorker(plan, worker_id="held-out")
             n_examples = count(worker.examples)
@@ -150,6 +163,7 @@ def run_task(task: str, args: argparse.Namespace, root: Path, models: Path) -> d
             "seed": seed, "full_examples": reached["full"], "racing_examples": reached["racing"],
             "held_out_full": round(curves["full"][-1][1], 4), "held_out_racing": round(curves["racing"][-1][1], 4),
             "racing_all_examples": curves["racing"][-1][0],
+            "fitness_full": round(curves["full"][-1][2], 4), "fitness_racing": round(curves["racing"][-1][2], 4),
         })
     return {
         "full_examples": totals["full"],
@@ -158,7 +172,7 @@ def run_task(task: str, args: argparse.Namespace, root: Path, models: Path) -> d
         "savings_same_candidates": round(totals["full"] / max(1, totals["racing_all"]), 2),
         "held_out_full": round(sum(held["full"]) / len(held["full"]), 4),
         "held_out_racing": round(sum(held["racing"]) / len(held["racing"]), 4),
-        "candidates": args.candidates,
+        "candidates": candidates,
         "fitness_examples": n_examples,
         "racing": racing,
         "tolerance": args.tolerance,
@@ -172,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=list(SETUPS), default=["tiny_lm", "digits"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--candidates", type=int, default=150)
+    parser.add_argument("--candidates", type=int, help="per search (default: the demo config's budget, 200 tiny LM, 480 digits)")
     defaults = RacingConfig()  # fitness.racing's defaults unless told otherwise
     parser.add_argument("--stages", nargs="+", type=float, default=defaults.stages)
     parser.add_argument("--z", type=float, default=defaults.z)
@@ -181,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the paired rule (--no-paired: the unpaired one)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="1 point of accuracy / exact match")
     parser.add_argument("--lm-rows", type=int, default=LM_FITNESS_ROWS, help="tiny-LM fitness examples")
+    parser.add_argument("--lm-test-rows", type=int, default=LM_TEST_ROWS, help="tiny-LM held-out examples")
     parser.add_argument("--models", type=Path, help="keep the demos' trained models here and reuse them (default: a temporary directory)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

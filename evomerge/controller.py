@@ -52,20 +52,24 @@ class Population:
     finished: int = 0
     stop_reason: dict[str, Any] = field(default_factory=dict)
     best: float | None = None
+    racing_rank: int | None = None
+    """Racing: the rank of the fully scored member a candidate must be able to beat to matter to
+    this population's strategy (:meth:`Strategy.racing_rank`); None: racing is off."""
     leaders: list[Evaluation] = field(default_factory=list)
-    """The best fully scored evaluations, best first (as many as racing's ``top_k``)."""
+    """The best fully scored evaluations, best first (as many as ``racing_rank``)."""
 
     def can_ask(self) -> bool:
         return not self.stop_reason and (self.budget is None or self.submitted < self.budget)
 
-    def rival(self, top_k: int | None) -> Evaluation | None:
-        """What a new candidate must be able to beat to be scored in full: the k-th best fully
-        scored member; None (score in full) without racing or before k members are known."""
-        return self.leaders[top_k - 1] if top_k is not None and len(self.leaders) >= top_k else None
+    def rival(self) -> Evaluation | None:
+        """What a new candidate must be able to beat to be scored in full: the ``racing_rank``-th
+        best fully scored member; None (score in full) without racing or before that many are known."""
+        k = self.racing_rank
+        return self.leaders[k - 1] if k is not None and len(self.leaders) >= k else None
 
-    def admit(self, ev: Evaluation, top_k: int | None) -> None:
-        if top_k is not None:  # sorted is stable: of equal fitnesses the earlier stays ahead
-            self.leaders = sorted([*self.leaders, ev], key=lambda e: e.fitness, reverse=True)[:top_k]
+    def admit(self, ev: Evaluation) -> None:
+        if self.racing_rank is not None:  # sorted is stable: of equal fitnesses the earlier stays ahead
+            self.leaders = sorted([*self.leaders, ev], key=lambda e: e.fitness, reverse=True)[: self.racing_rank]
 
 
 @dataclass
@@ -103,7 +107,9 @@ class Controller:
         self.checkpoint_every = checkpoint_every
         self.on_progress = on_progress
         self.migration = migration  # (every, size)
-        self.racing_top_k = racing_top_k  # None: racing is off
+        if racing_top_k is not None:  # None: racing is off
+            for pop in populations:
+                pop.racing_rank = pop.strategy.racing_rank(racing_top_k)
         self._usage = {"requests": 0.0, "tokens": 0.0, "cost": 0.0, "examples": 0.0}
         self._best_at = 0  # evaluations counted when the best last improved
         self._stop_requested: str | None = None
@@ -174,8 +180,8 @@ class Controller:
                     self._record(cached)
 
     def _submit(self, pop: Population, cand: Candidate) -> None:
-        rival = pop.rival(self.racing_top_k)
-        if rival is not None:
+        rival = pop.rival()
+        if rival is not None and not pop.strategy.scores_in_full(cand.id):
             cand = dataclasses.replace(cand, must_beat=rival.fitness, rival=rival.per_example)
         self.executor.submit(cand)
 
@@ -217,7 +223,7 @@ class Controller:
         if ev.fully_scored and (pop.best is None or ev.fitness > pop.best):
             pop.best = ev.fitness
         if ev.fully_scored:
-            pop.admit(ev, self.racing_top_k)
+            pop.admit(ev)
         self._evaluations += 1
         self._usage["examples"] += ev.metrics.get("examples_scored", 0)
         usage = ev.metrics.get("usage")
@@ -297,8 +303,8 @@ class Controller:
         for pop in self.populations.values():
             row = self.store.best(pop.name)
             pop.best = None if row is None else row.fitness
-            if self.racing_top_k is not None:  # the leaders before the checkpoint were not replayed
-                pop.leaders = self.store.top(pop.name, self.racing_top_k, self._last_seq)
+            if pop.racing_rank is not None:  # the leaders before the checkpoint were not replayed
+                pop.leaders = self.store.top(pop.name, pop.racing_rank, self._last_seq)
 
     def _total_budget(self) -> int | None:
         budgets = [p.budget for p in self.populations.values()]

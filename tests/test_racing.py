@@ -191,3 +191,31 @@ def test_racing_bounds_default_to_the_range_the_fitness_declares(tmp_path, digit
     assert racing_of(config).bounds == bounds
     explicit = load_config(digits_config(fitness={**fitness({**RACING, "scores": [-5, 0]}), "name": name}))
     assert racing_of(explicit).bounds == (-5.0, 0.0)
+
+
+def test_m2n2_scores_its_seeds_in_full_and_races_children_against_its_third_best(tmp_path, digits_config):
+    """M2N2 admits children that cover examples the others miss, well below the best: its seeds
+    fill the archive in full, and a child goes on while it could beat the 3rd best (the option
+    ``racing_rank``), not the best that ``top_k: 1`` names for other strategies."""
+    populations = [{"name": "m2n2", "strategy": "m2n2", "options": {"archive_size": 4}}]
+    config = digits_config(populations=populations, fitness=fitness({**RACING, "top_k": 1}), budget={"evaluations": 30})
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 0
+    db = sqlite3.connect(tmp_path / "r" / "run.db")
+    seeds = {cid for cid, parents in db.execute("SELECT id, parent_ids FROM candidates") if parents == "[]"}
+    db.close()
+    store = RunStore(tmp_path / "r", readonly=True)
+    evaluations = sorted(store.evaluations(with_scores=True), key=lambda e: e.seq)
+    store.close()
+    assert seeds and all(e.fidelity == 1.0 for e in evaluations if e.candidate_id in seeds)
+    paired_stops = 0
+    for e in (e for e in evaluations if e.fidelity < 1.0):
+        earlier = sorted((r for r in evaluations if r.fidelity == 1.0 and r.seq < e.seq), key=lambda r: -r.fitness)
+        third = earlier[2]  # the rival the controller sent: the 3rd best fully scored when it was asked
+        scored = ~np.isnan(e.per_example)
+        own = float(np.mean(e.per_example[scored]))
+        paired = third.fitness + float(np.mean(e.per_example[scored] - third.per_example[scored]))
+        if abs(e.fitness - paired) < 1e-6:  # stopped by the paired rule against the 3rd best
+            paired_stops += 1
+        else:  # by the unpaired one: its own mean cannot reach the 3rd best's fitness
+            assert e.fitness == pytest.approx(own, abs=1e-6) and own < third.fitness
+    assert paired_stops

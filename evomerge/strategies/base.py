@@ -110,6 +110,18 @@ class Strategy(ABC):
         """Reasons this population has nothing more to propose (empty while it goes on)."""
         return {}
 
+    def racing_rank(self, top_k: int) -> int:
+        """Racing (``fitness.racing``): the rank among this population's fully scored members of
+        the one a candidate must still be able to beat to matter here. ``top_k`` by default: a
+        strategy that learns from the best (CMA-ES ranks, the best so far) loses little when a
+        candidate that cannot beat them is stopped early with an estimate."""
+        return top_k
+
+    def scores_in_full(self, candidate_id: str) -> bool:
+        """Racing: whether an outstanding candidate must be scored on every example whatever its
+        rival (no by default; M2N2's initial archive, which it breeds from)."""
+        return False
+
     def immigrate(self, genome: np.ndarray, evaluation: Evaluation) -> None:
         """Take in a good member of another population (migration between populations).
 
