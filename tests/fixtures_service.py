@@ -100,6 +100,17 @@ def service(tiny_models) -> Iterator[str]:
 
 
 JUDGE_KEY_ENV = "EVOMERGE_TEST_JUDGE_KEY"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+    "{{ m['role'] }}:{{ m['content'] }}|{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""The judge model's chat template: characters of its vocabulary only, and a refusal of system
+turns as Gemma's template refuses them."""
+
+
+def chat_text(messages: list[dict[str, str]]) -> str:
+    """What ``CHAT_TEMPLATE`` renders ``messages`` to, ready for the assistant's turn."""
+    return "".join(f"{m['role']}:{m['content']}|" for m in messages) + "assistant:"
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +121,7 @@ def judge_service(tmp_path_factory) -> Iterator[str]:
 
     root = tmp_path_factory.mktemp("judge-model")
     model, tokenizer = char_llama(seed=3)
+    tokenizer.chat_template = CHAT_TEMPLATE
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     with serve_process(root, None) as (url, _):

@@ -4,7 +4,8 @@ Model Swarms (arXiv 2410.11163) and AC/DC score merged models with a judge where
 answer can be matched exactly (open-ended instructions, "human interests"). Here the candidate
 answers greedily (white-box: :func:`evomerge.fitness.lm.greedy_generations`, as ``exact_match``; black-box: the
 service's completions), each answer is put into the ``rubric`` with its prompt and target, and
-the judge's greedy reply is read through ``score_regex``: the first match (its first group when
+the judge's greedy reply (the rubric as the user's message of a chat, or as a raw prompt: ``api``) is
+read through ``score_regex``: the first match (its first group when
 it has one) is a number on the rubric's ``scale``, mapped linearly to [0, 1]. A reply without a
 number, or with one off the scale, scores 0 and is counted (``judge_unparsable``): a judge that
 wanders off its rubric lowers a candidate's fitness, it never fails the candidate.
@@ -22,7 +23,7 @@ import asyncio
 import re
 import string
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -42,6 +43,11 @@ class JudgeSpec(BaseModel):
     base_url: str
     model: str
     rubric: str = Field(description="the judge's prompt: a template over {prompt}, {answer} and {target}")
+    api: Literal["chat", "completions"] = Field(
+        default="chat",
+        description="chat: the rubric as the user's message on /v1/chat/completions (the judge's chat template"
+        " applies; what hosted instruct models answer); completions: the rubric as a raw prompt on /v1/completions",
+    )
     api_key_env: str | None = None
     score_regex: str = DEFAULT_SCORE_REGEX
     scale: tuple[float, float] = (1.0, 10.0)
@@ -150,8 +156,7 @@ async def judge_answers(spec: JudgeSpec, examples: Sequence[dict[str, Any]], ans
 
     async def grade(example: dict[str, Any], answer: str) -> float | None:
         prompt = spec.rubric.format(prompt=example["prompt"], answer=answer, target=example.get("target", ""))
-        payload = {"model": spec.model, "prompt": prompt, "max_tokens": spec.max_tokens, "temperature": 0.0}
-        return spec.score((await client.completions(payload)).choices[0].text)
+        return spec.score(await ask(client, spec, prompt))
 
     try:  # every request runs to its end, so what a failing judge was asked is counted whole
         outcomes = await asyncio.gather(*(grade(e, a) for e, a in zip(examples, answers)), return_exceptions=True)
@@ -162,7 +167,10 @@ async def judge_answers(spec: JudgeSpec, examples: Sequence[dict[str, Any]], ans
         if not isinstance(failures[0], ApiError):
             raise failures[0]
         spent = {"usage": client.usage.metrics(), "judge_retries": client.usage.retries}
-        raise FitnessFailed(f"the judge at {spec.base_url} failed: {failures[0]}", spent) from None
+        hint = " (a service without chat completions: set fitness.options.judge.api: completions)" if (
+            spec.api == "chat" and failures[0].status == 404
+        ) else ""
+        raise FitnessFailed(f"the judge at {spec.base_url} failed: {failures[0]}{hint}", spent) from None
     grades: list[float | None] = outcomes  # type: ignore[assignment]
     metrics = {
         "usage": client.usage.metrics(),
@@ -170,6 +178,16 @@ async def judge_answers(spec: JudgeSpec, examples: Sequence[dict[str, Any]], ans
         "judge_retries": client.usage.retries,
     }
     return FitnessResult([0.0 if g is None else g for g in grades], metrics)
+
+
+async def ask(client: ApiClient, spec: JudgeSpec, prompt: str) -> str:
+    """The judge's greedy reply to ``prompt`` on the route ``spec.api`` names ("" when a chat
+    answer has no text: a refusal reads as an unparsable grade)."""
+    asked = {"model": spec.model, "max_tokens": spec.max_tokens, "temperature": 0.0}
+    if spec.api == "chat":
+        answer = await client.chat_completions({**asked, "messages": [{"role": "user", "content": prompt}]})
+        return answer.choices[0].message.content or ""
+    return (await client.completions({**asked, "prompt": prompt})).choices[0].text
 
 
 def judge(

@@ -12,7 +12,8 @@ levels evomerge drives:
   (``per_example_loss``); a materialized merge is served as a model name;
 * vLLM's runtime LoRA: ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``;
 
-plus ``/v1/models``, ``/v1/completions`` (see ``completion_engine``) and ``/health``. Errors use
+plus ``/v1/models``, ``/v1/completions`` (see ``completion_engine``), ``/v1/chat/completions`` (the
+tokenizer's chat template over the same engine) and ``/health``. Errors use
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, a bug's too (500, logged, the
 request not echoed). Requests run one at a time on one thread. Before a body is read, ``gate.Gate``
 checks the token (401), the size (413) and how many requests are in progress (429); the request
@@ -29,7 +30,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -48,6 +49,8 @@ MAX_LOGPROBS = 20
 MAX_PENDING = 64
 MAX_STOP = 4
 """Stop strings per request, as in the OpenAI reference."""
+MAX_MESSAGES = 256
+"""Messages in one chat request."""
 
 BODY_TIMEOUT_S = 30.0
 """A request body must arrive whole within this (408 otherwise)."""
@@ -85,21 +88,17 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields a server may ignore (user, …)
 
 
-class CompletionRequest(_Body):
+class _Sampling(_Body):
+    """What both completion routes take: how to sample, where to stop, and the reference's
+    fields this server does not implement (refused unless left at their defaults)."""
+
     model: Name
-    prompt: Text | list[Text] | list[int] | list[list[int]]
-    max_tokens: int = Field(default=16, ge=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=MIN_TOP_P, le=1.0)
     n: int = 1
     stream: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
     stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    # fields of the reference this server does not implement: refused unless left at their defaults
-    best_of: int | None = None
-    suffix: Text | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -114,10 +113,56 @@ class CompletionRequest(_Body):
     def unsupported(self) -> list[str]:
         """The fields set to something this server would otherwise silently ignore."""
         return [
-            name
-            for name, default in (("best_of", 1), ("suffix", None), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
-            if getattr(self, name) not in (None, default)
+            name for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0)) if getattr(self, name) != default
         ] + (["logit_bias"] if self.logit_bias else [])
+
+
+class CompletionRequest(_Sampling):
+    prompt: Text | list[Text] | list[int] | list[list[int]]
+    max_tokens: int = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: Text | None = None
+
+    def unsupported(self) -> list[str]:
+        return [
+            name for name, default in (("best_of", 1), ("suffix", None)) if getattr(self, name) not in (None, default)
+        ] + super().unsupported()
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, … : nothing a chat template reads
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart]
+
+    def as_template_input(self) -> dict[str, str]:
+        """The message as chat templates read it: a role and one string (text parts joined)."""
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": self.role, "content": text}
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0, description="the newer name of max_tokens")
+    logprobs: bool = False
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        return (
+            (["logprobs"] if self.logprobs else [])
+            + (["tools"] if self.tools else [])
+            + (["response_format"] if self.response_format not in (None, {"type": "text"}) else [])
+            + super().unsupported()
+        )
 
 
 class LoadLoraRequest(_Body):
@@ -174,7 +219,8 @@ def _prompts(host: ModelHost, prompt: Any) -> list[tuple[list[int], str]]:
     return out
 
 
-def _completions(host: ModelHost, request: CompletionRequest) -> dict[str, Any]:
+def _sampling(request: _Sampling) -> list[str]:
+    """The stop strings of a request this server can honour; a 400 naming what it cannot."""
     if request.stream:
         raise ServiceError(400, "Streaming is not supported by this server.", "unsupported_parameter")
     if request.n != 1:
@@ -184,23 +230,21 @@ def _completions(host: ModelHost, request: CompletionRequest) -> dict[str, Any]:
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > MAX_STOP or any(not s for s in stop):
         raise ServiceError(400, f"stop takes at most {MAX_STOP} non-empty strings.", "invalid_stop")
-    prompts = _prompts(host, request.prompt)
+    return stop
+
+
+def _run_prompts(
+    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], params: SamplingParams
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Each prompt completed on ``request.model``: the choices and the request's usage."""
     for ids, _ in prompts:
-        if len(ids) + request.max_tokens > host.max_positions:
+        if len(ids) + params.max_tokens > host.max_positions:
             raise ServiceError(
                 400,
                 f"This model's maximum context length is {host.max_positions} tokens; the prompt has {len(ids)}"
-                f" and max_tokens is {request.max_tokens}.",
+                f" and max_tokens is {params.max_tokens}.",
                 "context_length_exceeded",
             )
-    params = SamplingParams(
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        stop=stop,
-        logprobs=request.logprobs,
-        echo=request.echo,
-    )
     generator = torch.Generator()
     if request.seed is None:
         generator.seed()
@@ -213,17 +257,68 @@ def _completions(host: ModelHost, request: CompletionRequest) -> dict[str, Any]:
             choices.append({"index": index, **result.choice})
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return choices, usage
+
+
+def _completions(host: ModelHost, request: CompletionRequest) -> dict[str, Any]:
+    stop = _sampling(request)
+    prompts = _prompts(host, request.prompt)
+    params = SamplingParams(
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=stop,
+        logprobs=request.logprobs,
+        echo=request.echo,
+    )
+    choices, usage = _run_prompts(host, request, prompts, params)
     return {
         "id": "cmpl-" + uuid.uuid4().hex,
         "object": "text_completion",
         "created": int(time.time()),
         "model": request.model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage,
+    }
+
+
+def _chat_prompt(host: ModelHost, request: ChatRequest) -> tuple[list[int], str]:
+    """The conversation rendered by the tokenizer's chat template, ending where the assistant's
+    turn begins, and its token ids (the template writes the special tokens itself)."""
+    from jinja2 import TemplateError
+
+    if not getattr(host.tokenizer, "chat_template", None):
+        raise ServiceError(
+            400, "This model's tokenizer has no chat template; send the prompt to /v1/completions.", "no_chat_template"
+        )
+    try:
+        text = host.tokenizer.apply_chat_template(
+            [m.as_template_input() for m in request.messages], add_generation_prompt=True, tokenize=False
+        )
+    except TemplateError as exc:  # templates raise on what they refuse (a system turn, roles out of order)
+        raise ServiceError(400, f"The chat template refused the messages: {exc}", "invalid_messages") from None
+    ids = host.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ServiceError(400, "The messages render to no tokens.", "invalid_messages")
+    return ids, text
+
+
+def _chat_completions(host: ModelHost, request: ChatRequest) -> dict[str, Any]:
+    stop = _sampling(request)
+    ids, text = _chat_prompt(host, request)
+    limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    max_tokens = max(0, host.max_positions - len(ids)) if limit is None else limit  # the reference: up to the context
+    params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, stop=stop)
+    (choice,), usage = _run_prompts(host, request, [(ids, text)], params)
+    message = {"role": "assistant", "content": choice["text"]}
+    return {
+        "id": "chatcmpl-" + uuid.uuid4().hex,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": choice["finish_reason"]}],
+        "usage": usage,
     }
 
 
@@ -305,6 +400,10 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> dict[str, Any]:
         return await run(lambda: _completions(host, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> dict[str, Any]:
+        return await run(lambda: _chat_completions(host, body))
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraRequest) -> PlainTextResponse:

@@ -24,7 +24,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -83,6 +83,9 @@ class _Answer(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+AnswerT = TypeVar("AnswerT", bound=_Answer)
+
+
 class LogprobsAnswer(_Answer):
     tokens: list[str]
     token_logprobs: list[float | None]
@@ -104,6 +107,22 @@ class UsageAnswer(_Answer):
 
 class CompletionAnswer(_Answer):
     choices: list[ChoiceAnswer] = Field(min_length=1)
+    usage: UsageAnswer | None = None
+
+
+class MessageAnswer(_Answer):
+    content: str | None = None
+    """None where the model answered otherwise (a refusal, a tool call): no text to read."""
+
+
+class ChatChoiceAnswer(_Answer):
+    index: int = 0
+    message: MessageAnswer
+    finish_reason: str | None = None
+
+
+class ChatAnswer(_Answer):
+    choices: list[ChatChoiceAnswer] = Field(min_length=1)
     usage: UsageAnswer | None = None
 
 
@@ -168,7 +187,7 @@ class ApiClient:
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.base_url = base_url.rstrip("/")
+        self.base_url = service_root(base_url)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -223,24 +242,39 @@ class ApiClient:
 
     async def completions(self, payload: dict[str, Any]) -> CompletionAnswer:
         """``POST /v1/completions``, validated, with its tokens and cost accounted."""
-        raw = await self.request("POST", "/v1/completions", payload)
-        answer = parse_completion(raw)
-        if answer.usage is not None:
-            self.usage.prompt_tokens += answer.usage.prompt_tokens
-            self.usage.completion_tokens += answer.usage.completion_tokens
-            self.usage.cost += (
-                answer.usage.prompt_tokens * self.prices[0] + answer.usage.completion_tokens * self.prices[1]
-            )
+        answer = parse_answer(await self.request("POST", "/v1/completions", payload), CompletionAnswer, "/v1/completions")
+        self._account(answer.usage)
         return answer
 
+    async def chat_completions(self, payload: dict[str, Any]) -> ChatAnswer:
+        """``POST /v1/chat/completions``, validated, with its tokens and cost accounted."""
+        answer = parse_answer(await self.request("POST", "/v1/chat/completions", payload), ChatAnswer, "/v1/chat/completions")
+        self._account(answer.usage)
+        return answer
 
-def parse_completion(raw: Any) -> CompletionAnswer:
+    def _account(self, usage: UsageAnswer | None) -> None:
+        if usage is not None:
+            self.usage.prompt_tokens += usage.prompt_tokens
+            self.usage.completion_tokens += usage.completion_tokens
+            self.usage.cost += usage.prompt_tokens * self.prices[0] + usage.completion_tokens * self.prices[1]
+
+
+def service_root(base_url: str) -> str:
+    """The service's root, which the ``/v1/...`` routes are appended to: ``base_url`` as given,
+    or without its trailing ``/v1`` (the form OpenAI's SDK takes, ``https://api.openai.com/v1``)."""
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+def parse_answer(raw: Any, shape: type[AnswerT], route: str) -> AnswerT:
+    """``raw`` read as ``shape``; ``MalformedResponse`` naming the first field that is not as
+    the OpenAI reference promises."""
     try:
-        return CompletionAnswer.model_validate(raw)
+        return shape.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "the body"
-        raise MalformedResponse(f"malformed /v1/completions answer: {where}: {first['msg']}") from None
+        raise MalformedResponse(f"malformed {route} answer: {where}: {first['msg']}") from None
 
 
 def _decode(response: Any, what: str) -> Any:

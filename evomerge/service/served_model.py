@@ -14,7 +14,7 @@ import asyncio
 from typing import Any, Awaitable, Callable, Sequence
 
 from evomerge.fitness.blackbox import Loglikelihood
-from evomerge.service.client import ApiClient, CompletionAnswer, MalformedResponse, parse_completion
+from evomerge.service.client import ApiClient, CompletionAnswer, MalformedResponse, parse_answer
 from evomerge.service.response_cache import ResponseCache, cache_key
 
 GREEDY_TOLERANCE = 1e-6
@@ -49,7 +49,7 @@ class ApiServedModel:
         """``/v1/completions`` for this model, from the cache when the same request was answered."""
         key = cache_key(self.identity, payload)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return parse_completion(hit)
+            return parse_answer(hit, CompletionAnswer, "/v1/completions")
         answer = await self.client.completions({"model": await self.name(), **payload})
         if self.cache is not None:
             self.cache.put(key, answer.model_dump())

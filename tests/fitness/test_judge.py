@@ -24,7 +24,7 @@ from evomerge.service.client import ApiClient
 from evomerge.service.served_model import ApiServedModel
 from evomerge.store import RunStore
 from evomerge.testing.tiny_models import char_llama
-from fixtures_service import free_port
+from fixtures_service import app_in_thread, chat_text, free_port
 
 SPEC = {"base_url": "http://127.0.0.1:9", "model": "m", "rubric": "Q: {prompt} A: {answer} Score:"}
 
@@ -40,13 +40,23 @@ def examples():
 
 
 def judge_replies(url: str, options: dict, prompts: list[str]) -> list[str]:
-    """What the judge answers each rubric prompt, asked directly (greedy, as the fitness asks)."""
+    """What the judge answers each rubric prompt, asked directly (greedy, as the fitness asks): as
+    the user's message of a chat, or as a raw prompt (``options["api"]``)."""
     headers = {"Authorization": "Bearer test-serve-token"}
     body = {"model": options["model"], "max_tokens": options["max_tokens"], "temperature": 0.0}
+    if options.get("api", "chat") == "chat":
+        asked = [{**body, "messages": [{"role": "user", "content": p}]} for p in prompts]
+        answers = [httpx.post(f"{url}/v1/chat/completions", json=a, headers=headers).json() for a in asked]
+        return [a["choices"][0]["message"]["content"] for a in answers]
     return [
         httpx.post(f"{url}/v1/completions", json={**body, "prompt": p}, headers=headers).json()["choices"][0]["text"]
         for p in prompts
     ]
+
+
+def sent_text(options: dict, prompt: str) -> str:
+    """What the judge model reads for a rubric prompt: the chat template's rendering, or the prompt."""
+    return chat_text([{"role": "user", "content": prompt}]) if options.get("api", "chat") == "chat" else prompt
 
 
 def test_a_reply_is_read_through_the_regex_and_mapped_from_the_scale():
@@ -86,8 +96,10 @@ def test_a_missing_key_or_target_is_named_before_any_request(candidate, examples
         judge(model, tokenizer, [{"prompt": "1+2="}], judge={**SPEC, "rubric": "{answer} vs {target}"})
 
 
-def test_each_answer_is_judged_once_and_its_grade_read_from_the_reply(candidate, examples, judge_options, judge_service):
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_each_answer_is_judged_once_and_its_grade_read_from_the_reply(candidate, examples, judge_options, judge_service, api):
     model, tokenizer = candidate
+    judge_options = {**judge_options, "api": api}
     result = judge(model, tokenizer, examples, judge=judge_options, max_new_tokens=4)
     answers = greedy_generations(
         model, tokenizer, [e["prompt"] for e in examples], batch_size=16, max_new_tokens=4, stop=(), fitness="judge"
@@ -100,7 +112,7 @@ def test_each_answer_is_judged_once_and_its_grade_read_from_the_reply(candidate,
     assert 0 < result.metrics["judge_unparsable"] < len(examples)  # read and unreadable replies both met
     usage = result.metrics["usage"]
     assert usage["requests"] == len(examples)
-    assert usage["prompt_tokens"] == sum(map(len, prompts))  # one token per character
+    assert usage["prompt_tokens"] == sum(len(sent_text(judge_options, p)) for p in prompts)  # one token per character
     assert 0 < usage["completion_tokens"] <= judge_options["max_tokens"] * len(examples)
     again = judge(model, tokenizer, examples, judge=judge_options, max_new_tokens=4)
     assert again.scores == result.scores and again.metrics == result.metrics
@@ -190,6 +202,24 @@ def test_a_judge_that_cannot_be_reached_fails_the_candidate_with_its_requests_co
     worker.close()
     assert ev.status == "failed" and "the judge at http://127.0.0.1:" in ev.error
     assert ev.metrics["usage"]["requests"] == 4 * 2 and ev.metrics["judge_retries"] == 4  # each example tried twice
+
+
+def test_an_openai_style_base_url_ending_in_v1_reaches_the_same_judge(candidate, examples, judge_options):
+    model, tokenizer = candidate
+    plain = judge(model, tokenizer, examples, judge=judge_options, max_new_tokens=3)
+    sdk_style = judge(model, tokenizer, examples, judge={**judge_options, "base_url": judge_options["base_url"] + "/v1/"}, max_new_tokens=3)
+    assert sdk_style.scores == plain.scores and sdk_style.metrics == plain.metrics
+
+
+def test_a_chat_judge_on_a_service_without_chat_completions_fails_saying_which_option_to_set(candidate, examples, judge_options):
+    from starlette.applications import Starlette
+
+    from evomerge.fitness.result import FitnessFailed
+
+    model, tokenizer = candidate
+    with app_in_thread(Starlette()) as url:  # every route answers 404
+        with pytest.raises(FitnessFailed, match=r"404.*fitness.options.judge.api: completions"):
+            judge(model, tokenizer, examples[:1], judge={**judge_options, "base_url": url, "max_retries": 0}, max_new_tokens=2)
 
 
 @pytest.mark.parametrize(
