@@ -299,7 +299,7 @@ class RacingConfig(_Strict):
     After each stage (a fraction of the examples, the same seeded subset for every candidate) it
     stops when it can no longer beat its population's ``top_k``-th best fully scored member (or
     the rank its strategy asks for, :meth:`Strategy.racing_rank`: M2N2 races children against its
-    ``racing_rank``-th best and scores its seeds in full), at ``z`` standard errors: ``paired``, when a bound on its mean difference from that member on the
+    ``racing_rank``-th best), at ``z`` standard errors: ``paired``, when a bound on its mean difference from that member on the
     same examples is below 0; unpaired, when a bound on its own mean is below that member's
     fitness (Wilson's bound for per-example scores in the range ``scores``, the normal one when
     ``scores`` is null): :mod:`evomerge.fitness.racing`. One that survives every stage is then

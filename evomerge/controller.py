@@ -181,7 +181,7 @@ class Controller:
 
     def _submit(self, pop: Population, cand: Candidate) -> None:
         rival = pop.rival()
-        if rival is not None and not pop.strategy.scores_in_full(cand.id):
+        if rival is not None:
             cand = dataclasses.replace(cand, must_beat=rival.fitness, rival=rival.per_example)
         self.executor.submit(cand)
 

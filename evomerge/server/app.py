@@ -27,6 +27,7 @@ import asyncio
 import logging
 import math
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -460,6 +461,7 @@ def serve(
         raise ServeError(f"--max-loras: must be 0 or more, not {max_loras}")
     from evomerge.models.loading import resolve_device
 
+    listener = bind(host, port)  # before the model loads (minutes for a large one)
     console = logging.StreamHandler()  # skipped adapters and the tracebacks of bugs, on stderr
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger("evomerge").addHandler(console)
@@ -468,4 +470,24 @@ def serve(
     )
     app = create_app(model_host, token)
     print(f"serving {model_host.base_name} and {len(model_host.adapters)} adapters on http://{host}:{port}", flush=True)
-    uvicorn.Server(server_config(app, host, port)).run()
+    uvicorn.Server(server_config(app, host, port)).run(sockets=[listener])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket of ``--host`` and ``--port``; a ``ServeError`` naming the flag when
+    the host does not resolve or the address is taken (uvicorn would log it and exit 3)."""
+    from evomerge.server.connections import BACKLOG
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ServeError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart reuses a port in TIME_WAIT
+        listener.bind(address)
+        listener.listen(BACKLOG)
+    except OSError as exc:
+        listener.close()
+        raise ServeError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+    return listener

@@ -117,11 +117,6 @@ class Strategy(ABC):
         candidate that cannot beat them is stopped early with an estimate."""
         return top_k
 
-    def scores_in_full(self, candidate_id: str) -> bool:
-        """Racing: whether an outstanding candidate must be scored on every example whatever its
-        rival (no by default; M2N2's initial archive, which it breeds from)."""
-        return False
-
     def immigrate(self, genome: np.ndarray, evaluation: Evaluation) -> None:
         """Take in a good member of another population (migration between populations).
 

@@ -115,8 +115,8 @@ class GAOptions(StrategyOptions):
     racing_rank: int = Field(
         default=3,
         ge=1,
-        description="with fitness.racing: a child goes on while it could beat this population's racing_rank-th best"
-        " fully scored member (at least fitness.racing.top_k); the seeds are always scored in full",
+        description="with fitness.racing: a candidate goes on while it could beat this population's racing_rank-th"
+        " best fully scored member (at least fitness.racing.top_k)",
     )
 
     @model_validator(mode="after")
@@ -308,13 +308,9 @@ class M2N2(Strategy):
         (in full runs of the tiny-LM demo, 85 % of the children admitted ranked below the best).
         Racing children against the best starves the archive and the search stalls; against the
         3rd best, M2N2 ends where it does without racing on both demos (benchmarks/README.md,
-        racing)."""
+        racing). The seeds race the same way: scoring them in full cost examples and changed
+        nothing measurable there."""
         return max(top_k, self.options.racing_rank)
-
-    def scores_in_full(self, candidate_id: str) -> bool:
-        """The seeds fill the archive every child is bred from: racing them against the first
-        ones to finish would leave an archive of the few that beat those."""
-        return self._tags.get(candidate_id) == "seed"
 
     def stop(self) -> dict[str, Any]:
         if self._pending or self.outstanding() or self._can_breed():

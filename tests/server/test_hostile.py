@@ -299,3 +299,18 @@ def test_serve_refuses_an_adapter_root_it_cannot_list_in_one_line(tiny_models, t
         root.chmod(0o755)
     err = capsys.readouterr().err
     assert err.startswith("error: --adapters: cannot list") and str(root) in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["taken", "unresolvable"])
+def test_serve_refuses_an_address_it_cannot_listen_on_in_one_line_before_loading(tmp_path, monkeypatch, capsys, where):
+    from evomerge.cli import EXIT_USER_ERROR, main
+    from evomerge.server.app import TOKEN_ENV
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    model = str(tmp_path / "never-read")  # the address is refused before a model is looked for
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        host = "127.0.0.1" if where == "taken" else "no-such-host.invalid"
+        assert main(["serve", "--model", model, "--host", host, "--port", str(port)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --host {host}") and err.count("\n") == 1, err
