@@ -310,7 +310,8 @@ class RacingConfig(_Strict):
     stages: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5], min_length=1)
     z: float = Field(default=2.0, gt=0, description="confidence: standard errors above the mean so far")
     top_k: int = Field(default=1, ge=1, description="the population's k-th best full score a candidate must be able to beat")
-    seed: int = 0
+    # NumPy's default_rng takes no negative seed: every raced candidate would fail.
+    seed: int = Field(default=0, ge=0)
     paired: bool = Field(
         default=True,
         description="compare a candidate with the k-th best member example by example (false: its own mean against that member's fitness)",
@@ -505,7 +506,9 @@ def is_template(value: str) -> bool:
 
 class RunConfig(_Strict):
     name: str = "evomerge-run"
-    seed: int = 0
+    # Population i's strategy draws from NumPy's RandomState(seed + 1000 i), which takes seeds below
+    # 2**32: below 2**31, every population's seed fits.
+    seed: int = Field(default=0, ge=0, lt=2**31)
     run_dir: str = "runs/evomerge-run"
     executor: Literal["ray", "inline"] = "ray"  # inline: one process, no Ray (debugging, tests)
     checkpoint_every: int = Field(default=10, ge=1)

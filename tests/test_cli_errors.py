@@ -180,3 +180,20 @@ def test_export_to_a_file_or_under_one_is_refused_before_loading(tmp_path, digit
     a_file.write_text("")
     refused(capsys, ["export", str(run_dir), "--out", str(a_file)], str(a_file), "is a file")
     refused(capsys, ["export", str(run_dir), "--out", str(a_file / "sub" / "out")], "cannot create")
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"seed": -1}, ("seed", "greater than or equal to 0")),
+        ({"seed": 2**32}, ("seed", "less than")),
+        ({"fitness": {"name": "classification_accuracy", "data": {"source": "sklearn:digits"}, "racing": {"seed": -1}}},
+         ("fitness.racing.seed", "greater than or equal to 0")),
+    ],
+    ids=["negative-seed", "seed-past-numpy", "negative-racing-seed"],
+)
+def test_seeds_numpy_cannot_take_are_refused_naming_the_field(digits_config, capsys, overrides, words):
+    """A negative run seed reached the user as 'populations.0: Seed must be between 0 and 2**32 - 1'
+    at run time; a negative racing seed failed every raced candidate and the run still exited 0."""
+    path = digits_config(**overrides)
+    refused(capsys, ["validate", str(path)], str(path), *words)
