@@ -197,3 +197,29 @@ def test_seeds_numpy_cannot_take_are_refused_naming_the_field(digits_config, cap
     at run time; a negative racing seed failed every raced candidate and the run still exited 0."""
     path = digits_config(**overrides)
     refused(capsys, ["validate", str(path)], str(path), *words)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02 not a pickle"], ids=["empty", "garbage"])
+def test_corrupt_bin_weights_are_named(tmp_path, digits_config, digit_models, capsys, content):
+    """torch.load's UnpicklingError and EOFError escaped as tracebacks."""
+    broken = tmp_path / "bin-expert"
+    shutil.copytree(digit_models["high"], broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").write_bytes(content)
+    path = digits_config(models={"base": str(digit_models["base"]), "experts": [str(digit_models["low"]), str(broken)], "device": "cpu"})
+    refused(capsys, ["run", str(path)], str(broken), ".bin weights")
+
+
+def test_models_moved_after_the_run_started_are_named(tmp_path, digits_config, digit_models, capsys):
+    """transformers reads a missing absolute path as a malformed hub id ('Repo id must be in the
+    form ...'); export and resume, which read the run's own config, must say it is not found."""
+    moved = tmp_path / "expert"
+    shutil.copytree(digit_models["high"], moved)
+    path = digits_config(models={"base": str(digit_models["base"]), "experts": [str(digit_models["low"]), str(moved)], "device": "cpu"})
+    finished, stopped = tmp_path / "finished", tmp_path / "stopped"
+    assert main(["run", str(path), "--run-dir", str(finished)]) == 0
+    assert main(["run", str(path), "--run-dir", str(stopped), "--deadline", "2000-01-01T07:00"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(moved)
+    refused(capsys, ["export", str(finished), "--out", str(tmp_path / "out")], "model directory not found", str(moved))
+    refused(capsys, ["resume", str(stopped), "--deadline", "2999-01-01T07:00"], "model directory not found", str(moved))
