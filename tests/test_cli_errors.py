@@ -223,3 +223,12 @@ def test_models_moved_after_the_run_started_are_named(tmp_path, digits_config, d
     shutil.rmtree(moved)
     refused(capsys, ["export", str(finished), "--out", str(tmp_path / "out")], "model directory not found", str(moved))
     refused(capsys, ["resume", str(stopped), "--deadline", "2999-01-01T07:00"], "model directory not found", str(moved))
+
+
+@pytest.mark.parametrize("template", ["{question", "{answer[0]}"], ids=["unclosed-brace", "index-into-a-number"])
+def test_a_text_template_that_cannot_be_filled(tmp_path, digits_config, capsys, template):
+    """str.format's own ValueError (a malformed template) and TypeError escaped as tracebacks."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"question": "1+1", "answer": 2}\n')
+    path = digits_config(fitness={"name": "exact_match", "data": {"source": str(data), "template": template, "target": "answer"}})
+    refused(capsys, ["validate", str(path)], "fitness.data", str(data), template)
