@@ -241,6 +241,14 @@ class PopulationConfig(_Strict):
     options: Options = Field(default_factory=dict)
 
 
+def check_address(value: str) -> str:
+    """A Ray address as ``workers.address`` or ``--address`` gives it: not blank (Ray would fail
+    with a traceback on it)."""
+    if not value.strip():
+        raise ValueError("leave address out to start Ray on this machine, or use 'auto' or 'ray://host:port'")
+    return value
+
+
 class WorkersConfig(_Strict):
     """The Ray worker pool: one actor per worker, each holding the models once.
 
@@ -275,9 +283,7 @@ class WorkersConfig(_Strict):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("leave address out to start Ray on this machine, or use 'auto' or 'ray://host:port'")
-        return value
+        return None if value is None else check_address(value)
 
 
 class DataConfig(_Strict):

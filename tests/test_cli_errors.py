@@ -232,3 +232,24 @@ def test_a_text_template_that_cannot_be_filled(tmp_path, digits_config, capsys, 
     data.write_text('{"question": "1+1", "answer": 2}\n')
     path = digits_config(fitness={"name": "exact_match", "data": {"source": str(data), "template": template, "target": "answer"}})
     refused(capsys, ["validate", str(path)], "fitness.data", str(data), template)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["run", "CONFIG", "--address", " "], ("--address", "leave address out")),
+        (["report", "RUN", "--serve", "--port", "70000"], ("--port", "70000", "0 to 65535")),
+        (["report", "RUN", "--serve", "--port", "-1"], ("--port", "0 to 65535")),
+        (["serve", "--model", "MODEL", "--port", "65536"], ("--port", "0 to 65535")),
+    ],
+    ids=["blank-address", "report-port-too-high", "report-port-negative", "serve-port-too-high"],
+)
+def test_bad_address_and_ports_are_refused_as_the_command_line_is_read(tmp_path, capsys, argv, words):
+    """A blank --address reached Ray (ValueError traceback); a port out of range reached bind()
+    (OverflowError traceback; serve's only after loading its model)."""
+    argv = [str(tmp_path / a) if a.isupper() else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(word in err for word in words), err
