@@ -253,3 +253,25 @@ def test_bad_address_and_ports_are_refused_as_the_command_line_is_read(tmp_path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and all(word in err for word in words), err
+
+
+def test_report_out_that_cannot_be_written(tmp_path, digits_config, capsys):
+    """An --out that is a directory or lies under a file raised IsADirectoryError or
+    FileExistsError from the write."""
+    run_dir = tmp_path / "run"
+    assert main(["run", str(digits_config(budget={"evaluations": 2})), "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    refused(capsys, ["report", str(run_dir), "--out", str(tmp_path)], str(tmp_path), "is a directory")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    refused(capsys, ["report", str(run_dir), "--out", str(a_file / "report.html")], "cannot write the report", "--out")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no directory can be made")
+def test_export_out_where_nothing_can_be_written_is_refused_before_loading(tmp_path, digits_config, capsys):
+    """The parent exists, so only writing the export (after the models loaded) failed, with a
+    traceback; /proc refuses every user, root included, as a read-only parent refuses others."""
+    run_dir = tmp_path / "run"
+    assert main(["run", str(digits_config(budget={"evaluations": 2})), "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    refused(capsys, ["export", str(run_dir), "--out", "/proc/evomerge-export"], "--out /proc/evomerge-export", "cannot write in /proc")
