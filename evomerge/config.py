@@ -13,7 +13,7 @@ import math
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Hashable, Literal
 
 import yaml
 from pydantic import (
@@ -628,6 +628,26 @@ def config_from_dict(data: Any, source: str = "<config>", base_dir: Path | None 
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key written twice in one mapping: PyYAML would keep the last one
+    silently, so a second ``budget:`` section (a paste, a merge) would replace the first unseen.
+    Keys a merge (``<<: *defaults``) brings in may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': the base class merges it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:  # an unhashable key: the base class says so
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is set twice in this mapping; keep one", key_node.start_mark
+                )
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run YAML; raises ``ConfigError`` with file and field on any problem."""
     path = Path(path)
@@ -636,7 +656,7 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except OSError as exc:  # no permission, an I/O error
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or first_line(exc)}") from None
     except UnicodeDecodeError:

@@ -275,3 +275,10 @@ def test_export_out_where_nothing_can_be_written_is_refused_before_loading(tmp_p
     assert main(["run", str(digits_config(budget={"evaluations": 2})), "--run-dir", str(run_dir)]) == 0
     capsys.readouterr()
     refused(capsys, ["export", str(run_dir), "--out", "/proc/evomerge-export"], "--out /proc/evomerge-export", "cannot write in /proc")
+
+
+def test_a_key_set_twice_is_refused_with_its_line(tmp_path, digits_config, capsys):
+    """PyYAML keeps the last of two equal keys silently: a pasted second budget would win unseen."""
+    path = digits_config()
+    path.write_text(path.read_text() + "budget: {evaluations: 1000}\n")
+    refused(capsys, ["validate", str(path)], str(path), "'budget' is set twice", "line")
