@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -533,6 +534,14 @@ class RunConfig(_Strict):
 
     # Set by load_config, not read from YAML: where relative paths start.
     base_dir: Path = Field(default=Path("."), exclude=True)
+    # Set by config_from_dict: the file errors name, also those of a plan a worker builds from the
+    # config alone (a merge space the model's layers cannot hold).
+    _source: str = PrivateAttr(default="<config>")
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from, as messages name it (``<config>`` for one built in code)."""
+        return self._source
 
     @model_validator(mode="after")
     def _distinct_populations(self) -> "RunConfig":
@@ -625,6 +634,7 @@ def config_from_dict(data: Any, source: str = "<config>", base_dir: Path | None 
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
     config.base_dir = (base_dir or Path.cwd()).resolve()
+    config._source = source
     return config
 
 

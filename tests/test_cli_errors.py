@@ -282,3 +282,10 @@ def test_a_key_set_twice_is_refused_with_its_line(tmp_path, digits_config, capsy
     path = digits_config()
     path.write_text(path.read_text() + "budget: {evaluations: 1000}\n")
     refused(capsys, ["validate", str(path)], str(path), "'budget' is set twice", "line")
+
+
+def test_a_merge_space_the_model_cannot_hold_names_the_config_file(digits_config, capsys):
+    """The worker builds its plan from the config alone: its errors named the file '<config>'."""
+    path = digits_config(merge={"method": "task_arithmetic", "granularity": "per_layer_group", "layer_groups": 1000,
+                                "search": ["weight"], "fixed": {"lambda": 1.0}})
+    refused(capsys, ["run", str(path)], f"{path}: merge", "layer_groups")
