@@ -139,9 +139,30 @@ def _deadline_arg(value: str) -> str:
     return value
 
 
+def _address_arg(value: str) -> str:
+    from evomerge.config import check_address
+
+    try:
+        return check_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port_arg(value: str) -> int:
+    """A TCP port, checked as the command line is read: the socket layer refuses others with an
+    OverflowError, and ``serve`` binds only once its model has loaded."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
+    return port
+
+
 def _add_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--address", help="join a Ray cluster: 'auto' or ray://host:10001 (default: start Ray on this machine)"
+        "--address", type=_address_arg, help="join a Ray cluster: 'auto' or ray://host:10001 (default: start Ray on this machine)"
     )
     parser.add_argument("--executor", choices=("ray", "inline"), help="override the config's executor")
     parser.add_argument("--max-time", type=_duration_arg, help="total searching time, e.g. 8h or 1h30m (overrides budget.max_time)")
@@ -375,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html); plots go beside it")
     p.add_argument("--serve", action="store_true", help="serve it on 127.0.0.1, fresh on every visit, while the run goes")
-    p.add_argument("--port", type=int, default=8765, help="--serve: the port (default 8765; 0 picks a free one)")
+    p.add_argument("--port", type=_port_arg, default=8765, help="--serve: the port (default 8765; 0 picks a free one)")
     p.add_argument("--stop-after", type=_duration_arg, help="--serve: stop serving after this long, e.g. 12h (default: Ctrl-C)")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("validate", help="check a config without running it")
@@ -396,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the base model: a local directory or a hub id")
     p.add_argument("--adapters", help="directory of LoRA adapters (one subdirectory each, safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port_arg, default=8000)
     p.add_argument("--served-model-name", help="name clients use for the base (default: --model as given)")
     p.add_argument(
         "--max-loras", type=int, help="adapters /v1/load_lora_adapter keeps loaded at once; unloading frees one (default 16)"

@@ -13,7 +13,7 @@ import math
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Hashable, Literal
 
 import yaml
 from pydantic import (
@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -241,6 +242,14 @@ class PopulationConfig(_Strict):
     options: Options = Field(default_factory=dict)
 
 
+def check_address(value: str) -> str:
+    """A Ray address as ``workers.address`` or ``--address`` gives it: not blank (Ray would fail
+    with a traceback on it)."""
+    if not value.strip():
+        raise ValueError("leave address out to start Ray on this machine, or use 'auto' or 'ray://host:port'")
+    return value
+
+
 class WorkersConfig(_Strict):
     """The Ray worker pool: one actor per worker, each holding the models once.
 
@@ -275,9 +284,7 @@ class WorkersConfig(_Strict):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("leave address out to start Ray on this machine, or use 'auto' or 'ray://host:port'")
-        return value
+        return None if value is None else check_address(value)
 
 
 class DataConfig(_Strict):
@@ -311,7 +318,8 @@ class RacingConfig(_Strict):
     stages: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5], min_length=1)
     z: float = Field(default=2.0, gt=0, description="confidence: standard errors above the mean so far")
     top_k: int = Field(default=1, ge=1, description="the population's k-th best full score a candidate must be able to beat")
-    seed: int = 0
+    # NumPy's default_rng takes no negative seed: every raced candidate would fail.
+    seed: int = Field(default=0, ge=0)
     paired: bool = Field(
         default=True,
         description="compare a candidate with the k-th best member example by example (false: its own mean against that member's fitness)",
@@ -506,7 +514,9 @@ def is_template(value: str) -> bool:
 
 class RunConfig(_Strict):
     name: str = "evomerge-run"
-    seed: int = 0
+    # Population i's strategy draws from NumPy's RandomState(seed + 1000 i), which takes seeds below
+    # 2**32: below 2**31, every population's seed fits.
+    seed: int = Field(default=0, ge=0, lt=2**31)
     run_dir: str = "runs/evomerge-run"
     executor: Literal["ray", "inline"] = "ray"  # inline: one process, no Ray (debugging, tests)
     checkpoint_every: int = Field(default=10, ge=1)
@@ -525,6 +535,14 @@ class RunConfig(_Strict):
 
     # Set by load_config, not read from YAML: where relative paths start.
     base_dir: Path = Field(default=Path("."), exclude=True)
+    # Set by config_from_dict: the file errors name, also those of a plan a worker builds from the
+    # config alone (a merge space the model's layers cannot hold).
+    _source: str = PrivateAttr(default="<config>")
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from, as messages name it (``<config>`` for one built in code)."""
+        return self._source
 
     @model_validator(mode="after")
     def _distinct_populations(self) -> "RunConfig":
@@ -617,7 +635,28 @@ def config_from_dict(data: Any, source: str = "<config>", base_dir: Path | None 
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
     config.base_dir = (base_dir or Path.cwd()).resolve()
+    config._source = source
     return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key written twice in one mapping: PyYAML would keep the last one
+    silently, so a second ``budget:`` section (a paste, a merge) would replace the first unseen.
+    Keys a merge (``<<: *defaults``) brings in may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<': the base class merges it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:  # an unhashable key: the base class says so
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is set twice in this mapping; keep one", key_node.start_mark
+                )
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -628,7 +667,7 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except OSError as exc:  # no permission, an I/O error
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or first_line(exc)}") from None
     except UnicodeDecodeError:

@@ -14,6 +14,7 @@ a temporary name and moved into place, so an interrupted export leaves nothing h
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,9 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
 
 
 def _check_out(out: Path) -> None:
-    """``--out`` must be a new or empty directory whose parent can be created, checked before the
-    models load (minutes for large ones)."""
+    """``--out`` must be a new or empty directory whose parent can be created and written in (the
+    export is written beside it under a temporary name), checked before the models load (minutes
+    for large ones)."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file; give a new or empty directory")
     if out.exists() and any(out.iterdir()):
@@ -115,6 +117,10 @@ def _check_out(out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirError(f"--out {out}: cannot create {out.parent}: {exc.strerror or exc}") from None
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)).rmdir()
+    except OSError as exc:
+        raise RunDirError(f"--out {out}: cannot write in {out.parent}: {exc.strerror or exc}") from None
 
 
 def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]:

@@ -65,9 +65,9 @@ class PopulationPlan:
 class RunPlan:
     """A validated config and everything decided from it (see the module docstring)."""
 
-    def __init__(self, config: RunConfig, source: str = "<config>") -> None:
+    def __init__(self, config: RunConfig, source: str | None = None) -> None:
         self.config = config
-        self.source = source
+        self.source = config.source if source is None else source
         self.method = self._merge_method()
         if self.dataflow:
             self._check_dataflow()
@@ -85,7 +85,7 @@ class RunPlan:
         return self.config.merge.space == "dataflow"
 
     @classmethod
-    def from_config(cls, config: RunConfig, source: str = "<config>") -> "RunPlan":
+    def from_config(cls, config: RunConfig, source: str | None = None) -> "RunPlan":
         return cls(config, source)
 
     # --- cross-checks ------------------------------------------------------------------------

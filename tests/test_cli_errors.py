@@ -180,3 +180,112 @@ def test_export_to_a_file_or_under_one_is_refused_before_loading(tmp_path, digit
     a_file.write_text("")
     refused(capsys, ["export", str(run_dir), "--out", str(a_file)], str(a_file), "is a file")
     refused(capsys, ["export", str(run_dir), "--out", str(a_file / "sub" / "out")], "cannot create")
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"seed": -1}, ("seed", "greater than or equal to 0")),
+        ({"seed": 2**32}, ("seed", "less than")),
+        ({"fitness": {"name": "classification_accuracy", "data": {"source": "sklearn:digits"}, "racing": {"seed": -1}}},
+         ("fitness.racing.seed", "greater than or equal to 0")),
+    ],
+    ids=["negative-seed", "seed-past-numpy", "negative-racing-seed"],
+)
+def test_seeds_numpy_cannot_take_are_refused_naming_the_field(digits_config, capsys, overrides, words):
+    """A negative run seed reached the user as 'populations.0: Seed must be between 0 and 2**32 - 1'
+    at run time; a negative racing seed failed every raced candidate and the run still exited 0."""
+    path = digits_config(**overrides)
+    refused(capsys, ["validate", str(path)], str(path), *words)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02 not a pickle"], ids=["empty", "garbage"])
+def test_corrupt_bin_weights_are_named(tmp_path, digits_config, digit_models, capsys, content):
+    """torch.load's UnpicklingError and EOFError escaped as tracebacks."""
+    broken = tmp_path / "bin-expert"
+    shutil.copytree(digit_models["high"], broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").write_bytes(content)
+    path = digits_config(models={"base": str(digit_models["base"]), "experts": [str(digit_models["low"]), str(broken)], "device": "cpu"})
+    refused(capsys, ["run", str(path)], str(broken), ".bin weights")
+
+
+def test_models_moved_after_the_run_started_are_named(tmp_path, digits_config, digit_models, capsys):
+    """transformers reads a missing absolute path as a malformed hub id ('Repo id must be in the
+    form ...'); export and resume, which read the run's own config, must say it is not found."""
+    moved = tmp_path / "expert"
+    shutil.copytree(digit_models["high"], moved)
+    path = digits_config(models={"base": str(digit_models["base"]), "experts": [str(digit_models["low"]), str(moved)], "device": "cpu"})
+    finished, stopped = tmp_path / "finished", tmp_path / "stopped"
+    assert main(["run", str(path), "--run-dir", str(finished)]) == 0
+    assert main(["run", str(path), "--run-dir", str(stopped), "--deadline", "2000-01-01T07:00"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(moved)
+    refused(capsys, ["export", str(finished), "--out", str(tmp_path / "out")], "model directory not found", str(moved))
+    refused(capsys, ["resume", str(stopped), "--deadline", "2999-01-01T07:00"], "model directory not found", str(moved))
+
+
+@pytest.mark.parametrize("template", ["{question", "{answer[0]}"], ids=["unclosed-brace", "index-into-a-number"])
+def test_a_text_template_that_cannot_be_filled(tmp_path, digits_config, capsys, template):
+    """str.format's own ValueError (a malformed template) and TypeError escaped as tracebacks."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"question": "1+1", "answer": 2}\n')
+    path = digits_config(fitness={"name": "exact_match", "data": {"source": str(data), "template": template, "target": "answer"}})
+    refused(capsys, ["validate", str(path)], "fitness.data", str(data), template)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["run", "CONFIG", "--address", " "], ("--address", "leave address out")),
+        (["report", "RUN", "--serve", "--port", "70000"], ("--port", "70000", "0 to 65535")),
+        (["report", "RUN", "--serve", "--port", "-1"], ("--port", "0 to 65535")),
+        (["serve", "--model", "MODEL", "--port", "65536"], ("--port", "0 to 65535")),
+    ],
+    ids=["blank-address", "report-port-too-high", "report-port-negative", "serve-port-too-high"],
+)
+def test_bad_address_and_ports_are_refused_as_the_command_line_is_read(tmp_path, capsys, argv, words):
+    """A blank --address reached Ray (ValueError traceback); a port out of range reached bind()
+    (OverflowError traceback; serve's only after loading its model)."""
+    argv = [str(tmp_path / a) if a.isupper() else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(word in err for word in words), err
+
+
+def test_report_out_that_cannot_be_written(tmp_path, digits_config, capsys):
+    """An --out that is a directory or lies under a file raised IsADirectoryError or
+    FileExistsError from the write."""
+    run_dir = tmp_path / "run"
+    assert main(["run", str(digits_config(budget={"evaluations": 2})), "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    refused(capsys, ["report", str(run_dir), "--out", str(tmp_path)], str(tmp_path), "is a directory")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    refused(capsys, ["report", str(run_dir), "--out", str(a_file / "report.html")], "cannot write the report", "--out")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no directory can be made")
+def test_export_out_where_nothing_can_be_written_is_refused_before_loading(tmp_path, digits_config, capsys):
+    """The parent exists, so only writing the export (after the models loaded) failed, with a
+    traceback; /proc refuses every user, root included, as a read-only parent refuses others."""
+    run_dir = tmp_path / "run"
+    assert main(["run", str(digits_config(budget={"evaluations": 2})), "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    refused(capsys, ["export", str(run_dir), "--out", "/proc/evomerge-export"], "--out /proc/evomerge-export", "cannot write in /proc")
+
+
+def test_a_key_set_twice_is_refused_with_its_line(tmp_path, digits_config, capsys):
+    """PyYAML keeps the last of two equal keys silently: a pasted second budget would win unseen."""
+    path = digits_config()
+    path.write_text(path.read_text() + "budget: {evaluations: 1000}\n")
+    refused(capsys, ["validate", str(path)], str(path), "'budget' is set twice", "line")
+
+
+def test_a_merge_space_the_model_cannot_hold_names_the_config_file(digits_config, capsys):
+    """The worker builds its plan from the config alone: its errors named the file '<config>'."""
+    path = digits_config(merge={"method": "task_arithmetic", "granularity": "per_layer_group", "layer_groups": 1000,
+                                "search": ["weight"], "fixed": {"lambda": 1.0}})
+    refused(capsys, ["run", str(path)], f"{path}: merge", "layer_groups")

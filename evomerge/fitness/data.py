@@ -109,13 +109,15 @@ def _field(path: Path, number: int, row: dict[str, Any], name: str) -> Any:
 
 
 def _render(path: Path, number: int, row: dict[str, Any], template: str) -> str:
-    """``str.format`` over the row; an unknown field names the file, the row and the field."""
-    for _, name, _, _ in Formatter().parse(template):
-        if name is not None:
-            _field(path, number, row, re.split(r"[.\[]", name, maxsplit=1)[0])
+    """``str.format`` over the row; an unknown field names the file, the row and the field. A
+    malformed template (an unclosed brace, parsed here too) or one that indexes a value without
+    items (``{answer[0]}`` over a number) is the user's to fix, so it is a ``ConfigError`` too."""
     try:
+        for _, name, _, _ in Formatter().parse(template):
+            if name is not None:
+                _field(path, number, row, re.split(r"[.\[]", name, maxsplit=1)[0])
         return template.format(**row)
-    except (IndexError, KeyError, AttributeError, ValueError) as exc:
+    except (IndexError, KeyError, AttributeError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: row {number}: template {template!r} cannot be filled: {exc}") from None
 
 

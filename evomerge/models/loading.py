@@ -8,6 +8,7 @@ Everything goes through transformers' ``from_pretrained`` (safetensors), so a di
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -90,6 +91,10 @@ def load_config(ref: str):
     from transformers import AutoConfig
 
     path = Path(ref)
+    if (path.is_absolute() or ref.startswith(".")) and not path.exists():
+        # transformers would take it for a malformed hub id ("Repo id must be in the form ..."):
+        # a run's models moved since it started, or a mistyped ``serve --model``.
+        raise ModelLoadError(f"model directory not found: {ref}")
     if path.is_file():
         raise ModelLoadError(f"'{ref}' is a file; a model is a directory written by save_pretrained (config.json and weights)")
     if path.is_dir() and not (path / "config.json").is_file():
@@ -114,6 +119,8 @@ def load_model(ref: str, device: torch.device | Mapping[str, str], dtype: torch.
         model = _auto_class(config).from_pretrained(ref, dtype=dtype, device_map=dict(device) if sharded else None)
     except SafetensorError as exc:
         raise unreadable_weights(ref, exc) from None
+    except (pickle.UnpicklingError, EOFError) as exc:  # torch.load of a corrupt or empty pytorch_model.bin
+        raise ModelLoadError(f"cannot load the model '{ref}': its .bin weights are truncated or corrupt ({type(exc).__name__})") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the model '{ref}': {first_line(exc)}") from None
     if not sharded:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from evomerge import analysis
+from evomerge.errors import RunDirError
 from evomerge.report import figures
 from evomerge.store import RunStore
 
@@ -61,16 +62,25 @@ class Report:
     plots: dict[str, bytes] = field(default_factory=dict)
 
     def write(self, out: Path) -> Path:
-        """Write the page to ``out`` and each plot beside it in ``<stem>-plots/<name>.png``."""
+        """Write the page to ``out`` and each plot beside it in ``<stem>-plots/<name>.png``.
+
+        Where it cannot be written (a directory, a path under a file, a read-only place such as
+        another user's run directory) the user picks another ``--out``: a ``RunDirError`` naming it.
+        """
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        folder = out.parent / f"{out.stem}-plots"
-        folder.mkdir(exist_ok=True)
-        for name, png in self.plots.items():
-            (folder / f"{name}.png").write_bytes(png)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(self.html, encoding="utf-8")
-        tmp.replace(out)  # a browser reloading the file never sees half a page
+        if out.is_dir():
+            raise RunDirError(f"--out {out} is a directory; give the HTML file to write")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            folder = out.parent / f"{out.stem}-plots"
+            folder.mkdir(exist_ok=True)
+            for name, png in self.plots.items():
+                (folder / f"{name}.png").write_bytes(png)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(self.html, encoding="utf-8")
+            tmp.replace(out)  # a browser reloading the file never sees half a page
+        except OSError as exc:
+            raise RunDirError(f"cannot write the report to {out} ({exc.strerror or exc}: {exc.filename}); choose another --out") from None
         return out
 
 
