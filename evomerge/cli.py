@@ -183,12 +183,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: dict) -> int:
     """One line on how the run ended; the exit status: ``EXIT_CANNOT_SUCCEED`` for a run that
-    stopped because it cannot succeed (its candidates all fail), else 0."""
+    stopped because it cannot succeed (its candidates all fail), or that finished its budget
+    without one candidate scored (a budget below ``max_failures_at_start``), else 0."""
     best = summary["best"]
     times = f"search {_duration(summary['search_seconds'])}, wall {_duration(summary['wall_seconds'])}"
     if summary["state"] == "failed":
         reason, count = summary["stop_reason"], summary["evaluations"]
         print(f"error: the search could not go on: {reason} ({count} evaluations, {times})", file=sys.stderr)
+        return EXIT_CANNOT_SUCCEED
+    if summary["state"] == "finished" and best is None and summary["evaluations"]:
+        print(
+            f"error: stopped: {summary['stop_reason']}, and all {summary['evaluations']} candidates failed"
+            f" ({times}); `evomerge status` on the run directory shows why",
+            file=sys.stderr,
+        )
         return EXIT_CANNOT_SUCCEED
     line = f"stopped: {summary['stop_reason']}; {summary['evaluations']} evaluations ({times})"
     if best:

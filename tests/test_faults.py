@@ -88,6 +88,23 @@ def test_a_run_whose_first_candidates_all_fail_alike_stops_with_exit_3_and_resum
     assert run_info(run_dir)["state"] == "finished"
 
 
+def test_a_budget_spent_without_one_candidate_scored_exits_3(tmp_path, digits_config, monkeypatch, capsys):
+    """A budget below max_failures_at_start ends before the streak can stop the run: it must not
+    end as a success (exit 0) with no candidate scored."""
+    mod = write_plugin(tmp_path, monkeypatch, """
+        def fitness(model, tokenizer, examples):
+            raise RuntimeError("plugin is broken")
+        """)
+    path = digits_config(
+        fitness={"name": f"{mod}:fitness", "data": {"source": "sklearn:digits", "limit": 50}},
+        budget={"evaluations": 2, "max_failures_at_start": 3},
+    )
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == EXIT_CANNOT_SUCCEED
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "all 2 candidates failed" in err and "evomerge status" in err
+    assert {status for _, status, _ in statuses(tmp_path / "r")} == {"failed"}
+
+
 def test_failure_streak_counts_only_alike_failures_before_the_first_success():
     streak = FailureStreak(3)
     assert streak.observe(False, "A: x") is None and streak.observe(False, "B: y") is None  # different: restart
