@@ -139,6 +139,14 @@ def _deadline_arg(value: str) -> str:
     return value
 
 
+def _path_arg(value: str) -> str:
+    """A path that is not blank: an empty ``--run-dir ""`` (an unset shell variable) would
+    otherwise fall back to the config's run_dir unnoticed."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def _address_arg(value: str) -> str:
     from evomerge.config import check_address
 
@@ -385,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a search from a config file")
     p.add_argument("config")
-    p.add_argument("--run-dir", help="where the run is stored (overrides run_dir in the config)")
+    p.add_argument("--run-dir", type=_path_arg, help="where the run is stored (overrides run_dir in the config)")
     _add_limits(p)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("resume", help="continue a run stopped in any way (signal, crash, kill) from its directory")

@@ -630,6 +630,8 @@ def _format_errors(source: str, err: ValidationError) -> str:
 def config_from_dict(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+    if "base_dir" in data:  # a field set here, not read: accepted, it would be overwritten unseen
+        raise ConfigError(f"{source}: base_dir: not a setting; relative paths start at the config file's directory")
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as err:

@@ -289,3 +289,14 @@ def test_a_merge_space_the_model_cannot_hold_names_the_config_file(digits_config
     path = digits_config(merge={"method": "task_arithmetic", "granularity": "per_layer_group", "layer_groups": 1000,
                                 "search": ["weight"], "fixed": {"lambda": 1.0}})
     refused(capsys, ["run", str(path)], f"{path}: merge", "layer_groups")
+
+
+def test_a_base_dir_setting_and_an_empty_run_dir_are_refused_not_ignored(tmp_path, digits_config, capsys):
+    """``base_dir`` was accepted and overwritten with the config file's directory; ``--run-dir ""``
+    (an unset shell variable) fell back to the config's run_dir."""
+    path = digits_config()
+    path.write_text(path.read_text() + "base_dir: /elsewhere\n")
+    refused(capsys, ["validate", str(path)], "base_dir: not a setting")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(digits_config()), "--run-dir", ""])
+    assert exit_info.value.code == 2 and "--run-dir: must not be empty" in capsys.readouterr().err
