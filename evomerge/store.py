@@ -8,14 +8,17 @@ WAL mode lets ``evomerge status`` read while the run writes. Only this module sp
 A run directory has one writer: a store opened for writing holds ``run.lock`` (``flock``) until it
 is closed, and a second writer is refused before it writes anything. The operating system releases
 the lock however the process ends, so a killed run never blocks the next resume. Readers take no
-lock. A full or failing disk, or a ``run.db`` that is not a database, is a ``UserError`` naming the
-path: what was committed stays, so the run resumes once the disk is fixed.
+lock. A full or failing disk, a ``run.db`` that is not a database, or one whose tables or rows were
+damaged (dropped, edited by hand) is a ``UserError`` naming the path: what was committed stays, so
+the run resumes once the disk is fixed.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import inspect
 import json
 import math
 import os
@@ -26,13 +29,13 @@ import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
 from evomerge.config import CONFIG_NAME
 from evomerge.records import Candidate, Evaluation, Status, genome_hash
-from evomerge.errors import DiskError, RunDirError, RunDirInUseError, UserError
+from evomerge.errors import DiskError, RunDirError, RunDirInUseError, UserError, first_line
 
 DB_NAME = "run.db"
 LOCK_NAME = "run.lock"
@@ -149,6 +152,8 @@ def _disk_fault(run_dir: Path, exc: BaseException) -> UserError | None:
         return DiskError(f"{run_dir}: disk I/O error ({exc.strerror}: {exc.filename}); {kept('check the disk')}")
     if isinstance(exc, OSError) and exc.errno == errno.ENOTDIR:
         return RunDirError(f"{run_dir}: part of the path is a file, not a directory; choose another run directory")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOENT:  # mkdir where nothing may be made (/proc)
+        return RunDirError(f"{run_dir}: cannot create {exc.filename} ({exc.strerror}); choose another run directory")
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return RunDirError(f"{run_dir}: cannot write there ({exc.strerror}: {exc.filename}); a run needs a writable run directory")
     return None
@@ -165,6 +170,51 @@ def disk_faults(run_dir: Path) -> Iterator[None]:
         if fault is None:
             raise
         raise fault from exc
+
+
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_INTERRUPT}
+"""SQLite's answers that say "not now", not "damaged": a reader meeting the writer's transaction."""
+
+_Read = TypeVar("_Read", bound=Callable[..., Any])
+
+
+@contextmanager
+def _damage_faults(run_dir: Path) -> Iterator[None]:
+    """``disk_faults``, and a failed read that is not the disk's as a damaged store: a table
+    dropped, a row hand-edited into bad JSON, scores or a status this code never writes."""
+    try:
+        yield
+    except (sqlite3.Error, OSError, ValueError, zlib.error) as exc:
+        fault = _disk_fault(run_dir, exc)
+        busy = isinstance(exc, sqlite3.Error) and ((getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF) in _BUSY
+        if fault is None and not busy and isinstance(exc, (sqlite3.DatabaseError, ValueError, zlib.error)):
+            fault = RunDirError(
+                f"{run_dir / DB_NAME} is damaged ({first_line(exc)}); restore it from a backup, or start a new run elsewhere"
+            )
+        if fault is None:
+            raise
+        raise fault from exc
+
+
+def _reads(method: _Read) -> _Read:
+    """A read of the store, whose failures are ``_damage_faults``: every recorded value passes
+    through one of these, so a damaged ``run.db`` is one line naming it (exit 2), never a
+    traceback from sqlite3, json or zlib. Generators are covered while they run."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def generate(self: "RunStore", *args: Any, **kwargs: Any) -> Iterator[Any]:
+            with _damage_faults(self.run_dir):
+                yield from method(self, *args, **kwargs)
+
+        return generate  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def read(self: "RunStore", *args: Any, **kwargs: Any) -> Any:
+        with _damage_faults(self.run_dir):
+            return method(self, *args, **kwargs)
+
+    return read  # type: ignore[return-value]
 
 
 class RunDirLock:
@@ -454,6 +504,7 @@ class RunStore:
         self._tx("INSERT INTO events (time, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message))
 
     # --- reading ---------------------------------------------------------------------------
+    @_reads
     def run_info(self) -> dict[str, Any]:
         row = self._db.execute("SELECT * FROM runs").fetchone()
         if row is None:
@@ -470,6 +521,7 @@ class RunStore:
             raise RunDirError(f"{self.run_dir}: missing {CONFIG_NAME}")
         return path.read_text()
 
+    @_reads
     def started_config_yaml(self) -> str | None:
         """The resolved config the run started with; None in a run directory written before it
         was kept (its config.yaml is then the only copy)."""
@@ -478,10 +530,12 @@ class RunStore:
         row = self._db.execute("SELECT config_yaml FROM started_config").fetchone()
         return None if row is None else row["config_yaml"]
 
+    @_reads
     def populations(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT * FROM populations ORDER BY rowid").fetchall()
         return [{**dict(r), "space": json.loads(r["space_json"])} for r in rows]
 
+    @_reads
     def counts(self) -> dict[str, dict[str, int]]:
         """Evaluations per population and status."""
         out: dict[str, dict[str, int]] = {}
@@ -491,12 +545,14 @@ class RunStore:
             out.setdefault(r["population"], {})[r["status"]] = r["n"]
         return out
 
+    @_reads
     def stopped_early(self) -> int:
         """Successful evaluations that racing stopped before every fitness example was scored."""
         if not self._fidelity_column:
             return 0
         return self._db.execute("SELECT COUNT(*) FROM evaluations WHERE status = 'ok' AND fidelity < 1.0").fetchone()[0]
 
+    @_reads
     def evaluations(self, population: str | None = None, with_scores: bool = False) -> Iterator[Evaluation]:
         sql = (
             "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
@@ -506,6 +562,7 @@ class RunStore:
         for r in self._db.execute(sql, (population,) if population else ()):
             yield self._row(r, with_scores)
 
+    @_reads
     def best(self, population: str | None = None) -> Evaluation | None:
         """The best fully scored evaluation (of a population): a raced one stopped early is never it."""
         sql = (
@@ -518,6 +575,7 @@ class RunStore:
         r = self._db.execute(sql, (population,) if population else ()).fetchone()
         return None if r is None else self._row(r, True)
 
+    @_reads
     def top(self, population: str, n: int, max_seq: int) -> list[Evaluation]:
         """A population's ``n`` best fully scored evaluations among the first ``max_seq`` recorded."""
         rows = self._db.execute(
@@ -529,6 +587,7 @@ class RunStore:
         ).fetchall()
         return [self._row(r, True) for r in rows]
 
+    @_reads
     def scored_genome(self, digest: str, populations: list[str]) -> Evaluation | None:
         """The first successful evaluation of a genome with this hash in these populations."""
         marks = ", ".join("?" * len(populations))
@@ -539,6 +598,7 @@ class RunStore:
         ).fetchone()
         return None if r is None else self._row(r, True)
 
+    @_reads
     def checkpoints(self) -> tuple[dict[str, bytes], int]:
         """The populations' latest states and the evaluation count they were taken at (0: none)."""
         rows = self._db.execute("SELECT population, state, evaluations_seq FROM checkpoints").fetchall()
@@ -549,6 +609,7 @@ class RunStore:
             raise RunDirError(f"{self.run_dir}: checkpoints from different moments; the run store is damaged")
         return {r["population"]: r["state"] for r in rows}, seqs.pop()
 
+    @_reads
     def replay_log(self, after_seq: int) -> Iterator[tuple[str, Any]]:
         """What happened after evaluation ``after_seq``, in order: ``("ask", (population, id, genome_hash))``
         and ``("tell", Evaluation)``. A candidate asked when ``k`` evaluations were recorded
@@ -573,6 +634,7 @@ class RunStore:
             yield "ask", (ask["population"], ask["id"], ask["genome_hash"])
             ask = next(pending, None)
 
+    @_reads
     def evaluation_counts(self) -> dict[str, tuple[int, int]]:
         """Per population: (candidates asked, evaluations recorded)."""
         asked = dict(self._db.execute("SELECT population, COUNT(*) FROM candidates GROUP BY population").fetchall())
@@ -583,6 +645,7 @@ class RunStore:
         )
         return {p: (asked.get(p, 0), done.get(p, 0)) for p in set(asked) | set(done)}
 
+    @_reads
     def baselines(self) -> list[dict[str, Any]]:
         """The base and the experts scored alone, in the order recorded (none in runs that did not
         score them); ``role`` is ``base`` or ``expert``, and ``metrics`` is empty for run directories
@@ -598,11 +661,13 @@ class RunStore:
             baselines.append({**dict(r), "per_example": _unpack_scores(r["per_example"]), "metrics": metrics, "role": role})
         return baselines
 
+    @_reads
     def api_responses(self) -> dict[str, Any]:
         """Every black-box answer the run recorded, by cache key (``evomerge.service.response_cache``):
         what a resumed run's workers start from, so an answer is never paid for twice."""
         return {key: json.loads(text) for key, text in self._db.execute("SELECT key, response_json FROM api_responses")}
 
+    @_reads
     def api_usage(self) -> dict[str, float]:
         """Usage summed over every evaluation: API requests, tokens (prompt + completion) and cost,
         and the fitness examples workers scored (``examples``: what racing saves)."""
@@ -615,6 +680,7 @@ class RunStore:
         ).fetchone()
         return {"requests": row[0], "tokens": row[1], "cost": row[2], "examples": row[3]}
 
+    @_reads
     def events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._db.execute("SELECT * FROM events ORDER BY seq")]
 

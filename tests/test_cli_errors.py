@@ -112,6 +112,24 @@ def test_nan_in_numeric_fitness_data(tmp_path, digits_config, data_file, capsys)
     refused(capsys, ["validate", str(path)], "fitness.data", "NaN or inf", "index 7")
 
 
+@pytest.mark.parametrize("label, words", [(1.5, ["1.5", "index 4"]), (-1, ["-1", "index 4"])], ids=["fraction", "negative"])
+def test_labels_that_are_not_class_ids(tmp_path, digits_config, data_file, capsys, label, words):
+    import numpy as np
+
+    with np.load(data_file) as arrays:
+        inputs, labels = arrays["inputs"], arrays["labels"].astype(np.float64)
+    labels[4] = label
+    bad = tmp_path / "labels.npz"
+    np.savez(bad, inputs=inputs, labels=labels)
+    path = digits_config(fitness={"name": "classification_accuracy", "data": {"source": str(bad)}})
+    refused(capsys, ["validate", str(path)], "fitness.data", "class ids", *words)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs procfs: a directory where nothing can be created")
+def test_a_run_directory_nothing_can_be_created_in(digits_config, capsys):
+    refused(capsys, ["run", str(digits_config()), "--run-dir", "/proc/evomerge-run"], "/proc/evomerge-run", "cannot create")
+
+
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n\x00\x00binary"], ids=["empty", "binary"])
 def test_text_data_that_is_not_jsonl(tmp_path, digits_config, capsys, content):
     data = tmp_path / "rows.jsonl"

@@ -252,3 +252,33 @@ def test_a_run_log_the_disk_cannot_take_is_one_warning(tmp_path, capsys):
             logging.getLogger("evomerge.controller").info("evaluation %d", i)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"warning: cannot write {tmp_path / 'run.log'}") and "No space" in err, err
+
+
+@pytest.mark.parametrize(
+    "damage, command",
+    [
+        ("DROP TABLE events", "report"),
+        ("UPDATE runs SET summary_json = '{not json'", "status"),
+        ("UPDATE evaluations SET metrics_json = '[' WHERE seq = 2", "status"),
+        ("UPDATE evaluations SET per_example = x'0102'", "report"),
+        ("UPDATE evaluations SET status = 'weird'", "report"),
+        ("UPDATE candidates SET genome = x'0102'", "export"),
+        ("DROP TABLE candidates", "status"),
+    ],
+    ids=["table-dropped", "summary", "metrics", "scores", "status", "genome", "candidates-dropped"],
+)
+def test_a_damaged_run_store_is_one_line(tmp_path, digits_config, capsys, damage, command):
+    """Rows edited by hand or tables dropped: the command names run.db as damaged, no traceback."""
+    import sqlite3
+
+    run_dir = tmp_path / "r"
+    assert main(["run", str(digits_config(budget={"evaluations": 4})), "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    db = sqlite3.connect(run_dir / "run.db")
+    db.execute(damage)
+    db.commit()
+    db.close()
+    extra = {"export": ["--out", str(tmp_path / "out")], "report": ["--out", str(tmp_path / "report")]}.get(command, [])
+    assert main([command, str(run_dir), *extra]) == 2
+    err = one_line_error(capsys)
+    assert f"{run_dir / 'run.db'} is damaged" in err and "restore it from a backup" in err, err

@@ -277,6 +277,15 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"{path}: 'inputs' and 'labels' must be numeric arrays, not {x.dtype} and {y.dtype}")
     if x.ndim == 0 or y.shape != (len(x),):
         raise ConfigError(f"{path}: 'labels' must hold one label per row of 'inputs', got shapes {y.shape} and {x.shape}")
+    # Class ids index the model's outputs: 1.5 would be cut to 1 and -1 would match no class, each
+    # scoring as a silent miss.
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(np.isfinite(y) & ((y < 0) | (y != np.floor(y))))
+    if len(bad):
+        raise ConfigError(
+            f"{path}: 'labels' must be class ids (whole numbers from 0), got {y[bad[0]]} at index {bad[0]}"
+            f" ({len(bad)} such labels)"
+        )
     return x, y
 
 
