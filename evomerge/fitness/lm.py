@@ -276,7 +276,7 @@ def greedy_generations(
         tokenizer, ("prompts", batch_size, pad, prompts),
         lambda: pack([tokenizer(p)["input_ids"] for p in prompts], batch_size, pad, left=True),
     )
-    eos = _eos_ids(model, tokenizer)
+    eos = end_token_ids(model, tokenizer)
     texts = [""] * len(prompts)
     with _inference(model) as device:
         for batch in batches:
@@ -295,8 +295,10 @@ def greedy_generations(
     return texts
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int] | None:
-    """The ids that end a generation: the model's generation config's and the tokenizer's EOS."""
+def end_token_ids(model: Any, tokenizer: Any) -> list[int] | None:
+    """The ids that end a generation: the model's generation config's and the tokenizer's EOS (a
+    chat model ends its turn with a token of its own: Gemma's ``<end_of_turn>``). The reference
+    service stops at the same ones."""
     config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [] if config is None else [config] if isinstance(config, int) else list(config)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:

@@ -310,7 +310,9 @@ def _chat_completions(host: ModelHost, request: ChatRequest) -> dict[str, Any]:
     ids, text = _chat_prompt(host, request)
     limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = max(0, host.max_positions - len(ids)) if limit is None else limit  # the reference: up to the context
-    params = SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, stop=stop)
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, stop=stop, skip_special_tokens=True
+    )
     (choice,), usage = _run_prompts(host, request, [(ids, text)], params)
     message = {"role": "assistant", "content": choice["text"]}
     return {

@@ -9,6 +9,10 @@ the chosen one; ``text_offset`` is each token's character offset in the returned
 ``stop`` strings end the generation and are left out of the text, as are the tokens from the one
 that completes the stop string on. Log-probabilities are those of the model's own distribution;
 ``temperature`` and ``top_p`` only shape the sampling, which a ``seed`` makes reproducible.
+Generation ends at any of the model's end tokens: the tokenizer's EOS and its generation config's
+(a chat model ends its turn with a token of its own, Gemma's ``<end_of_turn>``, Llama 3's
+``<|eot_id|>``). ``skip_special_tokens`` leaves special tokens out of the text, as vLLM does for
+chat replies.
 A model whose logits are not finite (a merge with huge coefficients) is refused, not sampled.
 """
 
@@ -19,6 +23,7 @@ from typing import Any
 
 import torch
 
+from evomerge.fitness.lm import end_token_ids
 from evomerge.server.model_host import ServiceError
 
 NON_FINITE = "non_finite_output"
@@ -35,6 +40,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     echo: bool = False
+    skip_special_tokens: bool = False
 
 
 @dataclass
@@ -103,7 +109,7 @@ def complete(
 ) -> Completion:
     """Score and continue one prompt; ``prompt_text`` is what ``echo`` returns for it."""
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
+    ends = set(end_token_ids(model, tokenizer) or [])
     cache = _cache_name()
     out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=params.max_tokens > 0)
     prompt_logprobs = _finite(out.logits[0])
@@ -115,12 +121,12 @@ def complete(
     text = ""
     while len(generated) < params.max_tokens:
         token = _pick(step_logprobs, params, generator)
-        if token == eos:
+        if token in ends:
             finish = "stop"
             break
         generated.append(token)
         generated_logprobs.append(step_logprobs)
-        text = tokenizer.decode(generated)
+        text = tokenizer.decode(generated, skip_special_tokens=params.skip_special_tokens)
         if params.stop and any(s in text for s in params.stop):
             finish = "stop"
             break
@@ -129,6 +135,9 @@ def complete(
             past = getattr(step, cache)
             step_logprobs = _finite(step.logits[0, -1])
     pieces = token_texts(tokenizer, generated)
+    if params.skip_special_tokens:
+        special = set(tokenizer.all_special_ids)
+        pieces = ["" if token in special else piece for token, piece in zip(generated, pieces)]
     if finish == "stop" and params.stop:
         cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=len(text))
         kept, length = 0, 0
