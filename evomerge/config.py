@@ -315,7 +315,7 @@ class RacingConfig(_Strict):
     """
 
     # Defaults measured best of those tried on both demos (benchmarks/README.md, racing.py).
-    stages: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5], min_length=1)
+    stages: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.5], min_length=1)
     z: float = Field(default=2.0, gt=0, description="confidence: standard errors above the mean so far")
     top_k: int = Field(default=1, ge=1, description="the population's k-th best full score a candidate must be able to beat")
     # NumPy's default_rng takes no negative seed: every raced candidate would fail.
