@@ -285,7 +285,8 @@ class Controller:
                     got = asked[0].id if asked else "nothing"
                     raise RunDirError(
                         f"{self.store.run_dir}: cannot resume: population '{population}' asked {got} where the"
-                        f" run recorded {candidate_id}; its strategy is not deterministic"
+                        f" run recorded {candidate_id}: its strategy is not deterministic, or {self.store.db_path.name}"
+                        " was edited or damaged; restore it from a backup, or start a new run"
                     )
             else:
                 self._last_seq = item.seq

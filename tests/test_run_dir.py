@@ -282,3 +282,23 @@ def test_a_damaged_run_store_is_one_line(tmp_path, digits_config, capsys, damage
     assert main([command, str(run_dir), *extra]) == 2
     err = one_line_error(capsys)
     assert f"{run_dir / 'run.db'} is damaged" in err and "restore it from a backup" in err, err
+
+
+def test_a_run_store_with_evaluations_deleted_by_hand_is_refused_on_resume(tmp_path, digits_config, capsys):
+    """Replay meets candidates the store says were asked after evaluations it no longer holds:
+    one line naming both possible causes, not a resume from an inconsistent store."""
+    import sqlite3
+
+    run_dir = tmp_path / "r"
+    config = digits_config(budget={"evaluations": 24}, populations=[{"name": "c", "strategy": "cmaes"}])
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    db = sqlite3.connect(run_dir / "run.db")
+    db.execute("UPDATE runs SET state = 'interrupted'")
+    db.execute("DELETE FROM evaluations WHERE seq > 4")
+    db.execute("DELETE FROM checkpoints")
+    db.commit()
+    db.close()
+    assert main(["resume", str(run_dir)]) == 2
+    err = one_line_error(capsys)
+    assert "cannot resume" in err and "not deterministic" in err and "run.db was edited or damaged" in err, err
