@@ -129,15 +129,21 @@ def _unpack_scores(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.frombuffer(zlib.decompress(blob), dtype=np.float32)
 
 
-def _disk_fault(run_dir: Path, exc: BaseException) -> UserError | None:
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_INTERRUPT}
+"""SQLite's answers that say "not now", not "damaged": a reader meeting the writer's transaction."""
+
+
+def _disk_fault(run_dir: Path, exc: BaseException, reading: bool = False) -> UserError | None:
     """What the user can do about a failed read or write under ``run_dir``; None when it is no
-    fault of the disk (a bug, or an error its caller handles)."""
+    fault of the disk (a bug, or an error its caller handles). ``reading`` a recorded value, any
+    other database, JSON or decompression error is a damaged store: a table dropped, a row edited
+    by hand into bad JSON, scores or a status this code never writes."""
 
     def kept(action: str) -> str:
         return f"every recorded evaluation is kept: {action}, then evomerge resume {run_dir}"
 
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
     if isinstance(exc, sqlite3.Error):
-        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
         if code == sqlite3.SQLITE_FULL:
             return DiskError(f"{run_dir}: the disk is full ({exc}); {kept('free some space')}")
         if code == sqlite3.SQLITE_IOERR:
@@ -156,62 +162,46 @@ def _disk_fault(run_dir: Path, exc: BaseException) -> UserError | None:
         return RunDirError(f"{run_dir}: cannot create {exc.filename} ({exc.strerror}); choose another run directory")
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return RunDirError(f"{run_dir}: cannot write there ({exc.strerror}: {exc.filename}); a run needs a writable run directory")
+    if reading and isinstance(exc, (sqlite3.DatabaseError, ValueError, zlib.error)) and code not in _BUSY:
+        return RunDirError(
+            f"{run_dir / DB_NAME} is damaged ({first_line(exc)}); restore it from a backup, or start a new run elsewhere"
+        )
     return None
 
 
 @contextmanager
-def disk_faults(run_dir: Path) -> Iterator[None]:
+def disk_faults(run_dir: Path, *, reading: bool = False) -> Iterator[None]:
     """Faults of the disk under ``run_dir`` (full, failing, a damaged database) as one-line
-    ``UserError``s; every other error passes unchanged."""
+    ``UserError``s, and while ``reading`` recorded values a damaged store too (``_disk_fault``);
+    every other error passes unchanged."""
     try:
         yield
-    except (sqlite3.Error, OSError) as exc:
-        fault = _disk_fault(run_dir, exc)
+    except (sqlite3.Error, OSError, ValueError, zlib.error) as exc:
+        fault = _disk_fault(run_dir, exc, reading)
         if fault is None:
             raise
         raise fault from exc
 
-
-_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_INTERRUPT}
-"""SQLite's answers that say "not now", not "damaged": a reader meeting the writer's transaction."""
 
 _Read = TypeVar("_Read", bound=Callable[..., Any])
 
 
-@contextmanager
-def _damage_faults(run_dir: Path) -> Iterator[None]:
-    """``disk_faults``, and a failed read that is not the disk's as a damaged store: a table
-    dropped, a row hand-edited into bad JSON, scores or a status this code never writes."""
-    try:
-        yield
-    except (sqlite3.Error, OSError, ValueError, zlib.error) as exc:
-        fault = _disk_fault(run_dir, exc)
-        busy = isinstance(exc, sqlite3.Error) and ((getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF) in _BUSY
-        if fault is None and not busy and isinstance(exc, (sqlite3.DatabaseError, ValueError, zlib.error)):
-            fault = RunDirError(
-                f"{run_dir / DB_NAME} is damaged ({first_line(exc)}); restore it from a backup, or start a new run elsewhere"
-            )
-        if fault is None:
-            raise
-        raise fault from exc
-
-
 def _reads(method: _Read) -> _Read:
-    """A read of the store, whose failures are ``_damage_faults``: every recorded value passes
+    """A read of the store, in ``disk_faults(reading=True)``: every recorded value passes
     through one of these, so a damaged ``run.db`` is one line naming it (exit 2), never a
     traceback from sqlite3, json or zlib. Generators are covered while they run."""
     if inspect.isgeneratorfunction(method):
 
         @functools.wraps(method)
         def generate(self: "RunStore", *args: Any, **kwargs: Any) -> Iterator[Any]:
-            with _damage_faults(self.run_dir):
+            with disk_faults(self.run_dir, reading=True):
                 yield from method(self, *args, **kwargs)
 
         return generate  # type: ignore[return-value]
 
     @functools.wraps(method)
     def read(self: "RunStore", *args: Any, **kwargs: Any) -> Any:
-        with _damage_faults(self.run_dir):
+        with disk_faults(self.run_dir, reading=True):
             return method(self, *args, **kwargs)
 
     return read  # type: ignore[return-value]

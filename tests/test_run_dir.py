@@ -44,6 +44,17 @@ def one_line_error(capsys) -> str:
     return err
 
 
+def edit_store(run_dir: Path, *statements: str) -> None:
+    """Edit ``run.db`` by hand, as a user with the sqlite3 shell might."""
+    import sqlite3
+
+    db = sqlite3.connect(run_dir / "run.db")
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
 def stopped_run(digits_config, tmp_path: Path, capsys, **overrides) -> Path:
     run_dir = tmp_path / "r"
     assert main(["run", str(digits_config(**overrides)), "--run-dir", str(run_dir), *PAST_DEADLINE]) == 0
@@ -269,15 +280,10 @@ def test_a_run_log_the_disk_cannot_take_is_one_warning(tmp_path, capsys):
 )
 def test_a_damaged_run_store_is_one_line(tmp_path, digits_config, capsys, damage, command):
     """Rows edited by hand or tables dropped: the command names run.db as damaged, no traceback."""
-    import sqlite3
-
     run_dir = tmp_path / "r"
     assert main(["run", str(digits_config(budget={"evaluations": 4})), "--run-dir", str(run_dir)]) == 0
     capsys.readouterr()
-    db = sqlite3.connect(run_dir / "run.db")
-    db.execute(damage)
-    db.commit()
-    db.close()
+    edit_store(run_dir, damage)
     extra = {"export": ["--out", str(tmp_path / "out")], "report": ["--out", str(tmp_path / "report")]}.get(command, [])
     assert main([command, str(run_dir), *extra]) == 2
     err = one_line_error(capsys)
@@ -287,18 +293,11 @@ def test_a_damaged_run_store_is_one_line(tmp_path, digits_config, capsys, damage
 def test_a_run_store_with_evaluations_deleted_by_hand_is_refused_on_resume(tmp_path, digits_config, capsys):
     """Replay meets candidates the store says were asked after evaluations it no longer holds:
     one line naming both possible causes, not a resume from an inconsistent store."""
-    import sqlite3
-
     run_dir = tmp_path / "r"
     config = digits_config(budget={"evaluations": 24}, populations=[{"name": "c", "strategy": "cmaes"}])
     assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
     capsys.readouterr()
-    db = sqlite3.connect(run_dir / "run.db")
-    db.execute("UPDATE runs SET state = 'interrupted'")
-    db.execute("DELETE FROM evaluations WHERE seq > 4")
-    db.execute("DELETE FROM checkpoints")
-    db.commit()
-    db.close()
+    edit_store(run_dir, "UPDATE runs SET state = 'interrupted'", "DELETE FROM evaluations WHERE seq > 4", "DELETE FROM checkpoints")
     assert main(["resume", str(run_dir)]) == 2
     err = one_line_error(capsys)
     assert "cannot resume" in err and "not deterministic" in err and "run.db was edited or damaged" in err, err
