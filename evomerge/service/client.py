@@ -4,16 +4,19 @@ One ``ApiClient`` per worker process holds a pooled ``httpx.AsyncClient`` and en
 
 * a concurrency limit (requests in flight) and an optional request rate (requests per second,
   paced evenly);
-* a timeout per request, and retries of 429, 5xx, timeouts and connection failures with
-  exponential backoff and jitter; a ``Retry-After`` on 429/503 is honoured instead. A request
-  waiting to retry gives its place back, so the others keep the service busy;
+* a timeout per request that bounds the whole answer, not each read of it (a service trickling
+  bytes would otherwise hold a request for ever), and retries of 429, 5xx, timeouts and
+  connection failures with exponential backoff and jitter; a ``Retry-After`` on 429/503 is
+  honoured instead. A request waiting to retry gives its place back, so the others keep the
+  service busy;
 * usage accounting: every HTTP attempt counts as a request; prompt and completion tokens come from
   the answers' ``usage``; cost is tokens times the configured per-token prices.
 
 The API key is read once from the environment variable the config names; it lives only in the
 request headers, never in messages, logs or the run store. An answer that is not what the
-OpenAI reference promises raises ``MalformedResponse`` naming the missing field, and a refused
-request raises ``ApiError`` with the service's own message; both fail only the candidate.
+OpenAI reference promises (a field missing, text where JSON belongs, log-probabilities that are
+none) raises ``MalformedResponse`` naming what is wrong, and a refused request raises ``ApiError``
+with the service's own message; both fail only the candidate.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.errors import UserError
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 300.0
 """Longest ``Retry-After`` honoured, in seconds; a longer one is waited for this long."""
+LOGPROB_TOLERANCE = 1e-6
+"""How far above 0 a log-probability may round before it is no log-probability."""
 
 
 class ApiError(Exception):
@@ -91,6 +96,18 @@ class LogprobsAnswer(_Answer):
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
+
+    @model_validator(mode="after")
+    def _sound(self) -> "LogprobsAnswer":
+        """Refuse what would otherwise score as a number: a log-probability above 0 or NaN, or
+        lists that do not line up token by token."""
+        lengths = (len(self.token_logprobs), len(self.tokens), len(self.text_offset))
+        if len(set(lengths)) > 1:
+            raise ValueError(f"token_logprobs, tokens and text_offset differ in length {lengths}")
+        bad = [x for x in self.token_logprobs if x is not None and not x <= LOGPROB_TOLERANCE]
+        if bad:
+            raise ValueError(f"{bad[0]} is no log-probability (NaN or above 0)")
+        return self
 
 
 class ChoiceAnswer(_Answer):
@@ -195,6 +212,7 @@ class ApiClient:
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
         self._transport_errors = (httpx.TimeoutException, httpx.TransportError)
+        self.timeout = timeout
         self._slots = asyncio.Semaphore(concurrency)
         self._pacer = RatePacer(requests_per_second) if requests_per_second else None
         self.max_retries = max_retries
@@ -223,7 +241,9 @@ class ApiClient:
                     await self._pacer.wait()
                 self.usage.requests += 1
                 try:
-                    response = await self._http.request(method, path, json=payload)
+                    response = await asyncio.wait_for(self._http.request(method, path, json=payload), self.timeout)
+                except asyncio.TimeoutError:
+                    failure = ApiError(f"{what}: no complete answer from {self.base_url} within {self.timeout:g}s")
                 except self._transport_errors as exc:
                     failure = ApiError(f"{what}: {type(exc).__name__} talking to {self.base_url}: {exc}".rstrip(": "))
                 else:
@@ -269,6 +289,8 @@ def service_root(base_url: str) -> str:
 def parse_answer(raw: Any, shape: type[AnswerT], route: str) -> AnswerT:
     """``raw`` read as ``shape``; ``MalformedResponse`` naming the first field that is not as
     the OpenAI reference promises."""
+    if isinstance(raw, str):  # an error page or an event stream under a 200
+        raise MalformedResponse(f"malformed {route} answer: text, not JSON: {raw[:60]!r}")
     try:
         return shape.model_validate(raw)
     except ValidationError as err:
