@@ -56,12 +56,15 @@ from evomerge.workers.base import Scored, Worker, racing_of
 RECOVERY_ATTEMPTS = 3
 """Set-ups of one candidate when the service answers 404 for what it was just given (a restart)."""
 OUTAGE_CANDIDATES = 3
-"""Candidates in a row that the service fails to answer (after all retries) before the run stops:
-past that it is down, not flaky, and failing every further candidate would only burn the budget."""
+"""Candidates in a row that the service fails to answer (after all retries: down, or still
+rate-limiting) before the run stops: past that it is down or out of quota, not flaky, and failing
+every further candidate would only burn the budget."""
+REFUSED_CREDENTIALS = frozenset({401, 403})
+"""Statuses that refuse the key itself: no retry or further candidate can succeed with it."""
 
 
 class ServiceUnreachable(UserError):
-    """The model service cannot be reached or refuses the run's credentials at start."""
+    """The model service cannot be reached, stopped answering, or refuses the run's credentials."""
 
 
 Coefficients = dict[str, list[float]]
@@ -276,10 +279,8 @@ class BlackBoxWorker(Worker):
         try:
             listing = await self.client.request("GET", "/v1/models")
         except ApiError as exc:
-            if exc.status == 401:
-                raise ServiceUnreachable(
-                    f"the model service at {url} refused the credentials (api.api_key_env): {exc}"
-                ) from None
+            if exc.status in REFUSED_CREDENTIALS:
+                raise self._refused(exc) from None
             raise ServiceUnreachable(f"cannot reach the model service at {url} (api.base_url): {exc}") from None
         served = {m.get("id") for m in listing.get("data", [])} if isinstance(listing, dict) else set()
         missing = [name for name in self.service.required_models() if name not in served]
@@ -345,7 +346,15 @@ class BlackBoxWorker(Worker):
         ev.responses = self.cache.take_new()  # also a failed candidate's: they were paid for
         return ev
 
+    def _refused(self, exc: ApiError) -> ServiceUnreachable:
+        env = self.config.api.api_key_env
+        key = f"the key in ${env}" if env else "requests without a key"
+        return ServiceUnreachable(f"the model service at {self.config.api.base_url} refused {key} (api.api_key_env): {exc}")
+
     def _failed(self, exc: Exception) -> None:
+        """Stop the run (resumably) on a refused key at once; count outages."""
+        if isinstance(exc, ApiError) and exc.status in REFUSED_CREDENTIALS:
+            raise ServiceUnreachable(f"{self._refused(exc)}; resume the run once it is accepted") from None
         self._count_outage(exc)
 
     def _succeeded(self) -> None:
@@ -353,7 +362,9 @@ class BlackBoxWorker(Worker):
 
     def _count_outage(self, exc: Exception) -> None:
         """Stop the run (resumably) once the service has stopped answering for good."""
-        down = isinstance(exc, ApiError) and not isinstance(exc, MalformedResponse) and (exc.status is None or exc.status >= 500)
+        down = isinstance(exc, ApiError) and not isinstance(exc, MalformedResponse) and (
+            exc.status is None or exc.status == 429 or exc.status >= 500
+        )
         self._outages = self._outages + 1 if down else 0
         if self._outages >= OUTAGE_CANDIDATES:
             raise ServiceUnreachable(
