@@ -14,8 +14,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see research/ray.md: a tok
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # Fixtures shared across folders: the reference service and tiny adapters (service/, server/,
-# workers/), and merge set-ups and tensor contexts (merge/, workers/, space/).
-pytest_plugins = ["fixtures_service", "fixtures_merge"]
+# workers/), a provider that misbehaves on cue (workers/), and merge set-ups and tensor contexts
+# (merge/, workers/, space/).
+pytest_plugins = ["fixtures_service", "fixtures_merge", "fixtures_provider"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:
