@@ -143,6 +143,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status(kind, payload or {})
         if kind in SOCKET_FAULTS:
             return self._socket_fault(kind, payload or {})
+        if kind == "html-200":  # a proxy's error page, or a website where the API should be
+            return self._raw(200, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>")
         if self.path == "/v1/models":
             return self._json(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in provider.models]})
         if self.path == "/v1/sessions":
@@ -158,8 +160,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _completion(self, kind: str, payload: dict) -> None:
         if kind == "not-json":
             return self._raw(200, "application/json", b'{"id": "cmpl-fake", "choices": [{"text": "')
-        if kind == "html-200":
-            return self._raw(200, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>")
         answer = completion(payload["model"], payload["prompt"], kind)
         if kind == "sse":
             body = f"data: {json.dumps(answer)}\n\ndata: [DONE]\n\n".encode()

@@ -282,7 +282,12 @@ class BlackBoxWorker(Worker):
             if exc.status in REFUSED_CREDENTIALS:
                 raise self._refused(exc) from None
             raise ServiceUnreachable(f"cannot reach the model service at {url} (api.base_url): {exc}") from None
-        served = {m.get("id") for m in listing.get("data", [])} if isinstance(listing, dict) else set()
+        entries = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(entries, list):  # a web page or another API at api.base_url
+            raise ServiceUnreachable(
+                f"the service at {url} (api.base_url) answered GET /v1/models without a model list: {str(listing)[:60]!r}"
+            )
+        served = {m.get("id") for m in entries if isinstance(m, dict)}
         missing = [name for name in self.service.required_models() if name not in served]
         if missing:
             raise ServiceUnreachable(f"the model service at {url} does not serve {', '.join(missing)} (models in the config)")

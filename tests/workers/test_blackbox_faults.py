@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from evomerge.cli import EXIT_USER_ERROR, main
+from evomerge.cli import EXIT_CANNOT_SUCCEED, EXIT_USER_ERROR, main
 from evomerge.config import config_from_dict
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate
@@ -223,3 +223,30 @@ def test_a_provider_without_a_listed_model_is_refused_at_start_naming_it(provide
     provider.models = ("fake-base", "a")
     with pytest.raises(ServiceUnreachable, match="does not serve b"):
         worker(provider, tmp_path)
+
+
+def test_a_web_page_where_the_api_should_be_is_refused_at_start_naming_the_url_setting(provider, tmp_path, keyed):
+    provider.faulty = ("/v1/models",)
+    provider.fallback = "html-200"
+    with pytest.raises(ServiceUnreachable, match=r"api\.base_url.*without a model list: '<html>"):
+        worker(provider, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["400-context", "null-logprobs", "sse"])
+def test_a_provider_that_answers_every_candidate_alike_wrongly_stops_the_run_with_its_reason(
+    provider, tmp_path, keyed, capsys, kind
+):
+    """A prompt over the model's context, or a provider without echo and logprobs, fails every
+    candidate alike: the run stops after ``budget.max_failures_at_start`` of them (exit 3), each
+    request sent once, with the provider's reason in one line."""
+    config = config_dict(provider.url, tmp_path)
+    config["budget"]["max_failures_at_start"] = 3
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))
+    provider.fallback = kind
+    assert main(["run", str(path)]) == EXIT_CANNOT_SUCCEED
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "first 3 candidates all failed" in err and GARBAGE_REASONS[kind] in err, err
+    assert len(provider.requests()) == 3 * len(ROWS)
+    rows, _, info = stored(tmp_path / "run")
+    assert info["state"] == "failed" and [r.status for r in rows] == ["failed"] * 3
