@@ -352,6 +352,7 @@ class BlackBoxWorker(Worker):
         return ev
 
     def _refused(self, exc: ApiError) -> ServiceUnreachable:
+        """The one line for a refused key, at start or mid-run: the variable holding it, never the key."""
         env = self.config.api.api_key_env
         key = f"the key in ${env}" if env else "requests without a key"
         return ServiceUnreachable(f"the model service at {self.config.api.base_url} refused {key} (api.api_key_env): {exc}")
