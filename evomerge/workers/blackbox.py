@@ -262,6 +262,7 @@ class BlackBoxWorker(Worker):
         )
         self.service = SERVICE_LEVELS[api.level](self.client, config, self.cache)
         self._outages = 0
+        self._stop: ServiceUnreachable | None = None
         self._loop.run_until_complete(self._check_service())
 
     def load_examples(self, data) -> list[dict[str, Any]]:
@@ -324,6 +325,8 @@ class BlackBoxWorker(Worker):
         the merge prepared afresh, and a survivor's last call asks only for the examples the stages
         left, so its requests and cost are those of a run without racing.
         """
+        if self._stop is not None:  # the last candidate found the service gone: stop before asking it again
+            raise self._stop
         usage_before, hits_before = self.client.usage.copy(), self.cache.hits
         spent: dict[str, Any] = {}  # what the fitness reported (a judge's usage), over racing's stages
 
@@ -358,25 +361,28 @@ class BlackBoxWorker(Worker):
         return ServiceUnreachable(f"the model service at {self.config.api.base_url} refused {key} (api.api_key_env): {exc}")
 
     def _failed(self, exc: Exception) -> None:
-        """Stop the run (resumably) on a refused key at once; count outages."""
+        """Stop the run (resumably) on a refused key at once, or once outages persist: the stop is
+        raised by the next candidate, so this failed one is still recorded with the requests and
+        answers it paid for (the budget counts them; resume does not ask them again)."""
         if isinstance(exc, ApiError) and exc.status in REFUSED_CREDENTIALS:
-            raise ServiceUnreachable(f"{self._refused(exc)}; resume the run once it is accepted") from None
-        self._count_outage(exc)
+            self._stop = ServiceUnreachable(f"{self._refused(exc)}; resume the run once it is accepted")
+        else:
+            self._count_outage(exc)
 
     def _succeeded(self) -> None:
         self._outages = 0
 
     def _count_outage(self, exc: Exception) -> None:
-        """Stop the run (resumably) once the service has stopped answering for good."""
+        """Mark the run to stop (resumably) once the service has stopped answering for good."""
         down = isinstance(exc, ApiError) and not isinstance(exc, MalformedResponse) and (
             exc.status is None or exc.status == 429 or exc.status >= 500
         )
         self._outages = self._outages + 1 if down else 0
         if self._outages >= OUTAGE_CANDIDATES:
-            raise ServiceUnreachable(
+            self._stop = ServiceUnreachable(
                 f"the model service at {self.config.api.base_url} stopped answering ({self._outages} candidates in a row,"
                 f" after api.max_retries retries each): {exc}; resume the run once it is back"
-            ) from None
+            )
 
     def expert_baselines(self) -> list[Evaluation]:
         """The base (when the method declares values that give it: every β 0) and each expert

@@ -197,6 +197,8 @@ def test_a_fault_that_persists_stops_the_run_resumably_and_resume_finishes_it(
     assert 0 < len(faulted) <= per_candidate * (len(ROWS) + 1) * 2  # a bounded number of tries, then a stop
     rows, counts, info = stored(tmp_path / "run")
     assert info["state"] == "failed" and counts["random"][1] >= 2
+    checks = [s for s in provider.seen if s.path == "/v1/models"]  # the start's, no candidate's
+    assert sum(r.metrics["usage"]["requests"] for r in rows) == len(provider.seen) - len(checks)  # the budget saw them all
 
     provider.fallback = "ok"
     assert main(["resume", str(tmp_path / "run")]) == 0
@@ -204,7 +206,8 @@ def test_a_fault_that_persists_stops_the_run_resumably_and_resume_finishes_it(
     ids = [r.candidate_id for r in rows]
     assert info["state"] == "finished" and len(ids) == len(set(ids)) == 6 == counts["random"][0] == counts["random"][1]
     ok = [r for r in rows if r.status == "ok"]
-    assert len(ok) >= 4 and all(r.fitness == -1.0 and list(r.per_example) == [-1.0] * len(ROWS) for r in ok)
+    assert len(ok) == 6 - per_candidate  # the candidates the fault failed are recorded, not asked again
+    assert all(r.fitness == -1.0 and list(r.per_example) == [-1.0] * len(ROWS) for r in ok)
 
 
 @pytest.mark.parametrize("status", ["401", "403"])
