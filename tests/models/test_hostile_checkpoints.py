@@ -1,0 +1,178 @@
+"""Checkpoints a user damages or mixes up by accident reach ``evomerge run`` as one line naming the
+file, tensor or setting to fix, exit 2, and leave no run behind.
+
+Each case was once a silent wrong merge or a traceback: transformers and peft initialise a
+tensor a checkpoint lacks at random and only log it (a quieted log inside a search), a NaN weight
+made every merge NaN while classifiers still scored it, the mmap tier read byte ranges safetensors
+refuses, an adapter whose config's rank disagreed with its factors was composed at the wrong
+scale, and an expert of another architecture stopped vocabulary alignment with a KeyError.
+The models are untrained (a search over them is never run to the end): only loading matters.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from evomerge.cli import main
+from evomerge.testing.tiny_models import digits_classifier
+
+WEIGHTS = "model.safetensors"
+
+
+def refused(capsys, argv: list[str], *words: str) -> str:
+    """Run the CLI; it must exit 2 with one line holding every word (and no traceback)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], err
+    return lines[0]
+
+
+def edit_weights(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None], name: str = WEIGHTS) -> None:
+    state = load_file(str(folder / name))
+    edit(state)
+    save_file(state, str(folder / name), metadata={"format": "pt"})
+
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def rewrite_header(file: Path, edit: Callable[[dict], None]) -> None:
+    """Edit a safetensors file's JSON header in place, keeping its data bytes."""
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+
+
+def first_tensor(state_or_header: dict) -> str:
+    return sorted(k for k in state_or_header if k != "__metadata__")[0]
+
+
+def write_config(tmp_path: Path, models: dict, merge: dict, fitness: dict) -> Path:
+    data = {
+        "name": "hostile",
+        "run_dir": str(tmp_path / "run"),
+        "executor": "inline",
+        "score_experts": False,
+        "models": {"device": "cpu", **models},
+        "merge": merge,
+        "populations": [{"name": "p", "strategy": "random"}],
+        "fitness": fitness,
+        "budget": {"evaluations": 2},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --- full checkpoints: a digits MLP base and expert ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlp_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hostile-mlp")
+    paths = {"base": root / "base", "expert": root / "expert"}
+    for seed, path in enumerate(paths.values()):
+        digits_classifier(seed).save_pretrained(path)
+    return paths
+
+
+def _drop_a_tensor(folder: Path) -> str:
+    name = sorted(load_file(str(folder / WEIGHTS)))[-1]
+    edit_weights(folder, lambda state: state.pop(name))
+    return name
+
+
+def _claim_every_tensor_in_one_shard(folder: Path) -> str:
+    """An index whose weight map puts every tensor in the first of two shards (a hand-edited or
+    half-copied index): transformers loads that shard only."""
+    state = load_file(str(folder / WEIGHTS))
+    (folder / WEIGHTS).unlink()
+    names = sorted(state)
+    save_file({names[0]: state[names[0]]}, str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file({n: state[n] for n in names[1:]}, str(folder / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = dict.fromkeys(names, "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return names[1]
+
+
+def _config_of_another_width(folder: Path) -> str:
+    edit_json(folder / "config.json", hidden_sizes=[8])
+    return "config.json"
+
+
+def _nan_in_a_tensor(folder: Path) -> str:
+    name = first_tensor(load_file(str(folder / WEIGHTS)))
+    edit_weights(folder, lambda state: state[name].view(-1).__setitem__(3, float("nan")))
+    return name
+
+
+def _offsets_past_the_end(folder: Path) -> str:
+    rewrite_header(folder / WEIGHTS, lambda h: h[first_tensor(h)]["data_offsets"].__setitem__(1, 10**6))
+    return str(folder / WEIGHTS)
+
+
+def _unknown_dtype(folder: Path) -> str:
+    rewrite_header(folder / WEIGHTS, lambda h: h[first_tensor(h)].__setitem__("dtype", "F33"))
+    return str(folder / WEIGHTS)
+
+
+CHECKPOINT_CASES = {
+    # (damage, residency, words besides what the damage returns)
+    "a tensor dropped": (_drop_a_tensor, "host", ("stores no", "incomplete")),
+    "an index naming the wrong shard": (_claim_every_tensor_in_one_shard, "host", ("stores no",)),
+    "config.json of another width": (_config_of_another_width, "host", ("layers.0.bias", "(16,)", "(8,)")),
+    "NaN in a weight": (_nan_in_a_tensor, "host", ("NaN",)),
+    "NaN in a weight, memory-mapped": (_nan_in_a_tensor, "mmap", ("NaN", "expert 'expert'")),
+    "byte ranges past the end, memory-mapped": (_offsets_past_the_end, "mmap", ("not a readable safetensors file",)),
+    "an unknown dtype, memory-mapped": (_unknown_dtype, "mmap", ("F33",)),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES)
+def test_a_damaged_expert_checkpoint_is_refused_naming_what_to_fix(mlp_models, tmp_path, capsys, case):
+    damage, residency, words = CHECKPOINT_CASES[case]
+    expert = tmp_path / "expert"
+    shutil.copytree(mlp_models["expert"], expert)
+    named = damage(expert)
+    path = write_config(
+        tmp_path,
+        {"base": str(mlp_models["base"]), "experts": [str(mlp_models["base"]), str(expert)], "residency": residency},
+        {"method": "task_arithmetic", "granularity": "per_model"},
+        {"name": "classification_accuracy", "data": {"source": "sklearn:digits", "limit": 20}},
+    )
+    refused(capsys, ["run", str(path)], named, *words)
+    assert not (tmp_path / "run" / "run.db").exists()
+
+
+def test_a_run_refused_for_its_expert_runs_once_the_expert_is_fixed(mlp_models, tmp_path, capsys):
+    """Nothing the refused run left in its directory stands in the way of the corrected one."""
+    expert = tmp_path / "expert"
+    shutil.copytree(mlp_models["expert"], expert)
+    _nan_in_a_tensor(expert)
+    path = write_config(
+        tmp_path,
+        {"base": str(mlp_models["base"]), "experts": [str(mlp_models["base"]), str(expert)]},
+        {"method": "task_arithmetic", "granularity": "per_model"},
+        {"name": "classification_accuracy", "data": {"source": "sklearn:digits", "limit": 20}},
+    )
+    refused(capsys, ["run", str(path)], "NaN")
+    shutil.rmtree(expert)
+    shutil.copytree(mlp_models["expert"], expert)
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    assert "stopped: budget exhausted" in capsys.readouterr().out
