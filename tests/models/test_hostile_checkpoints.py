@@ -26,6 +26,8 @@ from evomerge.cli import main
 from evomerge.testing.tiny_models import digits_classifier
 
 WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LORA_TARGETS = ["q_proj", "v_proj"]
 
 
 def refused(capsys, argv: list[str], *words: str) -> str:
@@ -176,3 +178,124 @@ def test_a_run_refused_for_its_expert_runs_once_the_expert_is_fixed(mlp_models, 
     shutil.copytree(mlp_models["expert"], expert)
     assert main(["run", str(path)]) == 0, capsys.readouterr().err
     assert "stopped: budget exhausted" in capsys.readouterr().out
+
+
+# --- LoRA adapters and tokenizers: a tiny Llama base ----------------------------------------------
+
+
+def _adapter(base: Path, out: Path, seed: int, r: int = 4) -> Path:
+    """A LoRA adapter with random non-zero factors, saved as peft saves a trained one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_models(tmp_path_factory) -> dict[str, Path]:
+    """A base, an adapter of it, an adapter of a wider Llama, an expert whose fine-tune added two
+    tokens, and a GPT-2 of the same vocabulary."""
+    from tokenizers import AddedToken
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
+
+    root = tmp_path_factory.mktemp("hostile-llama")
+    tokenizer = build_tokenizer()
+    paths = {name: root / name for name in ("base", "wide", "adapter", "wide-adapter", "added-tokens", "gpt2")}
+    for name, hidden in (("base", 32), ("wide", 48)):
+        tiny_llama(tokenizer, hidden=hidden, layers=2, heads=2, seed=0).save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    _adapter(paths["base"], paths["adapter"], seed=1)
+    _adapter(paths["wide"], paths["wide-adapter"], seed=2)
+    expert = tiny_llama(tokenizer, hidden=32, layers=2, heads=2, seed=3)
+    own = build_tokenizer()
+    own.add_tokens([AddedToken("<|user|>"), AddedToken("<|end|>", special=True)])
+    expert.resize_token_embeddings(len(own), mean_resizing=False)
+    expert.save_pretrained(paths["added-tokens"])  # its tokenizer left behind
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tokenizer))).save_pretrained(paths["gpt2"])
+    tokenizer.save_pretrained(paths["gpt2"])
+    (root / "data.jsonl").write_text(json.dumps({"prompt": "12+30=", "target": "42"}) + "\n")
+    paths["data"] = root / "data.jsonl"
+    return paths
+
+
+def _drop_a_factor(adapter: Path) -> str:
+    name = sorted(load_file(str(adapter / ADAPTER_WEIGHTS)))[0]
+    edit_weights(adapter, lambda state: state.pop(name), ADAPTER_WEIGHTS)
+    return name
+
+
+def _rename_the_factors(adapter: Path) -> str:
+    """Factors saved under another model's module names: peft loads none of them."""
+    renamed = {k.replace(".model.layers.", ".transformer.h."): v for k, v in load_file(str(adapter / ADAPTER_WEIGHTS)).items()}
+    save_file(renamed, str(adapter / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return "stores no"
+
+
+def _config_rank_differs(adapter: Path) -> str:
+    edit_json(adapter / "adapter_config.json", r=8)
+    return "r: 8"
+
+
+def _rank_zero(adapter: Path) -> str:
+    edit_json(adapter / "adapter_config.json", r=0)
+    return str(adapter / "adapter_config.json")
+
+
+def _nan_in_a_factor(adapter: Path) -> str:
+    name = sorted(k for k in load_file(str(adapter / ADAPTER_WEIGHTS)) if "lora_B" in k)[0]
+    edit_weights(adapter, lambda state: state[name].view(-1).__setitem__(0, float("inf")), ADAPTER_WEIGHTS)
+    return name
+
+
+def _no_weights(adapter: Path) -> str:
+    (adapter / ADAPTER_WEIGHTS).unlink()
+    return "no adapter weights"
+
+
+ADAPTER_CASES = {
+    # (damage, merge method, words besides what the damage returns)
+    "a factor dropped, as a dense expert": (_drop_a_factor, "task_arithmetic", ("stores no", "target_modules")),
+    "factors under other names, as a dense expert": (_rename_the_factors, "task_arithmetic", ("model.layers.0",)),
+    "config rank differs from the factors, composed": (_config_rank_differs, "lora_compose", ("of rank 4",)),
+    "rank zero": (_rank_zero, "lora_compose", ("r must be a positive integer",)),
+    "an infinite factor, composed": (_nan_in_a_factor, "lora_compose", ("NaN or infinite",)),
+    "an infinite factor, as a dense expert": (_nan_in_a_factor, "task_arithmetic", ("NaN or infinite",)),
+    "no weights file": (_no_weights, "lora_compose", ("adapter_config.json",)),
+}
+
+
+def _llama_config(tmp_path: Path, llama_models: dict[str, Path], experts: list[Path], method: str) -> Path:
+    return write_config(
+        tmp_path,
+        {"base": str(llama_models["base"]), "experts": [str(e) for e in experts], "dtype": "float32"},
+        {"method": method, "granularity": "per_model"},
+        {"name": "negative_cross_entropy", "data": {"source": str(llama_models["data"])}},
+    )
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES)
+def test_a_damaged_adapter_is_refused_naming_what_to_fix(llama_models, tmp_path, capsys, case):
+    damage, method, words = ADAPTER_CASES[case]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(llama_models["adapter"], adapter)
+    named = damage(adapter)
+    path = _llama_config(tmp_path, llama_models, [llama_models["adapter"], adapter], method)
+    refused(capsys, ["run", str(path)], named, *words)
+    assert not (tmp_path / "run" / "run.db").exists()
+
+
+MISMATCHED_EXPERTS = {
+    # (expert, words): peft's "Error(s) in loading state_dict for X:" said no more than that
+    "wide-adapter": ("size mismatch for", "lora_A", "[4, 48]"),
+}
+
+
+@pytest.mark.parametrize("expert", MISMATCHED_EXPERTS)
+def test_an_expert_that_does_not_fit_the_base_is_named(llama_models, tmp_path, capsys, expert):
+    path = _llama_config(tmp_path, llama_models, [llama_models["adapter"], llama_models[expert]], "task_arithmetic")
+    refused(capsys, ["run", str(path)], *MISMATCHED_EXPERTS[expert])
