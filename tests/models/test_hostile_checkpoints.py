@@ -292,6 +292,8 @@ def test_a_damaged_adapter_is_refused_naming_what_to_fix(llama_models, tmp_path,
 MISMATCHED_EXPERTS = {
     # (expert, words): peft's "Error(s) in loading state_dict for X:" said no more than that
     "wide-adapter": ("size mismatch for", "lora_A", "[4, 48]"),
+    "gpt2": ("has no model.embed_tokens.weight", "LlamaForCausalLM"),
+    "added-tokens": ("52 vocabulary rows", "no tokenizer", "has 50"),
 }
 
 
