@@ -27,10 +27,8 @@ import torch
 
 from evomerge.errors import ModelLoadError, ModelMismatchError, first_line
 from evomerge.models.loading import refuse_non_finite, unreadable_weights
+from evomerge.models.model_files import ADAPTER_CONFIG, adapter_weight_files
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-"""The weight files peft saves (and loads, safetensors first)."""
 WORKING_ADAPTER = "default"
 _SAVED_FACTOR = re.compile(r"\.lora_(?:embedding_)?[AB](?:\.weight)?$")
 _FACTOR_A = re.compile(r"\.lora_(?:embedding_)?A(?:\.weight)?$")  # (r, in); a B factor is (out, r)
@@ -114,9 +112,8 @@ def adapter_weights(ref: str, device: str = "cpu", key_mapping: dict[str, str] |
     from peft.utils import load_peft_weights
     from safetensors import SafetensorError
 
-    folder = Path(ref)
-    if folder.is_dir() and not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
-        raise ModelLoadError(f"'{ref}' holds {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    if Path(ref).is_dir():
+        adapter_weight_files(Path(ref))
     try:
         weights = load_peft_weights(ref, device=device, key_mapping=key_mapping or None)
     except SafetensorError as exc:

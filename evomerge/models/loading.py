@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from evomerge.errors import ConfigError, ModelLoadError, first_line
+from evomerge.models.model_files import check_safetensors, refuse_non_model_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -95,10 +96,7 @@ def load_config(ref: str):
         # transformers would take it for a malformed hub id ("Repo id must be in the form ..."):
         # a run's models moved since it started, or a mistyped ``serve --model``.
         raise ModelLoadError(f"model directory not found: {ref}")
-    if path.is_file():
-        raise ModelLoadError(f"'{ref}' is a file; a model is a directory written by save_pretrained (config.json and weights)")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ModelLoadError(f"'{ref}' holds no config.json: not a model directory written by save_pretrained")
+    refuse_non_model_dir(ref)
     register_builtin_architectures()
     quiet_transformers()
     try:
@@ -180,15 +178,12 @@ def unreadable_weights(ref: str, exc: Exception) -> ModelLoadError:
     """A safetensors error as one line naming the file: safetensors' own message ("incomplete
     metadata", "header too small") names none, and a model may be sharded over many files. Each
     local file's header is read again (cheap) to find the broken one."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(ref)
     for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                f.keys()
-        except (SafetensorError, OSError) as broken:
-            return ModelLoadError(f"'{file}' is not a readable safetensors file (truncated or corrupt?): {first_line(broken)}")
+            check_safetensors(file)
+        except ModelLoadError as broken:
+            return broken
     return ModelLoadError(f"cannot read the weights of '{ref}': {first_line(exc)}")
 
 

@@ -35,7 +35,8 @@ import torch
 from evomerge.errors import ModelLoadError, ModelMismatchError
 from evomerge.merge.method import LORA_FACTORS, MergeMethod
 from evomerge.merge.resident import ResidentTensor, Scratch, TensorSummaries
-from evomerge.models.loading import refuse_non_finite, unreadable_weights
+from evomerge.models.loading import refuse_non_finite
+from evomerge.models.model_files import check_safetensors
 
 if TYPE_CHECKING:
     from evomerge.plan import RunPlan
@@ -228,13 +229,7 @@ def _stored_tensors(file: Path) -> dict[str, _Stored]:
     unknown dtype, byte ranges that overlap, leave gaps or run past the file), so a file this
     tier maps is one whose ranges hold exactly the tensors the header describes.
     """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as checked:
-            checked.keys()
-    except (SafetensorError, OSError) as exc:
-        raise unreadable_weights(str(file), exc) from None
+    check_safetensors(file)
     try:
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))

@@ -12,8 +12,11 @@ The models are untrained (a search over them is never run to the end): only load
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import evomerge
 from evomerge.cli import main
 from evomerge.testing.tiny_models import digits_classifier
 
@@ -160,6 +164,79 @@ def test_a_damaged_expert_checkpoint_is_refused_naming_what_to_fix(mlp_models, t
     )
     refused(capsys, ["run", str(path)], named, *words)
     assert not (tmp_path / "run" / "run.db").exists()
+
+
+def _cut_short(folder: Path) -> str:
+    (folder / WEIGHTS).write_bytes((folder / WEIGHTS).read_bytes()[:100])
+    return str(folder / WEIGHTS)
+
+
+def _index_naming_a_missing_shard(folder: Path) -> str:
+    _claim_every_tensor_in_one_shard(folder)
+    (folder / "model-00001-of-00002.safetensors").unlink()
+    return "model-00001-of-00002.safetensors"
+
+
+def _config_not_json(folder: Path) -> str:
+    (folder / "config.json").write_text('{"model_type": ')
+    return str(folder / "config.json")
+
+
+def _no_weights_at_all(folder: Path) -> str:
+    (folder / WEIGHTS).unlink()
+    return "holds no weights"
+
+
+UNREADABLE_FILES = {
+    "a weights file cut short": _cut_short,
+    "an index naming a missing shard": _index_naming_a_missing_shard,
+    "config.json that is not JSON": _config_not_json,
+    "no weights at all": _no_weights_at_all,
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE_FILES)
+def test_validate_reads_the_checkpoint_files_a_run_would_fail_on(mlp_models, tmp_path, capsys, case):
+    """Before, validate said ok (it checked that the directory exists) and the run failed at load."""
+    expert = tmp_path / "expert"
+    shutil.copytree(mlp_models["expert"], expert)
+    named = UNREADABLE_FILES[case](expert)
+    path = write_config(
+        tmp_path,
+        {"base": str(mlp_models["base"]), "experts": [str(mlp_models["base"]), str(expert)]},
+        {"method": "task_arithmetic", "granularity": "per_model"},
+        {"name": "classification_accuracy", "data": {"source": "sklearn:digits", "limit": 20}},
+    )
+    refused(capsys, ["validate", str(path)], str(path), "models.experts.1.path", named)
+
+
+REFUSED_WITHOUT_TORCH = """
+import sys
+import evomerge
+from evomerge.cli import main
+assert main(["validate", sys.argv[1]]) == 2
+assert "torch" not in sys.modules, "validate imported torch to read a checkpoint's files"
+"""
+
+
+def test_validate_reads_checkpoint_files_without_torch(mlp_models, tmp_path):
+    """The headers are read through safetensors' NumPy reader: validate stays torch-free."""
+    expert = tmp_path / "expert"
+    shutil.copytree(mlp_models["expert"], expert)
+    _cut_short(expert)
+    path = write_config(
+        tmp_path,
+        {"base": str(mlp_models["base"]), "experts": [str(expert)]},
+        {"method": "task_arithmetic", "granularity": "per_model"},
+        {"name": "classification_accuracy", "data": {"source": "sklearn:digits", "limit": 20}},
+    )
+    root = str(Path(evomerge.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSED_WITHOUT_TORCH, str(path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(expert / WEIGHTS) in done.stderr
 
 
 def test_a_run_refused_for_its_expert_runs_once_the_expert_is_fixed(mlp_models, tmp_path, capsys):
