@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 
 class VocabularyMismatchError(ModelMismatchError):
-    """An expert's tokenizer gives a token the reference also has a different id."""
+    """An expert's vocabulary cannot be laid over the reference's: its tokenizer gives a shared
+    token another id, or it has rows past the reference's and no tokenizer to place them."""
 
 
 @dataclass(frozen=True)
