@@ -9,11 +9,12 @@ the file are relative to the file's directory, so a config and its models can mo
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Hashable, Literal
+from typing import Annotated, Any, Hashable, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -615,13 +616,42 @@ def field_path(loc: tuple) -> str:
     return ".".join(str(x) for x in loc if not (isinstance(x, str) and x.startswith("function-")))
 
 
+def _settings_at(loc: tuple) -> list[str]:
+    """The keys the section holding an unknown key ``loc`` accepts: the fields of the model
+    reached by walking ``loc`` from RunConfig (list indices, dict keys and pydantic's union tags
+    are steps that stay in the model they are in)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, str) and part in model.model_fields:
+            model = _model_in(model.model_fields[part].annotation) or model
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings model an annotation holds (``X | None``, ``list[X]``, ``dict[str, X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _unknown_key(loc: tuple) -> str:
+    """An unknown key's message, with the accepted key it is likely a misspelling of."""
+    key = str(loc[-1]) if loc else ""
+    close = difflib.get_close_matches(key, _settings_at(loc), n=1, cutoff=0.6)
+    return f"unknown key; did you mean '{close[0]}'?" if close else "unknown key (check its spelling and level)"
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:3]:
         loc = field_path(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling and level)"
+            msg = _unknown_key(e["loc"])
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = len(err.errors()) - 3
     return f"{source}: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

@@ -2,9 +2,12 @@
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (libraries' messages run to many lines)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """The first line of an exception's message (libraries' messages run to many lines), with the
+    line after it where the first only introduces it ("Error(s) in loading state_dict for X:")."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not text:
+        return type(exc).__name__
+    return f"{text[0]} {text[1]}" if text[0].endswith(":") and len(text) > 1 else text[0]
 
 
 class UserError(Exception):

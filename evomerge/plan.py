@@ -24,6 +24,7 @@ from evomerge.fitness import brings_own_examples, may_spend_api_usage, own_examp
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
 from evomerge.merge.method import LORA_FACTORS, MergeMethod
+from evomerge.models.model_files import check_model_dir
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import MERGE_SPACE, SEED_RECIPES, Requirements, Strategy, StrategyOptions
 
@@ -363,13 +364,19 @@ class RunPlan:
 
     def check_files(self) -> None:
         """What this machine must hold before any model loads (``validate --no-files`` skips it):
-        the local model paths, fitness data with at least one example and only finite numbers, and
-        the device ``models.device`` names when the workers run here."""
+        the local model directories (a config, and weights whose headers read), fitness data with
+        at least one example and only finite numbers, and the device ``models.device`` names when
+        the workers run here."""
         config = self.config
         for field_name, ref in self.local_models():
             resolved = config.model_ref(ref)
             if Path(resolved).is_absolute() and not Path(resolved).exists():
                 raise self._fail(field_name, f"model directory not found: {resolved}")
+            if Path(resolved).exists():  # a hub id is read by the workers
+                try:
+                    check_model_dir(resolved)
+                except UserError as exc:
+                    raise self._fail(field_name, str(exc)) from None
         if self.dataflow:
             self._check_merge_sources()
             self.path_space()

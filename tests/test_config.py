@@ -32,7 +32,11 @@ def test_valid_config_loads_and_resolves_relative_paths(tmp_path, digits_config)
 @pytest.mark.parametrize(
     "override, field, words",
     [
-        ({"modles": {}}, "modles", "unknown key"),
+        ({"modles": {}}, "modles", "did you mean 'models'?"),
+        ({"merge": {"method": "ties", "granularty": "per_model"}}, "merge.granularty", "did you mean 'granularity'?"),
+        ({"populations": [{"name": "a", "stratgy": "random"}]}, "populations.0.stratgy", "did you mean 'strategy'?"),
+        ({"fitness": {"name": "exact_match", "data": {"source": "x.jsonl", "limt": 3}}}, "fitness.data.limt", "did you mean 'limit'?"),
+        ({"zzz": 1}, "zzz", "unknown key (check its spelling and level)"),
         ({"merge": {"method": "tiess"}}, "merge.method", "unknown merge method"),
         ({"merge": {"method": "ties", "granularity": "per_layer"}}, "merge.granularity", "per_layer_group"),
         ({"budget": {}}, "budget", "evaluations"),

@@ -16,6 +16,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, ModelLoadError, first_line
 from evomerge.models.adapters import is_adapter
 from evomerge.models.loading import load_config, loaded_names, unreadable_weights
+from evomerge.models.model_files import INDEX, SINGLE_FILE, safetensors_files
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 """The dtypes a run may hold its models in (models.dtype without auto)."""
@@ -23,10 +24,6 @@ _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: a recorded name without an org may be a folder
 # A model downloaded by huggingface_hub lives in <cache>/models--<org>--<name>/snapshots/<commit>.
 _HUB_CACHE = re.compile(r"(?:^|/)models--([\w.-]+?)--([\w.-]+)/snapshots/[0-9a-f]+(?:/|$)")
-
-
-SINGLE_FILE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 
 def local_dir(ref: str) -> Path:
@@ -46,16 +43,10 @@ def local_dir(ref: str) -> Path:
 def weight_files(ref: str) -> list[Path]:
     """The safetensors files transformers loads for ``ref``: the shards its index names, or the
     single file (a repository may hold others, such as Mistral's ``consolidated.safetensors``)."""
-    folder = local_dir(ref)
-    if (folder / INDEX).is_file():
-        try:
-            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"'{folder / INDEX}' is not a readable safetensors index: {first_line(exc)}") from None
-        return [folder / name for name in dict.fromkeys(weight_map.values())]
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    raise ModelLoadError(f"'{ref}' holds no {SINGLE_FILE} (nor a sharded {INDEX})")
+    files = safetensors_files(local_dir(ref))
+    if not files:  # pickled weights only
+        raise ModelLoadError(f"'{ref}' holds no {SINGLE_FILE} (nor a sharded {INDEX})")
+    return files
 
 
 def tensor_dtypes(ref: str) -> dict[str, str]:

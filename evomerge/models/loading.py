@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from evomerge.errors import ConfigError, ModelLoadError, first_line
+from evomerge.models.model_files import check_safetensors, refuse_non_model_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -95,10 +96,7 @@ def load_config(ref: str):
         # transformers would take it for a malformed hub id ("Repo id must be in the form ..."):
         # a run's models moved since it started, or a mistyped ``serve --model``.
         raise ModelLoadError(f"model directory not found: {ref}")
-    if path.is_file():
-        raise ModelLoadError(f"'{ref}' is a file; a model is a directory written by save_pretrained (config.json and weights)")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ModelLoadError(f"'{ref}' holds no config.json: not a model directory written by save_pretrained")
+    refuse_non_model_dir(ref)
     register_builtin_architectures()
     quiet_transformers()
     try:
@@ -116,13 +114,19 @@ def load_model(ref: str, device: torch.device | Mapping[str, str], dtype: torch.
     config = load_config(ref)
     sharded = not isinstance(device, torch.device)
     try:
-        model = _auto_class(config).from_pretrained(ref, dtype=dtype, device_map=dict(device) if sharded else None)
+        # Mismatched shapes are loaded as fresh tensors and reported, so that the message below
+        # names the tensor; transformers' own error points at a report logged above it.
+        model, info = _auto_class(config).from_pretrained(
+            ref, dtype=dtype, device_map=dict(device) if sharded else None, ignore_mismatched_sizes=True, output_loading_info=True
+        )
     except SafetensorError as exc:
         raise unreadable_weights(ref, exc) from None
     except (pickle.UnpicklingError, EOFError) as exc:  # torch.load of a corrupt or empty pytorch_model.bin
         raise ModelLoadError(f"cannot load the model '{ref}': its .bin weights are truncated or corrupt ({type(exc).__name__})") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the model '{ref}': {first_line(exc)}") from None
+    refuse_incomplete(ref, info)
+    refuse_non_finite(f"the model '{ref}'", model.named_parameters())
     if not sharded:
         model.to(device)
     model.eval()
@@ -130,19 +134,56 @@ def load_model(ref: str, device: torch.device | Mapping[str, str], dtype: torch.
     return model
 
 
+def refuse_incomplete(ref: str, info: Mapping[str, object]) -> None:
+    """Refuse a checkpoint whose tensors do not fill the model its config.json describes.
+
+    transformers initialises a missing or mismatched tensor at random and only logs it (a log
+    quieted inside a search): an expert with a shard or a tensor lost would merge as noise.
+    """
+    mismatched = sorted(info["mismatched_keys"])  # type: ignore[call-overload]
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise ModelLoadError(
+            f"'{ref}' stores {name} with shape {tuple(stored)} but its config.json makes it {tuple(expected)}:"
+            " its weights and config.json describe different models"
+        )
+    missing = sorted(info["missing_keys"])  # type: ignore[call-overload]
+    if missing:
+        more = f" and {len(missing) - 1} more tensor(s)" if len(missing) > 1 else ""
+        raise ModelLoadError(
+            f"'{ref}' stores no {missing[0]}{more} that its config.json calls for: its weights are incomplete"
+            " (a shard or a tensor lost when it was copied or saved?)"
+        )
+
+
+FINITE_CHECK_ELEMENTS = 1 << 24
+"""Elements checked at a time, so the check's boolean buffer stays small beside a large tensor."""
+
+
+def refuse_non_finite(where: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor.
+
+    A non-finite weight is a corrupt checkpoint (a diverged training run, a bad conversion), not
+    something a search can use: every merge that includes it is non-finite too, and a classifier
+    scores such a merge without complaint, so the search would rank noise.
+    """
+    for name, tensor in tensors:
+        if tensor.is_meta or not tensor.is_floating_point():
+            continue
+        if not all(bool(torch.isfinite(block).all()) for block in tensor.detach().reshape(-1).split(FINITE_CHECK_ELEMENTS)):
+            raise ModelLoadError(f"{where} holds NaN or infinite values in {name}: the checkpoint is corrupt; retrain or re-export it")
+
+
 def unreadable_weights(ref: str, exc: Exception) -> ModelLoadError:
     """A safetensors error as one line naming the file: safetensors' own message ("incomplete
     metadata", "header too small") names none, and a model may be sharded over many files. Each
     local file's header is read again (cheap) to find the broken one."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(ref)
     for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                f.keys()
-        except (SafetensorError, OSError) as broken:
-            return ModelLoadError(f"'{file}' is not a readable safetensors file (truncated or corrupt?): {first_line(broken)}")
+            check_safetensors(file)
+        except ModelLoadError as broken:
+            return broken
     return ModelLoadError(f"cannot read the weights of '{ref}': {first_line(exc)}")
 
 

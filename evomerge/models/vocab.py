@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 
 class VocabularyMismatchError(ModelMismatchError):
-    """An expert's tokenizer gives a token the reference also has a different id."""
+    """An expert's vocabulary cannot be laid over the reference's: its tokenizer gives a shared
+    token another id, or it has rows past the reference's and no tokenizer to place them."""
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,9 @@ def vocabulary_alignment(
 ) -> VocabularyAlignment | None:
     """The alignment of ``experts`` (``(label, ref, is_adapter)``) onto the working ``model`` and
     its ``tokenizer``, or None when they share its vocabulary. Expert rows are read from their
-    configs; an expert without a tokenizer (or a LoRA adapter) is taken to use the working one's."""
+    configs; an expert without a tokenizer (or a LoRA adapter) is taken to use the working one's,
+    unless it has more rows than the working model: those may be tokens its fine-tune added, which
+    only its tokenizer can place, so it is refused rather than merged without them."""
     from evomerge.models.loading import load_tokenizer, parameter_shapes
 
     names = vocabulary_parameters(model)
@@ -296,11 +299,24 @@ def vocabulary_alignment(
         return None
     rows = dict(model.named_parameters())[names[0]].shape[0]
     reference = vocabulary_of(tokenizer, rows)
+    reference_label = "the base model" if has_base else experts[0][0]
     vocabularies = []
     for label, ref, adapter in experts:
-        own = None if adapter else load_tokenizer(ref)
-        expert_rows = rows if adapter else parameter_shapes(ref)[names[0]][0]
+        if adapter:
+            vocabularies.append((label, vocabulary_of(tokenizer, rows)))
+            continue
+        shapes = parameter_shapes(ref)
+        if names[0] not in shapes:
+            raise ModelMismatchError(
+                f"{label} has no {names[0]}: it is not a model of {reference_label}'s architecture ({type(model).__name__})"
+            )
+        expert_rows = shapes[names[0]][0]
+        own = load_tokenizer(ref)
+        if own is None and expert_rows > rows:
+            raise VocabularyMismatchError(
+                f"{label} has {expert_rows} vocabulary rows ({names[0]}) but no tokenizer beside it, and {reference_label}"
+                f" has {rows}: save the expert's tokenizer in '{ref}' so its extra rows can be aligned"
+            )
         vocabularies.append((label, vocabulary_of(own if own is not None else tokenizer, expert_rows)))
-    reference_label = "the base model" if has_base else experts[0][0]
     plan = plan_vocabulary(reference, reference_label, vocabularies, has_base, base_merged, union)
     return None if plan is None else VocabularyAlignment(plan, names, has_base)

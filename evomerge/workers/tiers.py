@@ -35,6 +35,8 @@ import torch
 from evomerge.errors import ModelLoadError, ModelMismatchError
 from evomerge.merge.method import LORA_FACTORS, MergeMethod
 from evomerge.merge.resident import ResidentTensor, Scratch, TensorSummaries
+from evomerge.models.loading import refuse_non_finite
+from evomerge.models.model_files import check_safetensors
 
 if TYPE_CHECKING:
     from evomerge.plan import RunPlan
@@ -163,6 +165,9 @@ class MappedTier:
                 )
             if stored[name].shape != shape:
                 raise ModelMismatchError(f"{label} has {name} of shape {stored[name].shape} but the working model has {shape}")
+        # One pass over the files, as the other tiers check what they load: a merge reads these
+        # tensors from disk every time, and one non-finite element makes every merge non-finite.
+        refuse_non_finite(label, ((name, stored[name].read(0, math.prod(shape))) for name, shape in self.shapes.items()))
         return stored
 
     @property
@@ -218,7 +223,13 @@ class _Stored:
 
 def _stored_tensors(file: Path) -> dict[str, _Stored]:
     """Every floating-point tensor of a safetensors file (an 8-byte header length, a JSON header
-    of names, dtypes, shapes and byte ranges, then the data), mapped once."""
+    of names, dtypes, shapes and byte ranges, then the data), mapped once.
+
+    safetensors reads the header first: it refuses what the other tiers' loader refuses (an
+    unknown dtype, byte ranges that overlap, leave gaps or run past the file), so a file this
+    tier maps is one whose ranges hold exactly the tensors the header describes.
+    """
+    check_safetensors(file)
     try:
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))

@@ -30,7 +30,6 @@ from evomerge.fitness.result import FitnessFailed, add_metrics, per_task_metrics
 from evomerge.merge.declarations import LINEAR
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.models.adapters import (
-    ADAPTER_CONFIG,
     adapter_factors,
     attach_working_adapter,
     is_adapter,
@@ -42,6 +41,7 @@ from evomerge.models.adapters import (
 from evomerge.models.checkpoint import run_dtype, weight_files
 from evomerge.models.loading import load_model, load_tokenizer
 from evomerge.models.memory import worker_placement
+from evomerge.models.model_files import ADAPTER_CONFIG
 from evomerge.models.sharding import Placement
 from evomerge.models.vocab import VocabularyAlignment, align_working_model, vocabulary_alignment
 from evomerge.plan import RunPlan
