@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from evomerge.config import CONFIG_NAME, DataConfig, MergeConfig, RunConfig, field_path
 from evomerge.errors import ConfigError, RunDirError, UserError
-from evomerge.fitness import brings_own_examples, may_spend_api_usage, own_examples
+from evomerge.fitness import brings_own_examples, check_fitness_name, may_spend_api_usage, own_examples
 from evomerge.merge import MERGE_METHODS
 from evomerge.merge.declarations import LINEAR, LORA_COMPOSE
 from evomerge.merge.method import LORA_FACTORS, MergeMethod
@@ -130,8 +130,13 @@ class RunPlan:
                 )
 
     def _check_fitness_data(self) -> None:
-        """``fitness.data`` names the examples, unless the fitness brings its own (lm-eval tasks)."""
+        """``fitness.name`` is one a worker can resolve, and ``fitness.data`` names the examples,
+        unless the fitness brings its own (lm-eval tasks)."""
         fitness = self.config.fitness
+        try:
+            check_fitness_name(fitness.name)
+        except UserError as exc:
+            raise self._fail("fitness.name", str(exc)) from None
         if brings_own_examples(fitness.name):
             given = [name for name, value in (("data", fitness.data), ("test_data", fitness.test_data), ("tasks", fitness.tasks)) if value]
             if given:

@@ -79,6 +79,8 @@ def test_cuda_on_a_machine_without_it_names_models_device(digits_config, digit_m
 @pytest.mark.parametrize(
     "section, value, words",
     [
+        ("fitness", {"name": "classification_acuracy", "data": {"source": "sklearn:digits"}},
+         ("fitness.name", "unknown fitness 'classification_acuracy'", "classification_accuracy")),
         ("fitness", {"name": "classification_accuracy", "data": {"source": "sklearn:digits", "classes": [42]}},
          ("fitness.data", "holds no examples")),
         ("fitness", {"name": "classification_accuracy", "data": {"source": "sklearn:digits"}, "options": {"scale": float("nan")}},
@@ -90,7 +92,7 @@ def test_cuda_on_a_machine_without_it_names_models_device(digits_config, digit_m
         ("budget", {"evaluations": 6},
          ("budget.evaluations", "6 evaluations", "10 populations", "4 of them")),
     ],
-    ids=["no-examples", "nan-option", "inf-fixed", "fixed-out-of-bounds", "starved-populations"],
+    ids=["unknown-fitness", "no-examples", "nan-option", "inf-fixed", "fixed-out-of-bounds", "starved-populations"],
 )
 def test_runs_that_cannot_succeed_are_refused_by_validate_and_run(tmp_path, digits_config, capsys, section, value, words):
     populations = [{"name": f"p{i}", "strategy": "random"} for i in range(10)]
@@ -271,6 +273,15 @@ def test_bad_address_and_ports_are_refused_as_the_command_line_is_read(tmp_path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and all(word in err for word in words), err
+
+
+def test_python_dash_m_evomerge_is_the_command(tmp_path):
+    """``python -m evomerge`` where the script is not on PATH: same parser, same exit codes."""
+    root = str(Path(evomerge.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "evomerge", "validate", str(tmp_path / "no.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "no.yaml" in done.stderr, done.stderr
 
 
 def test_report_out_that_cannot_be_written(tmp_path, digits_config, capsys):

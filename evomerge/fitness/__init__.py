@@ -80,14 +80,29 @@ def resolve_fitness(name: str) -> FitnessFn:
         return FITNESS_FUNCTIONS[name]
     if ":" in name:
         return load_function(name, "fitness plugin")
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            try:
-                return ep.load()
-            except Exception as exc:
-                raise PluginError(f"fitness entry point '{name}' failed to load: {exc}") from None
+    ep = _entry_point(name)
+    if ep is None:
+        raise _unknown(name)
+    try:
+        return ep.load()
+    except Exception as exc:
+        raise PluginError(f"fitness entry point '{name}' failed to load: {exc}") from None
+
+
+def check_fitness_name(name: str) -> None:
+    """Refuse, before a run starts, a name no worker could resolve; a plugin is not imported here,
+    since it may live only on the workers' path."""
+    if name not in FITNESS_FUNCTIONS and ":" not in name and _entry_point(name) is None:
+        raise _unknown(name)
+
+
+def _entry_point(name: str):
+    return next((ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name), None)
+
+
+def _unknown(name: str) -> PluginError:
     known = ", ".join(sorted(FITNESS_FUNCTIONS))
-    raise PluginError(
+    return PluginError(
         f"unknown fitness '{name}': use a built-in ({known}), 'package.module:function',"
         f" or an entry point in the group '{ENTRY_POINT_GROUP}'"
     )
