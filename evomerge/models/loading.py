@@ -156,8 +156,9 @@ def refuse_incomplete(ref: str, info: Mapping[str, object]) -> None:
         )
 
 
-FINITE_CHECK_ELEMENTS = 1 << 24
-"""Elements checked at a time, so the check's boolean buffer stays small beside a large tensor."""
+FINITE_CHECK_ELEMENTS = 1 << 20
+"""Elements checked at a time, so the check's boolean buffer (1 MiB) stays small beside a large
+tensor: the memory-mapped tier runs it over the mapped files within its few-buffer budget."""
 
 
 def refuse_non_finite(where: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
