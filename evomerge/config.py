@@ -101,9 +101,34 @@ CONFIG_NAME = "config.yaml"
 """The config snapshot a run directory holds beside its run.db."""
 
 
+def _numeric_only(annotation: Any) -> bool:
+    """Whether a field takes numbers and nothing else (``int``, ``float | None``, ``Annotated[int, …]``)."""
+    leaves = set()
+    pending = [annotation]
+    while pending:
+        a = pending.pop()
+        args = get_args(a)
+        if args and getattr(a, "__metadata__", None) is not None:  # Annotated[T, ...]: T only
+            pending.append(args[0])
+        elif args:
+            pending.extend(args)
+        else:
+            leaves.add(a)
+    leaves.discard(type(None))
+    return bool(leaves) and leaves <= {int, float}
+
+
 class _Strict(BaseModel):
     # No float in a config means NaN or infinity: refuse them where they are written.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's ``true`` is no count: pydantic would read ``evaluations: true`` as 1."""
+        if isinstance(value, bool) and info.field_name and _numeric_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"a number, not {str(value).lower()}")
+        return value
 
 
 class ExpertRef(_Strict):

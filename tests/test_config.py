@@ -41,6 +41,8 @@ def test_valid_config_loads_and_resolves_relative_paths(tmp_path, digits_config)
         ({"merge": {"method": "ties", "granularity": "per_layer"}}, "merge.granularity", "per_layer_group"),
         ({"budget": {}}, "budget", "evaluations"),
         ({"budget": {"evaluations": "many"}}, "budget.evaluations", "integer"),
+        ({"budget": {"evaluations": True}}, "budget.evaluations", "a number, not true"),
+        ({"populations": [{"name": "a", "share": False}]}, "populations.0.share", "a number, not false"),
         ({"budget": {"max_time": "soon"}}, "budget.max_time", "duration"),
         ({"merge": {"method": "linear", "layer_groups": 2}}, "merge", "layer_groups"),
         ({"merge": {"method": "ties", "fixed": {"dencity": 0.5}}}, "merge", "dencity"),
