@@ -399,6 +399,14 @@ class RunPlan:
                 raise self._fail(field_name, str(exc)) from None
         self._check_own_examples()
         self._check_device()
+        self._check_run_dir()
+
+    def _check_run_dir(self) -> None:
+        """A run directory where one can be made: not a file, nor under one (``run`` would stop there)."""
+        run_dir = self.config.run_path()
+        blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise self._fail("run_dir", f"{blocking} is a file, not a directory; choose another run directory")
 
     def _check_own_examples(self) -> None:
         """A fitness that brings its examples (lm-eval tasks) builds them here once, so a missing
