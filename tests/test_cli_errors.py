@@ -132,15 +132,6 @@ def test_a_run_directory_nothing_can_be_created_in(digits_config, capsys):
     refused(capsys, ["run", str(digits_config()), "--run-dir", "/proc/evomerge-run"], "/proc/evomerge-run", "cannot create")
 
 
-@pytest.mark.parametrize("under", ["", "sub/run"], ids=["a-file", "under-a-file"])
-def test_a_run_directory_that_is_or_lies_under_a_file_is_refused_by_validate_and_run(tmp_path, digits_config, capsys, under):
-    blocking = tmp_path / "taken"
-    blocking.write_text("not a directory\n")
-    path = digits_config(run_dir=str(blocking / under) if under else str(blocking))
-    refused(capsys, ["validate", str(path)], "run_dir", str(blocking), "is a file")
-    refused(capsys, ["run", str(path)], str(blocking))
-    assert blocking.read_text() == "not a directory\n"
-
 
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n\x00\x00binary"], ids=["empty", "binary"])
 def test_text_data_that_is_not_jsonl(tmp_path, digits_config, capsys, content):

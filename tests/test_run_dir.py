@@ -234,13 +234,14 @@ def test_a_run_db_that_is_not_a_database_is_one_line(tmp_path, capsys, command):
     assert f"{run_dir / 'run.db'} is not an evomerge run store" in one_line_error(capsys)
 
 
-def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, digits_config, capsys):
+def test_a_run_dir_that_is_or_lies_under_a_file_is_one_line_from_validate_and_run(tmp_path, digits_config, capsys):
     path = tmp_path / "somefile"
     path.write_text("notes\n")
-    assert main(["run", str(digits_config()), "--run-dir", str(path)]) == 2
-    assert f"{path} is a file, not a directory" in one_line_error(capsys)
-    assert main(["run", str(digits_config()), "--run-dir", str(path / "run")]) == 2
-    assert "part of the path is a file" in one_line_error(capsys)
+    for run_dir in (path, path / "sub" / "run"):
+        assert main(["validate", str(digits_config(run_dir=str(run_dir)))]) == 2
+        assert f"run_dir: {path} is a file, not a directory" in one_line_error(capsys)
+        assert main(["run", str(digits_config()), "--run-dir", str(run_dir)]) == 2
+        assert f"{path} is a file, not a directory" in one_line_error(capsys)
     assert path.read_text() == "notes\n"
 
 
