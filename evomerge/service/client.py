@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import os
 import random
 import time
@@ -32,6 +33,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.errors import UserError
+
+log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 300.0
@@ -220,6 +223,7 @@ class ApiClient:
         self.max_backoff = max_backoff
         self.prices = (prompt_token_price, completion_token_price)
         self.usage = Usage()
+        self._uncounted_warned = False
         self._jitter = random.Random(seed)
 
     async def aclose(self) -> None:
@@ -273,10 +277,19 @@ class ApiClient:
         return answer
 
     def _account(self, usage: UsageAnswer | None) -> None:
-        if usage is not None:
-            self.usage.prompt_tokens += usage.prompt_tokens
-            self.usage.completion_tokens += usage.completion_tokens
-            self.usage.cost += usage.prompt_tokens * self.prices[0] + usage.completion_tokens * self.prices[1]
+        """Count an answer's tokens and cost; an answer without ``usage`` counts none, said once,
+        since a ``tokens`` or ``cost`` budget would then never stop the run."""
+        if usage is None:
+            if not self._uncounted_warned:
+                self._uncounted_warned = True
+                log.warning(
+                    "answers from %s carry no usage: their tokens and cost are not counted, so budget.tokens and"
+                    " budget.cost cannot stop the run (budget.requests still can)", self.base_url,
+                )
+            return
+        self.usage.prompt_tokens += usage.prompt_tokens
+        self.usage.completion_tokens += usage.completion_tokens
+        self.usage.cost += usage.prompt_tokens * self.prices[0] + usage.completion_tokens * self.prices[1]
 
 
 def service_root(base_url: str) -> str:

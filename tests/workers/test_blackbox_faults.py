@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -165,6 +166,21 @@ def test_a_passing_fault_or_a_quirk_leaves_the_score_exact(provider, tmp_path, k
     assert ev.metrics["api_retries"] == retried and len(provider.requests()) == len(ROWS) + retried
     if kind == "trickle":  # the timeout bounds the whole answer, not each byte of it
         assert provider.abandoned.wait(BOUND)
+
+
+def test_answers_without_usage_are_said_once_to_go_uncounted(provider, tmp_path, keyed, caplog):
+    """A provider that reports no ``usage``: tokens stay 0, so a tokens or cost budget could never
+    stop the run; the worker says so once, not once per answer."""
+    w = worker(provider, tmp_path)
+    try:
+        provider.fallback = "no-usage"
+        with caplog.at_level(logging.WARNING, logger="evomerge.service.client"):
+            evs = [w.evaluate(Candidate(f"c{i}", "random", MIDDLE)) for i in range(2)]
+    finally:
+        w.close()
+    assert [ev.status for ev in evs] == ["ok", "ok"] and all(ev.metrics["usage"]["prompt_tokens"] == 0 for ev in evs)
+    warned = [r.getMessage() for r in caplog.records if "carry no usage" in r.getMessage()]
+    assert len(warned) == 1 and "budget.tokens" in warned[0], warned
 
 
 def stored(run_dir) -> tuple[list, dict, dict]:
