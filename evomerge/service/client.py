@@ -37,6 +37,8 @@ from evomerge.errors import UserError
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REFUSED_CREDENTIALS = frozenset({401, 403})
+"""Statuses that refuse the key itself: no retry or further request can succeed with it."""
 MAX_RETRY_AFTER = 300.0
 """Longest ``Retry-After`` honoured, in seconds; a longer one is waited for this long."""
 LOGPROB_TOLERANCE = 1e-6

@@ -45,7 +45,7 @@ from evomerge.fitness import brings_own_examples, own_examples, resolve_blackbox
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.result import FitnessFailed, add_metrics, per_task_metrics
-from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env
+from evomerge.service.client import REFUSED_CREDENTIALS, ApiClient, ApiError, MalformedResponse, api_key_from_env
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
 from evomerge.service.response_cache import ResponseCache
@@ -59,8 +59,6 @@ OUTAGE_CANDIDATES = 3
 """Candidates in a row that the service fails to answer (after all retries: down, or still
 rate-limiting) before the run stops: past that it is down or out of quota, not flaky, and failing
 every further candidate would only burn the budget."""
-REFUSED_CREDENTIALS = frozenset({401, 403})
-"""Statuses that refuse the key itself: no retry or further candidate can succeed with it."""
 
 
 class ServiceUnreachable(UserError):

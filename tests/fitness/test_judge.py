@@ -204,6 +204,16 @@ def test_a_judge_that_cannot_be_reached_fails_the_candidate_with_its_requests_co
     assert ev.metrics["usage"]["requests"] == 4 * 2 and ev.metrics["judge_retries"] == 4  # each example tried twice
 
 
+def test_a_judge_that_refuses_the_key_stops_the_run_naming_the_key_setting(candidate, examples, judge_options, monkeypatch):
+    """A revoked or wrong judge key fails every candidate alike: a PluginError (the run stops,
+    resumably) naming the variable, never the key itself."""
+    model, tokenizer = candidate
+    monkeypatch.setenv(judge_options["api_key_env"], "sk-wrong-judge-key")
+    with pytest.raises(PluginError, match=r"refused the key in \$\w+ \(fitness\.options\.judge\.api_key_env\)") as err:
+        judge(model, tokenizer, examples[:2], judge=judge_options, max_new_tokens=2)
+    assert "sk-wrong-judge-key" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_an_openai_style_base_url_ending_in_v1_reaches_the_same_judge(candidate, examples, judge_options):
     model, tokenizer = candidate
     plain = judge(model, tokenizer, examples, judge=judge_options, max_new_tokens=3)
