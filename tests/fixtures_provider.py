@@ -30,7 +30,7 @@ BOUND = 30.0
 TRICKLE_SECONDS = 0.02
 """Pause between the bytes of a trickled answer: each byte comes well within any read timeout."""
 
-STATUS_FAULTS = {"429", "429-retry-after", "429-date", "500", "502", "503", "401", "403", "404", "400-context"}
+STATUS_FAULTS = {"429", "429-retry-after", "429-date", "429-quota", "500", "502", "503", "401", "403", "404", "400-context"}
 GARBAGE = {"not-json", "no-choices", "empty-choices", "null-logprobs", "null-text", "html-200", "sse",
            "positive-logprob", "nan-logprob", "ragged-logprobs"}
 SOCKET_FAULTS = {"truncated", "reset", "hang", "trickle"}
@@ -174,6 +174,9 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Retry-After"] = str(RETRY_AFTER)
         if kind == "429-date":  # whole seconds, as the header has them: at least RETRY_AFTER from now
             headers["Retry-After"] = email.utils.formatdate(time.time() + RETRY_AFTER + 1, usegmt=True)
+        if kind == "429-quota":  # OpenAI's spent credit: a 429 that waiting does not lift
+            return self._json(429, error_body("You exceeded your current quota, please check your plan and billing details.",
+                                              "insufficient_quota", "insufficient_quota"))
         messages = {
             401: error_body("Incorrect API key provided: sk-***.", "invalid_api_key"),
             403: error_body("You are not allowed to use this API key here.", "forbidden", "permission_error"),

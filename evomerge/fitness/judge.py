@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import PluginError, UserError
 from evomerge.fitness.result import FitnessFailed, FitnessResult
-from evomerge.service.client import REFUSED_CREDENTIALS, ApiClient, ApiError, api_key_from_env
+from evomerge.service.client import ApiClient, ApiError, api_key_from_env, refuses_the_key
 
 RUBRIC_FIELDS = frozenset({"prompt", "answer", "target"})
 DEFAULT_SCORE_REGEX = r"-?\d+(?:\.\d+)?"
@@ -166,7 +166,7 @@ async def judge_answers(spec: JudgeSpec, examples: Sequence[dict[str, Any]], ans
     if failures:
         if not isinstance(failures[0], ApiError):
             raise failures[0]
-        if failures[0].status in REFUSED_CREDENTIALS:  # every further candidate would fail alike: stop the run
+        if refuses_the_key(failures[0]):  # every further candidate would fail alike: stop the run
             key = f"the key in ${spec.api_key_env}" if spec.api_key_env else "requests without a key"
             raise PluginError(
                 f"fitness 'judge': the judge at {spec.base_url} refused {key} (fitness.options.judge.api_key_env):"

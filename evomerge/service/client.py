@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 REFUSED_CREDENTIALS = frozenset({401, 403})
-"""Statuses that refuse the key itself: no retry or further request can succeed with it."""
+"""Statuses that refuse the key itself."""
+SPENT_QUOTA = "insufficient_quota"
+"""The OpenAI error code of a 429 that is no rate limit: the key's quota or credit is spent."""
 MAX_RETRY_AFTER = 300.0
 """Longest ``Retry-After`` honoured, in seconds; a longer one is waited for this long."""
 LOGPROB_TOLERANCE = 1e-6
@@ -53,6 +55,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+def refuses_the_key(exc: ApiError) -> bool:
+    """Whether the service refused the key itself (401/403, or a 429 saying its quota is spent):
+    no retry, and no further request with that key, can succeed until the user acts."""
+    return exc.status in REFUSED_CREDENTIALS or (exc.status == 429 and exc.code == SPENT_QUOTA)
 
 
 class MalformedResponse(ApiError):
@@ -256,7 +264,7 @@ class ApiClient:
                     if response.status_code < 400:
                         return _decode(response, what)
                     failure = _refusal(response, what)
-                    if response.status_code not in RETRY_STATUSES:
+                    if response.status_code not in RETRY_STATUSES or refuses_the_key(failure):
                         raise failure
                     if response.status_code in (429, 503):
                         retry_after = retry_after_seconds(response.headers.get("Retry-After"))

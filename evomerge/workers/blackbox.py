@@ -45,7 +45,7 @@ from evomerge.fitness import brings_own_examples, own_examples, resolve_blackbox
 from evomerge.fitness.blackbox import Loglikelihood
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.result import FitnessFailed, add_metrics, per_task_metrics
-from evomerge.service.client import REFUSED_CREDENTIALS, ApiClient, ApiError, MalformedResponse, api_key_from_env
+from evomerge.service.client import ApiClient, ApiError, MalformedResponse, api_key_from_env, refuses_the_key
 from evomerge.plan import RunPlan
 from evomerge.records import Candidate, Evaluation
 from evomerge.service.response_cache import ResponseCache
@@ -278,7 +278,7 @@ class BlackBoxWorker(Worker):
         try:
             listing = await self.client.request("GET", "/v1/models")
         except ApiError as exc:
-            if exc.status in REFUSED_CREDENTIALS:
+            if refuses_the_key(exc):
                 raise self._refused(exc) from None
             raise ServiceUnreachable(f"cannot reach the model service at {url} (api.base_url): {exc}") from None
         entries = listing.get("data") if isinstance(listing, dict) else None
@@ -362,7 +362,7 @@ class BlackBoxWorker(Worker):
         """Stop the run (resumably) on a refused key at once, or once outages persist: the stop is
         raised by the next candidate, so this failed one is still recorded with the requests and
         answers it paid for (the budget counts them; resume does not ask them again)."""
-        if isinstance(exc, ApiError) and exc.status in REFUSED_CREDENTIALS:
+        if isinstance(exc, ApiError) and refuses_the_key(exc):
             self._stop = ServiceUnreachable(f"{self._refused(exc)}; resume the run once it is accepted")
         else:
             self._count_outage(exc)

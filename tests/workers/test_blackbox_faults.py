@@ -192,7 +192,8 @@ def stored(run_dir) -> tuple[list, dict, dict]:
 
 
 @pytest.mark.parametrize(("kind", "names"), [("503", "resume the run"), ("429", "resume the run"),
-                                             ("hang", "resume the run"), ("401", "api.api_key_env")])
+                                             ("hang", "resume the run"), ("401", "api.api_key_env"),
+                                             ("429-quota", "api.api_key_env")])
 def test_a_fault_that_persists_stops_the_run_resumably_and_resume_finishes_it(
     provider, tmp_path, keyed, capsys, kind, names
 ):
@@ -209,7 +210,7 @@ def test_a_fault_that_persists_stops_the_run_resumably_and_resume_finishes_it(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and names in err and "Traceback" not in err, err
     faulted = [s for s in provider.seen if s.kind == kind]
-    per_candidate = 1 if kind == "401" else OUTAGE_CANDIDATES
+    per_candidate = 1 if kind in ("401", "429-quota") else OUTAGE_CANDIDATES  # a refused key or spent quota: at once
     assert 0 < len(faulted) <= per_candidate * (len(ROWS) + 1) * 2  # a bounded number of tries, then a stop
     rows, counts, info = stored(tmp_path / "run")
     assert info["state"] == "failed" and counts["random"][1] >= 2
@@ -226,7 +227,7 @@ def test_a_fault_that_persists_stops_the_run_resumably_and_resume_finishes_it(
     assert all(r.fitness == -1.0 and list(r.per_example) == [-1.0] * len(ROWS) for r in ok)
 
 
-@pytest.mark.parametrize("status", ["401", "403"])
+@pytest.mark.parametrize("status", ["401", "403", "429-quota"])
 def test_a_refused_key_at_start_is_one_line_naming_the_key_setting(provider, tmp_path, keyed, capsys, status):
     provider.faulty = ("/v1/models",)
     provider.fallback = status
