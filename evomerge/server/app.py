@@ -241,7 +241,9 @@ def _sampling(request: _Sampling) -> list[str]:
     return stop
 
 
-def _generator(host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], max_tokens: int) -> torch.Generator:
+def _generator(
+    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], max_tokens: int
+) -> torch.Generator:
     """The sampling generator of a request (seeded by ``seed``), once its prompts fit the context."""
     for ids, _ in prompts:
         if len(ids) + max_tokens > host.max_positions:
@@ -260,7 +262,8 @@ def _generator(host: ModelHost, request: _Sampling, prompts: list[tuple[list[int
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
 def _run_prompts(
@@ -330,7 +333,9 @@ def _chat_chunk(index: int, chunk: Chunk, first: bool) -> dict[str, Any] | None:
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
 
 
-def _completion_job(host: ModelHost, request: CompletionRequest) -> tuple[list[tuple[list[int], str]], SamplingParams]:
+def _completion_job(
+    host: ModelHost, request: CompletionRequest
+) -> tuple[list[tuple[list[int], str]], SamplingParams]:
     """The prompts and sampling parameters of a completions request."""
     stop = _sampling(request)
     params = SamplingParams(
@@ -346,7 +351,8 @@ def _completion_job(host: ModelHost, request: CompletionRequest) -> tuple[list[t
 
 def _completion_events(host: ModelHost, request: CompletionRequest) -> Iterator[dict[str, Any]]:
     prompts, params = _completion_job(host, request)
-    yield from _streamed(host, request, prompts, params, _completion_chunk, {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion"})
+    head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion"}
+    yield from _streamed(host, request, prompts, params, _completion_chunk, head)
 
 
 def _completions(host: ModelHost, request: CompletionRequest) -> dict[str, Any]:
@@ -397,7 +403,8 @@ def _chat_job(host: ModelHost, request: ChatRequest) -> tuple[list[tuple[list[in
 
 def _chat_events(host: ModelHost, request: ChatRequest) -> Iterator[dict[str, Any]]:
     prompts, params = _chat_job(host, request)
-    yield from _streamed(host, request, prompts, params, _chat_chunk, {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk"})
+    head = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk"}
+    yield from _streamed(host, request, prompts, params, _chat_chunk, head)
 
 
 def _chat_completions(host: ModelHost, request: ChatRequest) -> dict[str, Any]:

@@ -14,6 +14,9 @@ Generation ends at any of the model's end tokens: the tokenizer's EOS and its ge
 ``<|eot_id|>``). ``skip_special_tokens`` leaves special tokens out of the text, as vLLM does for
 chat replies.
 A model whose logits are not finite (a merge with huge coefficients) is refused, not sampled.
+
+``stream`` yields a choice in chunks as it is generated (``stream: true``); ``complete`` is those
+chunks joined, so a streamed answer and a whole one come from the same loop and never differ.
 """
 
 from __future__ import annotations

@@ -66,7 +66,9 @@ class EventStream(Response):
         finally:
             watcher.cancel()
 
-    async def _send_all(self, events: Iterator[dict[str, Any]], ahead: dict[str, Any] | None, gone: asyncio.Event, send: Send) -> None:
+    async def _send_all(
+        self, events: Iterator[dict[str, Any]], ahead: dict[str, Any] | None, gone: asyncio.Event, send: Send
+    ) -> None:
         """Send ``ahead`` and the events after it, then ``[DONE]``; stop early if the client is gone."""
         while ahead is not None:
             if gone.is_set():
