@@ -14,13 +14,17 @@ iterator that runs on a worker thread one event at a time, so the event loop kee
   stream ends there;
 * a client that disconnects stops the generation before its next token: the iterator is
   closed, which leaves the model's context, and the lock and the request's admission slot
-  (``gate.Gate``) are released.
+  (``gate.Gate``) are released;
+* so does a client that stops reading: once its socket buffers are full a send waits, and a
+  send that waits ``send_timeout`` seconds ends the stream and the connection (a non-streamed
+  answer is sent after the model is released, so only a stream needs this).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any, Callable, Iterator
 
 from starlette.responses import JSONResponse, Response
@@ -28,6 +32,10 @@ from starlette.responses import JSONResponse, Response
 from evomerge.server.gate import INTERNAL_ERROR, Receive, Send, error_body
 from evomerge.server.model_host import ServiceError
 
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 30.0
+"""A stream whose client takes in nothing for this long is ended (it holds the model meanwhile)."""
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
@@ -41,14 +49,24 @@ class EventStream(Response):
     """An ASGI response streaming the events ``make()`` yields, under ``lock`` (a starlette
     ``Response`` so that FastAPI passes it through as the route's answer)."""
 
-    def __init__(self, lock: asyncio.Lock, make: Callable[[], Iterator[dict[str, Any]]]) -> None:
+    def __init__(
+        self, lock: asyncio.Lock, make: Callable[[], Iterator[dict[str, Any]]], send_timeout: float = SEND_TIMEOUT_S
+    ) -> None:
         super().__init__(media_type="text/event-stream")
         self.lock = lock
         self.make = make
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
         watcher = asyncio.create_task(_watch(receive, gone))
+
+        async def bounded_send(message: dict) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout)
+            except asyncio.TimeoutError:
+                raise _Stalled from None
+
         try:
             async with self.lock:
                 events = self.make()
@@ -57,10 +75,12 @@ class EventStream(Response):
                         ahead = await asyncio.to_thread(next, events, None)
                     except ServiceError as exc:
                         body = error_body(exc.status, exc.message, exc.code)
-                        await JSONResponse(body, exc.status, exc.headers)(scope, receive, send)
+                        await JSONResponse(body, exc.status, exc.headers)(scope, receive, bounded_send)
                         return
-                    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-                    await self._send_all(events, ahead, gone, send)
+                    await bounded_send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+                    await self._send_all(events, ahead, gone, bounded_send)
+                except _Stalled:  # returning unfinished makes the server close the connection
+                    log.warning("ended a stream whose client read nothing for %g s", self.send_timeout)
                 finally:
                     events.close()  # at a yield (or finished): leaves the model's context at once
         finally:
@@ -83,6 +103,10 @@ class EventStream(Response):
                 await _end(send, event(error_body(500, INTERNAL_ERROR, "internal_error")))
                 raise  # gate.Gate logs it
         await _end(send, event("[DONE]"))
+
+
+class _Stalled(Exception):
+    """The client has taken in nothing for ``send_timeout`` seconds."""
 
 
 async def _end(send: Send, body: bytes) -> None:

@@ -1,9 +1,10 @@
 """Streamed answers on the wire (raw httpx): the server-sent events themselves, a refusal before
 the first byte as ordinary JSON, one after it as an error event, and a client that disconnects
-mid-stream, which must stop the generation and free the model and its admission slot."""
+mid-stream or stops reading, which must stop the generation and free the model and its admission slot."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -140,3 +141,34 @@ def test_a_client_that_disconnects_mid_stream_stops_the_generation_and_frees_the
         after = httpx.post(url + "/v1/completions", json=asked, headers=AUTH, timeout=60)
     assert after.status_code == 200
     assert after.json()["choices"] == before  # the base's context was left: the adapter is on again
+
+
+def test_a_client_that_stops_reading_cannot_hold_the_model():
+    """Its socket buffers fill and a send waits: the stream ends, and the lock and the events go."""
+    from evomerge.server.streaming import EventStream
+
+    closed = []
+
+    def endless():
+        try:
+            while True:
+                yield {"text": "7"}
+        finally:
+            closed.append(True)
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+        if len(sent) > 3:
+            await asyncio.Event().wait()  # the client takes in nothing more
+
+    async def connected():
+        await asyncio.Event().wait()
+
+    async def main() -> bool:
+        lock = asyncio.Lock()
+        await asyncio.wait_for(EventStream(lock, endless, send_timeout=0.05)({"type": "http"}, connected, send), 30)
+        return lock.locked()
+
+    assert asyncio.run(main()) is False and closed == [True] and len(sent) == 4
