@@ -91,6 +91,17 @@ def test_a_streamed_completion_joins_to_the_whole_one(client, cuttable, extra):
         assert logprobs["token_logprobs"] == pytest.approx(whole.logprobs.token_logprobs)
 
 
+def test_a_streamed_prompt_list_answers_each_prompt_in_turn(client):
+    asked = {"model": "addition", "prompt": ["hello>", "12+34="], "max_tokens": 4, "temperature": 0}
+    whole = client.completions.create(**asked).choices
+    chunks = list(client.completions.create(**asked, stream=True))
+    indices = [c.choices[0].index for c in chunks]
+    assert indices == sorted(indices) and set(indices) == {0, 1}
+    for choice in whole:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text and mine[-1].finish_reason == choice.finish_reason
+
+
 def test_a_stop_string_never_reaches_a_stream_in_part(client, cuttable):
     asked, full = cuttable
     for stop, expected in ((full[1:3], full[0]), (full[1] + "\u00a7", full)):  # cut there; never completed
