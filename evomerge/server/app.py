@@ -13,7 +13,8 @@ levels evomerge drives:
 * vLLM's runtime LoRA: ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``;
 
 plus ``/v1/models``, ``/v1/completions`` (see ``completion_engine``), ``/v1/chat/completions`` (the
-tokenizer's chat template over the same engine) and ``/health``. Errors use
+tokenizer's chat template over the same engine), both also streamed as server-sent events
+(``stream: true``, see ``streaming``), and ``/health``. Errors use
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, a bug's too (500, logged, the
 request not echoed). Requests run one at a time on one thread. Before a body is read, ``gate.Gate``
 checks the token (401), the size (413) and how many requests are in progress (429); the request
@@ -31,13 +32,13 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Iterator, Literal
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import UserError
-from evomerge.server.completion_engine import NON_FINITE, SamplingParams, complete
+from evomerge.server.completion_engine import NON_FINITE, Chunk, SamplingParams, complete, stream
 from evomerge.server.gate import INTERNAL_ERROR, Gate, error_body
 from evomerge.server.model_host import MAX_LORAS, ModelHost, ServiceError
 
@@ -89,15 +90,21 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields a server may ignore (user, …)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class _Sampling(_Body):
-    """What both completion routes take: how to sample, where to stop, and the reference's
-    fields this server does not implement (refused unless left at their defaults)."""
+    """What both completion routes take: how to sample, where to stop, whether to stream, and
+    the reference's fields this server does not implement (refused unless left at their defaults)."""
 
     model: Name
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=MIN_TOP_P, le=1.0)
     n: int = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float = 0.0
@@ -222,8 +229,8 @@ def _prompts(host: ModelHost, prompt: Any) -> list[tuple[list[int], str]]:
 
 def _sampling(request: _Sampling) -> list[str]:
     """The stop strings of a request this server can honour; a 400 naming what it cannot."""
-    if request.stream:
-        raise ServiceError(400, "Streaming is not supported by this server.", "unsupported_parameter")
+    if request.stream_options is not None and not request.stream:
+        raise ServiceError(400, "stream_options is only allowed when stream is true.", "invalid_stream_options")
     if request.n != 1:
         raise ServiceError(400, "Only n = 1 is supported by this server.", "unsupported_parameter")
     if request.unsupported():
@@ -234,16 +241,16 @@ def _sampling(request: _Sampling) -> list[str]:
     return stop
 
 
-def _run_prompts(
-    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], params: SamplingParams
-) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Each prompt completed on ``request.model``: the choices and the request's usage."""
+def _generator(
+    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], max_tokens: int
+) -> torch.Generator:
+    """The sampling generator of a request (seeded by ``seed``), once its prompts fit the context."""
     for ids, _ in prompts:
-        if len(ids) + params.max_tokens > host.max_positions:
+        if len(ids) + max_tokens > host.max_positions:
             raise ServiceError(
                 400,
                 f"This model's maximum context length is {host.max_positions} tokens; the prompt has {len(ids)}"
-                f" and max_tokens is {params.max_tokens}.",
+                f" and max_tokens is {max_tokens}.",
                 "context_length_exceeded",
             )
     generator = torch.Generator()
@@ -251,6 +258,19 @@ def _run_prompts(
         generator.seed()
     else:
         generator.manual_seed(request.seed)
+    return generator
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+
+
+def _run_prompts(
+    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], params: SamplingParams
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Each prompt completed on ``request.model``: the choices and the request's usage."""
+    generator = _generator(host, request, prompts, params.max_tokens)
     choices, prompt_tokens, completion_tokens = [], 0, 0
     with host.running(request.model) as model:
         for index, (ids, text) in enumerate(prompts):
@@ -258,13 +278,66 @@ def _run_prompts(
             choices.append({"index": index, **result.choice})
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-    return choices, usage
+    return choices, _usage(prompt_tokens, completion_tokens)
 
 
-def _completions(host: ModelHost, request: CompletionRequest) -> dict[str, Any]:
+def _stream_prompts(
+    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], params: SamplingParams
+) -> Iterator[tuple[int, Chunk]]:
+    """Each prompt streamed on ``request.model`` in turn: (prompt index, chunk); the model stays
+    in use until the iterator ends or is closed."""
+    generator = _generator(host, request, prompts, params.max_tokens)
+    with host.running(request.model) as model:
+        for index, (ids, text) in enumerate(prompts):
+            for chunk in stream(model, host.tokenizer, ids, text, params, generator):
+                yield index, chunk
+
+
+def _streamed(
+    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], params: SamplingParams,
+    chunk_choice: Callable[[int, Chunk, bool], dict[str, Any] | None], head: dict[str, Any],
+) -> Iterator[dict[str, Any]]:
+    """The events of a streamed request: ``head`` plus each chunk's choice (``chunk_choice(index,
+    chunk, first of its prompt)``, ``None`` to send nothing), then the usage when asked for. With
+    ``include_usage`` every chunk carries ``usage: null`` and a last one, without choices, the usage."""
+    with_usage = request.stream_options is not None and request.stream_options.include_usage
+    head = {**head, "created": int(time.time()), "model": request.model}
+    completion_tokens, started = 0, set()
+    for index, chunk in _stream_prompts(host, request, prompts, params):
+        completion_tokens += chunk.completion_tokens
+        choice = chunk_choice(index, chunk, index not in started)
+        started.add(index)
+        if choice is not None:
+            yield {**head, "choices": [choice]} | ({"usage": None} if with_usage else {})
+    if with_usage:
+        yield {**head, "choices": [], "usage": _usage(sum(len(ids) for ids, _ in prompts), completion_tokens)}
+
+
+def _completion_chunk(index: int, chunk: Chunk, first: bool) -> dict[str, Any] | None:
+    """A completions chunk; an empty one (the prompt read, nothing echoed) is not sent."""
+    if not (chunk.text or chunk.finish_reason or (chunk.logprobs and chunk.logprobs["tokens"])):
+        return None
+    return {"index": index, "text": chunk.text, "logprobs": chunk.logprobs, "finish_reason": chunk.finish_reason}
+
+
+def _chat_chunk(index: int, chunk: Chunk, first: bool) -> dict[str, Any] | None:
+    """A chat chunk: the first names the role (the prompt read), later ones carry the content."""
+    if first:
+        delta: dict[str, str] = {"role": "assistant", "content": chunk.text}
+    elif chunk.text:
+        delta = {"content": chunk.text}
+    elif chunk.finish_reason:
+        delta = {}
+    else:
+        return None
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+
+
+def _completion_job(
+    host: ModelHost, request: CompletionRequest
+) -> tuple[list[tuple[list[int], str]], SamplingParams]:
+    """The prompts and sampling parameters of a completions request."""
     stop = _sampling(request)
-    prompts = _prompts(host, request.prompt)
     params = SamplingParams(
         max_tokens=request.max_tokens,
         temperature=request.temperature,
@@ -273,6 +346,17 @@ def _completions(host: ModelHost, request: CompletionRequest) -> dict[str, Any]:
         logprobs=request.logprobs,
         echo=request.echo,
     )
+    return _prompts(host, request.prompt), params
+
+
+def _completion_events(host: ModelHost, request: CompletionRequest) -> Iterator[dict[str, Any]]:
+    prompts, params = _completion_job(host, request)
+    head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion"}
+    yield from _streamed(host, request, prompts, params, _completion_chunk, head)
+
+
+def _completions(host: ModelHost, request: CompletionRequest) -> dict[str, Any]:
+    prompts, params = _completion_job(host, request)
     choices, usage = _run_prompts(host, request, prompts, params)
     return {
         "id": "cmpl-" + uuid.uuid4().hex,
@@ -305,7 +389,8 @@ def _chat_prompt(host: ModelHost, request: ChatRequest) -> tuple[list[int], str]
     return ids, text
 
 
-def _chat_completions(host: ModelHost, request: ChatRequest) -> dict[str, Any]:
+def _chat_job(host: ModelHost, request: ChatRequest) -> tuple[list[tuple[list[int], str]], SamplingParams]:
+    """The rendered conversation (the one prompt) and the sampling parameters of a chat request."""
     stop = _sampling(request)
     ids, text = _chat_prompt(host, request)
     limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
@@ -313,7 +398,18 @@ def _chat_completions(host: ModelHost, request: ChatRequest) -> dict[str, Any]:
     params = SamplingParams(
         max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, stop=stop, skip_special_tokens=True
     )
-    (choice,), usage = _run_prompts(host, request, [(ids, text)], params)
+    return [(ids, text)], params
+
+
+def _chat_events(host: ModelHost, request: ChatRequest) -> Iterator[dict[str, Any]]:
+    prompts, params = _chat_job(host, request)
+    head = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk"}
+    yield from _streamed(host, request, prompts, params, _chat_chunk, head)
+
+
+def _chat_completions(host: ModelHost, request: ChatRequest) -> dict[str, Any]:
+    prompts, params = _chat_job(host, request)
+    (choice,), usage = _run_prompts(host, request, prompts, params)
     message = {"role": "assistant", "content": choice["text"]}
     return {
         "id": "chatcmpl-" + uuid.uuid4().hex,
@@ -358,6 +454,8 @@ def create_app(
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException
 
+    from evomerge.server.streaming import EventStream
+
     app = FastAPI(title="evomerge model service", docs_url=None, redoc_url=None, openapi_url=None)
     lock = asyncio.Lock()
 
@@ -400,12 +498,16 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> dict[str, Any]:
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> dict[str, Any] | EventStream:
+        if body.stream:
+            return EventStream(lock, lambda: _completion_events(host, body))
         return await run(lambda: _completions(host, body))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> dict[str, Any]:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatRequest) -> dict[str, Any] | EventStream:
+        if body.stream:
+            return EventStream(lock, lambda: _chat_events(host, body))
         return await run(lambda: _chat_completions(host, body))
 
     @app.post("/v1/load_lora_adapter")

@@ -14,12 +14,15 @@ Generation ends at any of the model's end tokens: the tokenizer's EOS and its ge
 ``<|eot_id|>``). ``skip_special_tokens`` leaves special tokens out of the text, as vLLM does for
 chat replies.
 A model whose logits are not finite (a merge with huge coefficients) is refused, not sampled.
+
+``stream`` yields a choice in chunks as it is generated (``stream: true``); ``complete`` is those
+chunks joined, so a streamed answer and a whole one come from the same loop and never differ.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -49,6 +52,18 @@ class Completion:
 
     choice: dict[str, Any]
     prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Chunk:
+    """A piece of one choice as it is streamed: new text, the log-probabilities of the tokens that
+    came with it (when asked), the finish reason on the last chunk, and how many generated
+    tokens it holds. The chunks of a choice joined are the choice."""
+
+    text: str
+    logprobs: dict[str, list[Any]] | None
+    finish_reason: str | None
     completion_tokens: int
 
 
@@ -98,7 +113,139 @@ def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _logprobs(
+    tokenizer: Any, k: int, pieces: list[str], scored: list[tuple[int, torch.Tensor] | None], offset: int
+) -> dict[str, list[Any]]:
+    """The reference's ``logprobs`` object for tokens with these texts, each scored as
+    ``(token, log-probability row)`` (``None``: nothing predicts it), the first at ``offset``."""
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    offsets = []
+    for piece, score in zip(pieces, scored):
+        offsets.append(offset)
+        offset += len(piece)
+        if score is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+        else:
+            token, row = score
+            token_logprobs.append(float(row[token]))
+            top_logprobs.append(_top(tokenizer, row, k, token, piece))
+    return {"tokens": list(pieces), "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+class _Text:
+    """The generated tokens, their text as decoded so far, and how much of it has been sent.
+
+    The text is decoded whole after each token (so it is what a one-shot decode gives); a chunk
+    sends what is new of it, holding back what may still change: a trailing partial character
+    (a multi-byte character split over tokens decodes to U+FFFD until it is complete) and a
+    suffix that may be the start of a stop string (vLLM holds it back too), so that no part of a
+    stop string reaches a stream. A token goes out with the chunk its text ends in."""
+
+    def __init__(self, tokenizer: Any, params: SamplingParams, offset: int) -> None:
+        self.tokenizer, self.params = tokenizer, params
+        self.special = set(tokenizer.all_special_ids) if params.skip_special_tokens else set()
+        self.ids: list[int] = []
+        self.rows: list[torch.Tensor] = []
+        self.pieces: list[str] = []
+        self.ends: list[int] = []
+        """Where each token's piece ends in the text (the pieces' cumulative length)."""
+        self.text = ""
+        self.sent = 0
+        self.sent_tokens = 0
+        self.offset = offset
+        """``text_offset`` of the next token sent (after an echoed prompt)."""
+
+    def add(self, token: int, row: torch.Tensor) -> None:
+        self.ids.append(token)
+        self.rows.append(row)
+        piece = "" if token in self.special else token_texts(self.tokenizer, self.ids[-DECODE_WINDOW - 1 :])[-1]
+        self.pieces.append(piece)
+        self.ends.append((self.ends[-1] if self.ends else 0) + len(piece))
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=self.params.skip_special_tokens)
+
+    def stop_at(self) -> int | None:
+        """Where the first stop string in the text begins, if one is there."""
+        return min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=None)
+
+    def safe(self) -> int:
+        """How much of the text can be sent now."""
+        end = len(self.text)
+        while end > self.sent and self.text[end - 1] == "\ufffd":
+            end -= 1
+        held = [k for s in self.params.stop for k in range(1, len(s)) if self.text.endswith(s[:k], self.sent, end)]
+        return end - max(held, default=0)
+
+    def chunk(self, end: int, finish: str | None = None, every_token: bool = False) -> Chunk:
+        """The text up to ``end`` not sent yet, the tokens whose piece ends in it (with
+        ``every_token``, all the others too), and their log-probabilities when asked."""
+        first = self.sent_tokens
+        last = first
+        while last < len(self.ids) and (every_token or self.ends[last] <= end):
+            last += 1
+        chunk = Chunk(self.text[self.sent : max(end, self.sent)], None, finish, last - first)
+        if self.params.logprobs is not None:
+            pieces = self.pieces[first:last]
+            chunk.logprobs = _logprobs(
+                self.tokenizer, self.params.logprobs, pieces, list(zip(self.ids[first:last], self.rows[first:last])), self.offset
+            )
+            self.offset += sum(len(p) for p in pieces)
+        self.sent, self.sent_tokens = max(end, self.sent), last
+        return chunk
+
+
 @torch.inference_mode()
+def stream(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: list[int],
+    prompt_text: str,
+    params: SamplingParams,
+    generator: torch.Generator,
+) -> Iterator[Chunk]:
+    """Score and continue one prompt, chunk by chunk; ``prompt_text`` is what ``echo`` returns.
+
+    The first chunk comes once the prompt is read: the prompt with ``echo`` (and its
+    log-probabilities), otherwise empty. Then a chunk for each token whose text can be sent
+    (see ``_Text``), each before the next token is computed, so a consumer that stops iterating
+    stops the generation; the last chunk carries the finish reason and any text held back (at
+    ``max_tokens`` it is the last token's chunk)."""
+    device = next(model.parameters()).device
+    ends = set(end_token_ids(model, tokenizer) or [])
+    cache = _cache_name()
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=params.max_tokens > 0)
+    prompt_logprobs = _finite(out.logits[0])
+    past = getattr(out, cache)
+    echoed = params.echo and params.logprobs is not None
+    prompt_pieces = token_texts(tokenizer, prompt_ids) if echoed else []
+    first = Chunk(prompt_text if params.echo else "", None, None, 0)
+    if params.logprobs is not None:
+        scored = [None] + [(prompt_ids[i], prompt_logprobs[i - 1]) for i in range(1, len(prompt_ids))] if echoed else []
+        first.logprobs = _logprobs(tokenizer, params.logprobs, prompt_pieces, scored, 0)
+    yield first
+    text = _Text(tokenizer, params, sum(len(p) for p in prompt_pieces))
+    step_logprobs = prompt_logprobs[-1]
+    while len(text.ids) < params.max_tokens:
+        token = _pick(step_logprobs, params, generator)
+        if token in ends:
+            yield text.chunk(len(text.text), "stop", every_token=True)
+            return
+        text.add(token, step_logprobs)
+        cut = text.stop_at()
+        if cut is not None:
+            yield text.chunk(cut, "stop")
+            return
+        if len(text.ids) == params.max_tokens:
+            break
+        if text.safe() > text.sent:
+            yield text.chunk(text.safe())
+        step = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{cache: past})
+        past = getattr(step, cache)
+        step_logprobs = _finite(step.logits[0, -1])
+    yield text.chunk(len(text.text), "length", every_token=True)
+
+
 def complete(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -107,68 +254,11 @@ def complete(
     params: SamplingParams,
     generator: torch.Generator,
 ) -> Completion:
-    """Score and continue one prompt; ``prompt_text`` is what ``echo`` returns for it."""
-    device = next(model.parameters()).device
-    ends = set(end_token_ids(model, tokenizer) or [])
-    cache = _cache_name()
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=params.max_tokens > 0)
-    prompt_logprobs = _finite(out.logits[0])
-    past = getattr(out, cache)
-    generated: list[int] = []
-    generated_logprobs: list[torch.Tensor] = []
-    finish = "length"
-    step_logprobs = prompt_logprobs[-1]
-    text = ""
-    while len(generated) < params.max_tokens:
-        token = _pick(step_logprobs, params, generator)
-        if token in ends:
-            finish = "stop"
-            break
-        generated.append(token)
-        generated_logprobs.append(step_logprobs)
-        text = tokenizer.decode(generated, skip_special_tokens=params.skip_special_tokens)
-        if params.stop and any(s in text for s in params.stop):
-            finish = "stop"
-            break
-        if len(generated) < params.max_tokens:
-            step = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{cache: past})
-            past = getattr(step, cache)
-            step_logprobs = _finite(step.logits[0, -1])
-    pieces = token_texts(tokenizer, generated)
-    if params.skip_special_tokens:
-        special = set(tokenizer.all_special_ids)
-        pieces = ["" if token in special else piece for token, piece in zip(generated, pieces)]
-    if finish == "stop" and params.stop:
-        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=len(text))
-        kept, length = 0, 0
-        while kept < len(pieces) and length + len(pieces[kept]) <= cut:
-            length += len(pieces[kept])
-            kept += 1
-        text, pieces, generated, generated_logprobs = text[:cut], pieces[:kept], generated[:kept], generated_logprobs[:kept]
-    choice: dict[str, Any] = {"text": (prompt_text + text) if params.echo else text, "logprobs": None, "finish_reason": finish}
+    """One prompt's whole choice: the chunks of ``stream`` joined, so a streamed answer and a
+    whole one never differ."""
+    chunks = list(stream(model, tokenizer, prompt_ids, prompt_text, params, generator))
+    logprobs = None
     if params.logprobs is not None:
-        tokens, token_logprobs, top_logprobs = [], [], []
-        if params.echo:
-            prompt_pieces = token_texts(tokenizer, prompt_ids)
-            tokens += prompt_pieces
-            token_logprobs.append(None)
-            top_logprobs.append(None)
-            for i in range(1, len(prompt_ids)):
-                row = prompt_logprobs[i - 1]
-                token_logprobs.append(float(row[prompt_ids[i]]))
-                top_logprobs.append(_top(tokenizer, row, params.logprobs, prompt_ids[i], prompt_pieces[i]))
-        for token, piece, row in zip(generated, pieces, generated_logprobs):
-            tokens.append(piece)
-            token_logprobs.append(float(row[token]))
-            top_logprobs.append(_top(tokenizer, row, params.logprobs, token, piece))
-        offsets, position = [], 0
-        for piece in tokens:
-            offsets.append(position)
-            position += len(piece)
-        choice["logprobs"] = {
-            "tokens": tokens,
-            "token_logprobs": token_logprobs,
-            "top_logprobs": top_logprobs,
-            "text_offset": offsets,
-        }
-    return Completion(choice, len(prompt_ids), len(generated))
+        logprobs = {key: [value for c in chunks for value in c.logprobs[key]] for key in chunks[0].logprobs}
+    choice = {"text": "".join(c.text for c in chunks), "logprobs": logprobs, "finish_reason": chunks[-1].finish_reason}
+    return Completion(choice, len(prompt_ids), sum(c.completion_tokens for c in chunks))

@@ -1,5 +1,6 @@
 """The completion engine on a model whose next token is fixed: where a generation ends, and what
-its text holds, follow from the model's end tokens and the request."""
+its text holds, follow from the model's end tokens and the request; streamed, its chunks join to
+the whole answer and never send text that may still change (part of a stop string, half a character)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from evomerge.models.zoo.tiny_lm import build_tokenizer
-from evomerge.server.completion_engine import SamplingParams, complete
+from evomerge.server.completion_engine import SamplingParams, complete, stream
 
 
 class Repeats(torch.nn.Module):
@@ -58,3 +59,47 @@ def test_special_tokens_are_left_out_only_when_asked(tokenizer):
     assert clean.choice["text"] == "34" and clean.completion_tokens == 3
     stopped = run(model(), tokenizer, max_tokens=3, skip_special_tokens=True, stop=["4"])
     assert stopped.choice["text"] == "3" and stopped.choice["finish_reason"] == "stop"
+
+
+def chunks(model, tokenizer, prompt="1+2=", **params):
+    return list(stream(model, tokenizer, tokenizer(prompt)["input_ids"], prompt, SamplingParams(**params), torch.Generator()))
+
+
+@pytest.mark.parametrize("stop, texts, finish", [
+    (["45"], ["", "3", "4", ""], "stop"),  # the 4 before 5 is held back, then cut with the stop string
+    (["4x"], ["", "3", "4", "45"], "length"),  # held back while it may begin "4x", sent once it cannot
+    ([], ["", "3", "4", "4", "5"], "length"),
+])
+def test_a_stream_holds_back_what_may_begin_a_stop_string(tokenizer, stop, texts, finish):
+    tokens = tokenizer.convert_tokens_to_ids(["3", "4", "4", "5"])
+    streamed = chunks(Repeats(tokens, len(tokenizer)), tokenizer, max_tokens=4, stop=stop, logprobs=0)
+    assert [c.text for c in streamed] == texts and streamed[-1].finish_reason == finish
+    assert all(c.finish_reason is None for c in streamed[:-1])
+    for c in streamed:  # each chunk carries the tokens of its own text
+        assert "".join(c.logprobs["tokens"]) == c.text and c.completion_tokens == len(c.logprobs["tokens"])
+    whole = run(Repeats(tokens, len(tokenizer)), tokenizer, max_tokens=4, stop=stop, logprobs=0)
+    assert whole.choice["text"] == "".join(texts) and whole.completion_tokens == sum(c.completion_tokens for c in streamed)
+
+
+def test_an_echoed_prompt_is_the_first_chunk_and_offsets_run_on_across_chunks(tokenizer):
+    tokens = tokenizer.convert_tokens_to_ids(["3", "4"])
+    streamed = chunks(Repeats(tokens, len(tokenizer)), tokenizer, max_tokens=2, echo=True, logprobs=1)
+    assert [c.text for c in streamed] == ["1+2=", "3", "4"]
+    assert streamed[0].logprobs["token_logprobs"][0] is None and streamed[0].completion_tokens == 0
+    assert [c.logprobs["text_offset"] for c in streamed] == [[0, 1, 2, 3], [4], [5]]
+
+
+def test_a_character_split_over_tokens_is_sent_whole():
+    """A byte-level tokenizer spells "é" as two tokens; the first alone decodes to U+FFFD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ids = tokenizer("aé")["input_ids"]
+    assert len(ids) == 3 and tokenizer.decode(ids[:2]) == "a\ufffd"
+    streamed = chunks(Repeats(ids, len(tokenizer)), tokenizer, prompt="x", max_tokens=3)
+    assert [c.text for c in streamed] == ["", "a", "é"] and [c.completion_tokens for c in streamed] == [0, 1, 2]
