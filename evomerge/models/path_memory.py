@@ -37,7 +37,7 @@ def dataflow_memory(config: RunConfig, device: torch.device, dtype: str) -> Work
     from evomerge.models.memory import tier_memory
     from evomerge.plan import RunPlan
     from evomerge.source_merges import recorded_merge
-    from evomerge.space.merge_space import layer_index
+    from evomerge.space.merge_space import layer_indices
 
     itemsize = ITEMSIZE[dtype]
     head = config.head
@@ -51,7 +51,7 @@ def dataflow_memory(config: RunConfig, device: torch.device, dtype: str) -> Work
             rebuilt = next(iter(tier_memory(recorded_merge(config, expert).config, device).values()))
             loading_peak, host_peak = max(loading_peak, loaded + rebuilt.device_peak), max(host_peak, rebuilt.host_peak)
         loaded += whole
-        resident += whole if i == head else total_numel({k: v for k, v in shapes.items() if layer_index(k) is not None}) * itemsize
+        resident += whole if i == head else total_numel({k: v for (k, v), index in zip(shapes.items(), layer_indices(list(shapes))) if index is not None}) * itemsize
     space = RunPlan.from_config(config).path_space()
     batch = scored_batch(config)
     rows, tokens = batch if batch is not None else (0, 0)

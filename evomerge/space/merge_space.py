@@ -27,7 +27,7 @@ import numpy as np
 from evomerge.merge.method import MergeMethod
 from evomerge.records import genome_hash
 from evomerge.space.genes import GeneRange, SearchSpec
-from evomerge.space.towers import Towers, stack_position
+from evomerge.space.towers import Towers, stack_position, stack_positions
 
 GRANULARITIES = ("global", "per_model", "per_layer_group", "per_tensor")
 
@@ -36,6 +36,12 @@ def layer_index(tensor_name: str) -> int | None:
     """The transformer-block index in a parameter name (``model.layers.7.mlp…`` → 7)."""
     position = stack_position(tensor_name)
     return position[1] if position else None
+
+
+def layer_indices(tensor_names: Sequence[str]) -> list[int | None]:
+    """Per tensor of one model, its block's index, or None outside the stacks of blocks (a number
+    in an ``nn.Sequential`` projector is not one; see :func:`evomerge.space.towers.stack_positions`)."""
+    return [position[1] if position else None for position in stack_positions(tensor_names)]
 
 
 def _contiguous(n_layers: int, k: int) -> list[int]:
@@ -93,7 +99,7 @@ def _layer_count(k: int | None, n_layers: int) -> int:
 def _single_stack_groups(tensor_names: Sequence[str], layer_groups: int | None) -> tuple[list[str], list[int | None]]:
     """k groups of consecutive layers; tensors outside the layers join the first group if they
     come before them, the last otherwise."""
-    layers = [layer_index(n) for n in tensor_names]
+    layers = layer_indices(tensor_names)
     found = sorted({i for i in layers if i is not None})
     if not found:
         raise ValueError("granularity per_layer_group: no numbered layers found in the model's tensor names")
@@ -122,7 +128,7 @@ def _tower_group_labels(tensor_names: Sequence[str], towers: Towers, layer_group
     A tower's tensors outside its stacks join its first group if they come before its layers, its
     last group otherwise; a tower without layers (a projector) is one group of its own name.
     """
-    positions = [stack_position(n) for n in tensor_names]
+    positions = stack_positions(tensor_names)
     depth = {stack: 1 + max(p[1] for p in positions if p is not None and p[0] == stack) for stack in towers.stacks}
     _layer_count(layer_groups, max(depth.values()))
     labels_of_stack = {}

@@ -11,6 +11,11 @@ A tower is named by the first segment after the prefix all stacks share (``langu
 (``language_model.layers``). A model with a single stack (a Llama) has no towers: its layer groups
 are numbered as they always were. Nothing here knows an architecture: T5's ``encoder.block`` and
 ``decoder.block`` are towers the same way.
+
+Not every number in a name counts blocks: an ``nn.Sequential`` of plain modules numbers them too
+(Qwen2-VL's projector ``visual.merger.mlp.0.weight`` and ``mlp.2.weight``, a GELU between them).
+Numbers that skip an index (the parameterless activation) and number bare tensors rather than
+modules with parts of their own are such a sequence, not a stack (:func:`stack_positions`).
 """
 
 from __future__ import annotations
@@ -23,9 +28,33 @@ _NUMBERED = re.compile(r"^(?:(.*?)\.)?(\d+)(?:\.|$)")  # the first numbered segm
 
 
 def stack_position(tensor_name: str) -> tuple[str, int] | None:
-    """The stack a tensor's block belongs to and the block's index (``("model.layers", 7)``)."""
+    """The first numbered segment of one name and what precedes it (``("model.layers", 7)``): the
+    block it would belong to, before :func:`stack_positions` checks the other names of its stack."""
     match = _NUMBERED.match(tensor_name)
     return (match.group(1) or "", int(match.group(2))) if match else None
+
+
+def stack_positions(tensor_names: Sequence[str]) -> list[tuple[str, int] | None]:
+    """Per tensor, the stack its block belongs to and the block's index, or None outside every
+    stack. A prefix whose numbers skip an index and whose numbered entries hold bare tensors
+    (``mlp.0.weight``, ``mlp.2.weight``) is a sequence of plain modules, not a stack of blocks; a
+    stack of blocks numbers every block, or numbers modules with parts (a LoRA adapter on some
+    layers only: ``layers.2.self_attn.q_proj.lora_A.weight``)."""
+    positions: list[tuple[str, int] | None] = []
+    indices: dict[str, set[int]] = {}
+    nested: set[str] = set()  # stacks whose numbered entries have parts (``layers.0.mlp.weight``)
+    for name in tensor_names:
+        match = _NUMBERED.match(name)
+        if match is None:
+            positions.append(None)
+            continue
+        stack, index = match.group(1) or "", int(match.group(2))
+        positions.append((stack, index))
+        indices.setdefault(stack, set()).add(index)
+        if "." in name[match.end():]:
+            nested.add(stack)
+    plain = {s for s, found in indices.items() if s not in nested and len(found) != max(found) - min(found) + 1}
+    return [None if p is None or p[0] in plain else p for p in positions]
 
 
 @dataclass(frozen=True)
@@ -40,7 +69,7 @@ class Towers:
     @classmethod
     def of(cls, tensor_names: Sequence[str]) -> "Towers | None":
         """The towers of a model with these parameter names, or None when it has one stack."""
-        stacks = list(dict.fromkeys(pos[0] for pos in map(stack_position, tensor_names) if pos is not None))
+        stacks = list(dict.fromkeys(pos[0] for pos in stack_positions(tensor_names) if pos is not None))
         if len(stacks) < 2:
             return None
         split = [s.split(".") for s in stacks]

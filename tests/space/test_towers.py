@@ -78,3 +78,25 @@ def test_frozen_towers_are_left_out_of_the_merge(granularity):
 def test_frozen_names_must_be_towers_and_leave_one(names, frozen, words):
     with pytest.raises(ValueError, match=words):
         Space.build(LINEAR, names, 2, granularity="per_model", frozen=frozen)
+
+
+def test_a_projectors_sequential_is_no_stack_of_blocks():
+    from evomerge.space.towers import stack_positions
+
+    # Qwen2-VL: the merger's nn.Sequential numbers Linear, GELU, Linear (mlp.0, mlp.2): bare tensors, a gap
+    names = [
+        "model.visual.blocks.0.attn.qkv.weight", "model.visual.blocks.1.attn.qkv.weight",
+        "model.visual.merger.ln_q.weight", "model.visual.merger.mlp.0.weight", "model.visual.merger.mlp.2.weight",
+        "model.language_model.layers.0.mlp.up_proj.weight", "model.language_model.layers.1.mlp.up_proj.weight",
+    ]
+    assert stack_positions(names) == [
+        ("model.visual.blocks", 0), ("model.visual.blocks", 1), None, None, None,
+        ("model.language_model.layers", 0), ("model.language_model.layers", 1),
+    ]
+    labels, groups = group_tensors(names, "per_layer_group", None)
+    assert [labels[g] for g in groups[2:5]] == ["visual.blocks.1"] * 3  # after the tower's blocks: its last group
+    # a stack of bare modules numbered without a gap (an MLP's layers.N.weight) and a LoRA on some
+    # layers only (a gap, but modules with parts) are stacks
+    assert stack_positions(["layers.0.weight", "layers.1.weight"]) == [("layers", 0), ("layers", 1)]
+    lora = ["m.layers.1.q_proj.lora_A.weight", "m.layers.3.q_proj.lora_A.weight"]
+    assert stack_positions(lora) == [("m.layers", 1), ("m.layers", 3)]
