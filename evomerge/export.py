@@ -84,17 +84,23 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
         "recipe": recipe,
         **rebuild_fields(resolved_config_dict(plan), best.candidate_id, best.population, best.genome),
     }
-    mergekit, note = _mergekit_document(plan, decoded)
+    layer_types = (None, None)
+    if isinstance(decoded, DataflowPath):
+        head_text = worker.models.materializer.base_config.get_text_config()
+        layer_types = (getattr(head_text, "layer_types", None), getattr(model.config.get_text_config(), "layer_types", None))
+    mergekit, note = _mergekit_document(plan, decoded, layer_types)
     if mergekit is not None and worker.models.vocabulary is not None:  # mergekit aligns the same way
         mergekit["tokenizer_source"] = config.models.vocabulary
-    if note is not None:
-        document["mergekit"] = note
     tokenizer = export_tokenizer(config, model, worker.models.tokenizer)
 
     tmp = out.with_name(out.name + f".tmp-{int(time.time())}")
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if mergekit is not None:
+        mergekit, note = _checked_by_mergekit(mergekit, note, tmp)
+    if note is not None:
+        document["mergekit"] = note
     (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
     if mergekit is not None:
         (tmp / MERGEKIT_NAME).write_text(yaml.safe_dump(mergekit, sort_keys=False))
@@ -123,8 +129,22 @@ def _check_out(out: Path) -> None:
         raise RunDirError(f"--out {out}: cannot write in {out.parent}: {exc.strerror or exc}") from None
 
 
-def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]:
-    """The mergekit YAML of the best recipe (or None), and what a reader should know about it."""
+def _checked_by_mergekit(document: dict, note: str | None, saved: Path) -> tuple[dict | None, str | None]:
+    """The YAML and its note if the installed mergekit can rebuild the model saved in ``saved``
+    from it; else None and why not (see :mod:`evomerge.mergekit_check`)."""
+    from evomerge.mergekit_check import MergekitMissing, rebuild_problem
+
+    try:
+        problem = rebuild_problem(document, saved)
+    except MergekitMissing as exc:
+        unchecked = f"not checked against mergekit's architecture definitions: {exc}"
+        return document, "; ".join(n for n in (note, unchecked) if n)
+    return (document, note) if problem is None else (None, f"not written: {problem}")
+
+
+def _mergekit_document(plan: RunPlan, decoded, layer_types=(None, None)) -> tuple[dict | None, str | None]:
+    """The mergekit YAML of the best recipe (or None), and what a reader should know about it;
+    ``layer_types``: a path's head source's and its own (see :func:`passthrough_config`)."""
     from evomerge.models.adapters import is_adapter
     from evomerge.models.checkpoint import run_dtype, stored_parameters
 
@@ -132,7 +152,7 @@ def _mergekit_document(plan: RunPlan, decoded) -> tuple[dict | None, str | None]
     if isinstance(decoded, DataflowPath):
         sources = [None if e.path is None else config.expert_model(e) for e in config.models.experts]
         try:
-            return passthrough_config(decoded, sources, run_dtype(config), config.head), None
+            return passthrough_config(decoded, sources, run_dtype(config), config.head, layer_types), None
         except NotExpressible as exc:
             return None, f"not written: {exc}"
     if not isinstance(decoded, Recipe):

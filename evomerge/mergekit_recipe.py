@@ -138,7 +138,13 @@ def mergekit_config(
     return config
 
 
-def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str, head: int = 0) -> dict[str, Any]:
+def passthrough_config(
+    path: Path,
+    sources: Sequence[str | None],
+    dtype: str,
+    head: int = 0,
+    layer_types: tuple[Sequence[str] | None, Sequence[str] | None] = (None, None),
+) -> dict[str, Any]:
     """The mergekit ``passthrough`` configuration that stacks the layers of a data-flow ``path``.
 
     Runs of consecutive layers of one source become one slice (``layer_range`` is half-open), and
@@ -146,10 +152,19 @@ def passthrough_config(path: Path, sources: Sequence[str | None], dtype: str, he
     slice's model and the final norm and head from the last one's; ours are the head source's,
     so an empty slice of it opens or closes the list where a path starts or ends elsewhere.
     ``sources`` are the model references, None for a source mergekit cannot read (a recorded
-    merge: a run's best or an export's recipe).
+    merge: a run's best or an export's recipe). ``layer_types`` are the head source's config's
+    ``layer_types`` (each layer's attention: sliding or full; Qwen2/3, Gemma 2/3 in transformers
+    5) and the path's: mergekit's config is the first slice's with only the layer count changed,
+    so where the two lists differ its model would fail to save or attend differently.
     """
     if any(scale != 1.0 for scale in path.scales):
         raise NotExpressible("passthrough copies layers unscaled and this path scales the hidden state")
+    head_types, path_types = layer_types
+    if head_types is not None and list(head_types) != list(path_types or ()):
+        raise NotExpressible(
+            "mergekit keeps the head source's layer_types (each layer's attention type) and changes only the"
+            " layer count, and this path's layers have other types or another count"
+        )
     used = {source for source, _ in path.layers} | {head}
     missing = [i for i in sorted(used) if sources[i] is None]
     if missing:

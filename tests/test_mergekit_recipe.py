@@ -84,3 +84,17 @@ def test_a_passthrough_names_only_models_mergekit_can_read_and_no_scales():
     assert [(s["sources"][0]["model"], s["sources"][0]["layer_range"]) for s in headed["slices"]] == [
         ("b", [0, 0]), ("a", [0, 2]), ("a", [1, 2]), ("b", [0, 0])
     ]
+
+
+def test_a_passthrough_is_refused_where_mergekit_would_keep_other_layer_types():
+    from evomerge.mergekit_recipe import passthrough_config
+    from evomerge.space.paths import Path
+
+    path = Path(((0, 0), (0, 1), (0, 1)), (1.0, 1.0, 1.0))
+    full = ["full_attention"] * 3
+    assert passthrough_config(path, ["a"], "float32", layer_types=(full, full))["slices"]  # same types: written
+    assert passthrough_config(path, ["a"], "float32", layer_types=(None, None))["slices"]  # a config without them
+    # a deeper path (transformers refuses to save a config whose layer_types are shorter), or other types
+    for head, along in ((full[:2], full), (["sliding_attention", "full_attention", "full_attention"], full)):
+        with pytest.raises(NotExpressible, match="keeps the head source's layer_types"):
+            passthrough_config(path, ["a"], "float32", layer_types=(head, along))
