@@ -189,6 +189,20 @@ class RunPlan:
         if config.api is not None:
             raise self._fail("merge.space", "a data-flow path runs on white-box workers; remove the api section")
 
+    def _check_decoder_layers(self) -> None:
+        """Every source has a decoder layer list a path can route through, read from its config
+        on the meta device (no weights), so a model without one (GPT-2's and Falcon's ``transformer.h``)
+        is named before any source loads."""
+        from evomerge.models.loading import meta_model
+        from evomerge.workers.path_model import decoder_stack
+
+        config = self.config
+        for i, expert in enumerate(config.models.experts):
+            try:
+                decoder_stack(meta_model(config.expert_model(expert)))
+            except UserError as exc:
+                raise self._fail(f"models.experts.{i}", str(exc)) from None
+
     def _check_merge_sources(self) -> None:
         """A run or recipe source must name a merge the workers can rebuild: a parameter-space
         run's successful candidate, over models this machine holds."""
@@ -384,6 +398,7 @@ class RunPlan:
                     raise self._fail(field_name, str(exc)) from None
         if self.dataflow:
             self._check_merge_sources()
+            self._check_decoder_layers()
             self.path_space()
         for field_name, data in self._data_sections():
             if data.source.startswith("hf:"):  # a hub dataset is fetched by the workers, not here
@@ -487,6 +502,15 @@ class RunPlan:
                     f"models.experts.{i}.path",
                     f"hidden size {hidden} differs from the first source's {first_hidden}; a path passes one hidden state through every source",
                 )
+            if flow.scaling != "none":
+                from evomerge.models.path_export import unfoldable
+
+                why = unfoldable(text.model_type)
+                if why is not None:
+                    raise self._fail(
+                        "merge.dataflow.scaling",
+                        f"{why}, so the best path could not be exported; search it with merge.dataflow.scaling: none",
+                    )
             first_hidden = hidden
             counts.append(int(layers))
         try:
