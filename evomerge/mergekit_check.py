@@ -60,6 +60,11 @@ def rebuild_problem(document: dict[str, Any], export_dir: Path) -> str | None:
     from evomerge.models.checkpoint import tensor_dtypes
     from evomerge.models.loading import load_config
 
+    try:  # mergekit builds a tensor transformers 5 fuses (MoE experts) from the checkpoint's parts
+        from mergekit.architecture.conversion import can_convert_checkpoint_keys as converts
+    except ImportError:
+        converts = _no_conversion
+
     with _quiet_mergekit():
         found = {}
         for ref in [*model_references(document), str(export_dir)]:
@@ -84,9 +89,9 @@ def rebuild_problem(document: dict[str, Any], export_dir: Path) -> str | None:
             except Exception as exc:  # noqa: BLE001
                 return f"mergekit cannot read the {name} config of '{ref}': {first_line(exc)}"
             for weight in weights:
-                if weight.optional:
+                if weight.optional or stored & {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}:
                     continue
-                if not stored & {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}:
+                if not any(converts(ref_config.model_type, stored, target) for target in (weight.name, *(weight.aliases or ()))):
                     return f"mergekit's {name} definition needs the tensor '{weight.name}', which '{ref}' does not store"
             stored_by_ref[ref] = stored
         try:
@@ -105,12 +110,16 @@ def rebuild_problem(document: dict[str, Any], export_dir: Path) -> str | None:
     return None
 
 
+def _no_conversion(model_type: str | None, stored: set[str], target: str) -> bool:
+    return False
+
+
 def _parameters(export_dir: Path, stored: list[str]) -> set[str]:
-    """What ``from_pretrained`` loads tensors of these names into: the parameter each is renamed
-    to, or the name itself where transformers converts it (fuses MoE experts, say)."""
+    """The parameters ``from_pretrained`` loads tensors of these names into (renamed, or converted:
+    Mixtral's stored ``experts.0.w1.weight`` is part of ``mlp.experts.gate_up_proj``)."""
     from evomerge.models.loading import loaded_names
 
-    return {parameter or key for key, parameter in loaded_names(str(export_dir), stored).items()}
+    return {parameter for parameter in loaded_names(str(export_dir), stored, converted=True).values() if parameter is not None}
 
 
 def _version() -> str:

@@ -220,9 +220,11 @@ def meta_model(ref: str):
         return _auto_class(config).from_config(config)
 
 
-def loaded_names(ref: str, stored: Sequence[str]) -> dict[str, str | None]:
+def loaded_names(ref: str, stored: Sequence[str], converted: bool = False) -> dict[str, str | None]:
     """What ``from_pretrained`` makes of each stored tensor name: the parameter (or buffer) it is
-    renamed to, or None where transformers converts the tensor (fuses, splits or reshapes it).
+    renamed to, or None where transformers converts the tensor (fuses, splits or reshapes it) —
+    with ``converted``, the parameter its conversion writes (Mixtral's stored
+    ``experts.0.w1.weight`` is part of ``mlp.experts.gate_up_proj``).
 
     Transformers 5 renames checkpoint keys on load by the model's conversion mapping: Gemma 3
     stores ``language_model.model.layers.0.…``, which loads as ``model.language_model.layers.0.…``.
@@ -243,8 +245,8 @@ def loaded_names(ref: str, stored: Sequence[str]) -> dict[str, str | None]:
     prefix = model.base_model_prefix
     names: dict[str, str | None] = {}
     for key in stored:
-        renamed, converted = rename_source_key(key, renamings, converters, prefix, state)
+        renamed, conversion = rename_source_key(key, renamings, converters, prefix, state)
         if renamed not in state and key in state:  # as from_pretrained: a key it should not have renamed
-            renamed, converted = rename_source_key(key, [], [], prefix, state)
-        names[key] = None if converted is not None else renamed
+            renamed, conversion = rename_source_key(key, [], [], prefix, state)
+        names[key] = None if conversion is not None and not converted else renamed
     return names
