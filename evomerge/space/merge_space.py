@@ -27,15 +27,14 @@ import numpy as np
 from evomerge.merge.method import MergeMethod
 from evomerge.records import genome_hash
 from evomerge.space.genes import GeneRange, SearchSpec
-from evomerge.space.towers import Towers, stack_position, stack_positions
+from evomerge.space.towers import Towers, stack_positions
 
 GRANULARITIES = ("global", "per_model", "per_layer_group", "per_tensor")
 
 
 def layer_index(tensor_name: str) -> int | None:
     """The transformer-block index in a parameter name (``model.layers.7.mlp…`` → 7)."""
-    position = stack_position(tensor_name)
-    return position[1] if position else None
+    return layer_indices([tensor_name])[0]
 
 
 def layer_indices(tensor_names: Sequence[str]) -> list[int | None]:

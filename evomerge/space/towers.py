@@ -27,16 +27,10 @@ from typing import Sequence
 _NUMBERED = re.compile(r"^(?:(.*?)\.)?(\d+)(?:\.|$)")  # the first numbered segment and what precedes it
 
 
-def stack_position(tensor_name: str) -> tuple[str, int] | None:
-    """The first numbered segment of one name and what precedes it (``("model.layers", 7)``): the
-    block it would belong to, before :func:`stack_positions` checks the other names of its stack."""
-    match = _NUMBERED.match(tensor_name)
-    return (match.group(1) or "", int(match.group(2))) if match else None
-
-
 def stack_positions(tensor_names: Sequence[str]) -> list[tuple[str, int] | None]:
-    """Per tensor, the stack its block belongs to and the block's index, or None outside every
-    stack. A prefix whose numbers skip an index and whose numbered entries hold bare tensors
+    """Per tensor of one model, the stack its block belongs to and the block's index
+    (``("model.layers", 7)``: its first numbered segment and what precedes it), or None outside
+    every stack. A prefix whose numbers skip an index and whose numbered entries hold bare tensors
     (``mlp.0.weight``, ``mlp.2.weight``) is a sequence of plain modules, not a stack of blocks; a
     stack of blocks numbers every block, or numbers modules with parts (a LoRA adapter on some
     layers only: ``layers.2.self_attn.q_proj.lora_A.weight``)."""
