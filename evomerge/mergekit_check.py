@@ -103,11 +103,22 @@ def rebuild_problem(document: dict[str, Any], export_dir: Path) -> str | None:
         w.name for w in weights
         if not w.optional or any(stored & {w.name, *(w.aliases or ())} for stored in stored_by_ref.values())
     ]
+    filters = _filters(document)
+    unmatched = [w for w in written_by_mergekit if filters and not any(f in w for f in filters)]
+    if unmatched:
+        return f"mergekit's {name} definition names the tensor '{unmatched[0]}', which no filter of the YAML matches"
     ours = _parameters(export_dir, list(tensor_dtypes(str(export_dir))))
     missing = sorted(ours - _parameters(export_dir, written_by_mergekit))
     if missing:
         return f"mergekit's {name} definition leaves out the tensor '{missing[0]}', so its merge would lack it"
     return None
+
+
+def _filters(document: dict[str, Any]) -> set[str]:
+    """The filters of the YAML's conditional parameters (values that vary across the model)."""
+    settings = [*document.get("parameters", {}).values()]
+    settings += [v for m in document.get("models", []) for v in m.get("parameters", {}).values()]
+    return {entry["filter"] for value in settings if isinstance(value, list) for entry in value}
 
 
 def _no_conversion(model_type: str | None, stored: set[str], target: str) -> bool:

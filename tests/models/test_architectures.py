@@ -236,6 +236,17 @@ def test_mergekit_reads_the_architecture_or_the_export_says_why_not(saved, arch,
     assert problem is None if why is None else why in (problem or ""), problem
 
 
+def test_a_yaml_whose_filters_miss_a_tensor_mergekit_writes_is_not_written(saved):
+    pytest.importorskip("mergekit", reason="the check reads the installed mergekit's definitions")
+    from evomerge.mergekit_check import rebuild_problem
+
+    root = saved("qwen3")
+    by_layer = [{"filter": "model.layers.", "value": 0.5}]  # mergekit would find no weight for the embeddings
+    models = [{"model": str(root / f"expert{i}"), "parameters": {"weight": by_layer}} for i in range(2)]
+    problem = rebuild_problem({"merge_method": "linear", "models": models, "dtype": "float32"}, root / "base")
+    assert "names the tensor 'model.embed_tokens.weight', which no filter of the YAML matches" in problem
+
+
 def test_a_moe_passthrough_is_written_as_mergekit_builds_fused_experts_from_the_checkpoints_parts(saved, tmp_path):
     """transformers 5 fuses Mixtral's experts on load (stored ``experts.N.w1.weight``, loaded
     ``mlp.experts.gate_up_proj``), and mergekit's definition names the fused tensor, which it
