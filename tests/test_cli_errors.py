@@ -14,17 +14,7 @@ import pytest
 
 import evomerge
 from evomerge.cli import main
-
-
-def refused(capsys, argv: list[str], *words: str) -> str:
-    """Run the CLI; it must exit 2 with one line holding every word (and no traceback)."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], err
-    return lines[0]
+from cli_checks import refused
 
 
 def test_a_directory_or_binary_file_as_the_config(tmp_path, capsys):

@@ -27,22 +27,12 @@ from safetensors.torch import load_file, save_file
 
 import evomerge
 from evomerge.cli import main
+from cli_checks import refused
 from evomerge.testing.tiny_models import digits_classifier
 
 WEIGHTS = "model.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORA_TARGETS = ["q_proj", "v_proj"]
-
-
-def refused(capsys, argv: list[str], *words: str) -> str:
-    """Run the CLI; it must exit 2 with one line holding every word (and no traceback)."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for word in words:
-        assert word in lines[0], err
-    return lines[0]
 
 
 def edit_weights(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None], name: str = WEIGHTS) -> None:
