@@ -11,7 +11,9 @@ that completes the stop string on. Log-probabilities are those of the model's ow
 ``temperature`` and ``top_p`` only shape the sampling, which a ``seed`` makes reproducible.
 Generation ends at any of the model's end tokens: the tokenizer's EOS and its generation config's
 (a chat model ends its turn with a token of its own, Gemma's ``<end_of_turn>``, Llama 3's
-``<|eot_id|>``). ``skip_special_tokens`` leaves special tokens out of the text, as vLLM does for
+``<|eot_id|>``). The end token is generated like any other, as in vLLM and the OpenAI reference:
+it counts in ``usage`` and has its log-probability (with no text); lm-eval's API models read
+``echo`` with ``max_tokens: 1`` as the prompt's log-probabilities followed by exactly one more. ``skip_special_tokens`` leaves special tokens out of the text, as vLLM does for
 chat replies.
 A model whose logits are not finite (a merge with huge coefficients) is refused, not sampled.
 
@@ -157,13 +159,16 @@ class _Text:
         self.offset = offset
         """``text_offset`` of the next token sent (after an echoed prompt)."""
 
-    def add(self, token: int, row: torch.Tensor) -> None:
+    def add(self, token: int, row: torch.Tensor, shown: bool = True) -> None:
+        """Take a generated token; one not ``shown`` (the end token) is counted and scored but adds no text."""
         self.ids.append(token)
         self.rows.append(row)
-        piece = "" if token in self.special else token_texts(self.tokenizer, self.ids[-DECODE_WINDOW - 1 :])[-1]
+        shown = shown and token not in self.special
+        piece = token_texts(self.tokenizer, self.ids[-DECODE_WINDOW - 1 :])[-1] if shown else ""
         self.pieces.append(piece)
         self.ends.append((self.ends[-1] if self.ends else 0) + len(piece))
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=self.params.skip_special_tokens)
+        if shown:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=self.params.skip_special_tokens)
 
     def stop_at(self) -> int | None:
         """Where the first stop string in the text begins, if one is there."""
@@ -228,7 +233,8 @@ def stream(
     step_logprobs = prompt_logprobs[-1]
     while len(text.ids) < params.max_tokens:
         token = _pick(step_logprobs, params, generator)
-        if token in ends:
+        if token in ends:  # a generated token like any other (usage, logprobs), without text
+            text.add(token, step_logprobs, shown=False)
             yield text.chunk(len(text.text), "stop", every_token=True)
             return
         text.add(token, step_logprobs)

@@ -263,3 +263,37 @@ def test_lm_eval_scores_a_data_flow_path_and_the_initial_path_as_its_head_source
     np.testing.assert_array_equal(initial.per_example, alone)
     assert crossed.per_example.shape == (len(documents),) and np.isfinite(crossed.per_example).all()
     assert not np.array_equal(crossed.per_example, initial.per_example)  # the path changed what is scored
+
+
+def test_lm_evals_own_api_client_scores_the_served_model_as_its_hf_model(service, tiny_models, auth, monkeypatch):
+    """lm-eval's ``local-completions`` model (its own HTTP client: token-id prompts, echo with
+    logprobs) pointed at ``evomerge serve`` gives, document by document, what its ``hf`` model gives
+    on the same checkpoint: a user can score a served merge with lm-eval as it is."""
+    pytest.importorskip("tenacity")  # lm-eval's API models need its `api` extra
+    import lm_eval
+
+    monkeypatch.setenv("OPENAI_API_KEY", auth["Authorization"].removeprefix("Bearer "))
+    options = tiny_harness_options()
+
+    def per_document(model: str, model_args: str) -> dict[tuple[str, int], dict]:
+        results = lm_eval.simple_evaluate(
+            model=model, model_args=model_args, tasks=options["tasks"], log_samples=True,
+            task_manager=lm_eval.tasks.TaskManager(include_path=options["include_path"]),
+        )
+        return {(task, s["doc_id"]): s for task, samples in results["samples"].items() for s in samples}
+
+    served = per_document(
+        "local-completions",
+        f"model=tiny-base,base_url={service}/v1/completions,tokenizer_backend=huggingface,"
+        f"tokenizer={tiny_models['base']},num_concurrent=2,max_retries=1",
+    )
+    resident = per_document("hf", f"pretrained={tiny_models['base']},dtype=float32,device=cpu")
+    assert served.keys() == resident.keys() and len(served) == len(own_examples("lm_eval", options))
+    for key, theirs in resident.items():
+        ours = served[key]
+        if key[0] == "tiny_sums_gen":
+            assert ours["filtered_resps"] == theirs["filtered_resps"], key
+        else:  # (log-likelihood, is-greedy) of each choice, through echo=True logprobs
+            for (ll_served, greedy_served), (ll_hf, greedy_hf) in zip(ours["filtered_resps"], theirs["filtered_resps"]):
+                assert ll_served == pytest.approx(ll_hf, abs=1e-4), key
+                assert greedy_served == greedy_hf, key

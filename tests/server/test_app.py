@@ -70,12 +70,14 @@ def test_echo_logprobs_cover_the_prompt_then_the_generation(service, auth, refer
     assert "".join(lp["tokens"]) == choice["text"]
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-    ids = tokenizer(choice["text"])["input_ids"]
+    ended = choice["finish_reason"] == "stop"  # at the end token: scored and counted, without text
+    ids = tokenizer(choice["text"])["input_ids"] + ([tokenizer.eos_token_id] if ended else [])
     torch.testing.assert_close(lp["token_logprobs"][1:], logprobs_of(reference, adapter, ids), atol=1e-4, rtol=0)
     for token, value, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
         assert top[token] == pytest.approx(value)
         assert len(top) <= 3
-    n_generated = len(choice["text"]) - len(prompt)
+    n_generated = len(choice["text"]) - len(prompt) + ended
+    assert len(lp["tokens"]) == len(prompt) + n_generated
     assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n_generated,
                              "total_tokens": len(prompt) + n_generated}
     greedy = [max(top.values()) == pytest.approx(v) for top, v in zip(lp["top_logprobs"][len(prompt):], lp["token_logprobs"][len(prompt):])]

@@ -44,7 +44,10 @@ def test_a_generation_ends_at_the_generation_configs_end_token(tokenizer, config
     three, end = tokenizer.convert_tokens_to_ids(["3", "+"])
     assert end != tokenizer.eos_token_id
     ended = run(Repeats([three, end], len(tokenizer), configured(end)), tokenizer, max_tokens=8)
-    assert ended.choice == {"text": "3", "logprobs": None, "finish_reason": "stop"} and ended.completion_tokens == 1
+    assert ended.choice == {"text": "3", "logprobs": None, "finish_reason": "stop"}
+    assert ended.completion_tokens == 2  # the end token is generated too (usage counts it, as vLLM's does)
+    scored = run(Repeats([three, end], len(tokenizer), configured(end)), tokenizer, max_tokens=8, logprobs=0)
+    assert scored.choice["logprobs"]["tokens"] == ["3", ""] and scored.choice["logprobs"]["token_logprobs"][1] is not None
     runs_on = run(Repeats([three, end], len(tokenizer)), tokenizer, max_tokens=8)
     assert runs_on.choice["text"] == "3" + "+" * 7 and runs_on.choice["finish_reason"] == "length"
 
