@@ -14,7 +14,8 @@ levels evomerge drives:
 
 plus ``/v1/models``, ``/v1/completions`` (see ``completion_engine``), ``/v1/chat/completions`` (the
 tokenizer's chat template over the same engine), both also streamed as server-sent events
-(``stream: true``, see ``streaming``), and ``/health``. Errors use
+(``stream: true``, see ``streaming``), vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``
+(see ``tokenizer_routes``), and ``/health``. Errors use
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, a bug's too (500, logged, the
 request not echoed). Requests run one at a time on one thread. Before a body is read, ``gate.Gate``
 checks the token (401), the size (413) and how many requests are in progress (429); the request
@@ -536,6 +537,20 @@ def create_app(
     @app.post("/v1/sessions/{session_id}/evaluate")
     async def evaluate(session_id: str, body: CoefficientsRequest) -> dict[str, Any]:
         return await run(lambda: _evaluate(host, session_id, body))
+
+    from evomerge.server import tokenizer_routes
+
+    @app.post("/tokenize")
+    async def tokenize(body: tokenizer_routes.TokenizeRequest) -> dict[str, Any]:
+        return await run(lambda: tokenizer_routes.tokenize(host, body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: tokenizer_routes.DetokenizeRequest) -> dict[str, str]:
+        return await run(lambda: tokenizer_routes.detokenize(host, body))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return tokenizer_routes.tokenizer_info(host)
 
     return Gate(app, token, max_request_bytes, max_pending, body_timeout)
 

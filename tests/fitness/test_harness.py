@@ -268,7 +268,9 @@ def test_lm_eval_scores_a_data_flow_path_and_the_initial_path_as_its_head_source
 def test_lm_evals_own_api_client_scores_the_served_model_as_its_hf_model(service, tiny_models, auth, monkeypatch):
     """lm-eval's ``local-completions`` model (its own HTTP client: token-id prompts, echo with
     logprobs) pointed at ``evomerge serve`` gives, document by document, what its ``hf`` model gives
-    on the same checkpoint: a user can score a served merge with lm-eval as it is."""
+    on the same checkpoint: a user can score a served merge with lm-eval as it is. It is given no
+    tokenizer: it finds the server's ``/tokenizer_info`` and ``/tokenize`` (offline, a hub lookup of
+    the model name would fail)."""
     pytest.importorskip("tenacity")  # lm-eval's API models need its `api` extra
     import lm_eval
 
@@ -282,10 +284,9 @@ def test_lm_evals_own_api_client_scores_the_served_model_as_its_hf_model(service
         )
         return {(task, s["doc_id"]): s for task, samples in results["samples"].items() for s in samples}
 
+    token = auth["Authorization"].removeprefix("Bearer ")
     served = per_document(
-        "local-completions",
-        f"model=tiny-base,base_url={service}/v1/completions,tokenizer_backend=huggingface,"
-        f"tokenizer={tiny_models['base']},num_concurrent=2,max_retries=1",
+        "local-completions", f"model=tiny-base,base_url={service}/v1/completions,auth_token={token},num_concurrent=2,max_retries=1"
     )
     resident = per_document("hf", f"pretrained={tiny_models['base']},dtype=float32,device=cpu")
     assert served.keys() == resident.keys() and len(served) == len(own_examples("lm_eval", options))
