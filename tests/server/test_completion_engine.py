@@ -49,15 +49,18 @@ def test_a_generation_ends_at_the_generation_configs_end_token(tokenizer, config
     assert runs_on.choice["text"] == "3" + "+" * 7 and runs_on.choice["finish_reason"] == "length"
 
 
-def test_special_tokens_are_left_out_only_when_asked(tokenizer):
+def test_special_tokens_are_left_out_unless_asked_to_keep_them(tokenizer):
+    """vLLM's default (``skip_special_tokens``) on both routes; the text and its tokens' pieces agree."""
     three, four = tokenizer.convert_tokens_to_ids(["3", "4"])
     pad = tokenizer.pad_token_id
     model = lambda: Repeats([three, pad, four], len(tokenizer))  # noqa: E731
-    raw = run(model(), tokenizer, max_tokens=3)
-    assert raw.choice["text"] == "3" + tokenizer.pad_token + "4"
-    clean = run(model(), tokenizer, max_tokens=3, skip_special_tokens=True)
+    clean = run(model(), tokenizer, max_tokens=3, logprobs=0)
     assert clean.choice["text"] == "34" and clean.completion_tokens == 3
-    stopped = run(model(), tokenizer, max_tokens=3, skip_special_tokens=True, stop=["4"])
+    assert clean.choice["logprobs"]["tokens"] == ["3", "", "4"] and clean.choice["logprobs"]["text_offset"] == [0, 1, 1]
+    raw = run(model(), tokenizer, max_tokens=3, skip_special_tokens=False, logprobs=0)
+    assert raw.choice["text"] == "3" + tokenizer.pad_token + "4"
+    assert "".join(raw.choice["logprobs"]["tokens"]) == raw.choice["text"]
+    stopped = run(model(), tokenizer, max_tokens=3, stop=["4"])
     assert stopped.choice["text"] == "3" and stopped.choice["finish_reason"] == "stop"
 
 
