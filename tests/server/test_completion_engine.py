@@ -106,3 +106,82 @@ def test_a_character_split_over_tokens_is_sent_whole():
     assert len(ids) == 3 and tokenizer.decode(ids[:2]) == "a\ufffd"
     streamed = chunks(Repeats(ids, len(tokenizer)), tokenizer, prompt="x", max_tokens=3)
     assert [c.text for c in streamed] == ["", "a", "é"] and [c.completion_tokens for c in streamed] == [0, 1, 2]
+
+
+class Fixed(torch.nn.Module):
+    """Gives the same logits at every step."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.logits = logits
+        self.generation_config = SimpleNamespace(eos_token_id=None)
+
+    def forward(self, input_ids, use_cache, **_):
+        return SimpleNamespace(logits=self.logits.expand(1, input_ids.shape[1], -1), cache=None, past_key_values=None)
+
+
+@pytest.mark.parametrize("adjust, text", [
+    ({}, "aaaaaa"),
+    ({"presence_penalty": 1.0}, "abaaaa"),  # a loses 1 once it has appeared, whatever its count
+    ({"frequency_penalty": 1.0}, "ababab"),  # each one loses 1 per appearance
+    ({"presence_penalty": -1.0}, "aaaaaa"),
+    ({"logit_bias": {"b": 1.0}}, "bbbbbb"),
+])
+def test_penalties_and_bias_change_the_pick_as_openai_defines_them(tokenizer, adjust, text):
+    a, b = tokenizer.convert_tokens_to_ids(["a", "b"])
+    logits = torch.full((len(tokenizer),), -10.0)
+    logits[a], logits[b] = 1.0, 0.5
+    if "logit_bias" in adjust:
+        adjust = {"logit_bias": {tokenizer.convert_tokens_to_ids(k): v for k, v in adjust["logit_bias"].items()}}
+    done = run(Fixed(logits), tokenizer, max_tokens=6, temperature=0, logprobs=0, **adjust)
+    assert done.choice["text"] == text
+    raw = logits.log_softmax(-1)  # the reported log-probabilities are the model's, before any adjustment
+    assert done.choice["logprobs"]["token_logprobs"] == pytest.approx([float(raw[a if c == "a" else b]) for c in text])
+
+
+def metaspace_tokenizer():
+    """A sentencepiece-like tokenizer: words carry their leading space as "▁", which a word
+    decoded alone at the start of a text loses."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "▁say", "▁hello", "▁world"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_incremental_detokenization_gives_the_whole_decodes_text(kind):
+    """Token by token, the texts joined are what decoding prompt and completion whole adds to the prompt."""
+    import random
+
+    from evomerge.server.detokenizer import IncrementalDetokenizer
+
+    if kind == "metaspace":
+        tokenizer = metaspace_tokenizer()
+        sample = "say hello world hello say world hello"
+    else:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+        sample = "say é 日本 👍 done"
+    ids = tokenizer(sample)["input_ids"]
+    rng = random.Random(0)
+    for _ in range(20):
+        cut = rng.randrange(1, len(ids))
+        prompt, completion = ids[:cut], ids[cut:]
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=True)
+        pieces = [detokenizer.add(t) for t in completion] + [detokenizer.flush()]
+        whole = tokenizer.decode(prompt + completion)
+        assert whole.startswith(tokenizer.decode(prompt)) or "\ufffd" in tokenizer.decode(prompt)
+        if "\ufffd" not in tokenizer.decode(prompt):
+            assert "".join(pieces) == whole[len(tokenizer.decode(prompt)):]
+        assert all("\ufffd" not in p for p in pieces)
