@@ -13,8 +13,11 @@ levels evomerge drives:
 * vLLM's runtime LoRA: ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``;
 
 plus ``/v1/models``, ``/v1/completions`` (see ``completion_engine``), ``/v1/chat/completions`` (the
-tokenizer's chat template over the same engine), both also streamed as server-sent events
-(``stream: true``, see ``streaming``), and ``/health``. Errors use
+tokenizer's chat template over the same engine), both with ``n`` choices per prompt (choice ``i``
+seeded ``seed + i``), OpenAI's penalties and ``logit_bias`` (see ``sampling``), log-probabilities
+in each route's shape, special tokens left out of the text unless ``skip_special_tokens`` is false
+(vLLM's field and default), and both also streamed as server-sent events (``stream: true``, see
+``streaming``), and ``/health``. Errors use
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, a bug's too (500, logged, the
 request not echoed). Requests run one at a time on one thread. Before a body is read, ``gate.Gate``
 checks the token (401), the size (413) and how many requests are in progress (429); the request
@@ -283,8 +286,9 @@ def _choice_generators(request: _Sampling) -> list[torch.Generator]:
         generator = torch.Generator()
         if request.seed is None:
             generator.seed()
-        else:
-            generator.manual_seed((request.seed + index - SEED_RANGE[0]) % 2**64 + SEED_RANGE[0])
+        else:  # torch reads a negative seed s as 2⁶⁴ − 1 + s; the sum wraps around 2⁶⁴
+            seed = request.seed if request.seed >= 0 else 2**64 - 1 + request.seed
+            generator.manual_seed((seed + index) % 2**64)
         generators.append(generator)
     return generators
 

@@ -5,14 +5,15 @@ tokens' log-probabilities (for ``echo``) and the first generated token; each fur
 cached step. As in the OpenAI reference, ``echo`` returns the prompt followed by the completion,
 and its ``logprobs`` cover the prompt's tokens (the first has no log-probability: nothing predicts
 it) followed by the generated ones; ``top_logprobs`` holds the ``logprobs`` most likely tokens plus
-the chosen one; ``text_offset`` is each token's character offset in the returned ``text``.
+the chosen one; ``text_offset`` is each token's character offset in the returned ``text``. Chat's
+``logprobs`` are one ``{token, logprob, bytes, top_logprobs}`` per generated token instead.
 ``stop`` strings end the generation and are left out of the text, as are the tokens from the one
 that completes the stop string on. Log-probabilities are those of the model's own distribution;
-``temperature`` and ``top_p`` only shape the sampling, which a ``seed`` makes reproducible.
+the sampling parameters (see ``sampling``) only shape the pick, which a ``seed`` makes reproducible.
 Generation ends at any of the model's end tokens: the tokenizer's EOS and its generation config's
 (a chat model ends its turn with a token of its own, Gemma's ``<end_of_turn>``, Llama 3's
-``<|eot_id|>``). ``skip_special_tokens`` leaves special tokens out of the text, as vLLM does for
-chat replies.
+``<|eot_id|>``). ``skip_special_tokens`` (the default, as in vLLM) leaves special tokens out of
+the text, the echoed prompt's included. The text is decoded incrementally (``detokenizer``).
 A model whose logits are not finite (a merge with huge coefficients) is refused, not sampled.
 
 ``stream`` yields a choice in chunks as it is generated (``stream: true``); ``complete`` is those
@@ -75,6 +76,29 @@ def token_texts(tokenizer: Any, ids: list[int], skip_special_tokens: bool = Fals
         before = tokenizer.decode(ids[start:i], skip_special_tokens=skip_special_tokens) if i > start else ""
         texts.append(tokenizer.decode(ids[start : i + 1], skip_special_tokens=skip_special_tokens)[len(before) :])
     return texts
+
+
+def prompt_pieces(tokenizer: Any, ids: list[int], text: str, skip_special_tokens: bool) -> list[str]:
+    """Each prompt token's text in the echoed ``text``, so that ``text_offset`` indexes it: the
+    pieces as the completion renders them when they spell ``text``; otherwise (a prompt string
+    holds a special token written in it, a chat marker, while the tokenizer added one of its own,
+    a BOS) special tokens keep their names except those at the ends that ``text`` does not hold."""
+    pieces = token_texts(tokenizer, ids, skip_special_tokens)
+    if "".join(pieces) == text:
+        return pieces
+    kept = token_texts(tokenizer, ids, False)
+    special = set(tokenizer.all_special_ids)
+    start, end = 0, len(ids)
+    while start < end and "".join(kept[start:end]) != text:
+        if ids[start] in special and not text.startswith(kept[start]):
+            start += 1
+        elif ids[end - 1] in special and not text.endswith(kept[end - 1]):
+            end -= 1
+        else:
+            break
+    if "".join(kept[start:end]) == text:
+        return [""] * start + kept[start:end] + [""] * (len(ids) - end)
+    return pieces
 
 
 def _score(row: torch.Tensor, token: int, k: int) -> _Scored:
@@ -246,7 +270,7 @@ def stream(
         if params.chat_logprobs:
             first.logprobs = _chat_logprobs(tokenizer, [])
         elif params.echo:
-            pieces = token_texts(tokenizer, prompt_ids, params.skip_special_tokens)
+            pieces = prompt_pieces(tokenizer, prompt_ids, prompt_text, params.skip_special_tokens)
             scored = [None] + [_score(prompt_logprobs[i - 1], prompt_ids[i], params.logprobs) for i in range(1, len(prompt_ids))]
             first.logprobs = _completion_logprobs(tokenizer, pieces, scored, 0)
         else:

@@ -185,3 +185,26 @@ def test_incremental_detokenization_gives_the_whole_decodes_text(kind):
         if "\ufffd" not in tokenizer.decode(prompt):
             assert "".join(pieces) == whole[len(tokenizer.decode(prompt)):]
         assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_echoed_offsets_index_the_prompt_as_written(skip):
+    """A tokenizer that adds a BOS (here "<eos>") to a prompt that holds a special token written
+    in it ("<pad>", as a chat marker would be): the echo is the prompt as sent, its tokens spell it,
+    the added BOS has no text and the written one keeps its name."""
+    from tokenizers import processors
+
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", tokenizer.eos_token_id)]
+    )
+    prompt = "1+<pad>2="
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids[0] == tokenizer.eos_token_id and tokenizer.pad_token_id in ids
+    three = tokenizer.convert_tokens_to_ids("3")
+    params = SamplingParams(max_tokens=1, echo=True, logprobs=0, skip_special_tokens=skip)
+    done = complete(Repeats([three], len(tokenizer)), tokenizer, ids, prompt, params, torch.Generator())
+    logprobs = done.choice["logprobs"]
+    assert done.choice["text"] == prompt + "3"
+    assert logprobs["tokens"] == ["", "1", "+", "<pad>", "2", "=", "3"]
+    assert logprobs["text_offset"] == [0, 0, 1, 2, 7, 8, 9]
