@@ -113,7 +113,7 @@ def test_streamed_n_choices_join_per_index_to_the_whole_ones(client, chat_client
 def test_penalties_pick_the_best_token_after_openais_subtraction(client, tokenizer):
     """With the raw log-probabilities reported, each picked token must win once
     ``frequency_penalty * count + presence_penalty * (count > 0)`` is subtracted, and the
-    repeats greedy makes (reversing "aaaaaaa") must be rarer under large penalties."""
+    repeats greedy makes (reversing "aaaaaaa") must be rarer under a large presence penalty."""
     asked = {"model": "reversal", "prompt": "aaaaaaa>", "max_tokens": 10, "temperature": 0, "logprobs": 20,
              "extra_body": {"skip_special_tokens": False}}  # a special token keeps its name, as its alternatives do
     greedy = client.completions.create(**asked).choices[0]
@@ -128,8 +128,8 @@ def test_penalties_pick_the_best_token_after_openais_subtraction(client, tokeniz
 
             assert all(adjusted(token, logprob) >= adjusted(t, v) - 1e-4 for t, v in top.items()), (token, top, counts)
             counts[token] += 1
-        if presence >= 2.0 and frequency >= 2.0:
-            assert repeats(choice.text) < repeats(greedy.text), (choice.text, greedy.text)
+        if presence == 2.0:  # greedy writes "aaaaaaaaaa"; the trained adapter's runners-up then take turns
+            assert repeats(choice.text) < repeats(greedy.text) / 2, (choice.text, greedy.text)
 
 
 def test_logit_bias_bans_and_forces_tokens(client, tokenizer):
