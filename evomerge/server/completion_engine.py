@@ -22,6 +22,8 @@ chunks joined, so a streamed answer and a whole one come from the same loop and 
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -149,9 +151,32 @@ def _completion_logprobs(
 
 
 def _token_logprob(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
-    """A chat ``{token, logprob, bytes}``: the token's own text (as vLLM renders it) and its UTF-8 bytes."""
+    """A chat ``{token, logprob, bytes}``: the token's own text (as vLLM renders it) and the bytes it stands for."""
     text = tokenizer.decode([token])
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": logprob, "bytes": token_bytes(tokenizer, token, text)}
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), read back to the byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer: Any, token: int, text: str) -> list[int]:
+    """The UTF-8 bytes a token stands for, so that a client can join the bytes of a character
+    split over tokens (the purpose of OpenAI's ``bytes``): such a token's text alone is U+FFFD,
+    so its bytes are read from its vocabulary entry instead, a sentencepiece byte ``<0xE2>`` or a
+    byte-level BPE entry; any other token's bytes are those of its text."""
+    if "\ufffd" in text:
+        (piece,) = tokenizer.convert_ids_to_tokens([token])
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return [int(piece[3:5], 16)]
+        alphabet = _byte_level_alphabet()
+        if piece and all(c in alphabet for c in piece):
+            return [alphabet[c] for c in piece]
+    return list(text.encode("utf-8"))
 
 
 def _chat_logprobs(tokenizer: Any, scored: list[_Scored]) -> dict[str, list[Any]]:

@@ -208,3 +208,23 @@ def test_echoed_offsets_index_the_prompt_as_written(skip):
     assert done.choice["text"] == prompt + "3"
     assert logprobs["tokens"] == ["", "1", "+", "<pad>", "2", "=", "3"]
     assert logprobs["text_offset"] == [0, 0, 1, 2, 7, 8, 9]
+
+
+def test_chat_logprob_bytes_join_to_the_text_of_characters_split_over_tokens():
+    """Byte-level BPE spells "é" and "日" over several tokens, each alone decoding to U+FFFD:
+    their ``bytes`` are the real bytes, so a client joining them gets the text back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ids = tokenizer("aé日")["input_ids"]
+    params = SamplingParams(max_tokens=len(ids), logprobs=2, chat_logprobs=True)
+    done = complete(Repeats(ids, len(tokenizer)), tokenizer, tokenizer("x")["input_ids"], "x", params, torch.Generator())
+    content = done.choice["logprobs"]["content"]
+    assert done.choice["text"] == "aé日" and len(content) == len(ids) == 6
+    assert "\ufffd" in content[1]["token"] and bytes(b for t in content for b in t["bytes"]).decode() == "aé日"
+    assert all(len(t["top_logprobs"]) == 2 and t["top_logprobs"][0]["bytes"] == t["bytes"] for t in content)
