@@ -13,9 +13,12 @@ levels evomerge drives:
 * vLLM's runtime LoRA: ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``;
 
 plus ``/v1/models``, ``/v1/completions`` (see ``completion_engine``), ``/v1/chat/completions`` (the
-tokenizer's chat template over the same engine), both also streamed as server-sent events
-(``stream: true``, see ``streaming``), vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``
-(see ``tokenizer_routes``), and ``/health``. Errors use
+tokenizer's chat template over the same engine), both with ``n`` choices per prompt (choice ``i``
+seeded ``seed + i``), OpenAI's penalties and ``logit_bias`` (see ``sampling``), log-probabilities
+in each route's shape, special tokens left out of the text unless ``skip_special_tokens`` is false
+(vLLM's field and default), and both also streamed as server-sent events (``stream: true``, see
+``streaming``), vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` (see
+``tokenizer_routes``), and ``/health``. Errors use
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, a bug's too (500, logged, the
 request not echoed). Requests run one at a time on one thread. Before a body is read, ``gate.Gate``
 checks the token (401), the size (413) and how many requests are in progress (429); the request
@@ -39,9 +42,10 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import UserError
-from evomerge.server.completion_engine import NON_FINITE, Chunk, SamplingParams, complete, stream
+from evomerge.server.completion_engine import NON_FINITE, Chunk, complete, stream
 from evomerge.server.gate import INTERNAL_ERROR, Gate, error_body
 from evomerge.server.model_host import MAX_LORAS, ModelHost, ServiceError
+from evomerge.server.sampling import SamplingParams
 
 TOKEN_ENV = "EVOMERGE_SERVE_TOKEN"
 MAX_REQUEST_BYTES = 1 << 20
@@ -54,6 +58,16 @@ MAX_STOP = 4
 """Stop strings per request, as in the OpenAI reference."""
 MAX_MESSAGES = 256
 """Messages in one chat request."""
+MAX_N = 16
+"""Choices per prompt (``n``); each is generated in turn, so this bounds a request's work."""
+MAX_CHOICES = 64
+"""Choices in one request, over all its prompts (prompts × ``n``)."""
+PENALTY_RANGE = (-2.0, 2.0)
+"""OpenAI's range of ``presence_penalty`` and ``frequency_penalty``."""
+BIAS_RANGE = (-100.0, 100.0)
+"""OpenAI's range of a ``logit_bias`` value."""
+MAX_BIASED_TOKENS = 300
+"""Tokens in one ``logit_bias``, as OpenAI bounds it."""
 
 BODY_TIMEOUT_S = 30.0
 """A request body must arrive whole within this (408 otherwise)."""
@@ -85,6 +99,8 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 Name = Annotated[str, Field(max_length=MAX_NAME), AfterValidator(_unicode)]
 Coefficient = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT)]
+Penalty = Annotated[float, Field(allow_inf_nan=False, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])]
+Bias = Annotated[float, Field(allow_inf_nan=False, ge=BIAS_RANGE[0], le=BIAS_RANGE[1])]
 
 
 class _Body(BaseModel):
@@ -98,19 +114,21 @@ class StreamOptions(BaseModel):
 
 class _Sampling(_Body):
     """What both completion routes take: how to sample, where to stop, whether to stream, and
-    the reference's fields this server does not implement (refused unless left at their defaults)."""
+    the reference's fields this server does not implement (refused unless left at their defaults).
+    ``skip_special_tokens`` is vLLM's extra field (an SDK sends it in ``extra_body``)."""
 
     model: Name
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, ge=MIN_TOP_P, le=1.0)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, Bias] | None = Field(default=None, max_length=MAX_BIASED_TOKENS)
+    skip_special_tokens: bool = True
 
     @field_validator("temperature")
     @classmethod
@@ -121,9 +139,7 @@ class _Sampling(_Body):
 
     def unsupported(self) -> list[str]:
         """The fields set to something this server would otherwise silently ignore."""
-        return [
-            name for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0)) if getattr(self, name) != default
-        ] + (["logit_bias"] if self.logit_bias else [])
+        return []
 
 
 class CompletionRequest(_Sampling):
@@ -135,9 +151,7 @@ class CompletionRequest(_Sampling):
     suffix: Text | None = None
 
     def unsupported(self) -> list[str]:
-        return [
-            name for name, default in (("best_of", 1), ("suffix", None)) if getattr(self, name) not in (None, default)
-        ] + super().unsupported()
+        return (["best_of"] if self.best_of not in (None, self.n) else []) + (["suffix"] if self.suffix is not None else [])
 
 
 class TextPart(BaseModel):
@@ -162,15 +176,13 @@ class ChatRequest(_Sampling):
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0, description="the newer name of max_tokens")
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> list[str]:
-        return (
-            (["logprobs"] if self.logprobs else [])
-            + (["tools"] if self.tools else [])
-            + (["response_format"] if self.response_format not in (None, {"type": "text"}) else [])
-            + super().unsupported()
+        return (["tools"] if self.tools else []) + (
+            ["response_format"] if self.response_format not in (None, {"type": "text"}) else []
         )
 
 
@@ -202,8 +214,9 @@ class CoefficientsRequest(_Body):
     tag: Name | None = None
 
 
-def _prompts(host: ModelHost, prompt: Any) -> list[tuple[list[int], str]]:
-    """(token ids, echo text) per prompt, for each of the four prompt forms of the reference."""
+def _prompts(host: ModelHost, prompt: Any, skip_special_tokens: bool) -> list[tuple[list[int], str]]:
+    """(token ids, echo text) per prompt, for each of the four prompt forms of the reference (a
+    prompt of token ids echoes as their text, rendered as the completion is)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -221,31 +234,75 @@ def _prompts(host: ModelHost, prompt: Any) -> list[tuple[list[int], str]]:
         else:
             if any(not 0 <= t < vocab for t in item):
                 raise ServiceError(400, f"Token ids must lie in [0, {vocab}).", "invalid_prompt")
-            ids, text = list(item), host.tokenizer.decode(list(item))
+            ids, text = list(item), host.tokenizer.decode(list(item), skip_special_tokens=skip_special_tokens)
         if not ids:
             raise ServiceError(400, "A prompt has no tokens.", "invalid_prompt")
         out.append((ids, text))
     return out
 
 
-def _sampling(request: _Sampling) -> list[str]:
-    """The stop strings of a request this server can honour; a 400 naming what it cannot."""
+def _sampling(host: ModelHost, request: _Sampling, max_tokens: int, logprobs: int | None, **more: Any) -> SamplingParams:
+    """The sampling parameters of a request this server can honour; a 400 naming what it cannot."""
     if request.stream_options is not None and not request.stream:
-        raise ServiceError(400, "stream_options is only allowed when stream is true.", "invalid_stream_options")
-    if request.n != 1:
-        raise ServiceError(400, "Only n = 1 is supported by this server.", "unsupported_parameter")
+        raise ServiceError(400, "stream_options is only allowed when stream is true.", "invalid_stream_options", param="stream_options")
     if request.unsupported():
-        raise ServiceError(400, f"Not supported by this server: {', '.join(request.unsupported())}.", "unsupported_parameter")
+        unsupported = request.unsupported()
+        raise ServiceError(400, f"Not supported by this server: {', '.join(unsupported)}.", "unsupported_parameter", param=unsupported[0])
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > MAX_STOP or any(not s for s in stop):
-        raise ServiceError(400, f"stop takes at most {MAX_STOP} non-empty strings.", "invalid_stop")
-    return stop
+        raise ServiceError(400, f"stop takes at most {MAX_STOP} non-empty strings.", "invalid_stop", param="stop")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        stop=stop,
+        logprobs=logprobs,
+        skip_special_tokens=request.skip_special_tokens,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logit_bias=_logit_bias(host, request.logit_bias or {}),
+        **more,
+    )
 
 
-def _generator(
-    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], max_tokens: int
-) -> torch.Generator:
-    """The sampling generator of a request (seeded by ``seed``), once its prompts fit the context."""
+def _logit_bias(host: ModelHost, bias: dict[str, float]) -> dict[int, float]:
+    """``logit_bias`` keyed by token id, each a token of the model's vocabulary."""
+    vocab = len(host.tokenizer)
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if key.isascii() and key.isdigit() else None
+        if token is None or not 0 <= token < vocab:
+            raise ServiceError(
+                400, f"logit_bias: '{key[:40]}' is not a token id in [0, {vocab}).", "invalid_logit_bias", param="logit_bias"
+            )
+        out[token] = value
+    return out
+
+
+def _choice_generators(request: _Sampling) -> list[torch.Generator]:
+    """One sampling generator per choice of a prompt: seeded ``seed + index`` (as vLLM seeds
+    parallel samples), so each choice is the same whatever ``n`` and the other prompts."""
+    generators = []
+    for index in range(request.n):
+        generator = torch.Generator()
+        if request.seed is None:
+            generator.seed()
+        else:  # torch reads a negative seed s as 2⁶⁴ − 1 + s; the sum wraps around 2⁶⁴
+            seed = request.seed if request.seed >= 0 else 2**64 - 1 + request.seed
+            generator.manual_seed((seed + index) % 2**64)
+        generators.append(generator)
+    return generators
+
+
+def _check_room(host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], max_tokens: int) -> None:
+    """Refuse a request whose prompts or choices do not fit (the context, ``MAX_CHOICES``)."""
+    if len(prompts) * request.n > MAX_CHOICES:
+        raise ServiceError(
+            400,
+            f"n = {request.n} over {len(prompts)} prompts asks for {len(prompts) * request.n} choices; at most {MAX_CHOICES}.",
+            "too_many_choices",
+            param="n",
+        )
     for ids, _ in prompts:
         if len(ids) + max_tokens > host.max_positions:
             raise ServiceError(
@@ -254,12 +311,6 @@ def _generator(
                 f" and max_tokens is {max_tokens}.",
                 "context_length_exceeded",
             )
-    generator = torch.Generator()
-    if request.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(request.seed)
-    return generator
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -267,31 +318,33 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
+Choice = tuple[int, torch.nn.Module, list[int], str, torch.Generator]
+"""One choice to make: its index, the model, its prompt's ids and text, and its sampling generator."""
+
+
+def _choices(
+    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], max_tokens: int
+) -> Iterator[Choice]:
+    """Each choice of a request on ``request.model`` in turn: ``n`` per prompt, indexed
+    ``prompt × n + choice`` as in the reference. The model stays in use until the iterator
+    ends or is closed."""
+    _check_room(host, request, prompts, max_tokens)
+    with host.running(request.model) as model:
+        for p, (ids, text) in enumerate(prompts):
+            for c, generator in enumerate(_choice_generators(request)):
+                yield p * request.n + c, model, ids, text, generator
+
+
 def _run_prompts(
     host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], params: SamplingParams
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Each prompt completed on ``request.model``: the choices and the request's usage."""
-    generator = _generator(host, request, prompts, params.max_tokens)
-    choices, prompt_tokens, completion_tokens = [], 0, 0
-    with host.running(request.model) as model:
-        for index, (ids, text) in enumerate(prompts):
-            result = complete(model, host.tokenizer, ids, text, params, generator)
-            choices.append({"index": index, **result.choice})
-            prompt_tokens += result.prompt_tokens
-            completion_tokens += result.completion_tokens
-    return choices, _usage(prompt_tokens, completion_tokens)
-
-
-def _stream_prompts(
-    host: ModelHost, request: _Sampling, prompts: list[tuple[list[int], str]], params: SamplingParams
-) -> Iterator[tuple[int, Chunk]]:
-    """Each prompt streamed on ``request.model`` in turn: (prompt index, chunk); the model stays
-    in use until the iterator ends or is closed."""
-    generator = _generator(host, request, prompts, params.max_tokens)
-    with host.running(request.model) as model:
-        for index, (ids, text) in enumerate(prompts):
-            for chunk in stream(model, host.tokenizer, ids, text, params, generator):
-                yield index, chunk
+    """Each choice completed: the choices and the request's usage (each prompt counted once)."""
+    choices, completion_tokens = [], 0
+    for index, model, ids, text, generator in _choices(host, request, prompts, params.max_tokens):
+        result = complete(model, host.tokenizer, ids, text, params, generator)
+        choices.append({"index": index, **result.choice})
+        completion_tokens += result.completion_tokens
+    return choices, _usage(sum(len(ids) for ids, _ in prompts), completion_tokens)
 
 
 def _streamed(
@@ -299,17 +352,18 @@ def _streamed(
     chunk_choice: Callable[[int, Chunk, bool], dict[str, Any] | None], head: dict[str, Any],
 ) -> Iterator[dict[str, Any]]:
     """The events of a streamed request: ``head`` plus each chunk's choice (``chunk_choice(index,
-    chunk, first of its prompt)``, ``None`` to send nothing), then the usage when asked for. With
-    ``include_usage`` every chunk carries ``usage: null`` and a last one, without choices, the usage."""
+    chunk, first of its choice)``, ``None`` to send nothing), choice after choice, then the usage
+    when asked for. With ``include_usage`` every chunk carries ``usage: null`` and a last one,
+    without choices, the usage."""
     with_usage = request.stream_options is not None and request.stream_options.include_usage
     head = {**head, "created": int(time.time()), "model": request.model}
-    completion_tokens, started = 0, set()
-    for index, chunk in _stream_prompts(host, request, prompts, params):
-        completion_tokens += chunk.completion_tokens
-        choice = chunk_choice(index, chunk, index not in started)
-        started.add(index)
-        if choice is not None:
-            yield {**head, "choices": [choice]} | ({"usage": None} if with_usage else {})
+    completion_tokens = 0
+    for index, model, ids, text, generator in _choices(host, request, prompts, params.max_tokens):
+        for number, chunk in enumerate(stream(model, host.tokenizer, ids, text, params, generator)):
+            completion_tokens += chunk.completion_tokens
+            choice = chunk_choice(index, chunk, number == 0)
+            if choice is not None:
+                yield {**head, "choices": [choice]} | ({"usage": None} if with_usage else {})
     if with_usage:
         yield {**head, "choices": [], "usage": _usage(sum(len(ids) for ids, _ in prompts), completion_tokens)}
 
@@ -322,32 +376,26 @@ def _completion_chunk(index: int, chunk: Chunk, first: bool) -> dict[str, Any] |
 
 
 def _chat_chunk(index: int, chunk: Chunk, first: bool) -> dict[str, Any] | None:
-    """A chat chunk: the first names the role (the prompt read), later ones carry the content."""
+    """A chat chunk: the first names the role (the prompt read), later ones carry the content
+    and, when asked, the log-probabilities of its tokens."""
     if first:
         delta: dict[str, str] = {"role": "assistant", "content": chunk.text}
     elif chunk.text:
         delta = {"content": chunk.text}
-    elif chunk.finish_reason:
+    elif chunk.finish_reason or (chunk.logprobs and chunk.logprobs["content"]):
         delta = {}
     else:
         return None
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+    logprobs = chunk.logprobs if chunk.logprobs and chunk.logprobs["content"] else None
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
 
 
 def _completion_job(
     host: ModelHost, request: CompletionRequest
 ) -> tuple[list[tuple[list[int], str]], SamplingParams]:
     """The prompts and sampling parameters of a completions request."""
-    stop = _sampling(request)
-    params = SamplingParams(
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        stop=stop,
-        logprobs=request.logprobs,
-        echo=request.echo,
-    )
-    return _prompts(host, request.prompt), params
+    params = _sampling(host, request, request.max_tokens, request.logprobs, echo=request.echo)
+    return _prompts(host, request.prompt, request.skip_special_tokens), params
 
 
 def _completion_events(host: ModelHost, request: CompletionRequest) -> Iterator[dict[str, Any]]:
@@ -392,14 +440,13 @@ def _chat_prompt(host: ModelHost, request: ChatRequest) -> tuple[list[int], str]
 
 def _chat_job(host: ModelHost, request: ChatRequest) -> tuple[list[tuple[list[int], str]], SamplingParams]:
     """The rendered conversation (the one prompt) and the sampling parameters of a chat request."""
-    stop = _sampling(request)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ServiceError(400, "top_logprobs needs logprobs set to true.", "invalid_request", param="top_logprobs")
     ids, text = _chat_prompt(host, request)
     limit = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = max(0, host.max_positions - len(ids)) if limit is None else limit  # the reference: up to the context
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, stop=stop, skip_special_tokens=True
-    )
-    return [(ids, text)], params
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return [(ids, text)], _sampling(host, request, max_tokens, logprobs, chat_logprobs=True)
 
 
 def _chat_events(host: ModelHost, request: ChatRequest) -> Iterator[dict[str, Any]]:
@@ -410,14 +457,21 @@ def _chat_events(host: ModelHost, request: ChatRequest) -> Iterator[dict[str, An
 
 def _chat_completions(host: ModelHost, request: ChatRequest) -> dict[str, Any]:
     prompts, params = _chat_job(host, request)
-    (choice,), usage = _run_prompts(host, request, prompts, params)
-    message = {"role": "assistant", "content": choice["text"]}
+    choices, usage = _run_prompts(host, request, prompts, params)
     return {
         "id": "chatcmpl-" + uuid.uuid4().hex,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": request.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": choice["finish_reason"]}],
+        "choices": [
+            {
+                "index": c["index"],
+                "message": {"role": "assistant", "content": c["text"]},
+                "logprobs": c["logprobs"],
+                "finish_reason": c["finish_reason"],
+            }
+            for c in choices
+        ],
         "usage": usage,
     }
 
@@ -467,7 +521,7 @@ def create_app(
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.message, exc.code), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc.status, exc.message, exc.code, exc.param), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -63,12 +63,16 @@ log = logging.getLogger(__name__)
 class ServiceError(Exception):
     """A refusal the server answers in the OpenAI error shape, with this HTTP status."""
 
-    def __init__(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = headers or {}
+        self.param = param
+        """The request field to change, OpenAI's ``error.param``."""
 
 
 def _not_found(kind: str, name: str) -> ServiceError:

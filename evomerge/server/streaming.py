@@ -74,7 +74,7 @@ class EventStream(Response):
                     try:
                         ahead = await asyncio.to_thread(next, events, None)
                     except ServiceError as exc:
-                        body = error_body(exc.status, exc.message, exc.code)
+                        body = error_body(exc.status, exc.message, exc.code, exc.param)
                         await JSONResponse(body, exc.status, exc.headers)(scope, receive, bounded_send)
                         return
                     await bounded_send({"type": "http.response.start", "status": 200, "headers": HEADERS})
@@ -97,7 +97,7 @@ class EventStream(Response):
             try:
                 ahead = await asyncio.to_thread(next, events, None)
             except ServiceError as exc:
-                await _end(send, event(error_body(exc.status, exc.message, exc.code)))
+                await _end(send, event(error_body(exc.status, exc.message, exc.code, exc.param)))
                 return
             except Exception:
                 await _end(send, event(error_body(500, INTERNAL_ERROR, "internal_error")))

@@ -121,8 +121,11 @@ def test_stop_is_applied_by_the_server_and_seed_makes_sampling_reproducible(serv
 
 @pytest.mark.parametrize("body, status, code", [
     ({"model": "nope", "prompt": "1"}, 404, "model_not_found"),
-    ({"model": "tiny-base", "prompt": "1", "n": 2}, 400, "unsupported_parameter"),
-    ({"model": "tiny-base", "prompt": "1", "presence_penalty": 0.5}, 400, "unsupported_parameter"),
+    ({"model": "tiny-base", "prompt": "1", "n": 2, "best_of": 3}, 400, "unsupported_parameter"),
+    ({"model": "tiny-base", "prompt": "1", "suffix": "2"}, 400, "unsupported_parameter"),
+    ({"model": "tiny-base", "prompt": "1", "n": 0}, 400, "invalid_request"),
+    ({"model": "tiny-base", "prompt": "1", "frequency_penalty": -2.1}, 400, "invalid_request"),
+    ({"model": "tiny-base", "prompt": "1", "logit_bias": {"-1": 5}}, 400, "invalid_logit_bias"),
     ({"model": "tiny-base", "prompt": ["1"] * 65}, 400, "too_many_prompts"),
     ({"model": "tiny-base", "prompt": "1" * 60, "max_tokens": 10}, 400, "context_length_exceeded"),
     ({"model": "tiny-base", "prompt": "1", "logprobs": 21}, 400, "invalid_request"),

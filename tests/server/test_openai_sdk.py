@@ -142,12 +142,14 @@ def test_refusals_raise_the_sdks_error_classes(service, client, chat_client):
         assert missing.value.code == "model_not_found"
     refusals = [
         (client.completions.create, {"model": "tiny-base", "prompt": "1", "temperature": 5}, "invalid_request"),
-        (client.completions.create, {"model": "tiny-base", "prompt": "1", "n": 2, "stream": True}, "unsupported_parameter"),
+        (client.completions.create, {"model": "tiny-base", "prompt": "1", "n": 1000, "stream": True}, "invalid_request"),
+        (client.completions.create, {"model": "tiny-base", "prompt": ["1"] * 9, "n": 8}, "too_many_choices"),
         (client.completions.create, {"model": "tiny-base", "prompt": "1", "max_tokens": 100, "stream": True}, "context_length_exceeded"),
         (chat_client.chat.completions.create,
-         {"model": "tiny-base", "messages": [{"role": "user", "content": "1"}], "logprobs": True, "stream": True}, "unsupported_parameter"),
+         {"model": "tiny-base", "messages": [{"role": "user", "content": "1"}], "top_logprobs": 2, "stream": True}, "invalid_request"),
     ]
-    for create, asked, code in refusals:
+    params = ["temperature", "n", "n", None, "top_logprobs"]
+    for (create, asked, code), param in zip(refusals, params):
         with pytest.raises(openai.BadRequestError) as refused:
             create(**asked)
-        assert refused.value.code == code, refused.value
+        assert refused.value.code == code and refused.value.param == param, refused.value
