@@ -75,6 +75,13 @@ def serve_process(base: Path, adapters: Path | None, port: int | None = None) ->
             proc.wait(timeout=30)
 
 
+def openai_client(url: str, key: str = TOKEN):
+    """The ``openai`` SDK on a service at ``url``, retries off so a refusal is one request."""
+    import openai  # here: only the tests that drive a service as the SDK does need it
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
 def wait_healthy(url: str, proc: subprocess.Popen) -> None:
     """Poll /health until it answers; a child that exits first fails with its stderr."""
     import httpx  # here, not at the top: a GPU image without the black-box client still runs the other tests

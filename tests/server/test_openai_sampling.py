@@ -7,28 +7,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-import openai
 import pytest
 
 from evomerge.models.zoo.tiny_lm import build_tokenizer
-from fixtures_service import TOKEN, chat_text
+from fixtures_service import chat_text
 
 PROMPT = "12+34="
 MESSAGES = [{"role": "user", "content": "12+34="}]
-
-
-def sdk(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def client(service) -> openai.OpenAI:
-    return sdk(service)
-
-
-@pytest.fixture(scope="module")
-def chat_client(judge_service) -> openai.OpenAI:
-    return sdk(judge_service)
 
 
 @pytest.fixture(scope="module")

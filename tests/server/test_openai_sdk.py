@@ -8,21 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from fixtures_service import TOKEN
-
-
-def sdk(url: str, key: str = TOKEN) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def client(service) -> openai.OpenAI:
-    return sdk(service)
-
-
-@pytest.fixture(scope="module")
-def chat_client(judge_service) -> openai.OpenAI:
-    return sdk(judge_service)
+from fixtures_service import openai_client
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +119,9 @@ def test_a_chat_stream_without_options_ends_with_its_finish_reason(chat_client):
 
 def test_refusals_raise_the_sdks_error_classes(service, client, chat_client):
     with pytest.raises(openai.AuthenticationError):
-        sdk(service, "wrong").models.list()
+        openai_client(service, "wrong").models.list()
     with pytest.raises(openai.AuthenticationError):
-        sdk(service, "wrong").completions.create(model="tiny-base", prompt="1", stream=True)
+        openai_client(service, "wrong").completions.create(model="tiny-base", prompt="1", stream=True)
     for stream in (False, True):
         with pytest.raises(openai.NotFoundError) as missing:
             client.completions.create(model="nope", prompt="1", max_tokens=2, stream=stream)
