@@ -308,7 +308,10 @@ class RunStore:
         if readonly and not has_schema:
             raise RunDirError(f"{self.run_dir}: the run is still being created; try again in a moment")
         if create and has_schema and self._holds_run():
-            raise RunDirError(f"{self.run_dir} already holds a run; choose another --run-dir or remove it")
+            raise RunDirError(
+                f"{self.run_dir} already holds a run: continue it with evomerge resume {self.run_dir},"
+                " or choose another --run-dir, or remove it"
+            )
         if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -381,7 +384,7 @@ class RunStore:
         """Start the run: ``config.yaml`` for the user to read (and edit what a resume may
         change), and the same config kept in the store as the one the run started with."""
         if self._holds_run():
-            raise RunDirError(f"{self.run_dir} already holds a run; choose another --run-dir")
+            raise RunDirError(f"{self.run_dir} already holds a run: continue it with evomerge resume {self.run_dir}, or choose another --run-dir")
         now = time.time()
         with disk_faults(self.run_dir):
             (self.run_dir / CONFIG_NAME).write_text(config_yaml)

@@ -24,6 +24,14 @@ def test_a_directory_or_binary_file_as_the_config(tmp_path, capsys):
     refused(capsys, ["run", str(binary)], str(binary), "not a YAML text file")
 
 
+@pytest.mark.parametrize("content", ["", "# only a comment\n"])
+def test_an_empty_config_is_named_empty(tmp_path, capsys, content):
+    """Before: "expected a mapping of settings at the top level", for a file with nothing in it."""
+    path = tmp_path / "empty.yaml"
+    path.write_text(content)
+    refused(capsys, ["validate", str(path)], str(path), "the config is empty")
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_an_unreadable_config(tmp_path, capsys):
     path = tmp_path / "secret.yaml"
