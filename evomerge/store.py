@@ -265,6 +265,16 @@ def clear_run_dir(run_dir: Path) -> None:
         lock.release()
 
 
+def _not_a_run_dir(path: Path) -> str:
+    """Why ``path`` holds no run, in the words that say what to give instead (a config file is
+    the likeliest mistake: ``evomerge status my-run.yaml``)."""
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
+        return f"{path} is a config file; give the run directory instead (the config's run_dir, or run's --run-dir)"
+    if not path.exists():
+        return f"{path}: no such run directory"
+    return f"{path}: not an evomerge run directory (no {DB_NAME})"
+
+
 class RunStore:
     """Access to one run directory's database. Cheap to open; safe to open read-only elsewhere.
 
@@ -278,7 +288,7 @@ class RunStore:
         if create and self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunDirError(f"{self.run_dir} is a file, not a directory; choose another --run-dir")
         if not create and not self.db_path.exists():
-            raise RunDirError(f"{self.run_dir}: not an evomerge run directory (no {DB_NAME})")
+            raise RunDirError(_not_a_run_dir(self.run_dir))
         self._new_db = create and not self.db_path.exists()  # what ``discard`` may remove
         if create:
             with disk_faults(self.run_dir):

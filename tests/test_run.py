@@ -81,6 +81,16 @@ def test_status_of_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert "not an evomerge run directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["status"], ["resume"], ["report"], ["export", "--out", "merged"]])
+def test_a_config_file_or_a_missing_path_given_as_the_run_directory(tmp_path, digits_config, capsys, command):
+    """Before: both read "not an evomerge run directory (no run.db)", which does not say that a
+    config was given where its run directory belongs, nor that the path does not exist."""
+    config = digits_config()
+    name, *rest = command
+    refused(capsys, [name, str(config), *rest], str(config), "is a config file", "give the run directory")
+    refused(capsys, [name, str(tmp_path / "no-such-run"), *rest], "no such run directory")
+
+
 def test_export_reproduces_the_best_candidate(tmp_path, digits_config):
     from transformers import AutoModel
 
