@@ -101,6 +101,12 @@ def _entry_point(name: str):
 
 
 def _unknown(name: str) -> PluginError:
+    module, dot, function = name.rpartition(".")
+    if dot and module and function:  # a dotted path with the colon left out
+        return PluginError(
+            f"unknown fitness '{name}': a plugin is named 'package.module:function', with a colon"
+            f" before the function; did you mean '{module}:{function}'?"
+        )
     known = ", ".join(sorted(FITNESS_FUNCTIONS))
     return PluginError(
         f"unknown fitness '{name}': use a built-in ({known}), 'package.module:function',"

@@ -61,6 +61,7 @@ def test_entry_point_and_module_references_resolve_to_the_same_function(installe
         ("acme_fitness:nothing_here", "acme_fitness has no function 'nothing_here'"),
         ("no_such_module_xyz:score", "cannot import no_such_module_xyz"),
         ("not-registered-anywhere", "unknown fitness 'not-registered-anywhere'"),
+        ("acme_fitness.balanced", "did you mean 'acme_fitness:balanced'"),
     ],
 )
 def test_broken_plugins_are_named(installed_plugin, name, message):
