@@ -140,3 +140,32 @@ def test_every_registered_name_and_strategy_option_is_in_the_readme():
     for name, cls in STRATEGIES.items():
         missing = [option for option in cls.Options.model_fields if f"`{option}`" not in rows[name]]
         assert missing == [], f"README's strategy table, {name}: {missing}"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", markdown, re.M)}
+
+
+def test_every_link_of_the_readme_leads_somewhere():
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", README):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        if path and not (ROOT / path).exists():
+            broken.append(target)
+        elif anchor and (path == "" or path.endswith(".md")):
+            if anchor not in _anchors(README if not path else (ROOT / path).read_text(encoding="utf-8")):
+                broken.append(target)
+    assert broken == []
+
+
+def test_every_make_target_the_readme_names_exists():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][\w-]*):", makefile, re.M))
+    named = set(re.findall(r"`make ([a-z][\w-]*)", README))
+    assert named and named <= targets, named - targets
