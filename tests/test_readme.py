@@ -169,3 +169,12 @@ def test_every_make_target_the_readme_names_exists():
     targets = set(re.findall(r"^([a-z][\w-]*):", makefile, re.M))
     named = set(re.findall(r"`make ([a-z][\w-]*)", README))
     assert named and named <= targets, named - targets
+
+
+def test_every_extra_the_readme_installs_exists_and_each_is_named():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = {extra for group in re.findall(r"(?:evomerge|\.)\[([a-z,]+)\]", README) for extra in group.split(",")}
+    assert named <= extras, named - extras
+    assert [extra for extra in extras if f"`{extra}`" not in README and extra not in named] == []
