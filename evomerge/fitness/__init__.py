@@ -129,6 +129,18 @@ def own_examples(name: str, options: dict[str, Any]) -> Any:
     return source(**options)
 
 
+def resolve_whitebox_fitness(name: str) -> FitnessFn:
+    """A white-box fitness ``fn(model, tokenizer, examples)``: a built-in or a plugin that is not
+    async (an async plugin is the black-box form; called here it would only make coroutines)."""
+    fn = resolve_fitness(name)
+    if inspect.iscoroutinefunction(fn):
+        raise PluginError(
+            f"fitness plugin '{name}' is async, the black-box form fn(model, examples) for runs with an api:"
+            " section; white-box runs call a plain fn(model, tokenizer, examples)"
+        )
+    return fn
+
+
 def resolve_blackbox_fitness(name: str) -> Callable[..., Any]:
     """A black-box fitness ``async fn(model, examples)``: a built-in of ``blackbox.py`` (the same
     names as the white-box language-model functions), or an async plugin."""
@@ -210,6 +222,7 @@ __all__ = [
     "per_example_scores",
     "resolve_blackbox_fitness",
     "resolve_fitness",
+    "resolve_whitebox_fitness",
     "scores_and_metrics",
     "with_options",
 ]

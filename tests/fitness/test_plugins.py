@@ -29,6 +29,9 @@ def nothing(model, tokenizer, examples):
 
 def no_tokenizer(model, examples):
     return balanced(model, None, examples)
+
+async def served(model, examples):
+    return [1.0] * len(examples)
 """
 
 
@@ -108,3 +111,11 @@ def test_a_plugin_missing_from_the_working_directory_says_where_it_was_looked_fo
     path = digits_config(fitness={"name": "acme_not_here.fitness:score", "data": {"source": "sklearn:digits"}})
     refused(capsys, ["validate", str(path)], "No module named 'acme_not_here'", f"nor in {tmp_path}",
             "run evomerge from the directory that holds acme_not_here")
+
+
+def test_an_async_plugin_in_a_white_box_run_is_refused_by_validate(installed_plugin, digits_config, capsys):
+    """Before: validate passed it, and every candidate failed with a TypeError (exit 3)."""
+    path = digits_config(fitness={"name": "acme_fitness:served", "data": {"source": "sklearn:digits"}},
+                         budget={"evaluations": 4})
+    for command in ("validate", "run"):
+        refused(capsys, [command, str(path)], "acme_fitness:served", "is async", "fn(model, tokenizer, examples)")
