@@ -181,7 +181,10 @@ def with_options(fn: FitnessFn, name: str, options: dict[str, Any]) -> FitnessFn
         signature.bind(*positional, **options)
     except TypeError as exc:
         if options:
-            raise PluginError(f"fitness '{name}' does not accept options {sorted(options)}: {exc}") from None
+            takes = [p.name for p in list(signature.parameters.values())[len(positional):]
+                     if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            known = f"it takes {', '.join(takes)}" if takes else "it takes no options"
+            raise PluginError(f"fitness '{name}' does not accept options {sorted(options)}: {exc} ({known})") from None
         raise PluginError(f"fitness '{name}' must be callable as {call} (fitness.options as keywords): {exc}") from None
     return functools.partial(fn, **options) if options else fn
 
