@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import typing
 from pathlib import Path
 
@@ -178,3 +179,31 @@ def test_every_extra_the_readme_installs_exists_and_each_is_named():
     named = {extra for group in re.findall(r"(?:evomerge|\.)\[([a-z,]+)\]", README) for extra in group.split(",")}
     assert named <= extras, named - extras
     assert [extra for extra in extras if f"`{extra}`" not in README and extra not in named] == []
+
+
+def test_the_black_box_plugin_snippet_scores_through_a_served_model(tmp_path, monkeypatch):
+    """The README's async plugin, resolved as a black-box run resolves it, on a stand-in for the
+    served candidate that answers log-likelihoods as ``ServedModel`` does."""
+    import asyncio
+
+    from evomerge.fitness import resolve_blackbox_fitness, scores_and_metrics, with_options
+    from evomerge.fitness.blackbox import Loglikelihood
+
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "my_pkg/served.py" in b)
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "served.py").write_text(snippet)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Served:
+        async def loglikelihood(self, context: str, continuation: str) -> Loglikelihood:
+            return Loglikelihood(logprob=-1.0, tokens=2, is_greedy=continuation == "yes")
+
+    try:
+        fn = with_options(resolve_blackbox_fitness("my_pkg.served:short_answers"), "my_pkg.served:short_answers", {})
+        examples = [{"prompt": "q1", "target": "yes"}, {"prompt": "q2", "target": "no"}]
+        scores, _ = scores_and_metrics(asyncio.run(fn(Served(), examples)), 2, "short_answers")
+    finally:  # another test may write a my_pkg of its own
+        for name in ("my_pkg.served", "my_pkg"):
+            sys.modules.pop(name, None)
+    assert scores.tolist() == [1.0, 0.0]
