@@ -207,3 +207,21 @@ def test_the_black_box_plugin_snippet_scores_through_a_served_model(tmp_path, mo
         for name in ("my_pkg.served", "my_pkg"):
             sys.modules.pop(name, None)
     assert scores.tolist() == [1.0, 0.0]
+
+
+def test_the_racing_snippet_shows_the_defaults_it_says_it_shows():
+    """The README says of its racing block: "These values are the defaults"."""
+    from evomerge.config import RacingConfig
+
+    assert "These values are the defaults" in README
+    racing = next(s["fitness"]["racing"] for _, s in _yaml_snippets() if "racing" in s.get("fitness", {}))
+    assert RacingConfig(**racing) == RacingConfig()
+    assert set(racing) == set(RacingConfig.model_fields)
+
+
+def test_the_workers_snippet_shows_the_defaults_but_for_count_and_address():
+    from evomerge.config import WorkersConfig
+
+    workers = next(s["workers"] for _, s in _yaml_snippets() if "workers" in s)
+    shown = WorkersConfig(**workers).model_dump(exclude={"count", "address"})
+    assert shown == WorkersConfig().model_dump(exclude={"count", "address"})
