@@ -388,7 +388,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evomerge import __version__
+
     parser = argparse.ArgumentParser(prog="evomerge", description="Search for the best way to merge fine-tuned models.")
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     parser.set_defaults(own_sigterm=False)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a search from a config file")

@@ -328,3 +328,10 @@ def test_a_base_dir_setting_and_an_empty_run_dir_are_refused_not_ignored(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(["run", str(digits_config()), "--run-dir", ""])
     assert exit_info.value.code == 2 and "--run-dir: must not be empty" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    """An ML engineer's first question for a bug report; before: 'the following arguments are required'."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"evomerge {evomerge.__version__}"
