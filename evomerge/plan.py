@@ -12,7 +12,6 @@ mistake a run would, without loading a model.
 from __future__ import annotations
 
 import difflib
-
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,8 +246,10 @@ class RunPlan:
             options = strategy.Options.model_validate(pop.options)
         except ValidationError as err:
             first = err.errors()[0]
-            msg = _unknown_option(str(first["loc"][-1]), pop.strategy, list(strategy.Options.model_fields)) \
-                if first["type"] == "extra_forbidden" else first["msg"]
+            if first["type"] == "extra_forbidden":
+                msg = _unknown_option(str(first["loc"][-1]), pop.strategy, list(strategy.Options.model_fields))
+            else:
+                msg = first["msg"]
             where = field_path(first["loc"])
             raise self._fail(f"populations.{i}.options{'.' + where if where else ''}", msg) from None
         requires = strategy.requires(options)
