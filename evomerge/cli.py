@@ -276,14 +276,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from evomerge.config import load_config
-    from evomerge.fitness import resolve_blackbox_fitness, resolve_fitness, with_options
+    from evomerge.fitness import resolve_blackbox_fitness, resolve_whitebox_fitness, with_options
     from evomerge.plan import RunPlan
 
     config = load_config(args.config)
     plan = RunPlan.from_config(config, args.config)
     if not args.no_files:
         plan.check_files()
-    resolve = resolve_fitness if config.api is None else resolve_blackbox_fitness
+    resolve = resolve_whitebox_fitness if config.api is None else resolve_blackbox_fitness
     with_options(resolve(config.fitness.name), config.fitness.name, config.fitness.options)
     print(f"{args.config}: ok ({len(config.models.experts)} experts, {config.merge.method}, "
           f"{len(config.populations)} population(s))")
@@ -388,7 +388,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evomerge import __version__
+
     parser = argparse.ArgumentParser(prog="evomerge", description="Search for the best way to merge fine-tuned models.")
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     parser.set_defaults(own_sigterm=False)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a search from a config file")

@@ -683,6 +683,8 @@ def _format_errors(source: str, err: ValidationError) -> str:
 
 
 def config_from_dict(data: Any, source: str = "<config>", base_dir: Path | None = None) -> RunConfig:
+    if data is None:  # an empty file, or one holding only comments
+        raise ConfigError(f"{source}: the config is empty; it needs at least models, merge, populations and fitness")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level")
     if "base_dir" in data:  # a field set here, not read: accepted, it would be overwritten unseen

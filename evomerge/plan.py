@@ -11,6 +11,7 @@ mistake a run would, without loading a model.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,10 @@ class RunPlan:
             options = strategy.Options.model_validate(pop.options)
         except ValidationError as err:
             first = err.errors()[0]
-            msg = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+            if first["type"] == "extra_forbidden":
+                msg = _unknown_option(str(first["loc"][-1]), pop.strategy, list(strategy.Options.model_fields))
+            else:
+                msg = first["msg"]
             where = field_path(first["loc"])
             raise self._fail(f"populations.{i}.options{'.' + where if where else ''}", msg) from None
         requires = strategy.requires(options)
@@ -574,3 +578,11 @@ class RunPlan:
             except ValueError as exc:
                 raise self._fail(f"populations.{i}", str(exc)) from None
         return space, strategies
+
+
+def _unknown_option(option: str, strategy: str, known: list[str]) -> str:
+    """An unknown strategy option's message: the option it likely misspells, else the ones there are."""
+    close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown option; did you mean '{close[0]}'?"
+    return f"unknown option ({strategy} takes {', '.join(known)})"

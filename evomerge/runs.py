@@ -275,6 +275,8 @@ def resume_run(
             summary = info["summary"] or {}
             raise RunDirError(
                 f"{run_dir}: the run already finished ({summary.get('stop_reason', 'budget exhausted')}); nothing to resume"
+                " (a finished run is not reopened by a higher limit: only interrupted, deadline-stopped and failed runs"
+                " continue)"
             )
         config = _config_to_resume(store)
         if adjust is not None:

@@ -265,6 +265,16 @@ def clear_run_dir(run_dir: Path) -> None:
         lock.release()
 
 
+def _not_a_run_dir(path: Path) -> str:
+    """Why ``path`` holds no run, in the words that say what to give instead (a config file is
+    the likeliest mistake: ``evomerge status my-run.yaml``)."""
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
+        return f"{path} is a config file; give the run directory instead (the config's run_dir, or run's --run-dir)"
+    if not path.exists():
+        return f"{path}: no such run directory"
+    return f"{path}: not an evomerge run directory (no {DB_NAME})"
+
+
 class RunStore:
     """Access to one run directory's database. Cheap to open; safe to open read-only elsewhere.
 
@@ -278,7 +288,7 @@ class RunStore:
         if create and self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunDirError(f"{self.run_dir} is a file, not a directory; choose another --run-dir")
         if not create and not self.db_path.exists():
-            raise RunDirError(f"{self.run_dir}: not an evomerge run directory (no {DB_NAME})")
+            raise RunDirError(_not_a_run_dir(self.run_dir))
         self._new_db = create and not self.db_path.exists()  # what ``discard`` may remove
         if create:
             with disk_faults(self.run_dir):
@@ -308,7 +318,10 @@ class RunStore:
         if readonly and not has_schema:
             raise RunDirError(f"{self.run_dir}: the run is still being created; try again in a moment")
         if create and has_schema and self._holds_run():
-            raise RunDirError(f"{self.run_dir} already holds a run; choose another --run-dir or remove it")
+            raise RunDirError(
+                f"{self.run_dir} already holds a run: continue it with evomerge resume {self.run_dir},"
+                " or choose another --run-dir, or remove it"
+            )
         if not readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -381,7 +394,7 @@ class RunStore:
         """Start the run: ``config.yaml`` for the user to read (and edit what a resume may
         change), and the same config kept in the store as the one the run started with."""
         if self._holds_run():
-            raise RunDirError(f"{self.run_dir} already holds a run; choose another --run-dir")
+            raise RunDirError(f"{self.run_dir} already holds a run: continue it with evomerge resume {self.run_dir}, or choose another --run-dir")
         now = time.time()
         with disk_faults(self.run_dir):
             (self.run_dir / CONFIG_NAME).write_text(config_yaml)

@@ -24,6 +24,14 @@ def test_a_directory_or_binary_file_as_the_config(tmp_path, capsys):
     refused(capsys, ["run", str(binary)], str(binary), "not a YAML text file")
 
 
+@pytest.mark.parametrize("content", ["", "# only a comment\n"])
+def test_an_empty_config_is_named_empty(tmp_path, capsys, content):
+    """Before: "expected a mapping of settings at the top level", for a file with nothing in it."""
+    path = tmp_path / "empty.yaml"
+    path.write_text(content)
+    refused(capsys, ["validate", str(path)], str(path), "the config is empty")
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_an_unreadable_config(tmp_path, capsys):
     path = tmp_path / "secret.yaml"
@@ -320,3 +328,10 @@ def test_a_base_dir_setting_and_an_empty_run_dir_are_refused_not_ignored(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(["run", str(digits_config()), "--run-dir", ""])
     assert exit_info.value.code == 2 and "--run-dir: must not be empty" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    """An ML engineer's first question for a bug report; before: 'the following arguments are required'."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"evomerge {evomerge.__version__}"

@@ -153,7 +153,22 @@ def test_validate_checks_fitness_options_against_the_function(tmp_path, digits_c
 
     fitness = {"name": "classification_accuracy", "data": {"source": "sklearn:digits"}, "options": {"batch_size": 8}}
     assert main(["validate", str(digits_config(fitness=fitness))]) == 2
-    assert "does not accept options" in capsys.readouterr().err
+    assert "does not accept options ['batch_size']" in (err := capsys.readouterr().err) and "(it takes no options)" in err
+
+
+@pytest.mark.parametrize(
+    "options,words",
+    [({"sigma": 0.2}, ["populations.0.options.sigma", "did you mean 'sigma0'?"]),
+     ({"bogus": 1}, ["populations.0.options.bogus", "cmaes takes sigma0, popsize, separable"])],
+)
+def test_an_unknown_strategy_option_names_the_one_meant_or_those_there_are(digits_config, capsys, options, words):
+    """Before: only "unknown option", leaving the user to find the strategy's options in the code."""
+    from evomerge.cli import main
+
+    path = digits_config(populations=[{"name": "cma", "strategy": "cmaes", "options": options}])
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert all(word in err for word in words), err
 
 
 DEMOS = Path(__file__).resolve().parents[1] / "evomerge" / "demos"

@@ -11,6 +11,7 @@ import pytest
 
 from evomerge.cli import main
 from evomerge.store import RunStore
+from cli_checks import refused
 
 TRAIN_EXAMPLES = 1437
 
@@ -71,13 +72,23 @@ def test_existing_run_dir_is_refused(tmp_path, digits_config, capsys):
     run_dir = tmp_path / "r"
     run_ok(["run", str(digits_config()), "--run-dir", str(run_dir)])
     capsys.readouterr()
-    assert main(["run", str(digits_config()), "--run-dir", str(run_dir)]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    refused(capsys, ["run", str(digits_config()), "--run-dir", str(run_dir)], "already holds a run",
+            f"evomerge resume {run_dir}")
 
 
 def test_status_of_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "not an evomerge run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["status"], ["resume"], ["report"], ["export", "--out", "merged"]])
+def test_a_config_file_or_a_missing_path_given_as_the_run_directory(tmp_path, digits_config, capsys, command):
+    """Before: both read "not an evomerge run directory (no run.db)", which does not say that a
+    config was given where its run directory belongs, nor that the path does not exist."""
+    config = digits_config()
+    name, *rest = command
+    refused(capsys, [name, str(config), *rest], str(config), "is a config file", "give the run directory")
+    refused(capsys, [name, str(tmp_path / "no-such-run"), *rest], "no such run directory")
 
 
 def test_export_reproduces_the_best_candidate(tmp_path, digits_config):
@@ -178,7 +189,7 @@ def test_plugin_with_wrong_shape_stops_with_a_message(tmp_path, digits_config, m
     path = digits_config(fitness={"name": f"{mod}:scalar", "data": {"source": "sklearn:digits"}})
     assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "one per example" in err and "Traceback" not in err
+    assert "returned a single number (0.5)" in err and "not their mean" in err and "Traceback" not in err
     assert RunStore(tmp_path / "r", readonly=True).run_info()["state"] == "failed"
 
 

@@ -101,6 +101,12 @@ def _entry_point(name: str):
 
 
 def _unknown(name: str) -> PluginError:
+    module, dot, function = name.rpartition(".")
+    if dot and module and function:  # a dotted path with the colon left out
+        return PluginError(
+            f"unknown fitness '{name}': a plugin is named 'package.module:function', with a colon"
+            f" before the function; did you mean '{module}:{function}'?"
+        )
     known = ", ".join(sorted(FITNESS_FUNCTIONS))
     return PluginError(
         f"unknown fitness '{name}': use a built-in ({known}), 'package.module:function',"
@@ -123,6 +129,18 @@ def own_examples(name: str, options: dict[str, Any]) -> Any:
     return source(**options)
 
 
+def resolve_whitebox_fitness(name: str) -> FitnessFn:
+    """A white-box fitness ``fn(model, tokenizer, examples)``: a built-in or a plugin that is not
+    async (an async plugin is the black-box form; called here it would only make coroutines)."""
+    fn = resolve_fitness(name)
+    if inspect.iscoroutinefunction(fn):
+        raise PluginError(
+            f"fitness plugin '{name}' is async, the black-box form fn(model, examples) for runs with an api:"
+            " section; white-box runs call a plain fn(model, tokenizer, examples)"
+        )
+    return fn
+
+
 def resolve_blackbox_fitness(name: str) -> Callable[..., Any]:
     """A black-box fitness ``async fn(model, examples)``: a built-in of ``blackbox.py`` (the same
     names as the white-box language-model functions), or an async plugin."""
@@ -142,21 +160,33 @@ def resolve_blackbox_fitness(name: str) -> Callable[..., Any]:
 def with_options(fn: FitnessFn, name: str, options: dict[str, Any]) -> FitnessFn:
     """``fn`` with the config's ``fitness.options`` bound as keyword arguments.
 
-    Checked against the signature once, so a function that does not take an option stops the
-    run with one message instead of failing every candidate with a TypeError.
+    Checked against the signature once, so a function that cannot be called as a fitness (too
+    few or too many positional parameters, an option it does not take) stops the run with one
+    message instead of failing every candidate with a TypeError.
     """
     if name in OPTION_CHECKS:
         OPTION_CHECKS[name](options)
-    if not options:
-        return fn
+    blackbox = inspect.iscoroutinefunction(fn)
+    call = "async fn(model, examples)" if blackbox else "fn(model, tokenizer, examples)"
+    positional = [None] * (2 if blackbox else 3)
     try:
-        n_positional = 2 if inspect.iscoroutinefunction(fn) else 3  # black-box: (model, examples)
-        inspect.signature(fn).bind(*[None] * n_positional, **options)
-    except TypeError as exc:
-        raise PluginError(f"fitness '{name}' does not accept options {sorted(options)}: {exc}") from None
+        signature = inspect.signature(fn)
     except ValueError:  # no signature to check (some builtins): let the call decide
-        pass
-    return functools.partial(fn, **options)
+        return functools.partial(fn, **options) if options else fn
+    try:
+        signature.bind_partial(*positional)
+    except TypeError as exc:
+        raise PluginError(f"fitness '{name}' must be callable as {call}: {exc}") from None
+    try:
+        signature.bind(*positional, **options)
+    except TypeError as exc:
+        if options:
+            takes = [p.name for p in list(signature.parameters.values())[len(positional):]
+                     if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            known = f"it takes {', '.join(takes)}" if takes else "it takes no options"
+            raise PluginError(f"fitness '{name}' does not accept options {sorted(options)}: {exc} ({known})") from None
+        raise PluginError(f"fitness '{name}' must be callable as {call} (fitness.options as keywords): {exc}") from None
+    return functools.partial(fn, **options) if options else fn
 
 
 def scores_and_metrics(raw: Any, n_examples: int, name: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -168,10 +198,17 @@ def scores_and_metrics(raw: Any, n_examples: int, name: str) -> tuple[np.ndarray
 
 def per_example_scores(raw: Any, n_examples: int, name: str) -> np.ndarray:
     """Validate a fitness function's return value: one finite-or-NaN float per example."""
+    if raw is None:
+        raise PluginError(f"fitness '{name}' returned None, expected one score per example ({n_examples} numbers)")
     try:
         scores = np.asarray(raw.detach().cpu() if hasattr(raw, "detach") else raw, dtype=np.float64)
     except (TypeError, ValueError):
         raise PluginError(f"fitness '{name}' returned {type(raw).__name__}, expected one score per example") from None
+    if scores.ndim == 0:  # the mean, most likely: M2N2 and racing need the scores it was taken over
+        raise PluginError(
+            f"fitness '{name}' returned a single number ({float(scores):g}), expected one score per example"
+            f" ({n_examples} numbers): return the per-example scores, not their mean"
+        )
     if scores.shape != (n_examples,):
         raise PluginError(
             f"fitness '{name}' returned scores of shape {scores.shape}, expected ({n_examples},): one per example"
@@ -188,6 +225,7 @@ __all__ = [
     "per_example_scores",
     "resolve_blackbox_fitness",
     "resolve_fitness",
+    "resolve_whitebox_fitness",
     "scores_and_metrics",
     "with_options",
 ]

@@ -26,7 +26,11 @@ def load_function(reference: str, what: str) -> Callable[..., Any]:
     try:
         module = _import(module_name)
     except Exception as exc:
-        raise PluginError(f"{what} '{reference}': cannot import {module_name}: {first_line(exc)}") from None
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.partition(".")[0]:
+            hint = (f" (it is neither installed nor in {os.getcwd()}, the directory evomerge runs in:"
+                    f" install it, or run evomerge from the directory that holds {exc.name})")
+        raise PluginError(f"{what} '{reference}': cannot import {module_name}: {first_line(exc)}{hint}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise PluginError(f"{what} '{reference}': {module_name} has no function '{attr}'")

@@ -23,7 +23,7 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, ModelLoadError, UserError
-from evomerge.fitness import brings_own_examples, own_examples, resolve_fitness, scores_and_metrics, with_options
+from evomerge.fitness import brings_own_examples, own_examples, resolve_whitebox_fitness, scores_and_metrics, with_options
 from evomerge.fitness.data import load_examples
 from evomerge.fitness.racing import count
 from evomerge.fitness.result import FitnessFailed, add_metrics, per_task_metrics
@@ -228,7 +228,7 @@ class WhiteBoxWorker(Worker):
         self.dataflow = plan.dataflow
         self.space = self.models.space
         self.fitness_name = config.fitness.name
-        self.fitness_fn = with_options(resolve_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
+        self.fitness_fn = with_options(resolve_whitebox_fitness(config.fitness.name), config.fitness.name, config.fitness.options)
         fitness = config.fitness
         own = brings_own_examples(fitness.name)
         self.examples = own_examples(fitness.name, fitness.options) if own else self.load_examples(fitness.data)

@@ -55,5 +55,5 @@ def test_the_suite_catches_a_function_that_returns_one_score_for_all():
     def mean_accuracy(model, tokenizer, examples):
         return (model(examples["inputs"]).argmax(-1) == examples["labels"]).float().mean()
 
-    with pytest.raises(PluginError, match="one per example"):
+    with pytest.raises(PluginError, match="returned a single number .*not their mean"):
         FitnessSuite().test_one_finite_score_per_example(mean_accuracy, features_inputs())

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from evomerge.cli import main
+from cli_checks import refused
 from evomerge.errors import PluginError
 from evomerge.fitness import resolve_fitness
 from evomerge.store import RunStore
@@ -22,6 +23,15 @@ def balanced(model, tokenizer, examples):
 
 def broken_shape(model, tokenizer, examples):
     return torch.zeros(3)
+
+def nothing(model, tokenizer, examples):
+    balanced(model, tokenizer, examples)
+
+def no_tokenizer(model, examples):
+    return balanced(model, None, examples)
+
+async def served(model, examples):
+    return [1.0] * len(examples)
 """
 
 
@@ -54,6 +64,7 @@ def test_entry_point_and_module_references_resolve_to_the_same_function(installe
         ("acme_fitness:nothing_here", "acme_fitness has no function 'nothing_here'"),
         ("no_such_module_xyz:score", "cannot import no_such_module_xyz"),
         ("not-registered-anywhere", "unknown fitness 'not-registered-anywhere'"),
+        ("acme_fitness.balanced", "did you mean 'acme_fitness:balanced'"),
     ],
 )
 def test_broken_plugins_are_named(installed_plugin, name, message):
@@ -78,3 +89,33 @@ def test_a_plugin_returning_the_wrong_shape_stops_the_run_with_exit_2(installed_
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "returned scores of shape (3,)" in err and "Traceback" not in err
+
+
+def test_a_plugin_returning_none_is_named_not_a_shape(installed_plugin, digits_config, capsys):
+    """Before: "returned scores of shape (), expected (N,)" (numpy reads None as a NaN scalar)."""
+    path = digits_config(fitness={"name": "acme_fitness:nothing", "data": {"source": "sklearn:digits", "split": "train"}},
+                         budget={"evaluations": 4})
+    refused(capsys, ["run", str(path)], "acme_fitness:nothing", "returned None", "one score per example")
+
+
+def test_a_plugin_with_the_wrong_signature_is_refused_by_validate(installed_plugin, digits_config, capsys):
+    """Before: validate passed it, and the run failed every candidate with a TypeError (exit 3)."""
+    path = digits_config(fitness={"name": "acme_fitness:no_tokenizer", "data": {"source": "sklearn:digits"}},
+                         budget={"evaluations": 4})
+    for command in ("validate", "run"):
+        refused(capsys, [command, str(path)], "acme_fitness:no_tokenizer", "fn(model, tokenizer, examples)")
+
+
+def test_a_plugin_missing_from_the_working_directory_says_where_it_was_looked_for(digits_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = digits_config(fitness={"name": "acme_not_here.fitness:score", "data": {"source": "sklearn:digits"}})
+    refused(capsys, ["validate", str(path)], "No module named 'acme_not_here'", f"nor in {tmp_path}",
+            "run evomerge from the directory that holds acme_not_here")
+
+
+def test_an_async_plugin_in_a_white_box_run_is_refused_by_validate(installed_plugin, digits_config, capsys):
+    """Before: validate passed it, and every candidate failed with a TypeError (exit 3)."""
+    path = digits_config(fitness={"name": "acme_fitness:served", "data": {"source": "sklearn:digits"}},
+                         budget={"evaluations": 4})
+    for command in ("validate", "run"):
+        refused(capsys, [command, str(path)], "acme_fitness:served", "is async", "fn(model, tokenizer, examples)")
