@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from evomerge import run_identity
-from evomerge.budget import Budget, failures_at_start_limit, pin_deadline
+from evomerge.budget import Budget, BudgetState, failures_at_start_limit, pin_deadline
 from evomerge.config import RunConfig, config_from_dict, load_config
 from evomerge.controller import Controller, Population, Progress, population_front
 from evomerge.errors import DiskError, RunChangedError, RunDirError
@@ -271,18 +272,13 @@ def resume_run(
     store = RunStore(run_dir)  # the run directory's one writer until the session ends
     try:
         info = store.run_info()
-        if info["state"] == "finished":
-            summary = info["summary"] or {}
-            raise RunDirError(
-                f"{run_dir}: the run already finished ({summary.get('stop_reason', 'budget exhausted')}); nothing to resume"
-                " (a finished run is not reopened by a higher limit: only interrupted, deadline-stopped and failed runs"
-                " continue)"
-            )
         config = _config_to_resume(store)
         if adjust is not None:
             adjust(config)
         pin_deadline(config.budget)
         plan = RunPlan.from_config(config, str(Path(run_dir) / "config.yaml"))
+        if info["state"] == "finished":
+            _refuse_unless_reopened(store, plan, (info["summary"] or {}).get("stop_reason", "budget exhausted"))
         # black-box workers start from the answers the run recorded: none is asked for twice
         setup = SeedResponses(store.api_responses()) if config.api is not None else None
         executor = make_executor(config, setup, on_phase)
@@ -293,6 +289,45 @@ def resume_run(
         _, strategies = plan.strategies(executor)
         _score_experts(store, config, executor, on_phase)
         return _drive(store, plan, executor, strategies, on_progress, resume=True)
+
+
+STRATEGIES_STOPPED = "all populations stopped"
+"""The stop reason of a run whose strategies all stopped themselves (converged): no limit reopens it."""
+
+
+def _refuse_unless_reopened(store: RunStore, plan: RunPlan, stop_reason: str) -> None:
+    """A finished run goes on when the limits now in force (config.yaml as edited, ``--max-time``,
+    ``--deadline``) no longer stop it, as an Optuna study takes more trials: its strategies continue
+    from their state rather than a new run starting cold. With the limits it finished under it is
+    "nothing to resume", so a cron line that resumes every night stays safe."""
+    reached = STRATEGIES_STOPPED if stop_reason == STRATEGIES_STOPPED else _limit_in_force(store, plan)
+    if reached is None:
+        store.log_event("run_reopened", f"it had finished ({stop_reason}); the limits now in force let it go on")
+        return
+    how = (
+        "its strategies stopped themselves; a longer search is a new run"
+        if reached == STRATEGIES_STOPPED
+        else f"{reached} under the limits now in force; raise that limit (budget in {CONFIG_NAME}, or resume"
+        " --max-time) to go on"
+    )
+    raise RunDirError(f"{store.run_dir}: the run already finished ({stop_reason}); nothing to resume: {how}")
+
+
+def _limit_in_force(store: RunStore, plan: RunPlan) -> str | None:
+    """Which limit of ``plan`` a recorded run has reached (the words its summary would use), or None."""
+    info = store.run_info()
+    asked = {name: count for name, (count, _) in store.evaluation_counts().items()}
+    best = store.best()
+    state = BudgetState(
+        info["active_seconds"], time.time(), sum(asked.values()),
+        None if best is None else best.fitness, 0 if best is None else best.seq, store.api_usage(),
+    )
+    budget = Budget.from_config(plan.config.budget)
+    reasons = budget.stop(state)
+    if reasons:
+        return budget.describe(reasons, state)
+    spent = [limit is not None and asked.get(name, 0) >= limit for name, limit in plan.budgets.items()]
+    return "budget exhausted" if all(spent) else None
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:

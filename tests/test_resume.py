@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from evomerge.cli import main
 from evomerge.store import RunStore
@@ -122,6 +123,32 @@ def test_interrupted_run_resumes_to_its_budget(tmp_path, digits_config, monkeypa
     assert len(rows) == 20 and len({r[0] for r in rows}) == 20
     assert calls["n"] == 20
     assert main(["resume", str(run_dir)]) == 2  # finished: nothing to resume
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_a_finished_run_goes_on_once_its_limit_is_raised_and_only_then(tmp_path, digits_config, capsys):
+    """Its strategies continue from their state (as an Optuna study takes more trials); with the
+    limits it finished under, a resume is "nothing to resume", naming the limit to raise."""
+    config = digits_config(populations=POPULATIONS, budget={"evaluations": 12}, checkpoint_every=5)
+    run_dir = tmp_path / "r"
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
+    first = history(run_dir)
+    assert len(first) == 12
+    assert main(["resume", str(run_dir), "--max-time", "1h"]) == 2  # a limit that did not stop it
+    err = capsys.readouterr().err
+    assert "nothing to resume: budget exhausted" in err and "budget in config.yaml" in err
+    snapshot = run_dir / "config.yaml"
+    edited = yaml.safe_load(snapshot.read_text())
+    edited["budget"]["evaluations"] = 20
+    snapshot.write_text(yaml.safe_dump(edited))
+    assert main(["resume", str(run_dir)]) == 0
+    after = history(run_dir)
+    assert after[:12] == first and len(after) == len({r[0] for r in after}) == 20
+    store = RunStore(run_dir, readonly=True)
+    assert store.run_info()["state"] == "finished"
+    assert "run_reopened" in [e["kind"] for e in store.events()]
+    store.close()
+    assert main(["resume", str(run_dir)]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 
 
