@@ -31,6 +31,12 @@ USAGE_PREFIX = "usage."
 become the ``usage.*`` columns."""
 
 
+EVALUATION_COLUMNS = ["seq", "candidate_id", "population", "strategy", "status", "fitness", "fidelity", "worker",
+                      "started", "finished", "duration", "elapsed", "error"]
+"""The columns every ``load_run`` frame has, also before the first evaluation is recorded (the
+metrics' columns come from the evaluations)."""
+
+
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in metrics.items():
@@ -60,10 +66,10 @@ def load_run(path: str | Path, per_example: bool = False) -> pd.DataFrame:
         rows = [_row_record(r, strategies, info["created"], per_example) for r in store.evaluations(with_scores=per_example)]
     finally:
         store.close()
-    columns = ["seq", "candidate_id", "population", "strategy", "status", "fitness", "worker", "started",
-               "finished", "duration", "elapsed", "error"]
-    frame = pd.DataFrame.from_records(rows) if rows else pd.DataFrame(columns=columns)
-    frame["fitness"] = frame["fitness"].astype(float)
+    frame = pd.DataFrame.from_records(rows) if rows else pd.DataFrame(
+        columns=EVALUATION_COLUMNS + (["per_example"] if per_example else [])
+    )
+    frame = frame.astype({c: float for c in ("fitness", "fidelity", "started", "finished", "duration", "elapsed")})
     frame.attrs.update(
         run_dir=str(Path(path).resolve()),
         name=info["name"],

@@ -25,6 +25,9 @@ EXIT_INTERRUPTED = 130
 """Stopped by Ctrl-C or SIGTERM before the search took the signal over (128 + SIGINT, as shells
 report it); a run so stopped is recorded as interrupted and can be resumed."""
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+"""Output piped into a reader that stopped reading (``| head``): quiet, as a shell's tools end."""
+
 
 def _clock(seconds: float | None) -> str:
     if seconds is None:
@@ -226,7 +229,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     cancelled = f", {ev['cancelled']} cancelled" if ev["cancelled"] else ""
     print(f"evaluations: {ev['total']} ({ev['failed']} failed{cancelled}); search {_duration(status['search_seconds'])},"
           f" wall {_duration(status['wall_seconds'])}")
-    print("best: " + ("-" if best is None else f"{best['fitness']:.4f} {best['candidate_id']}"))
+    if best is not None:
+        print(f"best: {best['fitness']:.4f} {best['candidate_id']}")
+    elif ev["total"] and not ev["ok"]:
+        print(f"best: - (every evaluation failed; `evomerge report {args.run_dir}` lists why)")
+    else:
+        print("best: -")
     if status["examples_scored"]:  # what racing saves on; none before the first evaluation
         print(f"examples scored: {status['examples_scored']} ({status['stopped_early']} evaluations stopped early by racing)")
     if status["stop_reason"]:
@@ -458,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'SIGINT'})", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `evomerge status RUN | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return EXIT_BROKEN_PIPE
 
 
 @contextmanager

@@ -276,3 +276,50 @@ def test_structured_log_and_progress_per_population(tmp_path, digits_config):
     events = [entry["event"] for entry in lines]
     assert events[0] == "run_started" and events[-1] == "run_finished"
     assert all({"time", "level", "logger", "message"} <= set(entry) for entry in lines)
+
+
+def test_status_of_a_run_killed_mid_candidate_and_of_one_whose_every_candidate_failed(tmp_path, digits_config, monkeypatch, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    mod = write_plugin(tmp_path, monkeypatch, """
+        def broken(model, tokenizer, examples):
+            raise RuntimeError("pretend out of memory")
+        """)
+    path = digits_config(fitness={"name": f"{mod}:broken", "data": {"source": "sklearn:digits"}}, budget={"evaluations": 3})
+    run_dir = tmp_path / "r"
+    assert main(["run", str(path), "--run-dir", str(run_dir)]) == 3  # cannot succeed
+    capsys.readouterr()
+    run_ok(["status", str(run_dir)])
+    assert f"best: - (every evaluation failed; `evomerge report {run_dir}` lists why)" in capsys.readouterr().out
+
+    # SIGKILL while a candidate was scored: recorded as running, and run.lock names a process that is gone
+    store = RunStore(run_dir)
+    store.set_state("running")
+    store.close()
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    (run_dir / "run.lock").write_text(f"pid {child.pid} on {socket.gethostname()}\n")
+    run_ok(["status", str(run_dir)])
+    out = capsys.readouterr().out
+    assert "[killed]" in out and f"evomerge resume {run_dir} continues the run" in out
+    run_ok(["status", str(run_dir), "--json"])
+    assert json.loads(capsys.readouterr().out)["state"] == "killed"
+
+
+def test_status_into_a_reader_that_stops_reading_ends_quietly(tmp_path, digits_config):
+    """`evomerge status RUN | head -1`: no BrokenPipeError traceback; 141 (128 + SIGPIPE), as shell tools end."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "r"
+    run_ok(["run", str(digits_config(budget={"evaluations": 2})), "--run-dir", str(run_dir)])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    status = subprocess.Popen(
+        [sys.executable, "-m", "evomerge", "status", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    status.stdout.close()  # before it has imported evomerge, let alone printed
+    assert status.wait(timeout=120) == 141
+    assert status.stderr.read() == b""
