@@ -256,7 +256,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from evomerge.export import export_best
 
-    document = export_best(Path(args.run_dir), Path(args.out))
+    document = export_best(Path(args.run_dir), Path(args.out), args.candidate)
     print(f"exported {document['candidate_id']} (fitness {document['fitness']:.4f}) to {args.out}")
     return 0
 
@@ -415,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="save a run's best merge as a Hugging Face model directory")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output directory (created; must be empty)")
+    p.add_argument("--candidate", help="export this candidate instead of the best (an id from status, the report or load_run)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="an HTML report of a run, with plots (also while it runs)")
     p.add_argument("run_dir")

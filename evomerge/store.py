@@ -601,6 +601,16 @@ class RunStore:
         return None if r is None else self._row(r, True)
 
     @_reads
+    def evaluation(self, candidate_id: str) -> Evaluation | None:
+        """The evaluation of one candidate, with its scores; None if it was never scored."""
+        r = self._db.execute(
+            "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
+            " WHERE e.candidate_id = ?",
+            (candidate_id,),
+        ).fetchone()
+        return None if r is None else self._row(r, True)
+
+    @_reads
     def top(self, population: str, n: int, max_seq: int) -> list[Evaluation]:
         """A population's ``n`` best fully scored evaluations among the first ``max_seq`` recorded."""
         rows = self._db.execute(

@@ -80,7 +80,7 @@ def test_status_of_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert "not an evomerge run directory" in capsys.readouterr().err
 
 
-def test_export_reproduces_the_best_candidate(tmp_path, digits_config):
+def test_export_reproduces_the_best_candidate_or_the_one_named(tmp_path, digits_config, capsys):
     from transformers import AutoModel
 
     from evomerge.fitness.classification import classification_accuracy
@@ -99,8 +99,21 @@ def test_export_reproduces_the_best_candidate(tmp_path, digits_config):
     accuracy = float(classification_accuracy(model, None, load_examples("sklearn:digits", "train")).mean())
     store = RunStore(run_dir, readonly=True)
     assert accuracy == pytest.approx(store.best().fitness, abs=1e-6)  # float32 vs float64 mean
+    other = next(r for r in store.evaluations() if r.candidate_id != store.best().candidate_id and r.fitness < store.best().fitness)
     store.close()
     assert main(["export", str(run_dir), "--out", str(out)]) == 2  # never overwrite
+
+    # --candidate: any scored candidate, not only the best
+    picked = tmp_path / "picked"
+    run_ok(["export", str(run_dir), "--out", str(picked), "--candidate", other.candidate_id])
+    model = AutoModel.from_pretrained(picked)
+    accuracy = float(classification_accuracy(model, None, load_examples("sklearn:digits", "train")).mean())
+    assert accuracy == pytest.approx(other.fitness, abs=1e-6)
+    assert f"one of 24 evaluated candidates, `{other.candidate_id}`" in (picked / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--candidate", "cma:999"]) == 2
+    assert "--candidate cma:999: no such candidate was scored" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_same_seed_same_search(tmp_path, digits_config):
@@ -293,6 +306,10 @@ def test_status_of_a_run_killed_mid_candidate_and_of_one_whose_every_candidate_f
     capsys.readouterr()
     run_ok(["status", str(run_dir)])
     assert f"best: - (every evaluation failed; `evomerge report {run_dir}` lists why)" in capsys.readouterr().out
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 2
+    assert f"no candidate of this run succeeded, nothing to export; `evomerge report {run_dir}`" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged"), "--candidate", "cma:0"]) == 2
+    assert "--candidate cma:0 failed (RuntimeError: pretend out of memory" in capsys.readouterr().err
 
     # SIGKILL while a candidate was scored: recorded as running, and run.lock names a process that is gone
     store = RunStore(run_dir)
