@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from evomerge.config import RunConfig
-from evomerge.errors import RunDirError
+from evomerge.errors import RunDirError, UserError
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.mergekit_recipe import NotExpressible, mergekit_config, model_reference, passthrough_config
 from evomerge.plan import RunPlan
@@ -58,7 +58,15 @@ def export_best(run_dir: Path, out: Path, candidate_id: str | None = None) -> di
     from evomerge.workers.whitebox import WhiteBoxWorker
 
     plan = RunPlan.from_config(config)
-    worker = WhiteBoxWorker(plan, worker_id="export")
+    try:
+        worker = WhiteBoxWorker(plan, worker_id="export")
+    except UserError as exc:
+        if config.api is None:
+            raise
+        raise RunDirError(  # its models are served names, with no weights on this machine
+            f"{run_dir} is a black-box run, merged by its service ({config.api.base_url}), and exporting its weights needs"
+            f" the models on this machine: {str(exc).rstrip('.')}; its best recipe is in `evomerge report {run_dir}`"
+        ) from None
     candidate = Candidate(best.candidate_id, best.population, best.genome)
     decoded = worker.codecs[best.population].decode(best.genome)
     recipe = worker.materialize(candidate)
