@@ -529,7 +529,10 @@ class RunStore:
         ``killed`` (``KILLED_REASON``), so status and report never show a dead run as going."""
         row = self._db.execute("SELECT * FROM runs").fetchone()
         if row is None:
-            raise RunDirError(f"{self.run_dir}: the run was never started")
+            raise RunDirError(
+                f"{self.run_dir}: the run was never started (stopped before it recorded anything);"
+                f" start it again with evomerge run CONFIG --run-dir {self.run_dir}"
+            )
         info = dict(row)
         info["budget"] = json.loads(info.pop("budget_json"))
         summary = info.pop("summary_json")

@@ -88,3 +88,19 @@ def test_a_run_whose_writer_was_killed_reads_as_killed_and_a_live_one_as_running
         assert resumed.run_info()["state"] == "running"
     finally:
         resumed.close()
+
+
+def test_a_run_killed_before_it_recorded_anything_says_how_to_start_it_again(tmp_path, capsys):
+    """SIGKILL while Ray started: run.db has its tables and no run; every reader says what to do."""
+    from evomerge.analysis import load_run
+    from evomerge.cli import main
+    from evomerge.errors import RunDirError
+
+    store = RunStore(tmp_path / "run", create=True)
+    store._db.close()  # as a killed process leaves it: no init_run, no discard
+    store._lock.release()
+    for command in (["status"], ["report"], ["export", "--out", str(tmp_path / "merged")]):
+        assert main([command[0], str(store.run_dir), *command[1:]]) == 2
+        assert f"the run was never started (stopped before it recorded anything); start it again with evomerge run CONFIG --run-dir {store.run_dir}" in capsys.readouterr().err
+    with pytest.raises(RunDirError, match="never started"):
+        load_run(store.run_dir)
