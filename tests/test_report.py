@@ -268,7 +268,7 @@ def test_report_of_a_resumed_run(tmp_path, digit_models, data_file, monkeypatch)
 # --- odd run directories, written through the store as the controller writes them -------------
 def write_store(run_dir: Path, config_path: Path, populations: list[str], rows: list[tuple], state: str = "finished") -> Path:
     """A run of ``populations`` (CMA-ES) with ``rows`` = (population, scores or None for a failure,
-    metrics) recorded in order; genomes are valid points of the digits run's space."""
+    metrics[, error]) recorded in order; genomes are valid points of the digits run's space."""
     data = yaml.safe_load(config_path.read_text())
     data.update(run_dir=str(run_dir), populations=[{"name": p, "strategy": "cmaes"} for p in populations], budget={"evaluations": 50})
     store = RunStore(run_dir, create=True)
@@ -276,14 +276,14 @@ def write_store(run_dir: Path, config_path: Path, populations: list[str], rows: 
     for population in populations:
         store.add_population(population, "cmaes", None, {"dim": 4})
     rng = np.random.default_rng(0)
-    for i, (population, scores, metrics) in enumerate(rows):
+    for i, (population, scores, metrics, *error) in enumerate(rows):
         candidate = Candidate(f"{population}:{i}", population, rng.uniform(size=4))
         store.add_candidate(candidate, asked_after=i)
         failed = scores is None
         store.add_evaluation(Evaluation(
             candidate.id, Status.FAILED if failed else Status.OK, -math.inf if failed else float(np.mean(scores)),
             None if failed else np.asarray(scores, dtype=float), metrics, "w0", 1000.0 + i, 0.5,
-            "RuntimeError: pretend out of memory" if failed else None, population,
+            (error or ["RuntimeError: pretend out of memory"])[0] if failed else None, population,
         ))
     store.set_state(state, {"stop_reason": "budget exhausted"})
     store.close()
@@ -304,6 +304,9 @@ def odd_runs(tmp_path_factory, digit_models, data_file) -> dict[str, Path]:
         "all_failed": write_store(folder / "all_failed", config, ["cma"], [("cma", None, {})] * 3),
         "one": write_store(folder / "one", config, ["cma"], [("cma", flat, {})]),
         "mixed": write_store(folder / "mixed", config, ["cma", "never"], mixed),
+        "many_reasons": write_store(folder / "many_reasons", config, ["cma"], [
+            ("cma", None, {"traceback": f"Traceback …\nOSError: {i}"}, f"OSError: {i}") for i in range(25)
+        ] + [("cma", flat, {})]),
         "five": write_store(folder / "five", config, [f"p{i}" for i in range(5)], [(f"p{i % 5}", flat, {}) for i in range(10)]),
     }
 
@@ -355,3 +358,12 @@ def test_report_leaves_out_a_population_that_never_succeeded_and_says_so(odd_run
     found = sections(render_report(odd_runs["mixed"]).html)
     assert "Not drawn, no fully scored evaluation: never." in found["progress"] and "<img" in found["progress"]
     assert task_ratios(odd_runs["mixed"]).empty  # no baselines scored: no ratios, whatever per_task holds
+
+
+def test_report_lists_the_most_frequent_failure_reasons_and_counts_the_rest(odd_runs):
+    """A run whose errors all differ would make a page of megabytes: 20 reasons, then a count."""
+    from evomerge.report.document import FAILURE_REASONS
+
+    found = sections(render_report(odd_runs["many_reasons"]).html)["failures"]
+    assert found.count("<details>") == FAILURE_REASONS == 20
+    assert "and 5 more reasons (5 failed evaluations)" in found

@@ -35,6 +35,9 @@ SECTIONS = {
 """Section ids (the HTML anchors) and titles, in page order."""
 
 LIVE_REFRESH_SECONDS = 10
+FAILURE_REASONS = 20
+"""Failure reasons the report lists, most frequent first, each with a traceback: a run whose errors
+all differ (an address, a size in the message) would otherwise make a page of megabytes."""
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 0 auto; max-width: 1180px;
@@ -196,11 +199,17 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
     if failed.empty:
         page.sections["failures"] = _note("no failed evaluation.")
     else:
+        shown = failed.head(FAILURE_REASONS)
         traces = "".join(
             f"<details><summary>{html.escape(r.example)}: {html.escape(str(r.error))}</summary><pre>{html.escape(r.traceback)}</pre></details>"
-            for r in failed.itertuples() if r.traceback
+            for r in shown.itertuples() if r.traceback
         )
-        page.sections["failures"] = _table(failed.drop(columns="traceback")) + traces
+        rest = failed.iloc[FAILURE_REASONS:]
+        more = _note(
+            f"and {len(rest)} more reasons ({int(rest['count'].sum())} failed evaluations): evomerge.analysis.failures"
+            f"(evomerge.load_run(RUN_DIR)) lists them all."
+        ) if len(rest) else ""
+        page.sections["failures"] = _table(shown.drop(columns="traceback")) + more + traces
 
     # API usage
     usage = analysis.api_usage(evaluations)
