@@ -367,3 +367,22 @@ def test_report_lists_the_most_frequent_failure_reasons_and_counts_the_rest(odd_
     found = sections(render_report(odd_runs["many_reasons"]).html)["failures"]
     assert found.count("<details>") == FAILURE_REASONS == 20
     assert "and 5 more reasons (5 failed evaluations)" in found
+
+
+def test_report_and_load_run_read_while_the_writer_holds_the_run_and_leave_it_writable(odd_runs, tmp_path):
+    run_dir = Path(shutil.copytree(odd_runs["one"], tmp_path / "run"))
+    writer = RunStore(run_dir)  # the run directory's one writer (run.lock)
+    try:
+        writer.set_state("running")
+        writer._db.execute("BEGIN IMMEDIATE")  # in the middle of recording an evaluation
+        writer._db.execute("INSERT INTO events (time, kind, message) VALUES (0, 'x', 'y')")
+        page = render_report(run_dir, live=True).html
+        assert ">running<" in page and 'http-equiv="refresh"' in page and "1 evaluations" in page
+        assert len(evomerge.load_run(run_dir, per_example=True)) == 1
+        writer._db.execute("COMMIT")
+        candidate = Candidate("cma:1", "cma", np.full(4, 0.5))
+        writer.add_candidate(candidate, asked_after=1)  # the readers held no lock: the writer goes on
+        writer.add_evaluation(Evaluation(candidate.id, Status.OK, 0.25, np.full(8, 0.25), population="cma"))
+        assert len(evomerge.load_run(run_dir)) == 2
+    finally:
+        writer.close()
