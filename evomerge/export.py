@@ -149,6 +149,9 @@ def _check_out(out: Path) -> None:
         raise RunDirError(f"--out {out} is a file; give a new or empty directory")
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} exists and is not empty; choose another --out")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise RunDirError(f"--out {out}: {blocking} is a file, not a directory; choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
