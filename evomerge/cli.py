@@ -467,9 +467,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'SIGINT'})", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `evomerge status RUN | head`: the reader has what it wanted
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a worker's, a service's socket): a bug, with its traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return EXIT_BROKEN_PIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output leads into a pipe nobody reads any more: `evomerge status RUN | head`,
+    where the reader has what it wanted."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))  # a pipe whose reader is gone
+    except (OSError, ValueError):
+        return False
 
 
 @contextmanager

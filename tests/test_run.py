@@ -340,3 +340,15 @@ def test_status_into_a_reader_that_stops_reading_ends_quietly(tmp_path, digits_c
     status.stdout.close()  # before it has imported evomerge, let alone printed
     assert status.wait(timeout=120) == 141
     assert status.stderr.read() == b""
+
+
+def test_a_broken_pipe_that_is_not_standard_output_keeps_its_traceback(monkeypatch):
+    """A worker's or a service's socket breaking is a bug to see, not a reader that stopped."""
+    import evomerge.cli as cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_status", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["status", "anywhere"])
