@@ -132,6 +132,11 @@ def _exportable(run_dir: Path, chosen: Evaluation | None, candidate_id: str | No
         )
     if candidate_id is not None and chosen.status != "ok":
         raise RunDirError(f"--candidate {candidate_id} {chosen.status} ({chosen.error}): it has no merge to export; choose another")
+    if candidate_id is not None and chosen.fidelity < 1.0:
+        raise RunDirError(
+            f"--candidate {candidate_id} was stopped early by racing (scored on {chosen.fidelity:.0%} of the examples),"
+            " so its fitness is only an estimate; choose a fully scored candidate"
+        )
     if chosen is None and state == "running":
         raise RunDirError(f"{run_dir}: no successful evaluation to export yet; try again once one is recorded (`evomerge status {run_dir}`)")
     if chosen is None:
