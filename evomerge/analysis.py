@@ -31,6 +31,12 @@ USAGE_PREFIX = "usage."
 become the ``usage.*`` columns."""
 
 
+EVALUATION_COLUMNS = ["seq", "candidate_id", "population", "strategy", "status", "fitness", "fidelity", "worker",
+                      "started", "finished", "duration", "elapsed", "error"]
+"""The columns every ``load_run`` frame has, also before the first evaluation is recorded (the
+metrics' columns come from the evaluations)."""
+
+
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in metrics.items():
@@ -60,10 +66,10 @@ def load_run(path: str | Path, per_example: bool = False) -> pd.DataFrame:
         rows = [_row_record(r, strategies, info["created"], per_example) for r in store.evaluations(with_scores=per_example)]
     finally:
         store.close()
-    columns = ["seq", "candidate_id", "population", "strategy", "status", "fitness", "worker", "started",
-               "finished", "duration", "elapsed", "error"]
-    frame = pd.DataFrame.from_records(rows) if rows else pd.DataFrame(columns=columns)
-    frame["fitness"] = frame["fitness"].astype(float)
+    frame = pd.DataFrame.from_records(rows) if rows else pd.DataFrame(
+        columns=EVALUATION_COLUMNS + (["per_example"] if per_example else [])
+    )
+    frame = frame.astype({c: float for c in ("fitness", "fidelity", "started", "finished", "duration", "elapsed")})
     frame.attrs.update(
         run_dir=str(Path(path).resolve()),
         name=info["name"],
@@ -244,7 +250,8 @@ class BestRecipe:
 def best_recipe(path: str | Path) -> BestRecipe | None:
     """The best candidate's recipe, decoded from its genome and the run's config (no weights read).
 
-    Merge-space genomes decode through the run's space. M2N2 seed recipes are pieces of the
+    Merge-space genomes decode through the run's space (black-box runs': one value per expert);
+    a data-flow path is the layers it passes, in order, with their scales. M2N2 seed recipes are pieces of the
     flattened parameters with one weight per expert; per layer (per tensor in models without
     numbered layers) the table holds each expert's weight averaged over the layer's parameters.
     """
@@ -261,15 +268,21 @@ def best_recipe(path: str | Path) -> BestRecipe | None:
     if best is None or config is None:
         return None
     plan = RunPlan.from_config(config)
-    shapes = parameter_shapes(plan.working_model)
-    space = plan.space(list(shapes))
     labels = config.models.expert_labels()
+    if plan.dataflow:  # a path through the experts' layers: one row per layer passed, its scale
+        path = plan.path_space().decode(best.genome)
+        steps = [f"{k}: {labels[source]} layer {layer}" for k, (source, layer) in enumerate(path.layers, 1)]
+        tables = {"scale": pd.DataFrame({"scale": path.scales}, index=pd.Index(steps, name="path"))}
+        return BestRecipe(best.candidate_id, best.population, float(best.fitness), tables, {})
     population = next(p for p in plan.populations if p.name == best.population)
     grid = population.requires.split_grid
     if grid is not None:  # seed recipes cover the merged tensors (frozen towers' are left out)
+        shapes = parameter_shapes(plan.working_model)
+        space = plan.space(list(shapes))
         merged = {name: shape for name, shape in shapes.items() if name in space.tensor_groups}
         tables = {"weight": _seed_recipe_table(best.genome, merged, grid, labels)}
         return BestRecipe(best.candidate_id, best.population, float(best.fitness), tables, {})
+    space = plan.space(plan.tensor_names())  # none in black-box runs: one value per expert
     recipe = space.decode(best.genome)
     tables = {}
     for gene in space.genes:

@@ -25,6 +25,9 @@ EXIT_INTERRUPTED = 130
 """Stopped by Ctrl-C or SIGTERM before the search took the signal over (128 + SIGINT, as shells
 report it); a run so stopped is recorded as interrupted and can be resumed."""
 
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+"""Output piped into a reader that stopped reading (``| head``): quiet, as a shell's tools end."""
+
 
 def _clock(seconds: float | None) -> str:
     if seconds is None:
@@ -226,7 +229,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     cancelled = f", {ev['cancelled']} cancelled" if ev["cancelled"] else ""
     print(f"evaluations: {ev['total']} ({ev['failed']} failed{cancelled}); search {_duration(status['search_seconds'])},"
           f" wall {_duration(status['wall_seconds'])}")
-    print("best: " + ("-" if best is None else f"{best['fitness']:.4f} {best['candidate_id']}"))
+    if best is not None:
+        print(f"best: {best['fitness']:.4f} {best['candidate_id']}")
+    elif ev["total"] and not ev["ok"]:
+        print(f"best: - (every evaluation failed; `evomerge report {args.run_dir}` lists why)")
+    else:
+        print("best: -")
     if status["examples_scored"]:  # what racing saves on; none before the first evaluation
         print(f"examples scored: {status['examples_scored']} ({status['stopped_early']} evaluations stopped early by racing)")
     if status["stop_reason"]:
@@ -248,7 +256,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from evomerge.export import export_best
 
-    document = export_best(Path(args.run_dir), Path(args.out))
+    document = export_best(Path(args.run_dir), Path(args.out), args.candidate)
     print(f"exported {document['candidate_id']} (fitness {document['fitness']:.4f}) to {args.out}")
     return 0
 
@@ -410,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="save a run's best merge as a Hugging Face model directory")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output directory (created; must be empty)")
+    p.add_argument("--candidate", help="export this candidate instead of the best (an id from status, the report or load_run)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="an HTML report of a run, with plots (also while it runs)")
     p.add_argument("run_dir")
@@ -461,6 +470,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'SIGINT'})", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a worker's, a service's socket): a bug, with its traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output leads into a pipe nobody reads any more: `evomerge status RUN | head`,
+    where the reader has what it wanted."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))  # a pipe whose reader is gone
+    except (OSError, ValueError):
+        return False
 
 
 @contextmanager

@@ -22,11 +22,11 @@ from typing import Any
 import yaml
 
 from evomerge.config import RunConfig
-from evomerge.errors import RunDirError
+from evomerge.errors import RunDirError, UserError
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.mergekit_recipe import NotExpressible, mergekit_config, model_reference, passthrough_config
 from evomerge.plan import RunPlan
-from evomerge.records import Candidate
+from evomerge.records import Candidate, Evaluation
 from evomerge.source_merges import RECIPE_NAME, rebuild_fields
 from evomerge.space.merge_space import Recipe
 from evomerge.space.paths import Path as DataflowPath
@@ -36,27 +36,37 @@ MERGEKIT_NAME = "mergekit.yaml"
 CARD_NAME = "README.md"
 
 
-def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
-    """Save the best candidate of the run in ``run_dir`` to ``out`` (created; must be empty)."""
+def export_best(run_dir: Path, out: Path, candidate_id: str | None = None) -> dict[str, Any]:
+    """Save the best candidate of the run in ``run_dir`` (or the one named ``candidate_id``: a
+    Pareto front's member, a population's best) to ``out`` (created; must be empty)."""
     from evomerge.runs import load_run_config, resolved_config_dict
 
     store = RunStore(run_dir, readonly=True)
     try:
-        best = store.best()
+        run_best = store.best()
+        chosen = run_best if candidate_id is None else store.evaluation(candidate_id)
+        state = store.run_info()["state"]
         config = load_run_config(store)
         baselines = store.baselines()
         evaluations = store.evaluation_counts()
     finally:
         store.close()
-    if best is None:
-        raise RunDirError(f"{run_dir}: no successful evaluation to export yet")
+    best = _exportable(run_dir, chosen, candidate_id, state)
     out = Path(out)
     _check_out(out)
     from evomerge.models.tokenizer_source import export_tokenizer  # torch: only once there is something to export
     from evomerge.workers.whitebox import WhiteBoxWorker
 
     plan = RunPlan.from_config(config)
-    worker = WhiteBoxWorker(plan, worker_id="export")
+    try:
+        worker = WhiteBoxWorker(plan, worker_id="export")
+    except UserError as exc:
+        if config.api is None:
+            raise
+        raise RunDirError(  # its models are served names, with no weights on this machine
+            f"{run_dir} is a black-box run, merged by its service ({config.api.base_url}), and exporting its weights needs"
+            f" the models on this machine: {str(exc).rstrip('.')}; its best recipe is in `evomerge report {run_dir}`"
+        ) from None
     candidate = Candidate(best.candidate_id, best.population, best.genome)
     decoded = worker.codecs[best.population].decode(best.genome)
     recipe = worker.materialize(candidate)
@@ -104,11 +114,36 @@ def export_best(run_dir: Path, out: Path) -> dict[str, Any]:
     (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
     if mergekit is not None:
         (tmp / MERGEKIT_NAME).write_text(yaml.safe_dump(mergekit, sort_keys=False))
-    (tmp / CARD_NAME).write_text(model_card(plan, document, baselines, evaluations, mergekit is not None))
+    (tmp / CARD_NAME).write_text(model_card(
+        plan, document, baselines, evaluations, mergekit is not None, best.candidate_id == run_best.candidate_id
+    ))
     if out.exists():
         out.rmdir()
     shutil.move(str(tmp), str(out))
     return document
+
+
+def _exportable(run_dir: Path, chosen: Evaluation | None, candidate_id: str | None, state: str) -> Evaluation:
+    """The evaluation to export; else one line on why there is nothing to export, and what to do."""
+    if candidate_id is not None and chosen is None:
+        raise RunDirError(
+            f"--candidate {candidate_id}: no such candidate was scored in {run_dir}; candidate ids are in"
+            f" `evomerge status {run_dir}`, the report and evomerge.load_run"
+        )
+    if candidate_id is not None and chosen.status != "ok":
+        raise RunDirError(f"--candidate {candidate_id} {chosen.status} ({chosen.error}): it has no merge to export; choose another")
+    if candidate_id is not None and chosen.fidelity < 1.0:
+        raise RunDirError(
+            f"--candidate {candidate_id} was stopped early by racing (scored on {chosen.fidelity:.0%} of the examples),"
+            " so its fitness is only an estimate; choose a fully scored candidate"
+        )
+    if chosen is None and state == "running":
+        raise RunDirError(f"{run_dir}: no successful evaluation to export yet; try again once one is recorded (`evomerge status {run_dir}`)")
+    if chosen is None:
+        raise RunDirError(
+            f"{run_dir}: no candidate of this run succeeded, nothing to export; `evomerge report {run_dir}` lists why they failed"
+        )
+    return chosen
 
 
 def _check_out(out: Path) -> None:
@@ -119,6 +154,9 @@ def _check_out(out: Path) -> None:
         raise RunDirError(f"--out {out} is a file; give a new or empty directory")
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} exists and is not empty; choose another --out")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise RunDirError(f"--out {out}: {blocking} is a file, not a directory; choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -184,9 +222,15 @@ def _mergekit_document(plan: RunPlan, decoded, layer_types=(None, None)) -> tupl
 
 
 def model_card(
-    plan: RunPlan, document: dict, baselines: list[dict], evaluations: dict[str, tuple[int, int]], has_mergekit: bool
+    plan: RunPlan,
+    document: dict,
+    baselines: list[dict],
+    evaluations: dict[str, tuple[int, int]],
+    has_mergekit: bool,
+    best_of_run: bool = True,
 ) -> str:
-    """A Hugging Face model card: front matter for the hub, then the recipe and the scores."""
+    """A Hugging Face model card: front matter for the hub, then the recipe and the scores;
+    ``best_of_run`` is False for a candidate the user picked (``export --candidate``)."""
     config = plan.config
     adapter = plan.method.inputs == LORA_FACTORS
     front: dict[str, Any] = {}
@@ -200,7 +244,7 @@ def model_card(
     how = "a data-flow path through their layers" if plan.dataflow else f"`{config.merge.method}` ({config.merge.granularity} granularity)"
     lines.append(
         f"A {'LoRA adapter' if adapter else 'model'} merged by evomerge from {len(config.models.experts)} experts"
-        f" with {how}: the best of {scored} evaluated"
+        f" with {how}: {'the best' if best_of_run else 'one'} of {scored} evaluated"
         f" candidates, `{document['candidate_id']}` of population `{document['population']}`."
     )
     if config.merge.frozen:

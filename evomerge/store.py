@@ -129,6 +129,13 @@ def _unpack_scores(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.frombuffer(zlib.decompress(blob), dtype=np.float32)
 
 
+KILLED_REASON = (
+    "its process ended without recording it (SIGKILL, out of memory, or the machine went down);"
+    " evomerge resume {run_dir} continues the run"
+)
+"""Why a run read as ``killed`` stopped: recorded as running, but no process writes it any more.
+Only readers see this state; the store keeps ``running``, which a resume continues."""
+
 _BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_INTERRUPT}
 """SQLite's answers that say "not now", not "damaged": a reader meeting the writer's transaction."""
 
@@ -236,6 +243,28 @@ class RunDirLock:
             os.close(fd)
             raise
         self._fd: int | None = fd
+
+    @staticmethod
+    def holder_gone(run_dir: Path) -> bool:
+        """Whether no process writes ``run_dir`` now, as far as a reader can tell without taking
+        the lock (a reader holding it, even briefly, could refuse a resume starting that moment):
+        a writer that ends empties ``run.lock``, and one killed leaves its pid, which no longer
+        exists. A holder on another host, or one this process may not signal, counts as alive."""
+        try:
+            holder = (Path(run_dir) / LOCK_NAME).read_text(errors="replace").split()
+        except OSError:
+            return False
+        if not holder:
+            return True
+        if len(holder) != 4 or holder[0] != "pid" or not holder[1].isdigit() or holder[3] != socket.gethostname():
+            return False
+        try:
+            os.kill(int(holder[1]), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # EPERM: it exists, under another user
+            return False
+        return False
 
     def release(self) -> None:
         if self._fd is not None:
@@ -509,13 +538,22 @@ class RunStore:
     # --- reading ---------------------------------------------------------------------------
     @_reads
     def run_info(self) -> dict[str, Any]:
+        """The run's record; read-only, a run recorded as running whose process is gone reads as
+        ``killed`` (``KILLED_REASON``), so status and report never show a dead run as going."""
         row = self._db.execute("SELECT * FROM runs").fetchone()
         if row is None:
-            raise RunDirError(f"{self.run_dir}: the run was never started")
+            raise RunDirError(
+                f"{self.run_dir}: the run was never started (stopped before it recorded anything);"
+                f" start it again with evomerge run CONFIG --run-dir {self.run_dir}"
+            )
         info = dict(row)
         info["budget"] = json.loads(info.pop("budget_json"))
         summary = info.pop("summary_json")
         info["summary"] = json.loads(summary) if summary else None
+        if info["state"] == "running":  # an earlier session's ending (a resumed run's) is not how it stands now
+            info["summary"] = None
+            if self._lock is None and RunDirLock.holder_gone(self.run_dir):
+                info["state"], info["summary"] = "killed", {"stop_reason": KILLED_REASON.format(run_dir=self.run_dir)}
         return info
 
     def config_yaml(self) -> str:
@@ -576,6 +614,16 @@ class RunStore:
             + " ORDER BY e.fitness DESC, e.seq ASC LIMIT 1"
         )
         r = self._db.execute(sql, (population,) if population else ()).fetchone()
+        return None if r is None else self._row(r, True)
+
+    @_reads
+    def evaluation(self, candidate_id: str) -> Evaluation | None:
+        """The evaluation of one candidate, with its scores; None if it was never scored."""
+        r = self._db.execute(
+            "SELECT e.*, c.population, c.genome FROM evaluations e JOIN candidates c ON c.id = e.candidate_id"
+            " WHERE e.candidate_id = ?",
+            (candidate_id,),
+        ).fetchone()
         return None if r is None else self._row(r, True)
 
     @_reads

@@ -198,7 +198,7 @@ def test_export_to_a_file_or_under_one_is_refused_before_loading(tmp_path, digit
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     refused(capsys, ["export", str(run_dir), "--out", str(a_file)], str(a_file), "is a file")
-    refused(capsys, ["export", str(run_dir), "--out", str(a_file / "sub" / "out")], "cannot create")
+    refused(capsys, ["export", str(run_dir), "--out", str(a_file / "sub" / "out")], f"{a_file} is a file, not a directory")
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,14 @@ def test_cmaes_and_m2n2_search_paths_and_the_best_exports_as_a_plain_model(sourc
     assert [(step["source"], step["layer"]) for step in recipe["recipe"]["path"]] == [
         (("a", "b")[s], layer) for s, layer in path.layers
     ]
+    # the report's best recipe is the path: each layer passed, in order, with its scale
+    from evomerge.analysis import best_recipe
+    from evomerge.report import render_report
+
+    table = best_recipe(tmp_path / "run").tables["scale"]
+    assert list(table.index) == [f"{k}: {('a', 'b')[s]} layer {layer}" for k, (s, layer) in enumerate(path.layers, 1)]
+    assert table["scale"].tolist() == pytest.approx(path.scales)
+    assert "recipe" in render_report(tmp_path / "run").plots
 
 
 def test_a_head_source_starts_from_its_own_model_and_exports_in_its_embeddings_and_head(sources, tmp_path):

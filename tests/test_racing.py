@@ -89,6 +89,9 @@ def test_candidates_that_cannot_matter_stop_early_and_survivors_score_as_without
     assert status["examples_scored"] == used and status["stopped_early"] == len(partial)
     assert main(["status", str(tmp_path / "r")]) == 0
     assert f"examples scored: {used} ({len(partial)} evaluations stopped early by racing)" in capsys.readouterr().out
+    # export --candidate refuses an estimate: its fitness would stand in the model card as a full score
+    assert main(["export", str(tmp_path / "r"), "--out", str(tmp_path / "m"), "--candidate", partial[0].candidate_id]) == 2
+    assert f"--candidate {partial[0].candidate_id} was stopped early by racing" in capsys.readouterr().err
 
     # Survivors' stages and the rest put together: exactly what one call on every example gives.
     plain = WhiteBoxWorker(RunPlan.from_config(load_config(digits_config(populations=POPULATIONS, fitness=fitness()))), worker_id="check")

@@ -4,6 +4,7 @@ errors, live while the run goes (served on 127.0.0.1), and after a resume."""
 from __future__ import annotations
 
 import io
+import math
 import os
 import sys
 import re
@@ -22,6 +23,7 @@ import yaml
 import evomerge
 from evomerge.analysis import api_usage, archive_history, progress_curves, task_ratios
 from evomerge.cli import main
+from evomerge.records import Candidate, Evaluation, Status
 from evomerge.report import SECTIONS, render_report
 from evomerge.store import RunStore
 
@@ -261,3 +263,126 @@ def test_report_of_a_resumed_run(tmp_path, digit_models, data_file, monkeypatch)
     assert [b["name"] for b in store.baselines()] == ["base", "digits 0-4", "digits 5-9"]  # scored once, kept
     store.close()
     assert len(archive_history(run_dir)) == 7
+
+
+# --- odd run directories, written through the store as the controller writes them -------------
+def write_store(run_dir: Path, config_path: Path, populations: list[str], rows: list[tuple], state: str = "finished") -> Path:
+    """A run of ``populations`` (CMA-ES) with ``rows`` = (population, scores or None for a failure,
+    metrics[, error]) recorded in order; genomes are valid points of the digits run's space."""
+    data = yaml.safe_load(config_path.read_text())
+    data.update(run_dir=str(run_dir), populations=[{"name": p, "strategy": "cmaes"} for p in populations], budget={"evaluations": 50})
+    store = RunStore(run_dir, create=True)
+    store.init_run(run_dir.name, yaml.safe_dump(data), data["budget"])
+    for population in populations:
+        store.add_population(population, "cmaes", None, {"dim": 4})
+    rng = np.random.default_rng(0)
+    for i, (population, scores, metrics, *error) in enumerate(rows):
+        candidate = Candidate(f"{population}:{i}", population, rng.uniform(size=4))
+        store.add_candidate(candidate, asked_after=i)
+        failed = scores is None
+        store.add_evaluation(Evaluation(
+            candidate.id, Status.FAILED if failed else Status.OK, -math.inf if failed else float(np.mean(scores)),
+            None if failed else np.asarray(scores, dtype=float), metrics, "w0", 1000.0 + i, 0.5,
+            (error or ["RuntimeError: pretend out of memory"])[0] if failed else None, population,
+        ))
+    store.set_state(state, {"stop_reason": "budget exhausted"})
+    store.close()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def odd_runs(tmp_path_factory, digit_models, data_file) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("odd-runs")
+    config = write_config(folder, digit_models, data_file, 50, "classification_accuracy")
+    flat = [0.5] * 8  # every example the same score: zero variance
+    mixed = []
+    for i in range(12):  # "never" always fails; "cma" fails every third; per-task metrics on some only
+        scores = None if i % 3 == 0 else [float((i + k) % 2) for k in range(8)]
+        mixed += [("cma", scores, {"per_task": {"a": 0.5}} if i % 2 else {}), ("never", None, {})]
+    return {
+        "empty": write_store(folder / "empty", config, ["cma", "m2n2"], [], state="interrupted"),
+        "all_failed": write_store(folder / "all_failed", config, ["cma"], [("cma", None, {})] * 3),
+        "one": write_store(folder / "one", config, ["cma"], [("cma", flat, {})]),
+        "mixed": write_store(folder / "mixed", config, ["cma", "never"], mixed),
+        "many_reasons": write_store(folder / "many_reasons", config, ["cma"], [
+            ("cma", None, {"traceback": f"Traceback …\nOSError: {i}"}, f"OSError: {i}") for i in range(25)
+        ] + [("cma", flat, {})]),
+        "five": write_store(folder / "five", config, [f"p{i}" for i in range(5)], [(f"p{i % 5}", flat, {}) for i in range(10)]),
+    }
+
+
+def sections(page: str) -> dict[str, str]:
+    return {key: re.search(f'<section id="{key}">(.*?)</section>', page, re.S).group(1) for key in SECTIONS}
+
+
+def test_report_of_a_run_without_any_evaluation(odd_runs, tmp_path):
+    """Stopped before its first evaluation was recorded: every section says so, no traceback."""
+    out = tmp_path / "r.html"
+    assert main(["report", str(odd_runs["empty"]), "--out", str(out)]) == 0
+    found = sections(out.read_text())
+    assert "no evaluation recorded: nothing to show" in found["progress"] and "<img" not in found["progress"]
+    assert "no evaluation recorded" in found["recipe"]
+    frame = evomerge.load_run(odd_runs["empty"], per_example=True)
+    assert frame.empty and {"fitness", "fidelity", "per_example"} <= set(frame.columns)
+
+
+def test_report_of_a_run_whose_every_candidate_failed(odd_runs):
+    found = sections(render_report(odd_runs["all_failed"]).html)
+    for key in ("progress", "recipe"):
+        assert "all 3 evaluations failed (see Failures): nothing to show" in found[key] and "yet" not in found[key]
+    assert "pretend out of memory" in found["failures"]
+
+
+def test_report_of_a_single_evaluation_draws_it(odd_runs):
+    """A line through one point draws nothing: the point is marked, on an integer axis."""
+    from PIL import Image
+
+    from evomerge.report import figures
+
+    def curve_pixels(png: bytes) -> int:  # pixels in the first population's colour (C0)
+        rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+        return int((np.abs(rgb - [31, 119, 180]).sum(axis=2) < 60).sum())
+
+    curves = progress_curves(evomerge.load_run(odd_runs["one"]))
+    legend_only = curves.assign(best=np.nan, median=np.nan)  # the same axes and legend, no value drawn
+    assert curve_pixels(figures.progress(curves)) > curve_pixels(figures.progress(legend_only)) + 50
+    assert png_ok(render_report(odd_runs["five"]).plots["progress"])
+
+
+def test_report_leaves_out_a_population_that_never_succeeded_and_says_so(odd_runs):
+    frame = evomerge.load_run(odd_runs["mixed"])
+    assert frame.loc[frame["status"] == "failed", "fitness"].isna().all()  # -inf is no fitness to plot
+    curves = progress_curves(frame)
+    assert np.isfinite(curves["best"].dropna()).all() and curves.loc[curves["population"] == "never", "best"].isna().all()
+    assert curves.loc[curves["population"] == "cma", "best"].iloc[0] != curves.loc[curves["population"] == "cma", "best"].iloc[0]  # NaN until one succeeds
+    found = sections(render_report(odd_runs["mixed"]).html)
+    assert "Not drawn, no fully scored evaluation: never." in found["progress"] and "<img" in found["progress"]
+    assert task_ratios(odd_runs["mixed"]).empty  # no baselines scored: no ratios, whatever per_task holds
+
+
+def test_report_lists_the_most_frequent_failure_reasons_and_counts_the_rest(odd_runs):
+    """A run whose errors all differ would make a page of megabytes: 20 reasons, then a count."""
+    from evomerge.report.document import FAILURE_REASONS
+
+    found = sections(render_report(odd_runs["many_reasons"]).html)["failures"]
+    assert found.count("<details>") == FAILURE_REASONS == 20
+    assert "and 5 more reasons (5 failed evaluations)" in found
+
+
+def test_report_and_load_run_read_while_the_writer_holds_the_run_and_leave_it_writable(odd_runs, tmp_path):
+    run_dir = Path(shutil.copytree(odd_runs["one"], tmp_path / "run"))
+    writer = RunStore(run_dir)  # the run directory's one writer (run.lock)
+    try:
+        writer.set_state("running")
+        writer._db.execute("BEGIN IMMEDIATE")  # in the middle of recording an evaluation
+        writer._db.execute("INSERT INTO events (time, kind, message) VALUES (0, 'x', 'y')")
+        page = render_report(run_dir, live=True).html
+        assert ">running<" in page and 'http-equiv="refresh"' in page and "1 evaluations" in page
+        assert len(evomerge.load_run(run_dir, per_example=True)) == 1
+        writer._db.execute("COMMIT")
+        candidate = Candidate("cma:1", "cma", np.full(4, 0.5))
+        writer.add_candidate(candidate, asked_after=1)  # the readers held no lock: the writer goes on
+        writer.add_evaluation(Evaluation(candidate.id, Status.OK, 0.25, np.full(8, 0.25), population="cma"))
+        assert len(evomerge.load_run(run_dir)) == 2
+    finally:
+        writer.close()

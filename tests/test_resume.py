@@ -86,7 +86,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, digi
     assert killed.returncode == -signal.SIGKILL
     before = history(tmp_path / "crashed")
     assert len(before) == 18  # the 19th was in flight when the process died
-    assert RunStore(tmp_path / "crashed", readonly=True).run_info()["state"] == "running"
+    assert RunStore(tmp_path / "crashed", readonly=True).run_info()["state"] == "killed"  # recorded as running; its process is gone
 
     resumed = cli(["resume", str(tmp_path / "crashed")], crash_plugins)
     assert resumed.returncode == 0, resumed.stderr

@@ -91,7 +91,7 @@ def test_a_config_file_or_a_missing_path_given_as_the_run_directory(tmp_path, di
     refused(capsys, [name, str(tmp_path / "no-such-run"), *rest], "no such run directory")
 
 
-def test_export_reproduces_the_best_candidate(tmp_path, digits_config):
+def test_export_reproduces_the_best_candidate_or_the_one_named(tmp_path, digits_config, capsys):
     from transformers import AutoModel
 
     from evomerge.fitness.classification import classification_accuracy
@@ -110,8 +110,21 @@ def test_export_reproduces_the_best_candidate(tmp_path, digits_config):
     accuracy = float(classification_accuracy(model, None, load_examples("sklearn:digits", "train")).mean())
     store = RunStore(run_dir, readonly=True)
     assert accuracy == pytest.approx(store.best().fitness, abs=1e-6)  # float32 vs float64 mean
+    other = next(r for r in store.evaluations() if r.candidate_id != store.best().candidate_id and r.fitness < store.best().fitness)
     store.close()
     assert main(["export", str(run_dir), "--out", str(out)]) == 2  # never overwrite
+
+    # --candidate: any scored candidate, not only the best
+    picked = tmp_path / "picked"
+    run_ok(["export", str(run_dir), "--out", str(picked), "--candidate", other.candidate_id])
+    model = AutoModel.from_pretrained(picked)
+    accuracy = float(classification_accuracy(model, None, load_examples("sklearn:digits", "train")).mean())
+    assert accuracy == pytest.approx(other.fitness, abs=1e-6)
+    assert f"one of 24 evaluated candidates, `{other.candidate_id}`" in (picked / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--candidate", "cma:999"]) == 2
+    assert "--candidate cma:999: no such candidate was scored" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_same_seed_same_search(tmp_path, digits_config):
@@ -287,3 +300,66 @@ def test_structured_log_and_progress_per_population(tmp_path, digits_config):
     events = [entry["event"] for entry in lines]
     assert events[0] == "run_started" and events[-1] == "run_finished"
     assert all({"time", "level", "logger", "message"} <= set(entry) for entry in lines)
+
+
+def test_status_of_a_run_killed_mid_candidate_and_of_one_whose_every_candidate_failed(tmp_path, digits_config, monkeypatch, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    mod = write_plugin(tmp_path, monkeypatch, """
+        def broken(model, tokenizer, examples):
+            raise RuntimeError("pretend out of memory")
+        """)
+    path = digits_config(fitness={"name": f"{mod}:broken", "data": {"source": "sklearn:digits"}}, budget={"evaluations": 3})
+    run_dir = tmp_path / "r"
+    assert main(["run", str(path), "--run-dir", str(run_dir)]) == 3  # cannot succeed
+    capsys.readouterr()
+    run_ok(["status", str(run_dir)])
+    assert f"best: - (every evaluation failed; `evomerge report {run_dir}` lists why)" in capsys.readouterr().out
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 2
+    assert f"no candidate of this run succeeded, nothing to export; `evomerge report {run_dir}`" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged"), "--candidate", "cma:0"]) == 2
+    assert "--candidate cma:0 failed (RuntimeError: pretend out of memory" in capsys.readouterr().err
+
+    # SIGKILL while a candidate was scored: recorded as running, and run.lock names a process that is gone
+    store = RunStore(run_dir)
+    store.set_state("running")
+    store.close()
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    (run_dir / "run.lock").write_text(f"pid {child.pid} on {socket.gethostname()}\n")
+    run_ok(["status", str(run_dir)])
+    out = capsys.readouterr().out
+    assert "[killed]" in out and f"evomerge resume {run_dir} continues the run" in out
+    run_ok(["status", str(run_dir), "--json"])
+    assert json.loads(capsys.readouterr().out)["state"] == "killed"
+
+
+def test_status_into_a_reader_that_stops_reading_ends_quietly(tmp_path, digits_config):
+    """`evomerge status RUN | head -1`: no BrokenPipeError traceback; 141 (128 + SIGPIPE), as shell tools end."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "r"
+    run_ok(["run", str(digits_config(budget={"evaluations": 2})), "--run-dir", str(run_dir)])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    status = subprocess.Popen(
+        [sys.executable, "-m", "evomerge", "status", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    status.stdout.close()  # before it has imported evomerge, let alone printed
+    assert status.wait(timeout=120) == 141
+    assert status.stderr.read() == b""
+
+
+def test_a_broken_pipe_that_is_not_standard_output_keeps_its_traceback(monkeypatch):
+    """A worker's or a service's socket breaking is a bug to see, not a reader that stopped."""
+    import evomerge.cli as cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_status", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["status", "anywhere"])

@@ -52,3 +52,55 @@ def test_a_full_disk_is_named_and_what_was_recorded_stays(tmp_path):
         store.set_state("failed")  # the store is usable: no transaction was left open
     finally:
         store.close()
+
+
+def _dead_pid() -> int:
+    """A pid that no longer exists: a child that has exited and been reaped."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_whose_writer_was_killed_reads_as_killed_and_a_live_one_as_running(tmp_path):
+    import socket
+
+    store = _new_store(tmp_path)
+    store.set_state("interrupted", {"stop_reason": "signal SIGTERM"})
+    store.set_state("running")  # resumed: the last session's ending is no longer how the run stands
+    reader = RunStore(store.run_dir, readonly=True)
+    try:
+        assert reader.run_info()["state"] == "running" and reader.run_info()["summary"] is None
+        store.close()
+        # SIGKILL: the state stays running, and run.lock names a process that is gone
+        (store.run_dir / "run.lock").write_text(f"pid {_dead_pid()} on {socket.gethostname()}\n")
+        info = reader.run_info()
+        assert info["state"] == "killed"
+        assert f"evomerge resume {store.run_dir}" in info["summary"]["stop_reason"]
+        (store.run_dir / "run.lock").write_text(f"pid {_dead_pid()} on another-host\n")
+        assert reader.run_info()["state"] == "running"  # another host's process: not ours to judge
+    finally:
+        reader.close()
+    resumed = RunStore(store.run_dir)  # a resume takes the directory: it reads as it is recorded
+    try:
+        assert resumed.run_info()["state"] == "running"
+    finally:
+        resumed.close()
+
+
+def test_a_run_killed_before_it_recorded_anything_says_how_to_start_it_again(tmp_path, capsys):
+    """SIGKILL while Ray started: run.db has its tables and no run; every reader says what to do."""
+    from evomerge.analysis import load_run
+    from evomerge.cli import main
+    from evomerge.errors import RunDirError
+
+    store = RunStore(tmp_path / "run", create=True)
+    store._db.close()  # as a killed process leaves it: no init_run, no discard
+    store._lock.release()
+    for command in (["status"], ["report"], ["export", "--out", str(tmp_path / "merged")]):
+        assert main([command[0], str(store.run_dir), *command[1:]]) == 2
+        assert f"the run was never started (stopped before it recorded anything); start it again with evomerge run CONFIG --run-dir {store.run_dir}" in capsys.readouterr().err
+    with pytest.raises(RunDirError, match="never started"):
+        load_run(store.run_dir)

@@ -35,6 +35,9 @@ SECTIONS = {
 """Section ids (the HTML anchors) and titles, in page order."""
 
 LIVE_REFRESH_SECONDS = 10
+FAILURE_REASONS = 20
+"""Failure reasons the report lists, most frequent first, each with a traceback: a run whose errors
+all differ (an address, a size in the message) would otherwise make a page of megabytes."""
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 0 auto; max-width: 1180px;
@@ -50,7 +53,7 @@ table.data td:first-child, table.data th:first-child { text-align: left; }
 img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
 .note { color: #556; font-style: italic; }
 details pre { white-space: pre-wrap; font-size: .8rem; background: #f6f7fa; padding: .5rem; }
-.state-running { color: #b06000; } .state-finished { color: #1a7f37; }
+.state-running { color: #b06000; } .state-finished { color: #1a7f37; } .state-killed, .state-failed { color: #b42318; }
 """
 
 
@@ -151,13 +154,16 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
 
     # progress
     curves = analysis.progress_curves(evaluations)
-    if curves["best"].notna().any():
-        page.sections["progress"] = page.image("progress", figures.progress(curves), "fitness per population") + _note(
+    scored = curves.groupby("population", sort=False)["best"].transform(lambda best: best.notna().any())
+    if scored.any():
+        unscored = [pop["name"] for pop in populations if pop["name"] not in set(curves["population"][scored])]
+        page.sections["progress"] = page.image("progress", figures.progress(curves[scored]), "fitness per population") + _note(
             f"solid: best so far; dashed: median of the last {analysis.MEDIAN_WINDOW} evaluations."
             + _stopped_early_note(len(ok) - len(full))
+            + (f" Not drawn, no fully scored evaluation: {', '.join(unscored)}." if unscored else "")
         )
     else:
-        page.sections["progress"] = _note("no successful evaluation yet.")
+        page.sections["progress"] = _note(_nothing_scored(info["state"], evaluations))
 
     # M2N2 archive
     history = analysis.archive_history(run_dir)
@@ -178,7 +184,7 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
             body += _note("fixed: " + ", ".join(f"{k} = {v:g}" for k, v in recipe.fixed.items()))
         page.sections["recipe"] = body + "".join(_table(t, index=True) for t in recipe.tables.values())
     else:
-        page.sections["recipe"] = _note("no successful evaluation yet.")
+        page.sections["recipe"] = _note(_nothing_scored(info["state"], evaluations))
 
     # workers
     busy = analysis.worker_utilisation(evaluations)
@@ -193,11 +199,17 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
     if failed.empty:
         page.sections["failures"] = _note("no failed evaluation.")
     else:
+        shown = failed.head(FAILURE_REASONS)
         traces = "".join(
             f"<details><summary>{html.escape(r.example)}: {html.escape(str(r.error))}</summary><pre>{html.escape(r.traceback)}</pre></details>"
-            for r in failed.itertuples() if r.traceback
+            for r in shown.itertuples() if r.traceback
         )
-        page.sections["failures"] = _table(failed.drop(columns="traceback")) + traces
+        rest = failed.iloc[FAILURE_REASONS:]
+        more = _note(
+            f"and {len(rest)} more reasons ({int(rest['count'].sum())} failed evaluations): evomerge.analysis.failures"
+            f"(evomerge.load_run(RUN_DIR)) lists them all."
+        ) if len(rest) else ""
+        page.sections["failures"] = _table(shown.drop(columns="traceback")) + more + traces
 
     # API usage
     usage = analysis.api_usage(evaluations)
@@ -223,6 +235,16 @@ def render_report(run_dir: str | Path, live: bool = False) -> Report:
             )
 
     return Report(_assemble(info, evaluations, best, page.sections, live), page.plots)
+
+
+def _nothing_scored(state: str, evaluations: pd.DataFrame) -> str:
+    """Why a section that needs a fully scored evaluation is empty: not yet, or never in this run."""
+    failed = int((evaluations["status"] != "ok").sum())
+    if failed == len(evaluations):
+        what = "no evaluation recorded" if failed == 0 else f"all {failed} evaluations failed (see Failures)"
+    else:
+        what = "no fully scored evaluation (racing stopped every successful one early)"
+    return f"{what} yet." if state == "running" else f"{what}: nothing to show."
 
 
 def _stopped_early_note(stopped: int) -> str:

@@ -11,8 +11,11 @@ import io
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
+FEW_POINTS = 20
+"""Curves with at most this many values get a marker on each, so a single evaluation shows."""
 
 
 def _png(fig: Figure) -> bytes:
@@ -35,9 +38,12 @@ def progress(curves: pd.DataFrame) -> bytes:
     scale, time_label = _time_unit(float(curves["elapsed"].max()))
     for i, (population, group) in enumerate(curves.groupby("population", sort=False)):
         color = f"C{i}"
+        marker = "o" if group["best"].notna().sum() <= FEW_POINTS else None  # a line through one point draws nothing
         for ax, x in ((by_count, group["evaluation"]), (by_time, group["elapsed"] / scale)):
-            ax.plot(x, group["best"], color=color, label=f"{population} best")
+            ax.plot(x, group["best"], color=color, marker=marker, label=f"{population} best")
             ax.plot(x, group["median"], color=color, linestyle="--", alpha=0.7, label=f"{population} median")
+    by_count.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    by_count.set_xlim(0.5, float(curves["evaluation"].max()) + 0.5)
     by_count.set_xlabel("evaluations of the population")
     by_count.set_ylabel("fitness")
     by_time.set_xlabel(time_label)

@@ -159,6 +159,7 @@ class M2N2(Strategy):
         self._members: list[np.ndarray | None] = [None] * options.archive_size
         self._member_ids: list[str] = [""] * options.archive_size
         self._scores: np.ndarray | None = None
+        self._stats: dict[str, float] | None = None  # archive_stats until the archive changes
 
     @property
     def _alpha(self) -> float:
@@ -194,7 +195,14 @@ class M2N2(Strategy):
         return _shift(self._scores[self.filled])
 
     def archive_stats(self) -> dict[str, float]:
-        """Training coverage and mean per-example entropy (the paper's diversity measures)."""
+        """Training coverage and mean per-example entropy (the paper's diversity measures), kept
+        until the archive changes: the report asks after every evaluation of a long run, and most
+        children late in a run are discarded."""
+        if self._stats is None:
+            self._stats = self._measure_archive()
+        return dict(self._stats)
+
+    def _measure_archive(self) -> dict[str, float]:
         s = self.archive_scores()
         if s.size == 0:
             return {"coverage": 0.0, "entropy": 0.0, "members": 0}
@@ -227,6 +235,7 @@ class M2N2(Strategy):
         self._members[slot] = genome
         self._member_ids[slot] = member_id
         self._scores[slot] = row
+        self._stats = None
 
     # --- breeding ------------------------------------------------------------------------------
     def _can_breed(self) -> bool:
@@ -338,6 +347,7 @@ class M2N2(Strategy):
         self._members = list(state["members"])
         self._member_ids = list(state["member_ids"])
         self._scores = None if state["scores"] is None else state["scores"].copy()
+        self._stats = None
 
 
 def _shift(scores: np.ndarray) -> np.ndarray:

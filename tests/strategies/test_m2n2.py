@@ -112,6 +112,24 @@ def test_replace_worst_with_the_child_included():
     assert m._member_ids == [seeds[0].id, better.id]
 
 
+def test_archive_stats_follow_every_change_of_the_archive_and_a_restored_state():
+    """Kept between changes (the report asks after every evaluation), never stale."""
+    m = make_strategy("m2n2", "p", weight_spec(), 0, {"archive_size": 2})
+    seeds = m.ask(2)
+    assert m.archive_stats() == {"coverage": 0.0, "entropy": 0.0, "members": 0}
+    tell(m, seeds[0], [1, 1, 0, 0])
+    assert m.archive_stats() == {"coverage": 0.5, "entropy": 0.0, "members": 1}
+    tell(m, seeds[1], [0, 0, 1, 0])
+    assert m.archive_stats()["coverage"] == 0.75
+    saved = m.state_dict()
+    tell(m, m.ask(1)[0], [0, 0, 0, 0])  # dropped: the archive, and its statistics, stay
+    assert m.archive_stats()["coverage"] == 0.75
+    tell(m, m.ask(1)[0], [0, 0, 1, 1])  # replaces seed 1: example 3 is covered now
+    assert m.archive_stats()["coverage"] == 1.0
+    m.load_state_dict(saved)
+    assert m.archive_stats()["coverage"] == 0.75
+
+
 def test_failed_and_nan_children():
     m = make_strategy("m2n2", "p", weight_spec(), 0, {"archive_size": 3})
     seeds = m.ask(2)

@@ -166,6 +166,22 @@ def test_a_request_budget_stops_the_run_cleanly(service, make_config):
     assert state == "finished"
 
 
+def test_report_and_export_of_a_black_box_run(service, make_config, tmp_path, capsys):
+    """The report places the recipe on the experts without any model on this machine; export,
+    which would need them, says so in one line."""
+    from evomerge.cli import main
+    from evomerge.report import render_report
+
+    make, _ = make_config
+    config = make(service, budget={"evaluations": 3})
+    start_run(config, "test-config")
+    report = render_report(config.run_path())
+    assert {"progress", "recipe", "usage"} <= set(report.plots)
+    assert main(["export", str(config.run_path()), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "is a black-box run, merged by its service" in err and "`evomerge report" in err and "Traceback" not in err
+
+
 def test_racing_screens_black_box_candidates_and_survivors_score_as_without_it(service, make_config):
     """Stopped candidates pay for their stages' requests only; a survivor's last call asks only for
     the examples its stages left, and it scores exactly what a run without racing scores."""
