@@ -94,15 +94,23 @@ def pool_memory(config: RunConfig, capacity: int, gpus: float) -> tuple["WorkerM
     """The memory check for ``capacity`` white-box workers on this machine (a Ray started here):
     they share its RAM, or a GPU when they ask for GPUs (those that request none see no CUDA
     device and run on the CPU); a worker spanning several GPUs has them to itself. Host memory
-    Ray's memory monitor keeps free is left out (:func:`monitor_reserve`)."""
+    Ray's memory monitor keeps free is left out (:func:`monitor_reserve`), and so is what each
+    worker process holds before it loads a model (the interpreter, torch, Ray, transformers: about
+    what this process holds, measured), which the per-worker figures do not count and which
+    MemAvailable still had when it was read, before the workers started."""
     import torch
 
-    from evomerge.models.memory import FreeMemory, check_memory, total_bytes
+    from evomerge.models.host_memory import process_anon_bytes
+    from evomerge.models.memory import FreeMemory, check_memory, size, tier_memory, total_bytes
 
     on_gpu = gpus > 0 and torch.cuda.is_available() and config.models.device != "cpu"
     device = torch.device("cuda" if on_gpu else "cpu")
-    free = FreeMemory.measure(device, config.models.devices).keeping_free(
-        monitor_reserve(total_bytes()), "Ray's memory monitor keeps free (RAY_memory_usage_threshold)"
+    tier_memory(config, device)  # imports the model's classes, as a worker does, before this process is measured
+    own = process_anon_bytes()  # what a worker process holds before any weight: Python, torch, Ray, transformers
+    free = (
+        FreeMemory.measure(device, config.models.devices)
+        .keeping_free(monitor_reserve(total_bytes()), "Ray's memory monitor keeps free (RAY_memory_usage_threshold)")
+        .keeping_free(capacity * own, f"{capacity} worker processes take before loading models ({size(own)} each)")
     )
     workers = min(capacity, max(1, math.floor(1 / gpus + 1e-9))) if on_gpu else capacity
     return check_memory(config, workers, device, free), device

@@ -50,6 +50,19 @@ def available_bytes() -> int | None:
     return min(known)
 
 
+def process_anon_bytes() -> int:
+    """This process's anonymous resident memory (``RssAnon``: its heap, not mapped files or shared
+    libraries' pages); 0 where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def total_bytes() -> int | None:
     """This machine's memory as this process sees it: ``MemTotal``, or its cgroup's limit if smaller."""
     figures = [meminfo("MemTotal"), cgroup_limit()]

@@ -103,7 +103,8 @@ class FreeMemory:
         workers once less is left, such as Ray's), named ``why`` in messages."""
         if self.host is None or reserve <= 0:
             return self
-        return replace(self, host=max(0, self.host - reserve), kept_free=f" after the {size(reserve)} {why}")
+        kept = f"{self.kept_free} and" if self.kept_free else " after"
+        return replace(self, host=max(0, self.host - reserve), kept_free=f"{kept} the {size(reserve)} {why}")
 
     @classmethod
     def measure(cls, device: torch.device, devices: int = 1) -> "FreeMemory":

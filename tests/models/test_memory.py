@@ -15,7 +15,7 @@ from evomerge.plan import RunPlan
 from evomerge.cli import main
 from evomerge.config import config_from_dict
 from evomerge.errors import ConfigError, InsufficientMemoryError
-from evomerge.models import memory
+from evomerge.models import host_memory, memory
 from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.records import Candidate
 from evomerge.workers.whitebox import WhiteBoxWorker
@@ -178,6 +178,7 @@ def test_a_local_ray_pool_leaves_out_what_rays_memory_monitor_keeps_free(llamas,
     free = 2 * tiers["device"].peak + total // 100  # two workers fit, with 1 % of the machine to spare
     monkeypatch.setattr(memory, "available_bytes", lambda device: free)
     monkeypatch.setattr(memory, "total_bytes", lambda: total)
+    monkeypatch.setattr(host_memory, "process_anon_bytes", lambda: 0)  # counted in the next test
     monkeypatch.delenv("RAY_memory_usage_threshold", raising=False)
     monkeypatch.delenv("RAY_memory_monitor_refresh_ms", raising=False)
     monkeypatch.delenv("RAY_min_memory_free_bytes", raising=False)
@@ -194,6 +195,27 @@ def test_a_local_ray_pool_leaves_out_what_rays_memory_monitor_keeps_free(llamas,
     assert f"free after the {memory.size(reserve)} Ray's memory monitor keeps free (RAY_memory_usage_threshold)" in str(
         refused.value
     )
+
+
+def test_a_local_ray_pool_counts_what_each_worker_process_holds_before_loading(llamas, monkeypatch):
+    """With the monitor's margin left out, two 1 B-parameter workers still fitted the device tier
+    by 0.5 GiB, and were killed: each Ray worker process holds ~0.4 GiB of its own (Python, torch,
+    transformers) that the per-worker figures do not count."""
+    from evomerge.executors.ray import pool_memory
+
+    config = config_from_dict(_config(llamas))
+    tiers = memory.tier_memory(config, CPU)
+    process = tiers["device"].peak // 4
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * tiers["device"].peak + process)
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "0")
+    monkeypatch.setattr(host_memory, "process_anon_bytes", lambda: process)
+    assert pool_memory(config, 2, 0.0)[0].tier == "mmap"
+    monkeypatch.setattr(host_memory, "process_anon_bytes", lambda: process // 2)
+    assert pool_memory(config, 2, 0.0)[0].tier == "device"
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * process)
+    with pytest.raises(InsufficientMemoryError, match=rf"after the {memory.size(2 * process // 2)} 2 worker processes take"):
+        pool_memory(config, 2, 0.0)
 
 
 def test_rays_monitor_reserve_follows_its_settings():
