@@ -178,8 +178,10 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         blocked = plan.method.elementwise and not plan.seed_recipe_populations
         largest = largest_numel * itemsize
         block = block_elements(chunk, itemsize, stream_budget(model, n, with_base)) * itemsize if blocked else None
-        # a linear combination is written in place, one op per expert and chunk: no work buffers
-        work = (0 if plan.method.elementwise else (n + 2) * chunk * WORK_ITEMSIZE) + histogram
+        # a linear combination is written in place, one op per expert and chunk: no work buffers but,
+        # for half-precision weights, the float32 chunk it sums in
+        linear_work = chunk * ITEMSIZE["float32"] if itemsize < ITEMSIZE["float32"] else 0
+        work = (linear_work if plan.method.elementwise else (n + 2) * chunk * WORK_ITEMSIZE) + histogram
         # an expert is built in memory when converted to the run's dtype or an adapter (merged on a
         # fresh copy of the base); else loading reads its file through the page cache
         built = any(is_adapter(ref) or stored_dtype(ref) != dtype for ref in refs)
