@@ -13,6 +13,7 @@ a temporary name and moved into place, so an interrupted export leaves nothing h
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
 import time
@@ -54,6 +55,7 @@ def export_best(run_dir: Path, out: Path, candidate_id: str | None = None) -> di
     best = _exportable(run_dir, chosen, candidate_id, state)
     out = Path(out)
     _check_out(out)
+    _check_room(out, config)
     from evomerge.models.tokenizer_source import export_tokenizer  # torch: only once there is something to export
     from evomerge.workers.whitebox import WhiteBoxWorker
 
@@ -104,19 +106,25 @@ def export_best(run_dir: Path, out: Path, candidate_id: str | None = None) -> di
     tokenizer = export_tokenizer(config, model, worker.models.tokenizer)
 
     tmp = out.with_name(out.name + f".tmp-{int(time.time())}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if mergekit is not None:
-        mergekit, note = _checked_by_mergekit(mergekit, note, tmp)
-    if note is not None:
-        document["mergekit"] = note
-    (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
-    if mergekit is not None:
-        (tmp / MERGEKIT_NAME).write_text(yaml.safe_dump(mergekit, sort_keys=False))
-    (tmp / CARD_NAME).write_text(model_card(
-        plan, document, baselines, evaluations, mergekit is not None, best.candidate_id == run_best.candidate_id
-    ))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if mergekit is not None:
+            mergekit, note = _checked_by_mergekit(mergekit, note, tmp)
+        if note is not None:
+            document["mergekit"] = note
+        (tmp / RECIPE_NAME).write_text(yaml.safe_dump(document, sort_keys=False))
+        if mergekit is not None:
+            (tmp / MERGEKIT_NAME).write_text(yaml.safe_dump(mergekit, sort_keys=False))
+        (tmp / CARD_NAME).write_text(model_card(
+            plan, document, baselines, evaluations, mergekit is not None, best.candidate_id == run_best.candidate_id
+        ))
+    except BaseException as exc:  # no half-written model (gigabytes) left beside --out
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(exc):
+            raise RunDirError(f"--out {out}: the disk filled up while the model was written ({exc}); free some space or choose another --out") from None
+        raise
     if out.exists():
         out.rmdir()
     shutil.move(str(tmp), str(out))
@@ -165,6 +173,35 @@ def _check_out(out: Path) -> None:
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent)).rmdir()
     except OSError as exc:
         raise RunDirError(f"--out {out}: cannot write in {out.parent}: {exc.strerror or exc}") from None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether writing failed for want of space: an OSError, or safetensors' own error, which
+    carries the OS error only in its message."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return type(exc).__name__ == "SafetensorError" and any(f"os error {code})" in str(exc) for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+def _check_room(out: Path, config: RunConfig) -> None:
+    """Refuse an ``--out`` whose disk cannot hold the merged weights, before the models load and
+    merge (minutes at a few billion parameters): from the working model's config, its parameters
+    in the run's dtype. A lower bound (a data-flow path may stack more layers; the tokenizer and
+    the card add little)."""
+    from evomerge.models.checkpoint import run_dtype
+    from evomerge.models.loading import parameter_shapes
+    from evomerge.models.memory import ITEMSIZE, size, total_numel
+
+    plan = RunPlan.from_config(config)
+    if plan.method.inputs == LORA_FACTORS:  # an adapter directory: small beside its base
+        return
+    need = total_numel(parameter_shapes(plan.working_model)) * ITEMSIZE[run_dtype(config)]
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise RunDirError(
+            f"--out {out}: the merged model needs {size(need)} but {out.parent} has {size(free)} free;"
+            " free some space or choose another --out"
+        )
 
 
 def _checked_by_mergekit(document: dict, note: str | None, saved: Path) -> tuple[dict | None, str | None]:

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from evomerge.cli import main
+from cli_checks import refused
 from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.store import RunStore
 
@@ -216,3 +217,40 @@ def test_lora_compose_exports_a_peft_adapter_that_reloads_with_the_same_score(ll
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llamas / "base"), out).eval()
     score = negative_cross_entropy(reloaded, AutoTokenizer.from_pretrained(out), ROWS).mean().item()
     assert score == pytest.approx(best.fitness, abs=1e-5)
+
+
+@pytest.fixture
+def finished_run(llamas, tmp_path):
+    out, _best = _run_and_export(llamas, tmp_path, {"method": "linear"}, evaluations=1)
+    return tmp_path / "run"
+
+
+def test_an_out_whose_disk_cannot_hold_the_model_is_refused_before_loading(finished_run, tmp_path, capsys, monkeypatch):
+    """A 1 B-parameter export onto a 300 MiB disk loaded and merged for 2.5 minutes, then stopped
+    with safetensors' traceback (exit 1) and left its half-written directory beside --out."""
+    import shutil
+
+    from evomerge.workers import whitebox
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    monkeypatch.setattr(whitebox, "WhiteBoxWorker", None)  # nothing may load
+    out = tmp_path / "small" / "merged"
+    refused(capsys, ["export", str(finished_run), "--out", str(out)], f"--out {out}", "needs", "free some space")
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_a_disk_that_fills_up_while_writing_leaves_nothing_and_exits_2(finished_run, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+
+    def fills_up(self, folder, **kwargs):  # the shard is begun, then the disk is full
+        real(self, folder, **kwargs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_up)
+    out = tmp_path / "full" / "merged"
+    refused(capsys, ["export", str(finished_run), "--out", str(out)], f"--out {out}", "disk filled up", "No space left")
+    assert list(out.parent.iterdir()) == []  # no merged.tmp-* left

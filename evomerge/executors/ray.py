@@ -30,7 +30,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -40,6 +40,11 @@ from evomerge.executors.base import Executor, Job, WorkerError, cancelled
 from evomerge.executors.ray_reaper import Reaper
 from evomerge.executors.timeouts import CandidateTimeout
 from evomerge.records import Candidate, Evaluation
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.models.memory import WorkerMemory
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,54 @@ def worker_gpus(settings: WorkersConfig, devices: int = 1) -> float:
 def _gpu_field(devices: int) -> str:
     """The config field that sets the GPUs a worker asks for."""
     return "models.devices" if devices > 1 else "workers.gpus_per_worker"
+
+
+MEMORY_USAGE_THRESHOLD = 0.95
+"""Ray's default ``memory_usage_threshold``: the share of a node's memory in use past which its
+memory monitor kills workers."""
+
+
+def monitor_reserve(total: int | None, environ: Mapping[str, str] = os.environ) -> int:
+    """Bytes of a node's ``total`` memory that Ray's memory monitor keeps free: it kills workers
+    (OutOfMemoryError) once used memory passes ``RAY_memory_usage_threshold`` of the total or less
+    than ``RAY_min_memory_free_bytes`` is left, whichever comes later; none when the monitor is off
+    (``RAY_memory_monitor_refresh_ms=0``). A Ray this process starts reads the same environment.
+    Workers that fit only in this margin load and are killed, so the memory check leaves it out."""
+    if total is None or environ.get("RAY_memory_monitor_refresh_ms", "").strip() == "0":
+        return 0
+    try:
+        threshold = float(environ.get("RAY_memory_usage_threshold", MEMORY_USAGE_THRESHOLD))
+        min_free = int(environ.get("RAY_min_memory_free_bytes", -1))
+    except ValueError:
+        threshold, min_free = MEMORY_USAGE_THRESHOLD, -1
+    reserve = total - int(total * min(max(threshold, 0.0), 1.0))  # Ray's own rounding of its threshold
+    return min(reserve, min_free) if min_free > 0 else reserve
+
+
+def pool_memory(config: RunConfig, capacity: int, gpus: float) -> tuple["WorkerMemory", "torch.device"]:
+    """The memory check for ``capacity`` white-box workers on this machine (a Ray started here):
+    they share its RAM, or a GPU when they ask for GPUs (those that request none see no CUDA
+    device and run on the CPU); a worker spanning several GPUs has them to itself. Host memory
+    Ray's memory monitor keeps free is left out (:func:`monitor_reserve`), and so is what each
+    worker process holds before it loads a model (the interpreter, torch, Ray, transformers: about
+    what this process holds, measured), which the per-worker figures do not count and which
+    MemAvailable still had when it was read, before the workers started."""
+    import torch
+
+    from evomerge.models.host_memory import process_anon_bytes
+    from evomerge.models.memory import FreeMemory, check_memory, size, tier_memory, total_bytes
+
+    on_gpu = gpus > 0 and torch.cuda.is_available() and config.models.device != "cpu"
+    device = torch.device("cuda" if on_gpu else "cpu")
+    tier_memory(config, device)  # imports the model's classes, as a worker does, before this process is measured
+    own = process_anon_bytes()  # what a worker process holds before any weight: Python, torch, Ray, transformers
+    free = (
+        FreeMemory.measure(device, config.models.devices)
+        .keeping_free(monitor_reserve(total_bytes()), "Ray's memory monitor keeps free (RAY_memory_usage_threshold)")
+        .keeping_free(capacity * own, f"{capacity} worker processes take before loading models ({size(own)} each)")
+    )
+    workers = min(capacity, max(1, math.floor(1 / gpus + 1e-9))) if on_gpu else capacity
+    return check_memory(config, workers, device, free), device
 
 
 def pool_size(settings: WorkersConfig, resources: dict[str, float], devices: int = 1) -> int:
@@ -162,6 +215,9 @@ class RayExecutor(Executor):
             ray.exceptions.RayActorError,
             ray.exceptions.WorkerCrashedError,
             ray.exceptions.ActorUnschedulableError,
+            # Ray's memory monitor killed the actor (the node ran low on memory): a death like any
+            # other, not an error of the driver's
+            ray.exceptions.OutOfMemoryError,
         )
         self._slots: list[_Slot] = []
         self._queue: deque[_Job] = deque()
@@ -191,8 +247,10 @@ class RayExecutor(Executor):
             self.capacity = pool_size(self.settings, resources, config.models.devices)
             if self._owns_ray and local:  # a Ray we started on this machine never grows
                 check_fits(self.settings, self.capacity, resources, config.models.devices)
-                self._check_memory()
-            on_phase(f"loading models on {self.capacity} worker{'s' if self.capacity != 1 else ''}")
+                tier = self._check_memory()
+            else:
+                tier = ""
+            on_phase(f"loading models on {self.capacity} worker{'s' if self.capacity != 1 else ''}{tier}")
             self._slots = [self._new_slot() for _ in range(self.capacity)]
             while any(slot.stage in ("scheduling", "loading") for slot in self._slots):
                 self._step()  # no candidates yet, so nothing finishes
@@ -202,26 +260,17 @@ class RayExecutor(Executor):
         self._ready = True
         log.info("%d Ray workers ready in %.1fs", self.capacity, time.perf_counter() - started)
 
-    def _check_memory(self) -> None:
-        """Workers on this machine share its RAM, or a GPU when they ask for GPUs (those that
-        request none see no CUDA device and run on the CPU); a worker spanning several GPUs has
-        them to itself. Black-box workers hold no weights."""
-        import torch
-
+    def _check_memory(self) -> str:
+        """The memory tier every worker this pool starts uses (written into its config), in words
+        for the phase line; empty for black-box workers, which hold no weights."""
         if self.config.api is not None:
-            return
+            return ""
+        from evomerge.models.memory import summary, with_residency
 
-        from evomerge.models.memory import check_memory, summary, with_residency
-
-        on_gpu = self.gpus > 0 and torch.cuda.is_available() and self.config.models.device != "cpu"
-        device = torch.device("cuda" if on_gpu else "cpu")
-        if on_gpu:
-            per_gpu = max(1, math.floor(1 / self.gpus + 1e-9))
-            need = check_memory(self.config, min(self.capacity, per_gpu), device)
-        else:
-            need = check_memory(self.config, self.capacity, device)
+        need, device = pool_memory(self.config, self.capacity, self.gpus)
         log.info("workers hold the models in %s", summary(need, device))
-        self.config = with_residency(self.config, need.tier)  # the tier every worker this pool starts uses
+        self.config = with_residency(self.config, need.tier)
+        return f" ({summary(need, device)})"
 
     def _new_slot(self, placement_timeout: float | None = None) -> _Slot:
         """A new actor, asking for its CPUs and GPUs.

@@ -27,7 +27,6 @@ each device is asked for its shard and what the tier keeps beside it, by the sam
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +37,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import ConfigError, InsufficientMemoryError
 from evomerge.merge.method import LORA_FACTORS
 from evomerge.merge.resident import histogram_bytes
+from evomerge.models import host_memory
 from evomerge.models.adapters import is_adapter
 from evomerge.models.checkpoint import run_dtype, stored_dtype
 from evomerge.models.loading import meta_model, parameter_shapes, resolve_devices, unreadable_weights
@@ -94,6 +94,17 @@ class FreeMemory:
     host: int | None
     shards: tuple[int | None, ...] = ()
     """Free bytes on each device a worker spans (``models.devices`` > 1), the first one first."""
+    kept_free: str = ""
+    """What ``host`` leaves aside for something else that acts on memory pressure, in words for
+    messages (see :meth:`keeping_free`)."""
+
+    def keeping_free(self, reserve: int, why: str) -> "FreeMemory":
+        """This memory less ``reserve`` bytes of host memory that must stay free (a monitor that kills
+        workers once less is left, such as Ray's), named ``why`` in messages."""
+        if self.host is None or reserve <= 0:
+            return self
+        kept = f"{self.kept_free} and" if self.kept_free else " after"
+        return replace(self, host=max(0, self.host - reserve), kept_free=f"{kept} the {size(reserve)} {why}")
 
     @classmethod
     def measure(cls, device: torch.device, devices: int = 1) -> "FreeMemory":
@@ -167,8 +178,10 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
         blocked = plan.method.elementwise and not plan.seed_recipe_populations
         largest = largest_numel * itemsize
         block = block_elements(chunk, itemsize, stream_budget(model, n, with_base)) * itemsize if blocked else None
-        # a linear combination is written in place, one op per expert and chunk: no work buffers
-        work = (0 if plan.method.elementwise else (n + 2) * chunk * WORK_ITEMSIZE) + histogram
+        # a linear combination is written in place, one op per expert and chunk: no work buffers but,
+        # for half-precision weights, the float32 chunk it sums in
+        linear_work = chunk * ITEMSIZE["float32"] if itemsize < ITEMSIZE["float32"] else 0
+        work = (linear_work if plan.method.elementwise else (n + 2) * chunk * WORK_ITEMSIZE) + histogram
         # an expert is built in memory when converted to the run's dtype or an adapter (merged on a
         # fresh copy of the base); else loading reads its file through the page cache
         built = any(is_adapter(ref) or stored_dtype(ref) != dtype for ref in refs)
@@ -205,21 +218,17 @@ def tier_memory(config: RunConfig, device: torch.device) -> dict[str, WorkerMemo
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device, or the memory this machine can still give (None: unknown)."""
+    """Free memory of a CUDA device, or the memory this machine (within this process's cgroup)
+    can still give (None: unknown)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return host_memory.available_bytes()
+
+
+def total_bytes() -> int | None:
+    """This machine's memory (within this process's cgroup; None: unknown)."""
+    return host_memory.total_bytes()
 
 
 def size(n_bytes: int) -> str:
@@ -231,12 +240,12 @@ def _shortfall(need: WorkerMemory, workers: int, device: torch.device, free: Fre
     """Why ``workers`` such workers do not fit in ``free`` (None: they fit, or it is unknown)."""
     if device.type != "cuda":
         if free.host is not None and need.peak * workers > free.host:
-            return f"{size(need.peak * workers)} but this machine has {size(free.host)} free"
+            return f"{size(need.peak * workers)} but this machine has {size(free.host)} free{free.kept_free}"
         return None
     if free.device is not None and need.device_peak * workers > free.device:
         return f"{size(need.device_peak * workers)} of {device} but it has {size(free.device)} free"
     if free.host is not None and need.host_peak * workers > free.host:
-        return f"{size(need.host_peak * workers)} of host memory but {size(free.host)} is available"
+        return f"{size(need.host_peak * workers)} of host memory but {size(free.host)} is available{free.kept_free}"
     return None
 
 
@@ -311,7 +320,7 @@ def _sharded(
             f" but they have {_sizes(free.shards)} free"
         )
     if free.host is not None and need.host_peak * workers > free.host:
-        return sharded, f"{size(need.host_peak * workers)} of host memory but {size(free.host)} is available"
+        return sharded, f"{size(need.host_peak * workers)} of host memory but {size(free.host)} is available{free.kept_free}"
     return sharded, None
 
 

@@ -280,6 +280,36 @@ def test_dead_worker_is_replaced_and_its_candidate_retried(pool_config, control,
     assert ev.fitness == reference.evaluate(cand).fitness
 
 
+def test_a_worker_killed_by_rays_memory_monitor_is_replaced_like_any_dead_worker(
+    pool_config, control, reference, monkeypatch
+):
+    """Ray reports an actor its memory monitor killed as OutOfMemoryError, not ActorDiedError; a
+    1 B-parameter run on a machine short of memory stopped with that traceback (exit 1)."""
+    real_get = ray.get
+
+    def oom_instead_of_death(*args, **kwargs):  # what ray.get raises when the monitor killed the actor
+        try:
+            return real_get(*args, **kwargs)
+        except ray.exceptions.ActorDiedError:
+            raise ray.exceptions.OutOfMemoryError("1 worker(s) were killed due to the node running low on memory")
+
+    executor = start_pool(pool_config(count=2))
+    try:
+        folder = control("die-once")
+        (folder / "token").touch()
+        monkeypatch.setattr(ray, "get", oom_instead_of_death)
+        cand = candidate(reference, 0, 0.4)
+        executor.submit(cand)
+        [ev] = collect(executor, 1)
+        assert not (folder / "token").exists()  # one worker did die on it
+        assert executor.capacity == 2 and executor.in_flight == 0
+    finally:
+        monkeypatch.undo()
+        executor.shutdown()
+    assert ev.status == "ok", ev.error
+    assert ev.fitness == reference.evaluate(cand).fitness
+
+
 def test_worker_killer_fails_after_max_retries_and_deaths_in_a_row_stop_the_run(pool_config, control, reference):
     executor = start_pool(pool_config(max_retries=1, max_worker_failures=3))
     try:

@@ -96,7 +96,8 @@ def test_a_driver_that_starts_ray_says_so_quietly_and_leaves_nothing_when_killed
     )
     try:
         phases = [driver.stdout.readline().strip() for _ in range(2)]
-        assert phases == [f"phase: starting Ray ({os.cpu_count()} CPUs)", "phase: loading models on 1 worker"]
+        assert phases[0] == f"phase: starting Ray ({os.cpu_count()} CPUs)"
+        assert phases[1].startswith("phase: loading models on 1 worker (memory tier device: ")  # the tier the check chose
         session = driver.stdout.readline().strip()
         assert session, "the driver could not start Ray"
         started = session_processes(session, {driver.pid})

@@ -15,7 +15,7 @@ from evomerge.plan import RunPlan
 from evomerge.cli import main
 from evomerge.config import config_from_dict
 from evomerge.errors import ConfigError, InsufficientMemoryError
-from evomerge.models import memory
+from evomerge.models import host_memory, memory
 from evomerge.models.zoo.tiny_lm import build_tokenizer, tiny_llama
 from evomerge.records import Candidate
 from evomerge.workers.whitebox import WhiteBoxWorker
@@ -164,6 +164,70 @@ def test_auto_takes_the_fastest_tier_that_fits(llamas):
     assert chosen(gpu["device"].device_peak - 1, torch.device("cuda"), roomy) == "host"
     assert chosen(gpu["host"].device_peak, torch.device("cuda"), roomy - 1) == "mmap"  # nor host memory
     assert chosen(gpu["device"].device_peak, torch.device("cuda"), roomy) == "device"
+
+
+def test_a_local_ray_pool_leaves_out_what_rays_memory_monitor_keeps_free(llamas, monkeypatch):
+    """Two 1 B-parameter workers fitted the device tier in MemAvailable with 0.5 GiB to spare, but
+    Ray's memory monitor kills workers once 95 % of the machine is in use: they were killed while
+    loading. The pool's check leaves that margin out, so it takes the mapped tier instead."""
+    from evomerge.executors.ray import pool_memory
+
+    config = config_from_dict(_config(llamas))
+    tiers = memory.tier_memory(config, CPU)
+    total = 20 * tiers["device"].peak  # Ray keeps one device-tier worker's peak free
+    free = 2 * tiers["device"].peak + total // 100  # two workers fit, with 1 % of the machine to spare
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    monkeypatch.setattr(memory, "total_bytes", lambda: total)
+    monkeypatch.setattr(host_memory, "process_anon_bytes", lambda: 0)  # counted in the next test
+    monkeypatch.delenv("RAY_memory_usage_threshold", raising=False)
+    monkeypatch.delenv("RAY_memory_monitor_refresh_ms", raising=False)
+    monkeypatch.delenv("RAY_min_memory_free_bytes", raising=False)
+    assert memory.check_memory(config, 2, CPU).tier == "device"  # what the pool took before
+    assert pool_memory(config, 2, 0.0)[0].tier == "mmap"
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "0")  # the monitor is off: nothing to keep free
+    assert pool_memory(config, 2, 0.0)[0].tier == "device"
+
+    monkeypatch.delenv("RAY_memory_monitor_refresh_ms")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: tiers["mmap"].peak)
+    with pytest.raises(InsufficientMemoryError) as refused:
+        pool_memory(config, 2, 0.0)
+    reserve = total - int(total * 0.95)
+    assert f"free after the {memory.size(reserve)} Ray's memory monitor keeps free (RAY_memory_usage_threshold)" in str(
+        refused.value
+    )
+
+
+def test_a_local_ray_pool_counts_what_each_worker_process_holds_before_loading(llamas, monkeypatch):
+    """With the monitor's margin left out, two 1 B-parameter workers still fitted the device tier
+    by 0.5 GiB, and were killed: each Ray worker process holds ~0.4 GiB of its own (Python, torch,
+    transformers) that the per-worker figures do not count."""
+    from evomerge.executors.ray import pool_memory
+
+    config = config_from_dict(_config(llamas))
+    tiers = memory.tier_memory(config, CPU)
+    process = tiers["device"].peak // 4
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * tiers["device"].peak + process)
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "0")
+    monkeypatch.setattr(host_memory, "process_anon_bytes", lambda: process)
+    assert pool_memory(config, 2, 0.0)[0].tier == "mmap"
+    monkeypatch.setattr(host_memory, "process_anon_bytes", lambda: process // 2)
+    assert pool_memory(config, 2, 0.0)[0].tier == "device"
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * process)
+    with pytest.raises(InsufficientMemoryError, match=rf"after the {memory.size(2 * process // 2)} 2 worker processes take"):
+        pool_memory(config, 2, 0.0)
+
+
+def test_rays_monitor_reserve_follows_its_settings():
+    from evomerge.executors.ray import monitor_reserve
+
+    gib = 1 << 30
+    assert monitor_reserve(100 * gib, {}) == 5 * gib  # memory_usage_threshold 0.95
+    assert monitor_reserve(100 * gib, {"RAY_memory_usage_threshold": "0.8"}) == 20 * gib
+    # the monitor kills at the later of the two limits: the smaller reserve
+    assert monitor_reserve(100 * gib, {"RAY_min_memory_free_bytes": str(gib)}) == gib
+    assert monitor_reserve(100 * gib, {"RAY_memory_monitor_refresh_ms": "0"}) == 0
+    assert monitor_reserve(None, {}) == 0
 
 
 def test_models_residency_overrides_the_choice(llamas):
