@@ -236,7 +236,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("best: -")
     if status["examples_scored"]:  # what racing saves on; none before the first evaluation
-        print(f"examples scored: {status['examples_scored']} ({status['stopped_early']} evaluations stopped early by racing)")
+        raced = f" ({status['stopped_early']} evaluations stopped early by racing)" if status["stopped_early"] else ""
+        print(f"examples scored: {status['examples_scored']}{raced}")
     if status["stop_reason"]:
         print(f"stopped: {status['stop_reason']}")
     if status["error"]:

@@ -50,7 +50,9 @@ def test_status_json_for_scripts(tmp_path, digits_config, capsys):
     assert status["populations"][0]["name"] == "cma"
     assert status["best"]["fitness"] == status["populations"][0]["best_fitness"]
     run_ok(["status", str(run_dir)])
-    assert "cma" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cma" in out and f"examples scored: {status['examples_scored']}\n" in out
+    assert "racing" not in out  # a run without racing is not told how many racing stopped
 
 
 def test_status_reads_while_a_writer_holds_the_database(tmp_path, digits_config, capsys):
