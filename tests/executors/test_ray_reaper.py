@@ -99,7 +99,8 @@ def test_a_driver_that_starts_ray_says_so_quietly_and_leaves_nothing_when_killed
         assert phases[0] == f"phase: starting Ray ({os.cpu_count()} CPUs)"
         assert phases[1].startswith("phase: loading models on 1 worker (memory tier device: ")  # the tier the check chose
         session = driver.stdout.readline().strip()
-        assert session, "the driver could not start Ray"
+        if not session:  # the driver ended (stdout closed): its stderr says why
+            pytest.fail(f"the driver could not start Ray:\n{driver.communicate(timeout=BOUND)[1][-3000:]}")
         started = session_processes(session, {driver.pid})
         assert len(started) >= 3  # gcs, raylet, agents, the worker
         driver.send_signal(signal.SIGKILL)
