@@ -280,6 +280,7 @@ def test_lm_evals_own_api_client_scores_the_served_model_as_its_hf_model(service
     def per_document(model: str, model_args: str) -> dict[tuple[str, int], dict]:
         results = lm_eval.simple_evaluate(
             model=model, model_args=model_args, tasks=options["tasks"], log_samples=True,
+            bootstrap_iters=0,  # its stderr bootstrap forks a Pool, which can hang in a process with threads (Ray's, the client's)
             task_manager=lm_eval.tasks.TaskManager(include_path=options["include_path"]),
         )
         return {(task, s["doc_id"]): s for task, samples in results["samples"].items() for s in samples}
