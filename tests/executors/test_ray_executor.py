@@ -264,40 +264,27 @@ def test_plugin_that_cannot_import_stops_the_pool_at_start(pool_config, ray_sess
         start_pool(pool_config(fitness="no_such_plugin_module:fitness"))
 
 
-def test_dead_worker_is_replaced_and_its_candidate_retried(pool_config, control, reference):
-    executor = start_pool(pool_config(count=2))
-    try:
-        folder = control("die-once")
-        (folder / "token").touch()
-        cand = candidate(reference, 0, 0.4)
-        executor.submit(cand)
-        [ev] = collect(executor, 1)
-        assert not (folder / "token").exists()  # one worker did die on it
-        assert executor.capacity == 2 and executor.in_flight == 0
-    finally:
-        executor.shutdown()
-    assert ev.status == "ok", ev.error
-    assert ev.fitness == reference.evaluate(cand).fitness
+def _oom_instead_of_death(real_get):
+    """``ray.get`` as Ray answers for an actor its memory monitor killed: OutOfMemoryError, not
+    ActorDiedError (a 1 B-parameter run on a machine short of memory stopped with that traceback)."""
 
-
-def test_a_worker_killed_by_rays_memory_monitor_is_replaced_like_any_dead_worker(
-    pool_config, control, reference, monkeypatch
-):
-    """Ray reports an actor its memory monitor killed as OutOfMemoryError, not ActorDiedError; a
-    1 B-parameter run on a machine short of memory stopped with that traceback (exit 1)."""
-    real_get = ray.get
-
-    def oom_instead_of_death(*args, **kwargs):  # what ray.get raises when the monitor killed the actor
+    def get(*args, **kwargs):
         try:
             return real_get(*args, **kwargs)
         except ray.exceptions.ActorDiedError:
             raise ray.exceptions.OutOfMemoryError("1 worker(s) were killed due to the node running low on memory")
 
+    return get
+
+
+@pytest.mark.parametrize("killed_for_memory", [False, True], ids=["died", "killed-by-rays-memory-monitor"])
+def test_dead_worker_is_replaced_and_its_candidate_retried(pool_config, control, reference, monkeypatch, killed_for_memory):
     executor = start_pool(pool_config(count=2))
     try:
         folder = control("die-once")
         (folder / "token").touch()
-        monkeypatch.setattr(ray, "get", oom_instead_of_death)
+        if killed_for_memory:
+            monkeypatch.setattr(ray, "get", _oom_instead_of_death(ray.get))
         cand = candidate(reference, 0, 0.4)
         executor.submit(cand)
         [ev] = collect(executor, 1)
