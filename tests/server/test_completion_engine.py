@@ -95,8 +95,9 @@ def test_an_echoed_prompt_is_the_first_chunk_and_offsets_run_on_across_chunks(to
     assert [c.logprobs["text_offset"] for c in streamed] == [[0, 1, 2, 3], [4], [5]]
 
 
-def test_a_character_split_over_tokens_is_sent_whole():
-    """A byte-level tokenizer spells "é" as two tokens; the first alone decodes to U+FFFD."""
+def byte_tokenizer():
+    """A byte-level BPE without merges: one token per byte, so a multi-byte character spans
+    several tokens, each alone decoding to U+FFFD."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -104,7 +105,12 @@ def test_a_character_split_over_tokens_is_sent_whole():
     backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_a_character_split_over_tokens_is_sent_whole():
+    """A byte-level tokenizer spells "é" as two tokens; the first alone decodes to U+FFFD."""
+    tokenizer = byte_tokenizer()
     ids = tokenizer("aé")["input_ids"]
     assert len(ids) == 3 and tokenizer.decode(ids[:2]) == "a\ufffd"
     streamed = chunks(Repeats(ids, len(tokenizer)), tokenizer, prompt="x", max_tokens=3)
@@ -167,14 +173,7 @@ def test_incremental_detokenization_gives_the_whole_decodes_text(kind):
         tokenizer = metaspace_tokenizer()
         sample = "say hello world hello say world hello"
     else:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
-
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+        tokenizer = byte_tokenizer()
         sample = "say é 日本 👍 done"
     ids = tokenizer(sample)["input_ids"]
     rng = random.Random(0)
@@ -216,14 +215,7 @@ def test_echoed_offsets_index_the_prompt_as_written(skip):
 def test_chat_logprob_bytes_join_to_the_text_of_characters_split_over_tokens():
     """Byte-level BPE spells "é" and "日" over several tokens, each alone decoding to U+FFFD:
     their ``bytes`` are the real bytes, so a client joining them gets the text back."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer = byte_tokenizer()
     ids = tokenizer("aé日")["input_ids"]
     params = SamplingParams(max_tokens=len(ids), logprobs=2, chat_logprobs=True)
     done = complete(Repeats(ids, len(tokenizer)), tokenizer, tokenizer("x")["input_ids"], "x", params, torch.Generator())
