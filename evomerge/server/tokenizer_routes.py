@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import Field
 
 from evomerge.server.app import MAX_MESSAGES, ChatMessage, ChatRequest, Name, Text, _Body, _chat_prompt
-from evomerge.server.model_host import ModelHost, ServiceError
+from evomerge.server.model_host import ModelHost, ServiceError, _not_found
 
 MAX_DETOKENIZE = 1 << 17
 """Token ids in one ``/detokenize`` request (the request size limit bounds it too)."""
@@ -45,7 +45,7 @@ class DetokenizeRequest(_Body):
 def _known(host: ModelHost, model: str | None) -> None:
     """A 404 for a ``model`` the server does not serve (its tokenizer would be a guess)."""
     if model is not None and model not in {name for name, _ in host.model_names()}:
-        raise ServiceError(404, f"The model '{model}' does not exist.", "model_not_found")
+        raise _not_found("model", model)
 
 
 def tokenize(host: ModelHost, request: TokenizeRequest) -> dict[str, Any]:
